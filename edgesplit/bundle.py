@@ -1,0 +1,236 @@
+"""Contract 1: the bundle.
+
+A bundle is a directory holding ``manifest.json`` and the model files it names (``head.onnx``,
+``tail.onnx``, ``full.onnx``, optional ``tail.pt2`` / TensorRT plans). The manifest records the
+sha256 of every file; loading re-hashes each one and refuses a mismatch. The bundle's identity on
+the wire (``Bundle.hash``) is the sha256 of the manifest bytes, so it changes whenever any file,
+mode or calibration changes, and agent and server agree on exactly the same artefacts.
+
+This module is used by every plane, so it imports neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+FAMILIES = ("bottlefit", "slimmable", "edvit", "sfprompt")
+ROLES = ("head", "tail", "full", "tail_torch")
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used as it is: missing, malformed, or altered."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One operating point of a bundle: which wire tensor variant is sent and what it costs."""
+
+    id: int
+    name: str
+    channels: int
+    bits: int
+    scale: float
+    zero_point: int
+    bytes_per_frame: float
+    accuracy: float | None
+    head_ms: dict[str, float]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Mode":
+        try:
+            return cls(
+                id=int(d["id"]),
+                name=str(d["name"]),
+                channels=int(d["channels"]),
+                bits=int(d["bits"]),
+                scale=float(d["quant"]["scale"]),
+                zero_point=int(d["quant"]["zero_point"]),
+                bytes_per_frame=float(d.get("bytes_per_frame", 0.0)),
+                accuracy=None if d.get("accuracy") is None else float(d["accuracy"]),
+                head_ms={str(k): float(v) for k, v in d.get("head_ms", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"manifest: malformed mode entry {d!r}: {e}") from None
+
+
+def _require(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise BundleError(f"manifest: missing '{where}{key}'")
+    if not isinstance(d[key], typ):
+        raise BundleError(f"manifest: '{where}{key}' must be {typ}, got {type(d[key]).__name__}")
+    return d[key]
+
+
+def validate_manifest(m: dict[str, Any]) -> None:
+    """Check the manifest's shape; raise :class:`BundleError` naming the first problem found."""
+    if not isinstance(m, dict):
+        raise BundleError("manifest: top level must be a JSON object")
+    version = _require(m, "schema_version", int, "")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"manifest: schema_version {version} is not supported (this edgesplit reads {SCHEMA_VERSION})"
+        )
+    family = _require(m, "family", str, "")
+    if family not in FAMILIES:
+        raise BundleError(f"manifest: unknown family '{family}' (known: {', '.join(FAMILIES)})")
+    _require(m, "name", str, "")
+    classes = _require(m, "classes", list, "")
+    if not classes or not all(isinstance(c, str) for c in classes):
+        raise BundleError("manifest: 'classes' must be a non-empty list of names")
+    inp = _require(m, "input", dict, "")
+    for k in ("shape", "mean", "std", "resize"):
+        _require(inp, k, (list, int), "input.")
+    wire = _require(m, "wire", dict, "")
+    _require(wire, "name", str, "wire.")
+    _require(wire, "shape", list, "wire.")
+    modes = _require(m, "modes", list, "")
+    if not modes:
+        raise BundleError("manifest: 'modes' must list at least one mode")
+    ids = [Mode.from_dict(x).id for x in modes]
+    if len(set(ids)) != len(ids):
+        raise BundleError("manifest: mode ids must be unique")
+    files = _require(m, "files", dict, "")
+    for role in ("head", "tail"):
+        if role not in files:
+            raise BundleError(f"manifest: 'files' has no '{role}' entry")
+    for role, entry in files.items():
+        if role not in ROLES:
+            raise BundleError(f"manifest: unknown file role '{role}' (known: {', '.join(ROLES)})")
+        _require(entry, "path", str, f"files.{role}.")
+        _require(entry, "sha256", str, f"files.{role}.")
+        if "/" in entry["path"] or entry["path"].startswith("."):
+            raise BundleError(f"manifest: files.{role}.path must be a plain file name")
+
+
+class Bundle:
+    """A verified bundle on disk. Construct with :meth:`load`."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], manifest_bytes: bytes):
+        self.root = root
+        self.manifest = manifest
+        self.hash = hashlib.sha256(manifest_bytes).hexdigest()
+        self.modes = [Mode.from_dict(x) for x in manifest["modes"]]
+        self._modes_by_id = {m.id: m for m in self.modes}
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        """Load a bundle directory (or a ``.tar``/``.tar.gz`` of one) and verify every file hash."""
+        path = Path(path)
+        if path.is_file() and tarfile.is_tarfile(path):
+            path = _extract_tar(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"{path}: not a bundle (no {MANIFEST})")
+        raw = mpath.read_bytes()
+        try:
+            manifest = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{mpath}: not valid JSON: {e}") from None
+        validate_manifest(manifest)
+        bundle = cls(path, manifest, raw)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        """Re-hash every file the manifest names; raise on the first missing or altered one."""
+        for role, entry in self.manifest["files"].items():
+            f = self.root / entry["path"]
+            if not f.is_file():
+                raise BundleError(f"bundle {self.root}: {role} file '{entry['path']}' is missing")
+            actual = sha256_file(f)
+            if actual != entry["sha256"]:
+                raise BundleError(
+                    f"bundle {self.root}: '{entry['path']}' does not match its manifest hash "
+                    f"(expected sha256 {entry['sha256'][:16]}..., found {actual[:16]}...); "
+                    "the file was altered or belongs to another bundle: re-export or re-copy the bundle"
+                )
+
+    # -- accessors -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def family(self) -> str:
+        return self.manifest["family"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def input_spec(self) -> dict[str, Any]:
+        return self.manifest["input"]
+
+    @property
+    def wire_spec(self) -> dict[str, Any]:
+        return self.manifest["wire"]
+
+    def has(self, role: str) -> bool:
+        return role in self.manifest["files"]
+
+    def file(self, role: str) -> Path:
+        try:
+            return self.root / self.manifest["files"][role]["path"]
+        except KeyError:
+            raise BundleError(f"bundle '{self.name}' has no '{role}' file") from None
+
+    def mode(self, mode_id: int) -> Mode:
+        try:
+            return self._modes_by_id[mode_id]
+        except KeyError:
+            known = ", ".join(str(i) for i in self._modes_by_id)
+            raise BundleError(f"bundle '{self.name}' has no mode {mode_id} (modes: {known})") from None
+
+    @property
+    def default_mode(self) -> Mode:
+        return self.mode(int(self.manifest.get("default_mode", self.modes[0].id)))
+
+    def __repr__(self) -> str:
+        return f"Bundle({self.name!r}, family={self.family}, hash={self.hash[:12]}, modes={len(self.modes)})"
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> str:
+    """Fill in file hashes, validate and write ``manifest.json``; return the bundle hash."""
+    for entry in manifest["files"].values():
+        f = root / entry["path"]
+        entry["sha256"] = sha256_file(f)
+        entry["bytes"] = f.stat().st_size
+    manifest.setdefault("schema_version", SCHEMA_VERSION)
+    validate_manifest(manifest)
+    raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    (root / MANIFEST).write_bytes(raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _extract_tar(path: Path) -> Path:
+    out = Path(tempfile.mkdtemp(prefix="edgesplit-bundle-"))
+    with tarfile.open(path) as t:
+        members = [m for m in t.getmembers() if m.isfile()]
+        for m in members:
+            # Flatten: a bundle is one directory; refuse anything that would escape it.
+            name = Path(m.name).name
+            if not name or name.startswith("."):
+                continue
+            src = t.extractfile(m)
+            if src is not None:
+                (out / name).write_bytes(src.read())
+    return out

@@ -1,0 +1,52 @@
+"""One Engine interface for every backend (ONNX Runtime, torch, TensorRT).
+
+An engine runs one graph: named float/int numpy arrays in, named numpy arrays out, batch on the
+first axis. The agent, the server and the benchmarks speak only this interface, so a backend is
+chosen by a string and nothing above it changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class EngineError(Exception):
+    """The engine could not be created or could not run the given inputs."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple  # ints, or None / a string for dynamic axes
+    dtype: str  # numpy dtype name, e.g. "float32"
+
+
+class Engine(ABC):
+    backend: str = "?"
+
+    @property
+    @abstractmethod
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    @abstractmethod
+    def outputs(self) -> list[TensorSpec]: ...
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch. Arrays are batch-first; outputs are numpy arrays on the host."""
+
+    def run1(self, x: np.ndarray) -> np.ndarray:
+        """Convenience for single-input, single-output graphs."""
+        return self.run({self.inputs[0].name: x})[self.outputs[0].name]
+
+    def close(self) -> None:  # pragma: no cover - backends with resources override
+        pass
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{t.name}{list(t.shape)}" for t in self.inputs)
+        outs = ", ".join(f"{t.name}{list(t.shape)}" for t in self.outputs)
+        return f"{type(self).__name__}({ins} -> {outs})"

@@ -1,0 +1,354 @@
+"""Wire protocol v1: message kinds, header schemas, validation (docs/PROTOCOL.md is normative).
+
+Every message is one ZeroMQ multipart message: frame 0 is a msgpack map (the header), frames
+1..n are raw tensor payloads described, in order, by the header's descriptor list (``tensors`` in
+a request, ``outputs`` in a result). This module builds headers and validates incoming messages;
+it never touches sockets (see :mod:`edgesplit.wire.transport`) and never uses pickle.
+
+Validation is strict and total: the header's size is checked before it is unpacked, msgpack runs
+with length limits, every field's type and range is checked, each descriptor is checked against
+its frame (declared ``nbytes`` == actual length <= the frame limit). Anything off raises
+:class:`ProtocolError` with the code the peer must be told. Unknown *keys* are ignored (so later
+minor revisions can add optional fields); unknown *kinds* are MALFORMED; reserved kinds are
+UNSUPPORTED.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+import msgpack
+
+from .codec import CODECS, PACKED_BITS, ErrorCode, WireError, check_descriptor
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+UINT64_MAX = (1 << 64) - 1
+
+
+class Kind:
+    HELLO = "hello"
+    WELCOME = "welcome"
+    REQUEST = "request"
+    RESULT = "result"
+    ERROR = "error"
+    PING = "ping"
+    PONG = "pong"
+    BYE = "bye"
+
+
+KINDS = (Kind.HELLO, Kind.WELCOME, Kind.REQUEST, Kind.RESULT, Kind.ERROR, Kind.PING, Kind.PONG, Kind.BYE)
+# Reserved for later revisions (documented, not implemented): ED-ViT scatter/gather, SFPrompt split training.
+RESERVED_KINDS = ("scatter", "gather", "train_fwd", "train_bwd", "model_update")
+
+
+class ProtocolError(WireError):
+    """An incoming message that violates the protocol. ``req_id`` is the request id when it could
+    be read (so the error reply can name it), else None."""
+
+    def __init__(self, code: ErrorCode | int, message: str, req_id: int | None = None):
+        super().__init__(code, message)
+        self.req_id = req_id
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts. The server advertises its limits in ``welcome``."""
+
+    max_header_bytes: int = 64 * 1024  # frame 0, checked before unpacking
+    max_frame_bytes: int = 8 << 20     # each tensor frame, and each tensor after zstd decompression
+    max_frames: int = 16               # tensor frames per message
+    max_batch: int = 256               # leading-axis rows in one request tensor
+
+    def to_wire(self) -> dict[str, int]:
+        return asdict(self)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Message:
+    """A parsed, validated message: its header map and its tensor frames (buffers)."""
+
+    kind: str
+    header: dict[str, Any]
+    frames: list
+
+    @property
+    def id(self) -> int | None:
+        return self.header.get("id")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building messages (headers are plain dicts; pack() turns header + frames into multipart parts)
+
+
+def pack(header: dict[str, Any], frames: Sequence = ()) -> list:
+    """Header map + tensor payloads -> the multipart parts to send."""
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def hello(bundle: str, agent: str, *, codecs: Iterable[str] = CODECS, bits: Iterable[int] = PACKED_BITS,
+          max_inflight: int = 8) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "kind": Kind.HELLO, "bundle": bundle, "agent": agent,
+            "caps": {"codecs": list(codecs), "bits": [int(b) for b in bits], "max_inflight": int(max_inflight)}}
+
+
+def welcome(bundle: str, server: str, *, credits: int, limits: Limits, heartbeat_ms: int,
+            codecs: Iterable[str], bits: Iterable[int] = PACKED_BITS) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "kind": Kind.WELCOME, "bundle": bundle, "server": server,
+            "credits": int(credits), "limits": limits.to_wire(), "heartbeat_ms": int(heartbeat_ms),
+            "codecs": list(codecs), "bits": [int(b) for b in bits]}
+
+
+def request(req_id: int, mode: int, tensors: list[dict[str, Any]], *, deadline_ms: float | None = None,
+            t_send_ns: int | None = None) -> dict[str, Any]:
+    h: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": Kind.REQUEST, "id": int(req_id), "mode": int(mode)}
+    if deadline_ms is not None:
+        h["deadline_ms"] = deadline_ms
+    if t_send_ns is not None:
+        h["t_send_ns"] = int(t_send_ns)
+    h["tensors"] = tensors
+    return h
+
+
+def result(req_id: int, outputs: list[dict[str, Any]], *, queue_us: float, compute_us: float, batch_size: int,
+           server_us: float, t_send_ns: int | None = None) -> dict[str, Any]:
+    h: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": Kind.RESULT, "id": int(req_id), "outputs": outputs,
+                         "timing": {"queue_us": round(float(queue_us), 1), "compute_us": round(float(compute_us), 1),
+                                    "batch_size": int(batch_size), "server_us": round(float(server_us), 1)}}
+    if t_send_ns is not None:
+        h["t_send_ns"] = int(t_send_ns)
+    return h
+
+
+def error(req_id: int | None, code: ErrorCode | int, message: str) -> dict[str, Any]:
+    code = ErrorCode(code)
+    return {"v": PROTOCOL_VERSION, "kind": Kind.ERROR, "id": req_id, "code": int(code), "name": code.name,
+            "message": str(message)[:1024]}
+
+
+def ping(nonce: int, t_ns: int | None = None) -> dict[str, Any]:
+    h = {"v": PROTOCOL_VERSION, "kind": Kind.PING, "nonce": int(nonce)}
+    if t_ns is not None:
+        h["t_ns"] = int(t_ns)
+    return h
+
+
+def pong(nonce: int, t_ns: int | None = None) -> dict[str, Any]:
+    h = {"v": PROTOCOL_VERSION, "kind": Kind.PONG, "nonce": int(nonce)}
+    if t_ns is not None:
+        h["t_ns"] = int(t_ns)
+    return h
+
+
+def bye(reason: str = "") -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "kind": Kind.BYE, "reason": str(reason)[:1024]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers
+
+M = ErrorCode.MALFORMED
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _get(h: dict, key: str, kind: str, rid: int | None = None) -> Any:
+    try:
+        return h[key]
+    except KeyError:
+        raise ProtocolError(M, f"{kind}: missing field '{key}'", rid) from None
+
+
+def _str(h: dict, key: str, kind: str, max_len: int = 256, rid: int | None = None, optional: bool = False) -> str | None:
+    if optional and h.get(key) is None:
+        return None
+    v = _get(h, key, kind, rid)
+    if not isinstance(v, str) or len(v) > max_len:
+        raise ProtocolError(M, f"{kind}: '{key}' must be a string of at most {max_len} characters", rid)
+    return v
+
+
+def _int(h: dict, key: str, kind: str, lo: int = 0, hi: int = UINT64_MAX, rid: int | None = None,
+         optional: bool = False) -> int | None:
+    if optional and h.get(key) is None:
+        return None
+    v = _get(h, key, kind, rid)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise ProtocolError(M, f"{kind}: '{key}' must be an integer in [{lo}, {hi}], got {v!r}", rid)
+    return v
+
+
+def _num(h: dict, key: str, kind: str, lo: float = 0.0, rid: int | None = None, optional: bool = False) -> float | None:
+    if optional and h.get(key) is None:
+        return None
+    v = _get(h, key, kind, rid)
+    if not _is_num(v) or v < lo:
+        raise ProtocolError(M, f"{kind}: '{key}' must be a finite number >= {lo}, got {v!r}", rid)
+    return v
+
+
+def _map(h: dict, key: str, kind: str, rid: int | None = None) -> dict:
+    v = _get(h, key, kind, rid)
+    if not isinstance(v, dict):
+        raise ProtocolError(M, f"{kind}: '{key}' must be a map", rid)
+    return v
+
+
+def _list(h: dict, key: str, kind: str, item: type, max_len: int = 64, rid: int | None = None) -> list:
+    v = _get(h, key, kind, rid)
+    if not isinstance(v, list) or len(v) > max_len or not all(isinstance(x, item) and not isinstance(x, bool) for x in v):
+        raise ProtocolError(M, f"{kind}: '{key}' must be a list of at most {max_len} {item.__name__} values", rid)
+    return v
+
+
+def _no_frames(msg_kind: str, frames: list, rid: int | None = None) -> None:
+    if frames:
+        raise ProtocolError(M, f"{msg_kind}: carries {len(frames)} tensor frames, expected none", rid)
+
+
+def _descriptors(h: dict, key: str, kind: str, frames: list, limits: Limits, rid: int | None) -> list[dict]:
+    descs = _get(h, key, kind, rid)
+    if not isinstance(descs, list):
+        raise ProtocolError(M, f"{kind}: '{key}' must be a list of tensor descriptors", rid)
+    if len(descs) != len(frames):
+        raise ProtocolError(M, f"{kind}: {len(descs)} tensor descriptors but {len(frames)} tensor frames", rid)
+    for i, (d, f) in enumerate(zip(descs, frames)):
+        n = memoryview(f).nbytes
+        if n > limits.max_frame_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{kind}: frame {i + 1} is {n} bytes, over the limit of {limits.max_frame_bytes}", rid)
+        try:
+            check_descriptor(d, n, max_bytes=limits.max_frame_bytes)
+        except WireError as e:
+            raise ProtocolError(e.code, f"{kind}: tensor {i}: {e.message}", rid) from None
+    return descs
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-kind validators: (header, frames, limits) -> None, raising ProtocolError
+
+
+def _v_hello(h: dict, frames: list, limits: Limits) -> None:
+    _no_frames("hello", frames)
+    _str(h, "bundle", "hello", 128)
+    _str(h, "agent", "hello", 256)
+    caps = _map(h, "caps", "hello")
+    _list(caps, "codecs", "hello.caps", str, 16)
+    _list(caps, "bits", "hello.caps", int, 16)
+    _int(caps, "max_inflight", "hello.caps", 1, 1 << 20)
+
+
+def _v_welcome(h: dict, frames: list, limits: Limits) -> None:
+    _no_frames("welcome", frames)
+    _str(h, "bundle", "welcome", 128)
+    _str(h, "server", "welcome", 256)
+    _int(h, "credits", "welcome", 1, 1 << 20)
+    lim = _map(h, "limits", "welcome")
+    for k in ("max_header_bytes", "max_frame_bytes", "max_frames", "max_batch"):
+        _int(lim, k, "welcome.limits", 1, 1 << 40)
+    _int(h, "heartbeat_ms", "welcome", 0, 1 << 31)
+    _list(h, "codecs", "welcome", str, 16)
+    _list(h, "bits", "welcome", int, 16)
+
+
+def _v_request(h: dict, frames: list, limits: Limits) -> None:
+    rid = _int(h, "id", "request")
+    _int(h, "mode", "request", 0, (1 << 31) - 1, rid)
+    _num(h, "deadline_ms", "request", 0.0, rid, optional=True)
+    _int(h, "t_send_ns", "request", 0, UINT64_MAX, rid, optional=True)
+    if not frames:
+        raise ProtocolError(M, "request: carries no tensor frame", rid)
+    descs = _descriptors(h, "tensors", "request", frames, limits, rid)
+    for d in descs:
+        if len(d["shape"]) == 4 and d["shape"][0] > limits.max_batch:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"request: {d['shape'][0]} rows, over max_batch={limits.max_batch}", rid)
+
+
+def _v_result(h: dict, frames: list, limits: Limits) -> None:
+    rid = _int(h, "id", "result")
+    _descriptors(h, "outputs", "result", frames, limits, rid)
+    t = _map(h, "timing", "result", rid)
+    for k in ("queue_us", "compute_us", "server_us"):
+        _num(t, k, "result.timing", 0.0, rid)
+    _int(t, "batch_size", "result.timing", 1, 1 << 31, rid)
+    _int(h, "t_send_ns", "result", 0, UINT64_MAX, rid, optional=True)
+
+
+def _v_error(h: dict, frames: list, limits: Limits) -> None:
+    rid = _int(h, "id", "error", optional=True)
+    _no_frames("error", frames, rid)
+    _int(h, "code", "error", 0, 1 << 31, rid)
+    _str(h, "name", "error", 64, rid)
+    _str(h, "message", "error", 4096, rid)
+
+
+def _v_ping(h: dict, frames: list, limits: Limits) -> None:
+    _no_frames(h["kind"], frames)
+    _int(h, "nonce", h["kind"])
+    _int(h, "t_ns", h["kind"], 0, UINT64_MAX, optional=True)
+
+
+def _v_bye(h: dict, frames: list, limits: Limits) -> None:
+    _no_frames("bye", frames)
+    _str(h, "reason", "bye", 4096, optional=True)
+
+
+_VALIDATORS = {
+    Kind.HELLO: _v_hello, Kind.WELCOME: _v_welcome, Kind.REQUEST: _v_request, Kind.RESULT: _v_result,
+    Kind.ERROR: _v_error, Kind.PING: _v_ping, Kind.PONG: _v_ping, Kind.BYE: _v_bye,
+}
+
+
+def unpack_header(raw, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Frame 0 -> header map. Size checked before unpacking; msgpack limits bound every container."""
+    n = memoryview(raw).nbytes
+    if n > limits.max_header_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"header is {n} bytes, over the limit of {limits.max_header_bytes}")
+    if n == 0:
+        raise ProtocolError(M, "empty header frame")
+    try:
+        h = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
+                            max_str_len=min(n, 64 * 1024), max_bin_len=0, max_array_len=min(n, 4096),
+                            max_map_len=min(n, 64), max_ext_len=0)
+    except Exception as e:  # msgpack raises ValueError, FormatError, StackError, ExtraData, ...
+        raise ProtocolError(M, f"header is not a valid msgpack map: {type(e).__name__}: {e}") from None
+    if not isinstance(h, dict):
+        raise ProtocolError(M, f"header must be a msgpack map, got {type(h).__name__}")
+    return h
+
+
+def parse(parts: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Validate one multipart message (without a ROUTER identity frame) and return it."""
+    if not parts:
+        raise ProtocolError(M, "empty message")
+    frames = list(parts[1:])
+    h = unpack_header(parts[0], limits)
+    rid = h.get("id") if _is_int(h.get("id")) and 0 <= h.get("id") <= UINT64_MAX else None
+    v = h.get("v")
+    if not _is_int(v):
+        raise ProtocolError(M, "header lacks an integer protocol version 'v'", rid)
+    if v not in SUPPORTED_VERSIONS:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
+                            f"protocol version {v} is not supported (supported: {list(SUPPORTED_VERSIONS)})", rid)
+    kind = h.get("kind")
+    if not isinstance(kind, str):
+        raise ProtocolError(M, "header lacks a string 'kind'", rid)
+    if len(frames) > limits.max_frames:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(frames)} tensor frames, over the limit of {limits.max_frames}", rid)
+    validator = _VALIDATORS.get(kind)
+    if validator is None:
+        if kind in RESERVED_KINDS:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"message kind '{kind}' is reserved and not implemented in v1", rid)
+        raise ProtocolError(M, f"unknown message kind {kind[:64]!r}", rid)
+    validator(h, frames, limits)
+    return Message(kind, h, frames)

@@ -1,0 +1,104 @@
+"""ZeroMQ transport for protocol v1: agent DEALER <-> server ROUTER over tcp (or ipc/inproc).
+
+Thin helpers only: socket creation with the options the protocol relies on, and send/receive of
+one protocol message. A pyzmq socket must stay in the thread that uses it; nothing here shares one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _socket
+from typing import Any, Sequence
+
+import zmq
+
+from .protocol import DEFAULT_LIMITS, Limits, Message, pack, parse
+
+# Frames smaller than this are copied by libzmq anyway; larger ones are sent zero-copy.
+COPY_THRESHOLD = 64 * 1024
+
+
+def context() -> zmq.Context:
+    """The process-wide ZeroMQ context."""
+    return zmq.Context.instance()
+
+
+def _tcp_keepalive(sock: zmq.Socket) -> None:
+    # Detect half-open TCP connections (a device that lost its uplink) within about a minute.
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
+
+
+def bind_router(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, ctx: zmq.Context | None = None,
+                hwm: int = 100_000) -> tuple[zmq.Socket, str]:
+    """Bind a ROUTER socket. A tcp port of ``0`` or ``*`` picks a free port. Returns
+    ``(socket, actual_endpoint)``.
+
+    ROUTER_MANDATORY makes a send to a vanished peer raise instead of vanishing silently, so the
+    server can forget that session. MAXMSGSIZE bounds what libzmq will allocate for one frame: a
+    frame over twice the protocol frame limit disconnects the peer (frames between the protocol
+    limit and that bound get a TOO_LARGE error reply)."""
+    ctx = ctx or context()
+    s = ctx.socket(zmq.ROUTER)
+    s.setsockopt(zmq.LINGER, 1000)
+    s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    s.setsockopt(zmq.SNDHWM, hwm)
+    s.setsockopt(zmq.RCVHWM, hwm)
+    s.setsockopt(zmq.MAXMSGSIZE, 2 * max(limits.max_frame_bytes, limits.max_header_bytes) + 4096)
+    if endpoint.startswith("tcp://"):
+        _tcp_keepalive(s)
+    s.copy_threshold = COPY_THRESHOLD
+    if endpoint.startswith("tcp://") and endpoint.rsplit(":", 1)[-1] in ("0", "*"):
+        endpoint = endpoint.rsplit(":", 1)[0] + ":*"
+    try:
+        s.bind(endpoint)
+    except zmq.ZMQError as e:
+        s.close(0)
+        raise OSError(f"cannot bind {endpoint}: {e}") from None
+    return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def connect_dealer(endpoint: str, *, ctx: zmq.Context | None = None, identity: bytes | None = None,
+                   hwm: int = 10_000) -> zmq.Socket:
+    """Connect a DEALER socket to a server endpoint. libzmq reconnects by itself if the link drops."""
+    ctx = ctx or context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, hwm)
+    s.setsockopt(zmq.RCVHWM, hwm)
+    s.setsockopt(zmq.RECONNECT_IVL, 100)
+    s.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    if identity is not None:
+        s.setsockopt(zmq.ROUTING_ID, identity)
+    if endpoint.startswith("tcp://"):
+        _tcp_keepalive(s)
+    s.copy_threshold = COPY_THRESHOLD
+    s.connect(endpoint)
+    return s
+
+
+def send(sock: zmq.Socket, header: dict[str, Any], frames: Sequence = (), *, identity: bytes | None = None,
+         flags: int = 0) -> int:
+    """Send one message (with a ROUTER identity prefix when given). Returns the payload bytes sent."""
+    parts = pack(header, frames)
+    if identity is not None:
+        parts.insert(0, identity)
+    sock.send_multipart(parts, flags=flags, copy=False)
+    return sum(memoryview(p).nbytes for p in parts[1 if identity is None else 2:])
+
+
+def recv(sock: zmq.Socket, *, limits: Limits = DEFAULT_LIMITS, flags: int = 0) -> Message:
+    """Receive and validate one message on a DEALER socket (raises ProtocolError)."""
+    return parse(sock.recv_multipart(flags=flags), limits)
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """A tcp endpoint on a currently free port (for tests and subprocess servers)."""
+    with _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+def default_agent_name() -> str:
+    return f"{_socket.gethostname()}:{os.getpid()}"

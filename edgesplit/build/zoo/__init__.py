@@ -1,1 +1,60 @@
+"""The model zoo: every architecture edgesplit can split, by name.
 
+Every model exposes ``stage_names`` and ``run_stage(name, x)``: running the stages in order is the
+forward pass, and a split point is a stage name. ``create_model`` raises on an unknown name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .mobilenetv2 import MobileNetV2
+from .resnet import ResNet
+from .resnet_cifar import CifarResNet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    **{f"resnet{d}_cifar": (lambda d: lambda num_classes=10: CifarResNet(d, num_classes))(d) for d in (20, 32, 44, 56, 110)},
+    "resnet18": lambda num_classes=1000: ResNet((2, 2, 2, 2), num_classes),
+    "mobilenetv2": lambda num_classes=1000: MobileNetV2(num_classes),
+}
+# Input side each model family is built for (used by tests and by recipes' defaults).
+INPUT_SIZE = {name: (32 if name.endswith("_cifar") else 224) for name in MODELS}
+
+
+def create_model(name: str, num_classes: int) -> nn.Module:
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model '{name}' (known: {', '.join(sorted(MODELS))})") from None
+    return factory(num_classes=num_classes)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load weights safely (``weights_only=True``), unwrap ``{'state_dict': ...}`` and strip the
+    ``module.`` prefix that DataParallel checkpoints carry."""
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def load_pretrained(name: str, path: str | Path, num_classes: int) -> nn.Module:
+    """Create ``name`` and load ``path`` with strict key checking; a mismatch is an error listing keys."""
+    model = create_model(name, num_classes)
+    sd = load_state_dict_file(path)
+    # Checkpoints older than torch 0.4.1 carry no BatchNorm ``num_batches_tracked`` counters: they
+    # are bookkeeping, not weights, so fill them in and keep the load strict for everything else.
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in sd:
+            sd[key] = torch.zeros_like(value)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match '{name}': {e}") from None
+    return model

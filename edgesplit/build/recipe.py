@@ -1,0 +1,136 @@
+"""Training recipes: YAML data validated against a typed schema. Nothing in a recipe is executed;
+unknown keys and wrong types are errors that name the offending field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class TrainCfg:
+    epochs: int
+    lr: float
+    batch: int = 256
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    eval_every: int = 5
+    freeze_encoder: bool = True
+    temperature: float = 1.0
+    alpha: float = 0.5
+
+
+@dataclass
+class TeacherCfg:
+    arch: str
+    init: str = "scratch"  # "scratch" | "pretrained"
+    weights: str | None = None  # for "pretrained": path, relative paths resolve against the data root
+    train: TrainCfg | None = None  # from scratch: full training; pretrained: adaptation fine-tune
+
+
+@dataclass
+class SplitCfg:
+    family: str
+    split_at: str
+    bottleneck_channels: int
+    encoder_widths: list[int] = field(default_factory=lambda: [32, 64])
+    encoder_strides: list[int] = field(default_factory=lambda: [1, 2])
+    bottleneck_stride: int = 2
+    decoder_widths: list[int] = field(default_factory=lambda: [64, 64])
+    decoder_final_relu: bool = True
+    train_bits: int = 8
+
+
+@dataclass
+class Recipe:
+    name: str
+    dataset: str
+    train_split: str
+    eval_split: str
+    input_size: int
+    augment: str
+    teacher: TeacherCfg
+    split: SplitCfg
+    stage1: TrainCfg
+    stage2: TrainCfg
+    mode_bits: list[int] = field(default_factory=lambda: [8])
+    default_bits: int = 8
+    seed: int = 0
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise RecipeError(f"{where or 'recipe'}: unknown key(s) {sorted(unknown)} (allowed: {sorted(names)})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}{f.name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise RecipeError(f"{where or 'recipe'}: {e}") from None
+
+
+def _coerce(tp, value, where: str):
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin is None and hasattr(tp, "__dataclass_fields__"):
+        return _build(tp, value, where + ".")
+    if origin in (list,):
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(inner, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise RecipeError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    r = _build(Recipe, data, "")
+    if r.split.family != "bottlefit":
+        raise RecipeError(f"split.family: '{r.split.family}' has no training recipe yet (known: bottlefit)")
+    if r.teacher.init not in ("scratch", "pretrained"):
+        raise RecipeError("teacher.init: must be 'scratch' or 'pretrained'")
+    if r.teacher.init == "pretrained" and not r.teacher.weights:
+        raise RecipeError("teacher.weights: required when teacher.init is 'pretrained'")
+    if r.teacher.init == "scratch" and r.teacher.train is None:
+        raise RecipeError("teacher.train: required when teacher.init is 'scratch'")
+    if r.augment not in ("crop_flip", "rrc_flip"):
+        raise RecipeError("augment: must be 'crop_flip' or 'rrc_flip'")
+    bad = [b for b in r.mode_bits + [r.split.train_bits] if b not in (2, 4, 6, 8)]
+    if bad:
+        raise RecipeError(f"bits must be one of 2, 4, 6, 8 (got {bad})")
+    if r.default_bits not in r.mode_bits:
+        raise RecipeError("default_bits: must be one of mode_bits")
+    return r

@@ -1,0 +1,207 @@
+"""Training loops: classifier training, BottleFit stage 1 (head-network distillation) and stage 2
+(KD fine-tuning), evaluation, and wire-tensor quantization calibration.
+
+Each loop resumes from ``ckpt_path`` (model + optimizer + epoch), saved after every epoch, so a
+stopped job loses at most one epoch. Loads use ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .families.bottlefit import BottleFitSplit, teacher_features
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def progress(it, total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(it, total=total, desc=desc, leave=False, mininterval=2.0)
+    except ImportError:  # tqdm is in the build extra; stay usable without it
+        return it
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.get("optimizer", "sgd") == "adam":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+    return torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, nesterov=True, weight_decay=cfg.get("weight_decay", 5e-4))
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device) -> float:
+    correct = total = 0
+    for x, y in loader:
+        with autocast(device):
+            logits = forward(x)
+        correct += (logits.argmax(1) == y).sum().item()
+        total += y.numel()
+    return correct / max(1, total)
+
+
+class EpochRunner:
+    """Shared skeleton: epochs with resume, a per-step loss function, logging and checkpoints."""
+
+    def __init__(self, name: str, model: nn.Module, params, cfg: dict, loader, device: torch.device,
+                 run_dir: Path, log: Callable[[dict], None]):
+        self.name, self.model, self.cfg, self.loader, self.device, self.log = name, model, cfg, loader, device, log
+        self.opt = make_optimizer(params, cfg)
+        steps = cfg["epochs"] * len(loader)
+        self.sched = warmup_cosine(self.opt, steps, int(cfg.get("warmup_epochs", 1) * len(loader)))
+        self.ckpt = run_dir / f"{name}.ckpt"
+        self.start_epoch = 0
+        if self.ckpt.exists():
+            state = torch.load(self.ckpt, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            self.start_epoch = state["epoch"] + 1
+            log({"event": "resume", "stage": name, "epoch": self.start_epoch})
+
+    def run(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], set_train_mode: Callable[[], None],
+            eval_fn: Callable[[], float] | None = None) -> None:
+        for epoch in range(self.start_epoch, self.cfg["epochs"]):
+            set_train_mode()
+            t0, tot, n = time.time(), 0.0, 0
+            for x, y in progress(self.loader, len(self.loader), f"{self.name} {epoch + 1}/{self.cfg['epochs']}"):
+                with autocast(self.device):
+                    loss = step_loss(x, y)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.sched.step()
+                tot += loss.detach().float().item() if n % 20 == 0 else 0.0
+                n += 1
+            rec = {"stage": self.name, "epoch": epoch + 1, "loss_sampled": tot / max(1, math.ceil(n / 20)),
+                   "lr": self.sched.get_last_lr()[0], "sec": round(time.time() - t0, 2)}
+            last = epoch + 1 == self.cfg["epochs"]
+            if eval_fn is not None and (last or (epoch + 1) % self.cfg.get("eval_every", 5) == 0):
+                rec["eval_accuracy"] = eval_fn()
+            self.log(rec)
+            torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                        "sched": self.sched.state_dict(), "epoch": epoch}, self.ckpt)
+
+
+def train_classifier(model, cfg, loader, device, run_dir, log, eval_fn=None) -> None:
+    runner = EpochRunner("teacher", model, model.parameters(), cfg, loader, device, run_dir, log)
+    ls = cfg.get("label_smoothing", 0.0)
+    runner.run(lambda x, y: F.cross_entropy(model(x), y, label_smoothing=ls), model.train, eval_fn)
+
+
+def _freeze(module: nn.Module, frozen: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(not frozen)
+
+
+def distill_stage1(student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None) -> None:
+    """Head-network distillation: teacher and tail frozen; MSE at the decoder output and at every
+    later stage, summed. Only encoder and decoder learn."""
+    teacher.eval()
+    _freeze(student, True)
+    _freeze(student.encoder, False)
+    _freeze(student.decoder, False)
+    q_bits, student.quant.bits = student.quant.bits, 0  # observe the range, do not quantize yet
+
+    def set_mode():
+        student.eval()  # frozen tail keeps its BN statistics
+        student.encoder.train(), student.decoder.train(), student.quant.train()
+
+    def step(x, y):
+        with torch.no_grad():
+            _, t_feats = teacher_features(teacher, x, student.cfg.split_at)
+        _, s_feats = student(x, return_features=True)
+        return sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_feats, t_feats))
+
+    params = list(student.encoder.parameters()) + list(student.decoder.parameters())
+    EpochRunner("stage1", student, params, cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)
+    student.quant.bits = q_bits
+    _freeze(student, False)
+
+
+def finetune_stage2(student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None) -> None:
+    """KD fine-tuning of decoder + tail: 0.5 CE + 0.5 KL(student || teacher) at temperature T,
+    with the wire tensor fake-quantized at the recipe's training bit depth."""
+    teacher.eval()
+    freeze_enc = cfg.get("freeze_encoder", True)
+    _freeze(student, False)
+    _freeze(student.encoder, freeze_enc)
+    T, alpha = cfg.get("temperature", 1.0), cfg.get("alpha", 0.5)
+
+    def set_mode():
+        student.train()
+        if freeze_enc:
+            student.encoder.eval()
+
+    def step(x, y):
+        with torch.no_grad():
+            t_logits = teacher(x)
+        s_logits = student(x)
+        kl = F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1), reduction="batchmean") * T * T
+        return (1 - alpha) * F.cross_entropy(s_logits, y) + alpha * kl
+
+    EpochRunner("stage2", student, student.parameters(), cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)
+
+
+@torch.no_grad()
+def collect_wire(student: BottleFitSplit, loader, max_batches: int) -> np.ndarray:
+    student.eval()
+    zs = []
+    for i, (x, _) in enumerate(loader):
+        if i >= max_batches:
+            break
+        zs.append(student.encode(x).float().flatten().cpu())
+    return torch.cat(zs).numpy()
+
+
+def calibrate(z: np.ndarray, bits: int) -> dict:
+    """Choose the affine range for ``bits`` by minimising reconstruction MSE over clip percentiles
+    of real wire values (the min/max range wastes levels on rare outliers at low bit depths)."""
+    levels = 2**bits - 1
+    sample = z if z.size <= 2_000_000 else np.random.default_rng(0).choice(z, 2_000_000, replace=False)
+    best = None
+    for pct in (100.0, 99.999, 99.99, 99.9, 99.5, 99.0, 98.0, 96.0):
+        lo, hi = np.percentile(sample, [100 - pct, pct]) if pct < 100 else (sample.min(), sample.max())
+        lo, hi = min(float(lo), 0.0), max(float(hi), 1e-6)  # keep 0 representable exactly
+        scale = (hi - lo) / levels
+        zp = int(round(-lo / scale))
+        q = np.clip(np.round(sample / scale) + zp, 0, levels)
+        mse = float(np.mean(((q - zp) * scale - sample) ** 2))
+        if best is None or mse < best["mse"]:
+            best = {"bits": bits, "scale": float(scale), "zero_point": zp, "clip_percentile": pct, "mse": mse}
+    return best
+
+
+def write_log(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(rec: dict) -> None:
+        rec = {"t": round(time.time(), 1), **rec}
+        print(json.dumps(rec), flush=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    return log

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -48,7 +49,11 @@ def load_split(dataset: str, split: str, size: int, cache_dir: Path | None = Non
     y = np.concatenate([p[1] for p in parts])
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        np.save(x_path, x), np.save(y_path, y)
+        # Write then rename: concurrent jobs sharing the cache never read a half-written file.
+        for arr, dst in ((x, x_path), (y, y_path)):
+            tmp = dst.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, arr)
+            os.replace(tmp, dst)
     return x, y
 
 

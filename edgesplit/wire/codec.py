@@ -339,11 +339,13 @@ def encode_float(x: np.ndarray, *, name: str = "output", dtype: str = "float32",
     return descriptor(name, a.shape, dtype, bits, 1.0, 0, None, used, len(payload)), payload
 
 
-def decode(d: dict[str, Any], payload, *, full_channels: int | None = None,
+def decode(d: dict[str, Any], payload, *, full_channels: int | None = None, out: np.ndarray | None = None,
            max_bytes: int = DEFAULT_MAX_BYTES, validate: bool = True) -> np.ndarray:
     """Validate and decode one tensor frame to a float32 array of the descriptor's shape.
 
     ``full_channels``: zero-fill axis -3 up to this many channels (a channel subset was sent).
+    ``out``: a float32 array (or view) of exactly the descriptor's shape to decode into (the
+    server decodes straight into its batch buffer this way); returned.
     ``validate=False`` skips the descriptor checks when the caller already ran check_descriptor on
     this descriptor and frame (the server does, while parsing the message). Raises WireError.
     """
@@ -357,6 +359,15 @@ def decode(d: dict[str, Any], payload, *, full_channels: int | None = None,
         buf = _zstd_decompress(buf, need)
     shape = tuple(d["shape"])
     dtype = d["dtype"]
+    if out is not None:
+        if out.shape != shape or out.dtype != np.float32:
+            raise WireError(ErrorCode.MALFORMED, f"decode target is {out.dtype}{list(out.shape)}, descriptor says float32{list(shape)}")
+        if dtype == "uint8":
+            return dequantize(unpack_bits(buf, numel, d["bits"]).reshape(shape), d["scale"], d["zero_point"], out=out)
+        if len(buf) != need:
+            raise WireError(ErrorCode.MALFORMED, f"float payload is {len(buf)} bytes, shape {list(shape)} needs {need}")
+        out[...] = np.frombuffer(buf, dtype=FLOAT_DTYPES[dtype][1]).reshape(shape)
+        return out
     if dtype == "uint8":
         q = unpack_bits(buf, numel, d["bits"]).reshape(shape)
         if full_channels is None or full_channels == shape[-3]:

@@ -1,0 +1,92 @@
+"""The ``edgesplit`` command. Each subcommand imports its plane lazily, so the edge commands
+(agent) never pull in torch and ``edgesplit --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+COMMANDS = {
+    "train": "train a split model from a recipe (build plane, needs torch)",
+    "export": "export a trained split to a bundle: ONNX files + manifest (build plane)",
+    "eval": "accuracy and bytes per frame of a bundle against the 'send the JPEG' baseline",
+    "serve": "run the server daemon: tails for one or more bundles behind a ZeroMQ ROUTER",
+    "agent": "run the deploy agent: frames -> head -> encode -> server (edge plane, no torch)",
+    "demo": "server and agent on loopback with a shipped bundle, then a summary table",
+    "bench": "benchmarks with --json output (e2e)",
+    "inspect": "verify a bundle and print its manifest summary",
+}
+
+
+def _train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="edgesplit train", description=COMMANDS["train"])
+    p.add_argument("recipe", help="recipe YAML (see models/recipes/)")
+    p.add_argument("--run-dir", default=None, help="where checkpoints, logs and results go (default runs/NAME)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--workers", type=int, default=None, help="processes decoding the shards")
+    p.add_argument("--limit-per-shard", type=int, default=None, help="use only the first N images of each shard (smoke runs)")
+    p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (smoke runs: 0.05)")
+    a = p.parse_args(argv)
+    from pathlib import Path
+
+    from .build.pipeline import run_recipe
+    from .build.recipe import load_recipe
+
+    r = load_recipe(a.recipe)
+    if a.epochs_scale != 1.0:
+        for c in (r.stage1, r.stage2, r.teacher.train):
+            if c is not None:
+                c.epochs = max(1, round(c.epochs * a.epochs_scale))
+    run_dir = Path(a.run_dir or Path("runs") / r.name)
+    res = run_recipe(r, run_dir, a.device, a.limit_per_shard, a.workers)
+    print(f"done: teacher {res['teacher_accuracy']:.4f}; " + ", ".join(f"{m['bits']}-bit {m['accuracy']:.4f}" for m in res["modes"]))
+    print(f"student: {run_dir / 'student.pt'}  (next: edgesplit export {run_dir / 'student.pt'} --out models/NAME)")
+    return 0
+
+
+def _delegate(module: str, func: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(module).__dict__[func](argv)
+
+    return run
+
+
+HANDLERS = {
+    "train": _train,
+    "export": _delegate("edgesplit.build.export", "export_main"),
+    "eval": _delegate("edgesplit.bench.evaluate", "eval_main"),
+    "serve": _delegate("edgesplit.server.daemon", "serve_main"),
+    "agent": _delegate("edgesplit.edge.agent", "agent_main"),
+    "demo": _delegate("edgesplit.demo", "demo_main"),
+    "bench": _delegate("edgesplit.bench", "bench_main"),
+    "inspect": _delegate("edgesplit.bundle_cli", "inspect_main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"edgesplit {__version__}: split computing runtime (build / edge / server)\n\nusage: edgesplit COMMAND [options]\n")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<8} {text}")
+        print("\n'edgesplit COMMAND --help' for a command's options.")
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in HANDLERS:
+        print(f"edgesplit: unknown command '{cmd}' (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return int(HANDLERS[cmd](rest) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Dynamic batching for the server daemon.
+
+Requests are grouped by key ``(bundle hash, mode id)``: a batch only ever holds requests that run
+the same tail on tensors of the same shape. A key's batch is *due* when
+
+- its queued rows reach ``max_batch``, or
+- ``max_delay_us`` has passed since its oldest request arrived, or
+- waiting any longer would miss the earliest deadline in it (deadline minus the key's recent
+  compute time, an exponentially weighted mean), or
+- the batcher is closing (drain: everything is due at once).
+
+The I/O thread calls :meth:`Batcher.put` (never blocks); the compute thread calls
+:meth:`Batcher.next_batch` (blocks until a batch is due). ``put`` refuses when ``max_queue``
+requests are already waiting; the daemon answers those with OVERLOADED.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+INF = float("inf")
+
+
+@dataclass(eq=False)
+class Item:
+    """One queued request."""
+
+    key: Hashable              # (bundle hash, mode id)
+    identity: bytes            # ROUTER identity of the agent
+    req_id: int
+    desc: dict[str, Any]       # validated tensor descriptor
+    payload: Any               # the tensor frame (bytes / buffer)
+    rows: int                  # leading-axis rows (1 for a [C,h,w] tensor)
+    single: bool               # the request tensor had no batch axis: reply logits [K], not [n,K]
+    t_recv_ns: int             # time.perf_counter_ns() when the I/O thread received it
+    deadline_ns: int | None = None
+    t_send_ns: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _KeyQueue:
+    __slots__ = ("items", "rows", "min_deadline")
+
+    def __init__(self) -> None:
+        self.items: deque[Item] = deque()
+        self.rows = 0
+        self.min_deadline: float = INF
+
+
+class Batcher:
+    def __init__(self, max_batch: int = 32, max_delay_us: float = 2000.0, max_queue: int = 1024):
+        if max_batch < 1 or max_queue < 1 or max_delay_us < 0:
+            raise ValueError("max_batch and max_queue must be >= 1, max_delay_us >= 0")
+        self.max_batch = int(max_batch)
+        self.max_delay_ns = int(max_delay_us * 1000)
+        self.max_queue = int(max_queue)
+        self._queues: OrderedDict[Hashable, _KeyQueue] = OrderedDict()
+        self._count = 0
+        self._closed = False
+        self._cond = threading.Condition(threading.Lock())
+        self._compute_ns: dict[Hashable, float] = {}
+
+    # -- producer side (I/O thread) ------------------------------------------------------------
+    def put(self, item: Item) -> bool:
+        """Queue a request; False when the queue is full or the batcher is closed."""
+        with self._cond:
+            if self._closed or self._count >= self.max_queue:
+                return False
+            q = self._queues.get(item.key)
+            if q is None:
+                q = self._queues[item.key] = _KeyQueue()
+            q.items.append(item)
+            q.rows += item.rows
+            if item.deadline_ns is not None and item.deadline_ns < q.min_deadline:
+                q.min_deadline = item.deadline_ns
+            self._count += 1
+            self._cond.notify()
+        return True
+
+    def close(self) -> None:
+        """Stop accepting; everything already queued becomes due at once."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return self._count
+
+    # -- consumer side (compute thread) --------------------------------------------------------
+    def note_compute(self, key: Hashable, seconds: float) -> None:
+        """Record a batch's compute time (feeds the deadline-aware flush)."""
+        ns = seconds * 1e9
+        old = self._compute_ns.get(key)
+        self._compute_ns[key] = ns if old is None else 0.8 * old + 0.2 * ns
+
+    def _due_ns(self, key: Hashable, q: _KeyQueue) -> float:
+        due = q.items[0].t_recv_ns + self.max_delay_ns
+        if q.min_deadline < INF:
+            due = min(due, q.min_deadline - self._compute_ns.get(key, 0.0))
+        return due
+
+    def next_batch(self, timeout: float | None = None) -> list[Item] | None:
+        """Block until a batch is due and return it (at most ``max_batch`` rows, at least one
+        request). Returns None when closed and empty, or when ``timeout`` seconds pass first."""
+        end = None if timeout is None else time.perf_counter_ns() + timeout * 1e9
+        with self._cond:
+            while True:
+                now = time.perf_counter_ns()
+                best_key, best_t, wake = None, INF, INF
+                for key, q in self._queues.items():
+                    if not q.items:
+                        continue
+                    head_t = q.items[0].t_recv_ns
+                    if self._closed or q.rows >= self.max_batch:
+                        due = -INF
+                    else:
+                        due = self._due_ns(key, q)
+                    if due <= now:
+                        if head_t < best_t:
+                            best_key, best_t = key, head_t
+                    elif due < wake:
+                        wake = due
+                if best_key is not None:
+                    return self._pop(best_key)
+                if self._closed and self._count == 0:
+                    return None
+                if end is not None:
+                    if now >= end:
+                        return None
+                    wake = min(wake, end)
+                self._cond.wait(None if wake == INF else max(0.0, (wake - now) / 1e9))
+
+    def _pop(self, key: Hashable) -> list[Item]:
+        q = self._queues[key]
+        out: list[Item] = []
+        rows = 0
+        while q.items and (not out or rows + q.items[0].rows <= self.max_batch):
+            it = q.items.popleft()
+            out.append(it)
+            rows += it.rows
+        q.rows -= rows
+        self._count -= len(out)
+        if q.items:
+            q.min_deadline = min((i.deadline_ns for i in q.items if i.deadline_ns is not None), default=INF)
+        else:
+            q.min_deadline = INF
+            # keep the key's position fair: a drained key goes to the back
+            self._queues.move_to_end(key)
+        return out

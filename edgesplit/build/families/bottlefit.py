@@ -67,11 +67,13 @@ class FakeQuant(nn.Module):
     def set_params(self, scale: float, zero_point: int, bits: int) -> None:
         self.fixed = (scale, zero_point, bits)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z_in: torch.Tensor) -> torch.Tensor:
+        # float32 even under bf16 autocast: bf16 cannot hold the integers 0..255 exactly.
+        z = z_in.float()
         if self.training:
             self.observe(z)
             if self.bits <= 0:
-                return z
+                return z_in
             levels = 2**self.bits - 1
             scale = ((self.hi - self.lo) / levels).clamp_min(1e-8)
             zp = torch.round(-self.lo / scale)
@@ -80,10 +82,10 @@ class FakeQuant(nn.Module):
             levels = 2**bits - 1
             scale, zp = torch.tensor(s, device=z.device), torch.tensor(float(zpi), device=z.device)
         else:
-            return z
+            return z_in
         q = torch.clamp(torch.round(z / scale) + zp, 0, levels)
         zq = (q - zp) * scale
-        return z + (zq - z).detach()  # straight-through estimator
+        return (z + (zq - z).detach()).to(z_in.dtype)  # straight-through estimator
 
 
 class BottleFitSplit(nn.Module):

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Train the shipped bundles' models on a lent GPU machine (see docs/TRAINING.md).
+# Phase "start": lay out the data carried in .gpu1/ and launch the two CIFAR-10 pipelines in the
+#   background (setsid, so they outlive this command).
+# Phase "finish": add the Imagenette shards carried in .gpu2/, train Imagenette, wait for all
+#   three, and copy results into $OUT.
+set -u
+phase=$1
+D=/tmp/esdata; R=/tmp/esruns
+export EDGESPLIT_DATA=$D PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+mkdir -p $D/cifar10-jpeg $D/teachers $D/imagenette-224 $R
+launch() {  # name recipe
+  setsid nohup python3 -m edgesplit train models/recipes/$2.yaml --run-dir $R/$1 --workers 8 > $R/$1.log 2>&1 < /dev/null &
+}
+if [ "$phase" = start ]; then
+  cp .gpu1/cifar/* $D/cifar10-jpeg/; cp .gpu1/teachers/* $D/teachers/; cp .gpu1/inet/* $D/imagenette-224/
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+  python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+  launch cifar-scratch cifar10-resnet56-bottlefit
+  launch cifar-shared cifar10-sharedteacher-bottlefit
+  sleep 45; tail -n 3 $R/*.log
+  exit 0
+fi
+cp .gpu2/* $D/imagenette-224/
+ls $D/imagenette-224 | tr '\n' ' '; echo
+launch inet imagenette-resnet18-bottlefit
+deadline=$(( $(date +%s) + ${WAIT_S:-530} ))
+while [ "$(date +%s)" -lt $deadline ]; do
+  done=0; for n in cifar-scratch cifar-shared inet; do [ -f $R/$n/results.json ] && done=$((done+1)); done
+  [ $done -eq 3 ] && break
+  sleep 10
+done
+for n in cifar-scratch cifar-shared inet; do
+  echo "== $n"; grep -E '"epoch"|event' $R/$n/log.jsonl 2>/dev/null | tail -n 4; tail -c 600 $R/$n.log
+  cat $R/$n/log.jsonl > $OUT/$n-log.jsonl 2>/dev/null
+done
+cp $R/cifar-scratch/student.pt $OUT/cifar-scratch-student.pt 2>/dev/null
+cp $R/inet/student.pt $OUT/inet-student.pt 2>/dev/null
+for n in cifar-scratch cifar-shared inet; do cp $R/$n/results.json $OUT/$n-results.json 2>/dev/null; done
+ls -la $OUT

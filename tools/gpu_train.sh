@@ -21,9 +21,11 @@ if [ "$phase" = start ]; then
   sleep 45; tail -n 3 $R/*.log
   exit 0
 fi
-cp .gpu2/* $D/imagenette-224/
-ls $D/imagenette-224 | tr '\n' ' '; echo
-launch inet imagenette-resnet18-bottlefit
+if [ "$phase" = finish ]; then  # phase "collect" only waits and copies
+  cp .gpu2/* $D/imagenette-224/
+  ls $D/imagenette-224 | tr '\n' ' '; echo
+  launch inet imagenette-resnet18-bottlefit
+fi
 deadline=$(( $(date +%s) + ${WAIT_S:-530} ))
 while [ "$(date +%s)" -lt $deadline ]; do
   done=0; for n in cifar-scratch cifar-shared inet; do [ -f $R/$n/results.json ] && done=$((done+1)); done

@@ -19,8 +19,9 @@ from .resnet_cifar import CifarResNet
 MODELS: dict[str, Callable[..., nn.Module]] = {
     **{f"resnet{d}_cifar": (lambda d: lambda num_classes=10: CifarResNet(d, num_classes))(d) for d in (20, 32, 44, 56, 110)},
     "resnet18": lambda num_classes=1000: ResNet((2, 2, 2, 2), num_classes),
-    # Half-width ResNet-18 (32..256 channels): a quarter of the weights, so a shipped bundle stays small.
+    # Narrow ResNet-18s (32..256 / 24..192 channels): 1/4 and 1/7 of the weights, so shipped bundles stay small.
     "resnet18_w32": lambda num_classes=1000: ResNet((2, 2, 2, 2), num_classes, width=32),
+    "resnet18_w24": lambda num_classes=1000: ResNet((2, 2, 2, 2), num_classes, width=24),
     "mobilenetv2": lambda num_classes=1000: MobileNetV2(num_classes),
 }
 # Input side each model family is built for (used by tests and by recipes' defaults).

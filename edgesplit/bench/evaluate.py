@@ -1,0 +1,143 @@
+"""``edgesplit eval``: a bundle's accuracy and bytes per frame, measured the way the runtime runs it
+(ONNX Runtime head -> wire codec -> ONNX Runtime tail), against the "send the JPEG instead"
+baseline: the reference model (full.onnx) on the input re-encoded over a grid of sizes and qualities.
+
+No torch: this runs wherever the agent runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Iterable
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..data.sources import Sample, open_source, take
+from ..data.transforms import preprocess, reencode_jpeg
+from ..engine import Engine, create_engine
+from ..wire import codec
+
+# Default re-encoding grids: sides (px) and JPEG qualities. Sides above the input are pointless.
+SIDES = (16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224)
+QUALITIES = (5, 10, 20, 30, 50, 75, 90)
+
+
+def _batches(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def classify(engine: Engine, images: list[bytes], input_spec: dict, batch: int = 64) -> np.ndarray:
+    preds = []
+    for chunk in _batches(images, batch):
+        x = np.stack([preprocess(b, input_spec) for b in chunk])
+        preds.append(engine.run1(x).argmax(1))
+    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+def split_accuracy(bundle: Bundle, head: Engine, tail: Engine, samples: list[Sample], batch: int = 64) -> dict:
+    """Per-mode accuracy and encoded bytes, through the real codec (raw and zstd)."""
+    per_mode = {m.id: {"correct": 0, "raw": [], "zstd": []} for m in bundle.modes}
+    for chunk in _batches(samples, batch):
+        x = np.stack([preprocess(s.data, bundle.input_spec) for s in chunk])
+        y = np.asarray([s.label for s in chunk])
+        z = head.run1(x)
+        for m in bundle.modes:
+            zhat = np.empty_like(z)
+            for i in range(len(z)):  # frame by frame: the wire carries one frame per request
+                desc, payload = codec.encode(z[i], m, codec="raw")
+                per_mode[m.id]["raw"].append(len(payload))
+                if codec.zstd_available():
+                    per_mode[m.id]["zstd"].append(len(codec.encode(z[i], m, codec="zstd")[1]))
+                zhat[i] = codec.decode(desc, payload)
+            per_mode[m.id]["correct"] += int((tail.run1(zhat).argmax(1) == y).sum())
+    out = []
+    for m in bundle.modes:
+        r = per_mode[m.id]
+        out.append({"id": m.id, "name": m.name, "channels": m.channels, "bits": m.bits,
+                    "accuracy": r["correct"] / max(1, len(samples)),
+                    "bytes_per_frame": float(np.median(r["raw"])),
+                    "bytes_per_frame_zstd": float(np.median(r["zstd"])) if r["zstd"] else None})
+    return {"modes": out}
+
+
+def jpeg_baseline(full: Engine, samples: list[Sample], input_spec: dict, sides=SIDES, qualities=QUALITIES) -> list[dict]:
+    labels = np.asarray([s.label for s in samples])
+    side_in = int(input_spec["shape"][-1])
+    grid = []
+    for side in (s for s in sides if s <= max(side_in, 32)):
+        for q in qualities:
+            enc = [reencode_jpeg(s.data, side, q) for s in samples]
+            acc = float(np.mean(classify(full, enc, input_spec) == labels))
+            grid.append({"side": side, "quality": q, "bytes_median": float(np.median([len(b) for b in enc])), "accuracy": acc})
+    return grid
+
+
+def best_at_bytes(grid: list[dict], budget: float) -> dict | None:
+    fits = [g for g in grid if g["bytes_median"] <= budget]
+    return max(fits, key=lambda g: g["accuracy"]) if fits else None
+
+
+def evaluate_bundle(bundle: Bundle, source: str, frames: int | None, jpeg_frames: int | None,
+                    threads: int | None = None, jpeg_grid: bool = True) -> dict:
+    samples = [s for s in take(open_source(source, bundle.classes), frames) if s.label is not None]
+    if not samples:
+        raise SystemExit(f"edgesplit eval: no labelled frames in {source!r}")
+    head = create_engine(bundle.file("head"), "ort", threads=threads)
+    tail = create_engine(bundle.file("tail"), "ort", threads=threads)
+    full = create_engine(bundle.file("full"), "ort", threads=threads)
+    split = split_accuracy(bundle, head, tail, samples)
+    default = next(m for m in split["modes"] if m["id"] == bundle.default_mode.id)
+    labels = np.asarray([s.label for s in samples])
+    teacher_acc = float(np.mean(classify(full, [s.data for s in samples], bundle.input_spec) == labels))
+    result = {
+        "bundle": bundle.name, "bundle_hash": bundle.hash, "source": source, "frames": len(samples),
+        "mode": default["name"], "accuracy": default["accuracy"], "teacher_accuracy": teacher_acc,
+        "bytes_per_frame": default["bytes_per_frame"], "bytes_per_frame_zstd": default["bytes_per_frame_zstd"],
+        "input_jpeg_bytes_median": float(np.median([len(s.data) for s in samples])),
+        "modes": split["modes"],
+    }
+    if jpeg_grid:
+        jsamples = samples[:jpeg_frames] if jpeg_frames else samples
+        grid = jpeg_baseline(full, jsamples, bundle.input_spec)
+        best = best_at_bytes(grid, default["bytes_per_frame"])
+        result.update({
+            "jpeg_frames": len(jsamples), "jpeg_baseline": grid,
+            "jpeg_accuracy_at_bytes": None if best is None else best["accuracy"],
+            "jpeg_best_at_bytes": best,
+            "jpeg_min_bytes": min(g["bytes_median"] for g in grid),
+        })
+    return result
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="edgesplit eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", required=True, help="bundle directory or tar")
+    p.add_argument("--data", required=True, help="labelled frames: dataset:split (e.g. cifar10:test), shard glob or folder")
+    p.add_argument("--frames", type=int, default=None, help="evaluate the first N frames (default all)")
+    p.add_argument("--jpeg-frames", type=int, default=2000, help="frames for the JPEG re-encoding grid (it runs the "
+                   "reference model once per grid point); 0 = all")
+    p.add_argument("--no-jpeg", action="store_true", help="skip the JPEG baseline")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    a = p.parse_args(argv)
+    b = Bundle.load(a.bundle)
+    res = evaluate_bundle(b, a.data, a.frames, a.jpeg_frames or None, a.threads, not a.no_jpeg)
+    if a.json:
+        json.dump(res, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{b.name} on {res['frames']} frames of {a.data}")
+    print(f"  reference model (full.onnx): {res['teacher_accuracy']:.4f}")
+    for m in res["modes"]:
+        z = f", zstd {m['bytes_per_frame_zstd']:.0f}" if m["bytes_per_frame_zstd"] else ""
+        print(f"  mode {m['name']:<8} accuracy {m['accuracy']:.4f}  bytes/frame {m['bytes_per_frame']:.0f}{z}")
+    print(f"  input JPEG median {res['input_jpeg_bytes_median']:.0f} B")
+    if "jpeg_baseline" in res:
+        best = res["jpeg_best_at_bytes"]
+        at = "none fits" if best is None else f"{best['accuracy']:.4f} ({best['side']}px q{best['quality']}, {best['bytes_median']:.0f} B)"
+        print(f"  send-the-JPEG at <= {res['bytes_per_frame']:.0f} B: {at}; smallest JPEG {res['jpeg_min_bytes']:.0f} B")
+    return 0

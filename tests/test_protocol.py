@@ -1,0 +1,230 @@
+"""Protocol v1: every kind round-trips; every malformed input gets its defined ProtocolError code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from edgesplit.wire import protocol as P
+from edgesplit.wire.codec import ErrorCode, encode_float
+from edgesplit.wire.protocol import Limits, ProtocolError
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md"
+HASH = "ab" * 32
+
+
+def desc(nbytes=512, **kw):
+    d = {"name": "z", "shape": [8, 8, 8], "dtype": "uint8", "bits": 8, "scale": 0.015625, "zero_point": 0,
+         "channels": 8, "codec": "raw", "nbytes": nbytes}
+    d.update(kw)
+    return d
+
+
+def request_parts(rid=7, payload=b"\x00" * 512, **kw):
+    return P.pack(P.request(rid, 0, [desc(len(payload), **kw)], deadline_ms=50), [payload])
+
+
+def raw_header(h: dict) -> bytes:
+    return msgpack.packb(h, use_bin_type=True)
+
+
+def expect(parts, code, limits=P.DEFAULT_LIMITS, req_id="any"):
+    with pytest.raises(ProtocolError) as e:
+        P.parse(parts, limits)
+    assert e.value.code == code, f"expected {code.name}, got {e.value}"
+    if req_id != "any":
+        assert e.value.req_id == req_id
+    return e.value
+
+
+# -- every kind round-trips ----------------------------------------------------------------------
+
+
+def test_every_kind_roundtrips():
+    logits_d, logits = encode_float(np.arange(10, dtype=np.float32), name="logits")
+    messages = [
+        (P.hello(HASH, "cam-1", max_inflight=4), []),
+        (P.welcome(HASH, "srv", credits=4, limits=Limits(), heartbeat_ms=5000, codecs=["raw", "zstd"]), []),
+        (P.request(2**64 - 1, 3, [desc()], deadline_ms=12.5, t_send_ns=123), [b"\x01" * 512]),
+        (P.request(0, 0, [desc()]), [b"\x01" * 512]),
+        (P.result(9, [logits_d], queue_us=1.5, compute_us=20, batch_size=4, server_us=30, t_send_ns=5), [logits]),
+        (P.error(9, ErrorCode.OVERLOADED, "queue full"), []),
+        (P.error(None, ErrorCode.MALFORMED, "bad"), []),
+        (P.ping(1, 2), []), (P.pong(1), []), (P.bye("done"), []), (P.bye(), []),
+    ]
+    for header, frames in messages:
+        msg = P.parse(P.pack(header, frames))
+        assert msg.kind == header["kind"] and msg.header == header and len(msg.frames) == len(frames)
+    err = P.parse(P.pack(P.error(3, ErrorCode.DEADLINE_EXCEEDED, "late"), []))
+    assert err.header["code"] == 8 and err.header["name"] == "DEADLINE_EXCEEDED" and err.id == 3
+
+
+def test_error_codes_are_fixed():
+    assert {c.name: int(c) for c in ErrorCode} == {
+        "MALFORMED": 1, "UNSUPPORTED_VERSION": 2, "UNKNOWN_BUNDLE": 3, "NOT_READY": 4, "UNKNOWN_MODE": 5,
+        "TOO_LARGE": 6, "OVERLOADED": 7, "DEADLINE_EXCEEDED": 8, "INTERNAL": 9, "UNSUPPORTED": 10,
+        "SHUTTING_DOWN": 11}
+
+
+# -- malformed messages --------------------------------------------------------------------------
+
+
+def test_truncated_header():
+    parts = request_parts()
+    for cut in (1, 5, len(parts[0]) // 2, len(parts[0]) - 1):
+        expect([parts[0][:cut], parts[1]], ErrorCode.MALFORMED)
+
+
+def test_empty_message_and_empty_header():
+    expect([], ErrorCode.MALFORMED)
+    expect([b""], ErrorCode.MALFORMED)
+
+
+def test_oversized_header_is_refused_before_unpacking():
+    big = raw_header({"v": 1, "kind": "ping", "nonce": 1, "pad": "x" * 70000})
+    expect([big], ErrorCode.TOO_LARGE)
+    # a header that is not even msgpack is still TOO_LARGE: the size check comes first
+    expect([b"\xff" * 70000], ErrorCode.TOO_LARGE)
+    small = Limits(max_header_bytes=100)
+    expect(request_parts(), ErrorCode.TOO_LARGE, small)
+
+
+def test_header_not_a_map_or_trailing_bytes():
+    expect([msgpack.packb([1, "request"])], ErrorCode.MALFORMED)
+    expect([raw_header({"v": 1, "kind": "ping", "nonce": 1}) + b"\x00"], ErrorCode.MALFORMED)
+    expect([msgpack.packb({1: 1})], ErrorCode.MALFORMED)  # non-string keys
+    expect([msgpack.packb({"v": 1, "kind": "ping", "nonce": msgpack.ExtType(1, b"ab")})], ErrorCode.MALFORMED)
+    expect([msgpack.packb({"v": 1, "kind": "ping", "nonce": b"bytes"}, use_bin_type=True)], ErrorCode.MALFORMED)
+    expect([b"\x91" * 3000 + b"\x01"], ErrorCode.MALFORMED)  # nesting bomb
+
+
+def test_wrong_version():
+    h = P.request(5, 0, [desc()])
+    h["v"] = 2
+    e = expect(P.pack(h, [b"\x00" * 512]), ErrorCode.UNSUPPORTED_VERSION, req_id=5)
+    assert "2" in e.message
+    h.pop("v")
+    expect(P.pack(h, [b"\x00" * 512]), ErrorCode.MALFORMED)
+    expect([raw_header({"v": "1", "kind": "ping", "nonce": 1})], ErrorCode.MALFORMED)
+    expect([raw_header({"v": True, "kind": "ping", "nonce": 1})], ErrorCode.MALFORMED)
+
+
+def test_unknown_and_reserved_kinds():
+    expect([raw_header({"v": 1, "kind": "frobnicate"})], ErrorCode.MALFORMED)
+    expect([raw_header({"v": 1, "kind": 3})], ErrorCode.MALFORMED)
+    expect([raw_header({"v": 1})], ErrorCode.MALFORMED)
+    for kind in P.RESERVED_KINDS:
+        expect([raw_header({"v": 1, "kind": kind})], ErrorCode.UNSUPPORTED)
+
+
+def test_lying_nbytes_and_frame_count():
+    payload = b"\x00" * 512
+    expect(P.pack(P.request(7, 0, [desc(600)]), [payload]), ErrorCode.MALFORMED, req_id=7)
+    expect(P.pack(P.request(7, 0, [desc(512)]), [payload[:500]]), ErrorCode.MALFORMED, req_id=7)
+    expect(P.pack(P.request(7, 0, [desc(), desc()]), [payload]), ErrorCode.MALFORMED, req_id=7)
+    expect(P.pack(P.request(7, 0, [desc()]), [payload, payload]), ErrorCode.MALFORMED, req_id=7)
+    expect(P.pack(P.request(7, 0, []), []), ErrorCode.MALFORMED, req_id=7)
+    expect(P.pack(P.ping(1), [b"x"]), ErrorCode.MALFORMED)
+
+
+def test_frame_limits():
+    limits = Limits(max_frame_bytes=256, max_frames=2)
+    expect(request_parts(), ErrorCode.TOO_LARGE, limits, req_id=7)
+    frames = [b"\x00" * 512] * 3
+    expect(P.pack(P.request(7, 0, [desc()] * 3), frames), ErrorCode.TOO_LARGE, Limits(max_frames=2))
+    # rows over max_batch
+    d = desc(nbytes=8 * 512, shape=[8, 8, 8, 8])
+    expect(P.pack(P.request(7, 0, [d]), [b"\x00" * 4096]), ErrorCode.TOO_LARGE, Limits(max_batch=4))
+
+
+def test_wrong_dtype_and_shape():
+    expect(request_parts(dtype="int8"), ErrorCode.UNSUPPORTED, req_id=7)
+    expect(request_parts(bits=5), ErrorCode.UNSUPPORTED, req_id=7)
+    expect(request_parts(dtype="float32"), ErrorCode.MALFORMED, req_id=7)
+    expect(request_parts(shape=[8, 8, 9]), ErrorCode.MALFORMED, req_id=7)
+    expect(request_parts(shape=[8, 8]), ErrorCode.MALFORMED, req_id=7)  # channels=8 but no channel axis
+    expect(request_parts(codec="brotli"), ErrorCode.UNSUPPORTED, req_id=7)
+    h = P.request(7, 0, [desc()])
+    h["tensors"] = "z"
+    expect(P.pack(h, [b"\x00" * 512]), ErrorCode.MALFORMED, req_id=7)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("id", -1), ("id", 1.5e19), ("id", "7"), ("id", True), ("id", 1.0), ("mode", -1), ("mode", "0"),
+    ("deadline_ms", -5), ("deadline_ms", "soon"), ("deadline_ms", float("inf")), ("t_send_ns", -1),
+])
+def test_request_field_types(field, value):
+    h = P.request(7, 0, [desc()])
+    h[field] = value
+    expect(P.pack(h, [b"\x00" * 512]), ErrorCode.MALFORMED)
+
+
+def test_missing_fields_of_each_kind():
+    examples = {
+        "hello": P.hello(HASH, "a"), "welcome": P.welcome(HASH, "s", credits=1, limits=Limits(), heartbeat_ms=0, codecs=["raw"]),
+        "error": P.error(1, 1, "x"), "ping": P.ping(1), "pong": P.pong(1),
+    }
+    for kind, h in examples.items():
+        for key in h:
+            if key in ("v", "kind") or (kind == "error" and key == "id"):
+                continue
+            bad = {k: v for k, v in h.items() if k != key}
+            expect([raw_header(bad)], ErrorCode.MALFORMED)
+    bad = P.hello(HASH, "a")
+    bad["caps"]["max_inflight"] = 0
+    expect([raw_header(bad)], ErrorCode.MALFORMED)
+    bad = P.hello(HASH, "a")
+    bad["caps"]["codecs"] = ["raw", 1]
+    expect([raw_header(bad)], ErrorCode.MALFORMED)
+
+
+def test_unknown_keys_are_ignored():
+    h = P.request(7, 0, [desc()])
+    h["future_field"] = {"anything": [1, 2]}
+    h["tensors"][0]["future"] = 1
+    assert P.parse(P.pack(h, [b"\x00" * 512])).id == 7
+
+
+def test_random_bytes_always_give_a_protocol_error():
+    rng = np.random.default_rng(0)
+    good = request_parts()
+    for i in range(600):
+        n = int(rng.integers(1, 300))
+        if i % 3 == 0:
+            header = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        else:  # mutate a valid header: flip bytes
+            header = bytearray(good[0])
+            for _ in range(int(rng.integers(1, 6))):
+                header[int(rng.integers(0, len(header)))] = int(rng.integers(0, 256))
+            header = bytes(header)
+        parts = [header] + ([good[1]] if i % 2 else [])
+        try:
+            P.parse(parts)
+        except ProtocolError as e:
+            assert isinstance(e.code, ErrorCode)
+        # anything else (TypeError, KeyError, ...) fails the test by propagating
+
+
+# -- the document's worked example is what the code produces -------------------------------------
+
+
+def test_protocol_doc_worked_example_matches_code():
+    text = DOC.read_text()
+    m = re.search(r"<!-- example-request-hex -->\s*```\n(.*?)```", text, re.S)
+    assert m, "docs/PROTOCOL.md lost its worked example block"
+    doc_bytes = bytes.fromhex("".join(m.group(1).split()))
+    header = P.request(7, 0, [desc()], deadline_ms=50)
+    assert doc_bytes == P.pack(header)[0]
+    assert P.parse([doc_bytes, b"\x00" * 512]).header == header
+
+
+def test_protocol_doc_lists_every_code_and_kind():
+    text = DOC.read_text()
+    for c in ErrorCode:
+        assert re.search(rf"\|\s*{int(c)}\s*\|\s*`?{c.name}`?\s*\|", text), f"{c.name} missing from the error table"
+    for kind in P.KINDS + P.RESERVED_KINDS:
+        assert f"`{kind}`" in text

@@ -1,0 +1,111 @@
+"""``edgesplit bench e2e``: end-to-end latency of one frame at a time through the real runtime,
+set against a raw pyzmq round trip of the same payload measured in the same run.
+
+The server daemon and the agent each run in their own process, as deployed; the agent's peak RSS
+is read from the kernel (``RUSAGE_CHILDREN``) once it exits, and the agent reports whether torch
+was ever imported. ``overhead_ratio`` = (e2e - head - tail) / raw_rtt on p50s: what the runtime
+adds beyond the model halves, in units of the bare transport.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from ..bundle import Bundle
+from ..demo import DEFAULT_BUNDLE, DEFAULT_SOURCES, free_port, start_server_process
+
+_ECHO = r"""
+import sys, zmq
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1]); print("ready", flush=True)
+while True:
+    parts = s.recv_multipart(copy=False)
+    if len(parts) == 2 and bytes(parts[1]) == b"stop":
+        break
+    s.send_multipart(parts, copy=False)
+"""
+
+
+def raw_rtt_ms(payload_bytes: int, rounds: int = 2000, warmup: int = 200) -> dict:
+    """DEALER -> ROUTER echo (another process) -> DEALER, one message at a time."""
+    port = free_port()
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO, f"tcp://127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
+    echo.stdout.readline()
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    payload = np.random.default_rng(0).integers(0, 255, payload_bytes, dtype=np.uint8).tobytes()
+    ts = []
+    try:
+        for i in range(warmup + rounds):
+            t = time.perf_counter()
+            s.send(payload, copy=False)
+            s.recv(copy=False)
+            if i >= warmup:
+                ts.append((time.perf_counter() - t) * 1e3)
+        s.send(b"stop")
+    finally:
+        s.close(0)
+        echo.wait(10)
+    return {"p50": float(np.median(ts)), "p95": float(np.percentile(ts, 95)), "rounds": rounds}
+
+
+def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: int | None = None,
+              threads: int = 1) -> dict:
+    bundle = Bundle.load(bundle_path)
+    if source is None:
+        source = next(v for k, v in DEFAULT_SOURCES.items() if bundle.name.startswith(k))
+    port = free_port()
+    server = start_server_process([str(bundle_path)], port, ["--max-queue-delay-us", "0", "--threads", str(threads)])
+    lines_path = Path(tempfile.mkstemp(suffix=".jsonl")[1])
+    try:
+        cmd = [sys.executable, "-m", "edgesplit", "agent", "--bundle", str(bundle_path), "--server",
+               f"tcp://127.0.0.1:{port}", "--source", source, "--frames", str(frames), "--inflight", "1",
+               "--threads", str(threads), "--timeout-s", "60", "--json-lines", str(lines_path)]
+        if mode is not None:
+            cmd += ["--mode", str(mode)]
+        agent = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        # ru_maxrss of waited children, in KiB on Linux; the server is still running, so this is the agent.
+        agent_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        if agent.returncode != 0:
+            raise RuntimeError(f"agent failed ({agent.returncode}): {agent.stderr[-2000:]}")
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    recs = [json.loads(l) for l in lines_path.read_text().splitlines() if l.strip()]
+    lines_path.unlink()
+    summary = next((r["summary"] for r in recs if "summary" in r), {})
+    rows = [r for r in recs if "id" in r and r.get("error") is None]
+    warm = rows[min(20, len(rows) // 10):]  # the first frames pay ORT's and the sockets' warm-up
+    head = np.asarray([r["head_ms"] for r in warm])
+    enc = np.asarray([r["encode_ms"] for r in warm])
+    rtt = np.asarray([r["rtt_ms"] for r in warm])
+    tail = np.asarray([r["server_compute_ms"] for r in warm])
+    e2e = head + enc + rtt
+    bytes_pf = float(np.median([r["bytes_sent"] for r in rows]))
+    raw = raw_rtt_ms(int(bytes_pf))
+    p50 = lambda a: float(np.median(a))  # noqa: E731
+    return {
+        "bench": "e2e", "bundle": bundle.name, "source": source, "frames": len(rows), "errors": len(recs) - len(rows) - 1,
+        "bytes_per_frame": bytes_pf,
+        "e2e_ms_p50": p50(e2e), "e2e_ms_p95": float(np.percentile(e2e, 95)),
+        "head_ms_p50": p50(head), "encode_ms_p50": p50(enc), "tail_ms_p50": p50(tail),
+        "rtt_ms_p50": p50(rtt), "server_queue_ms_p50": p50([r["server_queue_ms"] for r in warm]),
+        "raw_rtt_ms_p50": raw["p50"], "raw_rtt_ms_p95": raw["p95"],
+        "overhead_ms_p50": p50(e2e) - p50(head) - p50(tail),
+        "overhead_ratio": (p50(e2e) - p50(head) - p50(tail)) / raw["p50"],
+        "agent_rss_mb": round(agent_rss_mb, 1),
+        "agent_torch_loaded": summary.get("torch_loaded"),
+        "threads": threads,
+    }

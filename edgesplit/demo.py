@@ -1,0 +1,139 @@
+"""``edgesplit demo``: the whole runtime on loopback in one command.
+
+Starts the server daemon (its own process, as in production) with a bundle the project ships,
+streams N real frames through the agent (head on ONNX Runtime, quantize, ZeroMQ, tail on the
+server), and prints what a split buys: accuracy, bytes on the wire against the input JPEG, and
+where the time goes (p50/p95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from .bundle import Bundle
+from .data.sources import SourceError, open_source, take
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_BUNDLE = MODELS_DIR / "cifar10-resnet20-bottlefit"
+DEFAULT_SOURCES = {"cifar10": "cifar10:test", "imagenette": "imagenette:val"}
+
+
+def free_port() -> int:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.ROUTER)
+    try:
+        return s.bind_to_random_port("tcp://127.0.0.1")
+    finally:
+        s.close(0)
+
+
+def start_server_process(bundles: list[str], port: int, extra: list[str] | None = None) -> subprocess.Popen:
+    """Run ``edgesplit serve`` as a child process and wait until it accepts a handshake."""
+    cmd = [sys.executable, "-m", "edgesplit", "serve", "--bind", f"tcp://127.0.0.1:{port}"]
+    for b in bundles:
+        cmd += ["--bundle", str(b)]
+    proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    a = np.asarray([v for v in values if v is not None], np.float64)
+    return (float(np.percentile(a, 50)), float(np.percentile(a, 95))) if a.size else (float("nan"), float("nan"))
+
+
+def run_demo(bundle_path: Path, source: str | None, frames: int, mode: int | None, inflight: int, threads: int | None) -> dict:
+    from .edge.agent import Agent
+
+    bundle = Bundle.load(bundle_path)
+    if source is None:
+        dataset = next((d for d in DEFAULT_SOURCES if bundle.name.startswith(d)), None)
+        if dataset is None:
+            raise SourceError(f"no default frame source for bundle '{bundle.name}': pass --source")
+        source = DEFAULT_SOURCES[dataset]
+    samples = list(take(open_source(source, bundle.classes), frames))
+    port = free_port()
+    server = start_server_process([str(bundle_path)], port, ["--max-queue-delay-us", "500"])
+    try:
+        agent = Agent(bundle, f"tcp://127.0.0.1:{port}", mode=mode, inflight=inflight, threads=threads, timeout_s=30.0)
+        deadline = time.monotonic() + 60
+        while True:  # the server process needs a moment to load its tail and bind
+            try:
+                agent.connect(timeout_s=2.0)
+                break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not come up: {server.stderr.read() if server.stderr else ''}")
+        t0 = time.perf_counter()
+        results = list(agent.run(samples))
+        wall = time.perf_counter() - t0
+        agent.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    ok = [r for r in results if r.ok]
+    labelled = [r for r in ok if r.label is not None]
+    jpeg = [len(s.data) for s in samples]
+    lat = {
+        "head": [r.head_ms for r in results],
+        "encode": [r.encode_ms for r in results],
+        "server queue": [r.server_queue_ms for r in ok],
+        "server compute": [r.server_compute_ms for r in ok],
+        "link + runtime": [r.rtt_ms - r.server_queue_ms - r.server_compute_ms for r in ok],
+        "round trip": [r.rtt_ms for r in ok],
+        "end to end": [r.head_ms + r.encode_ms + r.rtt_ms for r in ok],
+    }
+    m = agent.mode
+    return {
+        "bundle": bundle.name, "bundle_hash": bundle.hash, "source": source, "mode": m.name,
+        "frames": len(results), "ok": len(ok),
+        "errors": {e: sum(1 for r in results if r.error == e) for e in {r.error for r in results if not r.ok}},
+        "accuracy": None if not labelled else sum(r.pred == r.label for r in labelled) / len(labelled),
+        "manifest_accuracy": m.accuracy, "teacher_accuracy": bundle.manifest.get("teacher_accuracy"),
+        "bytes_per_frame": float(np.median([r.bytes_sent for r in results])),
+        "input_jpeg_bytes_median": float(np.median(jpeg)),
+        "latency_ms": {k: dict(zip(("p50", "p95"), percentiles(v))) for k, v in lat.items()},
+        "frames_per_s": len(results) / wall, "inflight": inflight,
+    }
+
+
+def format_table(r: dict) -> str:
+    lines = [f"edgesplit demo: {r['bundle']} ({r['mode']}), {r['frames']} frames of {r['source']}, "
+             f"server and agent on loopback", ""]
+    acc = "n/a (no labels)" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+    if r["teacher_accuracy"] is not None:
+        acc += f"   (unsplit reference model: {r['teacher_accuracy']:.3f} on the full test set)"
+    lines += [f"  accuracy          {acc}",
+              f"  bytes per frame   {r['bytes_per_frame']:.0f} B on the wire  vs  {r['input_jpeg_bytes_median']:.0f} B "
+              f"input JPEG (median): {r['input_jpeg_bytes_median'] / max(1.0, r['bytes_per_frame']):.1f}x fewer",
+              f"  throughput        {r['frames_per_s']:.0f} frames/s with {r['inflight']} in flight",
+              f"  errors            {r['errors'] or 'none'}", "",
+              f"  {'latency (ms)':<18}{'p50':>9}{'p95':>9}"]
+    for k, v in r["latency_ms"].items():
+        lines.append(f"  {k:<18}{v['p50']:>9.3f}{v['p95']:>9.3f}")
+    return "\n".join(lines)
+
+
+def demo_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="edgesplit demo", description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1])
+    p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle to serve (default: the shipped CIFAR-10 one)")
+    p.add_argument("--source", default=None, help="frames (default: the bundle dataset's test split from the data root)")
+    p.add_argument("--frames", type=int, default=500)
+    p.add_argument("--mode", type=int, default=None, help="mode id (default: the bundle's default mode)")
+    p.add_argument("--inflight", type=int, default=4, help="requests outstanding at once")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the head")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    r = run_demo(Path(a.bundle), a.source, a.frames, a.mode, a.inflight, a.threads)
+    print(json.dumps(r, indent=2) if a.json else format_table(r))
+    return 0 if r["ok"] == r["frames"] else 1

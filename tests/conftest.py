@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ def build_tiny_bundle(root: Path) -> Bundle:
 
     root.mkdir(parents=True, exist_ok=True)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter announces its retirement
         z = head(x)
         for name, module, inp, in_name, out_name in (
             ("head.onnx", head, x, "image", "z"),

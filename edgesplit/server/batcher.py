@@ -6,7 +6,7 @@ the same tail on tensors of the same shape. A key's batch is *due* when
 - its queued rows reach ``max_batch``, or
 - ``max_delay_us`` has passed since its oldest request arrived, or
 - waiting any longer would miss the earliest deadline in it (deadline minus the key's recent
-  compute time, an exponentially weighted mean), or
+  compute time, an exponentially weighted mean, minus a 2 ms margin), or
 - the batcher is closing (drain: everything is due at once).
 
 The I/O thread calls :meth:`Batcher.put` (never blocks); the compute thread calls
@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 INF = float("inf")
+# A batch holding a deadline is flushed this long before (deadline - expected compute time), to
+# absorb thread wake-up jitter.
+DEADLINE_MARGIN_NS = 2_000_000
 
 
 @dataclass(eq=False)
@@ -104,7 +107,7 @@ class Batcher:
     def _due_ns(self, key: Hashable, q: _KeyQueue) -> float:
         due = q.items[0].t_recv_ns + self.max_delay_ns
         if q.min_deadline < INF:
-            due = min(due, q.min_deadline - self._compute_ns.get(key, 0.0))
+            due = min(due, q.min_deadline - self._compute_ns.get(key, 0.0) - DEADLINE_MARGIN_NS)
         return due
 
     def next_batch(self, timeout: float | None = None) -> list[Item] | None:

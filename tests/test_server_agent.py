@@ -1,0 +1,404 @@
+"""Server daemon + agent end to end: real ZeroMQ sockets on loopback, real ONNX Runtime, real JPEGs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from edgesplit.bundle import Bundle, write_manifest
+from edgesplit.data.transforms import preprocess
+from edgesplit.edge.agent import TIMEOUT, Agent, AgentError, summarize
+from edgesplit.engine import create_engine
+from edgesplit.server.daemon import Server
+from edgesplit.wire import codec, protocol as P
+from edgesplit.wire.codec import ErrorCode
+from edgesplit.wire.transport import bind_router
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+class RawClient:
+    """A bare DEALER speaking the protocol by hand (to send what a correct agent never would)."""
+
+    def __init__(self, endpoint: str):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, parts):
+        self.sock.send_multipart(parts)
+
+    def recv(self, timeout=5.0) -> P.Message:
+        assert self.sock.poll(int(timeout * 1000)), "no reply from the server"
+        return P.parse(self.sock.recv_multipart())
+
+    def hello(self, bundle: Bundle, max_inflight=64) -> dict:
+        self.send(P.pack(P.hello(bundle.hash, "raw-client", max_inflight=max_inflight)))
+        m = self.recv()
+        assert m.kind == "welcome", m.header
+        return m.header
+
+    def request(self, bundle: Bundle, rid: int, z=None, mode_id=0, **kw):
+        m = bundle.mode(mode_id)
+        if z is None:
+            z = np.random.default_rng(rid).uniform(0, 100 * m.scale, bundle.wire_spec["shape"]).astype(np.float32)
+        d, p = codec.encode(z, m, name=bundle.wire_spec["name"])
+        self.send(P.pack(P.request(rid, mode_id, [d], **kw), [p]))
+
+    def close(self):
+        self.sock.close(0)
+
+
+def local_logits(bundle: Bundle, samples, mode_id=0) -> np.ndarray:
+    """What the server must answer: head -> the same quantization -> zero-fill -> tail, in-process."""
+    head = create_engine(bundle.file("head"))
+    tail = create_engine(bundle.file("tail"))
+    m = bundle.mode(mode_id)
+    C = bundle.wire_spec["shape"][0]
+    out = []
+    for s in samples:
+        z = head.run1(preprocess(s.data, bundle.input_spec)[None])[0]
+        d, p = codec.encode(z, m, name=bundle.wire_spec["name"])
+        out.append(tail.run1(codec.decode(d, p, full_channels=C)[None])[0])
+    return np.stack(out)
+
+
+def variant_bundle(src: Bundle, root: Path, modes: list[dict], name: str) -> Bundle:
+    """Same model files, another manifest (so another hash), e.g. with extra modes."""
+    root.mkdir(parents=True, exist_ok=True)
+    for role in ("head", "tail", "full"):
+        shutil.copy(src.file(role), root / src.file(role).name)
+    manifest = json.loads(json.dumps(src.manifest))
+    manifest["name"] = name
+    manifest["modes"] = modes
+    for entry in manifest["files"].values():
+        entry.pop("sha256", None)
+    write_manifest(root, manifest)
+    return Bundle.load(root)
+
+
+@pytest.fixture(scope="module")
+def multi_bundle(tiny_bundle, tmp_path_factory):
+    s = tiny_bundle.default_mode.scale
+    modes = [
+        {"id": 0, "name": "c8-b8", "channels": 8, "bits": 8, "quant": {"scale": s, "zero_point": 0}, "bytes_per_frame": 512},
+        {"id": 1, "name": "c4-b4", "channels": 4, "bits": 4, "quant": {"scale": s * 17, "zero_point": 0}, "bytes_per_frame": 128},
+        {"id": 2, "name": "c6-b6", "channels": 6, "bits": 6, "quant": {"scale": s * 4, "zero_point": 0}, "bytes_per_frame": 288},
+        {"id": 3, "name": "c8-b2", "channels": 8, "bits": 2, "quant": {"scale": s * 85, "zero_point": 0}, "bytes_per_frame": 128},
+    ]
+    return variant_bundle(tiny_bundle, tmp_path_factory.mktemp("multi"), modes, "tiny-multi")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, multi_bundle):
+    with Server([tiny_bundle, multi_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=16,
+                max_queue_delay_us=1000, credits=16) as srv:
+        yield srv
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+def test_agent_end_to_end_matches_local_split(server, tiny_bundle, cifar_samples):
+    with Agent(tiny_bundle, server.endpoint, inflight=8, threads=1) as agent:
+        assert agent.window == 8
+        results = sorted(agent.run(cifar_samples), key=lambda r: r.id)
+    assert len(results) == len(cifar_samples) == 32
+    assert all(r.ok for r in results), [r.to_json() for r in results if not r.ok]
+    ref = local_logits(tiny_bundle, cifar_samples)
+    got = np.stack([r.logits for r in results])
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert [r.pred for r in results] == ref.argmax(1).tolist()
+    assert [r.key for r in results] == [s.key for s in cifar_samples]
+    assert [r.label for r in results] == [s.label for s in cifar_samples]
+    for r in results:
+        j = r.to_json()
+        for k in ("id", "key", "head_ms", "encode_ms", "bytes_sent", "rtt_ms", "server_queue_ms",
+                  "server_compute_ms", "batch_size", "pred", "label"):
+            assert k in j
+        assert j["bytes_sent"] == 512 and 1 <= j["batch_size"] <= 16
+        assert 0 < r.server_ms / 1e3 < r.rtt_ms / 1e3 + 1e-9 and r.server_compute_ms <= r.server_ms
+    s = summarize(results)
+    assert s["frames"] == 32 and s["ok"] == 32 and s["errors"] == {} and s["bytes_per_frame_median"] == 512
+    assert s["accuracy"] == pytest.approx(np.mean(ref.argmax(1) == [x.label for x in cifar_samples]))
+
+
+@pytest.mark.parametrize("mode_id,codec_name", [(1, "raw"), (2, "zstd"), (3, "auto"), (0, "zstd")])
+def test_modes_channel_subsets_bits_and_codecs(server, multi_bundle, cifar_samples, mode_id, codec_name):
+    samples = cifar_samples[:8]
+    with Agent(multi_bundle, server.endpoint, mode=mode_id, codec=codec_name, threads=1) as agent:
+        results = sorted(agent.run(samples), key=lambda r: r.id)
+    assert all(r.ok for r in results), [r.error_message for r in results]
+    ref = local_logits(multi_bundle, samples, mode_id)
+    np.testing.assert_allclose(np.stack([r.logits for r in results]), ref, atol=1e-4, rtol=1e-4)
+    m = multi_bundle.mode(mode_id)
+    if codec_name == "raw":
+        assert all(r.bytes_sent == m.bytes_per_frame for r in results)
+
+
+def test_batching_and_per_request_replies(tiny_bundle):
+    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=300_000) as srv:
+        c = RawClient(srv.endpoint)
+        c.hello(tiny_bundle)
+        t0 = time.monotonic()
+        for rid in range(1, 9):  # 8 requests = max_batch: dispatched at once, not after 300 ms
+            c.request(tiny_bundle, rid)
+        msgs = [c.recv() for _ in range(8)]
+        assert time.monotonic() - t0 < 0.25
+        assert sorted(m.id for m in msgs) == list(range(1, 9))
+        assert all(m.kind == "result" and m.header["timing"]["batch_size"] == 8 for m in msgs)
+        # a 4-D request is several rows: replies [n, K]
+        m = tiny_bundle.default_mode
+        z = np.random.default_rng(0).uniform(0, 50 * m.scale, (3, 8, 8, 8)).astype(np.float32)
+        d, p = codec.encode(z, m, name="z")
+        c.send(P.pack(P.request(99, 0, [d]), [p]))
+        r = c.recv()
+        assert r.kind == "result" and r.header["outputs"][0]["shape"] == [3, 10]
+        assert r.header["timing"]["batch_size"] == 3
+        c.close()
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_server_survives_malformed_input_and_keeps_serving(server, tiny_bundle, cifar_samples):
+    c = RawClient(server.endpoint)
+    good = P.pack(P.ping(1))
+    cases = [
+        ([b"\x93\x01"], ErrorCode.MALFORMED),                                       # truncated msgpack
+        ([os.urandom(64)], None),                                                    # random bytes (some code)
+        ([b"\x00" * (P.DEFAULT_LIMITS.max_header_bytes + 1)], ErrorCode.TOO_LARGE),  # oversized header
+        ([P.pack({"v": 9, "kind": "ping", "nonce": 1})[0]], ErrorCode.UNSUPPORTED_VERSION),
+        ([P.pack({"v": 1, "kind": "teleport"})[0]], ErrorCode.MALFORMED),
+        ([P.pack({"v": 1, "kind": "scatter"})[0]], ErrorCode.UNSUPPORTED),
+        ([P.pack({"v": 1, "kind": "result", "id": 1, "outputs": [],
+                  "timing": {"queue_us": 0, "compute_us": 0, "server_us": 0, "batch_size": 1}})[0]], ErrorCode.MALFORMED),
+        ([b""], ErrorCode.MALFORMED),
+    ]
+    for parts, code in cases:
+        c.send(parts)
+        m = c.recv()
+        assert m.kind == "error", m.header
+        if code is not None:
+            assert m.header["code"] == code, (parts[0][:20], m.header)
+    # before hello: NOT_READY, naming the request
+    c.request(tiny_bundle, 5)
+    m = c.recv()
+    assert (m.kind, m.id, m.header["code"]) == ("error", 5, ErrorCode.NOT_READY)
+    c.hello(tiny_bundle)
+    # lying nbytes / wrong shape / unknown mode / wrong channel count, after hello
+    d, p = codec.encode(np.zeros((8, 8, 8), np.float32), tiny_bundle.default_mode, name="z")
+    bad = [
+        (P.request(10, 0, [{**d, "nbytes": 600}]), [p], ErrorCode.MALFORMED),
+        (P.request(11, 0, [{**d, "shape": [8, 4, 16]}]), [p], ErrorCode.MALFORMED),
+        (P.request(12, 0, [{**d, "name": "other"}]), [p], ErrorCode.MALFORMED),
+        (P.request(13, 42, [d]), [p], ErrorCode.UNKNOWN_MODE),
+        (P.request(14, 0, [{**d, "dtype": "complex64"}]), [p], ErrorCode.UNSUPPORTED),
+        (P.request(15, 0, [d, d]), [p, p], ErrorCode.MALFORMED),
+    ]
+    d4, p4 = codec.encode(np.zeros((4, 8, 8), np.float32), type("M", (), dict(channels=4, bits=8, scale=0.1, zero_point=0)), name="z")
+    bad.append((P.request(16, 0, [d4]), [p4], ErrorCode.UNKNOWN_MODE))  # mode 0 sends 8 channels
+    for header, frames, code in bad:
+        c.send(P.pack(header, frames))
+        m = c.recv()
+        assert (m.kind, m.id, m.header["code"]) == ("error", header["id"], code), m.header
+    c.send(good)
+    assert c.recv().kind == "pong"
+    c.close()
+    # and a normal agent is still served correctly
+    with Agent(tiny_bundle, server.endpoint, threads=1) as agent:
+        r = agent.infer(cifar_samples[0])
+    assert r.ok and r.pred == int(local_logits(tiny_bundle, cifar_samples[:1]).argmax())
+
+
+def test_overloaded_when_queue_full(tiny_bundle):
+    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=64, max_queue=4,
+                max_queue_delay_us=300_000, credits=64) as srv:
+        c = RawClient(srv.endpoint)
+        c.hello(tiny_bundle)
+        for rid in range(1, 11):
+            c.request(tiny_bundle, rid)
+        msgs = [c.recv() for _ in range(10)]
+        errors = [m for m in msgs if m.kind == "error"]
+        results = [m for m in msgs if m.kind == "result"]
+        assert sorted(m.id for m in errors) == [5, 6, 7, 8, 9, 10]
+        assert all(m.header["code"] == ErrorCode.OVERLOADED for m in errors)
+        assert sorted(m.id for m in results) == [1, 2, 3, 4]
+        c.close()
+
+
+def test_overloaded_when_credits_exceeded(tiny_bundle):
+    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_queue_delay_us=300_000, credits=2) as srv:
+        c = RawClient(srv.endpoint)
+        assert c.hello(tiny_bundle, max_inflight=8)["credits"] == 2
+        for rid in (1, 2, 3):
+            c.request(tiny_bundle, rid)
+        first = c.recv()
+        assert (first.kind, first.id, first.header["code"]) == ("error", 3, ErrorCode.OVERLOADED)
+        assert "credits" in first.header["message"]
+        assert sorted(c.recv().id for _ in range(2)) == [1, 2]
+        c.close()
+
+
+def test_deadlines(tiny_bundle):
+    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_queue_delay_us=2_000_000) as srv:
+        c = RawClient(srv.endpoint)
+        c.hello(tiny_bundle)
+        c.request(tiny_bundle, 1, deadline_ms=0)
+        m = c.recv()
+        assert (m.kind, m.id, m.header["code"]) == ("error", 1, ErrorCode.DEADLINE_EXCEEDED)
+        # a batch is flushed before its earliest deadline, not after the 2 s queue delay
+        t0 = time.monotonic()
+        c.request(tiny_bundle, 2, deadline_ms=100)
+        m = c.recv(timeout=1.5)
+        assert m.kind == "result" and m.id == 2 and time.monotonic() - t0 < 1.0
+        c.close()
+        with Agent(tiny_bundle, srv.endpoint, threads=1, deadline_ms=0) as agent:
+            r = agent.send_tensor(np.zeros((8, 8, 8), np.float32))
+            res = agent.wait_for(r)
+        assert not res.ok and res.error == "DEADLINE_EXCEEDED" and res.error_code == 8
+
+
+def test_unknown_bundle(server, tiny_bundle, tmp_path):
+    other = variant_bundle(tiny_bundle, tmp_path / "other", tiny_bundle.manifest["modes"], "not-served")
+    agent = Agent(other, server.endpoint, threads=1, timeout_s=5)
+    with pytest.raises(AgentError) as e:
+        agent.connect()
+    assert e.value.code == ErrorCode.UNKNOWN_BUNDLE
+
+
+def test_agent_timeouts_do_not_hang(tiny_bundle):
+    # nobody listening: the handshake times out with an error
+    from edgesplit.wire.transport import free_tcp_endpoint
+
+    agent = Agent(tiny_bundle, free_tcp_endpoint(), load_head=False, timeout_s=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(AgentError):
+        agent.connect()
+    assert time.monotonic() - t0 < 2
+    # a server that welcomes but never answers: each request ends as a TIMEOUT error
+    router, endpoint = bind_router("tcp://127.0.0.1:0")
+    try:
+        agent = Agent(tiny_bundle, endpoint, load_head=False, timeout_s=0.3)
+        agent._sock = None
+        import threading
+
+        def fake():
+            ident, hdr = router.recv_multipart()
+            h = P.parse([hdr]).header
+            router.send_multipart([ident, *P.pack(P.welcome(h["bundle"], "mute", credits=4, limits=P.DEFAULT_LIMITS,
+                                                            heartbeat_ms=0, codecs=["raw"]))])
+
+        t = threading.Thread(target=fake)
+        t.start()
+        agent.connect(timeout_s=5)
+        t.join()
+        rid = agent.send_tensor(np.zeros((8, 8, 8), np.float32), key="k")
+        t0 = time.monotonic()
+        r = agent.wait_for(rid)
+        assert r.error == TIMEOUT and 0.25 < time.monotonic() - t0 < 2
+        agent.close()
+    finally:
+        router.close(0)
+
+
+def test_agent_rehandshakes_after_server_restart(tiny_bundle):
+    srv = Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_queue_delay_us=0).start()
+    endpoint = srv.endpoint
+    agent = Agent(tiny_bundle, endpoint, load_head=False, timeout_s=5).connect()
+    z = np.zeros((8, 8, 8), np.float32)
+    assert agent.wait_for(agent.send_tensor(z)).ok
+    srv.stop()
+    agent.poll(0.2)  # sees bye
+    assert agent.server_bye is not None
+    for attempt in range(40):  # the old listening socket closes asynchronously
+        try:
+            srv2 = Server([tiny_bundle], endpoint, threads=1, max_queue_delay_us=0).start()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        pytest.fail(f"could not re-bind {endpoint}")
+    try:
+        agent.connect()  # after bye the agent is told to handshake again
+        assert agent.wait_for(agent.send_tensor(z)).ok
+        # the new server loses our session (as after its own restart): NOT_READY -> hello -> resend
+        srv2.sessions.clear()
+        time.sleep(0.05)
+        r = agent.wait_for(agent.send_tensor(z))
+        assert r.ok, r
+        agent.close()
+    finally:
+        srv2.stop()
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_sigterm_drains_and_exits_cleanly(tiny_bundle):
+    p = subprocess.Popen([sys.executable, "-m", "edgesplit.server.daemon", "--bundle", str(tiny_bundle.root),
+                          "--bind", "tcp://127.0.0.1:0", "--threads", "1", "--max-queue-delay-us", "400000",
+                          "--log-level", "WARNING"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    try:
+        line = p.stdout.readline()
+        assert "listening on tcp://" in line, (line, p.stderr.read() if p.poll() is not None else "")
+        endpoint = line.split("listening on ")[1].strip()
+        c = RawClient(endpoint)
+        c.hello(tiny_bundle)
+        for rid in (1, 2, 3):
+            c.request(tiny_bundle, rid)
+        time.sleep(0.1)  # queued, waiting for the 400 ms batch delay
+        p.send_signal(signal.SIGTERM)
+        msgs = [c.recv(timeout=10) for _ in range(4)]
+        assert sorted(m.id for m in msgs[:3]) == [1, 2, 3] and all(m.kind == "result" for m in msgs[:3])
+        assert msgs[3].kind == "bye"
+        assert p.wait(timeout=15) == 0
+        c.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_agent_cli_never_imports_torch(server, tiny_bundle, tmp_path):
+    out = tmp_path / "frames.jsonl"
+    code = (
+        "import sys\n"
+        "from edgesplit.edge.agent import agent_main\n"
+        f"rc = agent_main(['--bundle', {str(tiny_bundle.root)!r}, '--server', {server.endpoint!r}, "
+        "'--source', 'cifar10:test', '--frames', '12', '--inflight', '4', '--threads', '1', "
+        f"'--json-lines', {str(out)!r}])\n"
+        "assert rc == 0, rc\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+        "print('NO_TORCH_OK')\n"
+    )
+    env = _env()
+    env.setdefault("EDGESPLIT_DATA", str(ROOT.parent / "shared" / "data"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "NO_TORCH_OK" in r.stdout, r.stderr[-2000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    frames, summary = lines[:-1], lines[-1]["summary"]
+    assert len(frames) == 12 and all(f["pred"] is not None and f["label"] is not None for f in frames)
+    assert summary["frames"] == 12 and summary["ok"] == 12 and summary["rtt_ms_p50"] > 0
+    assert "accuracy" in r.stdout

@@ -402,3 +402,81 @@ def test_agent_cli_never_imports_torch(server, tiny_bundle, tmp_path):
     assert len(frames) == 12 and all(f["pred"] is not None and f["label"] is not None for f in frames)
     assert summary["frames"] == 12 and summary["ok"] == 12 and summary["rtt_ms_p50"] > 0
     assert "accuracy" in r.stdout
+
+
+# -- batcher and heartbeats ----------------------------------------------------------------------
+
+
+def _item(key, t, rows=1, deadline=None):
+    from edgesplit.server.batcher import Item
+
+    return Item(key=key, identity=b"x", req_id=0, desc={}, payload=b"", rows=rows, single=True, t_recv_ns=t,
+                deadline_ns=deadline)
+
+
+def test_batcher_rules():
+    from edgesplit.server.batcher import Batcher
+
+    b = Batcher(max_batch=4, max_delay_us=50_000, max_queue=6)
+    now = time.perf_counter_ns()
+    for i in range(5):
+        assert b.put(_item("a", now))
+    assert b.put(_item("b", now))
+    assert not b.put(_item("a", now))  # queue full
+    first = b.next_batch(timeout=1)  # "a" has 5 rows >= max_batch: due at once, 4 rows taken
+    assert len(first) == 4 and all(i.key == "a" for i in first)
+    t0 = time.monotonic()
+    second = b.next_batch(timeout=1)  # then the oldest due key after the 50 ms delay
+    assert 0.02 < time.monotonic() - t0 < 0.5 and len(second) == 1
+    assert len(b.next_batch(timeout=1)) == 1 and len(b) == 0
+    assert b.next_batch(timeout=0.01) is None  # nothing queued
+    # a deadline pulls the flush forward
+    b2 = Batcher(max_batch=8, max_delay_us=5_000_000, max_queue=8)
+    now = time.perf_counter_ns()
+    b2.put(_item("k", now, deadline=now + 30_000_000))
+    t0 = time.monotonic()
+    assert len(b2.next_batch(timeout=2)) == 1 and time.monotonic() - t0 < 0.5
+    # rows: a 3-row item and a 2-row item never share a 4-row batch
+    b3 = Batcher(max_batch=4, max_delay_us=0, max_queue=8)
+    b3.put(_item("k", now, rows=3))
+    b3.put(_item("k", now, rows=2))
+    assert [i.rows for i in b3.next_batch(timeout=1)] == [3]
+    # close: everything left is due at once, then None
+    b3.close()
+    assert not b3.put(_item("k", now))
+    assert [i.rows for i in b3.next_batch(timeout=1)] == [2]
+    assert b3.next_batch() is None
+
+
+def test_heartbeats_and_session_expiry(tiny_bundle):
+    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, heartbeat_ms=150, max_queue_delay_us=0) as srv:
+        c = RawClient(srv.endpoint)
+        assert c.hello(tiny_bundle)["heartbeat_ms"] == 150
+        c.send(P.pack(P.ping(77, 1)))
+        m = c.recv()
+        assert m.kind == "pong" and m.header["nonce"] == 77
+        m = c.recv(timeout=2)  # silent for one interval: the server pings us
+        assert m.kind == "ping"
+        time.sleep(0.8)  # silent for > 3 intervals: session expired
+        while c.sock.poll(0):
+            c.sock.recv_multipart()
+        c.request(tiny_bundle, 1)
+        m = c.recv()
+        assert (m.kind, m.header["code"]) == ("error", ErrorCode.NOT_READY)
+        assert srv.stats()["sessions_expired"] >= 1
+        c.close()
+        # a real agent answers pings and re-handshakes by itself after expiry
+        agent = Agent(tiny_bundle, srv.endpoint, load_head=False, timeout_s=5).connect()
+        time.sleep(0.8)
+        r = agent.wait_for(agent.send_tensor(np.zeros((8, 8, 8), np.float32)))
+        assert r.ok, r
+        agent.close()
+
+
+def test_run_records_server_errors_per_frame(server, multi_bundle, cifar_samples):
+    # deadline 0: every frame comes back as an error with its code, none is dropped
+    with Agent(multi_bundle, server.endpoint, threads=1, deadline_ms=0) as agent:
+        results = list(agent.run(cifar_samples[:6]))
+    assert len(results) == 6 and all(r.error == "DEADLINE_EXCEEDED" and r.error_code == 8 for r in results)
+    s = summarize(results)
+    assert s["ok"] == 0 and s["errors"] == {"DEADLINE_EXCEEDED": 6} and s["accuracy"] is None

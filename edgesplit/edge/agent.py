@@ -292,11 +292,8 @@ class Agent:
         if sock is None:
             raise AgentError("not connected")
         if sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
-            while True:
-                try:
-                    parts = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            while sock.get(zmq.EVENTS) & zmq.POLLIN:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
                 self._last_recv = time.monotonic()
                 try:
                     msg = P.parse(parts, self._limits)
@@ -444,15 +441,15 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
     p.add_argument("--source", default="cifar10:test",
                    help="frames: dataset:split, shard file/glob, image folder, image, video, camera:N")
     p.add_argument("--frames", type=int, default=100, help="frames to process (0: the whole source)")
-    p.add_argument("--mode", type=int, default=None, help="bundle mode id (default: the bundle's default mode)")
+    p.add_argument("--mode", type=int, default=None, help="bundle mode id (unset: the bundle's default mode)")
     p.add_argument("--codec", default="raw", choices=("raw", "zstd", "auto"),
                    help="lossless stage after packing (auto: zstd only when it is smaller)")
     p.add_argument("--inflight", type=int, default=8, help="most requests outstanding (also bounded by server credits)")
     p.add_argument("--deadline-ms", type=float, default=None,
                    help="per-request deadline the server enforces (relative to its receipt)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the head")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the head (unset: ORT's default)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="give up on a request (and the handshake) after this")
-    p.add_argument("--name", default=None, help="agent name sent in hello (default host:pid)")
+    p.add_argument("--name", default=None, help="agent name sent in hello (unset: host:pid)")
     p.add_argument("--json-lines", nargs="?", const="-", default=None, metavar="FILE|-",
                    help="write one JSON line per frame and a final {\"summary\": ...} line to FILE or stdout")
     return p

@@ -233,23 +233,23 @@ class Server:
         poller.register(router, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
         draining = False
-        next_housekeeping = time.monotonic() + 0.5
+        # sessions are checked several times per heartbeat interval (ping after 1, expire after 3)
+        housekeeping_s = min(0.5, self.heartbeat_ms / 4000.0) if self.heartbeat_ms > 0 else 0.5
+        next_housekeeping = time.monotonic() + housekeeping_s
         try:
             while True:
-                events = dict(poller.poll(100 if not draining else 20))
+                events = dict(poller.poll(min(100, max(1, int(housekeeping_s * 1000))) if not draining else 20))
                 if pull in events:
                     self._forward_replies(router, pull)
                 if router in events:
                     for _ in range(1024):  # bounded, so replies keep flowing under a flood
-                        try:
-                            parts = router.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
+                        self._on_message(router, router.recv_multipart(zmq.NOBLOCK), draining)
+                        if not router.get(zmq.EVENTS) & zmq.POLLIN:
                             break
-                        self._on_message(router, parts, draining)
                 now = time.monotonic()
                 if now >= next_housekeeping:
                     self._housekeeping(router, now)
-                    next_housekeeping = now + 0.5
+                    next_housekeeping = now + housekeeping_s
                 if self._stop.is_set() and not draining:
                     draining = True
                     log.info("draining: %d queued requests", len(self.batcher))
@@ -291,11 +291,8 @@ class Server:
         self._send(router, identity, P.error(req_id, code, message))
 
     def _forward_replies(self, router: zmq.Socket, pull: zmq.Socket) -> None:
-        while True:
-            try:
-                parts = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        while pull.get(zmq.EVENTS) & zmq.POLLIN:
+            parts = pull.recv_multipart(zmq.NOBLOCK, copy=False)
             identity = parts[0].bytes
             s = self.sessions.get(identity)
             if s is not None and s.inflight > 0:
@@ -482,7 +479,7 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
                    help="ZeroMQ endpoint to bind; tcp port 0 picks a free port (printed at start)")
     p.add_argument("--backend", default="ort", choices=("ort", "torch"),
                    help="tail engine: ONNX Runtime, or torch (uses the bundle's tail_torch file when present)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads for the tail engine (default: engine's)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for the tail engine (unset: the engine's own default)")
     p.add_argument("--max-batch", type=int, default=32, help="most frames run in one tail call")
     p.add_argument("--max-queue-delay-us", type=float, default=2000.0,
                    help="longest a request waits for others to batch with (0: run what is queued at once)")
@@ -491,7 +488,7 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-ms", type=int, default=5000,
                    help="heartbeat interval advertised to agents; silent sessions expire after 3 intervals (0: off)")
     p.add_argument("--max-frame-bytes", type=int, default=P.DEFAULT_LIMITS.max_frame_bytes, help="largest tensor frame accepted")
-    p.add_argument("--name", default=None, help="server name sent in welcome (default host:pid)")
+    p.add_argument("--name", default=None, help="server name sent in welcome (unset: host:pid)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 

@@ -35,6 +35,9 @@ from ..wire.codec import ErrorCode, WireError
 from ..wire.protocol import Kind, ProtocolError
 from ..wire.transport import connect_dealer, context, default_agent_name
 
+# Plain ints: pyzmq's enum constants cost an enum construction per use on the hot path.
+_EVENTS, _POLLIN, _NOBLOCK, _RCVTIMEO = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.RCVTIMEO)
+
 # Agent-side failure names (not wire codes: the server never sends them).
 TIMEOUT = "TIMEOUT"
 DISCONNECTED = "DISCONNECTED"
@@ -120,6 +123,7 @@ class Agent:
             self.head = create_engine(self.bundle.file("head"), backend="ort", threads=threads)
         self._ctx = ctx or context()
         self._sock: zmq.Socket | None = None
+        self._rcvtimeo = -1
         self._limits = P.DEFAULT_LIMITS
         self.welcome: dict[str, Any] | None = None
         self.credits = 0
@@ -146,6 +150,7 @@ class Agent:
         when no welcome arrives within ``timeout_s`` (default: the agent's timeout)."""
         if self._sock is None:
             self._sock = connect_dealer(self.server, ctx=self._ctx)
+            self._rcvtimeo = -1
         self._send_hello()
         end = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         n_err = len(self.connection_errors)
@@ -203,7 +208,7 @@ class Agent:
 
     # -- sending -------------------------------------------------------------------------------
     def _raw_send(self, parts: list) -> None:
-        self._sock.send_multipart(parts, copy=False)
+        self._sock.send_multipart(parts, copy=False)  # small frames are copied anyway (copy_threshold)
         self._last_send = time.monotonic()
 
     def send_tensor(self, z: np.ndarray, *, key: str = "", label: int | None = None, mode: int | None = None,
@@ -291,17 +296,33 @@ class Agent:
         sock = self._sock
         if sock is None:
             raise AgentError("not connected")
-        if sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
-            while sock.get(zmq.EVENTS) & zmq.POLLIN:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-                self._last_recv = time.monotonic()
-                try:
-                    msg = P.parse(parts, self._limits)
-                except ProtocolError as e:  # the server sent garbage: tell it, and keep going
-                    self.connection_errors.append((e.code.name, f"bad message from server: {e.message}"))
-                    continue
-                self._dispatch(msg)
+        if not sock.getsockopt(_EVENTS) & _POLLIN:
+            # Nothing queued: a blocking receive with a timeout (cheaper than poll + receive).
+            ms = max(0, int(timeout_s * 1000))
+            if ms == 0:
+                self._check_timeouts()
+                return
+            if ms != self._rcvtimeo:
+                sock.setsockopt(_RCVTIMEO, ms)
+                self._rcvtimeo = ms
+            try:
+                parts = sock.recv_multipart()
+            except zmq.Again:
+                self._check_timeouts()
+                return
+            self._handle(parts)
+        while sock.getsockopt(_EVENTS) & _POLLIN:
+            self._handle(sock.recv_multipart(_NOBLOCK))
         self._check_timeouts()
+
+    def _handle(self, parts: list) -> None:
+        self._last_recv = time.monotonic()
+        try:
+            msg = P.parse(parts, self._limits)
+        except ProtocolError as e:  # the server sent garbage: note it and keep going
+            self.connection_errors.append((e.code.name, f"bad message from server: {e.message}"))
+            return
+        self._dispatch(msg)
 
     def _dispatch(self, msg: P.Message) -> None:
         h = msg.header

@@ -2,13 +2,16 @@
 
 Threads and sockets (a pyzmq socket never leaves the thread that made it):
 
-- **I/O thread** owns the ROUTER socket and the PULL end of an inproc pipe. It receives and
+- **I/O thread** owns the ROUTER socket and the PULL end of an inproc wake-up pipe. It receives and
   validates every message, answers handshakes, heartbeats and errors itself, queues valid
   requests in the :class:`~edgesplit.server.batcher.Batcher`, and forwards finished replies from
   the pipe to the ROUTER. It never runs a model, so a slow tail never delays ingress.
 - **compute thread** owns the PUSH end of the pipe. It takes due batches from the batcher,
-  dequantizes each request straight into one stacked array, runs the tail once, and pushes one
-  reply per request (``[identity, header, logits]``) into the pipe.
+  dequantizes each request straight into one stacked array, runs the tail once, appends one
+  reply per request (``[identity, header, logits]``) to a deque and then sends one empty
+  message down the pipe to wake the I/O thread: one socket call per batch, not three per reply
+  (every pyzmq call drops and retakes the GIL, and two threads trading the GIL on each frame
+  cost more than the work itself).
 
 Every failure is answered with an error message carrying a code; nothing a peer sends can stop
 the daemon. SIGINT/SIGTERM (or :meth:`Server.stop`) drain: new requests get SHUTTING_DOWN,
@@ -30,7 +33,7 @@ import socket as _socket
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -46,6 +49,9 @@ from ..wire.transport import bind_router, context
 from .batcher import Batcher, Item
 
 log = logging.getLogger("edgesplit.server")
+
+# Plain ints: pyzmq's enum constants cost an enum construction per use on the hot path.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 @dataclass
@@ -165,6 +171,7 @@ class Server:
         self._io_thread: threading.Thread | None = None
         self._compute_thread: threading.Thread | None = None
         self._pipe = f"inproc://edgesplit-server-{id(self):x}"
+        self._replies: deque[list] = deque()  # compute thread appends, I/O thread pops
         self._codecs = codec.supported_codecs()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -243,8 +250,8 @@ class Server:
                     self._forward_replies(router, pull)
                 if router in events:
                     for _ in range(1024):  # bounded, so replies keep flowing under a flood
-                        self._on_message(router, router.recv_multipart(zmq.NOBLOCK), draining)
-                        if not router.get(zmq.EVENTS) & zmq.POLLIN:
+                        self._on_message(router, router.recv_multipart(_NOBLOCK), draining)
+                        if not router.getsockopt(_EVENTS) & _POLLIN:
                             break
                 now = time.monotonic()
                 if now >= next_housekeeping:
@@ -273,7 +280,7 @@ class Server:
 
     def _send(self, router: zmq.Socket, identity: bytes, header: dict, frames: Sequence = ()) -> bool:
         try:
-            router.send_multipart([identity, *P.pack(header, frames)], zmq.NOBLOCK, copy=False)
+            router.send_multipart([identity, *P.pack(header, frames)], _NOBLOCK, copy=False)
             return True
         except zmq.ZMQError as e:
             self._peer_unreachable(identity, e)
@@ -291,14 +298,17 @@ class Server:
         self._send(router, identity, P.error(req_id, code, message))
 
     def _forward_replies(self, router: zmq.Socket, pull: zmq.Socket) -> None:
-        while pull.get(zmq.EVENTS) & zmq.POLLIN:
-            parts = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            identity = parts[0].bytes
+        while pull.getsockopt(_EVENTS) & _POLLIN:  # wake-up signals: one per batch
+            pull.recv(_NOBLOCK)
+        replies = self._replies
+        while replies:
+            parts = replies.popleft()
+            identity = parts[0]
             s = self.sessions.get(identity)
             if s is not None and s.inflight > 0:
                 s.inflight -= 1
             try:
-                router.send_multipart(parts, zmq.NOBLOCK, copy=False)
+                router.send_multipart(parts, _NOBLOCK, copy=False)
             except zmq.ZMQError as e:
                 self._peer_unreachable(identity, e)
 
@@ -407,28 +417,29 @@ class Server:
                 if batch is None:
                     return
                 try:
-                    self._run_batch(push, batch)
+                    self._run_batch(batch)
                 except Exception as e:  # never let one batch kill the daemon
                     log.exception("batch failed")
                     for it in batch:
-                        self._push_error(push, it, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+                        self._push_error(it, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+                push.send(b"")  # wake the I/O thread: this batch's replies are in the deque
         finally:
             push.close(1000)
 
-    def _push(self, push: zmq.Socket, identity: bytes, header: dict, frames: Sequence = ()) -> None:
-        push.send_multipart([identity, *P.pack(header, frames)], copy=False)
+    def _push(self, identity: bytes, header: dict, frames: Sequence = ()) -> None:
+        self._replies.append([identity, *P.pack(header, frames)])
 
-    def _push_error(self, push: zmq.Socket, it: Item, code: ErrorCode, message: str) -> None:
+    def _push_error(self, it: Item, code: ErrorCode, message: str) -> None:
         self._ccounters[f"error_{code.name}"] += 1
-        self._push(push, it.identity, P.error(it.req_id, code, message))
+        self._push(it.identity, P.error(it.req_id, code, message))
 
-    def _run_batch(self, push: zmq.Socket, batch: list[Item]) -> None:
+    def _run_batch(self, batch: list[Item]) -> None:
         t0 = time.perf_counter_ns()
         live = []
         for it in batch:
             if it.deadline_ns is not None and t0 >= it.deadline_ns:
                 late = (t0 - it.deadline_ns) / 1e6
-                self._push_error(push, it, ErrorCode.DEADLINE_EXCEEDED,
+                self._push_error(it, ErrorCode.DEADLINE_EXCEEDED,
                                  f"deadline passed {late:.3f} ms before compute could start (queued {(t0 - it.t_recv_ns) / 1e6:.3f} ms)")
             else:
                 live.append(it)
@@ -440,7 +451,7 @@ class Server:
         except Exception as e:
             log.exception("tail failed")
             for it in live:
-                self._push_error(push, it, ErrorCode.INTERNAL, f"tail failed: {type(e).__name__}: {e}")
+                self._push_error(it, ErrorCode.INTERNAL, f"tail failed: {type(e).__name__}: {e}")
             return
         t1 = time.perf_counter_ns()
         self.batcher.note_compute(live[0].key, (t1 - t0) / 1e9)
@@ -450,7 +461,7 @@ class Server:
         self._ccounters["rows"] += rows
         for i, it in enumerate(live):
             if i in errors:
-                self._push_error(push, it, errors[i].code, errors[i].message)
+                self._push_error(it, errors[i].code, errors[i].message)
                 continue
             r = offsets[i]
             out = logits[r] if it.single else logits[r: r + it.rows]
@@ -458,7 +469,7 @@ class Server:
             t_reply = time.perf_counter_ns()
             header = P.result(it.req_id, [desc], queue_us=(t0 - it.t_recv_ns) / 1e3, compute_us=compute_us,
                               batch_size=rows, server_us=(t_reply - it.t_recv_ns) / 1e3, t_send_ns=it.t_send_ns)
-            self._push(push, it.identity, header, [payload])
+            self._push(it.identity, header, [payload])
             self._ccounters["results"] += 1
 
 

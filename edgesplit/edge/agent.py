@@ -215,8 +215,12 @@ class Agent:
                     deadline_ms: float | None = None, head_ms: float = 0.0) -> int:
         """Encode a head output (``[C,h,w]`` or ``[N,C,h,w]``) and send it, waiting first while the
         window is full. Returns the request id. The result comes from :meth:`poll`/:meth:`results`."""
-        if self._sock is None or (self.welcome is None and not self._handshaking):
+        if self._sock is None:
             raise AgentError("not connected: call connect() first")
+        if self.welcome is None and not self._handshaking:
+            # The server said bye (restart, shutdown): handshake again; this request goes out
+            # after welcome, or ends as TIMEOUT if no server answers.
+            self._send_hello()
         while len(self._pending) >= self.window:
             self._pump(self._wait_budget())
         m = self.mode if mode is None else self.bundle.mode(mode)

@@ -401,6 +401,7 @@ def test_agent_cli_never_imports_torch(server, tiny_bundle, tmp_path):
     frames, summary = lines[:-1], lines[-1]["summary"]
     assert len(frames) == 12 and all(f["pred"] is not None and f["label"] is not None for f in frames)
     assert summary["frames"] == 12 and summary["ok"] == 12 and summary["rtt_ms_p50"] > 0
+    assert summary["torch_loaded"] is False
     assert "accuracy" in r.stdout
 
 

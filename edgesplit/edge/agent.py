@@ -511,6 +511,8 @@ def agent_main(args_list: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     agent.close()
     summary = summarize(results, wall)
+    # the edge plane must not pull torch in: report it, so benchmarks and CI can check
+    summary["torch_loaded"] = any(m == "torch" or m.startswith("torch.") for m in sys.modules)
     if out is not None:
         out.write(json.dumps({"summary": summary}) + "\n")
         if out is not sys.stdout:

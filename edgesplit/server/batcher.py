@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Hashable
 
 INF = float("inf")
@@ -42,7 +42,7 @@ class Item:
     t_recv_ns: int             # time.perf_counter_ns() when the I/O thread received it
     deadline_ns: int | None = None
     t_send_ns: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    answered: bool = False     # set by the compute thread once a reply is queued
 
 
 class _KeyQueue:

@@ -168,6 +168,7 @@ class Server:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self.failed = False  # set when a server thread died of a bug (serve_main then exits 1)
         self._io_thread: threading.Thread | None = None
         self._compute_thread: threading.Thread | None = None
         self._pipe = f"inproc://edgesplit-server-{id(self):x}"
@@ -257,6 +258,10 @@ class Server:
                 if now >= next_housekeeping:
                     self._housekeeping(router, now)
                     next_housekeeping = now + housekeeping_s
+                if not draining and not self._compute_thread.is_alive():  # only a bug gets here
+                    log.error("compute thread died; shutting down")
+                    self.failed = True
+                    self._stop.set()
                 if self._stop.is_set() and not draining:
                     draining = True
                     log.info("draining: %d queued requests", len(self.batcher))
@@ -268,6 +273,7 @@ class Server:
                     break
         except BaseException:  # pragma: no cover - a bug; keep the traceback in the log
             log.exception("I/O thread failed")
+            self.failed = True
             self.batcher.close()
             raise
         finally:
@@ -413,7 +419,7 @@ class Server:
         push.connect(self._pipe)
         try:
             while True:
-                batch = self.batcher.next_batch()
+                batch = self.batcher.next_batch()  # None: closed and drained
                 if batch is None:
                     return
                 try:
@@ -421,7 +427,8 @@ class Server:
                 except Exception as e:  # never let one batch kill the daemon
                     log.exception("batch failed")
                     for it in batch:
-                        self._push_error(it, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+                        if not it.answered:
+                            self._push_error(it, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
                 push.send(b"")  # wake the I/O thread: this batch's replies are in the deque
         finally:
             push.close(1000)
@@ -432,6 +439,7 @@ class Server:
     def _push_error(self, it: Item, code: ErrorCode, message: str) -> None:
         self._ccounters[f"error_{code.name}"] += 1
         self._push(it.identity, P.error(it.req_id, code, message))
+        it.answered = True
 
     def _run_batch(self, batch: list[Item]) -> None:
         t0 = time.perf_counter_ns()
@@ -470,6 +478,7 @@ class Server:
             header = P.result(it.req_id, [desc], queue_us=(t0 - it.t_recv_ns) / 1e3, compute_us=compute_us,
                               batch_size=rows, server_us=(t_reply - it.t_recv_ns) / 1e3, t_send_ns=it.t_send_ns)
             self._push(it.identity, header, [payload])
+            it.answered = True
             self._ccounters["results"] += 1
 
 
@@ -535,7 +544,7 @@ def serve_main(args_list: list[str] | None = None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     server.stop()
-    return 0
+    return 1 if server.failed else 0
 
 
 if __name__ == "__main__":

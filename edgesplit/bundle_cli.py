@@ -1,0 +1,122 @@
+"""``edgesplit inspect BUNDLE``: verify a bundle (every file against its manifest hash) and print
+what it holds: identity, input spec, wire tensor, the modes table, files and export checks.
+
+Exit status 0 when the bundle verifies, 1 (with the reason, no traceback) when it does not.
+Edge plane: imports neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+from typing import Any
+
+from .bundle import Bundle, BundleError
+
+
+def summarize(b: Bundle) -> dict[str, Any]:
+    """The facts ``inspect`` reports, as plain JSON-able data."""
+    m = b.manifest
+    files = []
+    for role, entry in m["files"].items():
+        path = b.root / entry["path"]
+        files.append({"role": role, "path": entry["path"], "bytes": path.stat().st_size, "sha256": entry["sha256"]})
+    modes = []
+    default_id = b.default_mode.id
+    for mode, raw in zip(b.modes, m["modes"]):
+        modes.append({
+            "id": mode.id, "name": mode.name, "channels": mode.channels, "bits": mode.bits,
+            "bytes_per_frame": mode.bytes_per_frame, "accuracy": mode.accuracy, "head_ms": dict(mode.head_ms),
+            "scale": mode.scale, "zero_point": mode.zero_point, "default": mode.id == default_id,
+            **({"accuracy_source": raw["accuracy_source"]} if "accuracy_source" in raw else {}),
+        })
+    return {
+        "bundle": str(b.root),
+        "verified": True,
+        "name": b.name,
+        "family": b.family,
+        "hash": b.hash,
+        "schema_version": m["schema_version"],
+        "description": m.get("description", ""),
+        "classes": len(b.classes),
+        "input": b.input_spec,
+        "wire": b.wire_spec,
+        "default_mode": default_id,
+        "modes": modes,
+        "files": files,
+        "total_bytes": sum(f["bytes"] for f in files),
+        "export_checks": m.get("export", {}).get("checks", {}),
+        "teacher_accuracy": m.get("teacher_accuracy"),
+        "tools": m.get("tools", {}),
+    }
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover - the loop always returns
+
+
+def render(s: dict[str, Any]) -> str:
+    inp, wire = s["input"], s["wire"]
+    lines = [
+        f"bundle   {s['bundle']}  (verified: every file matches its sha256)",
+        f"name     {s['name']}",
+        f"family   {s['family']}",
+        f"hash     {s['hash']}",
+        f"classes  {s['classes']}",
+        f"input    shape {inp.get('shape')}  resize {inp.get('resize')}  mean {inp.get('mean')}  std {inp.get('std')}",
+        f"wire     '{wire.get('name')}' shape {wire.get('shape')} {wire.get('dtype', '')}".rstrip(),
+    ]
+    if s.get("teacher_accuracy") is not None:
+        lines.append(f"teacher  accuracy {s['teacher_accuracy']:.4f} (reference model, full.onnx)")
+    lines += ["", "modes", f"  {'id':>3}  {'name':<12} {'channels':>8} {'bits':>4} {'bytes/frame':>11} {'accuracy':>8}  head ms"]
+    for md in s["modes"]:
+        head = ", ".join(f"{v:.3f} ({k})" for k, v in md["head_ms"].items()) or "-"
+        mark = " *" if md["default"] else ""
+        lines.append(f"  {md['id']:>3}  {md['name'] + mark:<12} {md['channels']:>8} {md['bits']:>4} "
+                     f"{md['bytes_per_frame']:>11.0f} {_fmt(md['accuracy'], '8.4f'):>8}  {head}")
+    lines.append("  (* = default mode)")
+    lines += ["", "files"]
+    for f in s["files"]:
+        lines.append(f"  {f['role']:<10} {f['path']:<16} {f['bytes']:>10} B  ({_size(f['bytes'])})  sha256 {f['sha256'][:16]}...")
+    lines.append(f"  {'total':<10} {'':<16} {s['total_bytes']:>10} B  ({_size(s['total_bytes'])})")
+    lines += ["", "export checks (ONNX Runtime vs torch)"]
+    if not s["export_checks"]:
+        lines.append("  none recorded")
+    for graph, c in s["export_checks"].items():
+        agree = f"  top1_agreement {c['top1_agreement']:.4f}" if "top1_agreement" in c else ""
+        lines.append(f"  {graph:<5} max_abs_diff {_fmt(c.get('max_abs_diff'), '.3g')}  max_rel_diff "
+                     f"{_fmt(c.get('max_rel_diff'), '.3g')}{agree}  frames {c.get('frames', '-')}")
+    return "\n".join(lines)
+
+
+def inspect_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="edgesplit inspect", description="Verify a bundle (sha256 of every file) "
+                                "and print its manifest summary. Exit status 1 when verification fails.")
+    p.add_argument("bundle", help="bundle directory, or a .tar / .tar.gz of one")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a = p.parse_args(argv)
+    try:
+        b = Bundle.load(a.bundle, verify=True)
+        s = summarize(b)
+    except BundleError as e:
+        print(f"edgesplit inspect: {e}", file=sys.stderr)
+        return 1
+    except (OSError, tarfile.TarError, EOFError) as e:  # an unreadable path or a truncated tar
+        print(f"edgesplit inspect: cannot read bundle {a.bundle}: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        json.dump(s, sys.stdout, indent=2)
+        print()
+    else:
+        print(render(s))
+    return 0

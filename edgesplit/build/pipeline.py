@@ -80,10 +80,12 @@ def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_sh
         teacher = create_model(r.teacher.arch, nc).to(dev).to(memory_format=torch.channels_last)
     if teacher_path.exists():
         teacher.load_state_dict(torch.load(teacher_path, map_location=dev, weights_only=True))
-    elif r.teacher.train is not None:
-        tc = vars(r.teacher.train)
-        train_classifier(teacher, tc, loader(tc["batch"], True), dev, run_dir, log,
-                         lambda: evaluate(teacher.eval(), eval_loader, dev))
+    else:
+        if r.teacher.train is not None:
+            tc = vars(r.teacher.train)
+            train_classifier(teacher, tc, loader(tc["batch"], True), dev, run_dir, log,
+                             lambda: evaluate(teacher.eval(), eval_loader, dev))
+        # Always leave teacher.pt, also for a pretrained teacher used as it is: export reads it.
         torch.save(teacher.state_dict(), teacher_path)
     teacher.eval()
     for p in teacher.parameters():

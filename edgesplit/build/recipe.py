@@ -128,9 +128,11 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError("teacher.train: required when teacher.init is 'scratch'")
     if r.augment not in ("crop_flip", "rrc_flip"):
         raise RecipeError("augment: must be 'crop_flip' or 'rrc_flip'")
-    bad = [b for b in r.mode_bits + [r.split.train_bits] if b not in (2, 4, 6, 8)]
-    if bad:
-        raise RecipeError(f"bits must be one of 2, 4, 6, 8 (got {bad})")
+    bad = [b for b in r.mode_bits if b not in (2, 4, 6, 8)]
+    if bad or not r.mode_bits:
+        raise RecipeError(f"mode_bits: each must be one of 2, 4, 6, 8 (got {r.mode_bits})")
+    if r.split.train_bits not in (2, 4, 6, 8):
+        raise RecipeError(f"split.train_bits: must be one of 2, 4, 6, 8 (got {r.split.train_bits})")
     if r.default_bits not in r.mode_bits:
         raise RecipeError("default_bits: must be one of mode_bits")
     return r

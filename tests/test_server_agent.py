@@ -481,3 +481,30 @@ def test_run_records_server_errors_per_frame(server, multi_bundle, cifar_samples
     assert len(results) == 6 and all(r.error == "DEADLINE_EXCEEDED" and r.error_code == 8 for r in results)
     s = summarize(results)
     assert s["ok"] == 0 and s["errors"] == {"DEADLINE_EXCEEDED": 6} and s["accuracy"] is None
+
+
+def test_internal_error_when_the_tail_fails_and_serving_continues(tiny_bundle, tmp_path):
+    # The same tail with its batch axis fixed to 1: a batch of 2 makes ONNX Runtime fail.
+    import onnx
+
+    root = tmp_path / "fixed-batch"
+    bundle = variant_bundle(tiny_bundle, root, tiny_bundle.manifest["modes"], "fixed-batch")
+    model = onnx.load(str(bundle.file("tail")))
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(root / bundle.file("tail").name))
+    manifest = json.loads(json.dumps(bundle.manifest))
+    write_manifest(root, manifest)
+    bundle = Bundle.load(root)
+    with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_batch=2, max_queue_delay_us=300_000) as srv:
+        c = RawClient(srv.endpoint)
+        c.hello(bundle)
+        c.request(bundle, 1)
+        c.request(bundle, 2)
+        msgs = [c.recv() for _ in range(2)]
+        assert sorted(m.id for m in msgs) == [1, 2]
+        assert all(m.kind == "error" and m.header["code"] == ErrorCode.INTERNAL for m in msgs)
+        c.request(bundle, 3, deadline_ms=50)  # alone in its batch: served
+        m = c.recv()
+        assert m.kind == "result" and m.id == 3
+        c.close()

@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": "server and agent on loopback with a shipped bundle, then a summary table",
     "bench": "benchmarks with --json output (e2e)",
     "inspect": "verify a bundle and print its manifest summary",
+    "zoo": "list the model zoo, or report a checkpoint's accuracy on real data (build plane)",
 }
 
 
@@ -64,6 +65,7 @@ HANDLERS = {
     "demo": _delegate("edgesplit.demo", "demo_main"),
     "bench": _delegate("edgesplit.bench", "bench_main"),
     "inspect": _delegate("edgesplit.bundle_cli", "inspect_main"),
+    "zoo": _delegate("edgesplit.build.zoo_cli", "zoo_main"),
 }
 
 

@@ -105,8 +105,17 @@ def host_profile_name() -> str:
     return f"{platform.machine()}-cpu"
 
 
+def export_torch_tail(tail: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Save the tail as a torch.export program (graph + weights, no pickled code) for the server's
+    torch backend; the batch axis stays dynamic."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    prog = torch.export.export(tail.eval(), (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(prog, str(path))
+
+
 def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | None = None,
-                  check_frames: int = 256, weights: str = "fp16", teacher_path: str | Path | None = None) -> Bundle:
+                  check_frames: int = 256, weights: str = "fp16", teacher_path: str | Path | None = None,
+                  torch_tail: bool = False) -> Bundle:
     student_path = Path(student_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +138,10 @@ def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | Non
     if weights == "fp16":
         for f in ("head.onnx", "tail.onnx", "full.onnx"):
             store_weights_fp16(out / f)
+    files = {"head": {"path": "head.onnx"}, "tail": {"path": "tail.onnx"}, "full": {"path": "full.onnx", "model": "teacher"}}
+    if torch_tail:
+        export_torch_tail(tail, ex_z, out / "tail.pt2")
+        files["tail_torch"] = {"path": "tail.pt2"}
 
     input_spec = {"shape": [3, side, side], "layout": "NCHW", "dtype": "float32", "color": "RGB",
                   "resize": side, "mean": list(MEAN), "std": list(STD)}
@@ -168,7 +181,7 @@ def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | Non
                  "quantization": "affine per tensor, parameters per mode"},
         "modes": modes,
         "default_mode": default,
-        "files": {"head": {"path": "head.onnx"}, "tail": {"path": "tail.onnx"}, "full": {"path": "full.onnx", "model": "teacher"}},
+        "files": files,
         "model": {"arch": cfg.arch, "split_at": cfg.split_at, "config": cfg.to_dict()},
         "teacher_accuracy": results["teacher_accuracy"],
         "export": {"opset": OPSET, "weights": weights, "checks": checks, "check_source": f"{recipe['dataset']}:{recipe['eval_split']}"},
@@ -200,8 +213,9 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--teacher", default=None, help="teacher weights (default: teacher.pt beside the student)")
     p.add_argument("--check-frames", type=int, default=256, help="real images used to check ONNX against torch")
     p.add_argument("--weights", choices=("fp16", "fp32"), default="fp16", help="how weights are stored in the ONNX files")
+    p.add_argument("--torch-tail", action="store_true", help="also write tail.pt2 (torch.export) for 'serve --backend torch'")
     a = p.parse_args(argv)
-    b = export_bundle(a.student, a.out, a.name, a.check_frames, a.weights, a.teacher)
+    b = export_bundle(a.student, a.out, a.name, a.check_frames, a.weights, a.teacher, a.torch_tail)
     m = b.manifest
     print(json.dumps({"bundle": str(b.root), "hash": b.hash, "checks": m["export"]["checks"],
                       "modes": [(x["name"], x["bytes_per_frame"], x["accuracy"]) for x in m["modes"]]}, indent=2))

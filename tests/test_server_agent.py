@@ -150,14 +150,14 @@ def test_modes_channel_subsets_bits_and_codecs(server, multi_bundle, cifar_sampl
 
 
 def test_batching_and_per_request_replies(tiny_bundle):
-    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=300_000) as srv:
+    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=3_000_000) as srv:
         c = RawClient(srv.endpoint)
         c.hello(tiny_bundle)
         t0 = time.monotonic()
-        for rid in range(1, 9):  # 8 requests = max_batch: dispatched at once, not after 300 ms
+        for rid in range(1, 9):  # 8 requests = max_batch: dispatched at once, not after 3 s
             c.request(tiny_bundle, rid)
         msgs = [c.recv() for _ in range(8)]
-        assert time.monotonic() - t0 < 0.25
+        assert time.monotonic() - t0 < 1.5
         assert sorted(m.id for m in msgs) == list(range(1, 9))
         assert all(m.kind == "result" and m.header["timing"]["batch_size"] == 8 for m in msgs)
         # a 4-D request is several rows: replies [n, K]
@@ -356,7 +356,7 @@ def _env():
 
 def test_sigterm_drains_and_exits_cleanly(tiny_bundle):
     p = subprocess.Popen([sys.executable, "-m", "edgesplit.server.daemon", "--bundle", str(tiny_bundle.root),
-                          "--bind", "tcp://127.0.0.1:0", "--threads", "1", "--max-queue-delay-us", "400000",
+                          "--bind", "tcp://127.0.0.1:0", "--threads", "1", "--max-queue-delay-us", "5000000",
                           "--log-level", "WARNING"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
     try:
@@ -367,7 +367,8 @@ def test_sigterm_drains_and_exits_cleanly(tiny_bundle):
         c.hello(tiny_bundle)
         for rid in (1, 2, 3):
             c.request(tiny_bundle, rid)
-        time.sleep(0.1)  # queued, waiting for the 400 ms batch delay
+        c.send(P.pack(P.ping(1)))  # one connection is handled in order: the pong means all 3 are queued
+        assert c.recv().kind == "pong"
         p.send_signal(signal.SIGTERM)
         msgs = [c.recv(timeout=10) for _ in range(4)]
         assert sorted(m.id for m in msgs[:3]) == [1, 2, 3] and all(m.kind == "result" for m in msgs[:3])
@@ -428,7 +429,7 @@ def test_batcher_rules():
     assert len(first) == 4 and all(i.key == "a" for i in first)
     t0 = time.monotonic()
     second = b.next_batch(timeout=1)  # then the oldest due key after the 50 ms delay
-    assert 0.02 < time.monotonic() - t0 < 0.5 and len(second) == 1
+    assert 0.02 < time.monotonic() - t0 < 1.0 and len(second) == 1
     assert len(b.next_batch(timeout=1)) == 1 and len(b) == 0
     assert b.next_batch(timeout=0.01) is None  # nothing queued
     # a deadline pulls the flush forward

@@ -1,0 +1,64 @@
+"""The bundles the project ships in models/: they verify, stay small, run end to end with ONNX
+Runtime, and their manifests' accuracies hold on a fresh slice of real test data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgesplit.bench.evaluate import evaluate_bundle
+from edgesplit.bundle import Bundle
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+SHIPPED = {
+    "cifar10-resnet20-bottlefit": ("cifar10:test", 512),  # (eval data, wire-bytes budget of the issue)
+    "imagenette-resnet18-bottlefit": ("imagenette:val", 1000),
+}
+
+
+def _require_data(source: str) -> None:
+    from edgesplit.data.sources import SourceError, dataset_shards
+
+    name, split = source.split(":")
+    try:
+        dataset_shards(name, split)
+    except SourceError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_bundle_verifies_and_is_small(name):
+    b = Bundle.load(MODELS / name)  # re-hashes every file
+    size = sum(f.stat().st_size for f in b.root.iterdir() if f.is_file())
+    assert size < 8 * 2**20, f"{name} is {size / 2**20:.1f} MiB: shipped bundles stay a few MB"
+    assert b.family == "bottlefit" and len(b.classes) == 10
+    default = b.default_mode
+    assert default.bytes_per_frame <= SHIPPED[name][1]
+    checks = b.manifest["export"]["checks"]
+    assert checks["tail"]["top1_agreement"] >= 0.99 and checks["full"]["top1_agreement"] >= 0.99
+    assert checks["head"]["max_rel_diff"] < 1e-2
+    # every mode's table entry is complete and measured
+    for m in b.modes:
+        assert m.accuracy is not None and 0.1 < m.accuracy <= 1.0
+        assert m.head_ms and all(v > 0 for v in m.head_ms.values())
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_bundle_accuracy_holds_on_real_frames(name):
+    source, _ = SHIPPED[name]
+    _require_data(source)
+    b = Bundle.load(MODELS / name)
+    n = 300
+    res = evaluate_bundle(b, source, frames=n, jpeg_frames=None, threads=1, jpeg_grid=False)
+    assert res["frames"] == n
+    for m in res["modes"]:
+        recorded = b.mode(m["id"]).accuracy
+        # the manifest was measured on the whole test split; a 300-frame slice varies binomially
+        sigma = math.sqrt(recorded * (1 - recorded) / n)
+        assert abs(m["accuracy"] - recorded) < 4 * sigma + 0.02, (m, recorded)
+    assert res["teacher_accuracy"] > 0.5
+    assert res["bytes_per_frame"] == b.default_mode.bytes_per_frame

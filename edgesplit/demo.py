@@ -44,6 +44,16 @@ def start_server_process(bundles: list[str], port: int, extra: list[str] | None 
     return proc
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM (the daemon drains and exits), then SIGKILL if it does not within ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def percentiles(values: list[float]) -> tuple[float, float]:
     a = np.asarray([v for v in values if v is not None], np.float64)
     return (float(np.percentile(a, 50)), float(np.percentile(a, 95))) if a.size else (float("nan"), float("nan"))
@@ -76,11 +86,7 @@ def run_demo(bundle_path: Path, source: str | None, frames: int, mode: int | Non
         wall = time.perf_counter() - t0
         agent.close()
     finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
     ok = [r for r in results if r.ok]
     labelled = [r for r in ok if r.label is not None]
     jpeg = [len(s.data) for s in samples]

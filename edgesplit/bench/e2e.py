@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from ..bundle import Bundle
-from ..demo import DEFAULT_BUNDLE, DEFAULT_SOURCES, free_port, start_server_process
+from ..demo import DEFAULT_SOURCES, free_port, start_server_process, stop_process
 
 _ECHO = r"""
 import sys, zmq
@@ -78,11 +78,7 @@ def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: i
         if agent.returncode != 0:
             raise RuntimeError(f"agent failed ({agent.returncode}): {agent.stderr[-2000:]}")
     finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
     recs = [json.loads(l) for l in lines_path.read_text().splitlines() if l.strip()]
     lines_path.unlink()
     summary = next((r["summary"] for r in recs if "summary" in r), {})

@@ -25,15 +25,19 @@ class TensorSpec:
 
 
 class Engine(ABC):
+    """Backends set ``self._inputs`` / ``self._outputs`` (lists of :class:`TensorSpec`) when built."""
+
     backend: str = "?"
+    _inputs: list[TensorSpec]
+    _outputs: list[TensorSpec]
 
     @property
-    @abstractmethod
-    def inputs(self) -> list[TensorSpec]: ...
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
 
     @property
-    @abstractmethod
-    def outputs(self) -> list[TensorSpec]: ...
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -41,14 +41,6 @@ class OrtEngine(Engine):
         self._out_names = [o.name for o in self._outputs]
         self.path = Path(path)
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             outs = self._sess.run(self._out_names, feeds)

@@ -39,14 +39,6 @@ class TorchEngine(Engine):
         self._outputs = [TensorSpec(n, (), "float32") for n in outs]
         self.path = Path(path)
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])).to(self.device, non_blocking=True) for s in self._inputs]

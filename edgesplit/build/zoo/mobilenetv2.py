@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .staged import StagedModel
+
 
 def conv_bn(cin: int, cout: int, k: int, stride: int, groups: int = 1, act: bool = True) -> nn.Sequential:
     layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
@@ -37,7 +39,7 @@ _STAGES = {
 }
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(StagedModel):
     stage_names = ("stem", "layer1", "layer2", "layer3", "layer4", "classifier")
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0):
@@ -61,8 +63,3 @@ class MobileNetV2(nn.Module):
             x = F.adaptive_avg_pool2d(self.last(x), 1)
             return self.fc(self.dropout(torch.flatten(x, 1)))
         return getattr(self, name)(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for s in self.stage_names:
-            x = self.run_stage(s, x)
-        return x

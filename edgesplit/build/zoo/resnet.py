@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .staged import StagedModel
+
 
 class Block(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
@@ -24,7 +26,7 @@ class Block(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-class ResNet(nn.Module):
+class ResNet(StagedModel):
     stage_names = ("stem", "layer1", "layer2", "layer3", "layer4", "classifier")
 
     def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 1000, width: int = 64):
@@ -54,8 +56,3 @@ class ResNet(nn.Module):
         if name == "classifier":
             return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
         return getattr(self, name)(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for s in self.stage_names:
-            x = self.run_stage(s, x)
-        return x

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .staged import StagedModel
+
 
 class PadShortcut(nn.Module):
     """Option-A shortcut: subsample by 2 and zero-pad channels; no parameters."""
@@ -38,7 +40,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(StagedModel):
     """conv3x3 -> 3 stages of n BasicBlocks (16/32/64 channels) -> global pool -> linear."""
 
     stage_names = ("stem", "layer1", "layer2", "layer3", "classifier")
@@ -69,8 +71,3 @@ class CifarResNet(nn.Module):
         if name == "classifier":
             return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
         return getattr(self, name)(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for s in self.stage_names:
-            x = self.run_stage(s, x)
-        return x

@@ -1,0 +1,409 @@
+"""Mode policies: per frame, which mode to send (or a local fallback), from what the agent knows.
+
+The same objects run in the live agent and in the simulator (:mod:`edgesplit.control.simulator`):
+both call ``choose(FrameState)`` once per frame and ``observe(Feedback)`` once per result, in the
+order results arrive. Nothing in a policy knows whether it is simulated, except
+:class:`OraclePolicy`, whose whole point is to know the trace.
+
+Predicted end-to-end latency of mode *m* (:meth:`EstimatingPolicy.predict_ms`):
+
+    head_ms(m, device) + encode_ms + backlog_ms + 8 * (bytes(m) + overhead) / bandwidth
+      + server_ms + base_rtt_ms
+
+* ``bandwidth``: the policy's :class:`~edgesplit.control.estimator.BandwidthEstimator`, fed
+  with uplink transmission times (:class:`~edgesplit.control.estimator.LinkSampler`);
+* ``server_ms``: EWMA of the server's reported queue + compute time;
+* ``encode_ms``: EWMA of the agent's measured encode time;
+* ``base_rtt_ms``: the fixed round-trip term (propagation both ways and the small result's
+  return), given to the policy's constructor and updated by :class:`FrameState` when the caller
+  knows it anew (the live agent: the smallest recent ping/pong round trip; the simulator: its
+  link model's value); the link sampler subtracts it from every report's link time;
+* ``backlog_ms`` (deadline-aware policy only): how long the uplink still needs for requests
+  already sent, by replaying the outstanding requests through a FIFO at the estimated bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .estimator import BandwidthEstimator, EwmaEstimator, HarmonicMeanEstimator, LinkSampler, ScalarEwma
+from .link import FifoLink, LinkModel
+from .modes import FALLBACK, ModeSpec, ModesTable
+
+__all__ = ["FALLBACK", "FrameState", "Feedback", "Decision", "Policy", "EstimatingPolicy", "DeadlinePolicy",
+           "AssinePolicy", "FixedPolicy", "OraclePolicy"]
+
+
+@dataclass(frozen=True)
+class FrameState:
+    """What the agent knows when a frame is captured.
+
+    ``outstanding``: the requests sent whose result has not come back, oldest first; any objects
+    with ``t_send_s`` and ``nbytes`` attributes (read-only for the policy)."""
+
+    now_s: float
+    deadline_ms: float
+    index: int = 0
+    outstanding: Sequence[Any] = ()
+    base_rtt_ms: float | None = None  # when known anew (e.g. from ping/pong); None: keep the policy's
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One request's report (the agent's FrameResult, in seconds on the agent's clock).
+    ``server_ms`` (receipt to reply, PROTOCOL.md ``timing.server_us``) is used when given, else
+    ``server_queue_ms + server_compute_ms``."""
+
+    t_send_s: float
+    t_result_s: float
+    nbytes: float
+    server_queue_ms: float = 0.0
+    server_compute_ms: float = 0.0
+    encode_ms: float | None = None
+    mode: int | None = None
+    server_ms: float | None = None
+    probe: bool = False
+
+    @property
+    def rtt_ms(self) -> float:
+        return (self.t_result_s - self.t_send_s) * 1000.0
+
+    @classmethod
+    def from_frame_result(cls, r: Any, t_send_s: float) -> "Feedback | None":
+        """From the agent's ``FrameResult`` (read by attribute name, no import) and the request's
+        send time on the agent's clock. None for a request answered by an error or never
+        answered: it carries no link sample (the agent still drops it from ``outstanding``)."""
+        if getattr(r, "error", None) is not None or getattr(r, "rtt_ms", None) is None:
+            return None
+        return cls(t_send_s=t_send_s, t_result_s=t_send_s + r.rtt_ms / 1000.0,
+                   nbytes=float(r.bytes_sent) + float(getattr(r, "header_bytes", 0) or 0),
+                   server_queue_ms=r.server_queue_ms or 0.0, server_compute_ms=r.server_compute_ms or 0.0,
+                   server_ms=getattr(r, "server_ms", None), encode_ms=getattr(r, "encode_ms", None), mode=getattr(r, "mode", None))
+
+    @property
+    def server_time_ms(self) -> float:
+        return self.server_ms if self.server_ms is not None else self.server_queue_ms + self.server_compute_ms
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``mode``: a mode id, or FALLBACK (the device runs ``full.onnx`` itself; the frame is
+    answered locally and recorded as a fallback, never dropped). ``probe_mode``: with FALLBACK,
+    a mode to send anyway as a link probe (its answer only feeds the estimator)."""
+
+    mode: int
+    predicted_ms: float
+    reason: str
+    probe_mode: int | None = None
+
+    @property
+    def fallback(self) -> bool:
+        return self.mode == FALLBACK
+
+
+class Policy(ABC):
+    """``choose`` once per frame, ``observe`` once per result (in arrival order), ``reset``
+    before reuse."""
+
+    name = "policy"
+
+    def __init__(self, modes: ModesTable):
+        self.modes = modes
+
+    @abstractmethod
+    def choose(self, state: FrameState) -> Decision: ...
+
+    def observe(self, fb: Feedback) -> None:
+        return None
+
+    def reset(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+class FixedPolicy(Policy):
+    """Always the same mode (the no-adaptation baseline; never falls back)."""
+
+    def __init__(self, modes: ModesTable, mode_id: int):
+        super().__init__(modes)
+        self.mode = modes.by_id[mode_id]
+        self.name = f"fixed:{self.mode.name}"
+
+    def choose(self, state: FrameState) -> Decision:
+        return Decision(self.mode.id, math.nan, "fixed")
+
+
+class EstimatingPolicy(Policy):
+    """Base of the policies that learn the link from feedback: a bandwidth estimator, EWMAs of
+    server and encode time, the latency prediction."""
+
+    def __init__(self, modes: ModesTable, estimator: BandwidthEstimator | None = None, *, base_rtt_ms: float = 0.0,
+                 overhead_bytes: float = 0.0, initial_bps: float | None = None, server_alpha: float = 0.2):
+        super().__init__(modes)
+        self.estimator = estimator if estimator is not None else HarmonicMeanEstimator(5)
+        self.overhead_bytes = float(overhead_bytes)
+        self.initial_bps = initial_bps
+        self.server = ScalarEwma(server_alpha)
+        self.encode = ScalarEwma(server_alpha)
+        self.sampler = LinkSampler()
+        self.initial_base_rtt_ms = float(base_rtt_ms)
+        self.base_rtt_ms = self.initial_base_rtt_ms
+
+    def observe(self, fb: Feedback) -> None:
+        tx = self.sampler.transmit_seconds(fb.t_send_s, fb.t_result_s, fb.server_time_ms / 1000.0, self.base_rtt_ms / 1000.0)
+        self.estimator.update(fb.nbytes, tx)
+        self.server.update(fb.server_time_ms)
+        if fb.encode_ms is not None:
+            self.encode.update(fb.encode_ms)
+
+    def bandwidth_bps(self) -> float | None:
+        est = self.estimator.estimate_bps()
+        return self.initial_bps if est is None else est
+
+    def predict_ms(self, mode: ModeSpec, bps: float, backlog_ms: float = 0.0) -> float:
+        return (mode.head_ms + self.encode.value + backlog_ms + 8.0 * (mode.bytes_per_frame + self.overhead_bytes) / bps * 1000.0
+                + self.server.value + self.base_rtt_ms)
+
+    def reset(self) -> None:
+        self.estimator.reset()
+        self.server.reset()
+        self.encode.reset()
+        self.sampler.reset()
+        self.base_rtt_ms = self.initial_base_rtt_ms
+
+    def _update_base_rtt(self, state: FrameState) -> None:
+        if state.base_rtt_ms is not None:
+            self.base_rtt_ms = float(state.base_rtt_ms)
+
+
+class AssinePolicy(EstimatingPolicy):
+    """Assine et al. (WoWMoM 2023) as this project compares against it: bandwidth = EWMA of
+    per-frame throughput with alpha 0.4; send the most accurate mode whose predicted latency is
+    under ``threshold`` (0.8) x deadline; when none is, the smallest mode (the scheme always
+    transmits: no local fallback). No backlog term, no hysteresis. Before the first sample: the
+    smallest mode. The latency predicted is the same model as every policy here (head + encode +
+    transmission + server + base RTT)."""
+
+    def __init__(self, modes: ModesTable, estimator: BandwidthEstimator | None = None, *, threshold: float = 0.8, **kw):
+        super().__init__(modes, estimator if estimator is not None else EwmaEstimator(alpha=0.4), **kw)
+        self.threshold = float(threshold)
+        self.name = f"assine({self.estimator.name}, {self.threshold:g}D)"
+
+    def choose(self, state: FrameState) -> Decision:
+        self._update_base_rtt(state)
+        bps = self.bandwidth_bps()
+        small = self.modes.smallest
+        if bps is None:
+            return Decision(small.id, math.nan, "no estimate yet: smallest mode")
+        limit = self.threshold * state.deadline_ms
+        for m in self.modes.ranked:
+            p = self.predict_ms(m, bps)
+            if p < limit:
+                return Decision(m.id, p, f"best under {self.threshold:g} x deadline")
+        return Decision(small.id, self.predict_ms(small, bps), "nothing fits: smallest mode")
+
+
+class DeadlinePolicy(EstimatingPolicy):
+    """The deadline-aware controller.
+
+    * **fit**: a mode fits when its predicted latency (with the uplink backlog) is at most
+      ``(1 - margin) x deadline``; the choice is the most accurate fitting mode.
+    * **hysteresis**: down at once (the current mode no longer fits); up only after
+      ``up_frames`` consecutive frames in which the same more accurate mode fits with the extra
+      margin ``up_margin`` (predicted <= ``(1 - margin - up_margin) x deadline``).
+      ``up_frames=1, up_margin=0`` turns hysteresis off.
+    * **no news is bad news**: when the oldest outstanding request is overdue (it has been out
+      longer than its bytes need at the estimated bandwidth plus the fixed terms), the bandwidth
+      used is at most its bytes over the time it has been out, so an outage is seen before any
+      result reports it.
+    * **nothing fits** (not even the smallest mode within the margin): if the local model meets
+      the deadline with the margin (``local_ms``: the measured latency of ``full.onnx`` on this
+      device), FALLBACK: a sure hit. Otherwise a fallback frame is a sure miss, so the smallest
+      mode is still sent (it may make it) unless its predicted latency exceeds ``outage_factor``
+      x max(deadline, ``local_ms``): then the link is taken for dead (an outage; sending would
+      only queue bytes that delay the frames after it) and the frame is answered by the local
+      model, FALLBACK. (``local_ms=None``: unknown, the local model is assumed late.)
+      Measured on the real Mahimahi uplinks, falling back as soon as the remote answer would come
+      after the local one (factor 1) lost 1-2 points of hit rate to short stalls that end within
+      the deadline; factor 4 keeps those and still stops sending within about a second of an
+      outage's start.
+    * **leaving FALLBACK** needs only the normal margin (a frame that may hit beats a frame that
+      cannot). While in FALLBACK with nothing outstanding, the smallest mode is also sent as a
+      probe at most every ``probe_interval_s`` (its answer only feeds the estimator), so the
+      estimate can recover after an outage (``None``: never probe).
+    """
+
+    def __init__(self, modes: ModesTable, estimator: BandwidthEstimator | None = None, *, margin: float = 0.15,
+                 up_margin: float = 0.1, up_frames: int = 5, probe_interval_s: float | None = 0.1,
+                 use_backlog: bool = True, local_ms: float | None = None, outage_factor: float = 4.0, **kw):
+        super().__init__(modes, estimator, **kw)
+        if not (0 <= margin < 1 and 0 <= up_margin < 1 - margin and up_frames >= 1 and outage_factor >= 1):
+            raise ValueError("need 0 <= margin < 1, 0 <= up_margin < 1 - margin, up_frames >= 1, outage_factor >= 1")
+        self.outage_factor = float(outage_factor)
+        self.margin, self.up_margin, self.up_frames = float(margin), float(up_margin), int(up_frames)
+        self.probe_interval_s = probe_interval_s
+        self.use_backlog = use_backlog
+        self.local_ms = None if local_ms is None else float(local_ms)
+        hyst = "off" if (self.up_frames == 1 and self.up_margin == 0) else f"K={self.up_frames},+{self.up_margin:g}"
+        self.name = f"deadline({self.estimator.name}, m={self.margin:g}, hyst {hyst})"
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.current: int | None = None
+        self._up_target: int | None = None
+        self._up_count = 0
+        self._last_probe = -math.inf
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_state()
+
+    def _effective_bps(self, state: FrameState, bps: float) -> float:
+        if not state.outstanding:
+            return bps
+        o = state.outstanding[0]
+        out_s = state.now_s - o.t_send_s - (self.base_rtt_ms + self.server.value) / 1000.0
+        if out_s > 0 and out_s > o.nbytes * 8.0 / bps:
+            return o.nbytes * 8.0 / out_s
+        return bps
+
+    def _backlog_ms(self, state: FrameState, bps: float, t_send: float) -> float:
+        if not (self.use_backlog and state.outstanding):
+            return 0.0
+        free = -math.inf
+        for o in state.outstanding:
+            free = max(free, o.t_send_s) + o.nbytes * 8.0 / bps
+        return max(0.0, free - t_send) * 1000.0
+
+    def predictions(self, state: FrameState, bps: float) -> dict[int, float]:
+        out = {}
+        for m in self.modes.modes:
+            t_send = state.now_s + (m.head_ms + self.encode.value) / 1000.0
+            out[m.id] = self.predict_ms(m, bps, self._backlog_ms(state, bps, t_send))
+        return out
+
+    def choose(self, state: FrameState) -> Decision:
+        self._update_base_rtt(state)
+        bps = self.bandwidth_bps()
+        if bps is None:
+            m = self.modes.smallest
+            self.current = m.id
+            return Decision(m.id, math.nan, "no estimate yet: smallest mode")
+        bps = self._effective_bps(state, bps)
+        pred = self.predictions(state, bps)
+        limit = (1.0 - self.margin) * state.deadline_ms
+        up_limit = (1.0 - self.margin - self.up_margin) * state.deadline_ms
+        best = next((m for m in self.modes.ranked if pred[m.id] <= limit), None)
+
+        if best is None:
+            small = self.modes.smallest
+            local = self.local_ms
+            if local is None or local > limit:  # the local model would be late too: remote is the only chance
+                if pred[small.id] <= self.outage_factor * max(state.deadline_ms, local or 0.0):
+                    self.current, self._up_target, self._up_count = small.id, None, 0
+                    return Decision(small.id, pred[small.id], "nothing fits with margin: smallest mode")
+            self.current, self._up_target, self._up_count = FALLBACK, None, 0
+            probe = None
+            if (self.probe_interval_s is not None and not state.outstanding
+                    and state.now_s - self._last_probe >= self.probe_interval_s):
+                probe = small.id
+                self._last_probe = state.now_s
+            return Decision(FALLBACK, pred[small.id], "nothing fits: local fallback", probe)
+
+        cur = self.current
+        if cur is None or cur == FALLBACK:
+            self.current, self._up_target, self._up_count = best.id, None, 0
+            return Decision(best.id, pred[best.id], "start" if cur is None else "link back: leave fallback")
+        if pred[cur] > limit:  # the current mode no longer fits: down at once
+            self.current, self._up_target, self._up_count = best.id, None, 0
+            return Decision(best.id, pred[best.id], "down: current mode does not fit")
+        cur_acc = self.modes.by_id[cur].accuracy
+        up = next((m for m in self.modes.ranked if m.accuracy > cur_acc and pred[m.id] <= up_limit), None)
+        if up is None:
+            self._up_target, self._up_count = None, 0
+            return Decision(cur, pred[cur], "hold")
+        if up.id == self._up_target:
+            self._up_count += 1
+        else:
+            self._up_target, self._up_count = up.id, 1
+        if self._up_count >= self.up_frames:
+            self.current, self._up_target, self._up_count = up.id, None, 0
+            return Decision(up.id, pred[up.id], f"up: fitted with extra margin for {self.up_frames} frames")
+        return Decision(cur, pred[cur], f"hold: up candidate {up.id} ({self._up_count}/{self.up_frames})")
+
+
+class OraclePolicy(Policy):
+    """Knows the trace, the link model and the frame schedule; decides with exact latencies.
+
+    Per frame: if not even the smallest mode can meet the deadline, FALLBACK (sending would only
+    delay later frames). Otherwise the most accurate mode *m* that meets the deadline **and** costs
+    no later frame its deadline: from the uplink state *m* leaves, and from the state the smallest
+    mode leaves, the next frames are replayed greedily (the smallest mode when it meets the
+    deadline, else not sent) until both states coincide (the uplink has drained) or
+    ``horizon_frames`` frames; *m* is taken when it reaches as many on-time frames.
+
+    Sending the smallest mode whenever it is on time maximises on-time frames (fewer bytes never
+    delay anyone, and with equal sizes, FIFO order and equal relative deadlines, accepting every
+    request that can still make it is optimal), and every choice above keeps that maximum, so the
+    oracle meets as many deadlines as any policy can when a local fallback cannot meet the
+    deadline; among those schedules it then raises accuracy greedily, frame by frame (not an
+    accuracy-optimal schedule).
+    """
+
+    def __init__(self, modes: ModesTable, link: LinkModel, frame_interval_s: float, horizon_frames: int = 600):
+        super().__init__(modes)
+        self.model = link
+        self.interval = float(frame_interval_s)
+        self.horizon = int(horizon_frames)
+        self.link = FifoLink(link)
+        self.name = "oracle"
+
+    def reset(self) -> None:
+        self.link.reset()
+
+    def _on_time(self, t: float, mode: ModeSpec, level: float, deadline_s: float) -> tuple[bool, float, float]:
+        end, _, arrival = self.link.peek(t, mode, level)
+        return arrival - t <= deadline_s, end, arrival
+
+    def _future_hits(self, t0: float, level_a: float, level_b: float, deadline_s: float) -> tuple[int, int]:
+        small, trace, hits_a, hits_b = self.modes.smallest, self.model.trace, 0, 0
+        for j in range(1, self.horizon + 1):
+            t = t0 + j * self.interval
+            free = trace.level_at(self.model.send_time(t, small))
+            if (level_a <= free and level_b <= free) or level_a == level_b:
+                break
+            ok, end, _ = self._on_time(t, small, level_a, deadline_s)
+            if ok:
+                hits_a, level_a = hits_a + 1, end
+            ok, end, _ = self._on_time(t, small, level_b, deadline_s)
+            if ok:
+                hits_b, level_b = hits_b + 1, end
+        return hits_a, hits_b
+
+    def choose(self, state: FrameState) -> Decision:
+        t, d = state.now_s, state.deadline_ms / 1000.0
+        small = self.modes.smallest
+        ok, end_small, arr = self._on_time(t, small, self.link.level, d)
+        if not ok:
+            return Decision(FALLBACK, (arr - t) * 1000.0, "smallest mode would be late: local fallback")
+        choice, why = small, "smallest mode: no more accurate one on time"
+        for m in self.modes.ranked:
+            if m.id == small.id:
+                break
+            ok, end, arr_m = self._on_time(t, m, self.link.level, d)
+            if not ok:
+                continue
+            if end != end_small:
+                mine, base = self._future_hits(t, end, end_small, d)
+                if mine < base:
+                    why = "smallest mode: a more accurate one would make a later frame late"
+                    continue
+            choice, why, arr = m, "most accurate on time, costs no later frame", arr_m
+            break
+        self.link.send(t, choice)
+        return Decision(choice.id, (arr - t) * 1000.0, why)

@@ -154,13 +154,66 @@ def test_wrong_dtype_and_shape():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("id", -1), ("id", 1.5e19), ("id", "7"), ("id", True), ("id", 1.0), ("mode", -1), ("mode", "0"),
-    ("deadline_ms", -5), ("deadline_ms", "soon"), ("deadline_ms", float("inf")), ("t_send_ns", -1),
+    ("id", -1), ("id", 1.5e19), ("id", "7"), ("id", True), ("id", 1.0), ("id", None), ("mode", -1), ("mode", "0"),
+    ("mode", 0.0), ("mode", False), ("mode", 1 << 31), ("mode", None), ("deadline_ms", -5), ("deadline_ms", "soon"),
+    ("deadline_ms", float("inf")), ("deadline_ms", float("nan")), ("deadline_ms", -0.001), ("deadline_ms", True),
+    ("t_send_ns", -1), ("t_send_ns", 1.0), ("t_send_ns", True), ("t_send_ns", "1"),
 ])
 def test_request_field_types(field, value):
     h = P.request(7, 0, [desc()])
     h[field] = value
     expect(P.pack(h, [b"\x00" * 512]), ErrorCode.MALFORMED)
+
+
+def test_request_fast_path_accepts_what_the_rules_allow():
+    for extra in ({"deadline_ms": 0}, {"deadline_ms": 0.0}, {"deadline_ms": 1e12}, {"deadline_ms": None},
+                  {"t_send_ns": 0}, {"t_send_ns": 2**64 - 1}, {"t_send_ns": None}, {"mode": (1 << 31) - 1}, {"id": 0}):
+        h = {**P.request(7, 0, [desc()]), **extra}
+        assert P.parse(P.pack(h, [b"\x00" * 512])).header == h
+
+
+@pytest.mark.parametrize("field,value", [
+    ("queue_us", -1.0), ("queue_us", "1"), ("queue_us", float("nan")), ("compute_us", True), ("server_us", None),
+    ("batch_size", 0), ("batch_size", 1.0), ("batch_size", True), ("batch_size", 1 << 32),
+])
+def test_result_timing_types(field, value):
+    d, logits = encode_float(np.arange(10, dtype=np.float32), name="logits")
+    h = P.result(3, [d], queue_us=1, compute_us=2, batch_size=1, server_us=3)
+    h["timing"][field] = value
+    expect(P.pack(h, [logits]), ErrorCode.MALFORMED, req_id=3)
+    del h["timing"][field]
+    expect(P.pack(h, [logits]), ErrorCode.MALFORMED, req_id=3)
+    h["timing"] = [1, 2]
+    expect(P.pack(h, [logits]), ErrorCode.MALFORMED, req_id=3)
+
+
+def test_result_packer_equals_packing_the_result_map():
+    d, logits = encode_float(np.arange(10, dtype=np.float32), name="logits")
+    d2, _ = encode_float(np.zeros((3, 10), np.float32), name="logits")
+    rp = P.ResultPacker()
+    outs, outs2 = [d], [d2]
+    for rid, outputs, ts, bs in [(7, outs, None, 1), (2**64 - 1, outs, 2**64 - 1, 2**31), (0, outs2, 5, 3), (300, outs, 0, 17)]:
+        kw = dict(queue_us=12.34, compute_us=80.06, batch_size=bs, server_us=1e7 + 0.05, t_send_ns=ts)
+        raw = rp.pack(rid, outputs, **kw)
+        ref = P.result(rid, outputs, **kw)
+        assert raw == P.pack_header(ref)
+        assert P.parse([raw, b"\x00" * outputs[0]["nbytes"]]).header == ref
+    # the outputs cache is keyed by the list object: a new list with other content is not confused
+    other = [dict(d, name="other")]
+    assert msgpack.unpackb(rp.pack(1, other, queue_us=0, compute_us=0, batch_size=1, server_us=0))["outputs"] == other
+
+
+def test_pack_reuses_a_packer_per_thread_and_survives_errors():
+    import threading
+
+    with pytest.raises(TypeError):
+        P.pack({"v": 1, "kind": "ping", "nonce": object()})
+    assert msgpack.unpackb(P.pack(P.ping(5))[0]) == P.ping(5)  # no leftover bytes from the failed call
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(P.packer()))
+    t.start()
+    t.join()
+    assert seen[0] is not P.packer()
 
 
 def test_missing_fields_of_each_kind():

@@ -509,3 +509,194 @@ def test_internal_error_when_the_tail_fails_and_serving_continues(tiny_bundle, t
         m = c.recv()
         assert m.kind == "result" and m.id == 3
         c.close()
+
+
+# -- fast paths: the same answers as the general paths -------------------------------------------
+
+
+def _runner_items(bundle, specs):
+    """Items for TailRunner.run: specs = [(mode, z)], validated like the I/O thread does."""
+    from edgesplit.server.batcher import Item
+
+    items = []
+    for i, (m, z, codec_name) in enumerate(specs):
+        d, p = codec.encode(z, m, name=bundle.wire_spec["name"], codec=codec_name)
+        parts = P.pack(P.request(i + 1, m.id, [d]), [p])
+        msg = P.parse(parts)
+        items.append(Item(key=(bundle.hash, m.id), identity=b"x", req_id=i + 1, desc=msg.header["tensors"][0],
+                          payload=msg.frames[0], rows=1 if z.ndim == 3 else z.shape[0], single=z.ndim == 3,
+                          t_recv_ns=0))
+    return items
+
+
+def test_tail_runner_single_and_batched_paths_match_the_reference(multi_bundle):
+    from edgesplit.server.daemon import TailRunner
+
+    runner = TailRunner(multi_bundle, threads=1)
+    tail = create_engine(multi_bundle.file("tail"), threads=1)
+    C, h, w = multi_bundle.wire_spec["shape"]
+    rng = np.random.default_rng(5)
+    for m in multi_bundle.modes:  # 8/4/6/2 bits, channel subsets 8/4/6/8
+        zs = [rng.uniform(0, 300 * multi_bundle.mode(0).scale, (C, h, w)).astype(np.float32) for _ in range(3)]
+        for codec_name in ("raw", "zstd"):
+            specs = [(m, z, codec_name) for z in zs]
+            ref_in = np.stack([codec.decode(*codec.encode(z, m, codec=codec_name), full_channels=C) for z in zs])
+            # one item at a time: the single-request fast path, batch of 1
+            for k, it in enumerate(_runner_items(multi_bundle, specs)):
+                logits, offsets, errors = runner.run([it])
+                assert not errors and offsets == [0]
+                assert np.array_equal(logits, tail.run1(ref_in[k:k + 1])), (m.name, codec_name)
+            # all together: one stacked batch
+            logits, offsets, errors = runner.run(_runner_items(multi_bundle, specs))
+            assert not errors and offsets == [0, 1, 2]
+            assert np.array_equal(logits, tail.run1(ref_in)), (m.name, codec_name)
+    # 4-D requests (several rows) next to a single one, channel subset: rows land in order
+    m = multi_bundle.mode(1)
+    z4 = rng.uniform(0, 1, (2, C, h, w)).astype(np.float32)
+    z3 = rng.uniform(0, 1, (C, h, w)).astype(np.float32)
+    items = _runner_items(multi_bundle, [(m, z4, "raw"), (m, z3, "raw")])
+    logits, offsets, errors = runner.run(items)
+    ref = np.concatenate([codec.decode(*codec.encode(z4, m), full_channels=C),
+                          codec.decode(*codec.encode(z3, m), full_channels=C)[None]])
+    assert offsets == [0, 2] and np.array_equal(logits, tail.run1(ref))
+    runner.engine.close()
+
+
+def test_tail_runner_buffers_keep_zero_fill_across_modes(multi_bundle):
+    # The batch buffer is reused: after a wide mode, a narrow mode must still see zeros beyond its
+    # channels (one buffer per channel count), and a batch larger than any before grows it.
+    from edgesplit.server.daemon import TailRunner
+
+    runner = TailRunner(multi_bundle, threads=1)
+    tail = create_engine(multi_bundle.file("tail"), threads=1)
+    C, h, w = multi_bundle.wire_spec["shape"]
+    big = np.full((C, h, w), 5.0, np.float32)
+    wide, narrow = multi_bundle.mode(0), multi_bundle.mode(1)
+    for m in (wide, narrow, wide, narrow):
+        for n in (1, 5):
+            items = _runner_items(multi_bundle, [(m, big, "raw")] * n)
+            logits, _, _ = runner.run(items)
+            ref = codec.decode(*codec.encode(big, m), full_channels=C)
+            assert np.array_equal(logits, tail.run1(np.stack([ref] * n))), (m.name, n)
+
+
+def test_tail_runner_reports_decode_errors_per_item(tiny_bundle):
+    from edgesplit.server.daemon import TailRunner
+
+    runner = TailRunner(tiny_bundle, threads=1)
+    m = tiny_bundle.default_mode
+    z = np.ones((8, 8, 8), np.float32)
+    items = _runner_items(tiny_bundle, [(m, z, "raw"), (m, z, "raw"), (m, z, "raw")])
+    items[1].payload = items[1].payload[:-1]  # as if validation had been skipped: decode must still refuse
+    logits, offsets, errors = runner.run(items)
+    assert offsets == [0, -1, 1] and list(errors) == [1] and errors[1].code == ErrorCode.MALFORMED
+    assert logits.shape == (2, 10)
+    logits, offsets, errors = runner.run(items[1:2])  # alone: the single-request path reports it too
+    assert offsets == [-1] and errors[0].code == ErrorCode.MALFORMED and logits.size == 0
+
+
+def test_batcher_fast_path_and_batching_under_load():
+    import threading
+
+    from edgesplit.server.batcher import Batcher
+
+    b = Batcher(max_batch=8, max_delay_us=0, max_queue=16)
+    now = time.perf_counter_ns()
+    one = _item("k", now)
+    b.put(one)
+    assert b.next_batch(timeout=1) == [one] and len(b) == 0  # idle: a batch of one at once
+    for _ in range(5):  # queued while the tail was busy: they leave together
+        b.put(_item("k", now))
+    b.put(_item("other", now))
+    got = b.next_batch(timeout=1)
+    assert len(got) == 5 and all(i.key == "k" for i in got) and len(b) == 1
+    assert [i.key for i in b.next_batch(timeout=1)] == ["other"]
+    # a consumer blocked on an empty batcher: woken by put, and by close (then None)
+    out = []
+    t = threading.Thread(target=lambda: out.extend([b.next_batch(), b.next_batch()]))
+    t.start()
+    time.sleep(0.05)
+    late = _item("k", time.perf_counter_ns())
+    b.put(late)
+    time.sleep(0.05)
+    b.close()
+    t.join(2)
+    assert not t.is_alive() and out == [[late], None]
+    assert not b.put(_item("k", now)) and len(b) == 0
+    # a request alone with a queue delay waits for it; a full batch does not
+    b2 = Batcher(max_batch=2, max_delay_us=100_000, max_queue=8)
+    b2.put(_item("k", time.perf_counter_ns(), rows=2))
+    t0 = time.monotonic()
+    assert len(b2.next_batch(timeout=1)) == 1 and time.monotonic() - t0 < 0.05
+    b2.put(_item("k", time.perf_counter_ns()))
+    t0 = time.monotonic()
+    assert len(b2.next_batch(timeout=1)) == 1 and 0.08 < time.monotonic() - t0 < 0.9
+
+
+def test_server_answers_undecodable_tensors_and_serves_the_rest(tiny_bundle):
+    # zstd payloads are decompressed while decoding (compute thread): a frame that does not hold
+    # the tensor gets MALFORMED there, and the other requests of its batch get their results.
+    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=500_000) as srv:
+        c = RawClient(srv.endpoint)
+        c.hello(tiny_bundle)
+        m = tiny_bundle.default_mode
+        z = np.random.default_rng(1).uniform(0, 100 * m.scale, (8, 8, 8)).astype(np.float32)
+        d, p = codec.encode(z, m, name="z", codec="zstd")
+        wrong = codec._compressor().compress(b"\x00" * 100)  # a valid zstd frame of 100 bytes, not 512
+        c.send(P.pack(P.request(1, 0, [d]), [p]))
+        c.send(P.pack(P.request(2, 0, [{**d, "nbytes": len(wrong)}]), [wrong]))
+        c.send(P.pack(P.request(3, 0, [d]), [p]))
+        msgs = {m_.id: m_ for m_ in (c.recv() for _ in range(3))}
+        assert msgs[1].kind == msgs[3].kind == "result"
+        assert msgs[1].header["timing"]["batch_size"] == 2  # the undecodable one took no row
+        assert (msgs[2].kind, msgs[2].header["code"]) == ("error", ErrorCode.MALFORMED)
+        assert "zstd" in msgs[2].header["message"]
+        c.close()
+
+
+def test_run_reads_the_next_frame_only_when_a_window_slot_is_free(server, tiny_bundle, cifar_samples):
+    # The head of frame k+1 must not run while frame k could be waiting on the socket: that would
+    # add the agent's own busy time to rtt_ms (and to what link estimation sees) and send staler
+    # frames. So the source is only read with a free slot, for any window.
+    for inflight in (1, 3):
+        agent = Agent(tiny_bundle, server.endpoint, threads=1, inflight=inflight).connect()
+        seen = []
+
+        def source():
+            for s in cifar_samples[:10]:
+                seen.append(len(agent._pending))
+                yield s
+
+        results = list(agent.run(source()))
+        agent.close()
+        assert len(results) == 10 and all(r.ok for r in results)
+        assert max(seen) < agent.window, (inflight, seen)
+        assert sorted(r.id for r in results) == list(range(1, 11))
+
+
+def test_send_parts_and_recv_parts_roundtrip(tiny_bundle):
+    from edgesplit.wire.transport import COPY_THRESHOLD, connect_dealer, pending_in, recv_parts, send_parts
+
+    router, endpoint = bind_router("tcp://127.0.0.1:0")
+    dealer = connect_dealer(endpoint, identity=b"dealer-1")
+    try:
+        big = np.random.default_rng(0).integers(0, 256, COPY_THRESHOLD * 3, dtype=np.uint8).tobytes()  # zero-copy path
+        parts = [b"header", b"", memoryview(b"abc"), big, bytearray(b"xyz")]
+        send_parts(dealer, parts)
+        assert router.poll(5000)
+        got = recv_parts(router)
+        assert got[0] == b"dealer-1" and got[1:] == [b"header", b"", b"abc", big, b"xyz"]
+        assert not pending_in(router)
+        send_parts(router, [b"dealer-1", b"reply"], int(zmq.NOBLOCK))
+        assert dealer.poll(5000) and pending_in(dealer) and recv_parts(dealer) == [b"reply"]
+        # ROUTER_MANDATORY: an unknown peer fails at the first frame, nothing half-sent
+        with pytest.raises(zmq.ZMQError) as e:
+            send_parts(router, [b"nobody", b"h", b"p"], int(zmq.NOBLOCK))
+        assert e.value.errno == zmq.EHOSTUNREACH
+        send_parts(router, [b"dealer-1", b"after"], int(zmq.NOBLOCK))
+        assert dealer.poll(5000) and recv_parts(dealer) == [b"after"]
+        with pytest.raises(zmq.Again):
+            recv_parts(dealer, int(zmq.NOBLOCK))
+    finally:
+        dealer.close(0)
+        router.close(0)

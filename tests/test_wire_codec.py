@@ -229,3 +229,97 @@ def test_encode_with_a_bundle_mode(tiny_bundle):
     d, p = encode(x, m, name=tiny_bundle.wire_spec["name"])
     assert len(p) == m.bytes_per_frame == 512
     assert np.max(np.abs(decode(d, p) - x)) <= m.scale / 2 + 1e-6
+
+
+# -- fast paths: identical to the reference formulas ---------------------------------------------
+
+
+def reference_unpack(buf: bytes, n: int, bits: int) -> np.ndarray:
+    """The documented bit stream read bit by bit (slow, obviously right)."""
+    stream = np.unpackbits(np.frombuffer(buf, np.uint8), bitorder="little")[: n * bits].reshape(n, bits)
+    return (stream.astype(np.uint16) << np.arange(bits)).sum(axis=1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_table_decode_is_bit_identical_to_the_formula(bits):
+    # 2/4-bit decode goes through a 256-entry table, 8-bit skips the subtraction when zp == 0:
+    # every value must equal (q - zero_point) * scale computed in float32, bit for bit.
+    for n in [1, 2, 3, 5, 7, 64, 511, 768, 1001]:
+        for zp in {0, 1, (1 << bits) // 2, (1 << bits) - 1}:
+            scale = float(RNG.uniform(1e-4, 3.0))
+            q = RNG.integers(0, 1 << bits, n, dtype=np.uint8)
+            payload = pack_bits(q, bits)
+            expect = (reference_unpack(payload, n, bits).astype(np.float32) - np.float32(zp)) * np.float32(scale)
+            d = codec.descriptor("t", [n], "uint8", bits, scale, zp, None, "raw", len(payload))
+            got = decode(d, payload)
+            assert got.dtype == np.float32 and got.view(np.uint32).tolist() == expect.view(np.uint32).tolist(), (bits, n, zp)
+            out = np.full(n, np.nan, np.float32)
+            codec.dequantize_packed(payload, n, bits, scale, zp, out)
+            assert np.array_equal(out, expect)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_dequantize_packed_into_strided_views_and_batches(bits):
+    # a channel subset of a [N, C, h, w] batch buffer is not contiguous: same values as a fresh decode
+    m = mode(channels=3, bits=bits, scale=0.07, zero_point=1)
+    x = RNG.uniform(0, 3, (2, 5, 3, 3)).astype(np.float32)
+    d, p = encode(x, m)
+    batch = np.zeros((4, 5, 3, 3), np.float32)
+    codec.dequantize_packed(p, 2 * 3 * 9, bits, 0.07, 1, batch[1:3, :3])
+    assert np.array_equal(batch[1:3, :3], decode(d, p))
+    assert not batch[0].any() and not batch[3].any() and not batch[:, 3:].any()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_table_decode_checks_length_and_padding(bits):
+    q = RNG.integers(0, 1 << bits, 5, dtype=np.uint8)  # 5 codes: the last byte has padding bits
+    p = pack_bits(q, bits)
+    out = np.empty(5, np.float32)
+    with pytest.raises(WireError) as e:
+        codec.dequantize_packed(p + b"\x00", 5, bits, 0.1, 0, out)
+    assert e.value.code == ErrorCode.MALFORMED
+    bad = p[:-1] + bytes([p[-1] | 0x80])
+    with pytest.raises(WireError) as e:
+        codec.dequantize_packed(bad, 5, bits, 0.1, 0, out)
+    assert e.value.code == ErrorCode.MALFORMED and "padding" in e.value.message
+    d = codec.descriptor("t", [5], "uint8", bits, 0.1, 0, None, "raw", len(bad))
+    with pytest.raises(WireError):
+        decode(d, bad)
+
+
+def test_decode_tables_stay_bounded():
+    q = np.arange(16, dtype=np.uint8)
+    p = pack_bits(q, 4)
+    for i in range(3 * codec._LUT_MAX):
+        s = 0.001 * (i + 1)
+        d = codec.descriptor("t", [16], "uint8", 4, s, 3, None, "raw", len(p))
+        assert np.array_equal(decode(d, p), (q.astype(np.float32) - np.float32(3)) * np.float32(s))
+    assert len(codec._LUTS) <= codec._LUT_MAX
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantize_matches_the_formula(bits):
+    # quantize() clips with two ufuncs instead of np.clip: the same codes, saturation included
+    x = np.concatenate([RNG.uniform(-5, 20, 997), [0.5, 1.5, 2.5, -0.5, 1e9, -1e9]]).astype(np.float32)
+    for zp in (0, (1 << bits) // 2):
+        ref = np.clip(np.rint(x / np.float32(0.05)) + np.float32(zp), 0, (1 << bits) - 1).astype(np.uint8)
+        assert np.array_equal(codec.quantize(x, bits, 0.05, zp), ref)
+
+
+def test_check_descriptor_fast_path_keeps_every_rule():
+    d, p = good()
+
+    class MyInt(int):  # int subclasses are integers (the exact-type test is only a fast path)
+        pass
+
+    assert codec.check_descriptor({**d, "bits": MyInt(8), "shape": [MyInt(8), 4, 4]}, len(p)) == (128, 128)
+    for change in ({"shape": [8, True, 4]}, {"shape": [8, 4.0, 4]}, {"channels": True}, {"channels": 8.0},
+                   {"nbytes": 128.0}, {"nbytes": True}, {"zero_point": False}, {"scale": True},
+                   {"scale": float("inf")}, {"name": b"z"}, {"dtype": b"uint8"}, {"dtype": ["uint8"]},
+                   {"shape": (8,) * 9}, {"channels": -1}):
+        with pytest.raises(WireError) as e:
+            codec.check_descriptor({**d, **change}, len(p))
+        assert e.value.code == ErrorCode.MALFORMED, change
+    with pytest.raises(WireError) as e:
+        codec.check_descriptor({**d, "codec": ["raw"]}, len(p))
+    assert e.value.code == ErrorCode.UNSUPPORTED

@@ -33,10 +33,13 @@ from ..bundle import Bundle, BundleError, Mode
 from ..wire import codec, protocol as P
 from ..wire.codec import ErrorCode, WireError
 from ..wire.protocol import Kind, ProtocolError
-from ..wire.transport import connect_dealer, context, default_agent_name
+from ..wire.transport import connect_dealer, context, default_agent_name, pending_in, recv_parts, send_parts
 
 # Plain ints: pyzmq's enum constants cost an enum construction per use on the hot path.
-_EVENTS, _POLLIN, _NOBLOCK, _RCVTIMEO = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.RCVTIMEO)
+_NOBLOCK, _RCVTIMEO = int(zmq.NOBLOCK), int(zmq.RCVTIMEO)
+_END = object()  # end of a frame source
+# Client-side timeouts and heartbeats are checked at most this often (they are seconds long).
+_CHECK_EVERY_NS = 5_000_000
 
 # Agent-side failure names (not wire codes: the server never sends them).
 TIMEOUT = "TIMEOUT"
@@ -135,6 +138,7 @@ class Agent:
         self._handshaking = False
         self._last_send = 0.0
         self._last_recv = 0.0
+        self._next_check_ns = 0
         self._ping_nonce = 0
         self.server_bye: str | None = None
         self.connection_errors: list[tuple[str, str]] = []  # (name, message) of errors without a request id
@@ -208,7 +212,7 @@ class Agent:
 
     # -- sending -------------------------------------------------------------------------------
     def _raw_send(self, parts: list) -> None:
-        self._sock.send_multipart(parts, copy=False)  # small frames are copied anyway (copy_threshold)
+        send_parts(self._sock, parts)  # small frames are copied, large ones zero-copy (copy_threshold)
         self._last_send = time.monotonic()
 
     def send_tensor(self, z: np.ndarray, *, key: str = "", label: int | None = None, mode: int | None = None,
@@ -232,13 +236,14 @@ class Agent:
         deadline = self.deadline_ms if deadline_ms is None else deadline_ms
         t_send = time.perf_counter_ns()
         parts = P.pack(P.request(rid, m.id, [desc], deadline_ms=deadline, t_send_ns=t_send), [payload])
+        handshaking = self._handshaking
+        if not handshaking:
+            self._raw_send(parts)  # first, so the bookkeeping below overlaps the round trip
         res = FrameResult(id=rid, key=key, label=label, mode=m.id, head_ms=head_ms, encode_ms=encode_ms,
                           bytes_sent=len(payload), header_bytes=len(parts[0]))
         self._pending[rid] = _Pending(res, parts, t_send)
-        if self._handshaking:  # re-handshake in progress: the request goes out after welcome
+        if handshaking:  # re-handshake in progress: the request goes out after welcome
             self._resend_after_welcome.append(rid)
-        else:
-            self._raw_send(parts)
         return rid
 
     def submit(self, sample, *, mode: int | None = None, deadline_ms: float | None = None) -> int:
@@ -279,12 +284,24 @@ class Agent:
     def run(self, source: str | Iterable, n: int | None = None, *, mode: int | None = None,
             deadline_ms: float | None = None) -> Iterator[FrameResult]:
         """Stream frames from ``source`` (a source spec such as ``cifar10:test``, or an iterable of
-        samples) with up to :attr:`window` requests outstanding; yields results as they complete."""
+        samples) with up to :attr:`window` requests outstanding; yields results as they complete.
+
+        The next frame is read and its head run only once a window slot is free: a result is then
+        taken off the socket (and yielded) as soon as it arrives instead of after a head computed
+        in the meantime, so ``rtt_ms`` is the round trip rather than round trip plus the agent's
+        own busy time (what link estimation needs), and each frame is as fresh as it can be when
+        sent (what a live camera needs)."""
         from ..data.sources import open_source, take
 
         it = open_source(source, self.bundle.classes) if isinstance(source, str) else iter(source)
-        for sample in take(it, n):
+        frames = iter(take(it, n))
+        while True:
             yield from self.poll(0.0)
+            while len(self._pending) >= self.window:
+                yield from self.poll(self._wait_budget())
+            sample = next(frames, _END)
+            if sample is _END:
+                break
             self.submit(sample, mode=mode, deadline_ms=deadline_ms)
         yield from self.drain()
 
@@ -300,24 +317,28 @@ class Agent:
         sock = self._sock
         if sock is None:
             raise AgentError("not connected")
-        if not sock.getsockopt(_EVENTS) & _POLLIN:
-            # Nothing queued: a blocking receive with a timeout (cheaper than poll + receive).
-            ms = max(0, int(timeout_s * 1000))
+        # A blocking receive with a timeout: returns at once when something is queued (cheaper
+        # than asking first and then receiving).
+        ms = max(0, int(timeout_s * 1000))
+        try:
             if ms == 0:
-                self._check_timeouts()
-                return
-            if ms != self._rcvtimeo:
-                sock.setsockopt(_RCVTIMEO, ms)
-                self._rcvtimeo = ms
-            try:
-                parts = sock.recv_multipart()
-            except zmq.Again:
-                self._check_timeouts()
-                return
-            self._handle(parts)
-        while sock.getsockopt(_EVENTS) & _POLLIN:
-            self._handle(sock.recv_multipart(_NOBLOCK))
-        self._check_timeouts()
+                if not pending_in(sock):
+                    self._check_timeouts()
+                    return
+                parts = recv_parts(sock, _NOBLOCK)
+            else:
+                if ms != self._rcvtimeo:
+                    sock.setsockopt(_RCVTIMEO, ms)
+                    self._rcvtimeo = ms
+                parts = recv_parts(sock)
+        except zmq.Again:
+            self._check_timeouts()
+            return
+        self._handle(parts)
+        while pending_in(sock):
+            self._handle(recv_parts(sock, _NOBLOCK))
+        if time.perf_counter_ns() >= self._next_check_ns:
+            self._check_timeouts()
 
     def _handle(self, parts: list) -> None:
         self._last_recv = time.monotonic()
@@ -393,12 +414,13 @@ class Agent:
         r.server_ms = t["server_us"] / 1e3
         r.batch_size = t["batch_size"]
         try:
-            logits = codec.decode(h["outputs"][0], msg.frames[0])
-        except (WireError, IndexError) as e:
+            # parse() has checked the descriptor against its frame already
+            logits = codec.decode(h["outputs"][0], msg.frames[0], validate=False)
+        except (WireError, IndexError, KeyError, TypeError, ValueError) as e:
             r.error, r.error_code, r.error_message = "MALFORMED", int(ErrorCode.MALFORMED), f"result undecodable: {e}"
         else:
             r.logits = logits
-            r.pred = int(np.argmax(logits, axis=-1)) if logits.ndim == 1 else None
+            r.pred = int(logits.argmax()) if logits.ndim == 1 else None
         self._done.append(r)
 
     def _fail(self, rid: int, name: str, code: int | None, message: str) -> None:
@@ -411,6 +433,7 @@ class Agent:
 
     def _check_timeouts(self) -> None:
         now_ns = time.perf_counter_ns()
+        self._next_check_ns = now_ns + _CHECK_EVERY_NS
         limit = int(self.timeout_s * 1e9)
         for rid, p in list(self._pending.items()):
             if now_ns - p.t_send_ns > limit:

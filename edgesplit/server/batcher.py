@@ -10,12 +10,15 @@ the same tail on tensors of the same shape. A key's batch is *due* when
 - the batcher is closing (drain: everything is due at once).
 
 The I/O thread calls :meth:`Batcher.put` (never blocks); the compute thread calls
-:meth:`Batcher.next_batch` (blocks until a batch is due). ``put`` refuses when ``max_queue``
+:meth:`Batcher.next_batch` (blocks until a batch is due). With ``max_delay_us == 0`` a request
+that arrives at an idle batcher is handed over as a batch of one without touching the per-key
+queues; requests that arrive while the tail is busy still batch up. ``put`` refuses when ``max_queue``
 requests are already waiting; the daemon answers those with OVERLOADED.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -26,9 +29,10 @@ INF = float("inf")
 # A batch holding a deadline is flushed this long before (deadline - expected compute time), to
 # absorb thread wake-up jitter.
 DEADLINE_MARGIN_NS = 2_000_000
+_CLOSE = object()  # close marker in the inbox
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Item:
     """One queued request."""
 
@@ -55,47 +59,54 @@ class _KeyQueue:
 
 
 class Batcher:
+    """Dynamic batcher: any number of producers call :meth:`put`, **one** consumer thread calls
+    :meth:`next_batch`.
+
+    Hand-off: ``put`` drops the item into a ``queue.SimpleQueue`` (C code: no Python-level lock or
+    condition variable, and the consumer blocks in C with the GIL released). Only the consumer
+    touches the per-key queues, so grouping and due-time bookkeeping need no lock. The queue size
+    is ``puts - takes``, each counter written by one side only.
+    """
+
     def __init__(self, max_batch: int = 32, max_delay_us: float = 2000.0, max_queue: int = 1024):
         if max_batch < 1 or max_queue < 1 or max_delay_us < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_delay_us >= 0")
         self.max_batch = int(max_batch)
         self.max_delay_ns = int(max_delay_us * 1000)
         self.max_queue = int(max_queue)
-        self._queues: OrderedDict[Hashable, _KeyQueue] = OrderedDict()
-        self._count = 0
-        self._closed = False
-        self._cond = threading.Condition(threading.Lock())
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # producers -> consumer: items, _CLOSE
+        self._put_lock = threading.Lock()  # orders put() against close(), never held while blocking
+        self._queues: OrderedDict[Hashable, _KeyQueue] = OrderedDict()  # consumer-owned
+        self._held = 0          # items moved from the inbox into _queues, not yet taken (consumer-owned)
+        self._n_put = 0         # written under _put_lock
+        self._n_taken = 0       # written by the consumer only
+        self._closed = False    # set by close()
+        self._draining = False  # the consumer has seen the close marker: everything is due
         self._compute_ns: dict[Hashable, float] = {}
 
     # -- producer side (I/O thread) ------------------------------------------------------------
     def put(self, item: Item) -> bool:
-        """Queue a request; False when the queue is full or the batcher is closed."""
-        with self._cond:
-            if self._closed or self._count >= self.max_queue:
+        """Queue a request; False when the queue is full or the batcher is closed. Never blocks."""
+        with self._put_lock:
+            if self._closed or self._n_put - self._n_taken >= self.max_queue:
                 return False
-            q = self._queues.get(item.key)
-            if q is None:
-                q = self._queues[item.key] = _KeyQueue()
-            q.items.append(item)
-            q.rows += item.rows
-            if item.deadline_ns is not None and item.deadline_ns < q.min_deadline:
-                q.min_deadline = item.deadline_ns
-            self._count += 1
-            self._cond.notify()
+            self._n_put += 1
+            self._inbox.put(item)
         return True
 
     def close(self) -> None:
         """Stop accepting; everything already queued becomes due at once."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        with self._put_lock:
+            if not self._closed:
+                self._closed = True
+                self._inbox.put(_CLOSE)  # after every accepted item: the consumer sees them all first
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def __len__(self) -> int:
-        return self._count
+        return self._n_put - self._n_taken
 
     # -- consumer side (compute thread) --------------------------------------------------------
     def note_compute(self, key: Hashable, seconds: float) -> None:
@@ -110,36 +121,80 @@ class Batcher:
             due = min(due, q.min_deadline - self._compute_ns.get(key, 0.0) - DEADLINE_MARGIN_NS)
         return due
 
+    def _hold(self, item) -> None:
+        """Move one inbox entry into its key's queue (or note the close marker)."""
+        if item is _CLOSE:
+            self._draining = True
+            return
+        q = self._queues.get(item.key)
+        if q is None:
+            q = self._queues[item.key] = _KeyQueue()
+        q.items.append(item)
+        q.rows += item.rows
+        if item.deadline_ns is not None and item.deadline_ns < q.min_deadline:
+            q.min_deadline = item.deadline_ns
+        self._held += 1
+
+    def _drain_inbox(self) -> None:
+        inbox = self._inbox
+        while not inbox.empty():
+            self._hold(inbox.get_nowait())
+
     def next_batch(self, timeout: float | None = None) -> list[Item] | None:
         """Block until a batch is due and return it (at most ``max_batch`` rows, at least one
-        request). Returns None when closed and empty, or when ``timeout`` seconds pass first."""
+        request). Returns None when closed and empty, or when ``timeout`` seconds pass first.
+        Call from one consumer thread only."""
         end = None if timeout is None else time.perf_counter_ns() + timeout * 1e9
-        with self._cond:
-            while True:
-                now = time.perf_counter_ns()
-                best_key, best_t, wake = None, INF, INF
-                for key, q in self._queues.items():
-                    if not q.items:
-                        continue
-                    head_t = q.items[0].t_recv_ns
-                    if self._closed or q.rows >= self.max_batch:
-                        due = -INF
-                    else:
-                        due = self._due_ns(key, q)
-                    if due <= now:
-                        if head_t < best_t:
-                            best_key, best_t = key, head_t
-                    elif due < wake:
-                        wake = due
-                if best_key is not None:
-                    return self._pop(best_key)
-                if self._closed and self._count == 0:
-                    return None
-                if end is not None:
-                    if now >= end:
+        inbox = self._inbox
+        while True:
+            self._drain_inbox()
+            if self._held == 0 and not self._draining:
+                # Idle: block in C until an item (or the close marker) arrives.
+                if end is None:
+                    item = inbox.get()
+                else:
+                    left = (end - time.perf_counter_ns()) / 1e9
+                    if left <= 0:
                         return None
-                    wake = min(wake, end)
-                self._cond.wait(None if wake == INF else max(0.0, (wake - now) / 1e9))
+                    try:
+                        item = inbox.get(timeout=left)
+                    except queue.Empty:
+                        return None
+                if item is not _CLOSE and inbox.empty() and (self.max_delay_ns == 0 or item.rows >= self.max_batch):
+                    # Fast path: the only request, due at once (no delay, or a full batch by itself).
+                    self._n_taken += 1
+                    return [item]
+                self._hold(item)
+                continue
+            now = time.perf_counter_ns()
+            best_key, best_t, wake = None, INF, INF
+            for key, q in self._queues.items():
+                if not q.items:
+                    continue
+                head_t = q.items[0].t_recv_ns
+                if self._draining or q.rows >= self.max_batch:
+                    due = -INF
+                else:
+                    due = self._due_ns(key, q)
+                if due <= now:
+                    if head_t < best_t:
+                        best_key, best_t = key, head_t
+                elif due < wake:
+                    wake = due
+            if best_key is not None:
+                return self._pop(best_key)
+            if self._draining and self._held == 0:
+                return None
+            if end is not None:
+                if now >= end:
+                    return None
+                wake = min(wake, end)
+            # Wait for the earliest due time, or for a new item (which may change it).
+            try:
+                item = inbox.get(timeout=None if wake == INF else max(1e-6, (wake - now) / 1e9))
+            except queue.Empty:
+                continue
+            self._hold(item)
 
     def _pop(self, key: Hashable) -> list[Item]:
         q = self._queues[key]
@@ -150,7 +205,8 @@ class Batcher:
             out.append(it)
             rows += it.rows
         q.rows -= rows
-        self._count -= len(out)
+        self._held -= len(out)
+        self._n_taken += len(out)
         if q.items:
             q.min_deadline = min((i.deadline_ns for i in q.items if i.deadline_ns is not None), default=INF)
         else:

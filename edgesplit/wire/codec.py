@@ -142,9 +142,13 @@ def packed_nbytes(numel: int, bits: int) -> int:
 def quantize(x: np.ndarray, bits: int, scale: float, zero_point: int) -> np.ndarray:
     """Float array -> uint8 codes (one per element, not yet packed)."""
     qmax = (1 << bits) - 1
-    q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(scale))
-    q += np.float32(zero_point)
-    np.clip(q, 0, qmax, out=q)
+    q = np.divide(np.asarray(x, dtype=np.float32), np.float32(scale), dtype=np.float32)  # the one temporary
+    np.rint(q, out=q)
+    if zero_point:
+        q += np.float32(zero_point)
+    # clip as two ufuncs (np.clip's Python wrapper costs more than the work on small tensors)
+    np.maximum(q, 0, out=q)
+    np.minimum(q, qmax, out=q)
     return q.astype(np.uint8)
 
 
@@ -152,8 +156,11 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int, out: np.ndarray | N
     """uint8 codes -> float32 values ``(q - zero_point) * scale``; writes into ``out`` when given."""
     if out is None:
         out = np.empty(q.shape, dtype=np.float32)
-    np.subtract(q, np.float32(zero_point), out=out, dtype=np.float32)
-    out *= np.float32(scale)
+    if zero_point:
+        np.subtract(q, np.float32(zero_point), out=out, dtype=np.float32)
+        out *= np.float32(scale)
+    else:  # (q - 0) * scale: the same float32 values in one pass
+        np.multiply(q, np.float32(scale), out=out, dtype=np.float32)
     return out
 
 
@@ -166,12 +173,22 @@ def pack_bits(q: np.ndarray, bits: int) -> bytes:
     pad = (-flat.size) % per
     if pad:
         flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
-    g = flat.reshape(-1, per)
     if bits == 4:
-        out = g[:, 0] | (g[:, 1] << 4)
+        # Each pair of codes read as one little-endian uint16 v = q0 | q1 << 8. Multiplying by
+        # 2**8 + 2**4 (mod 2**16) puts q0 << 8 and q1 << 12 in the high byte, whose value is then
+        # q0 | q1 << 4; the cross term q0 << 4 stays below it (codes < 16) and q1 << 16 wraps away.
+        t = flat.view("<u2") * np.uint16(0x110)
+        t >>= 8
+        out = t.astype(np.uint8)
     elif bits == 2:
-        out = g[:, 0] | (g[:, 1] << 2) | (g[:, 2] << 4) | (g[:, 3] << 6)
+        # The same with four codes in a little-endian uint32 v = q0 | q1 << 8 | q2 << 16 | q3 << 24
+        # and 2**24 + 2**18 + 2**12 + 2**6: the high byte is q0 | q1 << 2 | q2 << 4 | q3 << 6 (the
+        # cross terms land in distinct 2-bit slots below bit 24, or at bit 32 and above).
+        t = flat.view("<u4") * np.uint32(0x01041040)
+        t >>= 24
+        out = t.astype(np.uint8)
     else:  # 6 bits: 4 codes -> 24-bit little-endian word -> 3 bytes
+        g = flat.reshape(-1, per)
         w = g.astype(np.uint32)
         v = w[:, 0] | (w[:, 1] << 6) | (w[:, 2] << 12) | (w[:, 3] << 18)
         out = np.empty((g.shape[0], 3), np.uint8)
@@ -180,6 +197,55 @@ def pack_bits(q: np.ndarray, bits: int) -> bytes:
         out[:, 2] = v >> 16
     nbytes = packed_nbytes(q.size, bits)
     return out.tobytes()[:nbytes]
+
+
+# Decode tables for 2 and 4 bits: every possible packed byte -> the float32 values of the codes it
+# holds, computed with dequantize() itself (so bit-identical to the arithmetic path). One np.take
+# then unpacks and dequantizes in a single pass. Keyed by (bits, scale, zero_point): a bundle has
+# a handful of modes, so the cache stays tiny; it is cleared if a peer sprays odd parameters.
+_LUTS: dict[tuple[int, float, int], np.ndarray] = {}
+_LUT_MAX = 64
+_BYTES = np.arange(256, dtype=np.uint8)
+
+
+def _lut(bits: int, scale: float, zero_point: int) -> np.ndarray:
+    key = (bits, scale, zero_point)
+    t = _LUTS.get(key)
+    if t is None:
+        per = 8 // bits
+        codes = (_BYTES[:, None] >> (np.arange(per, dtype=np.uint8) * bits)) & ((1 << bits) - 1)
+        t = dequantize(codes.astype(np.uint8), scale, zero_point)  # (256, per) float32
+        if len(_LUTS) >= _LUT_MAX:
+            _LUTS.clear()
+        _LUTS[key] = t
+    return t
+
+
+def dequantize_packed(buf, numel: int, bits: int, scale: float, zero_point: int, out: np.ndarray) -> np.ndarray:
+    """Packed codes -> float32 values written into ``out`` (any array of ``numel`` elements,
+    contiguous or not): unpack + dequantize in one pass where a table does it (2, 4 bits), else
+    :func:`unpack_bits` + :func:`dequantize`. Checks the length and the padding bits like
+    :func:`unpack_bits`. Returns ``out``."""
+    if bits in (2, 4) and out.flags.c_contiguous:
+        b = np.frombuffer(buf, dtype=np.uint8)
+        need = packed_nbytes(numel, bits)
+        if b.size != need:
+            raise WireError(ErrorCode.MALFORMED, f"packed payload is {b.size} bytes, {numel} codes of {bits} bits need {need}")
+        per = 8 // bits
+        full, rem = divmod(numel, per)
+        lut = _lut(bits, scale, zero_point)
+        flat = out.reshape(-1)
+        if rem:
+            last = int(b[full])
+            if last >> (rem * bits):
+                raise WireError(ErrorCode.MALFORMED, "non-zero padding bits after the last code")
+            flat[full * per:] = lut[last, :rem]
+            b = b[:full]
+        np.take(lut, b, axis=0, out=flat[: full * per].reshape(full, per), mode="clip")
+        return out
+    q = unpack_bits(buf, numel, bits)
+    dequantize(q.reshape(out.shape), scale, zero_point, out=out)
+    return out
 
 
 def unpack_bits(buf, numel: int, bits: int) -> np.ndarray:
@@ -224,60 +290,74 @@ def unpack_bits(buf, numel: int, bits: int) -> np.ndarray:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool))
+    return type(v) is float or _is_int(v) or isinstance(v, float)
+
+
+_DTYPE_BITS = {"uint8": PACKED_BITS, "float32": (32,), "float16": (16,)}
 
 
 def check_descriptor(d: Any, nbytes_actual: int | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, int]:
     """Validate a descriptor (types, values, internal consistency, against the actual frame length
-    when given). Returns ``(numel, packed_nbytes)``. Raises :class:`WireError`."""
+    when given). Returns ``(numel, packed_nbytes)``. Raises :class:`WireError`.
+
+    Written for the hot path (every request passes here): exact-type tests first (what msgpack
+    produces), the general ``isinstance`` rules only as a fallback."""
     M = ErrorCode.MALFORMED
     if not isinstance(d, dict):
         raise WireError(M, f"tensor descriptor must be a map, got {type(d).__name__}")
-    for k in DESCRIPTOR_KEYS:
-        if k not in d:
-            raise WireError(M, f"tensor descriptor lacks '{k}'")
-    name, shape, dtype, bits = d["name"], d["shape"], d["dtype"], d["bits"]
-    scale, zp, channels, codec, nbytes = d["scale"], d["zero_point"], d["channels"], d["codec"], d["nbytes"]
-    if not isinstance(name, str) or len(name) > 256:
+    try:
+        name = d["name"]
+        shape = d["shape"]
+        dtype = d["dtype"]
+        bits = d["bits"]
+        scale = d["scale"]
+        zp = d["zero_point"]
+        channels = d["channels"]
+        codec = d["codec"]
+        nbytes = d["nbytes"]
+    except KeyError as e:
+        raise WireError(M, f"tensor descriptor lacks '{e.args[0]}'") from None
+    if type(name) is not str and not isinstance(name, str) or len(name) > 256:
         raise WireError(M, "descriptor 'name' must be a string of at most 256 characters")
     if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= MAX_NDIM:
         raise WireError(M, f"descriptor 'shape' must be a list of 1 to {MAX_NDIM} integers")
+    numel = 1
     for s in shape:
-        if not _is_int(s) or s < 0:
+        if not (type(s) is int or _is_int(s)) or s < 0:
             raise WireError(M, f"descriptor 'shape' has a bad dimension {s!r}")
-    if not isinstance(dtype, str):
+        numel *= s
+    if type(dtype) is not str and not isinstance(dtype, str):
         raise WireError(M, "descriptor 'dtype' must be a string")
-    if not _is_int(bits):
+    if not (type(bits) is int or _is_int(bits)):
         raise WireError(M, "descriptor 'bits' must be an integer")
-    if dtype == "uint8":
-        if bits not in PACKED_BITS:
-            raise WireError(ErrorCode.UNSUPPORTED, f"bits={bits} is not supported for uint8 codes (supported: {PACKED_BITS})")
-    elif dtype in FLOAT_DTYPES:
-        if bits != FLOAT_DTYPES[dtype][0]:
-            raise WireError(M, f"dtype {dtype} needs bits={FLOAT_DTYPES[dtype][0]}, got {bits}")
-    else:
+    allowed = _DTYPE_BITS.get(dtype)
+    if allowed is None:
         raise WireError(ErrorCode.UNSUPPORTED, f"dtype '{dtype}' is not supported (supported: {', '.join(DTYPES)})")
-    if not _is_num(scale) or not math.isfinite(scale) or (dtype == "uint8" and scale <= 0):
+    packed = dtype == "uint8"
+    if bits not in allowed:
+        if packed:
+            raise WireError(ErrorCode.UNSUPPORTED, f"bits={bits} is not supported for uint8 codes (supported: {PACKED_BITS})")
+        raise WireError(M, f"dtype {dtype} needs bits={allowed[0]}, got {bits}")
+    if not (type(scale) is float or _is_num(scale)) or not math.isfinite(scale) or (packed and scale <= 0):
         raise WireError(M, f"descriptor 'scale' must be a finite positive number, got {scale!r}")
-    if not _is_int(zp) or (dtype == "uint8" and not 0 <= zp < (1 << bits)):
+    if not (type(zp) is int or _is_int(zp)) or (packed and not 0 <= zp < (1 << bits)):
         raise WireError(M, f"descriptor 'zero_point' must be an integer in [0, 2**bits), got {zp!r}")
     if channels is not None:
-        if not _is_int(channels) or channels < 0:
+        if not (type(channels) is int or _is_int(channels)) or channels < 0:
             raise WireError(M, "descriptor 'channels' must be a non-negative integer or nil")
         if len(shape) < 3 or shape[-3] != channels:
             raise WireError(M, f"descriptor 'channels'={channels} disagrees with shape {list(shape)} (axis -3)")
-    if codec not in CODECS:
+    if codec != "raw" and codec not in CODECS:
         raise WireError(ErrorCode.UNSUPPORTED, f"codec {codec!r} is not supported (supported: {', '.join(CODECS)})")
-    if not _is_int(nbytes) or nbytes < 0:
+    if not (type(nbytes) is int or _is_int(nbytes)) or nbytes < 0:
         raise WireError(M, "descriptor 'nbytes' must be a non-negative integer")
     if nbytes_actual is not None and nbytes != nbytes_actual:
         raise WireError(M, f"descriptor says nbytes={nbytes} but the frame has {nbytes_actual} bytes")
-    numel = math.prod(shape)
-    need = packed_nbytes(numel, bits)
+    need = (numel * bits + 7) >> 3
     if need > max_bytes:
         raise WireError(ErrorCode.TOO_LARGE, f"tensor {list(shape)} at {bits} bits is {need} bytes, over the limit of {max_bytes}")
     if codec == "raw" and nbytes != need:
@@ -363,17 +443,17 @@ def decode(d: dict[str, Any], payload, *, full_channels: int | None = None, out:
         if out.shape != shape or out.dtype != np.float32:
             raise WireError(ErrorCode.MALFORMED, f"decode target is {out.dtype}{list(out.shape)}, descriptor says float32{list(shape)}")
         if dtype == "uint8":
-            return dequantize(unpack_bits(buf, numel, d["bits"]).reshape(shape), d["scale"], d["zero_point"], out=out)
+            return dequantize_packed(buf, numel, d["bits"], d["scale"], d["zero_point"], out)
         if len(buf) != need:
             raise WireError(ErrorCode.MALFORMED, f"float payload is {len(buf)} bytes, shape {list(shape)} needs {need}")
         out[...] = np.frombuffer(buf, dtype=FLOAT_DTYPES[dtype][1]).reshape(shape)
         return out
     if dtype == "uint8":
-        q = unpack_bits(buf, numel, d["bits"]).reshape(shape)
         if full_channels is None or full_channels == shape[-3]:
-            return dequantize(q, d["scale"], d["zero_point"])
-        out = _zero_filled(shape, full_channels)
-        dequantize(q, d["scale"], d["zero_point"], out=out[..., : shape[-3], :, :])
+            out = np.empty(shape, np.float32)
+        else:
+            out = _zero_filled(shape, full_channels)
+        dequantize_packed(buf, numel, d["bits"], d["scale"], d["zero_point"], out[..., : shape[-3], :, :] if out.shape != shape else out)
         return out
     np_dtype = FLOAT_DTYPES[dtype][1]
     if len(buf) != need:

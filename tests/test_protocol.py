@@ -281,3 +281,89 @@ def test_protocol_doc_lists_every_code_and_kind():
         assert re.search(rf"\|\s*{int(c)}\s*\|\s*`?{c.name}`?\s*\|", text), f"{c.name} missing from the error table"
     for kind in P.KINDS + P.RESERVED_KINDS:
         assert f"`{kind}`" in text
+
+
+# -- v1.1: compact requests and welcome.features -------------------------------------------------
+
+
+class _Mode:
+    def __init__(self, channels=8, bits=8, scale=0.015625, zero_point=0):
+        self.channels, self.bits, self.scale, self.zero_point = channels, bits, scale, zero_point
+
+
+def test_compact_request_roundtrips_and_is_small():
+    for rid, extra in ((7, {}), (2**64 - 1, {"deadline_ms": 12.5}), (0, {"t_send_ns": 5}), (3, {"tensors": None})):
+        h = {**P.request(rid, 2, None), **extra}
+        msg = P.parse(P.pack(h, [b"\x01" * 100]))
+        assert msg.kind == "request" and msg.header == h and len(msg.frames) == 1
+        assert msg.header.get("tensors") is None
+    assert "tensors" not in P.request(1, 0, None)
+    # the agent's usual compact header: v, kind, id, mode and nothing else
+    for rid, size in ((1, 27), (127, 27), (128, 28), (255, 28), (256, 29), (65535, 29), (65536, 31)):
+        assert len(P.pack_header(P.request(rid, 1, None))) == size < 40
+    assert len(P.pack_header(P.request(1, 1, None, deadline_ms=P.wire_number(50.0)))) == 40
+
+
+def test_compact_request_frame_rules():
+    # exactly one frame (the length against the mode is the server's check: it knows the bundle)
+    expect(P.pack(P.request(7, 0, None), []), ErrorCode.MALFORMED, req_id=7)
+    e = expect(P.pack(P.request(7, 0, None), [b"\x00" * 8, b"\x00" * 8]), ErrorCode.MALFORMED, req_id=7)
+    assert "compact" in e.message
+    expect(P.pack(P.request(7, 0, None), [b"\x00" * 300]), ErrorCode.TOO_LARGE, Limits(max_frame_bytes=256), req_id=7)
+    # the header fields keep their rules
+    for field, value in (("id", -1), ("mode", "0"), ("deadline_ms", -1), ("t_send_ns", 1.5)):
+        expect(P.pack({**P.request(7, 0, None), field: value}, [b"\x00"]), ErrorCode.MALFORMED)
+    # 'tensors' present but not a list is still MALFORMED (only absent or nil means compact)
+    expect(P.pack({**P.request(7, 0, None), "tensors": {}}, [b"\x00" * 512]), ErrorCode.MALFORMED, req_id=7)
+
+
+def test_compact_descriptor_is_the_mode_default_encoding():
+    from edgesplit.wire.codec import check_descriptor, encode
+
+    d = P.compact_descriptor("z", [8, 8, 8], _Mode())
+    assert d == desc()  # the descriptor of the worked example in §10
+    assert check_descriptor(d, 512) == (512, 512)
+    # channel subset and odd packing: [c, h, w] from the mode's channels, ceil(n*bits/8) bytes
+    d6 = P.compact_descriptor("z", [12, 8, 8], _Mode(channels=5, bits=6, scale=0.5, zero_point=3))
+    assert d6 == {"name": "z", "shape": [5, 8, 8], "dtype": "uint8", "bits": 6, "scale": 0.5, "zero_point": 3,
+                  "channels": 5, "codec": "raw", "nbytes": 240}
+    x = np.random.default_rng(0).uniform(0, 10, (12, 8, 8)).astype(np.float32)
+    for m in (_Mode(), _Mode(12, 4, 0.7, 8), _Mode(5, 6, 0.5, 3), _Mode(12, 2, 3.0, 1)):
+        got, payload = encode(x, m, name="z")  # what the agent produces with codec raw
+        assert got == P.compact_descriptor("z", [12, 8, 8], m)
+        assert len(payload) == got["nbytes"]
+
+
+def test_welcome_features():
+    h = P.welcome(HASH, "s", credits=2, limits=Limits(), heartbeat_ms=0, codecs=["raw"], features=P.SERVER_FEATURES)
+    assert h["features"] == ["compact_requests"] == list(P.SERVER_FEATURES)
+    assert P.parse(P.pack(h)).header == h
+    assert "features" not in P.welcome(HASH, "s", credits=2, limits=Limits(), heartbeat_ms=0, codecs=["raw"])
+    for bad in ("compact_requests", [1], ["x"] * 33, {"compact_requests": True}):
+        expect([raw_header({**h, "features": bad})], ErrorCode.MALFORMED)
+    # unknown feature names are fine (a later revision's), nil is as if absent
+    for ok in (["compact_requests", "from_the_future"], [], None):
+        assert P.parse([raw_header({**h, "features": ok})]).kind == "welcome"
+
+
+def test_wire_number():
+    assert P.wire_number(None) is None
+    assert P.wire_number(50.0) == 50 and type(P.wire_number(50.0)) is int
+    assert P.wire_number(12.5) == 12.5 and P.wire_number(7) == 7
+    assert type(P.wire_number(1e30)) is float and P.wire_number(float("inf")) == float("inf")
+
+
+def test_protocol_doc_compact_example_matches_code():
+    text = DOC.read_text()
+    m = re.search(r"<!-- example-compact-request-hex -->\s*```\n(.*?)```", text, re.S)
+    assert m, "docs/PROTOCOL.md lost its compact request example block"
+    doc_bytes = bytes.fromhex("".join(m.group(1).split()))
+    header = P.request(7, 0, None, deadline_ms=P.wire_number(50.0))
+    assert doc_bytes == P.pack_header(header)
+    assert f"is {len(doc_bytes)} bytes" in text
+    assert P.parse([doc_bytes, b"\x00" * 512]).header == header
+    assert P.pack_header(P.request(7, 0, None)) == b"\x84" + doc_bytes[1:27]  # "without a deadline"
+    # the frame it carries is the one of the full example (§10): same implied descriptor
+    assert P.compact_descriptor("z", [8, 8, 8], _Mode()) == desc()
+    assert f'"{P.FEATURE_COMPACT_REQUESTS}"' in text
+    assert f"v{P.PROTOCOL_REVISION[0]}.{P.PROTOCOL_REVISION[1]}" in text

@@ -115,6 +115,7 @@ def server(tiny_bundle, multi_bundle):
 def test_agent_end_to_end_matches_local_split(server, tiny_bundle, cifar_samples):
     with Agent(tiny_bundle, server.endpoint, inflight=8, threads=1) as agent:
         assert agent.window == 8
+        assert agent.compact_requests  # the server's welcome offered v1.1 compact requests
         results = sorted(agent.run(cifar_samples), key=lambda r: r.id)
     assert len(results) == len(cifar_samples) == 32
     assert all(r.ok for r in results), [r.to_json() for r in results if not r.ok]
@@ -130,6 +131,7 @@ def test_agent_end_to_end_matches_local_split(server, tiny_bundle, cifar_samples
                   "server_compute_ms", "batch_size", "pred", "label"):
             assert k in j
         assert j["bytes_sent"] == 512 and 1 <= j["batch_size"] <= 16
+        assert j["header_bytes"] < 40  # compact requests
         assert 0 < r.server_ms / 1e3 < r.rtt_ms / 1e3 + 1e-9 and r.server_compute_ms <= r.server_ms
     s = summarize(results)
     assert s["frames"] == 32 and s["ok"] == 32 and s["errors"] == {} and s["bytes_per_frame_median"] == 512
@@ -147,6 +149,9 @@ def test_modes_channel_subsets_bits_and_codecs(server, multi_bundle, cifar_sampl
     m = multi_bundle.mode(mode_id)
     if codec_name == "raw":
         assert all(r.bytes_sent == m.bytes_per_frame for r in results)
+        assert all(r.header_bytes < 40 for r in results)  # compact: channel subsets and 2/4/6 bits too
+    elif codec_name == "zstd":
+        assert all(r.header_bytes > 100 for r in results)  # a zstd frame needs its descriptor
 
 
 def test_batching_and_per_request_replies(tiny_bundle):
@@ -700,3 +705,177 @@ def test_send_parts_and_recv_parts_roundtrip(tiny_bundle):
     finally:
         dealer.close(0)
         router.close(0)
+
+
+# -- v1.1: compact requests ----------------------------------------------------------------------
+
+
+def _head_outputs(bundle: Bundle, samples) -> list[np.ndarray]:
+    head = create_engine(bundle.file("head"), threads=1)
+    return [head.run1(preprocess(s.data, bundle.input_spec)[None])[0] for s in samples]
+
+
+def test_compact_and_full_requests_give_identical_logits(server, multi_bundle, cifar_samples):
+    c = RawClient(server.endpoint)
+    welcome = c.hello(multi_bundle)
+    assert "compact_requests" in welcome["features"]
+    zs = _head_outputs(multi_bundle, cifar_samples[:3])
+    rid = 0
+    for m in multi_bundle.modes:  # channel subsets 8/4/6/8 at 8/4/6/2 bits
+        implied = P.compact_descriptor("z", multi_bundle.wire_spec["shape"], m)
+        for z in zs:
+            d, payload = codec.encode(z, m, name="z")
+            assert d == implied  # the agent's raw encoding is the mode's implied one
+            got = {}
+            for form, tensors in (("full", [d]), ("compact", None)):
+                rid += 1
+                header = P.pack_header(P.request(rid, m.id, tensors))
+                c.send([header, payload])  # one at a time: each runs alone, in a batch of one
+                r = c.recv()
+                assert r.kind == "result" and r.id == rid, r.header
+                assert r.header["timing"]["batch_size"] == 1 and r.header["outputs"][0]["shape"] == [10]
+                got[form] = (r.frames[0], len(header))
+            assert got["compact"][0] == got["full"][0], m.name  # bit-identical logits
+            assert got["compact"][1] < 40 < 100 < got["full"][1]
+    c.close()
+    # and both equal the in-process split (head -> quantize -> zero-fill -> tail)
+    with Agent(multi_bundle, server.endpoint, mode=1, threads=1) as agent:
+        results = sorted(agent.run(cifar_samples[:3]), key=lambda r: r.id)
+    assert all(r.ok and r.header_bytes < 40 for r in results)
+    np.testing.assert_allclose(np.stack([r.logits for r in results]), local_logits(multi_bundle, cifar_samples[:3], 1),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_compact_request_errors_and_the_server_keeps_serving(server, tiny_bundle, multi_bundle, cifar_samples):
+    z = _head_outputs(tiny_bundle, cifar_samples[:1])[0]
+    d, payload = codec.encode(z, tiny_bundle.default_mode, name="z")
+    assert len(payload) == 512
+    c = RawClient(server.endpoint)
+    c.send(P.pack(P.request(1, 0, None), [payload]))  # no session yet
+    m = c.recv()
+    assert (m.kind, m.id, m.header["code"]) == ("error", 1, ErrorCode.NOT_READY)
+    c.hello(tiny_bundle)
+    bad = [
+        (2, 0, [payload[:-1]], ErrorCode.MALFORMED),          # one byte short
+        (3, 0, [payload + b"\x00"], ErrorCode.MALFORMED),     # one byte long
+        (4, 0, [b""], ErrorCode.MALFORMED),                   # empty frame
+        (5, 0, [payload * 2], ErrorCode.MALFORMED),           # a [2,8,8,8] batch needs a full request
+        (6, 0, [payload, payload], ErrorCode.MALFORMED),      # two frames
+        (7, 42, [payload], ErrorCode.UNKNOWN_MODE),           # no such mode
+        (8, 1, [payload], ErrorCode.UNKNOWN_MODE),            # tiny bundle has only mode 0
+    ]
+    for rid, mode_id, frames, code in bad:
+        c.send(P.pack(P.request(rid, mode_id, None), frames))
+        m = c.recv()
+        assert (m.kind, m.id, m.header["code"]) == ("error", rid, code), m.header
+        if rid in (2, 3, 4, 5):
+            assert "compact" in m.header["message"] and "512" in m.header["message"]
+    c.send(P.pack({**P.request(9, 0, None), "tensors": None}, [payload]))  # nil is compact too
+    assert c.recv().kind == "result"
+    c.send(P.pack(P.request(10, 0, None), [payload]))
+    ok = c.recv()
+    c.send(P.pack(P.request(11, 0, [d]), [payload]))
+    full = c.recv()
+    assert ok.kind == full.kind == "result" and ok.frames[0] == full.frames[0]
+    c.send(P.pack(P.ping(3)))
+    assert c.recv().kind == "pong"
+    # a session on another bundle checks against that bundle's modes: mode 1 (c4-b4) is 128 bytes
+    c.hello(multi_bundle)
+    c.send(P.pack(P.request(12, 1, None), [payload]))
+    m = c.recv()
+    assert (m.kind, m.id, m.header["code"]) == ("error", 12, ErrorCode.MALFORMED) and "128" in m.header["message"]
+    d1, p1 = codec.encode(_head_outputs(multi_bundle, cifar_samples[:1])[0], multi_bundle.mode(1), name="z")
+    c.send(P.pack(P.request(13, 1, None), [p1]))
+    assert c.recv().kind == "result"
+    c.close()
+    stats = server.stats()
+    assert stats["error_MALFORMED"] >= 6 and stats["error_UNKNOWN_MODE"] >= 2
+
+
+class FakeServer:
+    """A hand-written ROUTER peer playing a server of either revision: v1.1 when ``features``
+    lists compact_requests, else v1.0 (whose parser answers a request without 'tensors'
+    MALFORMED before it looks at the session). Answers requests with zero logits."""
+
+    def __init__(self, features=()):
+        import threading
+
+        self.router, self.endpoint = bind_router("tcp://127.0.0.1:0")
+        self.features = list(features)
+        self.sessions: set[bytes] = set()
+        self.requests: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+
+    def _main(self):
+        logits_desc, logits = codec.encode_float(np.zeros(10, np.float32), name="logits")
+        while not self._stop.is_set():
+            if not self.router.poll(20):
+                continue
+            ident, *parts = self.router.recv_multipart()
+            h = P.unpack_header(parts[0])
+            frames = []
+            if h["kind"] == "hello":
+                self.sessions.add(ident)
+                reply = P.welcome(h["bundle"], "fake", credits=8, limits=P.DEFAULT_LIMITS, heartbeat_ms=0,
+                                  codecs=["raw"], features=self.features)
+            elif h["kind"] == "request":
+                self.requests.append(h)
+                if "tensors" not in h and "compact_requests" not in self.features:
+                    reply = P.error(h["id"], ErrorCode.MALFORMED, "request: missing field 'tensors'")
+                elif ident not in self.sessions:
+                    reply = P.error(h["id"], ErrorCode.NOT_READY, "no session")
+                else:
+                    reply, frames = P.result(h["id"], [logits_desc], queue_us=1, compute_us=1, batch_size=1,
+                                             server_us=2), [logits]
+            else:
+                continue
+            self.router.send_multipart([ident, *P.pack(reply, frames)])
+
+    def restart_as(self, features):
+        """A new server process on the same endpoint: sessions gone, no bye sent."""
+        self.features = list(features)
+        self.sessions.clear()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(2)
+        self.router.close(0)
+
+
+def test_agent_sends_full_requests_unless_the_server_offers_compact(tiny_bundle, cifar_samples):
+    fake = FakeServer(features=())  # a v1.0 server
+    try:
+        agent = Agent(tiny_bundle, fake.endpoint, threads=1, timeout_s=5).connect()
+        assert agent.welcome is not None and not agent.compact_requests
+        r = agent.infer(cifar_samples[0])
+        assert r.ok and "tensors" in fake.requests[-1] and r.header_bytes > 100
+        assert fake.requests[-1]["tensors"][0] == P.compact_descriptor("z", [8, 8, 8], tiny_bundle.default_mode)
+        assert "t_send_ns" not in fake.requests[-1]  # the agent keeps its send times itself
+
+        # restarted as v1.1: NOT_READY -> hello -> welcome with the feature -> the full request
+        # resent as it was; the next ones go out compact
+        fake.restart_as(["compact_requests"])
+        r = agent.infer(cifar_samples[1])
+        assert r.ok and agent.compact_requests and "tensors" in fake.requests[-1]
+        r = agent.infer(cifar_samples[2])
+        assert r.ok and "tensors" not in fake.requests[-1] and r.header_bytes < 40
+        agent.deadline_ms = 50.0
+        r = agent.infer(cifar_samples[3])
+        assert r.ok and fake.requests[-1]["deadline_ms"] == 50 and r.header_bytes == 40
+
+        # a v1.0 server takes the endpoint over without a bye: the compact request is refused
+        # MALFORMED, the agent resends it in full (NOT_READY -> hello -> welcome without the
+        # feature -> resend) and stays with full requests
+        fake.restart_as([])
+        n = len(fake.requests)
+        r = agent.infer(cifar_samples[4])
+        assert r.ok, r
+        assert ["tensors" in h for h in fake.requests[n:]] == [False, True, True]
+        assert not agent.compact_requests and r.header_bytes > 100
+        r = agent.infer(cifar_samples[5])
+        assert r.ok and "tensors" in fake.requests[-1]
+        agent.close()
+    finally:
+        fake.close()

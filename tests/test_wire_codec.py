@@ -136,6 +136,22 @@ def test_zstd_is_worth_it_on_sparse_activations():
     assert d_a["codec"] == "raw"
 
 
+def test_auto_margin_keeps_zstd_only_when_it_saves_more():
+    # The agent passes the header bytes a zstd frame costs over a compact raw request: zstd must
+    # save more than that, else the frame goes raw (and compact).
+    x = np.maximum(RNG.standard_normal((8, 8, 8)).astype(np.float32) - 0.5, 0)
+    m = mode(8, 8, 4 / 255)
+    _, p_raw = encode(x, m, codec="raw")
+    _, p_z = encode(x, m, codec="zstd")
+    saved = len(p_raw) - len(p_z)
+    assert saved > 10
+    assert encode(x, m, codec="auto")[0]["codec"] == "zstd"
+    assert encode(x, m, codec="auto", auto_margin=saved - 1)[0]["codec"] == "zstd"
+    d, p = encode(x, m, codec="auto", auto_margin=saved)
+    assert d["codec"] == "raw" and p == p_raw
+    assert encode(x, m, codec="zstd", auto_margin=10_000)[0]["codec"] == "zstd"  # only auto looks at it
+
+
 def test_codec_is_vectorized():
     x = RNG.standard_normal((32, 64, 28, 28)).astype(np.float32)  # 1.6 M elements
     for bits in (8, 6, 4, 2):

@@ -11,6 +11,11 @@ In-process use::
         print(r.to_json())
     agent.close()
 
+Requests go out **compact** (protocol v1.1: header ``{v, kind, id, mode[, deadline_ms]}``, no
+tensor descriptor, 27-31 bytes instead of ~130) when the server's welcome lists
+``"compact_requests"`` and the frame is the mode's default encoding (raw codec, all the mode's
+channels, one row); otherwise, and to v1.0 servers, as full requests.
+
 Every frame ends as exactly one :class:`FrameResult`: with ``pred`` set, or with ``error`` set to
 the server's error name (or ``TIMEOUT`` / ``DISCONNECTED`` for failures seen on the agent side).
 """
@@ -99,6 +104,9 @@ class _Pending:
     parts: list          # the request as sent (header bytes + payload), kept for one resend
     t_send_ns: int
     resent: bool = False
+    compact: bool = False            # sent as a v1.1 compact request (no 'tensors' in the header)
+    desc: dict | None = None         # its descriptor, to rebuild a full request for a resend
+    deadline_ms: float | int | None = None
 
 
 class Agent:
@@ -119,6 +127,16 @@ class Agent:
         self.timeout_s = float(timeout_s)
         self.name = name or default_agent_name()
         self.wire_name = self.bundle.wire_spec["name"]
+        # v1.1: the descriptor each mode implies in a compact request. A frame whose descriptor
+        # equals it (raw codec, all the mode's channels, one row) goes out compact when the
+        # server's welcome allows it; anything else goes out as a full request.
+        self._implicit = {m.id: P.compact_descriptor(self.wire_name, self.bundle.wire_spec["shape"], m)
+                          for m in self.bundle.modes}
+        # What a full request's header costs over a compact one's: the "tensors" key and its
+        # descriptor. With --codec auto and compact requests, zstd must save more than this.
+        self._full_extra = {mid: len(P.pack_header({"tensors": [dict(d, codec="zstd")]})) - 1
+                            for mid, d in self._implicit.items()}
+        self.compact_requests = False  # the server's latest welcome listed "compact_requests"
         self.head = None
         if load_head:
             from ..engine import create_engine
@@ -229,19 +247,24 @@ class Agent:
             self._pump(self._wait_budget())
         m = self.mode if mode is None else self.bundle.mode(mode)
         t0 = time.perf_counter()
-        desc, payload = codec.encode(z, m, codec=self.codec, name=self.wire_name)
+        margin = self._full_extra.get(m.id, 0) if self.compact_requests and self.codec == "auto" else 0
+        desc, payload = codec.encode(z, m, codec=self.codec, name=self.wire_name, auto_margin=margin)
         encode_ms = (time.perf_counter() - t0) * 1e3
         rid = self._next_id
         self._next_id += 1
-        deadline = self.deadline_ms if deadline_ms is None else deadline_ms
-        t_send = time.perf_counter_ns()
-        parts = P.pack(P.request(rid, m.id, [desc], deadline_ms=deadline, t_send_ns=t_send), [payload])
+        deadline = P.wire_number(self.deadline_ms if deadline_ms is None else deadline_ms)
+        # Compact (v1.1) when the server accepts it and the frame is the mode's default encoding.
+        # No t_send_ns: the agent keeps its send time in _Pending, the echo would carry nothing.
+        compact = self.compact_requests and desc == self._implicit.get(m.id)
+        header = P.pack_header(P.request(rid, m.id, None if compact else [desc], deadline_ms=deadline))
+        parts = [header, payload]
         handshaking = self._handshaking
+        t_send = time.perf_counter_ns()
         if not handshaking:
             self._raw_send(parts)  # first, so the bookkeeping below overlaps the round trip
         res = FrameResult(id=rid, key=key, label=label, mode=m.id, head_ms=head_ms, encode_ms=encode_ms,
-                          bytes_sent=len(payload), header_bytes=len(parts[0]))
-        self._pending[rid] = _Pending(res, parts, t_send)
+                          bytes_sent=len(payload), header_bytes=len(header))
+        self._pending[rid] = _Pending(res, parts, t_send, compact=compact, desc=desc, deadline_ms=deadline)
         if handshaking:  # re-handshake in progress: the request goes out after welcome
             self._resend_after_welcome.append(rid)
         return rid
@@ -370,12 +393,26 @@ class Agent:
                 if not self._handshaking:
                     self._send_hello()
                 return
+            if h["code"] == ErrorCode.MALFORMED and p.compact:
+                # A compact request refused as malformed: the peer does not take compact requests
+                # after all (e.g. a v1.0 server took over the endpoint without a bye, and v1.0
+                # wants 'tensors' before it even looks at the session). Stop sending compact ones
+                # until a welcome offers them again, and resend this one once in full.
+                self.compact_requests = False
+                self._make_full(p)
+                if self._handshaking:
+                    self._resend_after_welcome.append(rid)
+                else:
+                    p.t_send_ns = time.perf_counter_ns()
+                    self._raw_send(p.parts)
+                return
             self._fail(rid, name, h["code"], h["message"])
         elif kind == Kind.WELCOME:
             if h["bundle"] != self.bundle.hash:
                 self.connection_errors.append(("UNKNOWN_BUNDLE", f"welcome names bundle {h['bundle'][:16]}..."))
                 return
             self.welcome = h
+            self.compact_requests = P.FEATURE_COMPACT_REQUESTS in (h.get("features") or ())
             self.credits = h["credits"]
             self.heartbeat_ms = h["heartbeat_ms"]
             lim = h["limits"]
@@ -389,6 +426,10 @@ class Agent:
             for rid in resend:
                 p = self._pending.get(rid)
                 if p is not None:
+                    if p.compact and not self.compact_requests:
+                        # Built as compact for a server that no longer offers it (say, an older
+                        # server came back on this endpoint): send the full form instead.
+                        self._make_full(p)
                     p.t_send_ns = time.perf_counter_ns()
                     self._raw_send(p.parts)
         elif kind == Kind.PING:
@@ -400,6 +441,14 @@ class Agent:
             self.welcome = None
             for rid in list(self._pending):
                 self._fail(rid, ErrorCode.SHUTTING_DOWN.name, int(ErrorCode.SHUTTING_DOWN), f"server said bye: {self.server_bye}")
+
+    @staticmethod
+    def _make_full(p: _Pending) -> None:
+        """Turn a pending compact request into the equivalent full request (same id, payload)."""
+        header = P.pack_header(P.request(p.result.id, p.result.mode, [p.desc], deadline_ms=p.deadline_ms))
+        p.parts = [header, *p.parts[1:]]
+        p.compact = False
+        p.result.header_bytes = len(header)
 
     def _on_result(self, msg: P.Message) -> None:
         h = msg.header

@@ -22,6 +22,12 @@ type checks with the generic rules as fallback, results are packed from cached p
 (:class:`~edgesplit.wire.protocol.ResultPacker`), 2/4-bit payloads are decoded with a 256-entry
 table.
 
+Requests arrive full (with their tensor descriptor) or, from agents that saw
+``"compact_requests"`` in this server's welcome (protocol v1.1), compact: no descriptor, one
+frame whose descriptor the bundle mode implies; the I/O thread checks its length against that
+descriptor (:meth:`TailRunner.check_compact`) before anything is decoded, and from then on both
+kinds are the same queued item.
+
 Every failure is answered with an error message carrying a code; nothing a peer sends can stop
 the daemon. SIGINT/SIGTERM (or :meth:`Server.stop`) drain: new requests get SHUTTING_DOWN,
 queued ones are computed and answered, every session gets ``bye``, sockets close, exit 0.
@@ -99,6 +105,9 @@ class TailRunner:
         self.output_name = self.engine.outputs[0].name
         self.modes = {m.id: m for m in bundle.modes}
         self._mode_spec = {m.id: (int(m.bits), int(m.channels)) for m in bundle.modes}
+        # v1.1 compact requests: each mode's implied descriptor, built once and shared (never
+        # mutated) by every compact request of that mode.
+        self._compact = {m.id: P.compact_descriptor(self.wire_name, self.wire_shape, m) for m in bundle.modes}
         self._bufs: dict[int, np.ndarray] = {}
         self._out_descs: dict[tuple, list[dict[str, Any]]] = {}
 
@@ -130,6 +139,21 @@ class TailRunner:
         if rows < 1:
             raise ProtocolError(ErrorCode.MALFORMED, "request tensor has zero rows", rid)
         return rows, False
+
+    def check_compact(self, mode_id: int, frame, rid: int) -> dict[str, Any]:
+        """Validate a compact request's frame against its mode (before anything is decoded or
+        allocated for it); return the implied descriptor."""
+        d = self._compact.get(mode_id)
+        if d is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_MODE,
+                                f"bundle '{self.bundle.name}' has no mode {mode_id} (modes: {sorted(self.modes)})", rid)
+        n = len(frame) if type(frame) is bytes else memoryview(frame).nbytes
+        if n != d["nbytes"]:
+            c, h, w = d["shape"]
+            raise ProtocolError(ErrorCode.MALFORMED,
+                                f"compact request: frame is {n} bytes, mode {mode_id} ({c}x{h}x{w} codes at {d['bits']} bits, "
+                                f"raw) needs exactly {d['nbytes']}", rid)
+        return d
 
     def _buffer(self, c: int, rows: int) -> np.ndarray:
         """The reusable input batch for requests that send ``c`` channels: ``[n >= rows, C, h, w]``
@@ -451,7 +475,8 @@ class Server:
         self.counters["sessions_opened"] += 1
         log.info("hello from %s (%s): bundle %s, %d credits", h["agent"], identity.hex(), bundle.name, credits)
         self._send(router, identity, P.welcome(bundle.hash, self.name, credits=credits, limits=self.limits,
-                                               heartbeat_ms=self.heartbeat_ms, codecs=self._codecs))
+                                               heartbeat_ms=self.heartbeat_ms, codecs=self._codecs,
+                                               features=P.SERVER_FEATURES))
 
     def _on_request(self, router: zmq.Socket, identity: bytes, session: Session | None, msg: P.Message,
                     t_recv: int, draining: bool) -> None:
@@ -461,15 +486,20 @@ class Server:
             raise ProtocolError(ErrorCode.NOT_READY, "no session: send hello first (or again, after a reconnect)", rid)
         if draining:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down", rid)
-        if len(msg.frames) != 1:
-            raise ProtocolError(ErrorCode.MALFORMED, f"a v1 request carries exactly one tensor, got {len(msg.frames)}", rid)
-        d = h["tensors"][0]
-        if d["codec"] not in self._codecs:
-            raise ProtocolError(ErrorCode.UNSUPPORTED, f"codec '{d['codec']}' is not available on this server", rid)
         runner = self.runners[session.bundle]
-        rows, single = runner.check(h["mode"], d, rid)
-        if rows > self.batcher.max_batch:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"{rows} rows in one request, over max batch {self.batcher.max_batch}", rid)
+        tensors = h.get("tensors")
+        if tensors is None:  # v1.1 compact request: parse() saw exactly one frame; one row, raw
+            d = runner.check_compact(h["mode"], msg.frames[0], rid)
+            rows, single = 1, True
+        else:
+            if len(msg.frames) != 1:
+                raise ProtocolError(ErrorCode.MALFORMED, f"a v1 request carries exactly one tensor, got {len(msg.frames)}", rid)
+            d = tensors[0]
+            if d["codec"] not in self._codecs:
+                raise ProtocolError(ErrorCode.UNSUPPORTED, f"codec '{d['codec']}' is not available on this server", rid)
+            rows, single = runner.check(h["mode"], d, rid)
+            if rows > self.batcher.max_batch:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"{rows} rows in one request, over max batch {self.batcher.max_batch}", rid)
         if session.inflight >= session.credits:
             raise ProtocolError(ErrorCode.OVERLOADED, f"credits exceeded: {session.inflight} requests in flight, {session.credits} allowed", rid)
         deadline = h.get("deadline_ms")

@@ -5,11 +5,13 @@ Importing this package needs numpy, msgpack and pyzmq only (zstandard when the z
 
 from .codec import (CODECS, PACKED_BITS, ErrorCode, WireError, check_descriptor, decode, encode,
                     encode_float, pack_bits, unpack_bits)
-from .protocol import (DEFAULT_LIMITS, KINDS, PROTOCOL_VERSION, RESERVED_KINDS, Kind, Limits, Message,
-                       ProtocolError, pack, parse)
+from .protocol import (DEFAULT_LIMITS, FEATURE_COMPACT_REQUESTS, KINDS, PROTOCOL_REVISION, PROTOCOL_VERSION,
+                       RESERVED_KINDS, SERVER_FEATURES, Kind, Limits, Message, ProtocolError, compact_descriptor, pack,
+                       parse)
 
 __all__ = [
     "CODECS", "PACKED_BITS", "ErrorCode", "WireError", "check_descriptor", "decode", "encode", "encode_float",
     "pack_bits", "unpack_bits", "DEFAULT_LIMITS", "KINDS", "PROTOCOL_VERSION", "RESERVED_KINDS", "Kind",
-    "Limits", "Message", "ProtocolError", "pack", "parse",
+    "Limits", "Message", "ProtocolError", "pack", "parse", "FEATURE_COMPACT_REQUESTS", "PROTOCOL_REVISION",
+    "SERVER_FEATURES", "compact_descriptor",
 ]

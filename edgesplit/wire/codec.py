@@ -376,7 +376,7 @@ def descriptor(name: str, shape, dtype: str, bits: int, scale: float, zero_point
 # encode / decode
 
 
-def _lossless(packed: bytes, codec: str) -> tuple[str, bytes]:
+def _lossless(packed: bytes, codec: str, auto_margin: int = 0) -> tuple[str, bytes]:
     if codec == "raw":
         return "raw", packed
     if codec == "zstd":
@@ -385,14 +385,17 @@ def _lossless(packed: bytes, codec: str) -> tuple[str, bytes]:
         if not zstd_available():
             return "raw", packed
         z = _compressor().compress(packed)
-        return ("zstd", z) if len(z) < len(packed) else ("raw", packed)
+        return ("zstd", z) if len(z) + auto_margin < len(packed) else ("raw", packed)
     raise WireError(ErrorCode.UNSUPPORTED, f"codec {codec!r} is not supported (use raw, zstd or auto)")
 
 
-def encode(x: np.ndarray, mode: QuantMode, *, codec: str = "raw", name: str = "wire") -> tuple[dict[str, Any], bytes]:
+def encode(x: np.ndarray, mode: QuantMode, *, codec: str = "raw", name: str = "wire",
+           auto_margin: int = 0) -> tuple[dict[str, Any], bytes]:
     """Quantize, keep the first ``mode.channels`` channels (axis -3), pack and optionally compress.
 
     ``x`` is float32 ``[C, h, w]`` (one frame) or ``[N, C, h, w]``. Returns ``(descriptor, payload)``.
+    ``codec="auto"`` keeps zstd only when it saves more than ``auto_margin`` bytes (the agent
+    passes what a zstd frame costs in header bytes over a raw one sent as a compact request).
     """
     x = np.asarray(x)
     if x.ndim not in (3, 4):
@@ -405,7 +408,7 @@ def encode(x: np.ndarray, mode: QuantMode, *, codec: str = "raw", name: str = "w
     if c != x.shape[-3]:
         x = x[..., :c, :, :]
     q = quantize(x, bits, mode.scale, mode.zero_point)
-    used, payload = _lossless(pack_bits(q, bits), codec)
+    used, payload = _lossless(pack_bits(q, bits), codec, auto_margin)
     return descriptor(name, q.shape, "uint8", bits, mode.scale, mode.zero_point, c, used, len(payload)), payload
 
 

@@ -1,4 +1,4 @@
-"""Wire protocol v1: message kinds, header schemas, validation (docs/PROTOCOL.md is normative).
+"""Wire protocol v1 (revision 1.1): message kinds, header schemas, validation (docs/PROTOCOL.md is normative).
 
 Every message is one ZeroMQ multipart message: frame 0 is a msgpack map (the header), frames
 1..n are raw tensor payloads described, in order, by the header's descriptor list (``tensors`` in
@@ -11,6 +11,10 @@ its frame (declared ``nbytes`` == actual length <= the frame limit). Anything of
 :class:`ProtocolError` with the code the peer must be told. Unknown *keys* are ignored (so later
 minor revisions can add optional fields); unknown *kinds* are MALFORMED; reserved kinds are
 UNSUPPORTED.
+
+Revision 1.1 adds **compact requests**: a ``request`` without ``tensors`` carries one frame whose
+descriptor is implied by the bundle mode (:func:`compact_descriptor`); a server that accepts them
+lists ``"compact_requests"`` in ``welcome.features``, and an agent sends one only then.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from typing import Any, Iterable, Sequence
 
 import msgpack
 
-from .codec import CODECS, PACKED_BITS, ErrorCode, WireError, check_descriptor
+from .codec import CODECS, PACKED_BITS, ErrorCode, WireError, check_descriptor, descriptor, packed_nbytes
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 1          # the major version: the "v" of every header
+PROTOCOL_REVISION = (1, 1)    # major.minor of docs/PROTOCOL.md; minor revisions add optional keys only
 SUPPORTED_VERSIONS = (1,)
+# Features a server may list in welcome.features (v1.1). A peer relies on one only when advertised.
+FEATURE_COMPACT_REQUESTS = "compact_requests"
+SERVER_FEATURES = (FEATURE_COMPACT_REQUESTS,)
 UINT64_MAX = (1 << 64) - 1
 _MODE_MAX = (1 << 31) - 1
 
@@ -122,21 +130,51 @@ def hello(bundle: str, agent: str, *, codecs: Iterable[str] = CODECS, bits: Iter
 
 
 def welcome(bundle: str, server: str, *, credits: int, limits: Limits, heartbeat_ms: int,
-            codecs: Iterable[str], bits: Iterable[int] = PACKED_BITS) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "kind": Kind.WELCOME, "bundle": bundle, "server": server,
-            "credits": int(credits), "limits": limits.to_wire(), "heartbeat_ms": int(heartbeat_ms),
-            "codecs": list(codecs), "bits": [int(b) for b in bits]}
+            codecs: Iterable[str], bits: Iterable[int] = PACKED_BITS, features: Iterable[str] = ()) -> dict[str, Any]:
+    """``features`` (v1.1): what this server accepts beyond v1.0, e.g. :data:`SERVER_FEATURES`;
+    the key is left out when there are none (a v1.0 welcome)."""
+    h = {"v": PROTOCOL_VERSION, "kind": Kind.WELCOME, "bundle": bundle, "server": server,
+         "credits": int(credits), "limits": limits.to_wire(), "heartbeat_ms": int(heartbeat_ms),
+         "codecs": list(codecs), "bits": [int(b) for b in bits]}
+    features = [str(f) for f in features]
+    if features:
+        h["features"] = features
+    return h
 
 
-def request(req_id: int, mode: int, tensors: list[dict[str, Any]], *, deadline_ms: float | None = None,
+def request(req_id: int, mode: int, tensors: list[dict[str, Any]] | None, *, deadline_ms: float | None = None,
             t_send_ns: int | None = None) -> dict[str, Any]:
+    """A request header. ``tensors=None`` makes a **compact request** (v1.1): no ``tensors`` key,
+    one frame encoded exactly as :func:`compact_descriptor` says. Send one only to a server that
+    listed ``"compact_requests"`` in its welcome."""
     h: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": Kind.REQUEST, "id": int(req_id), "mode": int(mode)}
     if deadline_ms is not None:
         h["deadline_ms"] = deadline_ms
     if t_send_ns is not None:
         h["t_send_ns"] = int(t_send_ns)
-    h["tensors"] = tensors
+    if tensors is not None:
+        h["tensors"] = tensors
     return h
+
+
+def compact_descriptor(name: str, wire_shape: Sequence[int], mode: Any) -> dict[str, Any]:
+    """The descriptor a compact request's frame implicitly has (v1.1, docs/PROTOCOL.md §3.3.1):
+    the bundle's wire tensor ``name``, one frame ``[mode.channels, h, w]`` (``h, w`` from the
+    wire shape ``[C, h, w]``), packed ``uint8`` codes at the mode's ``bits``, ``scale`` and
+    ``zero_point``, codec ``raw``, ``nbytes = ceil(channels*h*w*bits/8)``. ``mode`` has the
+    attributes of :class:`edgesplit.bundle.Mode` (channels, bits, scale, zero_point)."""
+    c, h, w = int(mode.channels), int(wire_shape[-2]), int(wire_shape[-1])
+    bits = int(mode.bits)
+    return descriptor(name, (c, h, w), "uint8", bits, float(mode.scale), int(mode.zero_point), c, "raw",
+                      packed_nbytes(c * h * w, bits))
+
+
+def wire_number(x: float | int | None) -> float | int | None:
+    """A number as the fewest msgpack bytes carry it: an integral float becomes an int (1 byte
+    for 0..127 instead of 9), which readers accept wherever a number is allowed."""
+    if type(x) is float and x.is_integer() and -(1 << 63) <= x < (1 << 63):
+        return int(x)
+    return x
 
 
 def result(req_id: int, outputs: list[dict[str, Any]], *, queue_us: float, compute_us: float, batch_size: int,
@@ -338,6 +376,8 @@ def _v_welcome(h: dict, frames: list, limits: Limits) -> None:
     _int(h, "heartbeat_ms", "welcome", 0, 1 << 31)
     _list(h, "codecs", "welcome", str, 16)
     _list(h, "bits", "welcome", int, 16)
+    if h.get("features") is not None:  # v1.1, optional
+        _list(h, "features", "welcome", str, 32)
 
 
 def _v_request(h: dict, frames: list, limits: Limits) -> None:
@@ -357,6 +397,16 @@ def _v_request(h: dict, frames: list, limits: Limits) -> None:
         _int(h, "t_send_ns", "request", 0, UINT64_MAX, rid, optional=True)
     if not frames:
         raise ProtocolError(M, "request: carries no tensor frame", rid)
+    if h.get("tensors") is None:
+        # v1.1 compact request: exactly one frame, its descriptor implied by the bundle mode. Its
+        # length is checked against that descriptor by the server, which knows the bundle.
+        if len(frames) != 1:
+            raise ProtocolError(M, f"request: a compact request (no 'tensors') carries exactly one frame, got {len(frames)}", rid)
+        f = frames[0]
+        n = len(f) if type(f) is bytes else memoryview(f).nbytes
+        if n > limits.max_frame_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"request: frame 1 is {n} bytes, over the limit of {limits.max_frame_bytes}", rid)
+        return
     descs = _descriptors(h, "tensors", "request", frames, limits, rid)
     for d in descs:
         shape = d["shape"]

@@ -107,6 +107,7 @@ def run_demo(bundle_path: Path, source: str | None, frames: int, mode: int | Non
         "accuracy": None if not labelled else sum(r.pred == r.label for r in labelled) / len(labelled),
         "manifest_accuracy": m.accuracy, "teacher_accuracy": bundle.manifest.get("teacher_accuracy"),
         "bytes_per_frame": float(np.median([r.bytes_sent for r in results])),
+        "header_bytes_per_frame": float(np.median([r.header_bytes for r in results])),
         "input_jpeg_bytes_median": float(np.median(jpeg)),
         "latency_ms": {k: dict(zip(("p50", "p95"), percentiles(v))) for k, v in lat.items()},
         "frames_per_s": len(results) / wall, "inflight": inflight,
@@ -117,11 +118,13 @@ def format_table(r: dict) -> str:
     lines = [f"edgesplit demo: {r['bundle']} ({r['mode']}), {r['frames']} frames of {r['source']}, "
              f"server and agent on loopback", ""]
     acc = "n/a (no labels)" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-    if r["teacher_accuracy"] is not None:
-        acc += f"   (unsplit reference model: {r['teacher_accuracy']:.3f} on the full test set)"
+    if r["manifest_accuracy"] is not None and r["teacher_accuracy"] is not None:
+        acc += (f"   (full test set, from the manifest: this mode {r['manifest_accuracy']:.3f}, "
+                f"unsplit reference model {r['teacher_accuracy']:.3f})")
     lines += [f"  accuracy          {acc}",
-              f"  bytes per frame   {r['bytes_per_frame']:.0f} B on the wire  vs  {r['input_jpeg_bytes_median']:.0f} B "
-              f"input JPEG (median): {r['input_jpeg_bytes_median'] / max(1.0, r['bytes_per_frame']):.1f}x fewer",
+              f"  bytes per frame   {r['bytes_per_frame']:.0f} B tensor + {r['header_bytes_per_frame']:.0f} B header  vs  "
+              f"{r['input_jpeg_bytes_median']:.0f} B input JPEG (median): "
+              f"{r['input_jpeg_bytes_median'] / max(1.0, r['bytes_per_frame'] + r['header_bytes_per_frame']):.1f}x fewer",
               f"  throughput        {r['frames_per_s']:.0f} frames/s with {r['inflight']} in flight",
               f"  errors            {r['errors'] or 'none'}", "",
               f"  {'latency (ms)':<18}{'p50':>9}{'p95':>9}"]

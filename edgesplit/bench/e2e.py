@@ -95,6 +95,7 @@ def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: i
     return {
         "bench": "e2e", "bundle": bundle.name, "source": source, "frames": len(rows), "errors": len(recs) - len(rows) - 1,
         "bytes_per_frame": bytes_pf,
+        "header_bytes_per_frame": float(np.median([r["header_bytes"] for r in rows])),
         "e2e_ms_p50": p50(e2e), "e2e_ms_p95": float(np.percentile(e2e, 95)),
         "head_ms_p50": p50(head), "encode_ms_p50": p50(enc), "tail_ms_p50": p50(tail),
         "rtt_ms_p50": p50(rtt), "server_queue_ms_p50": p50([r["server_queue_ms"] for r in warm]),

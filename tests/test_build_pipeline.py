@@ -106,7 +106,9 @@ def test_rerun_skips_finished_steps(short_build, tmp_path):
 
 def test_rerun_resumes_a_stage_from_its_checkpoint(short_build, tmp_path):
     run = _copy_run(short_build, tmp_path)
-    # Stopped after stage 2's last epoch checkpoint, before student.pt was written.
+    # Stopped after stage 2's last epoch checkpoint, before its artefact (stage2.pt) and student.pt
+    # were written.
+    (run / "stage2.pt").unlink()
     (run / "student.pt").unlink()
     (run / "results.json").unlink()
     before = len(_log(run))
@@ -300,3 +302,21 @@ def test_eval_accuracy_recomputed_independently(short_build, eval_json):
             assert eval_json["accuracy"] == acc
     assert eval_json["teacher_accuracy"] == float(np.mean(full.run1(x).argmax(1) == y))
     assert eval_json["input_jpeg_bytes_median"] == float(np.median([len(s.data) for s in samples]))
+
+
+def test_stage3_continues_stage2_at_lower_bits(short_build, tmp_path):
+    """The optional stage 3 starts from stage 2's artefact (stage 2 is not trained again), trains at
+    ``stage3_bits`` and leaves stage3.pt and a new student."""
+    from edgesplit.build.recipe import TrainCfg
+
+    run = _copy_run(short_build, tmp_path)
+    (run / "student.pt").unlink()
+    (run / "results.json").unlink()
+    r = short_recipe()
+    r.stage3, r.stage3_bits = TrainCfg(epochs=1, lr=0.005, batch=32, eval_every=1), 2
+    before = len(_log(run))
+    res = run_recipe(r, run, device="cpu", limit_per_shard=LIMIT_PER_SHARD, workers=1)
+    trained = [x["stage"] for x in _log(run)[before:] if "epoch" in x and "event" not in x]
+    assert trained == ["stage3"]
+    assert (run / "stage3.pt").is_file() and (run / "student.pt").is_file()
+    assert {m["bits"] for m in res["modes"]} == {8, 4, 2}

@@ -1,7 +1,8 @@
 """``edgesplit train RECIPE``: the whole BottleFit pipeline as resumable steps in a run directory.
 
 teacher (train from scratch, or load + adapt) -> stage 1 -> stage 2 -> calibrate -> evaluate.
-Each step leaves an artefact (``teacher.pt``, ``stage1.pt``, ``student.pt``, ``results.json``);
+Each step leaves an artefact (``teacher.pt``, ``stage1.pt``, ``stage2.pt``, optional ``stage3.pt``,
+``student.pt``, ``results.json``);
 a rerun skips finished steps and resumes unfinished ones from their per-epoch checkpoint.
 """
 
@@ -112,9 +113,21 @@ def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_sh
     if out_path.exists():
         student.load_state_dict(torch.load(out_path, map_location=dev, weights_only=True)["model"])
     else:
-        c2 = vars(r.stage2)
-        finetune_stage2(student, teacher, c2, loader(c2["batch"], True), dev, run_dir, log,
-                        lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev))
+        # Stage 2, then the optional stage 3: the same KD fine-tune continued at a lower bit depth
+        # (``stage3.bits``), so that the smallest modes keep their accuracy. Each leaves its artefact.
+        steps = [("stage2", r.stage2, r.split.train_bits)]
+        if r.stage3 is not None:
+            steps.append(("stage3", r.stage3, r.stage3_bits))
+        for name, cfg_k, bits in steps:
+            art = run_dir / f"{name}.pt"
+            if art.exists():
+                student.load_state_dict(torch.load(art, map_location=dev, weights_only=True))
+                continue
+            student.quant.bits = bits
+            ck = vars(cfg_k)
+            finetune_stage2(student, teacher, ck, loader(ck["batch"], True), dev, run_dir, log,
+                            lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev), name=name)
+            torch.save(student.state_dict(), art)
 
     # 3. Calibrate the wire quantization on training data, then evaluate every mode with it applied.
     z = collect_wire(student, DeviceLoader(xtr, ytr, 500, dev, MEAN, STD), max_batches=20)

@@ -62,6 +62,8 @@ class Recipe:
     split: SplitCfg
     stage1: TrainCfg
     stage2: TrainCfg
+    stage3: TrainCfg | None = None  # optional: stage 2 continued at ``stage3_bits`` (low-bit modes)
+    stage3_bits: int = 2
     mode_bits: list[int] = field(default_factory=lambda: [8])
     default_bits: int = 8
     seed: int = 0
@@ -133,6 +135,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"mode_bits: each must be one of 2, 4, 6, 8 (got {r.mode_bits})")
     if r.split.train_bits not in (2, 4, 6, 8):
         raise RecipeError(f"split.train_bits: must be one of 2, 4, 6, 8 (got {r.split.train_bits})")
+    if r.stage3_bits not in (2, 4, 6, 8):
+        raise RecipeError(f"stage3_bits: must be one of 2, 4, 6, 8 (got {r.stage3_bits})")
     if r.default_bits not in r.mode_bits:
         raise RecipeError("default_bits: must be one of mode_bits")
     return r

@@ -142,7 +142,8 @@ def distill_stage1(student: BottleFitSplit, teacher: nn.Module, cfg, loader, dev
     _freeze(student, False)
 
 
-def finetune_stage2(student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None) -> None:
+def finetune_stage2(student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None,
+                    name: str = "stage2") -> None:
     """KD fine-tuning of decoder + tail: 0.5 CE + 0.5 KL(student || teacher) at temperature T,
     with the wire tensor fake-quantized at the recipe's training bit depth."""
     teacher.eval()
@@ -163,7 +164,7 @@ def finetune_stage2(student: BottleFitSplit, teacher: nn.Module, cfg, loader, de
         kl = F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1), reduction="batchmean") * T * T
         return (1 - alpha) * F.cross_entropy(s_logits, y) + alpha * kl
 
-    EpochRunner("stage2", student, student.parameters(), cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)
+    EpochRunner(name, student, student.parameters(), cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)
 
 
 @torch.no_grad()

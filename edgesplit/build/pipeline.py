@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from ..data.sources import CLASSES, data_root
 from .data import DeviceLoader, load_split
-from .families.bottlefit import BottleFitConfig, BottleFitSplit
+from .families.bottlefit import BottleFitConfig, BottleFitSplit, BottleneckSpec
 from .recipe import Recipe
 from .train import calibrate, collect_wire, distill_stage1, evaluate, finetune_stage2, train_classifier, write_log
 from .zoo import create_model, load_pretrained
@@ -26,13 +27,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def student_config(r: Recipe) -> BottleFitConfig:
-    s = r.split
-    return BottleFitConfig(
-        arch=r.teacher.arch, num_classes=len(CLASSES[r.dataset]), split_at=s.split_at, input_size=r.input_size,
-        bottleneck_channels=s.bottleneck_channels, encoder_widths=s.encoder_widths, encoder_strides=s.encoder_strides,
-        bottleneck_stride=s.bottleneck_stride, decoder_widths=s.decoder_widths, decoder_final_relu=s.decoder_final_relu,
-        train_bits=s.train_bits,
-    )
+    spec = {f.name: getattr(r.split, f.name) for f in fields(BottleneckSpec)}
+    return BottleFitConfig(arch=r.teacher.arch, num_classes=len(CLASSES[r.dataset]), input_size=r.input_size, **spec)
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[BottleFitSplit, dict]:

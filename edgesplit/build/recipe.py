@@ -9,6 +9,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .families.bottlefit import BottleneckSpec
+
 
 class RecipeError(ValueError):
     pass
@@ -37,17 +39,9 @@ class TeacherCfg:
     train: TrainCfg | None = None  # from scratch: full training; pretrained: adaptation fine-tune
 
 
-@dataclass
-class SplitCfg:
+@dataclass(kw_only=True)
+class SplitCfg(BottleneckSpec):
     family: str
-    split_at: str
-    bottleneck_channels: int
-    encoder_widths: list[int] = field(default_factory=lambda: [32, 64])
-    encoder_strides: list[int] = field(default_factory=lambda: [1, 2])
-    bottleneck_stride: int = 2
-    decoder_widths: list[int] = field(default_factory=lambda: [64, 64])
-    decoder_final_relu: bool = True
-    train_bits: int = 8
 
 
 @dataclass

@@ -18,12 +18,11 @@ from torch import nn
 from ..zoo import create_model
 
 
-@dataclass
-class BottleFitConfig:
-    arch: str
-    num_classes: int
+@dataclass(kw_only=True)
+class BottleneckSpec:
+    """A BottleFit bottleneck's architecture: the recipe's ``split`` section (less ``family``)."""
+
     split_at: str  # name of the last stage that the encoder/decoder replaces
-    input_size: int
     bottleneck_channels: int
     encoder_widths: list[int] = field(default_factory=lambda: [32, 64])
     encoder_strides: list[int] = field(default_factory=lambda: [1, 2])
@@ -31,6 +30,15 @@ class BottleFitConfig:
     decoder_widths: list[int] = field(default_factory=lambda: [64, 64])
     decoder_final_relu: bool = True
     train_bits: int = 8
+
+
+@dataclass(kw_only=True)
+class BottleFitConfig(BottleneckSpec):
+    """A spec bound to a backbone: what :class:`BottleFitSplit` is built from (saved in student.pt)."""
+
+    arch: str
+    num_classes: int
+    input_size: int
 
     def to_dict(self) -> dict:
         return asdict(self)

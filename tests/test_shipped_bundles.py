@@ -3,11 +3,9 @@ Runtime, and their manifests' accuracies hold on a fresh slice of real test data
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgesplit.bench.evaluate import evaluate_bundle

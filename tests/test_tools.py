@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from build_fixtures import one_torch_thread, short_build  # noqa: F401  (fixtures)
 
-from edgesplit.bundle import Bundle
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
 from edgesplit.engine import EngineError, create_engine

@@ -86,7 +86,7 @@ def simulate(policy: Policy, modes: ModesTable, link: LinkModel, *, fps: float, 
     t0 = time.perf_counter()
     policy.reset()
     pipe = FifoLink(link)
-    dl_s, fb_s = deadline_ms / 1000.0, fallback_ms / 1000.0
+    fb_s = fallback_ms / 1000.0
     base_rtt = link.base_rtt_ms
 
     cap = start_s + np.arange(n) / fps

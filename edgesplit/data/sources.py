@@ -8,7 +8,6 @@ the JPEG size of its input and the "send the JPEG" baseline can re-encode from t
 from __future__ import annotations
 
 import glob
-import io
 import os
 import tarfile
 from dataclasses import dataclass

@@ -1,16 +1,27 @@
-"""``edgesplit bench``: benchmarks with ``--json`` output. Results go to docs/BENCHMARKS.md."""
+"""``edgesplit bench``: benchmarks with ``--json`` output. Results go to docs/BENCHMARKS.md.
+
+Each scenario lives in its own module that defines ``add_arguments(parser)`` and
+``run(args) -> dict``; :data:`SCENARIOS` names them (module path, one-line help). Adding a
+scenario is one line here plus its module, and no scenario imports another's dependencies.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
+
+# name -> (module, help). Modules are imported only when their scenario runs (or for --help).
+SCENARIOS: dict[str, tuple[str, str]] = {
+    "e2e": ("edgesplit.bench.e2e", "one frame at a time through agent -> server -> agent, against raw pyzmq"),
+}
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
+    """Where a benchmark ran: recorded next to every result."""
     import os
 
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -20,19 +31,15 @@ def _machine() -> dict:
 def bench_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="edgesplit bench", description="Benchmarks (JSON with --json).")
     sub = p.add_subparsers(dest="which", required=True)
-    e = sub.add_parser("e2e", help="one frame at a time through agent -> server -> agent, against raw pyzmq")
-    e.add_argument("--bundle", default=None, help="bundle (default: the shipped CIFAR-10 bundle)")
-    e.add_argument("--frames", type=int, default=500)
-    e.add_argument("--source", default=None)
-    e.add_argument("--mode", type=int, default=None)
-    e.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for head and tail")
-    e.add_argument("--json", action="store_true")
+    which = argv[0] if argv and argv[0] in SCENARIOS else None
+    for name, (module, text) in SCENARIOS.items():
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("--json", action="store_true", help="print the result as JSON")
+        # Only the chosen scenario's module is imported: the others may need extras not installed.
+        if which is None or which == name:
+            importlib.import_module(module).add_arguments(sp)
     a = p.parse_args(argv)
-    if a.which == "e2e":
-        from ..demo import DEFAULT_BUNDLE
-        from .e2e import bench_e2e
-
-        res = {**bench_e2e(Path(a.bundle or DEFAULT_BUNDLE), a.frames, a.source, a.mode, a.threads), **_machine()}
+    res = {**importlib.import_module(SCENARIOS[a.which][0]).run(a), **machine_info()}
     if a.json:
         json.dump(res, sys.stdout, indent=2)
         print()

@@ -106,3 +106,17 @@ def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: i
         "agent_torch_loaded": summary.get("torch_loaded"),
         "threads": threads,
     }
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--bundle", default=None, help="bundle (default: the shipped CIFAR-10 bundle)")
+    p.add_argument("--frames", type=int, default=500)
+    p.add_argument("--source", default=None)
+    p.add_argument("--mode", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for head and tail")
+
+
+def run(a) -> dict:
+    from ..demo import DEFAULT_BUNDLE
+
+    return bench_e2e(Path(a.bundle or DEFAULT_BUNDLE), a.frames, a.source, a.mode, a.threads)

@@ -4,6 +4,8 @@ Requests are grouped by key ``(bundle hash, mode id)``: a batch only ever holds 
 the same tail on tensors of the same shape. A key's batch is *due* when
 
 - its queued rows reach ``max_batch``, or
+- its queued rows can form one of the ``preferred`` batch sizes (Triton's ``preferred_batch_size``:
+  a batch of a preferred size runs at once, the largest one that can be formed), or
 - ``max_delay_us`` has passed since its oldest request arrived, or
 - waiting any longer would miss the earliest deadline in it (deadline minus the key's recent
   compute time, an exponentially weighted mean, minus a 2 ms margin), or
@@ -14,6 +16,12 @@ The I/O thread calls :meth:`Batcher.put` (never blocks); the compute thread call
 that arrives at an idle batcher is handed over as a batch of one without touching the per-key
 queues; requests that arrive while the tail is busy still batch up. ``put`` refuses when ``max_queue``
 requests are already waiting; the daemon answers those with OVERLOADED.
+
+Batch composition follows Triton's dynamic batcher: requests join in arrival order; when a
+preferred size can be formed the batch is the largest preferred size that fits (so a tail tuned or
+CUDA-graph-captured for those sizes gets them), otherwise everything queued up to ``max_batch``.
+A request is never split across batches, so with multi-row requests a batch may stop short of the
+preferred size it aimed at.
 """
 
 from __future__ import annotations
@@ -68,10 +76,17 @@ class Batcher:
     is ``puts - takes``, each counter written by one side only.
     """
 
-    def __init__(self, max_batch: int = 32, max_delay_us: float = 2000.0, max_queue: int = 1024):
+    def __init__(self, max_batch: int = 32, max_delay_us: float = 2000.0, max_queue: int = 1024,
+                 preferred: tuple[int, ...] | list[int] = ()):
         if max_batch < 1 or max_queue < 1 or max_delay_us < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_delay_us >= 0")
+        bad = [p for p in preferred if not 1 <= int(p) <= max_batch]
+        if bad:
+            raise ValueError(f"preferred batch sizes must lie in 1..max_batch ({max_batch}), got {bad}")
         self.max_batch = int(max_batch)
+        self.preferred = tuple(sorted({int(p) for p in preferred}))
+        # rows at which a key becomes due at once: the smallest preferred size, else max_batch
+        self._due_rows = self.preferred[0] if self.preferred else self.max_batch
         self.max_delay_ns = int(max_delay_us * 1000)
         self.max_queue = int(max_queue)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # producers -> consumer: items, _CLOSE
@@ -172,7 +187,7 @@ class Batcher:
                 if not q.items:
                     continue
                 head_t = q.items[0].t_recv_ns
-                if self._draining or q.rows >= self.max_batch:
+                if self._draining or q.rows >= self._due_rows:
                     due = -INF
                 else:
                     due = self._due_ns(key, q)
@@ -196,11 +211,20 @@ class Batcher:
                 continue
             self._hold(item)
 
+    def _batch_rows(self, queued: int) -> int:
+        """How many rows the next batch of a key with ``queued`` rows aims at."""
+        limit = self.max_batch
+        for p in self.preferred:  # ascending: the last one that fits is the largest
+            if p <= queued:
+                limit = p
+        return limit
+
     def _pop(self, key: Hashable) -> list[Item]:
         q = self._queues[key]
         out: list[Item] = []
         rows = 0
-        while q.items and (not out or rows + q.items[0].rows <= self.max_batch):
+        limit = self._batch_rows(q.rows) if self.preferred else self.max_batch
+        while q.items and (not out or rows + q.items[0].rows <= limit):
             it = q.items.popleft()
             out.append(it)
             rows += it.rows

@@ -239,6 +239,7 @@ class Server:
     def __init__(self, bundles: Iterable[Bundle | str | Path], bind: str = "tcp://127.0.0.1:5555", *,
                  backend: str = "ort", threads: int | None = None, max_batch: int = 32,
                  max_queue_delay_us: float = 2000.0, max_queue: int = 1024, credits: int = 64,
+                 preferred_batch_sizes: Sequence[int] = (),
                  heartbeat_ms: int = 5000, limits: Limits | None = None, name: str | None = None):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:
@@ -254,7 +255,7 @@ class Server:
         # The advertised per-request row limit is the server's batch size: a request never splits.
         self.limits = replace(limits or Limits(), max_batch=int(max_batch))
         self.name = name or f"{_socket.gethostname()}:{os.getpid()}"
-        self.batcher = Batcher(max_batch, max_queue_delay_us, max_queue)
+        self.batcher = Batcher(max_batch, max_queue_delay_us, max_queue, preferred=preferred_batch_sizes)
         self.runners: dict[str, TailRunner] = {}
         self.endpoint: str | None = None
         self.sessions: dict[bytes, Session] = {}
@@ -615,6 +616,13 @@ class Server:
 # CLI entry: `edgesplit serve ...` and `python -m edgesplit.server.daemon ...`
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -632,6 +640,9 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="most frames run in one tail call")
     p.add_argument("--max-queue-delay-us", type=float, default=2000.0,
                    help="longest a request waits for others to batch with (0: run what is queued at once)")
+    p.add_argument("--preferred-batch-sizes", type=_int_list, default=(), metavar="N,N,...",
+                   help="batch sizes run as soon as they can be formed, largest first (Triton's preferred_batch_size); "
+                        "otherwise a batch waits up to --max-queue-delay-us and takes what is queued")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting beyond this are refused with OVERLOADED")
     p.add_argument("--credits", type=int, default=64, help="most requests in flight per agent (flow control)")
     p.add_argument("--heartbeat-ms", type=int, default=5000,
@@ -651,6 +662,7 @@ def serve_main(args_list: list[str] | None = None) -> int:
         limits = Limits(max_frame_bytes=args.max_frame_bytes, max_batch=args.max_batch)
         server = Server(args.bundle, args.bind, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
                         max_queue_delay_us=args.max_queue_delay_us, max_queue=args.max_queue, credits=args.credits,
+                        preferred_batch_sizes=args.preferred_batch_sizes,
                         heartbeat_ms=args.heartbeat_ms, limits=limits, name=args.name)
         server.start()
     except (BundleError, OSError, ValueError, RuntimeError) as e:

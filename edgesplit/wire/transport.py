@@ -98,15 +98,17 @@ def bind_router(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, ctx: zmq.Cont
 
 
 def connect_dealer(endpoint: str, *, ctx: zmq.Context | None = None, identity: bytes | None = None,
-                   hwm: int = 10_000) -> zmq.Socket:
-    """Connect a DEALER socket to a server endpoint. libzmq reconnects by itself if the link drops."""
+                   hwm: int = 10_000, reconnect_ivl_max_ms: int = 5000) -> zmq.Socket:
+    """Connect a DEALER socket to a server endpoint. libzmq reconnects by itself if the link drops,
+    retrying after 100 ms, doubling up to ``reconnect_ivl_max_ms``: that cap bounds how long a
+    restarted server waits for the agent to find it again (libzmq copies it at connect time)."""
     ctx = ctx or context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, hwm)
     s.setsockopt(zmq.RCVHWM, hwm)
     s.setsockopt(zmq.RECONNECT_IVL, 100)
-    s.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    s.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_ivl_max_ms)
     if identity is not None:
         s.setsockopt(zmq.ROUTING_ID, identity)
     if endpoint.startswith("tcp://"):

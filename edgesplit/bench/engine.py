@@ -9,6 +9,7 @@ size is timed for a fixed wall-clock budget after a warm-up, on the same input f
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -63,3 +64,88 @@ def measure_engine(engine: Engine, input_shape: Sequence[int], batch_sizes: Sequ
         times = _time_calls(lambda: engine.run({name: x}), seconds, warmup, sync=lambda: None)
         rows.append(_row(int(b), times))
     return rows
+
+
+def measure_bare_torch(program: str | Path, input_shape: Sequence[int], batch_sizes: Sequence[int], device: str,
+                       precision: str = "fp32", seconds: float = 2.0, warmup: int = 10) -> list[dict]:
+    """The same rows for the exported program called directly on device tensors: no numpy, no host
+    copies, no engine. What the model alone costs, for the engine's figures to be read against.
+    Same weights dtype and (on CUDA) the same channels-last layout as the torch engine uses."""
+    import torch
+
+    dev = torch.device(device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    module = torch.export.load(str(program)).module().to(dev).to(dtype)
+    channels_last = dev.type == "cuda" and len(input_shape) == 3
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        for b in batch_sizes:
+            x = torch.randn((int(b), *input_shape), generator=gen).to(dev, dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            rows.append(_row(int(b), _time_calls(lambda: module(x), seconds, warmup, sync)))
+    return rows
+
+
+def add_arguments(p) -> None:
+    from ..engine import ACCELERATIONS, BACKENDS, PRECISIONS
+
+    p.add_argument("--bundle", default=None, help="bundle (default: the shipped CIFAR-10 bundle); the torch backend "
+                   "and --bare-torch need its tail_torch file (edgesplit export --torch-tail)")
+    p.add_argument("--backend", default="ort", choices=BACKENDS)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's own choice)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--accel", default="none", choices=ACCELERATIONS, help="torch only: torch.compile or CUDA graphs")
+    p.add_argument("--batch-sizes", default="1,4,16,32", help="comma-separated batch sizes")
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per batch size (after warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
+    p.add_argument("--cache-dir", default=None, help="TensorRT plan cache")
+    p.add_argument("--bare-torch", action="store_true",
+                   help="also time the bare torch program on device tensors at the same batch sizes")
+
+
+def run(a) -> dict:
+    from ..bundle import Bundle
+    from ..demo import DEFAULT_BUNDLE
+    from ..engine import EngineOptions, create_engine
+
+    bundle = Bundle.load(a.bundle or DEFAULT_BUNDLE)
+    try:
+        batch_sizes = [int(s) for s in a.batch_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--batch-sizes must be comma-separated integers, not '{a.batch_sizes}'") from None
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise SystemExit("--batch-sizes needs at least one size >= 1")
+    needs_program = a.backend == "torch" or a.bare_torch
+    if needs_program and not bundle.has("tail_torch"):
+        raise SystemExit(f"bundle '{bundle.name}' has no tail_torch file, which the torch backend and --bare-torch "
+                         "run; export one with: edgesplit export STUDENT --out DIR --torch-tail")
+    opts = EngineOptions(device=a.device, precision=a.precision, accel=a.accel, max_batch=max(batch_sizes),
+                         threads=a.threads, cache_dir=a.cache_dir)
+    graph = bundle.file("tail_torch") if a.backend == "torch" else bundle.file("tail")
+    frame = tuple(int(s) for s in bundle.wire_spec["shape"])
+    t0 = time.perf_counter()
+    engine = create_engine(graph, a.backend, opts)
+    res = {"bench": "engine", "bundle": bundle.name, "backend": a.backend, "precision": a.precision, "accel": a.accel,
+           "device": str(getattr(engine, "device", a.device or "cpu")), "input_shape": list(frame),
+           "engine_start_s": round(time.perf_counter() - t0, 3), "seconds_per_batch": a.seconds,
+           "engine": measure_engine(engine, frame, batch_sizes, a.seconds)}
+    if a.bare_torch:
+        bare = measure_bare_torch(bundle.file("tail_torch"), frame, batch_sizes, res["device"], a.precision, a.seconds)
+        res["bare_torch"] = bare
+        # > 1: the engine sustains more than the bare program (its accelerations outweigh its copies).
+        res["engine_over_bare_fps"] = [round(e["frames_per_s"] / b["frames_per_s"], 3) for e, b in zip(res["engine"], bare)]
+    res["gpu"] = _gpu_name(res["device"])
+    return res
+
+
+def _gpu_name(device: str) -> str | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))

@@ -24,6 +24,23 @@ class TensorSpec:
     dtype: str  # numpy dtype name, e.g. "float32"
 
 
+def float32_batch(feeds: dict[str, np.ndarray], spec: TensorSpec) -> np.ndarray:
+    """The feed for ``spec`` as a C-contiguous float32 batch, or an EngineError saying what is wrong.
+
+    Fixed axes of ``spec.shape`` must match; axes given as None or a name (the batch) may be any size.
+    """
+    if spec.name not in feeds:
+        raise EngineError(f"missing input '{spec.name}' (given: {', '.join(feeds) or 'nothing'})")
+    x = np.asarray(feeds[spec.name])
+    if spec.shape:
+        fixed = [(i, d) for i, d in enumerate(spec.shape) if isinstance(d, int) and i > 0]
+        if x.ndim != len(spec.shape) or any(x.shape[i] != d for i, d in fixed):
+            raise EngineError(f"input '{spec.name}' has shape {list(x.shape)}, expected {list(spec.shape)}")
+    if x.ndim == 0 or x.shape[0] < 1:
+        raise EngineError(f"input '{spec.name}' has no batch rows (shape {list(x.shape)})")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 class Engine(ABC):
     """Backends set ``self._inputs`` / ``self._outputs`` (lists of :class:`TensorSpec`) when built."""
 

@@ -16,8 +16,23 @@ tensor descriptor, 27-31 bytes instead of ~130) when the server's welcome lists
 ``"compact_requests"`` and the frame is the mode's default encoding (raw codec, all the mode's
 channels, one row); otherwise, and to v1.0 servers, as full requests.
 
-Every frame ends as exactly one :class:`FrameResult`: with ``pred`` set, or with ``error`` set to
-the server's error name (or ``TIMEOUT`` / ``DISCONNECTED`` for failures seen on the agent side).
+Every frame ends as exactly one :class:`FrameResult`: a server result (``source="server"``), a
+local fallback result (``source="local"``, with ``fallback_reason``), or an error (``error`` set to
+the server's error name, or ``TIMEOUT`` / ``DISCONNECTED`` / ``FALLBACK_FAILED`` for failures seen
+on the agent side). A late answer to a frame already finished is counted and dropped.
+
+Resilience. libzmq reconnects the TCP link by itself; a socket monitor tells the agent at once when
+the connection drops, and a silence deadline (nothing heard for ``min(3 heartbeats, timeout_s)``
+with requests outstanding) catches links that hang without dropping. Then the session is lost:
+outstanding frames end locally (fallback on) or as ``DISCONNECTED`` / ``TIMEOUT`` errors, and the
+agent says ``hello`` again, with exponential backoff and jitter capped at ``reconnect_max_s`` (the
+same cap bounds libzmq's reconnect interval), at once when the monitor sees a new connection. With fallback
+on (``fallback="auto"`` and a bundle with ``full.onnx``), frames submitted while there is no
+session are answered locally, as are frames the server refuses with a "not now" code (OVERLOADED,
+DEADLINE_EXCEEDED, SHUTTING_DOWN, INTERNAL, NOT_READY), frames that time out, and, with a
+deadline, frames whose recent round trips would not fit it (see ``fallback.RttGuard``). With
+fallback off, frames submitted while there is no session wait for the next welcome (up to
+``timeout_s``, then ``TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -35,20 +50,31 @@ import numpy as np
 import zmq
 
 from ..bundle import Bundle, BundleError, Mode
+from ..engine import EngineError
 from ..wire import codec, protocol as P
 from ..wire.codec import ErrorCode, WireError
 from ..wire.protocol import Kind, ProtocolError
+from ..wire.curve import ClientCurve, explain_handshake_failure
 from ..wire.transport import connect_dealer, context, default_agent_name, pending_in, recv_parts, send_parts
+from . import link
+from .fallback import FALLBACK_ERROR_CODES, RTT_OVER_DEADLINE, UNREACHABLE, RttGuard, load_fallback
+from .link import Backoff, LinkMonitor
 
 # Plain ints: pyzmq's enum constants cost an enum construction per use on the hot path.
 _NOBLOCK, _RCVTIMEO = int(zmq.NOBLOCK), int(zmq.RCVTIMEO)
 _END = object()  # end of a frame source
 # Client-side timeouts and heartbeats are checked at most this often (they are seconds long).
 _CHECK_EVERY_NS = 5_000_000
+# Longest blocking wait before the link monitor, timeouts and heartbeats are looked at again: it
+# bounds how late a dropped connection is noticed while the agent waits for answers.
+_LINK_CHECK_S = 0.05
 
 # Agent-side failure names (not wire codes: the server never sends them).
 TIMEOUT = "TIMEOUT"
 DISCONNECTED = "DISCONNECTED"
+FALLBACK_FAILED = "FALLBACK_FAILED"  # the local model itself failed on a frame
+# Handshake refusals that a server restart or overload explains: connect() keeps trying through them.
+_TRANSIENT_REFUSALS = {ErrorCode.SHUTTING_DOWN.name, ErrorCode.OVERLOADED.name}
 
 
 class AgentError(Exception):
@@ -77,9 +103,12 @@ class FrameResult:
     batch_size: int | None = None
     pred: int | None = None
     logits: np.ndarray | None = field(default=None, repr=False)
-    error: str | None = None        # error name (ErrorCode name, TIMEOUT or DISCONNECTED)
+    error: str | None = None        # error name (ErrorCode name, TIMEOUT, DISCONNECTED or FALLBACK_FAILED)
     error_code: int | None = None   # ErrorCode value when the server sent the error
     error_message: str | None = None
+    source: str | None = None           # "server" or "local" (None for an error)
+    fallback_reason: str | None = None  # why a local result is local (TIMEOUT, DISCONNECTED, UNREACHABLE, ...)
+    local_ms: float | None = None       # time of the local fallback model (plus preprocessing for new frames)
 
     @property
     def ok(self) -> bool:
@@ -92,7 +121,8 @@ class FrameResult:
         d = {"id": self.id, "key": self.key, "mode": self.mode, "head_ms": r(self.head_ms), "encode_ms": r(self.encode_ms),
              "bytes_sent": self.bytes_sent, "header_bytes": self.header_bytes, "rtt_ms": r(self.rtt_ms),
              "server_queue_ms": r(self.server_queue_ms), "server_compute_ms": r(self.server_compute_ms),
-             "server_ms": r(self.server_ms), "batch_size": self.batch_size, "pred": self.pred, "label": self.label}
+             "server_ms": r(self.server_ms), "batch_size": self.batch_size, "pred": self.pred, "label": self.label,
+             "source": self.source, "fallback_reason": self.fallback_reason, "local_ms": r(self.local_ms)}
         if self.error is not None:
             d.update(error=self.error, error_code=self.error_code, error_message=self.error_message)
         return d
@@ -107,6 +137,7 @@ class _Pending:
     compact: bool = False            # sent as a v1.1 compact request (no 'tensors' in the header)
     desc: dict | None = None         # its descriptor, to rebuild a full request for a resend
     deadline_ms: float | int | None = None
+    fallback_input: np.ndarray | None = None  # the preprocessed image, kept while fallback is on
 
 
 class Agent:
@@ -115,8 +146,14 @@ class Agent:
     def __init__(self, bundle: Bundle | str | Path, server: str = "tcp://127.0.0.1:5555", *,
                  mode: int | None = None, codec: str = "raw", inflight: int = 8, deadline_ms: float | None = None,
                  threads: int | None = None, name: str | None = None, timeout_s: float = 10.0,
-                 load_head: bool = True, ctx: zmq.Context | None = None):
+                 load_head: bool = True, ctx: zmq.Context | None = None, fallback: str = "off",
+                 reconnect_max_s: float = 0.5, server_key: str | Path | None = None,
+                 client_key: str | Path | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        # CURVE (edgesplit/wire/curve.py): the server's public key and this agent's secret key.
+        if (server_key is None) != (client_key is None):
+            raise ValueError("CURVE needs both server_key (the server's public key) and client_key (this agent's secret key)")
+        self.curve = None if server_key is None else ClientCurve.load(server_key, client_key)
         self.server = server
         self.mode: Mode = self.bundle.default_mode if mode is None else self.bundle.mode(mode)
         if codec not in ("raw", "zstd", "auto"):
@@ -142,6 +179,21 @@ class Agent:
             from ..engine import create_engine
 
             self.head = create_engine(self.bundle.file("head"), backend="ort", threads=threads)
+        # Local fallback: the bundle's full model, or None when off (or the bundle has none).
+        self.fallback = load_fallback(self.bundle, fallback, threads)
+        self._rtt_guard = RttGuard()
+        if reconnect_max_s <= 0:
+            raise ValueError(f"reconnect_max_s must be positive, got {reconnect_max_s}")
+        self.reconnect_max_s = float(reconnect_max_s)
+        self._hello_backoff = Backoff(min(0.05, self.reconnect_max_s), self.reconnect_max_s)
+        self._monitor: LinkMonitor | None = None
+        self._link_connected = False  # per the socket monitor (or a welcome)
+        self._hello_in_pipe = False   # a hello sent while disconnected: libzmq sends it on connect
+        self._next_hello_ns = 0
+        self._lost = False            # the session was lost and no welcome has come since
+        self.link_losses = 0          # sessions lost: connection dropped, server silent, or bye
+        self.reconnects = 0           # sessions re-established after a loss
+        self.late_answers = 0         # results/errors for frames already finished (timed out, local)
         self._ctx = ctx or context()
         self._sock: zmq.Socket | None = None
         self._rcvtimeo = -1
@@ -154,12 +206,15 @@ class Agent:
         self._done: deque[FrameResult] = deque()
         self._resend_after_welcome: list[int] = []
         self._handshaking = False
-        self._last_send = 0.0
-        self._last_recv = 0.0
+        self._last_send_ns = 0
+        self._last_recv_ns = 0
         self._next_check_ns = 0
         self._ping_nonce = 0
         self.server_bye: str | None = None
-        self.connection_errors: list[tuple[str, str]] = []  # (name, message) of errors without a request id
+        # (name, message) of errors without a request id, the latest ones: a background re-handshake
+        # against a server that keeps refusing must not grow memory without bound.
+        self.connection_errors: deque[tuple[str, str]] = deque(maxlen=64)
+        self._connection_errors_total = 0
 
     # -- connection ----------------------------------------------------------------------------
     @property
@@ -167,33 +222,52 @@ class Agent:
         """Requests allowed in flight: the agent's own limit bounded by the server's credits."""
         return max(1, min(self.inflight, self.credits or self.inflight))
 
+    @property
+    def in_flight(self) -> int:
+        """Frames handed to the server path and not finished yet (sent, or held for a welcome)."""
+        return len(self._pending)
+
     def connect(self, timeout_s: float | None = None) -> "Agent":
-        """Open the socket and handshake. Raises AgentError (with the server's code) on refusal or
-        when no welcome arrives within ``timeout_s`` (default: the agent's timeout)."""
+        """Open the socket and handshake. Raises AgentError (with the server's code) when the
+        server refuses the handshake, and when no welcome arrives within ``timeout_s`` (default:
+        the agent's timeout) unless local fallback is on: then it returns without a session, frames
+        are answered locally, and the agent keeps saying hello until a server welcomes it."""
         if self._sock is None:
-            self._sock = connect_dealer(self.server, ctx=self._ctx)
+            self._sock = connect_dealer(self.server, ctx=self._ctx, curve=self.curve,
+                                        reconnect_ivl_max_ms=max(1, round(self.reconnect_max_s * 1000)))
             self._rcvtimeo = -1
+            self._monitor = LinkMonitor(self._sock)
+            self._link_connected = False
         self._send_hello()
-        end = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        n_err = len(self.connection_errors)
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        end = time.monotonic() + wait_s
+        seen = self._connection_errors_total
         while self._handshaking:
             left = end - time.monotonic()
             if left <= 0:
+                if self.fallback is not None:
+                    return self
                 self.close(bye=False)
-                raise AgentError(f"no welcome from {self.server} within {timeout_s or self.timeout_s:.1f} s "
+                raise AgentError(f"no welcome from {self.server} within {wait_s:.1f} s "
                                  "(is the server running and reachable?)")
-            self._pump(left)
-            if len(self.connection_errors) > n_err:
-                name, message = self.connection_errors[-1]
-                self.close(bye=False)
-                code = ErrorCode[name] if name in ErrorCode.__members__ else None
-                raise AgentError(f"server refused the handshake: {name}: {message}", code)
+            self._pump(min(left, self._wait_budget()))
+            new = self._connection_errors_total - seen
+            for name, message in list(self.connection_errors)[-new:] if new else ():
+                if name not in _TRANSIENT_REFUSALS:
+                    self.close(bye=False)
+                    code = ErrorCode[name] if name in ErrorCode.__members__ else None
+                    raise AgentError(f"server refused the handshake: {name}: {message}", code)
+            seen = self._connection_errors_total
         return self
 
     def _send_hello(self) -> None:
+        if not self._handshaking:
+            self._hello_backoff.reset()
         self._handshaking = True
         self._raw_send(P.pack(P.hello(self.bundle.hash, self.name, codecs=codec.supported_codecs(),
                                       max_inflight=self.inflight)))
+        self._hello_in_pipe = not self._link_connected
+        self._next_hello_ns = time.perf_counter_ns() + int(self._hello_backoff.next_delay() * 1e9)
 
     def close(self, bye: bool = True) -> None:
         """Say bye (when connected) and close the socket. Outstanding requests are failed."""
@@ -205,7 +279,10 @@ class Agent:
             except zmq.ZMQError:
                 pass
         for rid in list(self._pending):
-            self._fail(rid, DISCONNECTED, None, "agent closed with the request outstanding")
+            self._give_up(rid, DISCONNECTED, None, "agent closed with the request outstanding", local_ok=False)
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
         self._sock.close(linger=200 if bye else 0)
         self._sock = None
         self.welcome = None
@@ -217,32 +294,35 @@ class Agent:
         self.close()
 
     # -- frames -> tensors ---------------------------------------------------------------------
-    def head_tensor(self, data: bytes) -> tuple[np.ndarray, float]:
-        """Encoded image -> head output ``[C,h,w]`` float32, and the preprocess+head time in ms."""
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Encoded image -> model input ``[1,C,H,W]`` float32 (what the head and the full model take)."""
         from ..data.transforms import preprocess
 
+        return preprocess(data, self.bundle.input_spec)[None]
+
+    def head_tensor(self, data: bytes) -> tuple[np.ndarray, float]:
+        """Encoded image -> head output ``[C,h,w]`` float32, and the preprocess+head time in ms."""
         if self.head is None:
             raise AgentError("this agent was made with load_head=False")
         t0 = time.perf_counter()
-        x = preprocess(data, self.bundle.input_spec)[None]
-        z = self.head.run1(x)
+        z = self.head.run1(self.preprocess(data))
         return z[0], (time.perf_counter() - t0) * 1e3
 
     # -- sending -------------------------------------------------------------------------------
     def _raw_send(self, parts: list) -> None:
         send_parts(self._sock, parts)  # small frames are copied, large ones zero-copy (copy_threshold)
-        self._last_send = time.monotonic()
+        self._last_send_ns = time.perf_counter_ns()
 
     def send_tensor(self, z: np.ndarray, *, key: str = "", label: int | None = None, mode: int | None = None,
-                    deadline_ms: float | None = None, head_ms: float = 0.0) -> int:
+                    deadline_ms: float | None = None, head_ms: float = 0.0,
+                    fallback_input: np.ndarray | None = None) -> int:
         """Encode a head output (``[C,h,w]`` or ``[N,C,h,w]``) and send it, waiting first while the
-        window is full. Returns the request id. The result comes from :meth:`poll`/:meth:`results`."""
+        window is full. Returns the request id. The result comes from :meth:`poll`/:meth:`results`.
+        Without a session (handshake in progress, or the link is down) the request is held and goes
+        out after the next welcome, or ends as TIMEOUT. ``fallback_input``: the frame's preprocessed
+        image, kept so that the frame can be answered locally if the server does not answer it."""
         if self._sock is None:
             raise AgentError("not connected: call connect() first")
-        if self.welcome is None and not self._handshaking:
-            # The server said bye (restart, shutdown): handshake again; this request goes out
-            # after welcome, or ends as TIMEOUT if no server answers.
-            self._send_hello()
         while len(self._pending) >= self.window:
             self._pump(self._wait_budget())
         m = self.mode if mode is None else self.bundle.mode(mode)
@@ -264,16 +344,57 @@ class Agent:
             self._raw_send(parts)  # first, so the bookkeeping below overlaps the round trip
         res = FrameResult(id=rid, key=key, label=label, mode=m.id, head_ms=head_ms, encode_ms=encode_ms,
                           bytes_sent=len(payload), header_bytes=len(header))
-        self._pending[rid] = _Pending(res, parts, t_send, compact=compact, desc=desc, deadline_ms=deadline)
-        if handshaking:  # re-handshake in progress: the request goes out after welcome
+        self._pending[rid] = _Pending(res, parts, t_send, compact=compact, desc=desc, deadline_ms=deadline,
+                                      fallback_input=fallback_input)
+        if handshaking:  # (re-)handshake in progress: the request goes out after welcome
             self._resend_after_welcome.append(rid)
         return rid
 
     def submit(self, sample, *, mode: int | None = None, deadline_ms: float | None = None) -> int:
-        """Run the head on one sample (``Sample``, or encoded image bytes) and send it."""
+        """Run the head on one sample (``Sample``, or encoded image bytes) and send it; or, with
+        fallback on, answer it locally at once when there is no session with the server or recent
+        round trips are longer than the deadline. Returns the frame's id either way."""
         data, key, label = (sample.data, sample.key, sample.label) if hasattr(sample, "data") else (sample, "", None)
-        z, head_ms = self.head_tensor(data)
-        return self.send_tensor(z, key=key, label=label, mode=mode, deadline_ms=deadline_ms, head_ms=head_ms)
+        if self.head is None:
+            raise AgentError("this agent was made with load_head=False")
+        if self._sock is None:
+            raise AgentError("not connected: call connect() first")
+        while len(self._pending) >= self.window:  # waiting may change the link's state: route after it
+            self._pump(self._wait_budget())
+        t0 = time.perf_counter()
+        x = self.preprocess(data)
+        reason = None if self.fallback is None else self._local_reason(deadline_ms)
+        if reason is not None:
+            rid = self._next_id
+            self._next_id += 1
+            res = FrameResult(id=rid, key=key, label=label, mode=self.mode.id if mode is None else self.bundle.mode(mode).id)
+            self._answer_locally(res, x, reason, t0)
+            return rid
+        z = self.head.run1(x)[0]
+        head_ms = (time.perf_counter() - t0) * 1e3
+        return self.send_tensor(z, key=key, label=label, mode=mode, deadline_ms=deadline_ms, head_ms=head_ms,
+                                fallback_input=None if self.fallback is None else x)
+
+    def _local_reason(self, deadline_ms: float | None) -> str | None:
+        """Why a new frame should not go to the server (fallback on), or None."""
+        if self.welcome is None:
+            return UNREACHABLE
+        deadline = self.deadline_ms if deadline_ms is None else deadline_ms
+        if deadline is not None and self._rtt_guard.too_slow(deadline):
+            return RTT_OVER_DEADLINE
+        return None
+
+    def _answer_locally(self, r: FrameResult, x: np.ndarray, reason: str, t0: float | None = None) -> None:
+        """Finish frame ``r`` with the local full model on its preprocessed image ``x``."""
+        t0 = time.perf_counter() if t0 is None else t0
+        try:
+            logits = self.fallback.logits(x)
+        except EngineError as e:
+            r.error, r.error_message = FALLBACK_FAILED, f"local fallback ({reason}) failed: {e}"
+        else:
+            r.source, r.fallback_reason, r.logits, r.pred = "local", reason, logits, int(logits.argmax())
+        r.local_ms = (time.perf_counter() - t0) * 1e3
+        self._done.append(r)
 
     def infer(self, sample, *, mode: int | None = None, deadline_ms: float | None = None) -> FrameResult:
         """One frame, synchronously: head, send, wait for its result (or error, or timeout)."""
@@ -293,8 +414,9 @@ class Agent:
     def poll(self, timeout_s: float = 0.0) -> list[FrameResult]:
         """Process what has arrived (waiting up to ``timeout_s`` for something) and return the
         frames completed since the last call."""
-        if not self._done:
-            self._pump(timeout_s)
+        # Pump even when frames are already done (say, answered locally while the link is down):
+        # the welcome that ends an outage, and the link checks, come through here.
+        self._pump(0.0 if self._done else timeout_s)
         out = list(self._done)
         self._done.clear()
         return out
@@ -330,9 +452,9 @@ class Agent:
 
     # -- receiving -----------------------------------------------------------------------------
     def _wait_budget(self) -> float:
-        """How long one blocking wait may last before timeouts and heartbeats are re-checked."""
+        """How long one blocking wait may last before the link, timeouts and heartbeats are re-checked."""
         hb = self.heartbeat_ms / 1000.0 if self.heartbeat_ms else 1.0
-        return max(0.001, min(hb, self.timeout_s, 1.0))
+        return max(0.001, min(hb, self.timeout_s, _LINK_CHECK_S))
 
     def _pump(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for incoming messages, handle all that are there, then check
@@ -346,7 +468,8 @@ class Agent:
         try:
             if ms == 0:
                 if not pending_in(sock):
-                    self._check_timeouts()
+                    if time.perf_counter_ns() >= self._next_check_ns:
+                        self._check_timeouts()
                     return
                 parts = recv_parts(sock, _NOBLOCK)
             else:
@@ -364,13 +487,17 @@ class Agent:
             self._check_timeouts()
 
     def _handle(self, parts: list) -> None:
-        self._last_recv = time.monotonic()
+        self._last_recv_ns = time.perf_counter_ns()
         try:
             msg = P.parse(parts, self._limits)
         except ProtocolError as e:  # the server sent garbage: note it and keep going
-            self.connection_errors.append((e.code.name, f"bad message from server: {e.message}"))
+            self._connection_error(e.code.name, f"bad message from server: {e.message}")
             return
         self._dispatch(msg)
+
+    def _connection_error(self, name: str, message: str) -> None:
+        self.connection_errors.append((name, message))
+        self._connection_errors_total += 1
 
     def _dispatch(self, msg: P.Message) -> None:
         h = msg.header
@@ -379,12 +506,15 @@ class Agent:
             self._on_result(msg)
         elif kind == Kind.ERROR:
             rid, name = h.get("id"), h["name"]
-            if rid is None or rid not in self._pending:
-                # Not about a request we hold: a handshake refusal (connect() raises it) or the
-                # server's answer to something else we sent.
-                self.connection_errors.append((name, h["message"]))
+            if rid is None:
+                # Not about a request: a handshake refusal (connect() raises it) or the server's
+                # answer to something else we sent.
+                self._connection_error(name, h["message"])
                 return
-            p = self._pending[rid]
+            p = self._pending.get(rid)
+            if p is None:  # about a frame already finished (timed out, or answered locally)
+                self.late_answers += 1
+                return
             if h["code"] == ErrorCode.NOT_READY and not p.resent:
                 # The server lost our session (restart, reconnect, expiry): handshake again and
                 # resend the request once.
@@ -406,10 +536,10 @@ class Agent:
                     p.t_send_ns = time.perf_counter_ns()
                     self._raw_send(p.parts)
                 return
-            self._fail(rid, name, h["code"], h["message"])
+            self._give_up(rid, name, h["code"], h["message"])
         elif kind == Kind.WELCOME:
             if h["bundle"] != self.bundle.hash:
-                self.connection_errors.append(("UNKNOWN_BUNDLE", f"welcome names bundle {h['bundle'][:16]}..."))
+                self._connection_error("UNKNOWN_BUNDLE", f"welcome names bundle {h['bundle'][:16]}...")
                 return
             self.welcome = h
             self.compact_requests = P.FEATURE_COMPACT_REQUESTS in (h.get("features") or ())
@@ -421,7 +551,11 @@ class Agent:
                                     max_frames=max(lim["max_frames"], P.DEFAULT_LIMITS.max_frames),
                                     max_batch=lim["max_batch"])
             self._handshaking = False
+            self._link_connected = True
             self.server_bye = None
+            if self._lost:
+                self._lost = False
+                self.reconnects += 1
             resend, self._resend_after_welcome = self._resend_after_welcome, []
             for rid in resend:
                 p = self._pending.get(rid)
@@ -438,9 +572,8 @@ class Agent:
             pass
         elif kind == Kind.BYE:
             self.server_bye = h.get("reason") or "bye"
-            self.welcome = None
-            for rid in list(self._pending):
-                self._fail(rid, ErrorCode.SHUTTING_DOWN.name, int(ErrorCode.SHUTTING_DOWN), f"server said bye: {self.server_bye}")
+            self._lose_session(ErrorCode.SHUTTING_DOWN.name, int(ErrorCode.SHUTTING_DOWN),
+                               f"server said bye: {self.server_bye}")
 
     @staticmethod
     def _make_full(p: _Pending) -> None:
@@ -453,10 +586,12 @@ class Agent:
     def _on_result(self, msg: P.Message) -> None:
         h = msg.header
         p = self._pending.pop(h["id"], None)
-        if p is None:  # a late answer to a request we already gave up on
+        if p is None:  # a late answer to a frame already finished (timed out, or answered locally)
+            self.late_answers += 1
             return
         r = p.result
         r.rtt_ms = (time.perf_counter_ns() - p.t_send_ns) / 1e6
+        self._rtt_guard.record(r.rtt_ms)
         t = h["timing"]
         r.server_queue_ms = t["queue_us"] / 1e3
         r.server_compute_ms = t["compute_us"] / 1e3
@@ -470,26 +605,83 @@ class Agent:
         else:
             r.logits = logits
             r.pred = int(logits.argmax()) if logits.ndim == 1 else None
+            r.source = "server"
         self._done.append(r)
 
-    def _fail(self, rid: int, name: str, code: int | None, message: str) -> None:
+    def _give_up(self, rid: int, name: str, code: int | None, message: str, local_ok: bool = True) -> None:
+        """Finish an outstanding frame the server will not answer: locally when its input was kept
+        (fallback on) and the reason is one a local answer fits (an agent-side failure, ``code``
+        None, or a "not now" refusal), otherwise as an error."""
         p = self._pending.pop(rid, None)
         if p is None:
+            return
+        if local_ok and p.fallback_input is not None and (code is None or code in FALLBACK_ERROR_CODES):
+            self._answer_locally(p.result, p.fallback_input, name)
             return
         r = p.result
         r.error, r.error_code, r.error_message = name, code, message
         self._done.append(r)
 
+    def _lose_session(self, name: str, code: int | None, message: str) -> None:
+        """The session is gone (connection dropped, server silent, or bye): finish every
+        outstanding frame now, and say hello again (with backoff) until a welcome comes. Until
+        then new frames are answered locally (fallback on) or held (fallback off)."""
+        self.welcome = None
+        self.link_losses += 1
+        self._lost = True
+        self._resend_after_welcome = []
+        for rid in list(self._pending):
+            self._give_up(rid, name, code, message)
+        self._handshaking = True
+        self._hello_backoff.reset()
+        self._next_hello_ns = time.perf_counter_ns() + int(self._hello_backoff.next_delay() * 1e9)
+
+    def _silence_limit(self) -> tuple[int, str]:
+        """Nothing heard for this long (ns) with requests outstanding means the session is lost,
+        and the outstanding frames end with the returned reason: three heartbeats (a live server
+        answers pings even while its tail is busy) -> DISCONNECTED, or timeout_s when that comes
+        first -> TIMEOUT."""
+        if self.heartbeat_ms and 3 * self.heartbeat_ms < 1000 * self.timeout_s:
+            return 3 * self.heartbeat_ms * 1_000_000, DISCONNECTED
+        return int(self.timeout_s * 1e9), TIMEOUT
+
+    def _check_link(self, now_ns: int) -> None:
+        """Act on socket-monitor events, the silence deadline and the hello backoff."""
+        for event, value in self._monitor.events():
+            if event == link.CONNECTED:
+                self._link_connected = True
+                if self._handshaking and not self._hello_in_pipe:
+                    self._send_hello()  # a server is there (again): now, not at the next backoff step
+                self._hello_in_pipe = False
+            elif event == link.DISCONNECTED:
+                self._link_connected = False
+                if self.welcome is not None:
+                    self._lose_session(DISCONNECTED, None, f"connection to {self.server} dropped")
+            elif event == link.CONNECT_FAILED:
+                self._link_connected = False
+            elif event in link.HANDSHAKE_FAILED:
+                self._connection_error("HANDSHAKE_FAILED", f"{link.HANDSHAKE_FAILED[event]} with {self.server}: "
+                                       f"{explain_handshake_failure(event, value, self.curve is not None)}")
+        if self.welcome is not None and self._pending:
+            oldest = next(iter(self._pending.values()))
+            limit_ns, reason = self._silence_limit()
+            if now_ns - max(self._last_recv_ns, oldest.t_send_ns) > limit_ns:
+                self._lose_session(reason, None, f"nothing heard from {self.server} for {limit_ns / 1e9:.1f} s "
+                                                 "with requests outstanding")
+        elif self._handshaking and self._link_connected and now_ns >= self._next_hello_ns:
+            self._send_hello()  # no welcome yet: again, after a longer wait each time
+
     def _check_timeouts(self) -> None:
         now_ns = time.perf_counter_ns()
         self._next_check_ns = now_ns + _CHECK_EVERY_NS
+        if self._monitor is not None:
+            self._check_link(now_ns)
         limit = int(self.timeout_s * 1e9)
         for rid, p in list(self._pending.items()):
             if now_ns - p.t_send_ns > limit:
-                self._fail(rid, TIMEOUT, None, f"no answer from {self.server} within {self.timeout_s:.1f} s")
+                self._give_up(rid, TIMEOUT, None, f"no answer from {self.server} within {self.timeout_s:.1f} s")
         if self.heartbeat_ms and self.welcome is not None:
-            now = time.monotonic()
-            if now - max(self._last_send, self._last_recv) > self.heartbeat_ms / 1000.0:
+            if now_ns - max(self._last_send_ns, self._last_recv_ns) > self.heartbeat_ms * 1_000_000:
                 self._ping_nonce += 1
                 self._raw_send(P.pack(P.ping(self._ping_nonce, time.time_ns())))
 
@@ -502,25 +694,37 @@ def _pct(values: list[float], q: float) -> float | None:
     return None if not values else round(float(np.percentile(np.asarray(values, np.float64), q)), 4)
 
 
-def summarize(results: list[FrameResult], wall_s: float | None = None) -> dict[str, Any]:
-    """Aggregate per-frame results: accuracy, bytes, latency percentiles, errors by name."""
+def summarize(results: list[FrameResult], wall_s: float | None = None, agent: Agent | None = None) -> dict[str, Any]:
+    """Aggregate per-frame results: accuracy (server and local answers), how frames ended (server,
+    local by reason, errors by name), bytes and latency percentiles of the frames sent, and, given
+    the agent, its link history (sessions lost and re-established, late answers dropped)."""
     ok = [r for r in results if r.ok]
+    served = [r for r in ok if r.source == "server"]
+    local = [r for r in ok if r.source == "local"]
+    sent = [r for r in results if r.header_bytes]  # went on the wire (a frame answered locally at once did not)
     labelled = [r for r in ok if r.label is not None and r.pred is not None]
     s: dict[str, Any] = {
         "frames": len(results),
         "ok": len(ok),
+        "server": len(served),
+        "local": len(local),
+        "error_frames": len(results) - len(ok),
         "accuracy": None if not labelled else round(sum(r.pred == r.label for r in labelled) / len(labelled), 4),
-        "bytes_per_frame_median": _pct([r.bytes_sent for r in results], 50),
-        "header_bytes_median": _pct([r.header_bytes for r in results], 50),
-        "rtt_ms_p50": _pct([r.rtt_ms for r in ok], 50),
-        "rtt_ms_p95": _pct([r.rtt_ms for r in ok], 95),
-        "head_ms_p50": _pct([r.head_ms for r in results], 50),
-        "encode_ms_p50": _pct([r.encode_ms for r in results], 50),
-        "server_queue_ms_p50": _pct([r.server_queue_ms for r in ok], 50),
-        "server_compute_ms_p50": _pct([r.server_compute_ms for r in ok], 50),
-        "batch_size_mean": None if not ok else round(float(np.mean([r.batch_size for r in ok])), 3),
+        "bytes_per_frame_median": _pct([r.bytes_sent for r in sent], 50),
+        "header_bytes_median": _pct([r.header_bytes for r in sent], 50),
+        "rtt_ms_p50": _pct([r.rtt_ms for r in served], 50),
+        "rtt_ms_p95": _pct([r.rtt_ms for r in served], 95),
+        "head_ms_p50": _pct([r.head_ms for r in sent], 50),
+        "encode_ms_p50": _pct([r.encode_ms for r in sent], 50),
+        "server_queue_ms_p50": _pct([r.server_queue_ms for r in served], 50),
+        "server_compute_ms_p50": _pct([r.server_compute_ms for r in served], 50),
+        "batch_size_mean": None if not served else round(float(np.mean([r.batch_size for r in served])), 3),
+        "local_ms_p50": _pct([r.local_ms for r in local], 50),
+        "fallback_reasons": dict(Counter(r.fallback_reason for r in local)),
         "errors": dict(Counter(r.error for r in results if not r.ok)),
     }
+    if agent is not None:
+        s.update(link_losses=agent.link_losses, reconnects=agent.reconnects, late_answers=agent.late_answers)
     if wall_s:
         s["wall_s"] = round(wall_s, 3)
         s["frames_per_s"] = round(len(results) / wall_s, 2)
@@ -546,7 +750,18 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
                    help="per-request deadline the server enforces (relative to its receipt)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the head (unset: ORT's default)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="give up on a request (and the handshake) after this")
+    p.add_argument("--fallback", default="auto", choices=("auto", "off"),
+                   help="auto: answer a frame with the bundle's full.onnx on this device when the server cannot "
+                        "(link down, timeout, overloaded, deadline); off: such frames end as errors")
+    p.add_argument("--reconnect-max-s", type=float, default=0.5,
+                   help="cap of the reconnect backoff (libzmq's reconnect interval and hello retries): a restarted "
+                        "server is found again within about this long")
     p.add_argument("--name", default=None, help="agent name sent in hello (unset: host:pid)")
+    p.add_argument("--server-key", default=None, metavar="FILE",
+                   help="CURVE: the server's public key (server.key); needs --client-key")
+    p.add_argument("--client-key", default=None, metavar="FILE",
+                   help="CURVE: this agent's secret key (NAME.key_secret from 'edgesplit keys gen'); its NAME.key "
+                        "must be in the server's --allow-keys directory")
     p.add_argument("--json-lines", nargs="?", const="-", default=None, metavar="FILE|-",
                    help="write one JSON line per frame and a final {\"summary\": ...} line to FILE or stdout")
     return p
@@ -558,11 +773,18 @@ def agent_main(args_list: list[str] | None = None) -> int:
     out = None
     try:
         agent = Agent(args.bundle, args.server, mode=args.mode, codec=args.codec, inflight=args.inflight,
-                      deadline_ms=args.deadline_ms, threads=args.threads, name=args.name, timeout_s=args.timeout_s)
+                      deadline_ms=args.deadline_ms, threads=args.threads, name=args.name, timeout_s=args.timeout_s,
+                      fallback=args.fallback, reconnect_max_s=args.reconnect_max_s,
+                      server_key=args.server_key, client_key=args.client_key)
         agent.connect()
     except (AgentError, BundleError, OSError, ValueError) as e:
         print(f"edgesplit agent: {e}", file=sys.stderr)
         return 1
+    if args.fallback == "auto" and agent.fallback is None:
+        print(f"edgesplit agent: bundle {agent.bundle.name} has no full model: no local fallback", file=sys.stderr)
+    if agent.welcome is None:
+        print(f"edgesplit agent: no welcome from {args.server} within {args.timeout_s:.1f} s: answering frames "
+              "locally (full.onnx) and retrying in the background", file=sys.stderr)
     if args.json_lines == "-":
         out = sys.stdout
     elif args.json_lines:
@@ -582,7 +804,7 @@ def agent_main(args_list: list[str] | None = None) -> int:
         return 1
     wall = time.perf_counter() - t0
     agent.close()
-    summary = summarize(results, wall)
+    summary = summarize(results, wall, agent)
     # the edge plane must not pull torch in: report it, so benchmarks and CI can check
     summary["torch_loaded"] = any(m == "torch" or m.startswith("torch.") for m in sys.modules)
     if out is not None:
@@ -597,11 +819,14 @@ def agent_main(args_list: list[str] | None = None) -> int:
 def _format_summary(s: dict[str, Any], agent: Agent) -> str:
     acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
     errs = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "none"
+    reasons = ", ".join(f"{k}={v}" for k, v in s["fallback_reasons"].items())
     return (f"edgesplit agent: {s['frames']} frames ({s['ok']} ok) via {agent.server}, bundle {agent.bundle.name}, "
             f"mode {agent.mode.id} '{agent.mode.name}'\n"
             f"  accuracy {acc}; bytes/frame median {s['bytes_per_frame_median']} (+ header {s['header_bytes_median']})\n"
             f"  rtt p50 {s['rtt_ms_p50']} ms, p95 {s['rtt_ms_p95']} ms; head p50 {s['head_ms_p50']} ms; "
             f"server queue p50 {s['server_queue_ms_p50']} ms, compute p50 {s['server_compute_ms_p50']} ms\n"
+            f"  {s['server']} answered by the server, {s['local']} locally{f' ({reasons})' if reasons else ''}; "
+            f"sessions lost {s.get('link_losses', 0)}, re-established {s.get('reconnects', 0)}\n"
             f"  {s.get('frames_per_s', 'n/a')} frames/s; errors: {errs}")
 
 

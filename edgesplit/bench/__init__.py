@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 # name -> (module, help). Modules are imported only when their scenario runs (or for --help).
 SCENARIOS: dict[str, tuple[str, str]] = {
     "e2e": ("edgesplit.bench.e2e", "one frame at a time through agent -> server -> agent, against raw pyzmq"),
+    "engine": ("edgesplit.bench.engine", "tail engine alone per batch size (frames/s, latency), optionally against bare torch"),
 }
 
 

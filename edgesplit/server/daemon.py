@@ -58,6 +58,7 @@ import numpy as np
 import zmq
 
 from ..bundle import Bundle, BundleError
+from ..engine import ACCELERATIONS, BACKENDS, PRECISIONS, EngineOptions  # numpy only: backends load lazily
 from ..wire import codec, protocol as P
 from ..wire.codec import ErrorCode, WireError
 from ..wire.protocol import Kind, Limits, ProtocolError
@@ -84,20 +85,28 @@ class Session:
 class TailRunner:
     """A bundle's tail engine plus what is needed to turn requests into its input batch."""
 
-    def __init__(self, bundle: Bundle, backend: str = "ort", threads: int | None = None):
-        from ..engine import create_engine
+    def __init__(self, bundle: Bundle, backend: str = "ort", threads: int | None = None,
+                 options: EngineOptions | None = None):
+        from ..engine import EngineError, create_engine
 
         self.bundle = bundle
-        path, used = bundle.file("tail"), "ort"
+        opts = EngineOptions.make(options, **({"threads": threads} if threads is not None else {}))
+        path, used = bundle.file("tail"), backend  # ort and tensorrt both run the ONNX tail
         if backend == "torch":
             if bundle.has("tail_torch"):
-                path, used = bundle.file("tail_torch"), "torch"
+                path = bundle.file("tail_torch")
             else:
+                # Fall back to ONNX Runtime only where it can honour the options; a GPU or
+                # reduced-precision request must not quietly become fp32 on the CPU.
+                try:
+                    opts.check("ort")
+                except EngineError as e:
+                    raise EngineError(f"bundle '{bundle.name}' has no tail_torch file for --backend torch, and ONNX "
+                                      f"Runtime cannot stand in ({e}); export one with 'edgesplit export --torch-tail'") from None
                 log.warning("bundle '%s' has no tail_torch file; running its ONNX tail with ONNX Runtime", bundle.name)
-        elif backend != "ort":
-            used = backend
+                used = "ort"
         self.backend = used
-        self.engine = create_engine(path, backend=used, threads=threads)
+        self.engine = create_engine(path, used, opts)
         spec = bundle.wire_spec
         self.wire_name = spec["name"]
         self.wire_shape = tuple(int(s) for s in spec["shape"])  # (C, h, w)
@@ -240,7 +249,8 @@ class Server:
                  backend: str = "ort", threads: int | None = None, max_batch: int = 32,
                  max_queue_delay_us: float = 2000.0, max_queue: int = 1024, credits: int = 64,
                  preferred_batch_sizes: Sequence[int] = (),
-                 heartbeat_ms: int = 5000, limits: Limits | None = None, name: str | None = None):
+                 heartbeat_ms: int = 5000, limits: Limits | None = None, name: str | None = None,
+                 engine_options: EngineOptions | None = None):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:
             b = b if isinstance(b, Bundle) else Bundle.load(b)
@@ -250,6 +260,8 @@ class Server:
         self.bind = bind
         self.backend = backend
         self.threads = threads
+        # The tail engines are sized for the batches this server makes (TensorRT profile, CUDA graphs).
+        self.engine_options = EngineOptions.make(engine_options, max_batch=int(max_batch))
         self.credits = int(credits)
         self.heartbeat_ms = int(heartbeat_ms)
         # The advertised per-request row limit is the server's batch size: a request never splits.
@@ -279,7 +291,7 @@ class Server:
         the socket is bound (``self.endpoint`` is the actual endpoint, port resolved)."""
         for h, b in self.bundles.items():
             if h not in self.runners:
-                r = TailRunner(b, self.backend, self.threads)
+                r = TailRunner(b, self.backend, self.threads, self.engine_options)
                 r.warmup()
                 self.runners[h] = r
         self._io_thread = threading.Thread(target=self._io_main, name="edgesplit-io", daemon=True)
@@ -634,8 +646,16 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
                    help="bundle directory or tar (repeat to serve several bundles; agents pick one by hash)")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="ZeroMQ endpoint to bind; tcp port 0 picks a free port (printed at start)")
-    p.add_argument("--backend", default="ort", choices=("ort", "torch"),
-                   help="tail engine: ONNX Runtime, or torch (uses the bundle's tail_torch file when present)")
+    p.add_argument("--backend", default="ort", choices=BACKENDS,
+                   help="tail engine: ONNX Runtime (CPU), torch (the bundle's tail_torch file; CPU or CUDA), or "
+                        "TensorRT 10 (the ONNX tail on CUDA; plans cached under --engine-cache)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: ort cpu, torch cuda when present, tensorrt cuda)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="tail compute precision (torch: fp32/fp16/bf16; tensorrt: fp32/fp16 via the ONNX graph; ort: fp32)")
+    p.add_argument("--accel", default="none", choices=ACCELERATIONS,
+                   help="torch only: torch.compile, or CUDA graphs per batch bucket (cuda)")
+    p.add_argument("--engine-cache", default=None, metavar="DIR",
+                   help="TensorRT plan cache (unset: $EDGESPLIT_CACHE/tensorrt or ~/.cache/edgesplit/tensorrt)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for the tail engine (unset: the engine's own default)")
     p.add_argument("--max-batch", type=int, default=32, help="most frames run in one tail call")
     p.add_argument("--max-queue-delay-us", type=float, default=2000.0,
@@ -660,10 +680,12 @@ def serve_main(args_list: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         limits = Limits(max_frame_bytes=args.max_frame_bytes, max_batch=args.max_batch)
+        engine_options = EngineOptions(device=args.device, precision=args.precision, accel=args.accel,
+                                       cache_dir=args.engine_cache)
         server = Server(args.bundle, args.bind, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
                         max_queue_delay_us=args.max_queue_delay_us, max_queue=args.max_queue, credits=args.credits,
                         preferred_batch_sizes=args.preferred_batch_sizes,
-                        heartbeat_ms=args.heartbeat_ms, limits=limits, name=args.name)
+                        heartbeat_ms=args.heartbeat_ms, limits=limits, name=args.name, engine_options=engine_options)
         server.start()
     except (BundleError, OSError, ValueError, RuntimeError) as e:
         print(f"edgesplit serve: {e}", file=sys.stderr)

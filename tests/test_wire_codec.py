@@ -336,6 +336,10 @@ def test_check_descriptor_fast_path_keeps_every_rule():
         with pytest.raises(WireError) as e:
             codec.check_descriptor({**d, **change}, len(p))
         assert e.value.code == ErrorCode.MALFORMED, change
+    for bad in (["raw"], 1, None):  # not a string: a type error (PROTOCOL.md §4), not an unknown codec
+        with pytest.raises(WireError) as e:
+            codec.check_descriptor({**d, "codec": bad}, len(p))
+        assert e.value.code == ErrorCode.MALFORMED, bad
     with pytest.raises(WireError) as e:
-        codec.check_descriptor({**d, "codec": ["raw"]}, len(p))
+        codec.check_descriptor({**d, "codec": "lz4"}, len(p))
     assert e.value.code == ErrorCode.UNSUPPORTED

@@ -352,6 +352,8 @@ def check_descriptor(d: Any, nbytes_actual: int | None = None, *, max_bytes: int
         if len(shape) < 3 or shape[-3] != channels:
             raise WireError(M, f"descriptor 'channels'={channels} disagrees with shape {list(shape)} (axis -3)")
     if codec != "raw" and codec not in CODECS:
+        if not isinstance(codec, str):  # a type error, not an unknown codec (PROTOCOL.md §4)
+            raise WireError(M, f"descriptor 'codec' must be a string, got {type(codec).__name__}")
         raise WireError(ErrorCode.UNSUPPORTED, f"codec {codec!r} is not supported (supported: {', '.join(CODECS)})")
     if not (type(nbytes) is int or _is_int(nbytes)) or nbytes < 0:
         raise WireError(M, "descriptor 'nbytes' must be a non-negative integer")

@@ -5,5 +5,5 @@ WORKDIR /opt/edgesplit
 COPY pyproject.toml README.md ./
 COPY edgesplit ./edgesplit
 RUN pip install --no-cache-dir '.[server]'
-EXPOSE 5555
+EXPOSE 5555 8000
 ENTRYPOINT ["edgesplit", "serve"]

@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": "benchmarks with --json output (e2e)",
     "inspect": "verify a bundle and print its manifest summary",
     "zoo": "list the model zoo, or report a checkpoint's accuracy on real data (build plane)",
+    "keys": "CURVE key pairs for encrypted, authenticated agent <-> server links (keys gen NAME --out DIR)",
 }
 
 
@@ -66,6 +67,7 @@ HANDLERS = {
     "bench": _delegate("edgesplit.bench", "bench_main"),
     "inspect": _delegate("edgesplit.bundle_cli", "inspect_main"),
     "zoo": _delegate("edgesplit.build.zoo_cli", "zoo_main"),
+    "keys": _delegate("edgesplit.keys_cli", "keys_main"),
 }
 
 

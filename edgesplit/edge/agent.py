@@ -54,6 +54,7 @@ from ..engine import EngineError
 from ..wire import codec, protocol as P
 from ..wire.codec import ErrorCode, WireError
 from ..wire.protocol import Kind, ProtocolError
+from ..wire.curve import ClientCurve, explain_handshake_failure
 from ..wire.transport import connect_dealer, context, default_agent_name, pending_in, recv_parts, send_parts
 from . import link
 from .fallback import FALLBACK_ERROR_CODES, RTT_OVER_DEADLINE, UNREACHABLE, RttGuard, load_fallback
@@ -146,8 +147,13 @@ class Agent:
                  mode: int | None = None, codec: str = "raw", inflight: int = 8, deadline_ms: float | None = None,
                  threads: int | None = None, name: str | None = None, timeout_s: float = 10.0,
                  load_head: bool = True, ctx: zmq.Context | None = None, fallback: str = "off",
-                 reconnect_max_s: float = 0.5):
+                 reconnect_max_s: float = 0.5, server_key: str | Path | None = None,
+                 client_key: str | Path | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        # CURVE (edgesplit/wire/curve.py): the server's public key and this agent's secret key.
+        if (server_key is None) != (client_key is None):
+            raise ValueError("CURVE needs both server_key (the server's public key) and client_key (this agent's secret key)")
+        self.curve = None if server_key is None else ClientCurve.load(server_key, client_key)
         self.server = server
         self.mode: Mode = self.bundle.default_mode if mode is None else self.bundle.mode(mode)
         if codec not in ("raw", "zstd", "auto"):
@@ -227,7 +233,7 @@ class Agent:
         the agent's timeout) unless local fallback is on: then it returns without a session, frames
         are answered locally, and the agent keeps saying hello until a server welcomes it."""
         if self._sock is None:
-            self._sock = connect_dealer(self.server, ctx=self._ctx,
+            self._sock = connect_dealer(self.server, ctx=self._ctx, curve=self.curve,
                                         reconnect_ivl_max_ms=max(1, round(self.reconnect_max_s * 1000)))
             self._rcvtimeo = -1
             self._monitor = LinkMonitor(self._sock)
@@ -654,8 +660,8 @@ class Agent:
             elif event == link.CONNECT_FAILED:
                 self._link_connected = False
             elif event in link.HANDSHAKE_FAILED:
-                self._connection_error("HANDSHAKE_FAILED", f"{link.HANDSHAKE_FAILED[event]} with {self.server} "
-                                                           f"(errno {value})")
+                self._connection_error("HANDSHAKE_FAILED", f"{link.HANDSHAKE_FAILED[event]} with {self.server}: "
+                                       f"{explain_handshake_failure(event, value, self.curve is not None)}")
         if self.welcome is not None and self._pending:
             oldest = next(iter(self._pending.values()))
             limit_ns, reason = self._silence_limit()
@@ -751,6 +757,11 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
                    help="cap of the reconnect backoff (libzmq's reconnect interval and hello retries): a restarted "
                         "server is found again within about this long")
     p.add_argument("--name", default=None, help="agent name sent in hello (unset: host:pid)")
+    p.add_argument("--server-key", default=None, metavar="FILE",
+                   help="CURVE: the server's public key (server.key); needs --client-key")
+    p.add_argument("--client-key", default=None, metavar="FILE",
+                   help="CURVE: this agent's secret key (NAME.key_secret from 'edgesplit keys gen'); its NAME.key "
+                        "must be in the server's --allow-keys directory")
     p.add_argument("--json-lines", nargs="?", const="-", default=None, metavar="FILE|-",
                    help="write one JSON line per frame and a final {\"summary\": ...} line to FILE or stdout")
     return p
@@ -763,7 +774,8 @@ def agent_main(args_list: list[str] | None = None) -> int:
     try:
         agent = Agent(args.bundle, args.server, mode=args.mode, codec=args.codec, inflight=args.inflight,
                       deadline_ms=args.deadline_ms, threads=args.threads, name=args.name, timeout_s=args.timeout_s,
-                      fallback=args.fallback, reconnect_max_s=args.reconnect_max_s)
+                      fallback=args.fallback, reconnect_max_s=args.reconnect_max_s,
+                      server_key=args.server_key, client_key=args.client_key)
         agent.connect()
     except (AgentError, BundleError, OSError, ValueError) as e:
         print(f"edgesplit agent: {e}", file=sys.stderr)

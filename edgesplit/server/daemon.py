@@ -59,16 +59,21 @@ import zmq
 
 from ..bundle import Bundle, BundleError
 from ..engine import ACCELERATIONS, BACKENDS, PRECISIONS, EngineOptions  # numpy only: backends load lazily
+from ..logs import LOG_FORMATS, setup_logging
 from ..wire import codec, protocol as P
 from ..wire.codec import ErrorCode, WireError
 from ..wire.protocol import Kind, Limits, ProtocolError
+from ..wire.curve import HANDSHAKE_EVENTS, ServerCurve, handshake_failure, read_monitor
 from ..wire.transport import bind_router, context, recv_parts, send_parts
 from .batcher import Batcher, Item
+from .metrics import AUTH_FAILED_PREFIX, ModelStats
 
 log = logging.getLogger("edgesplit.server")
 
 # Plain ints: pyzmq's enum constants cost an enum construction per use on the hot path.
 _POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)
+# /health/live fails when the I/O loop (which turns at least every 0.5 s) has not for this long.
+IO_STALL_S = 10.0
 
 
 @dataclass
@@ -80,6 +85,12 @@ class Session:
     inflight: int = 0
     last_seen: float = 0.0
     last_ping: float = 0.0
+    ping_nonce: int = -1         # nonce of the server's last ping (its pong gives rtt_us)
+    # per-agent figures for the metrics (I/O thread only)
+    requests: int = 0            # requests accepted
+    bytes_in: int = 0            # message bytes received since the session started
+    errors: int = 0              # error replies sent
+    rtt_us: float | None = None  # last server ping -> pong round trip
 
 
 class TailRunner:
@@ -250,6 +261,7 @@ class Server:
                  max_queue_delay_us: float = 2000.0, max_queue: int = 1024, credits: int = 64,
                  preferred_batch_sizes: Sequence[int] = (),
                  heartbeat_ms: int = 5000, limits: Limits | None = None, name: str | None = None,
+                 curve: ServerCurve | None = None, http_port: int | None = None, http_host: str = "127.0.0.1",
                  engine_options: EngineOptions | None = None):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:
@@ -284,22 +296,47 @@ class Server:
         self._replies: deque[list] = deque()  # compute thread appends, I/O thread pops
         self._result_packer = P.ResultPacker()  # compute thread only
         self._codecs = codec.supported_codecs()
+        self.curve = curve  # CURVE encryption + agent key allow-list (None: plaintext)
+        self._monitor: zmq.Socket | None = None  # the ROUTER's handshake-failure events (I/O thread)
+        self._handshake_logged: dict[str, float] = {}  # reason -> when last logged
+        self._io_turned = time.monotonic()  # last turn of the I/O loop's housekeeping (liveness)
+        # Metrics (edgesplit/server/metrics.py), read at scrape time: per (bundle, mode) stats
+        # (compute thread), request failures by (bundle hash or None, error name) per thread.
+        self.model_stats = {(h, m.id): ModelStats(b.name, h[:12], m.id, self.batcher.max_batch)
+                            for h, b in self.bundles.items() for m in b.modes}
+        self._io_failures: dict[tuple[str | None, str], int] = {}
+        self._compute_failures: dict[tuple[str | None, str], int] = {}
+        self.http_port, self.http_host = http_port, http_host  # None: no HTTP endpoints
+        self.http = None  # HttpEndpoints once started
+        self._registry = None  # prometheus_client registry, made at the first scrape
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> "Server":
         """Load the tail engines, bind, and start the I/O and compute threads. Returns self once
-        the socket is bound (``self.endpoint`` is the actual endpoint, port resolved)."""
-        for h, b in self.bundles.items():
-            if h not in self.runners:
-                r = TailRunner(b, self.backend, self.threads, self.engine_options)
-                r.warmup()
-                self.runners[h] = r
-        self._io_thread = threading.Thread(target=self._io_main, name="edgesplit-io", daemon=True)
-        self._io_thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError("server I/O thread did not start")
-        if self._startup_error is not None:
-            raise self._startup_error
+        the socket is bound (``self.endpoint`` is the actual endpoint, port resolved). With
+        ``http_port`` set, the HTTP endpoints come up first, so that /health/ready answers 503
+        while the tails load."""
+        if self.http_port is not None and self.http is None:
+            from .httpd import HttpEndpoints
+
+            self.http = HttpEndpoints(self.http_host, self.http_port, metrics=self.metrics_text,
+                                      live=self.live, ready=self.ready).start()
+            log.info("metrics and health on %s", self.http.url, extra={"event": "http", "url": self.http.url})
+        try:
+            for h, b in self.bundles.items():
+                if h not in self.runners:
+                    r = TailRunner(b, self.backend, self.threads, self.engine_options)
+                    r.warmup()
+                    self.runners[h] = r
+            self._io_thread = threading.Thread(target=self._io_main, name="edgesplit-io", daemon=True)
+            self._io_thread.start()
+            if not self._ready.wait(timeout):
+                raise RuntimeError("server I/O thread did not start")
+            if self._startup_error is not None:
+                raise self._startup_error
+        except BaseException:
+            self._stop_http()
+            raise
         log.info("serving %s on %s", ", ".join(f"{b.name}@{h[:12]}" for h, b in self.bundles.items()), self.endpoint)
         return self
 
@@ -321,6 +358,56 @@ class Server:
             log.error("server did not stop within %.0f s", timeout)
         for r in self.runners.values():
             r.engine.close()
+        self._stop_http()
+
+    def _stop_http(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+
+    # -- health and metrics (called from the HTTP thread) -------------------------------------
+    def live(self) -> tuple[bool, str]:
+        """Liveness: no daemon thread has died, and the I/O loop keeps turning."""
+        if self.failed:
+            return False, "a daemon thread died (see the log)"
+        io = self._io_thread
+        stalled = time.monotonic() - self._io_turned
+        if io is not None and io.is_alive() and stalled > IO_STALL_S:
+            return False, f"the I/O loop has not turned for {stalled:.0f} s"
+        return True, ""
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: tails loaded, socket bound, not draining, and live."""
+        if self._startup_error is not None:
+            return False, f"startup failed: {self._startup_error}"
+        if not self._ready.is_set():
+            return False, "starting: loading tails and binding the socket"
+        if self._stop.is_set():
+            return False, "draining: finishing queued requests before exit"
+        ok, why = self.live()
+        return (True, "") if ok else (False, why)
+
+    def failure_counts(self) -> dict[tuple[str | None, str], int]:
+        """Requests answered with an error, by (bundle hash or None, error name), both threads."""
+        out = dict(self._io_failures)  # dict() copies in one step: safe while the owner thread writes
+        for k, n in dict(self._compute_failures).items():
+            out[k] = out.get(k, 0) + n
+        return out
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text exposition of this server (what GET /metrics returns)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry, ProcessCollector
+
+            from .metrics import ServerCollector
+
+            reg = CollectorRegistry(auto_describe=False)
+            reg.register(ServerCollector(self))
+            ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+            self._registry = reg
+        from prometheus_client import generate_latest
+
+        return generate_latest(self._registry)
 
     def __enter__(self) -> "Server":
         return self.start() if self._io_thread is None else self
@@ -334,9 +421,17 @@ class Server:
 
     # -- I/O thread ----------------------------------------------------------------------------
     def _io_main(self) -> None:
-        ctx = context()
+        # Under CURVE the daemon gets a ZeroMQ context of its own: the ZAP handler that checks agent
+        # keys is per context, and it must run before the ROUTER binds (see edgesplit/wire/curve.py).
+        ctx = zmq.Context() if self.curve is not None else context()
+        auth = None
         try:
-            router, self.endpoint = bind_router(self.bind, limits=self.limits, ctx=ctx)
+            if self.curve is not None:
+                auth = self.curve.start_authenticator(ctx)
+            router, self.endpoint = bind_router(self.bind, limits=self.limits, ctx=ctx, curve=self.curve)
+            # Refused handshakes (a key not allowed, plaintext at a CURVE server, ...) never reach
+            # the poll loop; libzmq reports them on a monitor socket that housekeeping reads.
+            self._monitor = router.get_monitor_socket(HANDSHAKE_EVENTS)
             # Wake-up line compute thread -> I/O thread: a socket pair polled next to the ROUTER
             # (one byte per batch; draining it is one recv, cheaper than a zmq PULL socket).
             self._wake_r, self._wake_w = _socket.socketpair()
@@ -345,6 +440,7 @@ class Server:
         except BaseException as e:  # reported by start()
             self._startup_error = e
             self._ready.set()
+            self._release_context(ctx, auth)
             return
         self._compute_thread = threading.Thread(target=self._compute_main, name="edgesplit-compute", daemon=True)
         self._compute_thread.start()
@@ -399,8 +495,19 @@ class Server:
                 self._compute_thread.join(10)
             self._wake_r.close()
             self._wake_w.close()
+            self._read_handshake_failures()
+            router.disable_monitor()
+            self._monitor.close(0)
             router.close(1000)
-            log.info("stopped: %s", self.stats())
+            self._release_context(ctx, auth)
+            log.info("stopped: %s", self.stats(), extra={"event": "stopped", "stats": self.stats()})
+
+    @staticmethod
+    def _release_context(ctx: zmq.Context, auth) -> None:
+        if auth is not None:
+            auth.stop()
+        if ctx is not context():  # the daemon's own (CURVE) context: waits for the ROUTER's linger
+            ctx.term()
 
     def _send(self, router: zmq.Socket, identity: bytes, header: dict, frames: Sequence = ()) -> bool:
         try:
@@ -419,6 +526,12 @@ class Server:
 
     def _error(self, router: zmq.Socket, identity: bytes, req_id: int | None, code: ErrorCode, message: str) -> None:
         self.counters[f"error_{code.name}"] += 1
+        s = self.sessions.get(identity)
+        if s is not None:
+            s.errors += 1
+        if req_id is not None:  # only requests carry an id: an inference request failed (metrics)
+            key = (s.bundle if s is not None else None, code.name)
+            self._io_failures[key] = self._io_failures.get(key, 0) + 1
         self._send(router, identity, P.error(req_id, code, message))
 
     def _forward_replies(self, router: zmq.Socket) -> None:
@@ -432,8 +545,11 @@ class Server:
             parts = replies.popleft()
             identity = parts[0]
             s = sessions.get(identity)
-            if s is not None and s.inflight > 0:
-                s.inflight -= 1
+            if s is not None:
+                if s.inflight > 0:
+                    s.inflight -= 1
+                if len(parts) == 2:  # [identity, header]: an error (a result also carries logits)
+                    s.errors += 1
             try:
                 send_parts(router, parts, _NOBLOCK)
             except zmq.ZMQError as e:
@@ -450,6 +566,7 @@ class Server:
             session = self.sessions.get(identity)
             if session is not None:
                 session.last_seen = time.monotonic()
+                session.bytes_in += sum(map(len, parts)) - len(identity)
             kind = msg.kind
             if kind == Kind.REQUEST:
                 self._on_request(router, identity, session, msg, t_recv, draining)
@@ -458,7 +575,9 @@ class Server:
             elif kind == Kind.PING:
                 self._send(router, identity, P.pong(msg.header["nonce"], time.time_ns()))
             elif kind == Kind.PONG:
-                pass
+                if session is not None and msg.header["nonce"] == session.ping_nonce:
+                    # the nonce is the monotonic microsecond the ping left (see _housekeeping)
+                    session.rtt_us = time.monotonic() * 1e6 - session.ping_nonce
             elif kind == Kind.BYE:
                 self.sessions.pop(identity, None)
             elif kind == Kind.ERROR:
@@ -482,11 +601,16 @@ class Server:
                                 f"{', '.join(f'{b.name}={k[:16]}...' for k, b in self.bundles.items())})")
         credits = max(1, min(self.credits, h["caps"]["max_inflight"]))
         old = self.sessions.get(identity)
-        s = Session(identity, bundle.hash, h["agent"], credits, inflight=old.inflight if old else 0,
-                    last_seen=time.monotonic(), last_ping=time.monotonic())
+        now = time.monotonic()
+        if old is not None:  # a re-handshake on the same connection keeps in-flight work and figures
+            s = replace(old, bundle=bundle.hash, agent=h["agent"], credits=credits, last_seen=now, last_ping=now)
+        else:
+            s = Session(identity, bundle.hash, h["agent"], credits, last_seen=now, last_ping=now)
         self.sessions[identity] = s
         self.counters["sessions_opened"] += 1
-        log.info("hello from %s (%s): bundle %s, %d credits", h["agent"], identity.hex(), bundle.name, credits)
+        log.info("hello from %s (%s): bundle %s, %d credits", h["agent"], identity.hex(), bundle.name, credits,
+                 extra={"event": "hello", "agent": h["agent"], "identity": identity.hex(), "bundle": bundle.name,
+                        "credits": credits})
         self._send(router, identity, P.welcome(bundle.hash, self.name, credits=credits, limits=self.limits,
                                                heartbeat_ms=self.heartbeat_ms, codecs=self._codecs,
                                                features=P.SERVER_FEATURES))
@@ -523,21 +647,43 @@ class Server:
         if not self.batcher.put(item):
             raise ProtocolError(ErrorCode.OVERLOADED, f"server queue full ({self.batcher.max_queue} requests waiting)", rid)
         session.inflight += 1
+        session.requests += 1
         self.counters["requests"] += 1
 
     def _housekeeping(self, router: zmq.Socket, now: float) -> None:
+        self._io_turned = now
+        self._read_handshake_failures()
         if self.heartbeat_ms <= 0:
             return
         hb = self.heartbeat_ms / 1000.0
         for ident, s in list(self.sessions.items()):
             idle = now - s.last_seen
             if idle > 3 * hb and s.inflight == 0:
-                log.info("session %s (%s) timed out after %.1f s of silence", s.agent, ident.hex(), idle)
+                log.info("session %s (%s) timed out after %.1f s of silence", s.agent, ident.hex(), idle,
+                         extra={"event": "session_expired", "agent": s.agent, "identity": ident.hex()})
                 del self.sessions[ident]
                 self.counters["sessions_expired"] += 1
-            elif idle > hb and now - s.last_ping > hb:
+            elif now - s.last_ping > hb:
+                # Every session is pinged once per interval, busy or not: a silent one to see
+                # whether it is still there, and each pong measures the agent's round trip.
                 s.last_ping = now
-                self._send(router, ident, P.ping(int(now * 1e6), time.time_ns()))
+                s.ping_nonce = int(now * 1e6)
+                self._send(router, ident, P.ping(s.ping_nonce, time.time_ns()))
+
+    def _read_handshake_failures(self) -> None:
+        """Count and log the connections libzmq refused during the handshake since the last call."""
+        for event, value in read_monitor(self._monitor):
+            reason = handshake_failure(event, value)
+            if reason is None:
+                continue
+            key = AUTH_FAILED_PREFIX + reason
+            self.counters[key] += 1
+            # A refused peer retries every few seconds: log each reason at most every 10 s.
+            now = time.monotonic()
+            if now - self._handshake_logged.get(reason, -1e9) >= 10.0:
+                self._handshake_logged[reason] = now
+                log.warning("refused a connection in the security handshake: %s (%d so far)", reason, self.counters[key],
+                            extra={"event": "handshake_failed", "reason": reason, "total": self.counters[key]})
 
     # -- compute thread ------------------------------------------------------------------------
     def _compute_main(self) -> None:
@@ -572,6 +718,8 @@ class Server:
 
     def _push_error(self, it: Item, code: ErrorCode, message: str) -> None:
         self._ccounters[f"error_{code.name}"] += 1
+        key = (it.key[0], code.name)
+        self._compute_failures[key] = self._compute_failures.get(key, 0) + 1
         self._push(it.identity, P.error(it.req_id, code, message))
         it.answered = True
 
@@ -609,6 +757,11 @@ class Server:
         cc["rows"] += rows
         replies = self._replies
         pack = self._result_packer.pack
+        # Metrics are recorded before each reply is queued: once an agent holds a result, a scrape
+        # counts it.
+        stats = self.model_stats[live[0].key]
+        stats.batch_done(rows, len(live) - len(errors), compute_us)
+        observe_queue, observe_request = stats.queue.observe, stats.request.observe
         for i, it in enumerate(live):
             if errors and i in errors:
                 self._push_error(it, errors[i].code, errors[i].message)
@@ -616,9 +769,12 @@ class Server:
             r = offsets[i]
             out = logits[r] if it.single else logits[r: r + it.rows]
             t_reply = time.perf_counter_ns()
-            header = pack(it.req_id, runner.outputs_for(out.shape), queue_us=(t0 - it.t_recv_ns) / 1e3,
-                          compute_us=compute_us, batch_size=rows, server_us=(t_reply - it.t_recv_ns) / 1e3,
+            queue_us, server_us = (t0 - it.t_recv_ns) / 1e3, (t_reply - it.t_recv_ns) / 1e3
+            header = pack(it.req_id, runner.outputs_for(out.shape), queue_us=queue_us,
+                          compute_us=compute_us, batch_size=rows, server_us=server_us,
                           t_send_ns=it.t_send_ns)
+            observe_queue(queue_us)
+            observe_request(server_us)
             replies.append([it.identity, header, out.tobytes()])
             it.answered = True
         cc["results"] += len(live) - len(errors)
@@ -670,22 +826,39 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     p.add_argument("--max-frame-bytes", type=int, default=P.DEFAULT_LIMITS.max_frame_bytes, help="largest tensor frame accepted")
     p.add_argument("--name", default=None, help="server name sent in welcome (unset: host:pid)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="json: one JSON object per line (ts, level, logger, msg and structured fields)")
+    sec = p.add_argument_group("security (CURVE; keys from 'edgesplit keys gen')")
+    sec.add_argument("--curve-secret", default=None, metavar="FILE",
+                     help="the server's secret key (NAME.key_secret): encrypt every connection; needs --allow-keys")
+    sec.add_argument("--allow-keys", default=None, metavar="DIR",
+                     help="directory of the agents' public keys (*.key): only those agents may connect; re-read when "
+                          "its files change, and on SIGHUP")
+    obs = p.add_argument_group("observability")
+    obs.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                     help="serve /metrics (Prometheus), /health/live and /health/ready on this port "
+                          "(0: any free port, printed at start; unset: no HTTP)")
+    obs.add_argument("--http-host", default="127.0.0.1", help="address the HTTP endpoints listen on (0.0.0.0: all)")
     return p
 
 
 def serve_main(args_list: list[str] | None = None) -> int:
     """Run the daemon until SIGINT/SIGTERM. Returns the process exit code."""
-    args = build_parser().parse_args(args_list)
-    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if (args.curve_secret is None) != (args.allow_keys is None):
+        parser.error("--curve-secret and --allow-keys go together (CURVE without an allow-list would admit any key)")
+    setup_logging(args.log_level, args.log_format)
     try:
+        curve = None if args.curve_secret is None else ServerCurve.load(args.curve_secret, args.allow_keys)
         limits = Limits(max_frame_bytes=args.max_frame_bytes, max_batch=args.max_batch)
         engine_options = EngineOptions(device=args.device, precision=args.precision, accel=args.accel,
                                        cache_dir=args.engine_cache)
         server = Server(args.bundle, args.bind, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
                         max_queue_delay_us=args.max_queue_delay_us, max_queue=args.max_queue, credits=args.credits,
                         preferred_batch_sizes=args.preferred_batch_sizes,
-                        heartbeat_ms=args.heartbeat_ms, limits=limits, name=args.name, engine_options=engine_options)
+                        heartbeat_ms=args.heartbeat_ms, limits=limits, name=args.name,
+                        curve=curve, http_port=args.http_port, http_host=args.http_host, engine_options=engine_options)
         server.start()
     except (BundleError, OSError, ValueError, RuntimeError) as e:
         print(f"edgesplit serve: {e}", file=sys.stderr)
@@ -699,7 +872,11 @@ def serve_main(args_list: list[str] | None = None) -> int:
         server.request_stop()
 
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if curve is not None:  # SIGHUP: read the allowed agent keys again
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: curve.allow.reload())
     print(f"edgesplit serve: listening on {server.endpoint}", flush=True)
+    if server.http is not None:
+        print(f"edgesplit serve: metrics and health on {server.http.url}", flush=True)
     try:
         while not server.wait(0.5):
             pass

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import zmq
 
+from .curve import ClientCurve, ServerCurve
 from .protocol import DEFAULT_LIMITS, Limits, Message, pack, parse
 
 # Frames smaller than this are copied by libzmq anyway; larger ones are sent zero-copy.
@@ -69,14 +70,17 @@ def _tcp_keepalive(sock: zmq.Socket) -> None:
 
 
 def bind_router(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, ctx: zmq.Context | None = None,
-                hwm: int = 100_000) -> tuple[zmq.Socket, str]:
+                hwm: int = 100_000, curve: ServerCurve | None = None) -> tuple[zmq.Socket, str]:
     """Bind a ROUTER socket. A tcp port of ``0`` or ``*`` picks a free port. Returns
     ``(socket, actual_endpoint)``.
 
     ROUTER_MANDATORY makes a send to a vanished peer raise instead of vanishing silently, so the
     server can forget that session. MAXMSGSIZE bounds what libzmq will allocate for one frame: a
     frame over twice the protocol frame limit disconnects the peer (frames between the protocol
-    limit and that bound get a TOO_LARGE error reply)."""
+    limit and that bound get a TOO_LARGE error reply).
+
+    ``curve``: make it a CURVE server (encrypted; the caller must have started the ZAP handler in
+    ``ctx`` first, see :meth:`ServerCurve.start_authenticator`)."""
     ctx = ctx or context()
     s = ctx.socket(zmq.ROUTER)
     s.setsockopt(zmq.LINGER, 1000)
@@ -87,6 +91,8 @@ def bind_router(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, ctx: zmq.Cont
     if endpoint.startswith("tcp://"):
         _tcp_keepalive(s)
     s.copy_threshold = COPY_THRESHOLD
+    if curve is not None:
+        curve.apply(s)
     if endpoint.startswith("tcp://") and endpoint.rsplit(":", 1)[-1] in ("0", "*"):
         endpoint = endpoint.rsplit(":", 1)[0] + ":*"
     try:
@@ -98,10 +104,11 @@ def bind_router(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, ctx: zmq.Cont
 
 
 def connect_dealer(endpoint: str, *, ctx: zmq.Context | None = None, identity: bytes | None = None,
-                   hwm: int = 10_000, reconnect_ivl_max_ms: int = 5000) -> zmq.Socket:
+                   hwm: int = 10_000, reconnect_ivl_max_ms: int = 5000, curve: ClientCurve | None = None) -> zmq.Socket:
     """Connect a DEALER socket to a server endpoint. libzmq reconnects by itself if the link drops,
     retrying after 100 ms, doubling up to ``reconnect_ivl_max_ms``: that cap bounds how long a
-    restarted server waits for the agent to find it again (libzmq copies it at connect time)."""
+    restarted server waits for the agent to find it again (libzmq copies it at connect time).
+    ``curve``: connect as a CURVE client (the server's public key and this agent's key pair)."""
     ctx = ctx or context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -114,6 +121,8 @@ def connect_dealer(endpoint: str, *, ctx: zmq.Context | None = None, identity: b
     if endpoint.startswith("tcp://"):
         _tcp_keepalive(s)
     s.copy_threshold = COPY_THRESHOLD
+    if curve is not None:
+        curve.apply(s)
     s.connect(endpoint)
     return s
 

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 # name -> (module, help). Modules are imported only when their scenario runs (or for --help).
 SCENARIOS: dict[str, tuple[str, str]] = {
     "e2e": ("edgesplit.bench.e2e", "one frame at a time through agent -> server -> agent, against raw pyzmq"),
+    "restart": ("edgesplit.bench.restart", "kill -9 the server mid-stream and restart it: every frame accounted for, resume time"),
     "engine": ("edgesplit.bench.engine", "tail engine alone per batch size (frames/s, latency), optionally against bare torch"),
 }
 

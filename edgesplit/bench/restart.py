@@ -39,7 +39,7 @@ class ServerProcess:
         self.ready_at: float | None = None
         self._ready = threading.Event()
 
-    def start(self, wait_s: float | None = 60.0) -> "ServerProcess":
+    def start(self, wait_s: float | None = 60.0) -> ServerProcess:
         """Start the daemon; with ``wait_s``, wait until it listens (RuntimeError if it does not)."""
         self.ready_at = None
         self._ready.clear()

@@ -53,7 +53,8 @@ def load_fallback(bundle: Bundle, fallback: str, threads: int | None = None) -> 
 
 class RttGuard:
     """Says when the server path cannot meet a deadline, from the median of the last ``window``
-    server round trips (agent send -> result received: link plus server time).
+    server round trips (agent send -> result received: link plus server time); silent until it has
+    ``window`` of them, so that one slow first request (warm-up) decides nothing.
 
     While that median exceeds the deadline, frames go local, except one every ``probe_every_s``
     that still goes to the server: without probes the estimate would never learn that the link
@@ -69,7 +70,7 @@ class RttGuard:
         self._rtts.append(rtt_ms)
 
     def estimate_ms(self) -> float | None:
-        return None if not self._rtts else float(np.median(self._rtts))
+        return None if len(self._rtts) < self._rtts.maxlen else float(np.median(self._rtts))
 
     def too_slow(self, deadline_ms: float) -> bool:
         est = self.estimate_ms()

@@ -9,12 +9,16 @@ size is timed for a fixed wall-clock budget after a warm-up, on the same input f
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from ..engine import Engine
+
+# The shipped CIFAR-10 bundle. Not imported from edgesplit.demo: that imports pyzmq, which this
+# scenario must not need (the GPU machine has none).
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "cifar10-resnet20-bottlefit"
 
 
 def _time_calls(call: Callable[[], object], seconds: float, warmup: int, sync: Callable[[], None]) -> list[float]:
@@ -61,7 +65,7 @@ def measure_engine(engine: Engine, input_shape: Sequence[int], batch_sizes: Sequ
     rows = []
     for b in batch_sizes:
         x = rng.standard_normal((int(b), *input_shape), dtype=np.float32)
-        times = _time_calls(lambda: engine.run({name: x}), seconds, warmup, sync=lambda: None)
+        times = _time_calls(lambda x=x: engine.run({name: x}), seconds, warmup, sync=lambda: None)
         rows.append(_row(int(b), times))
     return rows
 
@@ -87,7 +91,7 @@ def measure_bare_torch(program: str | Path, input_shape: Sequence[int], batch_si
             x = torch.randn((int(b), *input_shape), generator=gen).to(dev, dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            rows.append(_row(int(b), _time_calls(lambda: module(x), seconds, warmup, sync)))
+            rows.append(_row(int(b), _time_calls(lambda x=x: module(x), seconds, warmup, sync)))
     return rows
 
 
@@ -110,8 +114,7 @@ def add_arguments(p) -> None:
 
 def run(a) -> dict:
     from ..bundle import Bundle
-    from ..demo import DEFAULT_BUNDLE
-    from ..engine import EngineOptions, create_engine
+    from ..engine import EngineError, EngineOptions, create_engine
 
     bundle = Bundle.load(a.bundle or DEFAULT_BUNDLE)
     try:
@@ -124,12 +127,15 @@ def run(a) -> dict:
     if needs_program and not bundle.has("tail_torch"):
         raise SystemExit(f"bundle '{bundle.name}' has no tail_torch file, which the torch backend and --bare-torch "
                          "run; export one with: edgesplit export STUDENT --out DIR --torch-tail")
-    opts = EngineOptions(device=a.device, precision=a.precision, accel=a.accel, max_batch=max(batch_sizes),
-                         threads=a.threads, cache_dir=a.cache_dir)
     graph = bundle.file("tail_torch") if a.backend == "torch" else bundle.file("tail")
     frame = tuple(int(s) for s in bundle.wire_spec["shape"])
     t0 = time.perf_counter()
-    engine = create_engine(graph, a.backend, opts)
+    try:
+        opts = EngineOptions(device=a.device, precision=a.precision, accel=a.accel, max_batch=max(batch_sizes),
+                             threads=a.threads, cache_dir=a.cache_dir)
+        engine = create_engine(graph, a.backend, opts)
+    except EngineError as e:
+        raise SystemExit(f"edgesplit bench engine: {e}") from None
     res = {"bench": "engine", "bundle": bundle.name, "backend": a.backend, "precision": a.precision, "accel": a.accel,
            "device": str(getattr(engine, "device", a.device or "cpu")), "input_shape": list(frame),
            "engine_start_s": round(time.perf_counter() - t0, 3), "seconds_per_batch": a.seconds,

@@ -38,5 +38,13 @@ def create_engine(path: str | Path, backend: str = "ort", options: EngineOptions
     return TensorRTEngine(path, opts)
 
 
-__all__ = ["Engine", "EngineError", "EngineOptions", "TensorSpec", "create_engine", "BACKENDS", "PRECISIONS",
-           "ACCELERATIONS"]
+__all__ = [
+    "ACCELERATIONS",
+    "BACKENDS",
+    "PRECISIONS",
+    "Engine",
+    "EngineError",
+    "EngineOptions",
+    "TensorSpec",
+    "create_engine",
+]

@@ -57,7 +57,7 @@ class EngineOptions:
             raise EngineError(f"opt_batch must lie in [1, max_batch={self.max_batch}], not {self.opt_batch}")
 
     @classmethod
-    def make(cls, base: "EngineOptions | None" = None, **overrides) -> "EngineOptions":
+    def make(cls, base: EngineOptions | None = None, **overrides) -> EngineOptions:
         """``base`` with ``overrides`` applied; an unknown keyword is an EngineError naming it."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)

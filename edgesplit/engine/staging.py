@@ -8,7 +8,7 @@ state allocates nothing.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class PinnedStaging:
@@ -16,7 +16,7 @@ class PinnedStaging:
         import torch
 
         self._torch = torch
-        self._bufs: dict[str, "torch.Tensor"] = {}
+        self._bufs: dict[str, torch.Tensor] = {}
 
     def host(self, role: str, shape: Sequence[int], dtype=None):
         """A pinned float32 (or ``dtype``) CPU tensor of ``shape``; its memory is reused by the next

@@ -85,7 +85,8 @@ class TensorRTEngine(Engine):
                      opts.max_batch, plan_path)
             plan = self._build(onnx_bytes)
             _write_atomic(plan_path, plan)
-        self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan)
+        self._runtime = trt.Runtime(self._logger)  # kept: the engine must not outlive its runtime
+        self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
             raise EngineError(f"TensorRT could not deserialize the plan {plan_path} (delete it to rebuild)")
         self._context = self._engine.create_execution_context()
@@ -157,7 +158,10 @@ class TensorRTEngine(Engine):
             if eng.get_tensor_dtype(n) != trt.DataType.FLOAT:
                 raise EngineError(f"{self.path.name}: I/O tensor '{n}' is {eng.get_tensor_dtype(n)}, expected float32 "
                                   "(precision belongs inside the graph, fp32 at its edges)")
-        shape = lambda n: tuple(d if d >= 0 else "batch" for d in eng.get_tensor_shape(n))  # noqa: E731
+
+        def shape(n: str) -> tuple:
+            return tuple(d if d >= 0 else "batch" for d in eng.get_tensor_shape(n))
+
         self._inputs = [TensorSpec(n, shape(n), "float32") for n in ins]
         self._outputs = [TensorSpec(n, shape(n), "float32") for n in outs]
         self._frame = tuple(self._inputs[0].shape[1:])

@@ -67,6 +67,8 @@ class TorchEngine(Engine):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"device '{opts.device}' asked for, but this torch has no usable CUDA "
                               f"(torch {torch.__version__}, cuda build: {torch.version.cuda})")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise EngineError(f"device '{opts.device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if opts.accel == "cudagraphs" and self.device.type != "cuda":
             raise EngineError("CUDA graphs need a cuda device; this engine runs on cpu")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[opts.precision]

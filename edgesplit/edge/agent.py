@@ -508,7 +508,9 @@ class Agent:
             rid, name = h.get("id"), h["name"]
             if rid is None:
                 # Not about a request: a handshake refusal (connect() raises it) or the server's
-                # answer to something else we sent.
+                # answer to something else we sent. Either way the link is up (the monitor may have
+                # missed the first connection, made before it was attached): keep saying hello.
+                self._link_connected = True
                 self._connection_error(name, h["message"])
                 return
             p = self._pending.get(rid)

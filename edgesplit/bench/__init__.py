@@ -19,6 +19,9 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "e2e": ("edgesplit.bench.e2e", "one frame at a time through agent -> server -> agent, against raw pyzmq"),
     "restart": ("edgesplit.bench.restart", "kill -9 the server mid-stream and restart it: every frame accounted for, resume time"),
     "engine": ("edgesplit.bench.engine", "tail engine alone per batch size (frames/s, latency), optionally against bare torch"),
+    "server": ("edgesplit.bench.server", "daemon frames/s and latency at 1..32 agents, batched and unbatched, next to the engine alone"),
+    "fuzz": ("edgesplit.bench.fuzz", "malformed frames at the server while valid agents stream: no crash, every answer as documented"),
+    "overload": ("edgesplit.bench.overload", "offer N x capacity with deadlines: bounded memory, one answer per request, admitted p99"),
 }
 
 

@@ -7,8 +7,8 @@ the same tail on tensors of the same shape. A key's batch is *due* when
 - its queued rows can form one of the ``preferred`` batch sizes (Triton's ``preferred_batch_size``:
   a batch of a preferred size runs at once, the largest one that can be formed), or
 - ``max_delay_us`` has passed since its oldest request arrived, or
-- waiting any longer would miss the earliest deadline in it (deadline minus the key's recent
-  compute time, an exponentially weighted mean, minus a 2 ms margin), or
+- waiting any longer would miss the earliest deadline in it (deadline minus the key's expected
+  compute time for that many rows, minus a 2 ms margin), or
 - the batcher is closing (drain: everything is due at once).
 
 The I/O thread calls :meth:`Batcher.put` (never blocks); the compute thread calls
@@ -38,6 +38,11 @@ INF = float("inf")
 # absorb thread wake-up jitter.
 DEADLINE_MARGIN_NS = 2_000_000
 _CLOSE = object()  # close marker in the inbox
+
+
+def _bucket(rows: int) -> int:
+    """The power of two >= rows: batch sizes whose compute times are averaged together."""
+    return 1 << max(0, int(rows) - 1).bit_length()
 
 
 @dataclass(eq=False, slots=True)
@@ -97,7 +102,8 @@ class Batcher:
         self._n_taken = 0       # written by the consumer only
         self._closed = False    # set by close()
         self._draining = False  # the consumer has seen the close marker: everything is due
-        self._compute_ns: dict[Hashable, float] = {}
+        self._compute_ns: dict[tuple[Hashable, int], list[float]] = {}  # (key, rows bucket) -> [mean, deviation] ns
+        self._top_bucket = _bucket(self.max_batch)
 
     # -- producer side (I/O thread) ------------------------------------------------------------
     def put(self, item: Item) -> bool:
@@ -124,16 +130,48 @@ class Batcher:
         return self._n_put - self._n_taken
 
     # -- consumer side (compute thread) --------------------------------------------------------
-    def note_compute(self, key: Hashable, seconds: float) -> None:
-        """Record a batch's compute time (feeds the deadline-aware flush)."""
+    def note_compute(self, key: Hashable, seconds: float, rows: int = 1) -> None:
+        """Record a batch's compute time (feeds the deadline-aware flush and the daemon's check
+        that a deadline can still be met).
+
+        Kept per power-of-two bucket of rows: on a CPU a 32-row batch takes ~30x a 1-row one,
+        and one mean over both misjudged either (under overload, small leftover batches pulled
+        the mean down and admitted requests finished after their deadlines). Each bucket keeps
+        a smoothed mean and mean deviation, as TCP does for its retransmission timeout
+        (RFC 6298: gains 1/8 and 1/4); the estimate is mean + 4 deviations, so a tail whose
+        time varies (a CPU shared with other work) is planned for its slow batches."""
+        k = (key, _bucket(rows))
         ns = seconds * 1e9
-        old = self._compute_ns.get(key)
-        self._compute_ns[key] = ns if old is None else 0.8 * old + 0.2 * ns
+        est = self._compute_ns.get(k)
+        if est is None:
+            self._compute_ns[k] = [ns, ns / 2]
+        else:
+            est[1] += (abs(ns - est[0]) - est[1]) / 4
+            est[0] += (ns - est[0]) / 8
+
+    def expected_compute_ns(self, key: Hashable, rows: int) -> float:
+        """Expected compute time (mean + 4 deviations) of a ``rows``-row batch of ``key``: from
+        its bucket, else the nearest larger bucket (more rows never run faster), else the
+        nearest smaller one scaled up linearly; 0 before the key's first batch."""
+        b = _bucket(rows)
+        x = b
+        while x <= self._top_bucket:
+            est = self._compute_ns.get((key, x))
+            if est is not None:
+                return est[0] + 4 * est[1]
+            x *= 2
+        x = b // 2
+        while x >= 1:
+            est = self._compute_ns.get((key, x))
+            if est is not None:
+                return (est[0] + 4 * est[1]) * b / x
+            x //= 2
+        return 0.0
 
     def _due_ns(self, key: Hashable, q: _KeyQueue) -> float:
         due = q.items[0].t_recv_ns + self.max_delay_ns
         if q.min_deadline < INF:
-            due = min(due, q.min_deadline - self._compute_ns.get(key, 0.0) - DEADLINE_MARGIN_NS)
+            due = min(due, q.min_deadline - self.expected_compute_ns(key, min(q.rows, self.max_batch)) - DEADLINE_MARGIN_NS)
         return due
 
     def _hold(self, item) -> None:

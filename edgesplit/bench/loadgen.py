@@ -1,0 +1,432 @@
+"""Load generation for the server benchmarks: many protocol sessions driven from one thread.
+
+Why not N ``Agent`` objects (or N processes)? On the 2-core CI box every microsecond the client
+spends is taken from the server it measures. A real agent runs its head, encodes, and keeps
+per-frame records; a load generator needs none of that. So :class:`LoadClient` opens N DEALER
+sockets (N sessions: N hellos, N credit windows, N routing ids, exactly what N agents are to the
+server), sends **precomputed** wire payloads (real images through the bundle's head, encoded
+once), and services all sockets from one ``zmq.Poller`` loop: per request it packs a 27-byte
+compact header and makes two backend send calls; per reply it validates the header with the
+protocol's own parser. That costs a few tens of microseconds per frame, well under what the
+server spends, so the server is the bottleneck being measured.
+
+Two drivers:
+
+- :meth:`LoadClient.closed_loop`: each session keeps up to ``window`` requests outstanding and,
+  optionally, paces itself to ``fps`` (a camera), sending the next frame when an answer arrives.
+- :meth:`LoadClient.open_loop`: requests leave at a fixed total rate whatever the answers (an
+  overload test offers more than the server can take, so the client must not slow down with it).
+
+Every request is tracked until its one answer: :class:`LoadStats` counts results, errors by name,
+answers that match no outstanding request (``unexpected``) and requests never answered
+(``unanswered``), and checks each result's logits against the expected ones when given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from ..bundle import Bundle
+from ..wire import codec, protocol as P
+from ..wire.protocol import Kind, ProtocolError
+from ..wire.transport import connect_dealer, context, recv_parts, send_parts
+
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
+@dataclass
+class Workload:
+    """What the requests carry: wire payloads of one mode (raw, compact-sized) and, optionally,
+    the logits each should come back with."""
+
+    mode: int
+    payloads: list[bytes]
+    expected: np.ndarray | None = None  # [len(payloads), K]
+    labels: list[int | None] = field(default_factory=list)
+
+
+def head_workload(bundle: Bundle, n: int = 64, mode: int | None = None, source: str | None = None,
+                  threads: int | None = 1) -> Workload:
+    """``n`` real images of the bundle's dataset through its head (ONNX Runtime), encoded in
+    ``mode``; expected logits from the bundle's tail run locally on the decoded tensors (what the
+    server must answer, up to batch-size rounding)."""
+    from ..data.sources import open_source, take
+    from ..data.transforms import preprocess
+    from ..demo import DEFAULT_SOURCES
+    from ..engine import create_engine
+
+    if source is None:
+        source = next((v for k, v in DEFAULT_SOURCES.items() if bundle.name.startswith(k)), None)
+        if source is None:
+            raise ValueError(f"no default image source for bundle '{bundle.name}': pass one")
+    m = bundle.default_mode if mode is None else bundle.mode(mode)
+    samples = list(take(open_source(source, bundle.classes), n))
+    x = np.stack([preprocess(s.data, bundle.input_spec) for s in samples])
+    z = create_engine(bundle.file("head"), "ort", threads=threads).run1(x)
+    C = int(bundle.wire_spec["shape"][0])
+    payloads, decoded = [], []
+    for zi in z:
+        d, p = codec.encode(zi, m, name=bundle.wire_spec["name"])
+        payloads.append(p)
+        decoded.append(codec.decode(d, p, full_channels=C))
+    tail = create_engine(bundle.file("tail"), "ort", threads=threads)
+    expected = np.concatenate([tail.run1(np.stack(decoded[i:i + 32])) for i in range(0, len(decoded), 32)])
+    return Workload(m.id, payloads, expected.astype(np.float32), [s.label for s in samples])
+
+
+@dataclass
+class LoadStats:
+    """What one run of a driver saw. Latencies are per result, in ms."""
+
+    sent: int = 0
+    results: int = 0
+    results_in_window: int = 0  # results that arrived before the sending window closed
+    window_s: float = 0.0
+    errors: Counter = field(default_factory=Counter)
+    rtt_ms: list[float] = field(default_factory=list)
+    server_ms: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    deadline_ms: float | None = None
+    wrong: int = 0              # results whose logits differ from the expected ones
+    max_abs_err: float = 0.0
+    unexpected: int = 0         # answers to no outstanding request (duplicates, foreign ids)
+    unanswered: int = 0         # requests still without an answer when the driver gave up
+    send_refused: int = 0       # sends the client's own socket refused (its queue full)
+    server_bye: bool = False
+
+    @property
+    def answered(self) -> int:
+        return self.results + sum(self.errors.values())
+
+    def summary(self) -> dict:
+        rtt = np.asarray(self.rtt_ms, np.float64)
+        srv = np.asarray(self.server_ms, np.float64)
+        bs = np.asarray(self.batch_sizes, np.int64)
+
+        def pct(a: np.ndarray, q: float) -> float | None:
+            return None if a.size == 0 else round(float(np.percentile(a, q)), 3)
+
+        s = {
+            "sent": self.sent, "results": self.results, "errors": dict(self.errors),
+            "unanswered": self.unanswered, "unexpected": self.unexpected, "wrong_results": self.wrong,
+            "frames_per_s": round(self.results_in_window / self.window_s, 1) if self.window_s else None,
+            "offered_per_s": round(self.sent / self.window_s, 1) if self.window_s else None,
+            "latency_ms_p50": pct(rtt, 50), "latency_ms_p99": pct(rtt, 99), "latency_ms_max": pct(rtt, 100),
+            "server_ms_p50": pct(srv, 50), "server_ms_p99": pct(srv, 99), "server_ms_max": pct(srv, 100),
+            "batch_size_mean": None if bs.size == 0 else round(float(bs.mean()), 2),
+            "batch_size_p50": None if bs.size == 0 else int(np.median(bs)),
+        }
+        if self.send_refused:
+            s["send_refused"] = self.send_refused
+        if self.deadline_ms is not None:
+            s["deadline_ms"] = self.deadline_ms
+            s["late_results"] = int((srv > self.deadline_ms).sum())
+        return s
+
+
+class _Session:
+    __slots__ = ("sock", "credits", "compact", "next_id", "outstanding", "next_send_ns", "welcomed")
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.credits = 0
+        self.compact = False
+        self.next_id = 1
+        self.outstanding: dict[int, tuple[int, int]] = {}  # id -> (send time ns, payload index)
+        self.next_send_ns = 0
+        self.welcomed = False
+
+
+class LoadClient:
+    """``sessions`` protocol sessions to one server, driven from the calling thread."""
+
+    def __init__(self, endpoint: str, bundle: Bundle, sessions: int, workload: Workload, *,
+                 max_inflight: int = 1 << 20, tolerance: float = 1e-3, name: str = "load",
+                 ctx: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.bundle = bundle
+        self.workload = workload
+        self.max_inflight = max_inflight
+        self.tolerance = tolerance
+        self.name = name
+        self._ctx = ctx or context()
+        self._sessions = [_Session(connect_dealer(endpoint, ctx=self._ctx)) for _ in range(int(sessions))]
+        self._by_sock = {s.sock: s for s in self._sessions}
+        self._poller = zmq.Poller()
+        for s in self._sessions:
+            self._poller.register(s.sock, zmq.POLLIN)
+        self._next_payload = 0
+        self._pong = False
+        self._desc = P.compact_descriptor(bundle.wire_spec["name"], bundle.wire_spec["shape"], bundle.mode(workload.mode))
+        self._stats = LoadStats()
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    # -- session setup ------------------------------------------------------------------------
+    def connect(self, timeout_s: float = 30.0) -> "LoadClient":
+        """Say hello on every session and wait for every welcome (retrying the hellos while the
+        server is still starting)."""
+        end = time.monotonic() + timeout_s
+        hello = P.pack(P.hello(self.bundle.hash, self.name, max_inflight=self.max_inflight))
+        next_hello = 0.0
+        while not all(s.welcomed for s in self._sessions):
+            now = time.monotonic()
+            if now > end:
+                raise TimeoutError(f"no welcome from {self.endpoint} on every session within {timeout_s:.0f} s")
+            if now >= next_hello:
+                for s in self._sessions:
+                    if not s.welcomed:
+                        send_parts(s.sock, hello)
+                next_hello = now + 1.0
+            self._pump(100, self._stats)
+        return self
+
+    def close(self) -> None:
+        bye = P.pack(P.bye("load generator done"))
+        for s in self._sessions:
+            try:
+                send_parts(s.sock, bye, _NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            s.sock.close(linger=100)
+        self._sessions = []
+
+    def __enter__(self) -> "LoadClient":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- sending and receiving ----------------------------------------------------------------
+    def _send(self, s: _Session, stats: LoadStats, deadline_ms: float | None) -> bool:
+        wl = self.workload
+        idx = self._next_payload
+        self._next_payload = (idx + 1) % len(wl.payloads)
+        rid = s.next_id
+        s.next_id += 1
+        header = P.pack_header(P.request(rid, wl.mode, None if s.compact else [self._desc], deadline_ms=deadline_ms))
+        try:
+            send_parts(s.sock, [header, wl.payloads[idx]], _NOBLOCK)
+        except zmq.Again:  # this client's own send queue is full: not the server's doing
+            stats.send_refused += 1
+            return False
+        s.outstanding[rid] = (time.perf_counter_ns(), idx)
+        stats.sent += 1
+        return True
+
+    def _pump(self, timeout_ms: int, stats: LoadStats, window_end_ns: int | None = None) -> int:
+        """Wait up to ``timeout_ms`` for replies and handle all that are there. Returns how many
+        request answers arrived."""
+        n = 0
+        for sock, _ in self._poller.poll(timeout_ms):
+            s = self._by_sock[sock]
+            while True:
+                try:
+                    parts = recv_parts(sock, _NOBLOCK)
+                except zmq.Again:
+                    break
+                n += self._on_reply(s, parts, stats, window_end_ns)
+        return n
+
+    def _on_reply(self, s: _Session, parts: list, stats: LoadStats, window_end_ns: int | None) -> int:
+        t = time.perf_counter_ns()
+        try:
+            msg = P.parse(parts)
+        except ProtocolError as e:
+            stats.errors[f"bad reply: {e.code.name}"] += 1
+            return 0
+        h = msg.header
+        kind = msg.kind
+        if kind == Kind.RESULT or kind == Kind.ERROR:
+            rid = h.get("id")
+            entry = s.outstanding.pop(rid, None) if rid is not None else None
+            if entry is None:
+                if kind == Kind.ERROR and rid is None and not s.welcomed:
+                    raise RuntimeError(f"server refused the session: {h['name']}: {h['message']}")
+                stats.unexpected += 1
+                return 0
+            t_send, idx = entry
+            if kind == Kind.ERROR:
+                stats.errors[h["name"]] += 1
+                return 1
+            stats.results += 1
+            if window_end_ns is None or t <= window_end_ns:
+                stats.results_in_window += 1
+            stats.rtt_ms.append((t - t_send) / 1e6)
+            timing = h["timing"]
+            stats.server_ms.append(timing["server_us"] / 1e3)
+            stats.batch_sizes.append(timing["batch_size"])
+            exp = self.workload.expected
+            if exp is not None:
+                got = np.frombuffer(msg.frames[0], "<f4")
+                ref = exp[idx]
+                err = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
+                stats.max_abs_err = max(stats.max_abs_err, err)
+                if err > self.tolerance * max(1.0, float(np.max(np.abs(ref)))):
+                    stats.wrong += 1
+            return 1
+        if kind == Kind.WELCOME:
+            s.welcomed = True
+            s.credits = h["credits"]
+            s.compact = P.FEATURE_COMPACT_REQUESTS in (h.get("features") or ())
+        elif kind == Kind.PING:
+            send_parts(s.sock, P.pack(P.pong(h["nonce"])), _NOBLOCK)
+        elif kind == Kind.PONG:
+            self._pong = True
+        elif kind == Kind.BYE:
+            stats.server_bye = True
+            s.welcomed = False
+        return 0
+
+    def _drain(self, stats: LoadStats, timeout_s: float) -> None:
+        """Wait for the answers still due; what is left after ``timeout_s`` of silence is unanswered."""
+        last = time.monotonic()
+        while any(s.outstanding for s in self._sessions):
+            if self._pump(50, stats):
+                last = time.monotonic()
+            elif time.monotonic() - last > timeout_s:
+                break
+        for s in self._sessions:
+            stats.unanswered += len(s.outstanding)
+            s.outstanding.clear()
+
+    # -- drivers -------------------------------------------------------------------------------
+    def closed_loop(self, seconds: float | None = None, *, requests: int | None = None, window: int = 1,
+                    fps: float | None = None, until: Callable[[], bool] | None = None,
+                    deadline_ms: float | None = None, drain_timeout_s: float = 10.0) -> LoadStats:
+        """Each session keeps up to ``window`` requests outstanding (paced to ``fps`` per session
+        when given) until ``seconds`` pass, ``requests`` have been sent, or ``until()`` is true."""
+        if seconds is None and requests is None and until is None:
+            raise ValueError("closed_loop needs seconds, requests or until")
+        stats = LoadStats(deadline_ms=deadline_ms)
+        period_ns = int(1e9 / fps) if fps else 0
+        t0 = time.perf_counter_ns()
+        end_ns = None if seconds is None else t0 + int(seconds * 1e9)
+        for i, s in enumerate(self._sessions):  # spread the sessions' first frames over one period
+            s.next_send_ns = t0 + period_ns * i // len(self._sessions)
+        while True:
+            now = time.perf_counter_ns()
+            if (end_ns is not None and now >= end_ns) or (requests is not None and stats.sent >= requests) \
+                    or (until is not None and until()):
+                break
+            wake = now + 20_000_000
+            for s in self._sessions:
+                while len(s.outstanding) < window and now >= s.next_send_ns:
+                    if requests is not None and stats.sent >= requests:
+                        break
+                    if not self._send(s, stats, deadline_ms):
+                        break
+                    if period_ns:
+                        # next frame one period later; a session that fell behind does not burst
+                        s.next_send_ns = max(s.next_send_ns + period_ns, now - period_ns)
+                if period_ns and len(s.outstanding) < window:
+                    wake = min(wake, s.next_send_ns)
+            timeout_ms = max(0, (wake - time.perf_counter_ns()) // 1_000_000)
+            self._pump(int(timeout_ms), stats, end_ns)
+        stats.window_s = (time.perf_counter_ns() - t0) / 1e9
+        self._drain(stats, drain_timeout_s)
+        return stats
+
+    def open_loop(self, rate: float, seconds: float, *, deadline_ms: float | None = None,
+                  drain_timeout_s: float = 10.0) -> LoadStats:
+        """Send ``rate`` requests/s in total, round-robin over the sessions, for ``seconds``,
+        whatever comes back; then wait for every answer."""
+        stats = LoadStats(deadline_ms=deadline_ms)
+        t0 = time.perf_counter_ns()
+        end_ns = t0 + int(seconds * 1e9)
+        sessions = self._sessions
+        k = 0
+        while True:
+            now = time.perf_counter_ns()
+            if now >= end_ns:
+                break
+            due = int((now - t0) * rate / 1e9) + 1
+            burst = 0
+            while stats.sent + stats.send_refused < due and burst < 512:
+                self._send(sessions[k], stats, deadline_ms)
+                k = (k + 1) % len(sessions)
+                burst += 1
+            behind = stats.sent + stats.send_refused < int((time.perf_counter_ns() - t0) * rate / 1e9)
+            self._pump(0 if behind else 1, stats, end_ns)
+        stats.window_s = (time.perf_counter_ns() - t0) / 1e9
+        self._drain(stats, drain_timeout_s)
+        return stats
+
+    def ping(self, timeout_s: float = 5.0) -> bool:
+        """Whether the server answers a ping on the first session within ``timeout_s``."""
+        self._pong = False
+        s = self._sessions[0]
+        send_parts(s.sock, P.pack(P.ping(12345)))
+        end = time.monotonic() + timeout_s
+        while not self._pong and time.monotonic() < end:
+            self._pump(50, self._stats)
+        return self._pong
+
+
+
+class ServerProcess:
+    """``edgesplit serve`` as a child process, as deployed: bound to a free port (read back from
+    its first stdout line), logging to a file (a pipe nobody reads could fill and stall it)."""
+
+    def __init__(self, bundles: list[str], args: list[str] = (), *, log_level: str = "WARNING", timeout_s: float = 60.0):
+        import subprocess
+        import sys
+        import tempfile
+
+        self.log_path = tempfile.mkstemp(prefix="edgesplit-serve-", suffix=".log")[1]
+        cmd = [sys.executable, "-m", "edgesplit", "serve", "--bind", "tcp://127.0.0.1:0", "--log-level", log_level]
+        for b in bundles:
+            cmd += ["--bundle", str(b)]
+        with open(self.log_path, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd + list(args), stdout=subprocess.PIPE, stderr=log, text=True)
+        line = self.proc.stdout.readline()  # "edgesplit serve: listening on tcp://..." or EOF on failure
+        if "listening on " not in line:
+            self.proc.wait(timeout_s)
+            raise RuntimeError(f"server did not start (exit {self.proc.returncode}): {self.log_text()[-2000:]}")
+        self.endpoint = line.split("listening on ", 1)[1].strip()
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM (the daemon drains and exits 0); SIGKILL if it has not exited in time (-9)."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.exit_code = self.proc.returncode
+        self.proc.stdout.close()
+        return self.exit_code
+
+    def log_text(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -69,7 +69,9 @@ def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: i
     try:
         cmd = [sys.executable, "-m", "edgesplit", "agent", "--bundle", str(bundle_path), "--server",
                f"tcp://127.0.0.1:{port}", "--source", source, "--frames", str(frames), "--inflight", "1",
-               "--threads", str(threads), "--timeout-s", "60", "--json-lines", str(lines_path)]
+               "--threads", str(threads), "--timeout-s", "60", "--json-lines", str(lines_path),
+               # every frame must take the split path: this measures it, not the local fallback
+               "--fallback", "off"]
         if mode is not None:
             cmd += ["--mode", str(mode)]
         agent = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgesplit.edge.agent import Agent
 from edgesplit.logs import JsonFormatter
 from edgesplit.server import metrics
+from edgesplit.server import daemon
 from edgesplit.server.daemon import Server
 from edgesplit.wire import codec, protocol as P
 from edgesplit.wire.codec import ErrorCode
@@ -59,7 +60,8 @@ def raw_session(endpoint: str, bundle, name: str) -> zmq.Socket:
     return s
 
 
-def test_metrics_count_what_was_sent(tiny_bundle, cifar_samples):
+def test_metrics_count_what_was_sent(tiny_bundle, cifar_samples, monkeypatch):
+    monkeypatch.setattr(daemon, "FOLD_EVERY_BATCHES", 4)  # fold often: folded and pending figures add up
     with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=20_000,
                 http_port=0) as srv:
         agent = Agent(tiny_bundle, srv.endpoint, inflight=8, threads=1, name="cam-7", timeout_s=30).connect()
@@ -133,6 +135,32 @@ def test_metrics_count_what_was_sent(tiny_bundle, cifar_samples):
         raw.close(0)
         nobody.close(0)
         agent.close()
+
+
+def test_recorded_figures_fold_into_the_same_counts_as_direct_counting():
+    rng = np.random.default_rng(0)
+    st = metrics.ModelStats("m", "v", 0, max_batch=8)
+    bounds = metrics.DURATION_BUCKETS_US
+    queue = list(rng.choice([*bounds, 0.0, 7.5, 3e6], 150)) + list(rng.uniform(0, 2e6, 150))  # the bounds themselves too
+    batches = [(int(r), int(r) - int(k), float(c)) for r, k, c in
+               zip(rng.integers(1, 9, 300), rng.integers(0, 2, 300), rng.uniform(10, 5e4, 300))]
+    for i, (b, q) in enumerate(zip(batches, queue)):
+        st.batches.append(b)
+        st.queue_us.append(q)
+        st.request_us.append(2 * q)
+        if i in (10, 11, 200):
+            st.fold()
+    t = st.totals()  # folded + pending
+    ref = np.zeros(len(bounds) + 1, int)
+    for q in queue:
+        ref[sum(q > b for b in bounds)] += 1  # Prometheus: bucket le=b counts v <= b
+    assert [c for _, c in t.queue.buckets()] == list(np.cumsum(ref))
+    assert t.queue.total == pytest.approx(sum(queue))
+    assert t.request.total == pytest.approx(2 * sum(queue))
+    assert (t.executions, t.inferences, t.success) == (300, sum(b[0] for b in batches), sum(b[1] for b in batches))
+    assert t.compute_infer_us == pytest.approx(sum(b[1] * b[2] for b in batches))
+    assert t.batch_size.buckets()[0] == ("1.0", sum(b[0] == 1 for b in batches))
+    assert t.batch_size.buckets()[-1] == ("+Inf", 300) and t.batch_size.buckets()[-2][0] == "8.0"
 
 
 def test_heartbeat_round_trip_per_agent_and_bounded_agent_series(tiny_bundle, monkeypatch):

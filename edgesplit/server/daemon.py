@@ -66,7 +66,7 @@ from ..wire.protocol import Kind, Limits, ProtocolError
 from ..wire.curve import HANDSHAKE_EVENTS, ServerCurve, handshake_failure, read_monitor
 from ..wire.transport import bind_router, context, recv_parts, send_parts
 from .batcher import Batcher, Item
-from .metrics import AUTH_FAILED_PREFIX, ModelStats
+from .metrics import AUTH_FAILED_PREFIX, FOLD_EVERY_BATCHES, ModelStats
 
 log = logging.getLogger("edgesplit.server")
 
@@ -566,7 +566,8 @@ class Server:
             session = self.sessions.get(identity)
             if session is not None:
                 session.last_seen = time.monotonic()
-                session.bytes_in += sum(map(len, parts)) - len(identity)
+                # a request is [identity, header, tensor]; anything else is rare enough to sum
+                session.bytes_in += len(parts[1]) + len(parts[2]) if len(parts) == 3 else sum(map(len, parts[1:]))
             kind = msg.kind
             if kind == Kind.REQUEST:
                 self._on_request(router, identity, session, msg, t_recv, draining)
@@ -688,6 +689,7 @@ class Server:
     # -- compute thread ------------------------------------------------------------------------
     def _compute_main(self) -> None:
         wake = self._wake_w
+        fold_in = FOLD_EVERY_BATCHES
         try:
             while True:
                 batch = self.batcher.next_batch()  # None: closed and drained
@@ -701,6 +703,11 @@ class Server:
                         if not it.answered:
                             self._push_error(it, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
                 self._wake_io(wake)  # this batch's replies are in the deque
+                fold_in -= 1
+                if not fold_in:  # metrics: recorded figures -> histogram counts, off the reply path
+                    fold_in = FOLD_EVERY_BATCHES
+                    for stats in self.model_stats.values():
+                        stats.fold()
         finally:
             self._wake_io(wake)  # so that the I/O thread sees at once that this thread ended
 
@@ -771,8 +778,8 @@ class Server:
         # Metrics are recorded before each reply is queued: once an agent holds a result, a scrape
         # counts it.
         stats = self.model_stats[live[0].key]
-        stats.batch_done(rows, len(live) - len(errors), compute_us)
-        observe_queue, observe_request = stats.queue.observe, stats.request.observe
+        stats.batches.append((rows, len(live) - len(errors), compute_us))
+        record_queue, record_request = stats.queue_us.append, stats.request_us.append
         for i, it in enumerate(live):
             if errors and i in errors:
                 self._push_error(it, errors[i].code, errors[i].message)
@@ -784,8 +791,8 @@ class Server:
             header = pack(it.req_id, runner.outputs_for(out.shape), queue_us=queue_us,
                           compute_us=compute_us, batch_size=rows, server_us=server_us,
                           t_send_ns=it.t_send_ns)
-            observe_queue(queue_us)
-            observe_request(server_us)
+            record_queue(queue_us)
+            record_request(server_us)
             replies.append([it.identity, header, out.tobytes()])
             it.answered = True
         cc["results"] += len(live) - len(errors)

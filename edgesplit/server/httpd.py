@@ -33,7 +33,10 @@ class HttpEndpoints:
     """Serve /metrics, /health/live and /health/ready on ``host:port`` (port 0: any free port)."""
 
     def __init__(self, host: str, port: int, *, metrics: Callable[[], bytes], live: Probe, ready: Probe):
-        from prometheus_client import CONTENT_TYPE_LATEST
+        try:
+            from prometheus_client import CONTENT_TYPE_LATEST
+        except ImportError:
+            raise RuntimeError("the HTTP endpoints need prometheus-client: pip install 'edgesplit[server]'") from None
 
         routes = {
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, metrics()),

@@ -107,9 +107,9 @@ def test_fuzz_every_class_answered_as_documented_while_an_agent_streams(bundle, 
 
 
 def test_overload_every_request_answered_once_and_queue_bounded(bundle):
-    """Open-loop load far over capacity (small queue, few credits, deadlines): every request gets
-    exactly one answer, results are correct, the queue never exceeds its bound, and every
-    session's in-flight count returns to zero."""
+    """Open-loop load far over capacity (small queue, few credits), then the same with deadlines:
+    every request gets exactly one answer, results are correct, the queue never exceeds its
+    bound, and every session's in-flight count returns to zero."""
     workload = head_workload(bundle, 16)
     max_queue = 16
     with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_batch=4, max_queue=max_queue, credits=8,
@@ -125,33 +125,87 @@ def test_overload_every_request_answered_once_and_queue_bounded(bundle):
         watcher = threading.Thread(target=watch)
         watcher.start()
         with LoadClient(srv.endpoint, bundle, 4, workload) as client:
-            st = client.open_loop(4000, 1.5, deadline_ms=50)
+            plain = client.open_loop(8000, 1.0)
+            timed = client.open_loop(8000, 1.0, deadline_ms=20)
             done.set()
             watcher.join()
             inflight = [s.inflight for s in srv.sessions.values()]
         queued_after = srv.stats()["queued"]
-    assert st.sent > 1000
-    assert st.unanswered == 0 and st.unexpected == 0 and st.answered == st.sent
-    assert st.errors.get("OVERLOADED", 0) > 0 and st.results > 0
-    assert set(st.errors) <= {"OVERLOADED", "DEADLINE_EXCEEDED"}, st.errors
-    assert st.wrong == 0
+    for st in (plain, timed):
+        assert st.sent > 1000
+        assert st.unanswered == 0 and st.unexpected == 0 and st.answered == st.sent
+        assert st.results > 0 and st.wrong == 0
+    assert plain.errors.get("OVERLOADED", 0) > 0 and set(plain.errors) == {"OVERLOADED"}, plain.errors
+    assert sum(timed.errors.values()) > 0 and set(timed.errors) <= {"OVERLOADED", "DEADLINE_EXCEEDED"}, timed.errors
     assert peak[0] <= max_queue and queued_after == 0
     assert inflight and all(n == 0 for n in inflight), inflight
 
 
-def test_deadline_that_the_batch_cannot_meet_is_not_computed(bundle):
-    """A request whose deadline falls before its batch can finish (by the tail's recent batch
-    times) is answered DEADLINE_EXCEEDED at once instead of late; without a deadline the same
-    request is computed."""
-    workload = head_workload(bundle, 2)
-    with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_batch=4, max_queue_delay_us=0) as srv:
-        with LoadClient(srv.endpoint, bundle, 1, workload) as client:
-            # as if this mode's 1-row batches had been taking 10 s
-            srv.batcher.note_compute((bundle.hash, workload.mode), 10.0, rows=1)
-            st = client.closed_loop(requests=3, deadline_ms=1000)
-            assert st.errors == {"DEADLINE_EXCEEDED": 3} and st.results == 0
-            ok = client.closed_loop(requests=3)
-            assert ok.results == 3 and ok.wrong == 0 and not ok.errors
+class _Raw:
+    """A bare DEALER with a session, sending compact requests with chosen deadlines."""
+
+    def __init__(self, endpoint: str, bundle: Bundle, workload):
+        import zmq
+
+        from edgesplit.wire import protocol as P
+
+        self.P, self.workload = P, workload
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.sock.send_multipart(P.pack(P.hello(bundle.hash, "raw", max_inflight=64)))
+        assert self.recv().kind == "welcome"
+
+    def request(self, rid: int, deadline_ms=None):
+        P = self.P
+        self.sock.send_multipart(P.pack(P.request(rid, self.workload.mode, None, deadline_ms=deadline_ms),
+                                        [self.workload.payloads[0]]))
+
+    def recv(self):
+        assert self.sock.poll(10_000), "no answer"
+        return self.P.parse(self.sock.recv_multipart())
+
+    def close(self):
+        self.sock.close(0)
+
+
+def test_deadline_the_queue_ahead_cannot_meet_is_refused_at_once(bundle):
+    """With the queue ahead expected to take longer than a request's deadline, the request is
+    answered DEADLINE_EXCEEDED at once (not queued to expire); the request ahead is computed."""
+    workload = head_workload(bundle, 1)
+    key = (bundle.hash, workload.mode)
+    with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=300_000) as srv:
+        srv.batcher.estimate_ttl_ns = 60 * 10**9  # the primed figure below stays in use for the whole test
+        srv.batcher.note_compute(key, 10.0, rows=1)  # as if this mode's batches had been taking 10 s
+        c = _Raw(srv.endpoint, bundle, workload)
+        c.request(1)                    # no deadline: queued, waits up to 300 ms for company
+        c.request(2, deadline_ms=1000)  # behind it: 2 rows, ~10+ s expected
+        first = c.recv()
+        assert (first.kind, first.id, first.header["code"]) == ("error", 2, ErrorCode.DEADLINE_EXCEEDED)
+        assert "not queued" in first.header["message"]
+        second = c.recv()
+        assert (second.kind, second.id) == ("result", 1)
+        c.close()
+
+
+def test_deadline_the_batch_cannot_meet_is_not_computed(bundle):
+    """A request admitted alone, then batched with another: when the batch's expected time would
+    end past its deadline it is answered DEADLINE_EXCEEDED and not computed; the rest of the
+    batch is computed."""
+    workload = head_workload(bundle, 1)
+    key = (bundle.hash, workload.mode)
+    with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=200_000) as srv:
+        srv.batcher.estimate_ttl_ns = 60 * 10**9
+        srv.batcher.note_compute(key, 0.001, rows=1)  # one row: fast, so the first request is admitted
+        srv.batcher.note_compute(key, 10.0, rows=2)   # two rows: as if they had been taking 10 s
+        c = _Raw(srv.endpoint, bundle, workload)
+        c.request(1, deadline_ms=5000)
+        c.request(2)  # joins the batch: 2 rows
+        answers = {m.id: m for m in (c.recv(), c.recv())}
+        assert answers[1].kind == "error" and answers[1].header["code"] == ErrorCode.DEADLINE_EXCEEDED
+        assert "not computed" in answers[1].header["message"]
+        assert answers[2].kind == "result" and answers[2].header["timing"]["batch_size"] == 1
+        c.close()
 
 
 def test_batch_time_estimate_per_batch_size():
@@ -167,6 +221,20 @@ def test_batch_time_estimate_per_batch_size():
     for t in (0.010, 0.030) * 20:  # a tail whose time varies is planned for its slow batches
         b.note_compute("j", t, rows=32)
     assert b.expected_compute_ns("j", 32) > 30e6
+    # queue ahead: 40 requests = one full batch of 32 + its own batch of 8 + 1 rows (bucket 16 -> 32 measured)
+    for i in range(40):
+        assert b.put(_item("k", i))
+    assert b.expected_wait_ns("k", 1) == pytest.approx(20e6, rel=0.01)
+    # estimates not refreshed within the TTL are not used (a slow spell must not refuse forever)
+    b.estimate_ttl_ns = 0
+    time.sleep(0.002)
+    assert b.expected_compute_ns("k", 32) == 0.0 and b.expected_wait_ns("k", 1) == 0.0
+
+
+def _item(key, i):
+    from edgesplit.server.batcher import Item
+
+    return Item(key=key, identity=b"x", req_id=i, desc={}, payload=b"", rows=1, single=True, t_recv_ns=0)
 
 
 def test_bench_fuzz_cli_small(tmp_path):

@@ -37,6 +37,10 @@ INF = float("inf")
 # A batch holding a deadline is flushed this long before (deadline - expected compute time), to
 # absorb thread wake-up jitter.
 DEADLINE_MARGIN_NS = 2_000_000
+# A batch-time estimate not refreshed for this long is not used. Estimates learn only from
+# batches that run, so one inflated by a slow spell (a CPU shared with other work) would
+# otherwise keep refusing, for good, the very batches that would correct it.
+ESTIMATE_TTL_NS = 1_000_000_000
 _CLOSE = object()  # close marker in the inbox
 
 
@@ -102,8 +106,10 @@ class Batcher:
         self._n_taken = 0       # written by the consumer only
         self._closed = False    # set by close()
         self._draining = False  # the consumer has seen the close marker: everything is due
-        self._compute_ns: dict[tuple[Hashable, int], list[float]] = {}  # (key, rows bucket) -> [mean, deviation] ns
+        # (key, rows bucket) -> [mean ns, mean deviation ns, perf_counter_ns of the last update]
+        self._compute_ns: dict[tuple[Hashable, int], list] = {}
         self._top_bucket = _bucket(self.max_batch)
+        self.estimate_ttl_ns = ESTIMATE_TTL_NS
 
     # -- producer side (I/O thread) ------------------------------------------------------------
     def put(self, item: Item) -> bool:
@@ -144,29 +150,42 @@ class Batcher:
         ns = seconds * 1e9
         est = self._compute_ns.get(k)
         if est is None:
-            self._compute_ns[k] = [ns, ns / 2]
+            self._compute_ns[k] = [ns, ns / 2, time.perf_counter_ns()]
         else:
             est[1] += (abs(ns - est[0]) - est[1]) / 4
             est[0] += (ns - est[0]) / 8
+            est[2] = time.perf_counter_ns()
 
     def expected_compute_ns(self, key: Hashable, rows: int) -> float:
         """Expected compute time (mean + 4 deviations) of a ``rows``-row batch of ``key``: from
         its bucket, else the nearest larger bucket (more rows never run faster), else the
-        nearest smaller one scaled up linearly; 0 before the key's first batch."""
+        nearest smaller one scaled up linearly, counting only estimates refreshed within
+        ``estimate_ttl_ns``; 0 when there is none (the batch runs, and teaches one)."""
         b = _bucket(rows)
+        fresh_since = time.perf_counter_ns() - self.estimate_ttl_ns
         x = b
         while x <= self._top_bucket:
             est = self._compute_ns.get((key, x))
-            if est is not None:
+            if est is not None and est[2] >= fresh_since:
                 return est[0] + 4 * est[1]
             x *= 2
         x = b // 2
         while x >= 1:
             est = self._compute_ns.get((key, x))
-            if est is not None:
+            if est is not None and est[2] >= fresh_since:
                 return (est[0] + 4 * est[1]) * b / x
             x //= 2
         return 0.0
+
+    def expected_wait_ns(self, key: Hashable, rows: int) -> float:
+        """From now until a ``rows``-row request of ``key`` queued now would be computed: the
+        full batches queued ahead of it, then its own batch (the requests ahead, of any key,
+        timed as this key's; one compute thread runs them all). Safe to call from the I/O thread
+        (it reads the estimates the compute thread writes; a stale read only shifts a guess)."""
+        ahead = len(self)
+        full, part = divmod(ahead, self.max_batch)
+        return full * self.expected_compute_ns(key, self.max_batch) + \
+            self.expected_compute_ns(key, min(part + rows, self.max_batch))
 
     def _due_ns(self, key: Hashable, q: _KeyQueue) -> float:
         due = q.items[0].t_recv_ns + self.max_delay_ns

@@ -642,9 +642,21 @@ class Server:
         if session.inflight >= session.credits:
             raise ProtocolError(ErrorCode.OVERLOADED, f"credits exceeded: {session.inflight} requests in flight, {session.credits} allowed", rid)
         deadline = h.get("deadline_ms")
-        item = Item(key=(session.bundle, h["mode"]), identity=identity, req_id=rid, desc=d, payload=msg.frames[0],
-                    rows=rows, single=single, t_recv_ns=t_recv,
-                    deadline_ns=None if deadline is None else t_recv + int(deadline * 1e6),
+        key = (session.bundle, h["mode"])
+        deadline_ns = None
+        if deadline is not None:
+            deadline_ns = t_recv + int(deadline * 1e6)
+            # Refused now rather than answered late: the queue ahead plus its own batch would take
+            # longer than the deadline allows. This keeps the queue as short as the deadlines
+            # need under overload (a full 1024-request queue is seconds of work; without this
+            # check it filled with requests that could only expire).
+            wait = self.batcher.expected_wait_ns(key, rows)
+            if t_recv + wait >= deadline_ns:
+                raise ProtocolError(ErrorCode.DEADLINE_EXCEEDED,
+                                    f"deadline {deadline} ms cannot be met: the {len(self.batcher)} requests queued and "
+                                    f"its own batch need about {wait / 1e6:.1f} ms; not queued", rid)
+        item = Item(key=key, identity=identity, req_id=rid, desc=d, payload=msg.frames[0],
+                    rows=rows, single=single, t_recv_ns=t_recv, deadline_ns=deadline_ns,
                     t_send_ns=h.get("t_send_ns"))
         if not self.batcher.put(item):
             raise ProtocolError(ErrorCode.OVERLOADED, f"server queue full ({self.batcher.max_queue} requests waiting)", rid)

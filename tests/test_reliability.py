@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
 from edgesplit.bench.fuzz import FuzzClient
 from edgesplit.bench.loadgen import LoadClient, head_workload
@@ -22,7 +23,7 @@ from edgesplit.edge.agent import Agent
 from edgesplit.engine import create_engine
 from edgesplit.server.batcher import Batcher
 from edgesplit.server.daemon import Server
-from edgesplit.wire import codec
+from edgesplit.wire import codec, protocol as P
 from edgesplit.wire.codec import ErrorCode
 from edgesplit.wire.fuzz import CLASSES, FuzzGenerator, FuzzTarget
 from edgesplit.wire.protocol import DEFAULT_LIMITS
@@ -145,11 +146,7 @@ class _Raw:
     """A bare DEALER with a session, sending compact requests with chosen deadlines."""
 
     def __init__(self, endpoint: str, bundle: Bundle, workload):
-        import zmq
-
-        from edgesplit.wire import protocol as P
-
-        self.P, self.workload = P, workload
+        self.workload = workload
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
@@ -157,13 +154,12 @@ class _Raw:
         assert self.recv().kind == "welcome"
 
     def request(self, rid: int, deadline_ms=None):
-        P = self.P
         self.sock.send_multipart(P.pack(P.request(rid, self.workload.mode, None, deadline_ms=deadline_ms),
                                         [self.workload.payloads[0]]))
 
     def recv(self):
         assert self.sock.poll(10_000), "no answer"
-        return self.P.parse(self.sock.recv_multipart())
+        return P.parse(self.sock.recv_multipart())
 
     def close(self):
         self.sock.close(0)

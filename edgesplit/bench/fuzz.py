@@ -58,7 +58,7 @@ class FuzzReport:
 
     def to_json(self) -> dict:
         return {"cases": self.cases, "cases_per_s": round(self.cases / self.wall_s, 1) if self.wall_s else None,
-                "mb_sent": round(self.bytes_sent / 2**20, 1), "by_class": dict(sorted(self.by_class.items())),
+                "bytes_sent": self.bytes_sent, "by_class": dict(sorted(self.by_class.items())),
                 "answers": dict(sorted(self.answers.items())), "mismatches": self.mismatches,
                 "mismatch_examples": self.examples, "unexpected": self.unexpected, "unanswered": self.unanswered,
                 "chaos_sent": self.chaos_sent, "chaos_answers": self.chaos_answers, "internal_errors": self.internal,
@@ -76,7 +76,7 @@ class FuzzReport:
         self.chaos_sent += other["chaos_sent"]
         self.chaos_answers += other["chaos_answers"]
         self.internal += other["internal_errors"]
-        self.bytes_sent += int(other["mb_sent"] * 2**20)
+        self.bytes_sent += other["bytes_sent"]
         self.wall_s = max(self.wall_s, other["wall_s"])
 
 

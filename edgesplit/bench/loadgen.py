@@ -48,7 +48,6 @@ class Workload:
     mode: int
     payloads: list[bytes]
     expected: np.ndarray | None = None  # [len(payloads), K]
-    labels: list[int | None] = field(default_factory=list)
 
 
 def head_workload(bundle: Bundle, n: int = 64, mode: int | None = None, source: str | None = None,
@@ -77,7 +76,7 @@ def head_workload(bundle: Bundle, n: int = 64, mode: int | None = None, source: 
         decoded.append(codec.decode(d, p, full_channels=C))
     tail = create_engine(bundle.file("tail"), "ort", threads=threads)
     expected = np.concatenate([tail.run1(np.stack(decoded[i:i + 32])) for i in range(0, len(decoded), 32)])
-    return Workload(m.id, payloads, expected.astype(np.float32), [s.label for s in samples])
+    return Workload(m.id, payloads, expected.astype(np.float32))
 
 
 @dataclass
@@ -124,6 +123,8 @@ class LoadStats:
         }
         if self.send_refused:
             s["send_refused"] = self.send_refused
+        if self.server_bye:
+            s["server_bye"] = True
         if self.deadline_ms is not None:
             s["deadline_ms"] = self.deadline_ms
             s["late_results"] = int((srv > self.deadline_ms).sum())
@@ -148,7 +149,10 @@ class LoadClient:
 
     def __init__(self, endpoint: str, bundle: Bundle, sessions: int, workload: Workload, *,
                  max_inflight: int = 1 << 20, tolerance: float = 1e-3, name: str = "load",
-                 ctx: zmq.Context | None = None):
+                 send_hwm: int = 10_000, ctx: zmq.Context | None = None):
+        """``send_hwm``: messages each socket queues before a send is refused (counted as
+        ``send_refused``); an overload test keeps it small, so that a server pushing back (TCP)
+        shows as refused sends rather than as requests aging in this client's own buffers."""
         self.endpoint = endpoint
         self.bundle = bundle
         self.workload = workload
@@ -156,7 +160,7 @@ class LoadClient:
         self.tolerance = tolerance
         self.name = name
         self._ctx = ctx or context()
-        self._sessions = [_Session(connect_dealer(endpoint, ctx=self._ctx)) for _ in range(int(sessions))]
+        self._sessions = [_Session(connect_dealer(endpoint, ctx=self._ctx, hwm=send_hwm)) for _ in range(int(sessions))]
         self._by_sock = {s.sock: s for s in self._sessions}
         self._poller = zmq.Poller()
         for s in self._sessions:
@@ -165,10 +169,6 @@ class LoadClient:
         self._pong = False
         self._desc = P.compact_descriptor(bundle.wire_spec["name"], bundle.wire_spec["shape"], bundle.mode(workload.mode))
         self._stats = LoadStats()
-
-    @property
-    def sessions(self) -> int:
-        return len(self._sessions)
 
     # -- session setup ------------------------------------------------------------------------
     def connect(self, timeout_s: float = 30.0) -> "LoadClient":
@@ -302,8 +302,9 @@ class LoadClient:
     def closed_loop(self, seconds: float | None = None, *, requests: int | None = None, window: int = 1,
                     fps: float | None = None, until: Callable[[], bool] | None = None,
                     deadline_ms: float | None = None, drain_timeout_s: float = 10.0) -> LoadStats:
-        """Each session keeps up to ``window`` requests outstanding (paced to ``fps`` per session
-        when given) until ``seconds`` pass, ``requests`` have been sent, or ``until()`` is true."""
+        """Each session keeps up to ``window`` requests outstanding (never more than the credits
+        its welcome granted; paced to ``fps`` per session when given) until ``seconds`` pass,
+        ``requests`` have been sent, or ``until()`` is true."""
         if seconds is None and requests is None and until is None:
             raise ValueError("closed_loop needs seconds, requests or until")
         stats = LoadStats(deadline_ms=deadline_ms)
@@ -319,7 +320,7 @@ class LoadClient:
                 break
             wake = now + 20_000_000
             for s in self._sessions:
-                while len(s.outstanding) < window and now >= s.next_send_ns:
+                while len(s.outstanding) < min(window, s.credits) and now >= s.next_send_ns:
                     if requests is not None and stats.sent >= requests:
                         break
                     if not self._send(s, stats, deadline_ms):
@@ -327,7 +328,7 @@ class LoadClient:
                     if period_ns:
                         # next frame one period later; a session that fell behind does not burst
                         s.next_send_ns = max(s.next_send_ns + period_ns, now - period_ns)
-                if period_ns and len(s.outstanding) < window:
+                if period_ns and len(s.outstanding) < min(window, s.credits):
                     wake = min(wake, s.next_send_ns)
             timeout_ms = max(0, (wake - time.perf_counter_ns()) // 1_000_000)
             self._pump(int(timeout_ms), stats, end_ns)

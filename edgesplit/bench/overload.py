@@ -11,7 +11,11 @@ Reported: the server's RSS (psutil on its pid, sampled every 100 ms) before, at 
 what fraction of requests got a result, OVERLOADED or DEADLINE_EXCEEDED; whether every request
 got exactly one answer (none unanswered, none answered twice or unasked); and the admitted
 (= answered with a result) requests' latency: ``server_ms`` (receipt to reply, the clock the
-deadline is measured on) and the client's round trip, p50/p99 against the deadline.
+deadline is measured on) and the client's round trip, p50/p99 against the deadline. When the
+daemon cannot even read requests as fast as they come (its one I/O thread on a small machine),
+libzmq stops reading and TCP pushes back: the client's sockets queue at most ``--send-hwm``
+messages each, beyond which a send is refused and counted (``client_send_refused``), so the
+offered load is what left the client, and round trips include at most that queue.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class RssSampler:
 def bench_overload(bundle_path: Path, factor: float, *, seconds: float = 10.0, deadline_ms: float = 100.0,
                    sessions: int = 32, capacity_s: float = 5.0, capacity_window: int = 4, threads: int | None = 2,
                    max_batch: int = 32, max_queue: int = 1024, credits: int = 64, max_queue_delay_us: float = 2000.0,
-                   images: int = 64) -> dict:
+                   images: int = 64, send_hwm: int = 100) -> dict:
     from .loadgen import LoadClient, ServerProcess, head_workload
 
     bundle = Bundle.load(bundle_path)
@@ -70,7 +74,7 @@ def bench_overload(bundle_path: Path, factor: float, *, seconds: float = 10.0, d
         args += ["--threads", str(threads)]
     server = ServerProcess([str(bundle_path)], args)
     try:
-        client = LoadClient(server.endpoint, bundle, sessions, workload, name="overload").connect()
+        client = LoadClient(server.endpoint, bundle, sessions, workload, name="overload", send_hwm=send_hwm).connect()
         client.closed_loop(2.0, window=capacity_window)  # warm-up
         cap = client.closed_loop(capacity_s, window=capacity_window)
         capacity = cap.results_in_window / cap.window_s
@@ -106,7 +110,7 @@ def bench_overload(bundle_path: Path, factor: float, *, seconds: float = 10.0, d
         "server_rss_mb_before": round(rss_before, 1), "server_rss_mb_peak": round(peak, 1),
         "server_rss_mb_after": round(rss_after, 1), "server_rss_growth_mb": round(peak - rss_before, 1),
         "server_alive_at_end": alive, "server_answers_ping": answers_ping, "server_exit_code_on_sigterm": exit_code,
-        "client_send_refused": over.send_refused,
+        "client_send_refused": over.send_refused, "client_send_hwm": send_hwm,
     }
 
 
@@ -124,6 +128,7 @@ def add_arguments(p) -> None:
     p.add_argument("--credits", type=int, default=64)
     p.add_argument("--max-queue-delay-us", type=float, default=2000.0)
     p.add_argument("--images", type=int, default=64, help="distinct real frames cycled through")
+    p.add_argument("--send-hwm", type=int, default=100, help="messages each client socket queues before a send is refused")
 
 
 def run(a) -> dict:
@@ -133,4 +138,4 @@ def run(a) -> dict:
                           deadline_ms=a.deadline_ms, sessions=a.sessions, capacity_s=a.capacity_s,
                           capacity_window=a.capacity_window, threads=a.threads, max_batch=a.max_batch,
                           max_queue=a.max_queue, credits=a.credits, max_queue_delay_us=a.max_queue_delay_us,
-                          images=a.images)
+                          images=a.images, send_hwm=a.send_hwm)

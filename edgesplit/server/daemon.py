@@ -429,7 +429,12 @@ class Server:
         try:
             if self.curve is not None:
                 auth = self.curve.start_authenticator(ctx)
-            router, self.endpoint = bind_router(self.bind, limits=self.limits, ctx=ctx, curve=self.curve)
+            # Per-peer receive queue: credits bound what an agent may have outstanding, so an
+            # obedient one never has more than that waiting; a peer that ignores them (or a burst
+            # faster than the I/O thread) meets TCP back-pressure instead of piling messages up
+            # in libzmq (at the old 100k per peer, 10x overload grew the daemon by 300 MB).
+            router, self.endpoint = bind_router(self.bind, limits=self.limits, ctx=ctx, curve=self.curve,
+                                                rcvhwm=2 * self.credits + 64)
             # Refused handshakes (a key not allowed, plaintext at a CURVE server, ...) never reach
             # the poll loop; libzmq reports them on a monitor socket that housekeeping reads.
             self._monitor = router.get_monitor_socket(HANDSHAKE_EVENTS)

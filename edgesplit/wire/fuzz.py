@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import string
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import msgpack
 import numpy as np
@@ -185,10 +185,6 @@ class FuzzGenerator:
 
     def case(self, cls: str) -> FuzzCase:
         return CLASSES[cls][0](self)
-
-    def __iter__(self) -> Iterator[FuzzCase]:
-        while True:
-            yield self.next()
 
     # -- framing -------------------------------------------------------------------------------
     def truncated_header(self) -> FuzzCase:

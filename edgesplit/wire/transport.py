@@ -70,7 +70,7 @@ def _tcp_keepalive(sock: zmq.Socket) -> None:
 
 
 def bind_router(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, ctx: zmq.Context | None = None,
-                hwm: int = 100_000, curve: ServerCurve | None = None) -> tuple[zmq.Socket, str]:
+                hwm: int = 100_000, rcvhwm: int | None = None, curve: ServerCurve | None = None) -> tuple[zmq.Socket, str]:
     """Bind a ROUTER socket. A tcp port of ``0`` or ``*`` picks a free port. Returns
     ``(socket, actual_endpoint)``.
 
@@ -79,14 +79,15 @@ def bind_router(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, ctx: zmq.Cont
     frame over twice the protocol frame limit disconnects the peer (frames between the protocol
     limit and that bound get a TOO_LARGE error reply).
 
-    ``curve``: make it a CURVE server (encrypted; the caller must have started the ZAP handler in
+    ``rcvhwm``: messages libzmq queues per peer before it stops reading that peer's connection
+    (TCP then pushes back on the sender); default ``hwm``. ``curve``: make it a CURVE server (encrypted; the caller must have started the ZAP handler in
     ``ctx`` first, see :meth:`ServerCurve.start_authenticator`)."""
     ctx = ctx or context()
     s = ctx.socket(zmq.ROUTER)
     s.setsockopt(zmq.LINGER, 1000)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
     s.setsockopt(zmq.SNDHWM, hwm)
-    s.setsockopt(zmq.RCVHWM, hwm)
+    s.setsockopt(zmq.RCVHWM, hwm if rcvhwm is None else rcvhwm)
     s.setsockopt(zmq.MAXMSGSIZE, 2 * max(limits.max_frame_bytes, limits.max_header_bytes) + 4096)
     if endpoint.startswith("tcp://"):
         _tcp_keepalive(s)

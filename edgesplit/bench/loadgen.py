@@ -99,6 +99,23 @@ class LoadStats:
     send_refused: int = 0       # sends the client's own socket refused (its queue full)
     server_bye: bool = False
 
+    def merge(self, other: "LoadStats") -> None:
+        """Add another run's counts and samples to this one (windows add up)."""
+        self.sent += other.sent
+        self.results += other.results
+        self.results_in_window += other.results_in_window
+        self.window_s += other.window_s
+        self.errors.update(other.errors)
+        self.rtt_ms += other.rtt_ms
+        self.server_ms += other.server_ms
+        self.batch_sizes += other.batch_sizes
+        self.wrong += other.wrong
+        self.max_abs_err = max(self.max_abs_err, other.max_abs_err)
+        self.unexpected += other.unexpected
+        self.unanswered += other.unanswered
+        self.send_refused += other.send_refused
+        self.server_bye = self.server_bye or other.server_bye
+
     @property
     def answered(self) -> int:
         return self.results + sum(self.errors.values())

@@ -17,11 +17,12 @@ to the local tail's), so a fast wrong server cannot score.
 Two servers are measured one after the other: **batched** (``--max-batch``, default 32, with
 ``--max-queue-delay-us`` of queueing allowed) and **unbatched** (``--max-batch 1``). The same
 engine (backend, device, precision, threads) is loaded in this process and timed alone with
-:func:`~edgesplit.bench.engine.measure_engine` right after each point, at the median batch
-that point formed (batch 1 unbatched), while the server sits idle: on a shared machine the
-load from other work drifts over a minute, so the engine figure a point is divided by is taken
-next to it. ``efficiency`` = daemon frames/s over that engine frames/s. At the end the engine
-is also timed at every size seen plus 1 and max batch (``engine``). ``--bare-torch`` adds the
+:func:`~edgesplit.bench.engine.measure_engine` at the median batch the point's warm-up formed
+(batch 1 unbatched), while the server sits idle, in ``--pairs`` turns with the daemon: on a
+shared machine the load from other work comes and goes within a minute, so each daemon stretch
+is divided by the engine figure taken right after it, and ``efficiency`` is the median of
+those ratios. At the end the engine is also timed at every size seen plus 1 and max batch
+(``engine``). ``--bare-torch`` adds the
 exported program called directly on device tensors
 (:func:`~edgesplit.bench.engine.measure_bare_torch`), the GPU comparison.
 """
@@ -29,6 +30,8 @@ exported program called directly on device tensors
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from ..bundle import Bundle
 
@@ -47,10 +50,11 @@ def _server_args(backend: str, device: str | None, precision: str, accel: str, t
 def bench_server(bundle_path: Path, agent_counts: list[int], *, backend: str = "ort", device: str | None = None,
                  precision: str = "fp32", accel: str = "none", threads: int | None = 2, seconds: float = 5.0,
                  warmup_s: float = 2.0, window: int = 2, max_batch: int = 32, queue_delay_us: float = 2000.0,
-                 images: int = 64, engine_seconds: float = 2.0, bare_torch: bool = False, tolerance: float = 1e-3) -> dict:
+                 images: int = 64, engine_seconds: float = 2.0, bare_torch: bool = False, tolerance: float = 1e-3,
+                 pairs: int = 3) -> dict:
     from ..engine import EngineOptions, create_engine
     from .engine import measure_bare_torch, measure_engine
-    from .loadgen import LoadClient, ServerProcess, head_workload
+    from .loadgen import LoadClient, LoadStats, ServerProcess, head_workload
 
     bundle = Bundle.load(bundle_path)
     workload = head_workload(bundle, images)
@@ -68,18 +72,24 @@ def bench_server(bundle_path: Path, agent_counts: list[int], *, backend: str = "
         rows = []
         try:
             for n in agent_counts:
+                st, ratios, alone = LoadStats(), [], []
                 with LoadClient(server.endpoint, bundle, n, workload, tolerance=tolerance, name=f"bench-{n}") as client:
-                    client.closed_loop(warmup_s, window=window)
-                    st = client.closed_loop(seconds, window=window)
+                    b = client.closed_loop(warmup_s, window=window).summary()["batch_size_p50"] or 1
+                    for _ in range(pairs):  # daemon, then the engine alone, in turns
+                        part = client.closed_loop(seconds / pairs, window=window)
+                        st.merge(part)
+                        e = measure_engine(engine, frame, [b], engine_seconds / pairs)[0]["frames_per_s"]
+                        alone.append(e)
+                        ratios.append(part.results_in_window / part.window_s / e)
                 s = st.summary()
-                b = s["batch_size_p50"] or 1
-                alone = measure_engine(engine, frame, [b], engine_seconds)[0]["frames_per_s"]
                 rows.append({"agents": n, "frames_per_s": s["frames_per_s"], "latency_ms_p50": s["latency_ms_p50"],
                              "latency_ms_p99": s["latency_ms_p99"], "server_ms_p50": s["server_ms_p50"],
                              "batch_size_mean": s["batch_size_mean"], "batch_size_p50": s["batch_size_p50"],
                              "requests": st.sent, "errors": s["errors"], "unanswered": st.unanswered,
-                             "wrong_results": st.wrong, "engine_frames_per_s_at_batch": round(alone, 1),
-                             "efficiency": round(s["frames_per_s"] / alone, 3) if s["frames_per_s"] else None})
+                             "wrong_results": st.wrong, "engine_batch": b,
+                             "engine_frames_per_s_at_batch": round(float(np.median(alone)), 1),
+                             "efficiency": round(float(np.median(ratios)), 3),
+                             "efficiency_per_turn": [round(x, 3) for x in ratios]})
         finally:
             exit_codes[name] = server.stop()
         points[name] = rows
@@ -145,8 +155,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="the batched server's max batch")
     p.add_argument("--max-queue-delay-us", type=float, default=2000.0, help="the batched server's queue delay")
     p.add_argument("--images", type=int, default=64, help="distinct real frames cycled through")
-    p.add_argument("--engine-seconds", type=float, default=2.0, help="timed seconds per batch size for the engine alone")
+    p.add_argument("--engine-seconds", type=float, default=2.0, help="engine-alone seconds per point (split over the turns) and per batch size in the final table")
     p.add_argument("--bare-torch", action="store_true", help="also time the bare torch program at the same batch sizes")
+    p.add_argument("--pairs", type=int, default=3, help="turns of daemon and engine-alone timing per point")
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest logit difference (relative to the largest logit) still counted as a correct result")
 
@@ -158,4 +169,4 @@ def run(a) -> dict:
                         backend=a.backend, device=a.device, precision=a.precision, accel=a.accel, threads=a.threads,
                         seconds=a.seconds, warmup_s=a.warmup_s, window=a.window, max_batch=a.max_batch,
                         queue_delay_us=a.max_queue_delay_us, images=a.images, engine_seconds=a.engine_seconds,
-                        bare_torch=a.bare_torch, tolerance=a.tolerance)
+                        bare_torch=a.bare_torch, tolerance=a.tolerance, pairs=a.pairs)

@@ -15,7 +15,7 @@ COMMANDS = {
     "serve": "run the server daemon: tails for one or more bundles behind a ZeroMQ ROUTER",
     "agent": "run the deploy agent: frames -> head -> encode -> server (edge plane, no torch)",
     "demo": "server and agent on loopback with a shipped bundle, then a summary table",
-    "bench": "benchmarks with --json output (e2e)",
+    "bench": "benchmarks with --json output (e2e, engine, server, fuzz, overload, restart)",
     "inspect": "verify a bundle and print its manifest summary",
     "zoo": "list the model zoo, or report a checkpoint's accuracy on real data (build plane)",
     "keys": "CURVE key pairs for encrypted, authenticated agent <-> server links (keys gen NAME --out DIR)",

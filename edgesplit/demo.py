@@ -12,6 +12,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,12 +37,24 @@ def free_port() -> int:
 
 
 def start_server_process(bundles: list[str], port: int, extra: list[str] | None = None) -> subprocess.Popen:
-    """Run ``edgesplit serve`` as a child process and wait until it accepts a handshake."""
+    """Start ``edgesplit serve`` as a child process (the agent's connect() waits for it). Its log
+    goes to a file, ``proc.log_path`` (:func:`server_log_tail` reads it): a pipe nobody reads
+    would stall a chatty server once the pipe buffer fills."""
     cmd = [sys.executable, "-m", "edgesplit", "serve", "--bind", f"tcp://127.0.0.1:{port}"]
     for b in bundles:
         cmd += ["--bundle", str(b)]
-    proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with tempfile.NamedTemporaryFile(prefix="edgesplit-serve-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.DEVNULL, stderr=log)
+    proc.log_path = Path(log.name)
     return proc
+
+
+def server_log_tail(proc: subprocess.Popen, chars: int = 2000) -> str:
+    path = getattr(proc, "log_path", None)
+    try:
+        return path.read_text(errors="replace")[-chars:] if path else ""
+    except OSError:
+        return ""
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -52,6 +65,9 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    path = getattr(proc, "log_path", None)
+    if path is not None:
+        path.unlink(missing_ok=True)
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:
@@ -80,7 +96,7 @@ def run_demo(bundle_path: Path, source: str | None, frames: int, mode: int | Non
                 break
             except Exception:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not come up: {server.stderr.read() if server.stderr else ''}")
+                    raise RuntimeError(f"server did not come up: {server_log_tail(server)}")
         t0 = time.perf_counter()
         results = list(agent.run(samples))
         wall = time.perf_counter() - t0

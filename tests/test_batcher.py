@@ -65,3 +65,12 @@ def test_serve_cli_parses_preferred_batch_sizes():
     assert a.preferred_batch_sizes == (4, 8, 16)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--bundle", "x", "--preferred-batch-sizes", "4,eight"])
+
+
+def test_serve_cli_switch_interval_default_and_validation():
+    from edgesplit.server.daemon import build_parser, serve_main
+
+    assert build_parser().parse_args(["--bundle", "x"]).switch_interval_us == 1000.0
+    with pytest.raises(SystemExit) as e:
+        serve_main(["--bundle", "x", "--switch-interval-us", "-1"])
+    assert e.value.code == 2

@@ -855,6 +855,9 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     p.add_argument("--preferred-batch-sizes", type=_int_list, default=(), metavar="N,N,...",
                    help="batch sizes run as soon as they can be formed, largest first (Triton's preferred_batch_size); "
                         "otherwise a batch waits up to --max-queue-delay-us and takes what is queued")
+    p.add_argument("--switch-interval-us", type=float, default=1000.0,
+                   help="Python's GIL switch interval for the daemon process (CPython's default is 5000): shorter lets "
+                        "the compute thread back in quickly while the I/O thread is busy refusing an overload")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting beyond this are refused with OVERLOADED")
     p.add_argument("--credits", type=int, default=64, help="most requests in flight per agent (flow control)")
     p.add_argument("--heartbeat-ms", type=int, default=5000,
@@ -882,6 +885,15 @@ def serve_main(args_list: list[str] | None = None) -> int:
     """Run the daemon until SIGINT/SIGTERM. Returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(args_list)
+    # The I/O thread never waits while requests keep arriving, so under overload it holds the GIL
+    # for whole switch intervals and the compute thread, back from each tail run (ONNX Runtime
+    # releases the GIL), waits that long to decode and reply. With CPython's default 5 ms, 10x
+    # overload on the 2-core CI box served 333 frames/s of an 1,955 capacity; at 1 ms, 1,026,
+    # with normal-load throughput within noise (docs/BENCHMARKS.md). Process-wide, so only the
+    # daemon's own process sets it, never the in-process Server.
+    if not args.switch_interval_us > 0:
+        parser.error("--switch-interval-us must be > 0")
+    sys.setswitchinterval(args.switch_interval_us / 1e6)
     if (args.curve_secret is None) != (args.allow_keys is None):
         parser.error("--curve-secret and --allow-keys go together (CURVE without an allow-list would admit any key)")
     setup_logging(args.log_level, args.log_format)

@@ -58,21 +58,7 @@ $PY -c "import torch, zmq; print('torch', torch.__version__, 'cuda', torch.versi
 
 # 1. tail.pt2 from the student, written into a copy of the bundle (the manifest is re-hashed).
 cp -r $S/bundles/$N $W/$N
-$PY - $W/$N $S/students/$N.pt <<'PY' || exit 1
-import json, sys
-from pathlib import Path
-import torch
-from edgesplit.build.export import export_torch_tail
-from edgesplit.build.pipeline import load_student
-from edgesplit.bundle import Bundle, write_manifest
-root, student = Path(sys.argv[1]), sys.argv[2]
-model, _ = load_student(student)
-m = json.loads((root / "manifest.json").read_text())
-export_torch_tail(model.tail_module(), torch.zeros(2, *m["wire"]["shape"]), root / "tail.pt2")
-m["files"]["tail_torch"] = {"path": "tail.pt2"}
-write_manifest(root, m)
-print(Bundle.load(root).name, "+ tail.pt2")
-PY
+$PY tools/add_torch_tail.py $W/$N $S/students/$N.pt || exit 1
 
 # 2. The daemon with and without batching, the engine alone and bare torch; one JSON per run.
 bench() {  # name, then bench server flags

@@ -45,21 +45,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 # 1. tail.pt2 from each student, written into a copy of its bundle (the manifest is re-hashed).
 for n in $BUNDLES; do
   cp -r $S/bundles/$n $W/$n
-  $PY - $W/$n $S/students/$n.pt <<'PY' || exit 1
-import json, sys
-from pathlib import Path
-import torch
-from edgesplit.build.export import export_torch_tail
-from edgesplit.build.pipeline import load_student
-from edgesplit.bundle import Bundle, write_manifest
-root, student = Path(sys.argv[1]), sys.argv[2]
-model, _ = load_student(student)
-m = json.loads((root / "manifest.json").read_text())
-export_torch_tail(model.tail_module(), torch.zeros(2, *m["wire"]["shape"]), root / "tail.pt2")
-m["files"]["tail_torch"] = {"path": "tail.pt2"}
-write_manifest(root, m)
-print(Bundle.load(root).name, "+ tail.pt2")
-PY
+  $PY tools/add_torch_tail.py $W/$n $S/students/$n.pt || exit 1
 done
 
 # 2. The engine tests, CUDA cases included.

@@ -426,15 +426,10 @@ class ServerProcess:
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM (the daemon drains and exits 0); SIGKILL if it has not exited in time (-9)."""
-        import subprocess
+        from ..demo import stop_process
 
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout_s)
         self.exit_code = self.proc.returncode
         self.proc.stdout.close()
         return self.exit_code

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..bundle import Bundle
-from ..demo import DEFAULT_SOURCES, free_port
+from ..demo import DEFAULT_SOURCES, free_port, stop_process
 
 
 class ServerProcess:
@@ -74,12 +74,7 @@ class ServerProcess:
         """SIGTERM (drain, bye, exit 0), SIGKILL if it does not exit in time."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout_s)
 
 
 def account(results, frames: int) -> dict:

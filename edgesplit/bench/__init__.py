@@ -22,6 +22,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "server": ("edgesplit.bench.server", "daemon frames/s and latency at 1..32 agents, batched and unbatched, next to the engine alone"),
     "fuzz": ("edgesplit.bench.fuzz", "malformed frames at the server while valid agents stream: no crash, every answer as documented"),
     "overload": ("edgesplit.bench.overload", "offer N x capacity with deadlines: bounded memory, one answer per request, admitted p99"),
+    "adapt": ("edgesplit.bench.adapt", "the adaptive controller vs fixed modes, Assine's policy and an oracle on a real trace (--sim | --live)"),
 }
 
 

@@ -50,6 +50,8 @@ import numpy as np
 import zmq
 
 from ..bundle import Bundle, BundleError, Mode
+from ..control.modes import FALLBACK
+from ..control.policy import FixedPolicy, Policy
 from ..engine import EngineError
 from ..wire import codec, protocol as P
 from ..wire.codec import ErrorCode, WireError
@@ -57,6 +59,7 @@ from ..wire.protocol import Kind, ProtocolError
 from ..wire.curve import ClientCurve, explain_handshake_failure
 from ..wire.transport import connect_dealer, context, default_agent_name, pending_in, recv_parts, send_parts
 from . import link
+from .adaptive import POLICY, POLICY_KINDS, ModeController, bundle_modes, make_policy, measure_local_ms
 from .fallback import FALLBACK_ERROR_CODES, RTT_OVER_DEADLINE, UNREACHABLE, RttGuard, load_fallback
 from .link import Backoff, LinkMonitor
 
@@ -109,6 +112,9 @@ class FrameResult:
     source: str | None = None           # "server" or "local" (None for an error)
     fallback_reason: str | None = None  # why a local result is local (TIMEOUT, DISCONNECTED, UNREACHABLE, ...)
     local_ms: float | None = None       # time of the local fallback model (plus preprocessing for new frames)
+    policy_reason: str | None = None    # with a mode policy: why it chose this frame's mode (or FALLBACK, mode -1)
+    predicted_ms: float | None = None   # with a mode policy: its predicted end-to-end latency for the choice
+
 
     @property
     def ok(self) -> bool:
@@ -123,6 +129,8 @@ class FrameResult:
              "server_queue_ms": r(self.server_queue_ms), "server_compute_ms": r(self.server_compute_ms),
              "server_ms": r(self.server_ms), "batch_size": self.batch_size, "pred": self.pred, "label": self.label,
              "source": self.source, "fallback_reason": self.fallback_reason, "local_ms": r(self.local_ms)}
+        if self.policy_reason is not None:
+            d.update(policy_reason=self.policy_reason, predicted_ms=r(self.predicted_ms))
         if self.error is not None:
             d.update(error=self.error, error_code=self.error_code, error_message=self.error_message)
         return d
@@ -148,7 +156,8 @@ class Agent:
                  threads: int | None = None, name: str | None = None, timeout_s: float = 10.0,
                  load_head: bool = True, ctx: zmq.Context | None = None, fallback: str = "off",
                  reconnect_max_s: float = 0.5, server_key: str | Path | None = None,
-                 client_key: str | Path | None = None):
+                 client_key: str | Path | None = None, policy: Policy | None = None,
+                 policy_deadline_ms: float | None = None, base_rtt_ms: float | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         # CURVE (edgesplit/wire/curve.py): the server's public key and this agent's secret key.
         if (server_key is None) != (client_key is None):
@@ -182,6 +191,16 @@ class Agent:
         # Local fallback: the bundle's full model, or None when off (or the bundle has none).
         self.fallback = load_fallback(self.bundle, fallback, threads)
         self._rtt_guard = RttGuard()
+        # Mode policy (edgesplit/control): per frame, which mode to send, or FALLBACK (answered by
+        # full.onnx here, fallback_reason POLICY). It replaces the RTT guard: it predicts latency itself.
+        if policy is not None and self.fallback is None and not isinstance(policy, FixedPolicy):
+            raise ValueError(f"policy {policy.name} may answer frames locally: it needs fallback='auto' and a bundle "
+                             "with full.onnx")
+        self.controller = None if policy is None else ModeController(policy, base_rtt_ms)
+        # The end-to-end deadline the policy plans for (capture to answer); unset: the request's
+        # deadline_ms (which the server enforces from its receipt, a different clock start).
+        self.policy_deadline_ms = policy_deadline_ms
+        self._probes: set[int] = set()  # ids of link probes the policy asked for: their results only feed it
         if reconnect_max_s <= 0:
             raise ValueError(f"reconnect_max_s must be positive, got {reconnect_max_s}")
         self.reconnect_max_s = float(reconnect_max_s)
@@ -372,15 +391,45 @@ class Agent:
             return rid
         z = self.head.run1(x)[0]
         head_ms = (time.perf_counter() - t0) * 1e3
+        if self.controller is not None:
+            return self._submit_adaptive(x, z, t0, key, label, deadline_ms, head_ms)
         return self.send_tensor(z, key=key, label=label, mode=mode, deadline_ms=deadline_ms, head_ms=head_ms,
                                 fallback_input=None if self.fallback is None else x)
+
+    def _submit_adaptive(self, x: np.ndarray, z: np.ndarray, t0: float, key: str, label: int | None,
+                         deadline_ms: float | None, head_ms: float) -> int:
+        """The policy picks the frame's mode after the head (which every mode shares): send it, or
+        answer the frame locally (FALLBACK), sending the head output as a link probe if asked."""
+        deadline = self.policy_deadline_ms or (self.deadline_ms if deadline_ms is None else deadline_ms)
+        if deadline is None:
+            raise AgentError("a mode policy needs a deadline (policy_deadline_ms or deadline_ms)")
+        ctl = self.controller
+        d = ctl.decide(t0, float(deadline), self._next_id, self._pending)
+        t_decision = time.perf_counter_ns()
+        if d.mode == FALLBACK:
+            if d.probe_mode is not None:
+                pid = self.send_tensor(z, key=key, mode=d.probe_mode, deadline_ms=deadline_ms, head_ms=head_ms)
+                self._probes.add(pid)
+                ctl.sent(pid, self._pending[pid].result, self._pending[pid].t_send_ns, t_decision, probe=True)
+            rid = self._next_id
+            self._next_id += 1
+            res = FrameResult(id=rid, key=key, label=label, mode=FALLBACK, head_ms=head_ms, policy_reason=d.reason,
+                              predicted_ms=d.predicted_ms)
+            self._answer_locally(res, x, POLICY, t0)
+            return rid
+        rid = self.send_tensor(z, key=key, label=label, mode=d.mode, deadline_ms=deadline_ms, head_ms=head_ms,
+                               fallback_input=None if self.fallback is None else x)
+        p = self._pending[rid]
+        p.result.policy_reason, p.result.predicted_ms = d.reason, d.predicted_ms
+        ctl.sent(rid, p.result, p.t_send_ns, t_decision)
+        return rid
 
     def _local_reason(self, deadline_ms: float | None) -> str | None:
         """Why a new frame should not go to the server (fallback on), or None."""
         if self.welcome is None:
             return UNREACHABLE
         deadline = self.deadline_ms if deadline_ms is None else deadline_ms
-        if deadline is not None and self._rtt_guard.too_slow(deadline):
+        if deadline is not None and self.controller is None and self._rtt_guard.too_slow(deadline):
             return RTT_OVER_DEADLINE
         return None
 
@@ -419,6 +468,10 @@ class Agent:
         self._pump(0.0 if self._done else timeout_s)
         out = list(self._done)
         self._done.clear()
+        if self._probes:  # a probe's answer has fed the policy (ModeController.collect): not a frame
+            done = {r.id for r in out} & self._probes
+            self._probes -= done
+            out = [r for r in out if r.id not in done]
         return out
 
     def drain(self) -> Iterator[FrameResult]:
@@ -427,7 +480,7 @@ class Agent:
             yield from self.poll(self._wait_budget())
 
     def run(self, source: str | Iterable, n: int | None = None, *, mode: int | None = None,
-            deadline_ms: float | None = None) -> Iterator[FrameResult]:
+            deadline_ms: float | None = None, fps: float | None = None) -> Iterator[FrameResult]:
         """Stream frames from ``source`` (a source spec such as ``cifar10:test``, or an iterable of
         samples) with up to :attr:`window` requests outstanding; yields results as they complete.
 
@@ -435,15 +488,23 @@ class Agent:
         taken off the socket (and yielded) as soon as it arrives instead of after a head computed
         in the meantime, so ``rtt_ms`` is the round trip rather than round trip plus the agent's
         own busy time (what link estimation needs), and each frame is as fresh as it can be when
-        sent (what a live camera needs)."""
+        sent (what a live camera needs).
+
+        ``fps``: pace the frames like a camera, frame *i* no earlier than ``i / fps`` after the
+        first (answers are taken in while waiting); unset: as fast as the window allows."""
         from ..data.sources import open_source, take
 
         it = open_source(source, self.bundle.classes) if isinstance(source, str) else iter(source)
         frames = iter(take(it, n))
+        t_start, i = time.perf_counter(), 0
         while True:
             yield from self.poll(0.0)
             while len(self._pending) >= self.window:
                 yield from self.poll(self._wait_budget())
+            if fps:
+                while (wait := t_start + i / fps - time.perf_counter()) > 0:
+                    yield from self.poll(min(wait, self._wait_budget()))
+                i += 1
             sample = next(frames, _END)
             if sample is _END:
                 break
@@ -727,6 +788,8 @@ def summarize(results: list[FrameResult], wall_s: float | None = None, agent: Ag
     }
     if agent is not None:
         s.update(link_losses=agent.link_losses, reconnects=agent.reconnects, late_answers=agent.late_answers)
+        if agent.controller is not None:  # frames per mode (-1: the policy's local fallback) and switch times
+            s["adapt"] = agent.controller.summary() | {"mode_frames": dict(Counter(r.mode for r in results))}
     if wall_s:
         s["wall_s"] = round(wall_s, 3)
         s["frames_per_s"] = round(len(results) / wall_s, 2)
@@ -749,7 +812,17 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
                    help="lossless stage after packing (auto: zstd only when it is smaller)")
     p.add_argument("--inflight", type=int, default=8, help="most requests outstanding (also bounded by server credits)")
     p.add_argument("--deadline-ms", type=float, default=None,
-                   help="per-request deadline the server enforces (relative to its receipt)")
+                   help="per-request deadline the server enforces (relative to its receipt); with --adapt, also "
+                        "the end-to-end deadline (capture to answer) the policy plans for")
+    p.add_argument("--adapt", default=None, choices=POLICY_KINDS,
+                   help="choose each frame's mode with a policy from the bundle's modes table (needs --deadline-ms): "
+                        "deadline = the deadline-aware controller, assine = Assine et al., fixed = --mode throughout; "
+                        "frames that fit no mode are answered locally by full.onnx (fallback_reason POLICY)")
+    p.add_argument("--fps", type=float, default=None, help="pace frames like a camera at this rate (unset: as fast as possible)")
+    p.add_argument("--local-ms", type=float, default=None,
+                   help="with --adapt: latency of full.onnx on this device (unset: measured at start)")
+    p.add_argument("--base-rtt-ms", type=float, default=0.0,
+                   help="with --adapt: fixed round trip beyond the uplink (propagation both ways), ms")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the head (unset: ORT's default)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="give up on a request (and the handshake) after this")
     p.add_argument("--fallback", default="auto", choices=("auto", "off"),
@@ -774,10 +847,13 @@ def agent_main(args_list: list[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     out = None
     try:
-        agent = Agent(args.bundle, args.server, mode=args.mode, codec=args.codec, inflight=args.inflight,
+        bundle = Bundle.load(args.bundle)
+        policy = _cli_policy(args, bundle)
+        agent = Agent(bundle, args.server, mode=args.mode, codec=args.codec, inflight=args.inflight,
                       deadline_ms=args.deadline_ms, threads=args.threads, name=args.name, timeout_s=args.timeout_s,
                       fallback=args.fallback, reconnect_max_s=args.reconnect_max_s,
-                      server_key=args.server_key, client_key=args.client_key)
+                      server_key=args.server_key, client_key=args.client_key, policy=policy,
+                      policy_deadline_ms=args.deadline_ms if policy is not None else None)
         agent.connect()
     except (AgentError, BundleError, OSError, ValueError) as e:
         print(f"edgesplit agent: {e}", file=sys.stderr)
@@ -794,7 +870,7 @@ def agent_main(args_list: list[str] | None = None) -> int:
     results: list[FrameResult] = []
     t0 = time.perf_counter()
     try:
-        for r in agent.run(args.source, args.frames or None):
+        for r in agent.run(args.source, args.frames or None, fps=args.fps):
             results.append(r)
             if out is not None:
                 out.write(json.dumps(r.to_json()) + "\n")
@@ -818,18 +894,37 @@ def agent_main(args_list: list[str] | None = None) -> int:
     return 3 if results and not summary["ok"] else 0
 
 
+def _cli_policy(args: argparse.Namespace, bundle: Bundle) -> Policy | None:
+    """The --adapt policy, from the bundle's modes table; full.onnx is timed here unless --local-ms."""
+    if args.adapt is None:
+        return None
+    if args.deadline_ms is None:
+        raise ValueError("--adapt needs --deadline-ms")
+    local_ms = args.local_ms
+    if local_ms is None and args.fallback == "auto" and bundle.has("full"):
+        local_ms = measure_local_ms(load_fallback(bundle, "auto", args.threads), tuple(bundle.input_spec["shape"]))
+    return make_policy(args.adapt, bundle_modes(bundle), local_ms=local_ms, base_rtt_ms=args.base_rtt_ms,
+                       mode_id=args.mode)
+
+
 def _format_summary(s: dict[str, Any], agent: Agent) -> str:
     acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
     errs = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "none"
     reasons = ", ".join(f"{k}={v}" for k, v in s["fallback_reasons"].items())
-    return (f"edgesplit agent: {s['frames']} frames ({s['ok']} ok) via {agent.server}, bundle {agent.bundle.name}, "
-            f"mode {agent.mode.id} '{agent.mode.name}'\n"
+    ad = s.get("adapt")
+    how = f"mode {agent.mode.id} '{agent.mode.name}'" if ad is None else f"policy {ad['policy']}"
+    text = (f"edgesplit agent: {s['frames']} frames ({s['ok']} ok) via {agent.server}, bundle {agent.bundle.name}, "
+            f"{how}\n"
             f"  accuracy {acc}; bytes/frame median {s['bytes_per_frame_median']} (+ header {s['header_bytes_median']})\n"
             f"  rtt p50 {s['rtt_ms_p50']} ms, p95 {s['rtt_ms_p95']} ms; head p50 {s['head_ms_p50']} ms; "
             f"server queue p50 {s['server_queue_ms_p50']} ms, compute p50 {s['server_compute_ms_p50']} ms\n"
             f"  {s['server']} answered by the server, {s['local']} locally{f' ({reasons})' if reasons else ''}; "
             f"sessions lost {s.get('link_losses', 0)}, re-established {s.get('reconnects', 0)}\n"
             f"  {s.get('frames_per_s', 'n/a')} frames/s; errors: {errs}")
+    if ad is not None:
+        text += (f"\n  frames per mode (-1: local by policy) {ad['mode_frames']}; {ad['switches']} switches, "
+                 f"decision -> request ready p50 {ad['switch_ms_p50']} ms switching, {ad['same_mode_ms_p50']} ms not")
+    return text
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""``edgesplit bench adapt --live``: the mode policies in the real agent, over a link shaped by the
+kernel from a trace.
+
+One network namespace (:class:`~edgesplit.control.netns.ShapedNamespace`) whose loopback goes
+through ``tc tbf``; the server daemon runs inside it for the whole run, and each policy in turn runs
+in a fresh agent process inside it too (:mod:`edgesplit.bench.adapt_runner`), streaming real frames
+at ``fps`` while :class:`~edgesplit.control.netns.TraceReplayer` replays the same trace window from
+its start. Every policy therefore sees the same rate schedule, starting with an empty queue
+(between runs the link is opened wide and drained).
+
+The trace is replayed as its mean rate per ``step_s`` (what tc can apply), times ``scale``: the
+shipped CIFAR-10 bundle sends 192-768 bytes a frame, so a 3G trace's Mbit/s must be scaled down for
+the choice of mode to matter (:func:`live_trace` builds the schedule; the same object can be given
+to the simulator, which is how live and simulated hit rates are compared on the same trace).
+
+Metrics per policy: the keys of :func:`edgesplit.control.simulator.metrics` (hit = capture to
+answer within the deadline; expected accuracy from the modes table, the full model's for local
+frames) plus ``accuracy_measured`` (the answers' top-1 on the labelled frames), ``switch_ms_p50``
+and ``switch_ms_max`` (decision to request ready, mode changed), and ``link_bytes_per_frame`` (every
+byte tbf passed, both directions and all headers, per frame).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..control.modes import FALLBACK, ModesTable, modes_from_manifest
+from ..control.netns import ShapedNamespace, TraceReplayer, shaping_available
+from ..control.simulator import SimResult, metrics
+from ..control.traces import Trace, read_trace
+
+DEFAULT_POLICIES = ("fixed:0", "fixed:1", "fixed:2", "assine", "deadline", "deadline-ewma")
+OPEN_MBPS = 100.0  # the link between runs: handshakes and drains are not part of any policy's run
+
+
+def live_trace(trace: Trace, *, scale: float = 1.0, step_s: float = 1.0, start_s: float = 0.0,
+               duration_s: float = 20.0) -> Trace:
+    """The rate schedule a live run applies: the trace's mean capacity over each ``step_s`` from
+    ``start_s`` for ``duration_s``, times ``scale``, as a rate trace starting at 0."""
+    if scale <= 0 or step_s <= 0 or duration_s <= 0:
+        raise ValueError("need scale > 0, step_s > 0, duration_s > 0")
+    n = max(1, int(math.ceil(duration_s / step_s)))
+    times = [k * step_s for k in range(n)]
+    rates = [scale * trace.mbps_between(start_s + t, start_s + t + step_s) for t in times]
+    return Trace.from_rates(times, rates, name=f"{trace.name} x{scale:g} [{start_s:g}, +{duration_s:g}] s", period_s=n * step_s)
+
+
+def frames_metrics(name: str, records: list[dict], modes: ModesTable, deadline_ms: float, fps: float) -> dict[str, Any]:
+    """The simulator's metrics, computed from a live run's per-frame records."""
+    n = len(records)
+    acc_by = {m.id: m.accuracy for m in modes} | {FALLBACK: modes.teacher_accuracy}
+    mode = np.array([r.get("mode", FALLBACK) for r in records], dtype=np.int32)
+    local = np.array([r.get("source") == "local" for r in records])
+    fallback = mode == FALLBACK
+    lat = np.array([math.inf if r.get("t_answer_s") is None or r.get("error") else (r["t_answer_s"] - r["t_capture_s"]) * 1e3
+                    for r in records])
+    # an answer that never came counts as late; a remote frame finished locally (TIMEOUT, ...) counts
+    # with its local answer's time
+    frames = {"mode": mode, "fallback": fallback, "probe": np.zeros(n, bool),
+              "bytes": np.array([(r.get("bytes_sent") or 0) + (r.get("header_bytes") or 0) for r in records], float),
+              "latency_ms": lat, "hit": lat <= deadline_ms,
+              "accuracy": np.array([acc_by.get(int(m), modes.teacher_accuracy) for m in mode])}
+    res = SimResult(policy=name, deadline_ms=deadline_ms, fps=fps, frames=frames, reasons=[r.get("policy_reason") or "" for r in records])
+    out = metrics(res)
+    labelled = [r for r in records if r.get("label") is not None and r.get("pred") is not None]
+    out["accuracy_measured"] = None if not labelled else float(np.mean([r["pred"] == r["label"] for r in labelled]))
+    out["local_answers"] = int(local.sum())
+    out["unanswered"] = int(sum(r.get("t_answer_s") is None for r in records))
+    return out
+
+
+def _wait_line(proc: subprocess.Popen, expect: str, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.strip() == expect:
+            return
+    raise RuntimeError(f"agent runner did not say '{expect}' (exit {proc.poll()})")
+
+
+def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_ms: float, fps: float, *,
+             policies: Sequence[str] = DEFAULT_POLICIES, fallback_ms: float | None = None, start_s: float = 0.0,
+             duration_s: float | None = None, scale: float = 1.0, step_s: float = 1.0, base_rtt_ms: float = 0.0,
+             port: int = 5599, progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Run each policy (names as :func:`edgesplit.edge.adaptive.make_policy` takes them) for the
+    same trace window in the shaped namespace; returns metrics per policy, keyed by the policy's
+    name (the simulator's names). ``fallback_ms``: full.onnx latency the deadline policies weigh
+    (unset: measured by each agent). ``duration_s`` defaults to 20 s (a live run takes real time)."""
+    ok, why = shaping_available()
+    if not ok:
+        raise RuntimeError(f"--live needs kernel shaping: {why}")
+    bundle_path = Path(bundle_path)
+    trace = trace_path if isinstance(trace_path, Trace) else read_trace(trace_path)
+    duration_s = 20.0 if duration_s is None else float(duration_s)
+    schedule = live_trace(trace, scale=scale, step_s=step_s, start_s=start_s, duration_s=duration_s)
+    modes = modes_from_manifest(bundle_path)
+    frames = int(duration_s * fps)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    say = progress or (lambda s: None)
+    out: dict[str, dict[str, Any]] = {}
+    with ShapedNamespace(OPEN_MBPS) as ns, tempfile.TemporaryDirectory(prefix="edgesplit-adapt-") as tmp:
+        server_log = open(Path(tmp) / "server.log", "w")
+        server = ns.popen([sys.executable, "-m", "edgesplit", "serve", "--bundle", str(bundle_path), "--bind", endpoint,
+                           "--threads", "1", "--max-queue-delay-us", "0", "--log-level", "WARNING"],
+                          stdout=subprocess.DEVNULL, stderr=server_log)
+        try:
+            for kind in policies:
+                ns.set_rate(OPEN_MBPS)
+                jl = Path(tmp) / f"{kind.replace(':', '_')}.jsonl"
+                cmd = [sys.executable, "-m", "edgesplit.bench.adapt_runner", "--bundle", str(bundle_path), "--server", endpoint,
+                       "--policy", kind, "--deadline-ms", str(deadline_ms), "--fps", str(fps), "--frames", str(frames),
+                       "--base-rtt-ms", str(base_rtt_ms), "--out", str(jl)]
+                if fallback_ms is not None:
+                    cmd += ["--local-ms", str(fallback_ms)]
+                runner = ns.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                try:
+                    _wait_line(runner, "ready", 120.0)
+                    before = ns.stats().get("bytes", 0)
+                    with TraceReplayer(ns, schedule, step_s=step_s):
+                        runner.stdin.write("go\n")
+                        runner.stdin.flush()
+                        runner.wait(timeout=duration_s + 60)
+                    link_bytes = ns.stats().get("bytes", 0) - before
+                finally:
+                    if runner.poll() is None:
+                        runner.kill()
+                        runner.wait()
+                if runner.returncode != 0:
+                    raise RuntimeError(f"agent runner for {kind} exited {runner.returncode}")
+                lines = [json.loads(x) for x in jl.read_text().splitlines()]
+                summary = lines[-1]["summary"]
+                m = frames_metrics(summary["policy"], lines[:-1], modes, deadline_ms, fps)
+                m.update(switch_ms_p50=summary["switch_ms_p50"], switch_ms_max=summary["switch_ms_max"],
+                         same_mode_ms_p50=summary["same_mode_ms_p50"], link_bytes_per_frame=link_bytes / max(1, frames))
+                out[summary["policy"]] = m
+                say(f"{summary['policy']}: hit {m['hit_rate']:.3f}, acc {m['accuracy']:.4f} "
+                    f"(measured {m['accuracy_measured']}), {m['fallbacks']} fallbacks, {m['switches']} switches")
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            server_log.close()
+    return out

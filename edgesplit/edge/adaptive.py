@@ -1,0 +1,145 @@
+"""The live agent's side of the control plane: a mode policy driven by the agent's own frames.
+
+:class:`ModeController` is what :class:`~edgesplit.edge.agent.Agent` holds when it is given a
+:class:`~edgesplit.control.policy.Policy`. It feeds the policy exactly as the simulator
+(:mod:`edgesplit.control.simulator`) does, from real timings instead of a link model:
+
+* per frame, ``choose(FrameState)`` with the frame's capture time, its deadline and the requests
+  still on the link (oldest first, probes included: they hold the uplink too);
+* per finished request, in the order the results arrived, ``observe(Feedback)`` built from the
+  agent's ``FrameResult`` (send time, round trip, bytes on the wire, the server's own time), so the
+  estimator sees link time = round trip - server time. A request that ended without a server result
+  (error, timeout, lost session) leaves ``outstanding`` and feeds nothing.
+
+Results are collected lazily, at the next decision: a request is finished once the agent no longer
+has it pending, and its ``FrameResult`` (shared with the agent) then holds its timings.
+
+Mode switches cost nothing to set up: every mode shares the one head session, a mode is only the
+codec's bits and channels, so a switch is a different argument to ``codec.encode``. The controller
+measures it anyway: the time from the decision to the encoded request being ready to send, for
+frames whose mode differs from the previous request's (``switch_ms``) and for the others
+(``same_ms``); the two distributions should match.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Container
+
+import numpy as np
+
+from ..control.estimator import EwmaEstimator, HarmonicMeanEstimator
+from ..control.modes import ModesTable, modes_from_manifest
+from ..control.policy import AssinePolicy, DeadlinePolicy, Decision, Feedback, FixedPolicy, FrameState, Policy
+
+# Policy kinds by their command-line names (``edgesplit agent --adapt``, ``bench adapt --live``).
+POLICY_KINDS = ("deadline", "deadline-ewma", "assine", "fixed")
+POLICY = "POLICY"  # fallback_reason of a frame the policy chose to answer locally (nothing fits the deadline)
+
+
+@dataclass
+class _Sent:
+    """One request on the link, as the policy sees it (``t_send_s``, ``nbytes``), and its result."""
+
+    t_send_s: float
+    nbytes: float
+    result: Any  # the agent's FrameResult for this request, filled in when its answer arrives
+    probe: bool
+
+
+class ModeController:
+    """Wraps one policy for one agent. ``decide`` per frame, ``sent`` per request put on the link."""
+
+    def __init__(self, policy: Policy, base_rtt_ms: float | None = None):
+        self.policy = policy
+        self.base_rtt_ms = base_rtt_ms  # None: the policy keeps its constructor's value
+        self._out: dict[int, _Sent] = {}  # request id -> request, in send order
+        self._prev_mode: int | None = None
+        self.frames = 0
+        self.switch_ms: list[float] = []  # decision -> request ready, mode differs from the previous request's
+        self.same_ms: list[float] = []    # the same, mode unchanged
+        self.observed = 0
+
+    @property
+    def outstanding(self) -> list[_Sent]:
+        return list(self._out.values())
+
+    def collect(self, pending: Container[int]) -> None:
+        """Feed the policy every request no longer ``pending`` in the agent, in arrival order."""
+        done = [(rid, s) for rid, s in self._out.items() if rid not in pending]
+        if not done:
+            return
+        reports = []
+        for rid, s in done:
+            del self._out[rid]
+            fb = Feedback.from_frame_result(s.result, s.t_send_s)
+            if fb is not None:
+                if s.probe:
+                    fb = replace(fb, probe=True)
+                reports.append(fb)
+        for fb in sorted(reports, key=lambda f: f.t_result_s):
+            self.policy.observe(fb)
+            self.observed += 1
+
+    def decide(self, now_s: float, deadline_ms: float, index: int, pending: Container[int]) -> Decision:
+        self.collect(pending)
+        self.frames += 1
+        return self.policy.choose(FrameState(now_s=now_s, deadline_ms=deadline_ms, index=index,
+                                             outstanding=tuple(self._out.values()), base_rtt_ms=self.base_rtt_ms))
+
+    def sent(self, rid: int, result: Any, t_send_ns: int, t_decision_ns: int, probe: bool = False) -> None:
+        """A request went out (or was queued for the next welcome) ``t_send_ns`` after a decision
+        made at ``t_decision_ns`` (both ``perf_counter_ns``)."""
+        ms = (t_send_ns - t_decision_ns) / 1e6
+        (self.same_ms if self._prev_mode in (None, result.mode) else self.switch_ms).append(ms)
+        self._prev_mode = result.mode
+        self._out[rid] = _Sent(t_send_ns / 1e9, float(result.bytes_sent + result.header_bytes), result, probe)
+
+    def summary(self) -> dict[str, Any]:
+        def pct(v: list[float], q: float) -> float | None:
+            return None if not v else round(float(np.percentile(v, q)), 4)
+
+        return {"policy": self.policy.name, "decisions": self.frames, "observed": self.observed,
+                "switches": len(self.switch_ms), "switch_ms_p50": pct(self.switch_ms, 50),
+                "switch_ms_max": None if not self.switch_ms else round(max(self.switch_ms), 4),
+                "same_mode_ms_p50": pct(self.same_ms, 50),
+                "same_mode_ms_max": None if not self.same_ms else round(max(self.same_ms), 4)}
+
+
+
+def make_policy(kind: str, modes: ModesTable, *, local_ms: float | None, base_rtt_ms: float = 0.0,
+                mode_id: int | None = None) -> Policy:
+    """The policies of :func:`edgesplit.control.simulator.standard_policies`, by name (the oracle
+    needs the trace: simulator only). ``kind``: ``deadline`` (harmonic-mean estimator, the
+    controller), ``deadline-ewma``, ``assine``, ``fixed`` (``mode_id``; default the most accurate),
+    or ``fixed:ID``."""
+    if kind.startswith("fixed"):
+        if ":" in kind:
+            mode_id = int(kind.split(":", 1)[1])
+        return FixedPolicy(modes, modes.ranked[0].id if mode_id is None else mode_id)
+    if kind == "deadline":
+        return DeadlinePolicy(modes, HarmonicMeanEstimator(5), local_ms=local_ms, base_rtt_ms=base_rtt_ms)
+    if kind == "deadline-ewma":
+        return DeadlinePolicy(modes, EwmaEstimator(0.4), local_ms=local_ms, base_rtt_ms=base_rtt_ms)
+    if kind == "assine":
+        return AssinePolicy(modes, base_rtt_ms=base_rtt_ms)
+    raise ValueError(f"unknown policy {kind!r}: one of {', '.join(POLICY_KINDS)} (or fixed:ID)")
+
+
+def bundle_modes(bundle: Any, device: str | None = None) -> ModesTable:
+    """The control plane's modes table of a loaded :class:`edgesplit.bundle.Bundle`."""
+    return modes_from_manifest(bundle.manifest, device)
+
+
+def measure_local_ms(local_model: Any, input_shape: tuple[int, ...], runs: int = 20) -> float:
+    """Median latency of the local fallback model (``LocalModel.logits``) on this device, after a
+    few warm-up runs: what a DeadlinePolicy weighs a fallback against (its ``local_ms``)."""
+    x = np.zeros((1, *input_shape), np.float32)
+    times = []
+    for i in range(runs + 3):
+        t0 = time.perf_counter()
+        local_model.logits(x)
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))

@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": "benchmarks with --json output (e2e, engine, server, fuzz, overload, restart)",
     "inspect": "verify a bundle and print its manifest summary",
     "zoo": "list the model zoo, or report a checkpoint's accuracy on real data (build plane)",
+    "split": "cut a zoo model at any graph node: list cut points with their sizes, or export head/tail ONNX",
     "keys": "CURVE key pairs for encrypted, authenticated agent <-> server links (keys gen NAME --out DIR)",
 }
 
@@ -67,6 +68,7 @@ HANDLERS = {
     "bench": _delegate("edgesplit.bench", "bench_main"),
     "inspect": _delegate("edgesplit.bundle_cli", "inspect_main"),
     "zoo": _delegate("edgesplit.build.zoo_cli", "zoo_main"),
+    "split": _delegate("edgesplit.build.split", "split_main"),
     "keys": _delegate("edgesplit.keys_cli", "keys_main"),
 }
 

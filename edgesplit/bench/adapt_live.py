@@ -39,6 +39,14 @@ from ..control.simulator import SimResult, metrics
 from ..control.traces import Trace, read_trace
 
 DEFAULT_POLICIES = ("fixed:0", "fixed:1", "fixed:2", "assine", "deadline", "deadline-ewma")
+# A token bucket passes a packet at once when it holds enough tokens, so with the namespace's
+# defaults (1500-byte MTU, 4 KiB bucket) a CIFAR frame (0.3-0.9 KB on the wire) that finds the link
+# idle crosses it in microseconds whatever the rate: tbf would only shape the long-run mean, not the
+# per-frame delay a slow uplink has. A small MTU and a bucket of about one packet make each frame
+# wait for its bytes' tokens, packet by packet: close to the serialisation delay of a real
+# bottleneck (the FIFO uplink the simulator models) at 244-byte granularity.
+SMALL_MTU = 296       # IPv4 + TCP headers leave 244 bytes of payload per segment
+BURST_BYTES = 400     # one packet at that MTU plus the loopback's link header, and a little
 OPEN_MBPS = 100.0  # the link between runs: handshakes and drains are not part of any policy's run
 
 
@@ -70,7 +78,8 @@ def frames_metrics(name: str, records: list[dict], modes: ModesTable, deadline_m
               "latency_ms": lat, "hit": lat <= deadline_ms,
               "accuracy": np.array([acc_by.get(int(m), modes.teacher_accuracy) for m in mode])}
     res = SimResult(policy=name, deadline_ms=deadline_ms, fps=fps, frames=frames, reasons=[r.get("policy_reason") or "" for r in records])
-    out = metrics(res)
+    with np.errstate(invalid="ignore"):  # percentiles over unanswered frames (latency inf)
+        out = metrics(res)
     labelled = [r for r in records if r.get("label") is not None and r.get("pred") is not None]
     out["accuracy_measured"] = None if not labelled else float(np.mean([r["pred"] == r["label"] for r in labelled]))
     out["local_answers"] = int(local.sum())
@@ -92,11 +101,13 @@ def _wait_line(proc: subprocess.Popen, expect: str, timeout_s: float) -> None:
 def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_ms: float, fps: float, *,
              policies: Sequence[str] = DEFAULT_POLICIES, fallback_ms: float | None = None, start_s: float = 0.0,
              duration_s: float | None = None, scale: float = 1.0, step_s: float = 1.0, base_rtt_ms: float = 0.0,
-             port: int = 5599, progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+             mtu: int | None = SMALL_MTU, burst_bytes: int | None = BURST_BYTES, port: int = 5599, progress: Callable[[str], None] | None = None,
+             keep_frames: bool = False) -> dict[str, dict[str, Any]]:
     """Run each policy (names as :func:`edgesplit.edge.adaptive.make_policy` takes them) for the
     same trace window in the shaped namespace; returns metrics per policy, keyed by the policy's
     name (the simulator's names). ``fallback_ms``: full.onnx latency the deadline policies weigh
-    (unset: measured by each agent). ``duration_s`` defaults to 20 s (a live run takes real time)."""
+    (unset: none, the local model is assumed late). ``duration_s`` defaults to 20 s (a live run
+    takes real time). ``keep_frames``: add each policy's per-frame records under ``"records"``."""
     ok, why = shaping_available()
     if not ok:
         raise RuntimeError(f"--live needs kernel shaping: {why}")
@@ -109,7 +120,9 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
     endpoint = f"tcp://127.0.0.1:{port}"
     say = progress or (lambda s: None)
     out: dict[str, dict[str, Any]] = {}
-    with ShapedNamespace(OPEN_MBPS) as ns, tempfile.TemporaryDirectory(prefix="edgesplit-adapt-") as tmp:
+    with ShapedNamespace(OPEN_MBPS, burst_bytes=burst_bytes) as ns, tempfile.TemporaryDirectory(prefix="edgesplit-adapt-") as tmp:
+        if mtu is not None:
+            subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "mtu", str(int(mtu))], check=True, capture_output=True)
         server_log = open(Path(tmp) / "server.log", "w")
         server = ns.popen([sys.executable, "-m", "edgesplit", "serve", "--bundle", str(bundle_path), "--bind", endpoint,
                            "--threads", "1", "--max-queue-delay-us", "0", "--log-level", "WARNING"],
@@ -143,6 +156,8 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
                 m = frames_metrics(summary["policy"], lines[:-1], modes, deadline_ms, fps)
                 m.update(switch_ms_p50=summary["switch_ms_p50"], switch_ms_max=summary["switch_ms_max"],
                          same_mode_ms_p50=summary["same_mode_ms_p50"], link_bytes_per_frame=link_bytes / max(1, frames))
+                if keep_frames:
+                    m["records"] = lines[:-1]
                 out[summary["policy"]] = m
                 say(f"{summary['policy']}: hit {m['hit_rate']:.3f}, acc {m['accuracy']:.4f} "
                     f"(measured {m['accuracy_measured']}), {m['fallbacks']} fallbacks, {m['switches']} switches")

@@ -19,6 +19,7 @@ COMMANDS = {
     "inspect": "verify a bundle and print its manifest summary",
     "zoo": "list the model zoo, or report a checkpoint's accuracy on real data (build plane)",
     "split": "cut a zoo model at any graph node: list cut points with their sizes, or export head/tail ONNX",
+    "profile": "profiling with --json output: per-node and whole-model latency (profile latency)",
     "keys": "CURVE key pairs for encrypted, authenticated agent <-> server links (keys gen NAME --out DIR)",
 }
 
@@ -69,6 +70,7 @@ HANDLERS = {
     "inspect": _delegate("edgesplit.bundle_cli", "inspect_main"),
     "zoo": _delegate("edgesplit.build.zoo_cli", "zoo_main"),
     "split": _delegate("edgesplit.build.split", "split_main"),
+    "profile": _delegate("edgesplit.profile.cli", "profile_main"),
     "keys": _delegate("edgesplit.keys_cli", "keys_main"),
 }
 

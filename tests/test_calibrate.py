@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from edgesplit.profile.calibrate import calibrate_main
+from edgesplit.profile.cli import profile_main
 from edgesplit.profile.devices import load_profile
 from edgesplit.profile.power.samplers import detect_sampler
 
@@ -14,7 +14,7 @@ TINY = ["--sizes", "64,96", "--bandwidth-mib", "4", "--ort-runs", "5"]
 
 def test_calibrate_with_tiny_sizes_writes_a_valid_host_profile(tmp_path, capsys):
     out = tmp_path / "this-host.yaml"
-    assert calibrate_main(["--out", str(out), *TINY]) == 0
+    assert profile_main(["calibrate", "--out", str(out), *TINY]) == 0
     p = load_profile(out)  # validated by the same loader as the shipped profiles
     assert p.name == "this-host" and p.kind == "host"
     for key in ("cpu_cores", "cpu_fp32_gflops", "memory_gb", "memory_bandwidth_gbps", "ort_reference_ms"):
@@ -26,12 +26,14 @@ def test_calibrate_with_tiny_sizes_writes_a_valid_host_profile(tmp_path, capsys)
     assert "written:" in capsys.readouterr().out
 
 
-def test_calibrate_refuses_to_overwrite_and_bad_sizes(tmp_path, capsys):
+def test_calibrate_refuses_to_overwrite_and_bad_sizes(tmp_path):
     out = tmp_path / "h.yaml"
     out.write_text("keep me\n")
-    assert calibrate_main(["--out", str(out), *TINY]) == 2
-    assert out.read_text() == "keep me\n" and "exists" in capsys.readouterr().err
-    assert calibrate_main(["--out", str(tmp_path / "g.yaml"), "--sizes", "big"]) == 2
+    with pytest.raises(SystemExit, match="exists"):
+        profile_main(["calibrate", "--out", str(out), *TINY])
+    assert out.read_text() == "keep me\n"
+    with pytest.raises(SystemExit, match="invalid literal"):
+        profile_main(["calibrate", "--out", str(tmp_path / "g.yaml"), "--sizes", "big"])
 
 
 def test_committed_ci_host_profile_is_a_measured_host():

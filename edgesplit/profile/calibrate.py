@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -148,28 +147,29 @@ def profile_yaml(profile: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def calibrate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="edgesplit profile calibrate", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="where to write the profile (device_profiles/NAME.yaml)")
     p.add_argument("--name", default=None, help="profile name (default: the file name's stem)")
     p.add_argument("--sizes", default="256,512,1024", help="sgemm matrix sizes, comma-separated")
     p.add_argument("--bandwidth-mib", type=int, default=256, help="array size for the copy bandwidth")
     p.add_argument("--ort-runs", type=int, default=200, help="timed runs of the reference model")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """``edgesplit profile calibrate``: writes the profile; returns it (and where it went)."""
     out = Path(a.out)
     if out.exists() and not a.force:
-        print(f"edgesplit profile calibrate: {out} exists (--force to overwrite)", file=sys.stderr)
-        return 2
+        raise SystemExit(f"edgesplit profile calibrate: {out} exists (--force to overwrite)")
     try:
         sizes = tuple(int(s) for s in a.sizes.split(","))
         profile = calibrate(a.name or out.stem, sizes=sizes, bandwidth_mib=a.bandwidth_mib, ort_runs=a.ort_runs)
     except (ValueError, ProfileError) as e:
-        print(f"edgesplit profile calibrate: {e}", file=sys.stderr)
-        return 2
-    text = profile_yaml(profile)
+        raise SystemExit(f"edgesplit profile calibrate: {e}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text, end="")
-    print(f"written: {out}")
-    return 0
+    out.write_text(profile_yaml(profile))
+    return {"written": str(out), "profile": profile}
+
+
+def summarize(res: dict[str, Any]) -> str:
+    return profile_yaml(res["profile"]) + f"written: {res['written']}"

@@ -12,9 +12,7 @@ difference is the quantize-and-pack cost.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -124,8 +122,7 @@ def measure_power(bundle: Bundle, *, sampler: str = "auto", profile: str | None 
     return out
 
 
-def power_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="edgesplit profile power", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (or .tar.gz)")
     p.add_argument("--sampler", default="auto", choices=("auto",) + SAMPLER_NAMES,
                    help="power sensor (auto: the first found; the estimate when there is none)")
@@ -136,25 +133,26 @@ def power_main(argv: list[str]) -> int:
     p.add_argument("--baseline-seconds", type=float, default=2.0, help="idle window for the baseline")
     p.add_argument("--source", default=None, help="frame source (default: the bundle's export check source)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """``edgesplit profile power``; a bad bundle, profile or sensor exits with the reason."""
     if not 10 <= a.hz <= 100:
-        p.error("--hz must be within 10-100")
+        raise SystemExit("edgesplit profile power: --hz must be within 10-100")
     try:
-        res = measure_power(Bundle.load(Path(a.bundle)), sampler=a.sampler, profile=a.profile, hz=a.hz,
-                            frames=a.frames, min_seconds=a.min_seconds, baseline_seconds=a.baseline_seconds,
-                            source=a.source, threads=a.threads)
+        return measure_power(Bundle.load(Path(a.bundle)), sampler=a.sampler, profile=a.profile, hz=a.hz,
+                             frames=a.frames, min_seconds=a.min_seconds, baseline_seconds=a.baseline_seconds,
+                             source=a.source, threads=a.threads)
     except (PowerError, ProfileError, BundleError) as e:
-        print(f"edgesplit profile power: {e}", file=sys.stderr)
-        return 2
-    if a.json:
-        print(json.dumps(res, indent=2))
-        return 0
+        raise SystemExit(f"edgesplit profile power: {e}") from None
+
+
+def summarize(res: dict[str, Any]) -> str:
     tag = " (ESTIMATE)" if res["estimate"] else ""
-    print(f"{res['bundle']}: sampler {res['sampler']}{tag} at {res['hz']:g} Hz, baseline {res['baseline']['watts']:.3f} W, "
-          f"sampler CPU {res['sampler_cpu_percent']:.2f}% of a core")
+    lines = [f"{res['bundle']}: sampler {res['sampler']}{tag} at {res['hz']:g} Hz, baseline {res['baseline']['watts']:.3f} W, "
+             f"sampler CPU {res['sampler_cpu_percent']:.2f}% of a core"]
     rows = [(f"mode {r['mode']} {r['name']}", r) for r in res["modes"]] + ([("full", res["full"])] if res["full"] else [])
     for label, r in rows:
-        print(f"  {label:<16} {r['joules_per_inference'] * 1e3:9.4f} mJ/inference (net)  {r['mean_w']:.3f} W  "
-              f"{r['inferences']} inferences in {r['seconds']:.2f} s")
-    return 0
+        lines.append(f"  {label:<16} {r['joules_per_inference'] * 1e3:9.4f} mJ/inference (net)  {r['mean_w']:.3f} W  "
+                     f"{r['inferences']} inferences in {r['seconds']:.2f} s")
+    return "\n".join(lines)

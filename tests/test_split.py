@@ -94,6 +94,16 @@ def test_mobilenetv2_split_exports_and_matches_in_onnxruntime(mobilenet, tmp_pat
     assert np.max(np.abs(logits - ref)) < 1e-3
 
 
+def test_tail_leaves_the_callers_tensor_alone(mobilenet):
+    # MobileNetV2's ReLU6 is in place: cut just before one, the tail must not overwrite its input.
+    model, gm = mobilenet
+    head, tail = split_at(gm, None, "batch_norm")
+    z = head(torch.randn(2, 3, 64, 64))
+    before = z.clone()
+    tail(z)
+    assert torch.equal(z, before)
+
+
 def test_cli_list_and_split(tmp_path, capsys):
     assert split_main(["resnet20_cifar", "--list", "--json"]) == 0
     cuts = json.loads(capsys.readouterr().out)

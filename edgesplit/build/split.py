@@ -151,6 +151,11 @@ def _copy_nodes(gm: fx.GraphModule, graph: fx.Graph, nodes: list[fx.Node], env: 
         env[n] = graph.node_copy(n, lookup)
 
 
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
 def split_at(model: torch.nn.Module, example: torch.Tensor | None, node_name: str) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Cut the model after node ``node_name``: ``head(x)`` returns that node's output and
     ``tail(z)`` the model's output from it. Raises :class:`SplitError` naming the valid cut points
@@ -180,6 +185,11 @@ def split_at(model: torch.nn.Module, example: torch.Tensor | None, node_name: st
     z = tail_graph.placeholder("z")
     z.meta = dict(cut.meta)
     tail_env = {cut: z}
+    if any(_mutates(u) for u in cut.users):
+        # The model may modify this tensor in place (e.g. ReLU6(inplace=True)); in the whole model it
+        # is an intermediate, but in the tail it is the caller's input, so work on a copy.
+        tail_env[cut] = tail_graph.call_function(torch.ops.aten.clone.default, (z,))
+        tail_env[cut].meta = dict(cut.meta)
     _copy_nodes(gm, tail_graph, order[at + 1:], tail_env)
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     results = [tail_env[r] if isinstance(r, fx.Node) else r for r in _outputs(output)]

@@ -9,10 +9,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgesplit.build.split import (SplitError, _real_images, candidate_cuts, export_split, split_at, split_main,  # noqa: E402
-                                   trace, verify_split)
-from edgesplit.build.zoo import create_model  # noqa: E402
-from edgesplit.engine import create_engine  # noqa: E402
+from edgesplit.build.split import (
+    SplitError,
+    _real_images,
+    candidate_cuts,
+    export_split,
+    split_at,
+    split_main,
+    trace,
+    verify_split,
+)
+from edgesplit.build.zoo import create_model
+from edgesplit.engine import create_engine
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +45,7 @@ def cifar_images():
 
 
 def test_resnet20_cut_points_and_sizes(resnet20, cifar_images):
-    model, gm = resnet20
+    _, gm = resnet20
     cuts = candidate_cuts(gm)
     assert len(cuts) > 10
     for c in cuts:
@@ -96,7 +104,7 @@ def test_mobilenetv2_split_exports_and_matches_in_onnxruntime(mobilenet, tmp_pat
 
 def test_tail_leaves_the_callers_tensor_alone(mobilenet):
     # MobileNetV2's ReLU6 is in place: cut just before one, the tail must not overwrite its input.
-    model, gm = mobilenet
+    _, gm = mobilenet
     head, tail = split_at(gm, None, "batch_norm")
     z = head(torch.randn(2, 3, 64, 64))
     before = z.clone()

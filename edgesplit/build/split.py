@@ -136,7 +136,7 @@ def _outputs(node: fx.Node) -> list[Any]:
     return list(res) if isinstance(res, (tuple, list)) else [res]
 
 
-def _copy_nodes(gm: fx.GraphModule, graph: fx.Graph, nodes: list[fx.Node], env: dict[fx.Node, fx.Node]) -> None:
+def _copy_nodes(graph: fx.Graph, nodes: list[fx.Node], env: dict[fx.Node, fx.Node]) -> None:
     """Copy ``nodes`` into ``graph``; weights they read are copied on first use, so each half holds
     only its own parameters and buffers."""
 
@@ -178,7 +178,7 @@ def split_at(model: torch.nn.Module, example: torch.Tensor | None, node_name: st
         raise SplitError(f"split needs a model with one input, this one has {len(inputs)}")
 
     head_graph, head_env = fx.Graph(), {}
-    _copy_nodes(gm, head_graph, order[: at + 1], head_env)
+    _copy_nodes(head_graph, order[: at + 1], head_env)
     head_graph.output(head_env[cut])
 
     tail_graph = fx.Graph()
@@ -190,7 +190,7 @@ def split_at(model: torch.nn.Module, example: torch.Tensor | None, node_name: st
         # is an intermediate, but in the tail it is the caller's input, so work on a copy.
         tail_env[cut] = tail_graph.call_function(torch.ops.aten.clone.default, (z,))
         tail_env[cut].meta = dict(cut.meta)
-    _copy_nodes(gm, tail_graph, order[at + 1:], tail_env)
+    _copy_nodes(tail_graph, order[at + 1:], tail_env)
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     results = [tail_env[r] if isinstance(r, fx.Node) else r for r in _outputs(output)]
     tail_graph.output(results[0] if len(results) == 1 else tuple(results))

@@ -20,8 +20,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,7 @@ def onnx_distributions(path: str | Path, frames: np.ndarray, batch_sizes: list[i
         engine = create_engine(path, "ort", threads=t)
         for b in batch_sizes:
             x = batch_of(frames, b)
-            ms = time_calls(lambda: engine.run1(x), runs)
+            ms = time_calls(lambda e=engine, x=x: e.run1(x), runs)
             rows.append({"batch_size": b, "threads": t, **percentiles(ms), "frames_per_s": b * 1e3 / float(np.median(ms))})
     return rows
 
@@ -220,7 +221,7 @@ def profile_torch_model(model, frames: np.ndarray, batch_sizes: list[int], threa
                 torch.set_num_threads(t)
                 for b in batch_sizes:
                     xb = torch.from_numpy(batch_of(frames, b))
-                    ms = time_calls(lambda: model(xb), runs)
+                    ms = time_calls(lambda xb=xb: model(xb), runs)
                     rows.append({"batch_size": b, "threads": t, **percentiles(ms), "frames_per_s": b * 1e3 / float(np.median(ms))})
     finally:
         torch.set_num_threads(previous_threads)

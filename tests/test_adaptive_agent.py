@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgesplit.bench.adapt_live import frames_metrics, live_trace, run_live
+from edgesplit.bench.adapt_live import frames_metrics, link_cost, live_trace, run_live
 from edgesplit.bench.restart import ServerProcess
 from edgesplit.bundle import Bundle
 from edgesplit.control import DeadlinePolicy, FixedPolicy, modes_from_manifest
@@ -152,6 +152,23 @@ def test_live_trace_is_the_scaled_step_mean():
     tr = Trace.from_rates([0, 2, 4], [1.0, 4.0, 2.0], period_s=6)
     lt = live_trace(tr, scale=0.5, step_s=1.0, start_s=1.0, duration_s=4.0)
     assert lt.per_second_mbps(4).tolist() == pytest.approx([0.5, 2.0, 2.0, 1.0])
+
+
+def test_link_cost_is_measured_on_frames_that_found_the_link_idle():
+    # 0.1 Mbit/s: 12.5 bytes per ms. Requests of 300 and 800 bytes whose latency paid for
+    # 100 + 1.5 x size bytes; a queued frame (captured before the previous answer) must not count.
+    tr = Trace.constant(0.1)
+    recs, t = [], 0.0
+    for i in range(12):
+        size = 300 if i % 2 else 800
+        lat_ms = (100 + 1.5 * size) / 12.5 + 1.0  # + 1 ms of server time
+        recs.append({"mode": i % 2, "source": "server", "bytes_sent": size - 30, "header_bytes": 30, "server_ms": 1.0,
+                     "t_capture_s": t, "t_answer_s": t + lat_ms / 1e3})
+        t += 1.0
+    recs.append({"mode": 0, "source": "server", "bytes_sent": 770, "header_bytes": 30, "server_ms": 1.0,
+                 "t_capture_s": recs[-1]["t_answer_s"] - 0.01, "t_answer_s": recs[-1]["t_answer_s"] + 5.0})
+    fixed, per_byte = link_cost([{"records": recs}], tr)
+    assert fixed == pytest.approx(100, abs=1) and per_byte == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.skipif(not SHAPING, reason=f"kernel shaping unavailable: {WHY}")

@@ -35,7 +35,8 @@ import numpy as np
 
 from ..control.modes import FALLBACK, ModesTable, modes_from_manifest
 from ..control.netns import ShapedNamespace, TraceReplayer, shaping_available
-from ..control.simulator import SimResult, metrics
+from ..control.link import LinkModel
+from ..control.simulator import SimResult, metrics, simulate
 from ..control.traces import Trace, read_trace
 
 DEFAULT_POLICIES = ("fixed:0", "fixed:1", "fixed:2", "assine", "deadline", "deadline-ewma")
@@ -83,7 +84,66 @@ def frames_metrics(name: str, records: list[dict], modes: ModesTable, deadline_m
     labelled = [r for r in records if r.get("label") is not None and r.get("pred") is not None]
     out["accuracy_measured"] = None if not labelled else float(np.mean([r["pred"] == r["label"] for r in labelled]))
     out["local_answers"] = int(local.sum())
+    served = [r["server_ms"] for r in records if r.get("server_ms") is not None]
+    out["server_ms_p50"] = float(np.median(served)) if served else None
     out["unanswered"] = int(sum(r.get("t_answer_s") is None for r in records))
+    return out
+
+
+def link_cost(runs: Sequence[dict[str, Any]], schedule: Trace) -> tuple[float, float]:
+    """``(fixed, per_byte)``: the bytes a frame's latency pays for on the shaped link, as
+    ``fixed + (1 + per_byte) x request bytes``, measured from the frames themselves. Every segment
+    carries its own headers (``per_byte``); the result comes back through the same bucket and the
+    bucket's burst lets the first bytes through at once (together ``fixed``, which may be negative).
+
+    Only frames that found the link idle count (every earlier request answered before the frame
+    was captured): ``(latency - server time) x rate`` is then the bytes its own transmission took.
+    Per mode the median of those, then a least-squares line over the modes' request sizes (a single
+    mode: all fixed)."""
+    per_mode: dict[int, tuple[list[float], list[float]]] = {}
+    for m in runs:
+        busy_until = -math.inf
+        for r in m["records"]:
+            t_cap, t_ans = r["t_capture_s"], r.get("t_answer_s")
+            if r.get("source") == "server" and t_ans is not None:
+                if t_cap >= busy_until:
+                    rate = schedule.mbps_between(t_cap, t_cap + 1e-3)
+                    lat_ms = (t_ans - t_cap) * 1e3 - (r.get("server_ms") or 0.0)
+                    sizes, paid = per_mode.setdefault(r["mode"], ([], []))
+                    sizes.append(r["bytes_sent"] + r["header_bytes"])
+                    paid.append(lat_ms * rate * 1e3 / 8)
+                busy_until = max(busy_until, t_ans)
+    pts = [(float(np.mean(x)), float(np.median(y))) for x, y in per_mode.values() if len(y) >= 3]
+    if not pts:
+        return 0.0, 0.0
+    x, y = np.array(pts).T
+    if len(x) < 2:
+        return float(y[0] - x[0]), 0.0
+    slope, fixed = np.polyfit(x, y, 1)
+    return float(fixed), max(0.0, float(slope) - 1.0)
+
+
+def simulate_schedule(schedule: Trace, modes: ModesTable, policies: Sequence[str], deadline_ms: float, fps: float, *,
+                      fallback_ms: float | None, base_rtt_ms: float, server_ms: float, fixed_bytes: float,
+                      per_byte: float = 0.0, encode_ms: float = 0.1) -> dict[str, dict[str, Any]]:
+    """The simulator on the very schedule a live run applied, with the same policies (built the
+    same way) and the live link's measured terms: what the live hit rates are compared with.
+    A request's latency pays for ``fixed_bytes + (1 + per_byte) x payload`` on the shaped link
+    (:func:`link_cost`); the simulated FIFO uplink carries the payload plus a fixed overhead, so
+    the schedule is divided by ``1 + per_byte`` and the overhead is ``fixed_bytes / (1 + per_byte)``:
+    the same transmission time for every request size."""
+    from ..edge.adaptive import make_policy
+
+    k = 1.0 + per_byte
+    t = np.arange(int(round(schedule.period_s)), dtype=float)
+    goodput = Trace.from_rates(t, [schedule.mbps_between(s, s + 1) / k for s in t], name=schedule.name, period_s=schedule.period_s)
+    link = LinkModel(goodput, base_rtt_ms=base_rtt_ms, server_ms=server_ms, encode_ms=encode_ms, overhead_bytes=max(0.0, fixed_bytes) / k)  # a FIFO cannot give bytes back
+    out = {}
+    for kind in policies:
+        pol = make_policy(kind, modes, local_ms=fallback_ms, base_rtt_ms=base_rtt_ms)
+        r = simulate(pol, modes, link, fps=fps, deadline_ms=deadline_ms,
+                     fallback_ms=fallback_ms if fallback_ms is not None else 0.0, duration_s=schedule.period_s)
+        out[pol.name] = r.metrics
     return out
 
 
@@ -100,14 +160,20 @@ def _wait_line(proc: subprocess.Popen, expect: str, timeout_s: float) -> None:
 
 def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_ms: float, fps: float, *,
              policies: Sequence[str] = DEFAULT_POLICIES, fallback_ms: float | None = None, start_s: float = 0.0,
-             duration_s: float | None = None, scale: float = 1.0, step_s: float = 1.0, base_rtt_ms: float = 0.0,
+             duration_s: float | None = None, scale: float = 1.0, step_s: float = 1.0, base_rtt_ms: float = 0.5,
              mtu: int | None = SMALL_MTU, burst_bytes: int | None = BURST_BYTES, port: int = 5599, progress: Callable[[str], None] | None = None,
              keep_frames: bool = False) -> dict[str, dict[str, Any]]:
     """Run each policy (names as :func:`edgesplit.edge.adaptive.make_policy` takes them) for the
     same trace window in the shaped namespace; returns metrics per policy, keyed by the policy's
     name (the simulator's names). ``fallback_ms``: full.onnx latency the deadline policies weigh
     (unset: none, the local model is assumed late). ``duration_s`` defaults to 20 s (a live run
-    takes real time). ``keep_frames``: add each policy's per-frame records under ``"records"``."""
+    takes real time). ``keep_frames``: add each policy's per-frame records under ``"records"``.
+    ``base_rtt_ms``: the fixed round trip the policies assume (on the namespace loopback, ZeroMQ and
+    message handling outside the server's own time: about 0.5 ms measured).
+
+    Each policy's dict also holds ``sim``: the simulator's metrics for the same policy on the same
+    schedule (:func:`simulate_schedule`, with the server time and per-frame link overhead measured in
+    this run), and ``hit_rate_live_minus_sim``."""
     ok, why = shaping_available()
     if not ok:
         raise RuntimeError(f"--live needs kernel shaping: {why}")
@@ -156,11 +222,23 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
                 m = frames_metrics(summary["policy"], lines[:-1], modes, deadline_ms, fps)
                 m.update(switch_ms_p50=summary["switch_ms_p50"], switch_ms_max=summary["switch_ms_max"],
                          same_mode_ms_p50=summary["same_mode_ms_p50"], link_bytes_per_frame=link_bytes / max(1, frames))
-                if keep_frames:
-                    m["records"] = lines[:-1]
+                m["records"] = lines[:-1]
                 out[summary["policy"]] = m
                 say(f"{summary['policy']}: hit {m['hit_rate']:.3f}, acc {m['accuracy']:.4f} "
                     f"(measured {m['accuracy_measured']}), {m['fallbacks']} fallbacks, {m['switches']} switches")
+            fixed, per_byte = link_cost([m for m in out.values()], schedule)
+            server_ms = float(np.median([m["server_ms_p50"] for m in out.values() if m["server_ms_p50"] is not None] or [1.0]))
+            sim = simulate_schedule(schedule, modes, policies, deadline_ms, fps, fallback_ms=fallback_ms,
+                                    base_rtt_ms=base_rtt_ms, server_ms=server_ms, fixed_bytes=fixed, per_byte=per_byte)
+            for name, m in out.items():
+                if name in sim:
+                    m["sim"] = {k: sim[name][k] for k in ("hit_rate", "accuracy", "bytes_per_frame", "switches", "fallbacks",
+                                                          "mode_frames")}
+                    m["sim"].update(link_fixed_bytes=round(fixed, 1), link_per_byte=round(per_byte, 3), server_ms=round(server_ms, 3))
+                    m["hit_rate_live_minus_sim"] = round(m["hit_rate"] - sim[name]["hit_rate"], 4)
+            if not keep_frames:
+                for m in out.values():
+                    del m["records"]
         finally:
             server.terminate()
             try:

@@ -125,13 +125,16 @@ def link_cost(runs: Sequence[dict[str, Any]], schedule: Trace) -> tuple[float, f
 
 def simulate_schedule(schedule: Trace, modes: ModesTable, policies: Sequence[str], deadline_ms: float, fps: float, *,
                       fallback_ms: float | None, base_rtt_ms: float, server_ms: float, fixed_bytes: float,
+                      device_ms: float | None = None,
                       per_byte: float = 0.0, encode_ms: float = 0.1) -> dict[str, dict[str, Any]]:
     """The simulator on the very schedule a live run applied, with the same policies (built the
     same way) and the live link's measured terms: what the live hit rates are compared with.
     A request's latency pays for ``fixed_bytes + (1 + per_byte) x payload`` on the shaped link
     (:func:`link_cost`); the simulated FIFO uplink carries the payload plus a fixed overhead, so
     the schedule is divided by ``1 + per_byte`` and the overhead is ``fixed_bytes / (1 + per_byte)``:
-    the same transmission time for every request size."""
+    the same transmission time for every request size. ``fallback_ms``: what the policies are told
+    about the local model; ``device_ms``: how long the simulated device takes for a fallback frame
+    (default ``fallback_ms``)."""
     from ..edge.adaptive import make_policy
 
     k = 1.0 + per_byte
@@ -142,7 +145,7 @@ def simulate_schedule(schedule: Trace, modes: ModesTable, policies: Sequence[str
     for kind in policies:
         pol = make_policy(kind, modes, local_ms=fallback_ms, base_rtt_ms=base_rtt_ms)
         r = simulate(pol, modes, link, fps=fps, deadline_ms=deadline_ms,
-                     fallback_ms=fallback_ms if fallback_ms is not None else 0.0, duration_s=schedule.period_s)
+                     fallback_ms=device_ms if device_ms is not None else (fallback_ms or 0.0), duration_s=schedule.period_s)
         out[pol.name] = r.metrics
     return out
 
@@ -228,7 +231,11 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
                     f"(measured {m['accuracy_measured']}), {m['fallbacks']} fallbacks, {m['switches']} switches")
             fixed, per_byte = link_cost([m for m in out.values()], schedule)
             server_ms = float(np.median([m["server_ms_p50"] for m in out.values() if m["server_ms_p50"] is not None] or [1.0]))
-            sim = simulate_schedule(schedule, modes, policies, deadline_ms, fps, fallback_ms=fallback_ms,
+            # the policies weigh fallback_ms (None: the local model assumed late); the simulated
+            # device answers a fallback frame as fast as the live one did (its measured local_ms)
+            local = [r["local_ms"] for m in out.values() for r in m["records"] if r.get("local_ms") is not None]
+            sim_local_ms = float(np.median(local)) if local else (fallback_ms or 0.0)
+            sim = simulate_schedule(schedule, modes, policies, deadline_ms, fps, fallback_ms=fallback_ms, device_ms=sim_local_ms,
                                     base_rtt_ms=base_rtt_ms, server_ms=server_ms, fixed_bytes=fixed, per_byte=per_byte)
             for name, m in out.items():
                 if name in sim:

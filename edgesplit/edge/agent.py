@@ -33,6 +33,13 @@ DEADLINE_EXCEEDED, SHUTTING_DOWN, INTERNAL, NOT_READY), frames that time out, an
 deadline, frames whose recent round trips would not fit it (see ``fallback.RttGuard``). With
 fallback off, frames submitted while there is no session wait for the next welcome (up to
 ``timeout_s``, then ``TIMEOUT``).
+
+Adaptive modes. Given a ``policy`` (:mod:`edgesplit.control.policy`, run through
+:class:`~edgesplit.edge.adaptive.ModeController`), each frame's mode is the policy's choice after
+the head (``mode=`` is then ignored), or FALLBACK: the frame is answered by full.onnx here with
+fallback_reason ``POLICY``. Every server result feeds the policy's estimators. Switching modes
+reloads nothing (one head for all modes; a mode is the codec's bits and channels); the time from
+decision to request ready is measured for switches and non-switches (summary ``adapt``).
 """
 
 from __future__ import annotations
@@ -114,7 +121,6 @@ class FrameResult:
     local_ms: float | None = None       # time of the local fallback model (plus preprocessing for new frames)
     policy_reason: str | None = None    # with a mode policy: why it chose this frame's mode (or FALLBACK, mode -1)
     predicted_ms: float | None = None   # with a mode policy: its predicted end-to-end latency for the choice
-
 
     @property
     def ok(self) -> bool:

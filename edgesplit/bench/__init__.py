@@ -7,12 +7,7 @@ scenario is one line here plus its module, and no scenario imports another's dep
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import platform
-import sys
-from datetime import datetime, timezone
+from ..subcommands import run_subcommand
 
 # name -> (module, help). Modules are imported only when their scenario runs (or for --help).
 SCENARIOS: dict[str, tuple[str, str]] = {
@@ -26,30 +21,5 @@ SCENARIOS: dict[str, tuple[str, str]] = {
 }
 
 
-def machine_info() -> dict:
-    """Where a benchmark ran: recorded next to every result."""
-    import os
-
-    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
 def bench_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="edgesplit bench", description="Benchmarks (JSON with --json).")
-    sub = p.add_subparsers(dest="which", required=True)
-    which = argv[0] if argv and argv[0] in SCENARIOS else None
-    for name, (module, text) in SCENARIOS.items():
-        sp = sub.add_parser(name, help=text, description=text)
-        sp.add_argument("--json", action="store_true", help="print the result as JSON")
-        # Only the chosen scenario's module is imported: the others may need extras not installed.
-        if which is None or which == name:
-            importlib.import_module(module).add_arguments(sp)
-    a = p.parse_args(argv)
-    res = {**importlib.import_module(SCENARIOS[a.which][0]).run(a), **machine_info()}
-    if a.json:
-        json.dump(res, sys.stdout, indent=2)
-        print()
-    else:
-        for k, v in res.items():
-            print(f"{k:<22} {v}")
-    return 0
+    return run_subcommand("edgesplit bench", "Benchmarks (JSON with --json).", SCENARIOS, argv)

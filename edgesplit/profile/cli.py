@@ -8,10 +8,7 @@ chosen subcommand's module is imported, so none needs another's dependencies.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import sys
+from ..subcommands import run_subcommand
 
 # name -> (module, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -23,25 +20,4 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def profile_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="edgesplit profile", description="Profiling (JSON with --json).")
-    sub = p.add_subparsers(dest="which", required=True)
-    which = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    for name, (module, text) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=text, description=text)
-        sp.add_argument("--json", action="store_true", help="print the result as JSON")
-        if which is None or which == name:
-            importlib.import_module(module).add_arguments(sp)
-    a = p.parse_args(argv)
-    from ..bench import machine_info
-
-    mod = importlib.import_module(SUBCOMMANDS[a.which][0])
-    res = {**mod.run(a), **machine_info()}
-    if a.json:
-        json.dump(res, sys.stdout, indent=2)
-        print()
-    elif hasattr(mod, "summarize"):
-        print(mod.summarize(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:<22} {v}")
-    return 0
+    return run_subcommand("edgesplit profile", "Profiling (JSON with --json).", SUBCOMMANDS, argv)

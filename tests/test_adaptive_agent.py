@@ -13,11 +13,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgesplit.bench.adapt_live import frames_metrics, link_cost, live_trace, run_live
-from edgesplit.bench.restart import ServerProcess
+from edgesplit.bench.serverproc import ServerProcess
 from edgesplit.bundle import Bundle
 from edgesplit.control import DeadlinePolicy, FixedPolicy, modes_from_manifest
 from edgesplit.control.modes import FALLBACK
@@ -51,7 +50,7 @@ def samples(bundle):
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(SHIPPED, free_port(), SERVER_ARGS).start()
+    srv = ServerProcess([SHIPPED], SERVER_ARGS, port=free_port()).start()
     yield srv
     srv.stop()
 
@@ -93,7 +92,7 @@ def test_nothing_fits_answers_locally_with_probes_never_as_frames(bundle, modes,
 
 
 def test_policy_frames_end_once_when_the_server_dies(bundle, modes, samples):
-    srv = ServerProcess(SHIPPED, free_port(), SERVER_ARGS).start()
+    srv = ServerProcess([SHIPPED], SERVER_ARGS, port=free_port()).start()
     policy = make_policy("deadline", modes, local_ms=5.0)
     agent = Agent(bundle, srv.endpoint, fallback="auto", threads=1, policy=policy, policy_deadline_ms=100.0,
                   timeout_s=2.0).connect()

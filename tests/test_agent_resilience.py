@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgesplit.bench.restart import ServerProcess, account
+from edgesplit.bench.restart import account
+from edgesplit.bench.serverproc import ServerProcess
 from edgesplit.bundle import Bundle
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
@@ -108,7 +109,7 @@ def stream_through_kill(agent: Agent, server: ServerProcess, samples, kill_after
 
 
 def test_kill9_mid_stream_every_frame_ends_once_and_server_results_resume(bundle, samples, full_model):
-    server = ServerProcess(SHIPPED, free_port(), SERVER_ARGS).start()
+    server = ServerProcess([SHIPPED], SERVER_ARGS, port=free_port()).start()
     try:
         agent = Agent(bundle, server.endpoint, inflight=8, threads=1, fallback="auto", reconnect_max_s=0.2).connect()
         results, frame_of, resumed = stream_through_kill(agent, server, samples, kill_after=60, outage_frames=100)
@@ -156,7 +157,7 @@ def test_no_server_every_frame_falls_back_locally(bundle, samples, full_model):
 
 
 def test_fallback_off_frames_end_as_explicit_errors_not_lost(bundle, samples):
-    server = ServerProcess(SHIPPED, free_port(), SERVER_ARGS).start()
+    server = ServerProcess([SHIPPED], SERVER_ARGS, port=free_port()).start()
     try:
         agent = Agent(bundle, server.endpoint, inflight=8, threads=1, fallback="off", reconnect_max_s=0.2).connect()
         assert agent.fallback is None

@@ -272,11 +272,12 @@ def worker_main(argv: list[str]) -> int:
 def bench_fuzz(bundle_path: Path, frames: int, agents: int, *, fuzzers: int = 1, window: int = 16,
                rate: float | None = None, agent_fps: float = 50.0, baseline_s: float = 10.0, seed: int = 0,
                threads: int = 1, images: int = 64) -> dict:
-    from .loadgen import LoadClient, ServerProcess, head_workload
+    from .loadgen import LoadClient, head_workload
+    from .serverproc import ServerProcess
 
     bundle = Bundle.load(bundle_path)
     workload = head_workload(bundle, images)
-    server = ServerProcess([str(bundle_path)], ["--threads", str(threads)])
+    server = ServerProcess([str(bundle_path)], ["--threads", str(threads)]).start()
     try:
         valid = LoadClient(server.endpoint, bundle, agents, workload, max_inflight=8, name="valid").connect()
         valid.closed_loop(2.0, fps=agent_fps)  # warm-up: sockets, ORT arenas

@@ -64,7 +64,8 @@ def bench_overload(bundle_path: Path, factor: float, *, seconds: float = 10.0, d
                    sessions: int = 32, capacity_s: float = 5.0, capacity_window: int = 4, threads: int | None = 2,
                    max_batch: int = 32, max_queue: int = 1024, credits: int = 64, max_queue_delay_us: float = 2000.0,
                    images: int = 64, send_hwm: int = 100) -> dict:
-    from .loadgen import LoadClient, ServerProcess, head_workload
+    from .loadgen import LoadClient, head_workload
+    from .serverproc import ServerProcess
 
     bundle = Bundle.load(bundle_path)
     workload = head_workload(bundle, images)
@@ -72,7 +73,7 @@ def bench_overload(bundle_path: Path, factor: float, *, seconds: float = 10.0, d
             "--max-queue-delay-us", str(max_queue_delay_us)]
     if threads:
         args += ["--threads", str(threads)]
-    server = ServerProcess([str(bundle_path)], args)
+    server = ServerProcess([str(bundle_path)], args).start()
     try:
         client = LoadClient(server.endpoint, bundle, sessions, workload, name="overload", send_hwm=send_hwm).connect()
         client.closed_loop(2.0, window=capacity_window)  # warm-up

@@ -12,69 +12,14 @@ the new daemon was listening the agent had a server result again (``resume_ms``)
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 from ..bundle import Bundle
-from ..demo import DEFAULT_SOURCES, free_port, stop_process
-
-
-class ServerProcess:
-    """``edgesplit serve`` as a child process, with the moment it starts listening recorded.
-
-    ``ready_at`` (``time.monotonic()``) is set by a thread that reads the daemon's
-    ``listening on`` line, so the caller can go on streaming while a restart is in progress."""
-
-    def __init__(self, bundle: str | Path, port: int, extra: list[str] | None = None):
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self._cmd = [sys.executable, "-m", "edgesplit", "serve", "--bundle", str(bundle), "--bind", self.endpoint,
-                     "--log-level", "WARNING", *(extra or [])]
-        self.proc: subprocess.Popen | None = None
-        self.ready_at: float | None = None
-        self._ready = threading.Event()
-
-    def start(self, wait_s: float | None = 60.0) -> ServerProcess:
-        """Start the daemon; with ``wait_s``, wait until it listens (RuntimeError if it does not)."""
-        self.ready_at = None
-        self._ready.clear()
-        # stderr to a file, not a pipe: a pipe nobody reads would block a chatty daemon
-        self._stderr = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(self._cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
-        threading.Thread(target=self._watch, args=(self.proc,), daemon=True).start()
-        if wait_s is not None:
-            self.wait_ready(wait_s)
-        return self
-
-    def _watch(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            if "listening on" in line:
-                self.ready_at = time.monotonic()
-                self._ready.set()
-        proc.stdout.close()
-
-    def wait_ready(self, timeout_s: float) -> float:
-        if not self._ready.wait(timeout_s):
-            self._stderr.seek(0)
-            err = self._stderr.read() or "(no output)"
-            raise RuntimeError(f"server at {self.endpoint} did not start listening within {timeout_s} s: {err[-2000:]}")
-        return self.ready_at
-
-    def kill9(self) -> None:
-        """SIGKILL: the daemon gets no chance to say bye or drain."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM (drain, bye, exit 0), SIGKILL if it does not exit in time."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        stop_process(self.proc, timeout_s)
+from ..demo import DEFAULT_SOURCES, free_port
+from .serverproc import ServerProcess
 
 
 def account(results, frames: int) -> dict:
@@ -103,7 +48,7 @@ def bench_restart(bundle_path: Path, frames: int, kill_at: int, *, source: str |
     if source is None:
         source = next(v for k, v in DEFAULT_SOURCES.items() if bundle.name.startswith(k))
     samples = list(take(open_source(source, bundle.classes), frames))  # in memory: reading is not measured
-    server = ServerProcess(bundle_path, free_port(), ["--threads", str(threads), "--max-queue-delay-us", "0"]).start()
+    server = ServerProcess([bundle_path], ["--threads", str(threads), "--max-queue-delay-us", "0"], port=free_port()).start()
     agent = Agent(bundle, server.endpoint, inflight=inflight, threads=threads, timeout_s=timeout_s, fallback=fallback,
                   reconnect_max_s=reconnect_max_s)
     results = []

@@ -54,7 +54,8 @@ def bench_server(bundle_path: Path, agent_counts: list[int], *, backend: str = "
                  pairs: int = 3) -> dict:
     from ..engine import EngineOptions, create_engine
     from .engine import measure_bare_torch, measure_engine
-    from .loadgen import LoadClient, LoadStats, ServerProcess, head_workload
+    from .loadgen import LoadClient, LoadStats, head_workload
+    from .serverproc import ServerProcess
 
     bundle = Bundle.load(bundle_path)
     workload = head_workload(bundle, images)
@@ -68,7 +69,7 @@ def bench_server(bundle_path: Path, agent_counts: list[int], *, backend: str = "
     exit_codes = {}
     for name, (mb, delay) in configs.items():
         server = ServerProcess([str(bundle_path)], _server_args(backend, device, precision, accel, threads, mb, delay,
-                                                                credits=max(64, window), max_queue=max(1024, 2 * most)))
+                                                                credits=max(64, window), max_queue=max(1024, 2 * most))).start()
         rows = []
         try:
             for n in agent_counts:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,40 +33,6 @@ def free_port() -> int:
         s.close(0)
 
 
-def start_server_process(bundles: list[str], port: int, extra: list[str] | None = None) -> subprocess.Popen:
-    """Start ``edgesplit serve`` as a child process (the agent's connect() waits for it). Its log
-    goes to a file, ``proc.log_path`` (:func:`server_log_tail` reads it): a pipe nobody reads
-    would stall a chatty server once the pipe buffer fills."""
-    cmd = [sys.executable, "-m", "edgesplit", "serve", "--bind", f"tcp://127.0.0.1:{port}"]
-    for b in bundles:
-        cmd += ["--bundle", str(b)]
-    with tempfile.NamedTemporaryFile(prefix="edgesplit-serve-", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(cmd + (extra or []), stdout=subprocess.DEVNULL, stderr=log)
-    proc.log_path = Path(log.name)
-    return proc
-
-
-def server_log_tail(proc: subprocess.Popen, chars: int = 2000) -> str:
-    path = getattr(proc, "log_path", None)
-    try:
-        return path.read_text(errors="replace")[-chars:] if path else ""
-    except OSError:
-        return ""
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM (the daemon drains and exits), then SIGKILL if it does not within ``timeout``."""
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    path = getattr(proc, "log_path", None)
-    if path is not None:
-        path.unlink(missing_ok=True)
-
-
 def percentiles(values: list[float]) -> tuple[float, float]:
     a = np.asarray([v for v in values if v is not None], np.float64)
     return (float(np.percentile(a, 50)), float(np.percentile(a, 95))) if a.size else (float("nan"), float("nan"))
@@ -85,24 +48,17 @@ def run_demo(bundle_path: Path, source: str | None, frames: int, mode: int | Non
             raise SourceError(f"no default frame source for bundle '{bundle.name}': pass --source")
         source = DEFAULT_SOURCES[dataset]
     samples = list(take(open_source(source, bundle.classes), frames))
-    port = free_port()
-    server = start_server_process([str(bundle_path)], port, ["--max-queue-delay-us", "500"])
+    from .bench.serverproc import ServerProcess
+
+    server = ServerProcess([bundle_path], ["--max-queue-delay-us", "500"]).start()  # returns once it listens
     try:
-        agent = Agent(bundle, f"tcp://127.0.0.1:{port}", mode=mode, inflight=inflight, threads=threads, timeout_s=30.0)
-        deadline = time.monotonic() + 60
-        while True:  # the server process needs a moment to load its tail and bind
-            try:
-                agent.connect(timeout_s=2.0)
-                break
-            except Exception:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not come up: {server_log_tail(server)}")
+        agent = Agent(bundle, server.endpoint, mode=mode, inflight=inflight, threads=threads, timeout_s=30.0).connect()
         t0 = time.perf_counter()
         results = list(agent.run(samples))
         wall = time.perf_counter() - t0
         agent.close()
     finally:
-        stop_process(server)
+        server.stop()
     ok = [r for r in results if r.ok]
     labelled = [r for r in ok if r.label is not None]
     jpeg = [len(s.data) for s in samples]

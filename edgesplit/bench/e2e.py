@@ -21,7 +21,8 @@ import numpy as np
 import zmq
 
 from ..bundle import Bundle
-from ..demo import DEFAULT_SOURCES, free_port, start_server_process, stop_process
+from ..demo import DEFAULT_SOURCES, free_port
+from .serverproc import ServerProcess
 
 _ECHO = r"""
 import sys, zmq
@@ -63,12 +64,11 @@ def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: i
     bundle = Bundle.load(bundle_path)
     if source is None:
         source = next(v for k, v in DEFAULT_SOURCES.items() if bundle.name.startswith(k))
-    port = free_port()
-    server = start_server_process([str(bundle_path)], port, ["--max-queue-delay-us", "0", "--threads", str(threads)])
+    server = ServerProcess([bundle_path], ["--max-queue-delay-us", "0", "--threads", str(threads)]).start()
     lines_path = Path(tempfile.mkstemp(suffix=".jsonl")[1])
     try:
         cmd = [sys.executable, "-m", "edgesplit", "agent", "--bundle", str(bundle_path), "--server",
-               f"tcp://127.0.0.1:{port}", "--source", source, "--frames", str(frames), "--inflight", "1",
+               server.endpoint, "--source", source, "--frames", str(frames), "--inflight", "1",
                "--threads", str(threads), "--timeout-s", "60", "--json-lines", str(lines_path),
                # every frame must take the split path: this measures it, not the local fallback
                "--fallback", "off"]
@@ -80,7 +80,7 @@ def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: i
         if agent.returncode != 0:
             raise RuntimeError(f"agent failed ({agent.returncode}): {agent.stderr[-2000:]}")
     finally:
-        stop_process(server)
+        server.stop()
     recs = [json.loads(l) for l in lines_path.read_text().splitlines() if l.strip()]
     lines_path.unlink()
     summary = next((r["summary"] for r in recs if "summary" in r), {})

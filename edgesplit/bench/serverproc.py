@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..demo import stop_process
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM (the daemon drains and exits), then SIGKILL if it does not within ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class ServerProcess:

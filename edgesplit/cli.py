@@ -45,7 +45,8 @@ def _train(argv: list[str]) -> int:
                 c.epochs = max(1, round(c.epochs * a.epochs_scale))
     run_dir = Path(a.run_dir or Path("runs") / r.name)
     res = run_recipe(r, run_dir, a.device, a.limit_per_shard, a.workers)
-    print(f"done: teacher {res['teacher_accuracy']:.4f}; " + ", ".join(f"{m['bits']}-bit {m['accuracy']:.4f}" for m in res["modes"]))
+    print(f"done: teacher {res['teacher_accuracy']:.4f}; " + ", ".join(
+        (f"c{m['width']}/" if "width" in m else "") + f"{m['bits']}-bit {m['accuracy']:.4f}" for m in res["modes"]))
     print(f"student: {run_dir / 'student.pt'}  (next: edgesplit export {run_dir / 'student.pt'} --out models/NAME)")
     return 0
 

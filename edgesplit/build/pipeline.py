@@ -1,6 +1,8 @@
-"""``edgesplit train RECIPE``: the whole BottleFit pipeline as resumable steps in a run directory.
+"""``edgesplit train RECIPE``: a recipe's whole pipeline as resumable steps in a run directory.
 
-teacher (train from scratch, or load + adapt) -> stage 1 -> stage 2 -> calibrate -> evaluate.
+:func:`prepare` (data, teacher: train from scratch, load + adapt, or reuse another run's) is shared;
+then the family's steps: BottleFit here (stage 1 -> stage 2 -> calibrate -> evaluate), slimmable in
+``pipeline_slimmable.py``.
 Each step leaves an artefact (``teacher.pt``, ``stage1.pt``, ``stage2.pt``, optional ``stage3.pt``,
 ``student.pt``, ``results.json``);
 a rerun skips finished steps and resumes unfinished ones from their per-epoch checkpoint.
@@ -11,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,8 +43,33 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.eval(), state
 
 
-def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard: int | None = None,
-               workers: int | None = None) -> dict:
+@dataclass
+class Prepared:
+    """What every family's steps start from: data, the trained teacher, logging, the results so far."""
+
+    dev: torch.device
+    log: Callable[[dict], None]
+    xtr: torch.Tensor
+    ytr: torch.Tensor
+    eval_loader: DeviceLoader
+    teacher: torch.nn.Module
+    results: dict
+    t0: float
+    num_classes: int
+    train_loader: Callable[[int], DeviceLoader]
+
+
+def resolve_teacher_weights(r: Recipe, run_dir: Path) -> Path:
+    """``pretrained``: relative to the shared data root; ``run``: relative to the runs folder (a
+    teacher that another recipe of this project trained, e.g. ``imagenette-resnet18-bottlefit/teacher.pt``)."""
+    w = Path(r.teacher.weights)
+    if w.is_absolute():
+        return w
+    return (run_dir.parent / w) if r.teacher.init == "run" else (data_root() / w)
+
+
+def prepare(r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard: int | None = None,
+            workers: int | None = None) -> Prepared:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(r.seed)
     if dev.type == "cuda":
@@ -57,19 +85,16 @@ def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_sh
     log({"event": "data", "train": len(xtr), "eval": len(xte), "sec": round(time.time() - t0, 1), "device": str(dev)})
     nc = len(CLASSES[r.dataset])
 
-    def loader(cfg_batch: int, train: bool) -> DeviceLoader:
-        if train:
-            return DeviceLoader(xtr, ytr, cfg_batch, dev, MEAN, STD, r.augment, shuffle=True, seed=r.seed, drop_last=True)
-        return DeviceLoader(xte, yte, 500, dev, MEAN, STD)
+    def train_loader(batch: int) -> DeviceLoader:
+        return DeviceLoader(xtr, ytr, batch, dev, MEAN, STD, r.augment, shuffle=True, seed=r.seed, drop_last=True)
 
-    eval_loader = loader(500, False)
+    eval_loader = DeviceLoader(xte, yte, 500, dev, MEAN, STD)
     results: dict = {"recipe": r.name, "device": str(dev)}
 
     # 1. Teacher.
     teacher_path = run_dir / "teacher.pt"
-    if r.teacher.init == "pretrained":
-        wpath = Path(r.teacher.weights)
-        wpath = wpath if wpath.is_absolute() else data_root() / wpath
+    if r.teacher.init in ("pretrained", "run"):
+        wpath = resolve_teacher_weights(r, run_dir)
         teacher = load_pretrained(r.teacher.arch, wpath, nc).to(dev).to(memory_format=torch.channels_last)
         results["teacher_pretrained_accuracy"] = evaluate(teacher.eval(), eval_loader, dev)
         log({"event": "teacher_loaded", "path": str(wpath), "accuracy": results["teacher_pretrained_accuracy"]})
@@ -80,7 +105,7 @@ def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_sh
     else:
         if r.teacher.train is not None:
             tc = vars(r.teacher.train)
-            train_classifier(teacher, tc, loader(tc["batch"], True), dev, run_dir, log,
+            train_classifier(teacher, tc, train_loader(tc["batch"]), dev, run_dir, log,
                              lambda: evaluate(teacher.eval(), eval_loader, dev))
         # Always leave teacher.pt, also for a pretrained teacher used as it is: export reads it.
         torch.save(teacher.state_dict(), teacher_path)
@@ -89,6 +114,26 @@ def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_sh
         p.requires_grad_(False)
     results["teacher_accuracy"] = evaluate(teacher, eval_loader, dev)
     log({"event": "teacher", "accuracy": results["teacher_accuracy"]})
+    return Prepared(dev, log, xtr, ytr, eval_loader, teacher, results, t0, nc, train_loader)
+
+
+def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard: int | None = None,
+               workers: int | None = None) -> dict:
+    """Run a recipe's steps in ``run_dir`` (resuming finished ones) and return its results."""
+    p = prepare(r, run_dir, device, limit_per_shard, workers)
+    if r.split.family == "slimmable":
+        from .pipeline_slimmable import run_slimmable
+
+        return run_slimmable(r, run_dir, p)
+    return run_bottlefit(r, run_dir, p)
+
+
+def run_bottlefit(r: Recipe, run_dir: Path, p: Prepared) -> dict:
+    dev, log, teacher, results, eval_loader, nc = p.dev, p.log, p.teacher, p.results, p.eval_loader, p.num_classes
+    xtr, ytr, t0 = p.xtr, p.ytr, p.t0
+
+    def loader(batch: int, train: bool) -> DeviceLoader:
+        return p.train_loader(batch)
 
     # 2. BottleFit student: backbone initialised from the teacher (the tail starts as the teacher's).
     cfg = student_config(r)
@@ -138,7 +183,7 @@ def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_sh
         modes.append({"bits": b, "accuracy": acc, **c})
     student.quant.fixed = None
     results["modes"] = modes
-    results["eval_frames"] = int(len(xte))
+    results["eval_frames"] = int(len(eval_loader.x))
     results["wall_sec"] = round(time.time() - t0, 1)
     torch.save({"config": cfg.to_dict(), "model": student.state_dict(), "calibration": calib,
                 "classes": CLASSES[r.dataset], "results": json.loads(json.dumps(results)),

@@ -34,14 +34,20 @@ class TrainCfg:
 @dataclass
 class TeacherCfg:
     arch: str
-    init: str = "scratch"  # "scratch" | "pretrained"
-    weights: str | None = None  # for "pretrained": path, relative paths resolve against the data root
+    init: str = "scratch"  # "scratch" | "pretrained" | "run"
+    # "pretrained": path, relative paths resolve against the data root; "run": a teacher.pt that
+    # another recipe of this project trained, relative to the runs folder.
+    weights: str | None = None
     train: TrainCfg | None = None  # from scratch: full training; pretrained: adaptation fine-tune
 
 
 @dataclass(kw_only=True)
 class SplitCfg(BottleneckSpec):
     family: str
+    # slimmable only: the channel counts that can be sent, ascending, the last = bottleneck_channels,
+    # and how many random middle widths each sandwich-rule step adds to the widest and narrowest.
+    widths: list[int] = field(default_factory=list)
+    sandwich_random: int = 1
 
 
 @dataclass
@@ -114,12 +120,21 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     r = _build(Recipe, data, "")
-    if r.split.family != "bottlefit":
-        raise RecipeError(f"split.family: '{r.split.family}' has no training recipe yet (known: bottlefit)")
-    if r.teacher.init not in ("scratch", "pretrained"):
-        raise RecipeError("teacher.init: must be 'scratch' or 'pretrained'")
-    if r.teacher.init == "pretrained" and not r.teacher.weights:
-        raise RecipeError("teacher.weights: required when teacher.init is 'pretrained'")
+    if r.split.family not in ("bottlefit", "slimmable"):
+        raise RecipeError(f"split.family: '{r.split.family}' has no training recipe yet (known: bottlefit, slimmable)")
+    if r.split.family == "slimmable":
+        w = r.split.widths
+        if not w or w != sorted(set(w)) or w[0] < 1 or w[-1] != r.split.bottleneck_channels:
+            raise RecipeError(f"split.widths: must be distinct ascending channel counts ending at bottleneck_channels "
+                              f"({r.split.bottleneck_channels}), got {w}")
+        if r.stage3 is not None:
+            raise RecipeError("stage3: not used by the slimmable family (every width trains at split.train_bits)")
+    elif r.split.widths:
+        raise RecipeError("split.widths: only the slimmable family has widths")
+    if r.teacher.init not in ("scratch", "pretrained", "run"):
+        raise RecipeError("teacher.init: must be 'scratch', 'pretrained' or 'run'")
+    if r.teacher.init in ("pretrained", "run") and not r.teacher.weights:
+        raise RecipeError(f"teacher.weights: required when teacher.init is '{r.teacher.init}'")
     if r.teacher.init == "scratch" and r.teacher.train is None:
         raise RecipeError("teacher.train: required when teacher.init is 'scratch'")
     if r.augment not in ("crop_flip", "rrc_flip"):

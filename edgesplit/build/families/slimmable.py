@@ -1,0 +1,234 @@
+"""Slimmable bottlenecks (Assine et al. 2023; Slimmable Networks / US-Nets, Yu et al.): one
+encoder whose transmitted channel count ``c`` is chosen at run time from ``widths``, and whose own
+layers slim with it, so head compute falls with the bytes sent.
+
+- **Encoder**: every conv keeps its full-width weight and uses its first ``ceil(w * c / C)``
+  output channels at width ``c`` (C = the widest). BatchNorm is **private** per width
+  (switchable BN): a slim layer's statistics differ from the wide one's, and sharing them is what
+  breaks naively slimmed nets. The last conv emits exactly ``c`` channels: the wire tensor.
+- **Wire**: a fake quantizer per width (their ranges differ), calibrated per (width, bits).
+- **Decoder + tail**: one for every width, fed the ``c`` channels **zero-filled** to C, which is
+  what the server does with a channel subset (``wire.codec.decode(full_channels=C)``). Its
+  normalisations are per-channel affines with no batch statistics: a shared BatchNorm would mix
+  the statistics of inputs with 3 and with 12 live channels and be right for none of them, while
+  an affine is the same function in training and serving for every width. The backbone's stages
+  after the split point keep the teacher's BatchNorm statistics (frozen), for the same reason.
+
+Head ``i`` for export is :meth:`SlimmableSplit.head_module` at that width; the tail is shared.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..zoo import create_model
+from .bottlefit import FakeQuant
+
+
+@dataclass(kw_only=True)
+class SlimmableConfig:
+    """What :class:`SlimmableSplit` is built from (saved in student.pt)."""
+
+    arch: str
+    num_classes: int
+    input_size: int
+    split_at: str
+    widths: list[int]  # channels sent, ascending; the last is the bottleneck's full width
+    encoder_widths: list[int] = field(default_factory=lambda: [32, 64, 96])
+    encoder_strides: list[int] = field(default_factory=lambda: [2, 2, 1])
+    bottleneck_stride: int = 2
+    decoder_widths: list[int] = field(default_factory=lambda: [64, 48])
+    train_bits: int = 4
+
+    def __post_init__(self):
+        w = list(self.widths)
+        if not w or any(not isinstance(c, int) or c < 1 for c in w) or w != sorted(set(w)):
+            raise ValueError(f"widths must be distinct positive channel counts in ascending order, got {w}")
+        if len(self.encoder_widths) != len(self.encoder_strides):
+            raise ValueError("encoder_widths and encoder_strides must have the same length")
+
+    @property
+    def bottleneck_channels(self) -> int:
+        return self.widths[-1]
+
+    def layer_widths(self, c: int) -> list[int]:
+        """The encoder's conv widths when ``c`` channels are sent (they scale with c / C)."""
+        return [max(1, math.ceil(w * c / self.bottleneck_channels)) for w in self.encoder_widths]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SlimConv2d(nn.Conv2d):
+    """A conv that runs on the first ``cin`` input and first ``cout`` output channels of its weight."""
+
+    def forward_slim(self, x: torch.Tensor, cout: int) -> torch.Tensor:
+        cin = x.shape[1]
+        b = None if self.bias is None else self.bias[:cout]
+        return F.conv2d(x, self.weight[:cout, :cin], b, self.stride, self.padding)
+
+
+class SwitchableBN(nn.Module):
+    """One BatchNorm per width: private statistics and affine parameters."""
+
+    def __init__(self, channels: list[int]):
+        super().__init__()
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in channels)
+
+    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        return self.bns[index](x)
+
+
+class SlimmableEncoder(nn.Module):
+    def __init__(self, cfg: SlimmableConfig):
+        super().__init__()
+        self.cfg = cfg
+        per_width = [cfg.layer_widths(c) for c in cfg.widths]  # [width index][layer]
+        self.convs = nn.ModuleList()
+        self.bns = nn.ModuleList()
+        cin = 3
+        for j, (w, s) in enumerate(zip(cfg.encoder_widths, cfg.encoder_strides)):
+            self.convs.append(SlimConv2d(cin, w, 3, s, 1, bias=False))
+            self.bns.append(SwitchableBN([pw[j] for pw in per_width]))
+            cin = w
+        self.bottleneck = SlimConv2d(cin, cfg.bottleneck_channels, 3, cfg.bottleneck_stride, 1, bias=True)
+
+    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        widths = self.cfg.layer_widths(self.cfg.widths[index])
+        for conv, bn, w in zip(self.convs, self.bns, widths):
+            x = F.relu(bn(conv.forward_slim(x, w), index), inplace=True)
+        return self.bottleneck.forward_slim(x, self.cfg.widths[index])
+
+
+class Affine2d(nn.Module):
+    """Per-channel scale and shift: a BatchNorm without batch statistics (see the module docstring)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def _affine_block(conv: nn.Module, cout: int, relu: bool = True) -> list[nn.Module]:
+    return [conv, Affine2d(cout)] + ([nn.ReLU(inplace=True)] if relu else [])
+
+
+class SlimmableSplit(nn.Module):
+    def __init__(self, cfg: SlimmableConfig, backbone: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        backbone = backbone if backbone is not None else create_model(cfg.arch, cfg.num_classes)
+        names = list(backbone.stage_names)
+        if cfg.split_at not in names[:-1]:
+            raise ValueError(f"split point '{cfg.split_at}' is not a stage of {cfg.arch} (stages: {names[:-1]})")
+        self.tail_stages = names[names.index(cfg.split_at) + 1 :]
+        with torch.no_grad():
+            was = backbone.training
+            backbone.eval()
+            x = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
+            for s in names[: names.index(cfg.split_at) + 1]:
+                x = backbone.run_stage(s, x)
+            backbone.train(was)
+        self.split_shape = tuple(x.shape[1:])
+        self.backbone = backbone
+        for s in names[: names.index(cfg.split_at) + 1]:  # replaced by the encoder: drop the weights
+            if s == "stem":
+                for attr in ("conv1", "bn1", "stem"):
+                    if hasattr(backbone, attr):
+                        setattr(backbone, attr, nn.Identity())
+            else:
+                setattr(backbone, s, nn.Identity())
+
+        self.encoder = SlimmableEncoder(cfg)
+        self.quant = nn.ModuleList(FakeQuant(cfg.train_bits) for _ in cfg.widths)
+        stride = math.prod(cfg.encoder_strides) * cfg.bottleneck_stride
+        z_side = cfg.input_size // stride
+        self.wire_shape = (cfg.bottleneck_channels, z_side, z_side)
+        up = self.split_shape[-1] / z_side
+        if up < 1 or up != int(up) or (int(up) & (int(up) - 1)):
+            raise ValueError(f"decoder cannot map a {z_side}px bottleneck to the {self.split_shape[-1]}px split tensor")
+        n_up = int(math.log2(up))
+        dec, cin = [], cfg.bottleneck_channels
+        for i, w in enumerate(cfg.decoder_widths):
+            conv = nn.ConvTranspose2d(cin, w, 2, 2, bias=False) if i < n_up else nn.Conv2d(cin, w, 3, 1, 1, bias=False)
+            dec += _affine_block(conv, w)
+            cin = w
+        for _ in range(len(cfg.decoder_widths), n_up):
+            dec += _affine_block(nn.ConvTranspose2d(cin, cin, 2, 2, bias=False), cin)
+        dec += _affine_block(nn.Conv2d(cin, self.split_shape[0], 3, 1, 1, bias=False), self.split_shape[0])
+        self.decoder = nn.Sequential(*dec)
+
+    @property
+    def widths(self) -> list[int]:
+        return list(self.cfg.widths)
+
+    # -- the split (sc2bench-style: encode -> wire tensor -> decode) ----------------------------
+    def encode(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Image -> the ``widths[index]`` channels that go on the wire."""
+        return self.encoder(x, index)
+
+    def zero_fill(self, z: torch.Tensor) -> torch.Tensor:
+        """What the server does with a channel subset: zeros for the channels not sent."""
+        return F.pad(z, (0, 0, 0, 0, 0, self.cfg.bottleneck_channels - z.shape[1]))
+
+    def decode(self, z: torch.Tensor, return_features: bool = False):
+        """Wire tensor (any width; narrower ones are zero-filled) -> logits."""
+        if z.shape[1] != self.cfg.bottleneck_channels:
+            z = self.zero_fill(z)
+        x = self.decoder(z)
+        feats = [x]
+        for s in self.tail_stages:
+            x = self.backbone.run_stage(s, x)
+            feats.append(x)
+        return (x, feats[:-1]) if return_features else x
+
+    def forward(self, x: torch.Tensor, index: int = -1, return_features: bool = False):
+        index = index % len(self.cfg.widths)
+        return self.decode(self.quant[index](self.encode(x, index)), return_features)
+
+    def tail_parameters(self):
+        """The backbone's stages after the split point (kept frozen: shared by every width)."""
+        return self.backbone.parameters()
+
+    def head_module(self, index: int) -> nn.Module:
+        return _Head(self.encoder, index % len(self.cfg.widths))
+
+    def tail_module(self) -> nn.Module:
+        return _Tail(self)
+
+
+class _Head(nn.Module):
+    def __init__(self, encoder: SlimmableEncoder, index: int):
+        super().__init__()
+        self.encoder, self.index = encoder, index
+
+    def forward(self, x):
+        return self.encoder(x, self.index)
+
+
+class _Tail(nn.Module):
+    def __init__(self, split: SlimmableSplit):
+        super().__init__()
+        self.split = split
+
+    def forward(self, z):
+        return self.split.decode(z)
+
+
+def head_macs(cfg: SlimmableConfig, index: int) -> int:
+    """Multiply-accumulates of the head at ``widths[index]`` for one frame (convs only)."""
+    side, cin, total = cfg.input_size, 3, 0
+    c = cfg.widths[index]
+    for w, s in zip(cfg.layer_widths(c) + [c], cfg.encoder_strides + [cfg.bottleneck_stride]):
+        side = math.ceil(side / s)
+        total += side * side * w * cin * 9
+        cin = w
+    return total

@@ -1,0 +1,85 @@
+"""The slimmable family's steps after :func:`pipeline.prepare`: stage 1 -> stage 2 -> per-width BN
+calibration -> wire calibration per (width, bits) -> accuracy of every (width, bits) mode.
+
+Artefacts in the run directory: ``stage1.pt``, ``stage2.pt``, ``student.pt`` (config, weights,
+calibration, results), ``results.json``; a rerun resumes from the last one written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.sources import CLASSES
+from .data import DeviceLoader
+from .families.slimmable import SlimmableConfig, SlimmableSplit, head_macs
+from .recipe import Recipe
+from .train import evaluate
+from .train_slimmable import calibrate_bn, calibrate_wire, distill_stage1, evaluate_modes, finetune_stage2
+from .zoo import create_model
+
+
+def slimmable_config(r: Recipe) -> SlimmableConfig:
+    s = r.split
+    return SlimmableConfig(arch=r.teacher.arch, num_classes=len(CLASSES[r.dataset]), input_size=r.input_size,
+                           split_at=s.split_at, widths=list(s.widths), encoder_widths=list(s.encoder_widths),
+                           encoder_strides=list(s.encoder_strides), bottleneck_stride=s.bottleneck_stride,
+                           decoder_widths=list(s.decoder_widths), train_bits=s.train_bits)
+
+
+def load_slimmable(path: str | Path, device: str | torch.device = "cpu") -> tuple[SlimmableSplit, dict]:
+    """Rebuild a trained slimmable split from ``student.pt`` (strict: every key must match)."""
+    state = torch.load(str(path), map_location=device, weights_only=True)
+    if state.get("family") != "slimmable":
+        raise ValueError(f"{path}: not a slimmable student (family {state.get('family', 'bottlefit')!r})")
+    model = SlimmableSplit(SlimmableConfig(**state["config"]))
+    model.load_state_dict(state["model"], strict=True)
+    return model.eval(), state
+
+
+def run_slimmable(r: Recipe, run_dir: Path, p) -> dict:
+    dev, log, teacher, results, eval_loader = p.dev, p.log, p.teacher, p.results, p.eval_loader
+    cfg = slimmable_config(r)
+    backbone = create_model(r.teacher.arch, p.num_classes)
+    backbone.load_state_dict({k: v.cpu() for k, v in teacher.state_dict().items()})
+    student = SlimmableSplit(cfg, backbone).to(dev).to(memory_format=torch.channels_last)
+    n_random = r.split.sandwich_random
+
+    def eval_widest() -> float:
+        return evaluate(lambda x: student.eval()(x, -1), eval_loader, dev)
+
+    for name, stage, fn in (("stage1", r.stage1, distill_stage1), ("stage2", r.stage2, finetune_stage2)):
+        art = run_dir / f"{name}.pt"
+        if art.exists():
+            student.load_state_dict(torch.load(art, map_location=dev, weights_only=True))
+            continue
+        c = vars(stage)
+        fn(student, teacher, c, p.train_loader(c["batch"]), dev, run_dir, log, eval_widest, n_random=n_random, seed=r.seed)
+        torch.save(student.state_dict(), art)
+
+    calib_loader = DeviceLoader(p.xtr, p.ytr, 250, dev, *_norm())
+    calibrate_bn(student, calib_loader, dev)
+    calib = calibrate_wire(student, calib_loader, r.mode_bits)
+    modes = evaluate_modes(student, calib, r.mode_bits, eval_loader, dev, log)
+    for m in modes:
+        m.update({k: v for k, v in calib[f"{m['width']}/{m['bits']}"].items() if k != "bits"})
+        m["head_macs"] = head_macs(cfg, cfg.widths.index(m["width"]))
+    results["float_accuracy"] = eval_widest()
+    results["modes"] = modes
+    results["eval_frames"] = int(len(eval_loader.x))
+    results["wall_sec"] = round(time.time() - p.t0, 1)
+    torch.save({"family": "slimmable", "config": cfg.to_dict(), "model": student.state_dict(), "calibration": calib,
+                "classes": CLASSES[r.dataset], "results": json.loads(json.dumps(results)), "recipe": r.to_dict()},
+               run_dir / "student.pt")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": modes})
+    return results
+
+
+def _norm():
+    from .pipeline import MEAN, STD
+
+    return MEAN, STD

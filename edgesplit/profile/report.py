@@ -93,9 +93,10 @@ def validate(doc: Any, kind: str, bundle: Bundle, what: str) -> dict:
     found = detect_kind(doc)
     if found != kind:
         if found in FLAGS:
-            raise ReportError(f"{what} is a `{TOOLS[found]}` result, not a `{TOOLS[kind]}` one: "
+            raise ReportError(f"{what} is an `{TOOLS[found]}` result, not an `{TOOLS[kind]}` one: "
                               f"pass it with {FLAGS[found]}")
-        known = f"a {found} result" if found else "not a result of any edgesplit profiler or benchmark"
+        known = {"manifest": "a bundle's manifest.json", None: "not a result of any edgesplit profiler or benchmark"
+                 }.get(found, f"an `edgesplit {found}` result")
         raise ReportError(f"{what} is {known}; {FLAGS[kind]} takes the JSON of: {PRODUCERS[kind].format(bundle='B')}")
     if kind == "e2e":
         runs = doc["runs"] if "runs" in doc else [doc]
@@ -177,13 +178,13 @@ def build_report(bundle_path: str | Path, out: str | Path, inputs: dict[str, str
         bundle = Bundle.load(bundle_path)
     except BundleError as e:
         raise ReportError(str(e)) from None
-    out = prepare_out(out)
     data: dict[str, dict | None] = {}
     origin: dict[str, str] = {}
     for kind in FLAGS:
         data[kind] = load_input(inputs[kind], kind, bundle) if inputs.get(kind) else None
         if data[kind] is not None:
             origin[kind] = str(inputs[kind])
+    out = prepare_out(out)
     notes: dict[str, str] = {}
     if measure and data["latency"] is None:
         data["latency"], origin["latency"] = measure_latency(str(bundle_path), runs, source), "measured by --measure"

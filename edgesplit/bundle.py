@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FAMILIES = ("bottlefit", "slimmable", "edvit", "sfprompt")
 ROLES = ("head", "tail", "full", "tail_torch")
+# A slimmable bundle has one head per width: role "head" is the default mode's, and "head.<tag>"
+# (e.g. "head.c3") the others'; each mode names the head it runs (``Mode.head``).
+HEAD_ROLE = re.compile(r"^head\.[a-z0-9_-]{1,32}$")
 
 
 class BundleError(Exception):
@@ -50,6 +54,7 @@ class Mode:
     bytes_per_frame: float
     accuracy: float | None
     head_ms: dict[str, float]
+    head: str = "head"  # the file role of the head this mode runs (slimmable: one per width)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Mode":
@@ -64,6 +69,7 @@ class Mode:
                 bytes_per_frame=float(d.get("bytes_per_frame", 0.0)),
                 accuracy=None if d.get("accuracy") is None else float(d["accuracy"]),
                 head_ms={str(k): float(v) for k, v in d.get("head_ms", {}).items()},
+                head=str(d.get("head", "head")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"manifest: malformed mode entry {d!r}: {e}") from None
@@ -102,7 +108,8 @@ def validate_manifest(m: dict[str, Any]) -> None:
     modes = _require(m, "modes", list, "")
     if not modes:
         raise BundleError("manifest: 'modes' must list at least one mode")
-    ids = [Mode.from_dict(x).id for x in modes]
+    parsed = [Mode.from_dict(x) for x in modes]
+    ids = [x.id for x in parsed]
     if len(set(ids)) != len(ids):
         raise BundleError("manifest: mode ids must be unique")
     files = _require(m, "files", dict, "")
@@ -110,12 +117,17 @@ def validate_manifest(m: dict[str, Any]) -> None:
         if role not in files:
             raise BundleError(f"manifest: 'files' has no '{role}' entry")
     for role, entry in files.items():
-        if role not in ROLES:
-            raise BundleError(f"manifest: unknown file role '{role}' (known: {', '.join(ROLES)})")
+        if role not in ROLES and not HEAD_ROLE.match(role):
+            raise BundleError(f"manifest: unknown file role '{role}' (known: {', '.join(ROLES)}, head.<tag>)")
         _require(entry, "path", str, f"files.{role}.")
         _require(entry, "sha256", str, f"files.{role}.")
         if "/" in entry["path"] or entry["path"].startswith("."):
             raise BundleError(f"manifest: files.{role}.path must be a plain file name")
+    for x in parsed:
+        if x.head != "head" and not HEAD_ROLE.match(x.head):
+            raise BundleError(f"manifest: mode {x.id} names head '{x.head}', which is not a head role (head or head.<tag>)")
+        if x.head not in files:
+            raise BundleError(f"manifest: mode {x.id} runs head '{x.head}' but 'files' has no such entry")
 
 
 class Bundle:
@@ -199,6 +211,11 @@ class Bundle:
         except KeyError:
             known = ", ".join(str(i) for i in self._modes_by_id)
             raise BundleError(f"bundle '{self.name}' has no mode {mode_id} (modes: {known})") from None
+
+    @property
+    def head_roles(self) -> list[str]:
+        """The head files the modes run, in mode order without repeats (one for most bundles)."""
+        return list(dict.fromkeys(m.head for m in self.modes))
 
     @property
     def default_mode(self) -> Mode:

@@ -215,7 +215,15 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--weights", choices=("fp16", "fp32"), default="fp16", help="how weights are stored in the ONNX files")
     p.add_argument("--torch-tail", action="store_true", help="also write tail.pt2 (torch.export) for 'serve --backend torch'")
     a = p.parse_args(argv)
-    b = export_bundle(a.student, a.out, a.name, a.check_frames, a.weights, a.teacher, a.torch_tail)
+    family = torch.load(a.student, map_location="cpu", weights_only=True).get("family", "bottlefit")
+    if family == "slimmable":
+        from .export_slimmable import export_slimmable_bundle
+
+        if a.torch_tail:
+            p.error("--torch-tail: not available for slimmable bundles yet (export the ONNX tail only)")
+        b = export_slimmable_bundle(a.student, a.out, a.name, a.check_frames, a.weights, a.teacher)
+    else:
+        b = export_bundle(a.student, a.out, a.name, a.check_frames, a.weights, a.teacher, a.torch_tail)
     m = b.manifest
     print(json.dumps({"bundle": str(b.root), "hash": b.hash, "checks": m["export"]["checks"],
                       "modes": [(x["name"], x["bytes_per_frame"], x["accuracy"]) for x in m["modes"]]}, indent=2))

@@ -14,11 +14,14 @@
 Results are collected lazily, at the next decision: a request is finished once the agent no longer
 has it pending, and its ``FrameResult`` (shared with the agent) then holds its timings.
 
-Mode switches cost nothing to set up: every mode shares the one head session, a mode is only the
-codec's bits and channels, so a switch is a different argument to ``codec.encode``. The controller
-measures it anyway: the time from the decision to the encoded request being ready to send, for
+Mode switches cost nothing to set up: a mode is the codec's bits and channels (a different
+argument to ``codec.encode``) and, in a slimmable bundle, which of the heads runs; every head is
+an ONNX Runtime session loaded and warmed when the agent starts. The controller measures both
+parts anyway: the time from the head's output to the encoded request being ready to send, for
 frames whose mode differs from the previous request's (``switch_ms``) and for the others
-(``same_ms``); the two distributions should match.
+(``same_ms``); and each head's run time on the first frame after the agent moved to it from
+another head (``head_after_switch``) against its run time on a frame that followed itself
+(``head_steady``). The switch cost is the difference, per head.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class ModeController:
         self.frames = 0
         self.switch_ms: list[float] = []  # decision -> request ready, mode differs from the previous request's
         self.same_ms: list[float] = []    # the same, mode unchanged
+        self._prev_head: str | None = None
+        self.head_ms: dict[str, tuple[list[float], list[float]]] = {}  # role -> (after a switch, steady)
         self.observed = 0
 
     @property
@@ -88,6 +93,12 @@ class ModeController:
         return self.policy.choose(FrameState(now_s=now_s, deadline_ms=deadline_ms, index=index,
                                              outstanding=tuple(self._out.values()), base_rtt_ms=self.base_rtt_ms))
 
+    def head_ran(self, role: str, ms: float) -> None:
+        """The head ``role`` ran for ``ms`` on this frame (after the decision, before encoding)."""
+        after, steady = self.head_ms.setdefault(role, ([], []))
+        (steady if self._prev_head in (None, role) else after).append(ms)
+        self._prev_head = role
+
     def sent(self, rid: int, result: Any, t_send_ns: int, t_decision_ns: int, probe: bool = False) -> None:
         """A request went out (or was queued for the next welcome) ``t_send_ns`` after a decision
         made at ``t_decision_ns`` (both ``perf_counter_ns``)."""
@@ -104,7 +115,11 @@ class ModeController:
                 "switches": len(self.switch_ms), "switch_ms_p50": pct(self.switch_ms, 50),
                 "switch_ms_max": None if not self.switch_ms else round(max(self.switch_ms), 4),
                 "same_mode_ms_p50": pct(self.same_ms, 50),
-                "same_mode_ms_max": None if not self.same_ms else round(max(self.same_ms), 4)}
+                "same_mode_ms_max": None if not self.same_ms else round(max(self.same_ms), 4),
+                "heads": {role: {"after_switch_n": len(a), "after_switch_ms_p50": pct(a, 50),
+                                 "steady_n": len(st), "steady_ms_p50": pct(st, 50),
+                                 "switch_cost_ms": None if not (a and st) else round(pct(a, 50) - pct(st, 50), 4)}
+                          for role, (a, st) in sorted(self.head_ms.items())}}
 
 
 

@@ -35,11 +35,12 @@ fallback off, frames submitted while there is no session wait for the next welco
 ``timeout_s``, then ``TIMEOUT``).
 
 Adaptive modes. Given a ``policy`` (:mod:`edgesplit.control.policy`, run through
-:class:`~edgesplit.edge.adaptive.ModeController`), each frame's mode is the policy's choice after
-the head (``mode=`` is then ignored), or FALLBACK: the frame is answered by full.onnx here with
-fallback_reason ``POLICY``. Every server result feeds the policy's estimators. Switching modes
-reloads nothing (one head for all modes; a mode is the codec's bits and channels); the time from
-decision to request ready is measured for switches and non-switches (summary ``adapt``).
+:class:`~edgesplit.edge.adaptive.ModeController`), each frame's mode is the policy's choice, made
+before the head runs (``mode=`` is then ignored), or FALLBACK: the frame is answered by full.onnx
+here with fallback_reason ``POLICY``. Every server result feeds the policy's estimators. Switching
+modes reloads nothing: a mode is the codec's bits and channels plus, in a slimmable bundle, which
+of the heads (one per width, all loaded and warmed at start) runs. The time from decision to
+request ready is measured for switches and non-switches (summary ``adapt``).
 """
 
 from __future__ import annotations
@@ -190,10 +191,17 @@ class Agent:
                             for mid, d in self._implicit.items()}
         self.compact_requests = False  # the server's latest welcome listed "compact_requests"
         self.head = None
+        self.heads: dict = {}  # file role -> engine: every head a mode runs (slimmable: one per width)
         if load_head:
             from ..engine import create_engine
 
-            self.head = create_engine(self.bundle.file("head"), backend="ort", threads=threads)
+            x0 = np.zeros((1, *self.bundle.input_spec["shape"]), np.float32)
+            for role in dict.fromkeys(["head", *self.bundle.head_roles]):
+                self.heads[role] = create_engine(self.bundle.file(role), backend="ort", threads=threads)
+                # One run now: ORT's first run allocates and plans, which must not land on the
+                # first frame after a switch to this width.
+                self.heads[role].run1(x0)
+            self.head = self.heads["head"]
         # Local fallback: the bundle's full model, or None when off (or the bundle has none).
         self.fallback = load_fallback(self.bundle, fallback, threads)
         self._rtt_guard = RttGuard()
@@ -325,12 +333,18 @@ class Agent:
 
         return preprocess(data, self.bundle.input_spec)[None]
 
-    def head_tensor(self, data: bytes) -> tuple[np.ndarray, float]:
-        """Encoded image -> head output ``[C,h,w]`` float32, and the preprocess+head time in ms."""
+    def head_for(self, mode: int | None = None):
+        """The head engine that mode ``mode`` (default: the agent's mode) runs."""
         if self.head is None:
             raise AgentError("this agent was made with load_head=False")
+        m = self.mode if mode is None else self.bundle.mode(mode)
+        return self.heads[m.head]
+
+    def head_tensor(self, data: bytes, mode: int | None = None) -> tuple[np.ndarray, float]:
+        """Encoded image -> the mode's head output ``[C,h,w]`` float32, and the preprocess+head time in ms."""
+        head = self.head_for(mode)
         t0 = time.perf_counter()
-        z = self.head.run1(self.preprocess(data))
+        z = head.run1(self.preprocess(data))
         return z[0], (time.perf_counter() - t0) * 1e3
 
     # -- sending -------------------------------------------------------------------------------
@@ -395,25 +409,29 @@ class Agent:
             res = FrameResult(id=rid, key=key, label=label, mode=self.mode.id if mode is None else self.bundle.mode(mode).id)
             self._answer_locally(res, x, reason, t0)
             return rid
-        z = self.head.run1(x)[0]
-        head_ms = (time.perf_counter() - t0) * 1e3
         if self.controller is not None:
-            return self._submit_adaptive(x, z, t0, key, label, deadline_ms, head_ms)
+            return self._submit_adaptive(x, t0, key, label, deadline_ms)
+        z = self.head_for(mode).run1(x)[0]
+        head_ms = (time.perf_counter() - t0) * 1e3
         return self.send_tensor(z, key=key, label=label, mode=mode, deadline_ms=deadline_ms, head_ms=head_ms,
                                 fallback_input=None if self.fallback is None else x)
 
-    def _submit_adaptive(self, x: np.ndarray, z: np.ndarray, t0: float, key: str, label: int | None,
-                         deadline_ms: float | None, head_ms: float) -> int:
-        """The policy picks the frame's mode after the head (which every mode shares): send it, or
-        answer the frame locally (FALLBACK), sending the head output as a link probe if asked."""
+    def _submit_adaptive(self, x: np.ndarray, t0: float, key: str, label: int | None,
+                         deadline_ms: float | None) -> int:
+        """The policy picks the frame's mode before the head (in a slimmable bundle the mode decides
+        which head runs): run that head and send, or answer the frame locally (FALLBACK), sending
+        the probe mode's head output as a link probe if asked."""
         deadline = self.policy_deadline_ms or (self.deadline_ms if deadline_ms is None else deadline_ms)
         if deadline is None:
             raise AgentError("a mode policy needs a deadline (policy_deadline_ms or deadline_ms)")
         ctl = self.controller
         d = ctl.decide(t0, float(deadline), self._next_id, self._pending)
-        t_decision = time.perf_counter_ns()
         if d.mode == FALLBACK:
+            head_ms = 0.0
             if d.probe_mode is not None:
+                z = self._run_head(d.probe_mode, x)
+                head_ms = (time.perf_counter() - t0) * 1e3
+                t_decision = time.perf_counter_ns()
                 pid = self.send_tensor(z, key=key, mode=d.probe_mode, deadline_ms=deadline_ms, head_ms=head_ms)
                 self._probes.add(pid)
                 ctl.sent(pid, self._pending[pid].result, self._pending[pid].t_send_ns, t_decision, probe=True)
@@ -423,12 +441,23 @@ class Agent:
                               predicted_ms=d.predicted_ms)
             self._answer_locally(res, x, POLICY, t0)
             return rid
+        z = self._run_head(d.mode, x)
+        head_ms = (time.perf_counter() - t0) * 1e3
+        t_decision = time.perf_counter_ns()  # switch_ms: head output -> request ready
         rid = self.send_tensor(z, key=key, label=label, mode=d.mode, deadline_ms=deadline_ms, head_ms=head_ms,
                                fallback_input=None if self.fallback is None else x)
         p = self._pending[rid]
         p.result.policy_reason, p.result.predicted_ms = d.reason, d.predicted_ms
         ctl.sent(rid, p.result, p.t_send_ns, t_decision)
         return rid
+
+    def _run_head(self, mode: int, x: np.ndarray) -> np.ndarray:
+        """The mode's head on one preprocessed frame, timed for the controller's switch figures."""
+        role = self.bundle.mode(mode).head
+        t = time.perf_counter()
+        z = self.heads[role].run1(x)[0]
+        self.controller.head_ran(role, (time.perf_counter() - t) * 1e3)
+        return z
 
     def _local_reason(self, deadline_ms: float | None) -> str | None:
         """Why a new frame should not go to the server (fallback on), or None."""

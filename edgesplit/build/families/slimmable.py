@@ -199,19 +199,34 @@ class SlimmableSplit(nn.Module):
         return self.backbone.parameters()
 
     def head_module(self, index: int) -> nn.Module:
-        return _Head(self.encoder, index % len(self.cfg.widths))
+        """The head at ``widths[index]`` as a plain conv stack holding only that width's slices of
+        the weights: what a device runs and stores (no unused channels in the file)."""
+        index = index % len(self.cfg.widths)
+        enc, c = self.encoder, self.cfg.widths[index]
+        layers, cin = [], 3
+        for conv, sbn, w in zip(enc.convs, enc.bns, self.cfg.layer_widths(c)):
+            layers += [_sliced_conv(conv, cin, w), _copy_bn(sbn.bns[index]), nn.ReLU(inplace=True)]
+            cin = w
+        layers.append(_sliced_conv(enc.bottleneck, cin, c))
+        return nn.Sequential(*layers).eval()
 
     def tail_module(self) -> nn.Module:
         return _Tail(self)
 
 
-class _Head(nn.Module):
-    def __init__(self, encoder: SlimmableEncoder, index: int):
-        super().__init__()
-        self.encoder, self.index = encoder, index
+def _sliced_conv(conv: SlimConv2d, cin: int, cout: int) -> nn.Conv2d:
+    out = nn.Conv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(conv.weight[:cout, :cin])
+        if conv.bias is not None:
+            out.bias.copy_(conv.bias[:cout])
+    return out
 
-    def forward(self, x):
-        return self.encoder(x, self.index)
+
+def _copy_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    out = nn.BatchNorm2d(bn.num_features, eps=bn.eps)
+    out.load_state_dict(bn.state_dict(), strict=True)
+    return out
 
 
 class _Tail(nn.Module):

@@ -1,0 +1,125 @@
+"""Export a trained slimmable split to a bundle: one head per width, one shared tail, full.onnx.
+
+- ``head.onnx``: the widest width's head (the default mode's, so tools that read one head still
+  work); ``head_c<N>.onnx`` (role ``head.c<N>``): the head at width N, whose convs are the slim
+  ones (compute falls with the width). Each emits exactly N channels.
+- ``tail.onnx``: takes the full-width tensor; the server zero-fills a narrower mode's channels,
+  exactly as training did.
+- The modes table has every (width, bits): bytes per frame, accuracy measured in training (the
+  codec's quantization applied, zero-fill as the server does it), the head's latency measured
+  here, and its multiply-accumulates.
+
+Every head is checked against torch on real images, and the tail on every width's zero-filled
+head output (max abs diff, top-1 agreement), into ``export.checks``.
+"""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..bundle import Bundle, write_manifest
+from ..engine import create_engine
+from ..wire.codec import packed_nbytes
+from .export import OPSET, _check, _eval_images, _export_onnx, _head_latency_ms, _version, host_profile_name, store_weights_fp16
+from .pipeline import MEAN, STD
+from .pipeline_slimmable import load_slimmable
+from .zoo import create_model
+
+
+def head_file(width: int, widest: int) -> tuple[str, str]:
+    """(role, file name) of the head at ``width``."""
+    return ("head", "head.onnx") if width == widest else (f"head.c{width}", f"head_c{width}.onnx")
+
+
+def export_slimmable_bundle(student_path: str | Path, out_dir: str | Path, name: str | None = None,
+                            check_frames: int = 256, weights: str = "fp16", teacher_path: str | Path | None = None) -> Bundle:
+    student_path = Path(student_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, state = load_slimmable(student_path)
+    recipe, results, cfg = state["recipe"], state["results"], model.cfg
+    side, widths, C = cfg.input_size, cfg.widths, cfg.bottleneck_channels
+    teacher = create_model(cfg.arch, cfg.num_classes)
+    tpath = Path(teacher_path) if teacher_path else student_path.parent / "teacher.pt"
+    teacher.load_state_dict(torch.load(str(tpath), map_location="cpu", weights_only=True), strict=True)
+    teacher.eval()
+
+    ex_img = torch.zeros(2, 3, side, side)
+    files: dict[str, dict] = {}
+    for i, c in enumerate(widths):
+        role, fname = head_file(c, C)
+        _export_onnx(model.head_module(i), ex_img, out / fname, "image", "z")
+        files[role] = {"path": fname}
+    _export_onnx(model.tail_module(), torch.zeros(2, *model.wire_shape), out / "tail.onnx", "z", "logits")
+    _export_onnx(teacher, ex_img, out / "full.onnx", "image", "logits")
+    files["tail"] = {"path": "tail.onnx"}
+    files["full"] = {"path": "full.onnx", "model": "teacher"}
+    if weights == "fp16":
+        for entry in files.values():
+            store_weights_fp16(out / entry["path"])
+
+    input_spec = {"shape": [3, side, side], "layout": "NCHW", "dtype": "float32", "color": "RGB",
+                  "resize": side, "mean": list(MEAN), "std": list(STD)}
+    x, _ = _eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
+    tail_e = create_engine(out / "tail.onnx", "ort")
+    checks: dict[str, dict] = {}
+    head_ms: dict[int, float] = {}
+    for i, c in enumerate(widths):
+        role, fname = head_file(c, C)
+        head_e = create_engine(out / fname, "ort")
+        checks[role] = _check(role, head_e, lambda t, i=i: model.encode(t, i), x, classify=False)
+        z = head_e.run1(x)
+        zf = np.zeros((len(z), *model.wire_shape), np.float32)
+        zf[:, :c] = z  # what the server's decode(full_channels=C) builds
+        checks[f"tail@c{c}"] = _check("tail", tail_e, model.decode, zf, classify=True)
+        head_ms[c] = _head_latency_ms(out / fname, x[:1], threads=1)
+    checks["full"] = _check("full", create_engine(out / "full.onnx", "ort"), teacher, x, classify=True)
+
+    hw = model.wire_shape[1] * model.wire_shape[2]
+    by_key = {(m["width"], m["bits"]): m for m in results["modes"]}
+    modes = []
+    for c in sorted(widths, reverse=True):
+        for b in sorted(recipe["mode_bits"], reverse=True):
+            m, k = by_key[(c, b)], state["calibration"][f"{c}/{b}"]
+            modes.append({
+                "id": len(modes), "name": f"c{c}-b{b}", "channels": c, "bits": b, "head": head_file(c, C)[0],
+                "quant": {"scheme": "affine-per-tensor", "scale": k["scale"], "zero_point": k["zero_point"],
+                          "clip_percentile": k["clip_percentile"]},
+                "bytes_per_frame": packed_nbytes(c * hw, b),
+                "accuracy": m["accuracy"],
+                "accuracy_source": f"torch, {results['eval_frames']} frames of {recipe['dataset']}:{recipe['eval_split']}",
+                "head_ms": {host_profile_name(): round(head_ms[c], 4)},
+                "head_macs": m["head_macs"],
+            })
+    default = next(m["id"] for m in modes if m["channels"] == C and m["bits"] == recipe["default_bits"])
+    manifest = {
+        "schema_version": 1,
+        "name": name or recipe["name"],
+        "family": "slimmable",
+        "description": recipe.get("description", ""),
+        "classes": list(state["classes"]),
+        "input": input_spec,
+        "wire": {"name": "z", "shape": list(model.wire_shape), "dtype": "float32",
+                 "quantization": "affine per tensor, parameters per mode",
+                 "channels": "a mode sends its first N channels; the server zero-fills the rest"},
+        "modes": modes,
+        "default_mode": default,
+        "files": files,
+        "model": {"arch": cfg.arch, "split_at": cfg.split_at, "config": cfg.to_dict()},
+        "teacher_accuracy": results["teacher_accuracy"],
+        "export": {"opset": OPSET, "weights": weights, "checks": checks,
+                   "check_source": f"{recipe['dataset']}:{recipe['eval_split']}"},
+        "training": {"recipe": recipe["name"], "results": results},
+        "tools": {"edgesplit": __version__, "torch": torch.__version__, "onnx": _version("onnx"),
+                  "onnxruntime": _version("onnxruntime"), "python": platform.python_version()},
+        "measured_on": {host_profile_name(): f"{platform.processor() or platform.machine()}, head latency with 1 thread, batch 1"},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_manifest(out, manifest)
+    return Bundle.load(out)

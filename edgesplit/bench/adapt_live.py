@@ -16,7 +16,8 @@ to the simulator, which is how live and simulated hit rates are compared on the 
 Metrics per policy: the keys of :func:`edgesplit.control.simulator.metrics` (hit = capture to
 answer within the deadline; expected accuracy from the modes table, the full model's for local
 frames) plus ``accuracy_measured`` (the answers' top-1 on the labelled frames), ``switch_ms_p50``
-and ``switch_ms_max`` (decision to request ready, mode changed), and ``link_bytes_per_frame`` (every
+and ``switch_ms_max`` (head output to request ready, mode changed), ``heads`` (per head: run time
+on the first frame after switching to it and when it follows itself, and the difference), and ``link_bytes_per_frame`` (every
 byte tbf passed, both directions and all headers, per frame).
 """
 
@@ -224,7 +225,8 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
                 summary = lines[-1]["summary"]
                 m = frames_metrics(summary["policy"], lines[:-1], modes, deadline_ms, fps)
                 m.update(switch_ms_p50=summary["switch_ms_p50"], switch_ms_max=summary["switch_ms_max"],
-                         same_mode_ms_p50=summary["same_mode_ms_p50"], link_bytes_per_frame=link_bytes / max(1, frames))
+                         same_mode_ms_p50=summary["same_mode_ms_p50"], link_bytes_per_frame=link_bytes / max(1, frames),
+                         heads=summary.get("heads", {}))
                 m["records"] = lines[:-1]
                 out[summary["policy"]] = m
                 say(f"{summary['policy']}: hit {m['hit_rate']:.3f}, acc {m['accuracy']:.4f} "

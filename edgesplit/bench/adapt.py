@@ -67,26 +67,35 @@ def measure_fallback_ms(bundle_path: Path, frames: int = 40) -> float:
 def verdict(policies: dict[str, dict[str, Any]], deadline_ms: float) -> dict[str, Any]:
     """The issue's targets for the controller (``deadline-harmonic`` when present): hit rate
     >= 0.99, accuracy within 1 point of the oracle, and at least as good as each baseline on both
-    hit rate and accuracy (ties within 0.001) and strictly better on one."""
+    hit rate and accuracy (ties within 0.001) and strictly better on one. ``accuracy`` counts a
+    late answer's accuracy as if it were on time, so a policy that is often late can still look
+    accurate; ``ahead_of_timely`` makes the same comparison on ``timely_accuracy`` (late = wrong)."""
     ctrl_name = next((n for n in policies if n.startswith("deadline") and "harmonic" in n),
                      next((n for n in policies if n.startswith("deadline")), None))
     if ctrl_name is None:
         return {}
     c = policies[ctrl_name]
     oracle = next((m for n, m in policies.items() if n.startswith("oracle")), None)
-    ahead = {}
+    def dominates(m: dict[str, Any], acc: str) -> bool:
+        ge = c["hit_rate"] >= m["hit_rate"] - 1e-3 and c[acc] >= m[acc] - 1e-3
+        gt = c["hit_rate"] > m["hit_rate"] + 1e-3 or c[acc] > m[acc] + 1e-3
+        return bool(ge and gt)
+
+    ahead, ahead_timely = {}, {}
     for n, m in policies.items():
         if n == ctrl_name or n.startswith("oracle") or n.startswith("deadline"):
             continue
-        ge = c["hit_rate"] >= m["hit_rate"] - 1e-3 and c["accuracy"] >= m["accuracy"] - 1e-3
-        gt = c["hit_rate"] > m["hit_rate"] + 1e-3 or c["accuracy"] > m["accuracy"] + 1e-3
-        ahead[n] = bool(ge and gt)
+        ahead[n] = dominates(m, "accuracy")
+        if m.get("timely_accuracy") is not None and c.get("timely_accuracy") is not None:
+            ahead_timely[n] = dominates(m, "timely_accuracy")
     return {"controller": ctrl_name, "deadline_ms": deadline_ms, "hit_rate": c["hit_rate"], "accuracy": c["accuracy"],
             "timely_accuracy": c.get("timely_accuracy"),
             "hit_rate_ge_0.99": c["hit_rate"] >= 0.99,
             "accuracy_below_oracle": None if oracle is None else round(oracle["accuracy"] - c["accuracy"], 5),
             "within_1pt_of_oracle": None if oracle is None else oracle["accuracy"] - c["accuracy"] <= 0.01,
-            "ahead_of": ahead, "ahead_of_all": all(ahead.values()) if ahead else None}
+            "ahead_of": ahead, "ahead_of_all": all(ahead.values()) if ahead else None,
+            # the same with late answers worth nothing (a late answer is a miss to the user)
+            "ahead_of_timely": ahead_timely, "ahead_of_all_timely": all(ahead_timely.values()) if ahead_timely else None}
 
 
 def _rate_steps(trace, step_s: float = 0.1):

@@ -68,14 +68,16 @@ def frames_metrics(name: str, records: list[dict], modes: ModesTable, deadline_m
     """The simulator's metrics, computed from a live run's per-frame records."""
     n = len(records)
     acc_by = {m.id: m.accuracy for m in modes} | {FALLBACK: modes.teacher_accuracy}
-    mode = np.array([r.get("mode", FALLBACK) for r in records], dtype=np.int32)
     local = np.array([r.get("source") == "local" for r in records])
+    # a frame answered locally counts as a fallback whatever mode it was sent in (a rescue, a timeout)
+    mode = np.array([FALLBACK if lc else r.get("mode", FALLBACK) for r, lc in zip(records, local)], dtype=np.int32)
     fallback = mode == FALLBACK
     lat = np.array([math.inf if r.get("t_answer_s") is None or r.get("error") else (r["t_answer_s"] - r["t_capture_s"]) * 1e3
                     for r in records])
     # an answer that never came counts as late; a remote frame finished locally (TIMEOUT, ...) counts
     # with its local answer's time
     frames = {"mode": mode, "fallback": fallback, "probe": np.zeros(n, bool),
+              "rescued": np.array([r.get("fallback_reason") == "DEADLINE_RESCUE" for r in records], bool),
               "bytes": np.array([(r.get("bytes_sent") or 0) + (r.get("header_bytes") or 0) for r in records], float),
               "latency_ms": lat, "hit": lat <= deadline_ms,
               "accuracy": np.array([acc_by.get(int(m), modes.teacher_accuracy) for m in mode])}

@@ -122,6 +122,12 @@ class Policy(ABC):
     def reset(self) -> None:
         return None
 
+    def rescue_after_ms(self, deadline_ms: float) -> float | None:
+        """When a sent frame still has no answer this long after capture, the device answers it
+        with the local model (a **rescue**: recorded as a fallback, the request's late answer
+        still feeds ``observe``). None: never (the policy has no local model, or chooses not to)."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
 
@@ -232,6 +238,11 @@ class DeadlinePolicy(EstimatingPolicy):
       after the local one (factor 1) lost 1-2 points of hit rate to short stalls that end within
       the deadline; factor 4 keeps those and still stops sending within about a second of an
       outage's start.
+    * **rescue** (``rescue=True`` and ``local_ms`` known): a frame already sent whose answer has
+      not come ``deadline - 1.5 x local_ms - 2 ms`` after capture is answered by the local model
+      (:meth:`rescue_after_ms`). These are the frames that were on the link when an outage began:
+      no choice made at capture can save them, the local model still can. The request stays on
+      the link, and its late answer still feeds the estimator.
     * **leaving FALLBACK** needs only the normal margin (a frame that may hit beats a frame that
       cannot). While in FALLBACK with nothing outstanding, the smallest mode is also sent as a
       probe at most every ``probe_interval_s`` (its answer only feeds the estimator), so the
@@ -240,7 +251,8 @@ class DeadlinePolicy(EstimatingPolicy):
 
     def __init__(self, modes: ModesTable, estimator: BandwidthEstimator | None = None, *, margin: float = 0.15,
                  up_margin: float = 0.1, up_frames: int = 5, probe_interval_s: float | None = 0.1,
-                 use_backlog: bool = True, local_ms: float | None = None, outage_factor: float = 4.0, **kw):
+                 use_backlog: bool = True, local_ms: float | None = None, outage_factor: float = 4.0,
+                 rescue: bool = True, **kw):
         super().__init__(modes, estimator, **kw)
         if not (0 <= margin < 1 and 0 <= up_margin < 1 - margin and up_frames >= 1 and outage_factor >= 1):
             raise ValueError("need 0 <= margin < 1, 0 <= up_margin < 1 - margin, up_frames >= 1, outage_factor >= 1")
@@ -249,6 +261,7 @@ class DeadlinePolicy(EstimatingPolicy):
         self.probe_interval_s = probe_interval_s
         self.use_backlog = use_backlog
         self.local_ms = None if local_ms is None else float(local_ms)
+        self.rescue = bool(rescue)
         hyst = "off" if (self.up_frames == 1 and self.up_margin == 0) else f"K={self.up_frames},+{self.up_margin:g}"
         self.name = f"deadline({self.estimator.name}, m={self.margin:g}, hyst {hyst})"
         self._reset_state()
@@ -262,6 +275,13 @@ class DeadlinePolicy(EstimatingPolicy):
     def reset(self) -> None:
         super().reset()
         self._reset_state()
+
+    def rescue_after_ms(self, deadline_ms: float) -> float | None:
+        if not self.rescue or self.local_ms is None:
+            return None
+        # 1.5 x: the local model's run time varies (a busy device); 2 ms: waking up to start it.
+        after = deadline_ms - 1.5 * self.local_ms - 2.0
+        return after if after > 0 else None
 
     def _effective_bps(self, state: FrameState, bps: float) -> float:
         if not state.outstanding:

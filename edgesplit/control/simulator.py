@@ -15,7 +15,11 @@ outcome, recorded per frame:
   the head's: ``fallback_workers`` of them (default 1), each taking ``fallback_ms`` a frame,
   first come first served (a device that cannot run the full model at the frame rate falls
   behind: its fallback latency grows during a long outage); latency = local finish - capture. A fallback frame may also
-  carry a probe request (its bytes are counted; its answer only feeds the policy).
+  carry a probe request (its bytes are counted; its answer only feeds the policy);
+* **rescued**: a remote frame whose answer would come later than the policy's
+  ``rescue_after_ms`` after capture is answered by the local model from then on (an executor
+  permitting), and counted as a fallback (``rescues``); its request stays on the link and its
+  late answer still reaches the policy.
 
 Metrics (:func:`metrics`):
 
@@ -105,9 +109,21 @@ def simulate(policy: Policy, modes: ModesTable, link: LinkModel, *, fps: float, 
     pending: deque[tuple[float, Feedback]] = deque()  # (arrival, report), in arrival order (FIFO)
     workers = [-math.inf] * int(fallback_workers)  # when each local executor is free
     by_id = modes.by_id
+    rescued = np.zeros(n, dtype=bool)
+    rescues: deque[tuple[float, int]] = deque()  # (when, frame): rescues due, in time order
+    rescue_after = policy.rescue_after_ms(deadline_ms)
+
+    def run_rescues(until: float) -> None:
+        # In time order with the fallback frames, so that they queue for the executors as live.
+        while rescues and rescues[0][0] <= until:
+            t_r, j = rescues.popleft()
+            w = min(range(len(workers)), key=workers.__getitem__)
+            workers[w] = max(t_r, workers[w]) + fb_s
+            t_answer[j] = workers[w]
 
     for i in range(n):
         a = float(cap[i])
+        run_rescues(a)
         while pending and pending[0][0] <= a:
             policy.observe(pending.popleft()[1])
             outstanding.popleft()
@@ -130,17 +146,23 @@ def simulate(policy: Policy, modes: ModesTable, link: LinkModel, *, fps: float, 
             nbytes[i] = link.wire_bytes(m)
             if d.mode != FALLBACK:
                 t_answer[i] = arr
+                if rescue_after is not None and arr > a + rescue_after / 1000.0:
+                    # no answer by the rescue time: the local model answers (the request stays)
+                    rescued[i] = True
+                    mode[i] = FALLBACK
+                    rescues.append((a + rescue_after / 1000.0, i))
             outstanding.append(_Out(ts, float(nbytes[i])))
             pending.append((arr, Feedback(t_send_s=ts, t_result_s=arr, nbytes=float(nbytes[i]), server_queue_ms=0.0,
                                           server_compute_ms=link.server_ms, encode_ms=link.encode_ms, mode=send_id,
                                           probe=d.mode == FALLBACK)))
 
+    run_rescues(math.inf)
     latency = (t_answer - cap) * 1000.0
     hit = latency <= deadline_ms + 1e-9
     acc_by = {m.id: m.accuracy for m in modes}
     acc_by[FALLBACK] = modes.teacher_accuracy
     accuracy = np.vectorize(acc_by.__getitem__, otypes=[float])(mode)
-    frames = {"t_capture": cap, "mode": mode, "fallback": mode == FALLBACK, "probe": probe, "sent_mode": sent_mode,
+    frames = {"t_capture": cap, "mode": mode, "fallback": mode == FALLBACK, "rescued": rescued, "probe": probe, "sent_mode": sent_mode,
               "bytes": nbytes, "t_send": t_send, "t_tx_start": tx_start, "t_tx_finish": tx_finish,
               "t_answer": t_answer, "latency_ms": latency, "hit": hit, "predicted_ms": predicted, "accuracy": accuracy}
     res = SimResult(policy=policy.name, deadline_ms=deadline_ms, fps=fps, frames=frames, reasons=reasons)
@@ -165,6 +187,7 @@ def metrics(res: SimResult) -> dict[str, Any]:
         "switches": int(np.count_nonzero(f["mode"][1:] != f["mode"][:-1])),
         "fallbacks": int(fb.sum()),
         "fallback_hits": int((fb & f["hit"]).sum()),
+        "rescues": int(f["rescued"].sum()) if "rescued" in f else 0,
         "probes": int(f["probe"].sum()),
         "late": int((~f["hit"]).sum()),
         "latency_p50_ms": float(np.percentile(lat, 50)),

@@ -39,6 +39,7 @@ from ..control.policy import AssinePolicy, DeadlinePolicy, Decision, Feedback, F
 # Policy kinds by their command-line names (``edgesplit agent --adapt``, ``bench adapt --live``).
 POLICY_KINDS = ("deadline", "deadline-ewma", "assine", "fixed")
 POLICY = "POLICY"  # fallback_reason of a frame the policy chose to answer locally (nothing fits the deadline)
+RESCUE = "DEADLINE_RESCUE"  # fallback_reason of a sent frame answered locally because its answer was due too late
 
 
 @dataclass
@@ -92,6 +93,13 @@ class ModeController:
         self.frames += 1
         return self.policy.choose(FrameState(now_s=now_s, deadline_ms=deadline_ms, index=index,
                                              outstanding=tuple(self._out.values()), base_rtt_ms=self.base_rtt_ms))
+
+    def late_result(self, rid: int, result: Any) -> None:
+        """The server's answer to a request whose frame was already answered locally (a rescue):
+        it still reports on the link, so it replaces the request's result for :meth:`collect`."""
+        s = self._out.get(rid)
+        if s is not None:
+            self._out[rid] = replace(s, result=result)
 
     def head_ran(self, role: str, ms: float) -> None:
         """The head ``role`` ran for ``ms`` on this frame (after the decision, before encoding)."""

@@ -50,7 +50,7 @@ import json
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -67,7 +67,7 @@ from ..wire.protocol import Kind, ProtocolError
 from ..wire.curve import ClientCurve, explain_handshake_failure
 from ..wire.transport import connect_dealer, context, default_agent_name, pending_in, recv_parts, send_parts
 from . import link
-from .adaptive import POLICY, POLICY_KINDS, ModeController, bundle_modes, make_policy, measure_local_ms
+from .adaptive import POLICY, POLICY_KINDS, RESCUE, ModeController, bundle_modes, make_policy, measure_local_ms
 from .fallback import FALLBACK_ERROR_CODES, RTT_OVER_DEADLINE, UNREACHABLE, RttGuard, load_fallback
 from .link import Backoff, LinkMonitor
 
@@ -153,6 +153,18 @@ class _Pending:
     desc: dict | None = None         # its descriptor, to rebuild a full request for a resend
     deadline_ms: float | int | None = None
     fallback_input: np.ndarray | None = None  # the preprocessed image, kept while fallback is on
+    rescue_ns: int | None = None     # answer locally at this perf_counter_ns if still unanswered (policy rescue)
+
+
+class _InFlight:
+    """Request ids still on the link as the mode policy sees them: pending, or rescued (answered
+    locally) with the server's answer still to come."""
+
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self.agent._pending or rid in self.agent._rescued
 
 
 class Agent:
@@ -227,6 +239,9 @@ class Agent:
         self.link_losses = 0          # sessions lost: connection dropped, server silent, or bye
         self.reconnects = 0           # sessions re-established after a loss
         self.late_answers = 0         # results/errors for frames already finished (timed out, local)
+        self._rescued: dict[int, _Pending] = {}  # rescued frames whose server answer may still come
+        self.rescues = 0
+        self._next_rescue_ns: int | None = None
         self._ctx = ctx or context()
         self._sock: zmq.Socket | None = None
         self._rcvtimeo = -1
@@ -425,7 +440,7 @@ class Agent:
         if deadline is None:
             raise AgentError("a mode policy needs a deadline (policy_deadline_ms or deadline_ms)")
         ctl = self.controller
-        d = ctl.decide(t0, float(deadline), self._next_id, self._pending)
+        d = ctl.decide(t0, float(deadline), self._next_id, _InFlight(self))
         if d.mode == FALLBACK:
             head_ms = 0.0
             if d.probe_mode is not None:
@@ -448,6 +463,11 @@ class Agent:
                                fallback_input=None if self.fallback is None else x)
         p = self._pending[rid]
         p.result.policy_reason, p.result.predicted_ms = d.reason, d.predicted_ms
+        after = None if self.fallback is None else ctl.policy.rescue_after_ms(float(deadline))
+        if after is not None:
+            p.rescue_ns = int(t0 * 1e9) + int(after * 1e6)
+            if self._next_rescue_ns is None or p.rescue_ns < self._next_rescue_ns:
+                self._next_rescue_ns = p.rescue_ns
         ctl.sent(rid, p.result, p.t_send_ns, t_decision)
         return rid
 
@@ -560,6 +580,9 @@ class Agent:
             raise AgentError("not connected")
         # A blocking receive with a timeout: returns at once when something is queued (cheaper
         # than asking first and then receiving).
+        if self._next_rescue_ns is not None:  # wake up for the next rescue, not after it
+            timeout_s = min(timeout_s, max(0.0, (self._next_rescue_ns - time.perf_counter_ns()) / 1e9))
+            self._next_check_ns = min(self._next_check_ns, self._next_rescue_ns)
         ms = max(0, int(timeout_s * 1000))
         try:
             if ms == 0:
@@ -686,6 +709,7 @@ class Agent:
         p = self._pending.pop(h["id"], None)
         if p is None:  # a late answer to a frame already finished (timed out, or answered locally)
             self.late_answers += 1
+            self._late_rescued_result(h)
             return
         r = p.result
         r.rtt_ms = (time.perf_counter_ns() - p.t_send_ns) / 1e6
@@ -720,6 +744,35 @@ class Agent:
         r.error, r.error_code, r.error_message = name, code, message
         self._done.append(r)
 
+    def _rescue_due(self, now_ns: int) -> None:
+        """Answer locally every sent frame past its rescue time (its server answer is due too late)."""
+        nxt = None
+        for rid, p in list(self._pending.items()):
+            if p.rescue_ns is None:
+                continue
+            if p.rescue_ns <= now_ns and p.fallback_input is not None:
+                del self._pending[rid]
+                self._rescued[rid] = p
+                self.rescues += 1
+                self._answer_locally(p.result, p.fallback_input, RESCUE)
+            elif nxt is None or p.rescue_ns < nxt:
+                nxt = p.rescue_ns
+        self._next_rescue_ns = nxt
+        limit = int(self.timeout_s * 1e9)
+        for rid in [r for r, p in self._rescued.items() if now_ns - p.t_send_ns > limit]:
+            del self._rescued[rid]  # its answer will not come: it leaves the policy's outstanding
+
+    def _late_rescued_result(self, h: dict) -> None:
+        """A rescued frame's server answer: the frame is finished, but the policy learns the link from it."""
+        p = self._rescued.pop(h["id"], None)
+        if p is None or self.controller is None:
+            return
+        t = h["timing"]
+        shadow = replace(p.result, error=None, source="server", fallback_reason=None, logits=None, pred=None,
+                         rtt_ms=(time.perf_counter_ns() - p.t_send_ns) / 1e6, server_queue_ms=t["queue_us"] / 1e3,
+                         server_compute_ms=t["compute_us"] / 1e3, server_ms=t["server_us"] / 1e3)
+        self.controller.late_result(h["id"], shadow)
+
     def _lose_session(self, name: str, code: int | None, message: str) -> None:
         """The session is gone (connection dropped, server silent, or bye): finish every
         outstanding frame now, and say hello again (with backoff) until a welcome comes. Until
@@ -728,6 +781,7 @@ class Agent:
         self.link_losses += 1
         self._lost = True
         self._resend_after_welcome = []
+        self._rescued.clear()  # their answers will not come
         for rid in list(self._pending):
             self._give_up(rid, name, code, message)
         self._handshaking = True
@@ -774,6 +828,8 @@ class Agent:
         self._next_check_ns = now_ns + _CHECK_EVERY_NS
         if self._monitor is not None:
             self._check_link(now_ns)
+        if self._next_rescue_ns is not None and now_ns >= self._next_rescue_ns:
+            self._rescue_due(now_ns)
         limit = int(self.timeout_s * 1e9)
         for rid, p in list(self._pending.items()):
             if now_ns - p.t_send_ns > limit:
@@ -822,7 +878,8 @@ def summarize(results: list[FrameResult], wall_s: float | None = None, agent: Ag
         "errors": dict(Counter(r.error for r in results if not r.ok)),
     }
     if agent is not None:
-        s.update(link_losses=agent.link_losses, reconnects=agent.reconnects, late_answers=agent.late_answers)
+        s.update(link_losses=agent.link_losses, reconnects=agent.reconnects, late_answers=agent.late_answers,
+                 rescues=agent.rescues)
         if agent.controller is not None:  # frames per mode (-1: the policy's local fallback) and switch times
             s["adapt"] = agent.controller.summary() | {"mode_frames": dict(Counter(r.mode for r in results))}
     if wall_s:

@@ -41,6 +41,10 @@ here with fallback_reason ``POLICY``. Every server result feeds the policy's est
 modes reloads nothing: a mode is the codec's bits and channels plus, in a slimmable bundle, which
 of the heads (one per width, all loaded and warmed at start) runs. The time from decision to
 request ready is measured for switches and non-switches (summary ``adapt``).
+A policy that can rescue (``Policy.rescue_after_ms``: the deadline-aware one with a local model
+fast enough) has every frame it sent answered by full.onnx, fallback_reason ``DEADLINE_RESCUE``,
+if the server's answer has not come by then; the late answer is dropped as an answer but still
+feeds the policy (summary ``rescues``).
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--start-s", type=float, default=0.0, help="start this far into the trace")
     p.add_argument("--duration-s", type=float, default=None, help="seconds of trace to replay (default: all of it)")
     p.add_argument("--device", default=None, help="the modes table's head-latency profile (default: the only one)")
+    p.add_argument("--policies", default=None,
+                   help="--live: comma-separated policies to run (fixed:ID, assine, deadline, deadline-ewma; default "
+                        "fixed:0,fixed:1,fixed:2,assine,deadline,deadline-ewma)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply the trace's capacity (the CIFAR bundle's 192-768 B frames need ~0.1-0.3 on the HSDPA "
                         "traces for the choice to matter)")
@@ -123,7 +126,8 @@ def run(a) -> dict:
                            "scale": a.scale}
     if a.live:
         live = importlib.import_module("edgesplit.bench.adapt_live")
-        policies = live.run_live(bundle_path, Path(a.trace), a.deadline_ms, a.fps, fallback_ms=fallback_ms,
+        kinds = live.DEFAULT_POLICIES if not a.policies else tuple(k.strip() for k in a.policies.split(",") if k.strip())
+        policies = live.run_live(bundle_path, Path(a.trace), a.deadline_ms, a.fps, policies=kinds, fallback_ms=fallback_ms,
                                  start_s=a.start_s, duration_s=a.duration_s, scale=a.scale)
         out["live_minus_sim_max_abs"] = max((abs(m.get("hit_rate_live_minus_sim") or 0.0) for m in policies.values()), default=None)
     else:

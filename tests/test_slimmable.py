@@ -223,3 +223,28 @@ def test_server_and_agent_serve_every_width_and_switch_heads(slim_bundle, cifar_
         heads = summary["heads"]
         assert set(heads) == {"head", "head.c4", "head.c2"}
         assert sum(h["after_switch_n"] for h in heads.values()) == 11  # every frame after the first switched head
+
+
+def test_bench_switch_measures_codec_and_head_switches(slim_bundle):
+    from types import SimpleNamespace
+
+    from edgesplit.bench.switch import default_modes, run
+
+    ids = default_modes(slim_bundle)
+    assert [slim_bundle.mode(i).head for i in ids[:3]] == ["head", "head.c4", "head.c2"]
+    out = run(SimpleNamespace(bundle=str(slim_bundle.root), modes=None, frames=36, threads=1))
+    assert out["all_answered"] and out["frames_cycling"] == 36 and out["switches"] == 35
+    assert set(out["heads"]) == {"head", "head.c4", "head.c2"}
+    for h in out["heads"].values():
+        assert h["after_switch_n"] >= 5 and h["steady_ms_p50"] > 0 and h["switch_cost_ms"] is not None
+    assert out["codec"]["same_mode_ms_p50"] > 0 and out["met"] in (True, False)
+
+
+def test_round_robin_policy_refuses_unknown_modes(slim_bundle):
+    from edgesplit.control import RoundRobinPolicy
+
+    table = modes_from_manifest(slim_bundle.manifest)
+    with pytest.raises(ValueError, match="unknown"):
+        RoundRobinPolicy(table, [0, 99])
+    p = RoundRobinPolicy(table, [1, 0])
+    assert [p.choose(None).mode for _ in range(3)] == [1, 0, 1]

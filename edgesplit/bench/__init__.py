@@ -18,6 +18,8 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "fuzz": ("edgesplit.bench.fuzz", "malformed frames at the server while valid agents stream: no crash, every answer as documented"),
     "overload": ("edgesplit.bench.overload", "offer N x capacity with deadlines: bounded memory, one answer per request, admitted p99"),
     "adapt": ("edgesplit.bench.adapt", "the adaptive controller vs fixed modes, Assine's policy and an oracle on a real trace (--sim | --live)"),
+    "switch": ("edgesplit.bench.switch", "what a mode switch costs in the live agent: codec and (slimmable) head, switching vs steady"),
+    "plan": ("edgesplit.bench.plan", "the split planner's predicted end-to-end latency vs measured, every cut point, kernel-shaped links"),
 }
 
 

@@ -9,7 +9,7 @@ from .estimator import BandwidthEstimator, EwmaEstimator, HarmonicMeanEstimator,
 from .link import FifoLink, LinkModel
 from .modes import FALLBACK, ModeSpec, ModesTable, modes_from_manifest, modes_table
 from .policy import (AssinePolicy, DeadlinePolicy, Decision, EstimatingPolicy, Feedback, FixedPolicy, FrameState,
-                     OraclePolicy, Policy)
+                     OraclePolicy, Policy, RoundRobinPolicy)
 from .simulator import SimResult, compare, format_table, metrics, simulate, standard_policies
 from .traces import Trace, TraceError, read_hsdpa, read_mahimahi, read_trace, traces_dir
 
@@ -17,6 +17,6 @@ __all__ = [
     "BandwidthEstimator", "EwmaEstimator", "HarmonicMeanEstimator", "LinkSampler", "ScalarEwma",
     "FifoLink", "LinkModel", "FALLBACK", "ModeSpec", "ModesTable", "modes_from_manifest", "modes_table",
     "AssinePolicy", "DeadlinePolicy", "Decision", "EstimatingPolicy", "Feedback", "FixedPolicy", "FrameState",
-    "OraclePolicy", "Policy", "SimResult", "compare", "format_table", "metrics", "simulate", "standard_policies",
+    "OraclePolicy", "Policy", "RoundRobinPolicy", "SimResult", "compare", "format_table", "metrics", "simulate", "standard_policies",
     "Trace", "TraceError", "read_hsdpa", "read_mahimahi", "read_trace", "traces_dir",
 ]

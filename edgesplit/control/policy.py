@@ -34,7 +34,7 @@ from .link import FifoLink, LinkModel
 from .modes import FALLBACK, ModeSpec, ModesTable
 
 __all__ = ["FALLBACK", "FrameState", "Feedback", "Decision", "Policy", "EstimatingPolicy", "DeadlinePolicy",
-           "AssinePolicy", "FixedPolicy", "OraclePolicy"]
+           "AssinePolicy", "FixedPolicy", "OraclePolicy", "RoundRobinPolicy"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,28 @@ class Policy(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
+
+
+class RoundRobinPolicy(Policy):
+    """Cycles through ``mode_ids`` frame by frame (never falls back): the mode-switch benchmark's
+    policy, which makes every frame a switch."""
+
+    def __init__(self, modes: ModesTable, mode_ids: Sequence[int]):
+        super().__init__(modes)
+        unknown = [i for i in mode_ids if i not in modes.by_id]
+        if not mode_ids or unknown:
+            raise ValueError(f"round robin needs mode ids of the table, got {list(mode_ids)} (unknown: {unknown})")
+        self.mode_ids = list(mode_ids)
+        self.name = "round-robin(" + ",".join(map(str, self.mode_ids)) + ")"
+        self._i = 0
+
+    def choose(self, state: FrameState) -> Decision:
+        m = self.mode_ids[self._i % len(self.mode_ids)]
+        self._i += 1
+        return Decision(m, math.nan, "round robin")
+
+    def reset(self) -> None:
+        self._i = 0
 
 
 class FixedPolicy(Policy):

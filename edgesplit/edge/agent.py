@@ -63,7 +63,7 @@ import zmq
 
 from ..bundle import Bundle, BundleError, Mode
 from ..control.modes import FALLBACK
-from ..control.policy import FixedPolicy, Policy
+from ..control.policy import FixedPolicy, Policy, RoundRobinPolicy
 from ..engine import EngineError
 from ..wire import codec, protocol as P
 from ..wire.codec import ErrorCode, WireError
@@ -223,7 +223,7 @@ class Agent:
         self._rtt_guard = RttGuard()
         # Mode policy (edgesplit/control): per frame, which mode to send, or FALLBACK (answered by
         # full.onnx here, fallback_reason POLICY). It replaces the RTT guard: it predicts latency itself.
-        if policy is not None and self.fallback is None and not isinstance(policy, FixedPolicy):
+        if policy is not None and self.fallback is None and not isinstance(policy, (FixedPolicy, RoundRobinPolicy)):
             raise ValueError(f"policy {policy.name} may answer frames locally: it needs fallback='auto' and a bundle "
                              "with full.onnx")
         self.controller = None if policy is None else ModeController(policy, base_rtt_ms)

@@ -25,13 +25,26 @@ def test_every_shipped_recipe_loads(path):
     assert r.name and r.dataset in ("cifar10", "imagenette")
     assert isinstance(r.stage1, TrainCfg) and isinstance(r.stage2, TrainCfg)
     assert r.default_bits in r.mode_bits
-    assert r.split.family == "bottlefit"
+    assert r.split.family in ("bottlefit", "slimmable")
     assert all(isinstance(w, int) for w in r.split.encoder_widths)
     assert isinstance(r.stage1.lr, float)  # YAML ints/floats coerced to the declared type
-    if r.teacher.init == "pretrained":
+    if r.teacher.init in ("pretrained", "run"):
         assert r.teacher.weights
     else:
         assert r.teacher.train is not None
+    # the split the recipe describes can be built: shapes line up with the backbone's split point
+    if r.split.family == "slimmable":
+        from edgesplit.build.families.slimmable import SlimmableSplit
+        from edgesplit.build.pipeline_slimmable import slimmable_config
+
+        model = SlimmableSplit(slimmable_config(r))
+        assert model.wire_shape[0] == r.split.widths[-1]
+    else:
+        from edgesplit.build.families.bottlefit import BottleFitSplit
+        from edgesplit.build.pipeline import student_config
+
+        model = BottleFitSplit(student_config(r))
+        assert model.wire_shape[0] == r.split.bottleneck_channels
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

@@ -21,6 +21,7 @@ COMMANDS = {
     "split": "cut a zoo model at any graph node: list cut points with their sizes, or export head/tail ONNX",
     "profile": "profiling with --json output: per-node and whole-model latency (profile latency)",
     "keys": "CURVE key pairs for encrypted, authenticated agent <-> server links (keys gen NAME --out DIR)",
+    "plan": "rank cut points / bundle modes / local / raw JPEG by predicted latency or device energy for a link and devices",
 }
 
 
@@ -73,6 +74,7 @@ HANDLERS = {
     "split": _delegate("edgesplit.build.split", "split_main"),
     "profile": _delegate("edgesplit.profile.cli", "profile_main"),
     "keys": _delegate("edgesplit.keys_cli", "keys_main"),
+    "plan": _delegate("edgesplit.control.plan_cli", "plan_main"),
 }
 
 

@@ -248,3 +248,18 @@ def test_round_robin_policy_refuses_unknown_modes(slim_bundle):
         RoundRobinPolicy(table, [0, 99])
     p = RoundRobinPolicy(table, [1, 0])
     assert [p.choose(None).mode for _ in range(3)] == [1, 0, 1]
+
+
+def test_held_wire_range_is_used_in_training_and_does_not_move():
+    from edgesplit.build.families.bottlefit import FakeQuant
+
+    q = FakeQuant(4).train()
+    z = torch.linspace(-1, 1, 101).view(1, 1, 1, 101)
+    q.set_params(0.1, 8, 4)
+    q.hold_range = True
+    out = q(z * 5)  # far outside the held range: clamped to it, and the range does not follow
+    assert out.max().item() == pytest.approx(0.1 * 7) and out.min().item() == pytest.approx(-0.8)
+    assert not bool(q.initialised)  # min/max tracking never ran
+    q.hold_range = False
+    q(z * 5)
+    assert bool(q.initialised) and q.hi.item() == pytest.approx(5.0)

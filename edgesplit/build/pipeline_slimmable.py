@@ -18,7 +18,8 @@ from .data import DeviceLoader
 from .families.slimmable import SlimmableConfig, SlimmableSplit, head_macs
 from .recipe import Recipe
 from .train import evaluate
-from .train_slimmable import calibrate_bn, calibrate_wire, distill_stage1, evaluate_modes, finetune_stage2
+from .train_slimmable import (calibrate_bn, calibrate_wire, distill_stage1, evaluate_modes, finetune_stage2,
+                              hold_wire_ranges)
 from .zoo import create_model
 
 
@@ -51,16 +52,22 @@ def run_slimmable(r: Recipe, run_dir: Path, p) -> dict:
     def eval_widest() -> float:
         return evaluate(lambda x: student.eval()(x, -1), eval_loader, dev)
 
+    calib_loader = DeviceLoader(p.xtr, p.ytr, 250, dev, *_norm())
     for name, stage, fn in (("stage1", r.stage1, distill_stage1), ("stage2", r.stage2, finetune_stage2)):
         art = run_dir / f"{name}.pt"
         if art.exists():
             student.load_state_dict(torch.load(art, map_location=dev, weights_only=True))
             continue
+        if name == "stage2":
+            held = hold_wire_ranges(student, calib_loader, r.split.train_bits)
+            log({"event": "stage2_wire_ranges", "bits": r.split.train_bits,
+                 "ranges": {str(c): {"scale": k["scale"], "zero_point": k["zero_point"]} for c, k in held.items()}})
         c = vars(stage)
         fn(student, teacher, c, p.train_loader(c["batch"]), dev, run_dir, log, eval_widest, n_random=n_random, seed=r.seed)
         torch.save(student.state_dict(), art)
+    for q in student.quant:
+        q.hold_range, q.fixed = False, None
 
-    calib_loader = DeviceLoader(p.xtr, p.ytr, 250, dev, *_norm())
     calibrate_bn(student, calib_loader, dev)
     calib = calibrate_wire(student, calib_loader, r.mode_bits)
     modes = evaluate_modes(student, calib, r.mode_bits, eval_loader, dev, log)

@@ -63,6 +63,9 @@ class FakeQuant(nn.Module):
         self.register_buffer("hi", torch.tensor(0.0))
         self.register_buffer("initialised", torch.tensor(False))
         self.fixed: tuple[float, int, int] | None = None  # (scale, zero_point, bits) at eval
+        # Train with ``fixed`` too instead of the running min/max: the range then cannot grow with
+        # the outliers that quantization-aware training itself produces (see train_slimmable).
+        self.hold_range = False
 
     def observe(self, z: torch.Tensor) -> None:
         lo, hi = z.detach().min().float(), z.detach().max().float()
@@ -77,7 +80,11 @@ class FakeQuant(nn.Module):
     def forward(self, z_in: torch.Tensor) -> torch.Tensor:
         # float32 even under bf16 autocast: bf16 cannot hold the integers 0..255 exactly.
         z = z_in.float()
-        if self.training:
+        if self.training and self.hold_range and self.fixed is not None and self.bits > 0:
+            s, zpi, bits = self.fixed
+            levels = 2**bits - 1
+            scale, zp = torch.tensor(s, device=z.device), torch.tensor(float(zpi), device=z.device)
+        elif self.training:
             self.observe(z)
             if self.bits <= 0:
                 return z_in

@@ -15,6 +15,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 SHIPPED = {
     "cifar10-resnet20-bottlefit": ("cifar10:test", 512),  # (eval data, wire-bytes budget of the issue)
     "imagenette-resnet18-bottlefit": ("imagenette:val", 1000),
+    "imagenette-resnet18-slimmable": ("imagenette:val", 1200),
 }
 
 
@@ -33,16 +34,30 @@ def test_shipped_bundle_verifies_and_is_small(name):
     b = Bundle.load(MODELS / name)  # re-hashes every file
     size = sum(f.stat().st_size for f in b.root.iterdir() if f.is_file())
     assert size < 8 * 2**20, f"{name} is {size / 2**20:.1f} MiB: shipped bundles stay a few MB"
-    assert b.family == "bottlefit" and len(b.classes) == 10
+    assert b.family in ("bottlefit", "slimmable") and len(b.classes) == 10
     default = b.default_mode
     assert default.bytes_per_frame <= SHIPPED[name][1]
     checks = b.manifest["export"]["checks"]
-    assert checks["tail"]["top1_agreement"] >= 0.99 and checks["full"]["top1_agreement"] >= 0.99
-    assert checks["head"]["max_rel_diff"] < 1e-2
+    tails = [v for k, v in checks.items() if k == "tail" or k.startswith("tail@")]  # slimmable: one per width
+    assert tails and all(t["top1_agreement"] >= 0.99 for t in tails) and checks["full"]["top1_agreement"] >= 0.99
+    assert all(checks[role]["max_rel_diff"] < 1e-2 for role in b.head_roles)
     # every mode's table entry is complete and measured
     for m in b.modes:
         assert m.accuracy is not None and 0.1 < m.accuracy <= 1.0
         assert m.head_ms and all(v > 0 for v in m.head_ms.values())
+
+
+def test_shipped_slimmable_bundle_heads_slim_with_the_width():
+    b = Bundle.load(MODELS / "imagenette-resnet18-slimmable")
+    by_head = {}
+    for m in b.modes:
+        by_head.setdefault(m.head, m)
+    ordered = sorted(by_head.values(), key=lambda m: m.channels)
+    assert [m.channels for m in ordered] == [3, 6, 9, 12]
+    sizes = [b.file(m.head).stat().st_size for m in ordered]
+    macs = [b.manifest["modes"][m.id]["head_macs"] for m in ordered]
+    assert sizes == sorted(sizes) and macs == sorted(macs) and macs[0] * 10 < macs[-1]
+    assert {(m.channels, m.bits) for m in b.modes} == {(c, k) for c in (3, 6, 9, 12) for k in (8, 6, 4, 2)}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

@@ -38,21 +38,24 @@ def classify(engine: Engine, images: list[bytes], input_spec: dict, batch: int =
     return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
 
-def split_accuracy(bundle: Bundle, head: Engine, tail: Engine, samples: list[Sample], batch: int = 64) -> dict:
-    """Per-mode accuracy and encoded bytes, through the real codec (raw and zstd)."""
+def split_accuracy(bundle: Bundle, heads: dict[str, Engine], tail: Engine, samples: list[Sample], batch: int = 64) -> dict:
+    """Per-mode accuracy and encoded bytes, through the real codec (raw and zstd): each mode's head
+    (``heads`` by file role), its quantization, the server's zero-fill of channels not sent, the tail."""
     per_mode = {m.id: {"correct": 0, "raw": [], "zstd": []} for m in bundle.modes}
+    C = int(bundle.wire_spec["shape"][0])
     for chunk in _batches(samples, batch):
         x = np.stack([preprocess(s.data, bundle.input_spec) for s in chunk])
         y = np.asarray([s.label for s in chunk])
-        z = head.run1(x)
+        zs = {role: heads[role].run1(x) for role in bundle.head_roles}
         for m in bundle.modes:
-            zhat = np.empty_like(z)
+            z = zs[m.head]
+            zhat = np.empty((len(z), C, *z.shape[2:]), np.float32)
             for i in range(len(z)):  # frame by frame: the wire carries one frame per request
                 desc, payload = codec.encode(z[i], m, codec="raw")
                 per_mode[m.id]["raw"].append(len(payload))
                 if codec.zstd_available():
                     per_mode[m.id]["zstd"].append(len(codec.encode(z[i], m, codec="zstd")[1]))
-                zhat[i] = codec.decode(desc, payload)
+                zhat[i] = codec.decode(desc, payload, full_channels=C)
             per_mode[m.id]["correct"] += int((tail.run1(zhat).argmax(1) == y).sum())
     out = []
     for m in bundle.modes:
@@ -86,10 +89,10 @@ def evaluate_bundle(bundle: Bundle, source: str, frames: int | None, jpeg_frames
     samples = [s for s in take(open_source(source, bundle.classes), frames) if s.label is not None]
     if not samples:
         raise SystemExit(f"edgesplit eval: no labelled frames in {source!r}")
-    head = create_engine(bundle.file("head"), "ort", threads=threads)
+    heads = {role: create_engine(bundle.file(role), "ort", threads=threads) for role in bundle.head_roles}
     tail = create_engine(bundle.file("tail"), "ort", threads=threads)
     full = create_engine(bundle.file("full"), "ort", threads=threads)
-    split = split_accuracy(bundle, head, tail, samples)
+    split = split_accuracy(bundle, heads, tail, samples)
     default = next(m for m in split["modes"] if m["id"] == bundle.default_mode.id)
     labels = np.asarray([s.label for s in samples])
     teacher_acc = float(np.mean(classify(full, [s.data for s in samples], bundle.input_spec) == labels))

@@ -188,3 +188,43 @@ def test_hysteresis_limits_switches_on_a_noisy_real_trace():
     assert without["switches"] > 200  # the trace is noisy enough to flap
     assert with_h["switches"] < 0.5 * without["switches"]
     assert with_h["hit_rate"] >= without["hit_rate"] - 0.02
+
+
+def test_packet_link_counts_whole_packets():
+    # On a link that serves a packet per delivery opportunity, a 150-byte request takes as long as
+    # a 1,400-byte one: a sample of the small one must not read as a slow link, and every
+    # sub-packet mode must be predicted to cost the same.
+    fluid = DeadlinePolicy(MODES, HarmonicMeanEstimator(5), base_rtt_ms=BASE_RTT)
+    packet = DeadlinePolicy(MODES, HarmonicMeanEstimator(5), base_rtt_ms=BASE_RTT, packet_bytes=1500)
+    assert "pkt 1500" in packet.name and "pkt" not in fluid.name
+    for k in range(6):  # 150 B through one 2 ms opportunity
+        fb = Feedback(t_send_s=k, t_result_s=k + 0.002 + (BASE_RTT + SERVER) / 1000, nbytes=150,
+                      server_queue_ms=1.0, server_compute_ms=SERVER - 1.0, encode_ms=ENCODE)
+        fluid.observe(fb)
+        packet.observe(fb)
+    assert packet.bandwidth_bps() == pytest.approx(1500 * 8 / 0.002, rel=0.01)
+    assert fluid.bandwidth_bps() == pytest.approx(150 * 8 / 0.002, rel=0.01)
+    bps = packet.bandwidth_bps()
+    # modes of 800 and 1200 B are one packet: the same link time; 1600 B is two
+    p = {m.id: packet.predict_ms(m, bps) - m.head_ms for m in MODES}
+    assert p[1] == pytest.approx(p[3]) and p[0] - p[1] == pytest.approx(1500 * 8 / bps * 1000)
+    with pytest.raises(ValueError, match="packet_bytes"):
+        DeadlinePolicy(MODES, packet_bytes=0)
+
+
+def test_packet_accounting_lifts_accuracy_on_a_real_mahimahi_uplink():
+    from edgesplit.control.traces import read_trace
+    from edgesplit.data.sources import data_root
+
+    path = data_root() / "traces" / "mahimahi-cellular" / "ATT-LTE-driving.up"
+    if not path.is_file():
+        pytest.skip(f"shared traces not found under {data_root()}")
+    link = LinkModel(read_trace(path), BASE_RTT, SERVER, ENCODE, 0.0)
+    assert link.packet_bytes == 1500
+    modes = bundle_like_modes()
+    acc = {}
+    for pkt in (None, 1500):
+        pol = DeadlinePolicy(modes, HarmonicMeanEstimator(5), base_rtt_ms=BASE_RTT, local_ms=3.0, packet_bytes=pkt)
+        acc[pkt] = simulate(pol, modes, link, fps=30, deadline_ms=60.0, fallback_ms=3.0, duration_s=240.0).metrics
+    assert acc[1500]["hit_rate"] >= acc[None]["hit_rate"] - 0.005
+    assert acc[1500]["accuracy"] > acc[None]["accuracy"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .modes import ModeSpec
-from .traces import Trace
+from .traces import MAHIMAHI_PACKET_BYTES, Trace
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,11 @@ class LinkModel:
 
     def send_time(self, t_capture: float, mode: ModeSpec) -> float:
         return t_capture + (mode.head_ms + self.encode_ms) / 1000.0
+
+    @property
+    def packet_bytes(self) -> int | None:
+        """Whole packets per delivery opportunity (a Mahimahi trace), or None for a fluid rate."""
+        return MAHIMAHI_PACKET_BYTES if self.trace.kind == "packets" else None
 
     def wire_bytes(self, mode: ModeSpec) -> float:
         return mode.bytes_per_frame + self.overhead_bytes

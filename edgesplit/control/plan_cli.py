@@ -308,6 +308,9 @@ def plan_main(argv: list[str] | None = None) -> int:
             raise PlanError("--burst-bytes must be >= 0")
         link = Link(a.bandwidth_mbps, a.rtt_ms, ack_bytes=66 if a.acks_on_link else 0, burst_bytes=a.burst_bytes)
         sc = scenario(a.device, a.server, a.host, link, a.overhead_ms, a.radio_w)  # profiles first: fail before measuring
+        if a.objective == "energy" and sc.device.active_w is None:
+            raise PlanError(f"device profile '{sc.device.name}' has no power figures (power_idle_w and "
+                            "power_active_w/power_max_w): plan for --objective latency, or give a device with them")
         if a.bundle:
             if not Path(a.bundle).exists():
                 raise BundleError(f"no bundle at {a.bundle}")
@@ -318,7 +321,6 @@ def plan_main(argv: list[str] | None = None) -> int:
             cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
             options, meta = model_options(a.model, checkpoint=a.checkpoint, cuts=cuts, input_size=a.input_size,
                                           cache=a.cache, timing=timing, source=a.data, host=sc.host.name)
-        t = time.time()
         preds = plan(options, sc, a.objective)
     except (PlanError, ProfileError, BundleError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -328,7 +330,7 @@ def plan_main(argv: list[str] | None = None) -> int:
         out = {"objective": a.objective, "device": sc.device.name, "server": sc.server.name, "host": sc.host.name,
                "link": {"mbps": link.mbps, "rtt_ms": link.rtt_ms, "burst_bytes": link.burst_bytes, "acks_on_link": a.acks_on_link},
                "overhead_ms": sc.overhead_ms, "radio_w": sc.radio_w, "inputs": meta, "best": preds[0].option,
-               "options": [p.to_json() for p in preds], "planned_in_s": round(time.time() - t, 4)}
+               "options": [p.to_json() for p in preds]}
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(preds, sc, a.objective))

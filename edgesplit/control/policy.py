@@ -171,8 +171,16 @@ class EstimatingPolicy(Policy):
     server and encode time, the latency prediction."""
 
     def __init__(self, modes: ModesTable, estimator: BandwidthEstimator | None = None, *, base_rtt_ms: float = 0.0,
-                 overhead_bytes: float = 0.0, initial_bps: float | None = None, server_alpha: float = 0.2):
+                 overhead_bytes: float = 0.0, initial_bps: float | None = None, server_alpha: float = 0.2,
+                 packet_bytes: int | None = None):
         super().__init__(modes)
+        # A link that serves whole packets per delivery opportunity (cellular schedulers; Mahimahi
+        # replays them so) takes as long for a 150-byte request as for a 1,400-byte one. Counting
+        # bytes in whole packets keeps small requests' samples from reading as a slow link and
+        # predicts sub-packet modes as costing the same. None: a fluid link (bytes / rate).
+        if packet_bytes is not None and packet_bytes <= 0:
+            raise ValueError(f"packet_bytes must be positive or None, got {packet_bytes}")
+        self.packet_bytes = packet_bytes
         self.estimator = estimator if estimator is not None else HarmonicMeanEstimator(5)
         self.overhead_bytes = float(overhead_bytes)
         self.initial_bps = initial_bps
@@ -182,9 +190,14 @@ class EstimatingPolicy(Policy):
         self.initial_base_rtt_ms = float(base_rtt_ms)
         self.base_rtt_ms = self.initial_base_rtt_ms
 
+    def link_bytes(self, nbytes: float) -> float:
+        """What ``nbytes`` costs the link: rounded up to whole packets on a packet link."""
+        p = self.packet_bytes
+        return nbytes if p is None else math.ceil(nbytes / p) * p
+
     def observe(self, fb: Feedback) -> None:
         tx = self.sampler.transmit_seconds(fb.t_send_s, fb.t_result_s, fb.server_time_ms / 1000.0, self.base_rtt_ms / 1000.0)
-        self.estimator.update(fb.nbytes, tx)
+        self.estimator.update(self.link_bytes(fb.nbytes), tx)
         self.server.update(fb.server_time_ms)
         if fb.encode_ms is not None:
             self.encode.update(fb.encode_ms)
@@ -194,7 +207,8 @@ class EstimatingPolicy(Policy):
         return self.initial_bps if est is None else est
 
     def predict_ms(self, mode: ModeSpec, bps: float, backlog_ms: float = 0.0) -> float:
-        return (mode.head_ms + self.encode.value + backlog_ms + 8.0 * (mode.bytes_per_frame + self.overhead_bytes) / bps * 1000.0
+        return (mode.head_ms + self.encode.value + backlog_ms
+                + 8.0 * self.link_bytes(mode.bytes_per_frame + self.overhead_bytes) / bps * 1000.0
                 + self.server.value + self.base_rtt_ms)
 
     def reset(self) -> None:
@@ -285,7 +299,8 @@ class DeadlinePolicy(EstimatingPolicy):
         self.local_ms = None if local_ms is None else float(local_ms)
         self.rescue = bool(rescue)
         hyst = "off" if (self.up_frames == 1 and self.up_margin == 0) else f"K={self.up_frames},+{self.up_margin:g}"
-        self.name = f"deadline({self.estimator.name}, m={self.margin:g}, hyst {hyst})"
+        pkt = "" if self.packet_bytes is None else f", pkt {self.packet_bytes}"
+        self.name = f"deadline({self.estimator.name}, m={self.margin:g}, hyst {hyst}{pkt})"
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -310,8 +325,9 @@ class DeadlinePolicy(EstimatingPolicy):
             return bps
         o = state.outstanding[0]
         out_s = state.now_s - o.t_send_s - (self.base_rtt_ms + self.server.value) / 1000.0
-        if out_s > 0 and out_s > o.nbytes * 8.0 / bps:
-            return o.nbytes * 8.0 / out_s
+        nb = self.link_bytes(o.nbytes)
+        if out_s > 0 and out_s > nb * 8.0 / bps:
+            return nb * 8.0 / out_s
         return bps
 
     def _backlog_ms(self, state: FrameState, bps: float, t_send: float) -> float:
@@ -319,7 +335,7 @@ class DeadlinePolicy(EstimatingPolicy):
             return 0.0
         free = -math.inf
         for o in state.outstanding:
-            free = max(free, o.t_send_s) + o.nbytes * 8.0 / bps
+            free = max(free, o.t_send_s) + self.link_bytes(o.nbytes) * 8.0 / bps
         return max(0.0, free - t_send) * 1000.0
 
     def predictions(self, state: FrameState, bps: float) -> dict[int, float]:

@@ -199,11 +199,12 @@ def metrics(res: SimResult) -> dict[str, Any]:
 
 def standard_policies(modes: ModesTable, link: LinkModel, fps: float, *, local_ms: float | None = None,
                       hysteresis: bool = True) -> list[Policy]:
-    """The comparison set: every fixed mode, Assine et al., the deadline-aware controller (with
-    the harmonic-mean and the EWMA estimator) and the oracle."""
+    """The comparison set: every fixed mode, Assine et al. (as published: plain throughput samples),
+    the deadline-aware controller (with the harmonic-mean and the EWMA estimator; counting bytes in
+    whole packets on a packet link) and the oracle."""
     pols: list[Policy] = [FixedPolicy(modes, m.id) for m in modes.ranked]
     pols.append(AssinePolicy(modes, base_rtt_ms=link.base_rtt_ms))
-    kw: dict[str, Any] = {"local_ms": local_ms, "base_rtt_ms": link.base_rtt_ms}
+    kw: dict[str, Any] = {"local_ms": local_ms, "base_rtt_ms": link.base_rtt_ms, "packet_bytes": link.packet_bytes}
     if not hysteresis:
         kw.update(up_frames=1, up_margin=0.0)
     pols.append(DeadlinePolicy(modes, HarmonicMeanEstimator(5), **kw))

@@ -132,19 +132,22 @@ class ModeController:
 
 
 def make_policy(kind: str, modes: ModesTable, *, local_ms: float | None, base_rtt_ms: float = 0.0,
-                mode_id: int | None = None) -> Policy:
+                mode_id: int | None = None, packet_bytes: int | None = None) -> Policy:
     """The policies of :func:`edgesplit.control.simulator.standard_policies`, by name (the oracle
     needs the trace: simulator only). ``kind``: ``deadline`` (harmonic-mean estimator, the
     controller), ``deadline-ewma``, ``assine``, ``fixed`` (``mode_id``; default the most accurate),
-    or ``fixed:ID``."""
+    or ``fixed:ID``. ``packet_bytes``: the deadline policies count bytes in whole packets of this
+    size (a link that serves a packet per delivery opportunity); None: bytes / rate."""
     if kind.startswith("fixed"):
         if ":" in kind:
             mode_id = int(kind.split(":", 1)[1])
         return FixedPolicy(modes, modes.ranked[0].id if mode_id is None else mode_id)
     if kind == "deadline":
-        return DeadlinePolicy(modes, HarmonicMeanEstimator(5), local_ms=local_ms, base_rtt_ms=base_rtt_ms)
+        return DeadlinePolicy(modes, HarmonicMeanEstimator(5), local_ms=local_ms, base_rtt_ms=base_rtt_ms,
+                              packet_bytes=packet_bytes)
     if kind == "deadline-ewma":
-        return DeadlinePolicy(modes, EwmaEstimator(0.4), local_ms=local_ms, base_rtt_ms=base_rtt_ms)
+        return DeadlinePolicy(modes, EwmaEstimator(0.4), local_ms=local_ms, base_rtt_ms=base_rtt_ms,
+                              packet_bytes=packet_bytes)
     if kind == "assine":
         return AssinePolicy(modes, base_rtt_ms=base_rtt_ms)
     raise ValueError(f"unknown policy {kind!r}: one of {', '.join(POLICY_KINDS)} (or fixed:ID)")

@@ -919,6 +919,9 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
                    help="with --adapt: latency of full.onnx on this device (unset: measured at start)")
     p.add_argument("--base-rtt-ms", type=float, default=0.0,
                    help="with --adapt: fixed round trip beyond the uplink (propagation both ways), ms")
+    p.add_argument("--packet-bytes", type=int, default=None,
+                   help="with --adapt deadline*: the uplink serves whole packets of this size per delivery opportunity "
+                        "(cellular: 1500), so bytes are counted in whole packets (unset: bytes / rate)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the head (unset: ORT's default)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="give up on a request (and the handshake) after this")
     p.add_argument("--fallback", default="auto", choices=("auto", "off"),
@@ -1000,7 +1003,7 @@ def _cli_policy(args: argparse.Namespace, bundle: Bundle) -> Policy | None:
     if local_ms is None and args.fallback == "auto" and bundle.has("full"):
         local_ms = measure_local_ms(load_fallback(bundle, "auto", args.threads), tuple(bundle.input_spec["shape"]))
     return make_policy(args.adapt, bundle_modes(bundle), local_ms=local_ms, base_rtt_ms=args.base_rtt_ms,
-                       mode_id=args.mode)
+                       mode_id=args.mode, packet_bytes=args.packet_bytes)
 
 
 def _format_summary(s: dict[str, Any], agent: Agent) -> str:

@@ -168,14 +168,15 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
              policies: Sequence[str] = DEFAULT_POLICIES, fallback_ms: float | None = None, start_s: float = 0.0,
              duration_s: float | None = None, scale: float = 1.0, step_s: float = 1.0, base_rtt_ms: float = 0.5,
              mtu: int | None = SMALL_MTU, burst_bytes: int | None = BURST_BYTES, port: int = 5599, progress: Callable[[str], None] | None = None,
-             keep_frames: bool = False) -> dict[str, dict[str, Any]]:
+             keep_frames: bool = False, source: str | None = None) -> dict[str, dict[str, Any]]:
     """Run each policy (names as :func:`edgesplit.edge.adaptive.make_policy` takes them) for the
     same trace window in the shaped namespace; returns metrics per policy, keyed by the policy's
     name (the simulator's names). ``fallback_ms``: full.onnx latency the deadline policies weigh
     (unset: none, the local model is assumed late). ``duration_s`` defaults to 20 s (a live run
     takes real time). ``keep_frames``: add each policy's per-frame records under ``"records"``.
     ``base_rtt_ms``: the fixed round trip the policies assume (on the namespace loopback, ZeroMQ and
-    message handling outside the server's own time: about 0.5 ms measured).
+    message handling outside the server's own time: about 0.5 ms measured). ``source``: the
+    labelled frames (default: the bundle's dataset's test split, by the bundle's name).
 
     Each policy's dict also holds ``sim``: the simulator's metrics for the same policy on the same
     schedule (:func:`simulate_schedule`, with the server time and per-frame link overhead measured in
@@ -188,6 +189,13 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
     duration_s = 20.0 if duration_s is None else float(duration_s)
     schedule = live_trace(trace, scale=scale, step_s=step_s, start_s=start_s, duration_s=duration_s)
     modes = modes_from_manifest(bundle_path)
+    if source is None:
+        from ..demo import DEFAULT_SOURCES
+
+        dataset = next((d for d in DEFAULT_SOURCES if modes.name.startswith(d)), None)
+        if dataset is None:
+            raise ValueError(f"no default frame source for bundle '{modes.name}': pass source=")
+        source = DEFAULT_SOURCES[dataset]
     frames = int(duration_s * fps)
     endpoint = f"tcp://127.0.0.1:{port}"
     say = progress or (lambda s: None)
@@ -205,7 +213,7 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
                 jl = Path(tmp) / f"{kind.replace(':', '_')}.jsonl"
                 cmd = [sys.executable, "-m", "edgesplit.bench.adapt_runner", "--bundle", str(bundle_path), "--server", endpoint,
                        "--policy", kind, "--deadline-ms", str(deadline_ms), "--fps", str(fps), "--frames", str(frames),
-                       "--base-rtt-ms", str(base_rtt_ms), "--out", str(jl)]
+                       "--base-rtt-ms", str(base_rtt_ms), "--source", source, "--out", str(jl)]
                 if fallback_ms is not None:
                     cmd += ["--local-ms", str(fallback_ms)]
                 runner = ns.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

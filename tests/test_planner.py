@@ -32,10 +32,11 @@ def imagenette_options():
 
 def test_link_counts_segment_headers_acks_reply_and_burst():
     link = Link(2.0, rtt_ms=10.0, mss=1000, per_segment_bytes=50, ack_bytes=60, burst_bytes=500, framing_bytes=20)
-    # 2480 + 20 framing = 2500 bytes: 3 segments of headers, ACKs for 2 pairs
-    assert link.wire_bytes(2480) == 2500 + 3 * 50 + 2 * 60
-    # reply 80 + 20 = 100 bytes: one segment, one ACK; the bucket's 500 bytes pass at once
-    total = (2500 + 150 + 120) + (100 + 50 + 60) - 500
+    # 2480 + 20 framing = 2500 bytes: 3 segments of headers; of the ACKs for 2 pairs the last rides on the reply
+    assert link.wire_bytes(2480) == 2500 + 3 * 50 + 1 * 60
+    assert link.wire_bytes(4980) == 5000 + 5 * 50 + 2 * 60
+    # reply 80 + 20 = 100 bytes: one segment, its ACK comes after the answer; the bucket's 500 bytes pass at once
+    total = (2500 + 150 + 60) + (100 + 50) - 500
     assert link.transfer_ms(2480, 80) == pytest.approx(total * 8 / 2000 + 10.0)
     assert Link(2.0, burst_bytes=10**6).transfer_ms(2480, 80) == 0.0  # all within the bucket
 
@@ -151,6 +152,6 @@ def test_prediction_matches_a_real_shaped_run(tmp_path):
     r = res["rows"][0]
     # the header differs by the request id's msgpack size only
     assert r["payload_bytes"] == 4096 and abs(r["measured"]["request_bytes"] - r["request_bytes"]) <= 4
-    assert r["measured"]["tbf_drops"] == 0 and r["measured"]["frames"] == 5
+    assert r["measured"]["tbf_drops"] == 0 and 5 <= r["measured"]["frames"] <= 20
     assert r["predicted"]["link"] > 0.5 * r["predicted_ms"]  # link-bound: the bytes matter
     assert abs(r["rel_error"]) <= 0.2, r

@@ -23,11 +23,13 @@ of both; tbf's drop counter per run (a drop means TCP retransmits, which the mod
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,8 @@ def _start_server(ns: ShapedNamespace, bundles: list[Path], log_path: Path) -> t
     log.close()
     for line in proc.stdout:
         if "listening on " in line:
+            # keep reading what the daemon prints, so that a full pipe never stalls it
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, endpoint
     proc.wait()
     raise RuntimeError(f"server did not start ({proc.returncode}): {log_path.read_text()[-2000:]}")
@@ -91,10 +95,36 @@ def measure_agent(ns: ShapedNamespace, bundle: Path, endpoint: str, mode: int, s
     e2e = [r["head_ms"] + r["encode_ms"] + r["rtt_ms"] for r in rows]
     med = lambda k: float(np.median([r[k] for r in rows]))  # noqa: E731
     return {"frames": len(rows), "e2e_ms": float(np.median(e2e)), "e2e_ms_p90": float(np.percentile(e2e, 90)),
+            "rtt_minus_compute_ms": float(np.median([r["rtt_ms"] - r["server_compute_ms"] for r in rows])),
             "head_incl_preprocess_ms": med("head_ms"), "encode_ms": med("encode_ms"), "rtt_ms": med("rtt_ms"),
             "server_ms": med("server_ms"), "server_compute_ms": med("server_compute_ms"),
             "request_bytes": med("bytes_sent") + med("header_bytes"),
             "tbf_drops": after.get("dropped", 0) - before.get("dropped", 0)}
+
+
+def probe_overhead(ns: ShapedNamespace, mbps: float, endpoint: str, options: list[tuple[str, Path, int]], pace_ms: float,
+                   workdir: Path) -> dict[str, Any]:
+    """The runtime's own time per request on this host as it is loaded now: send -> result minus
+    the server's decode + tail (``compute_us``), median over 30 paced frames of the group's smallest
+    request, with the namespace opened to 1 Gbit/s (its bytes then cross in microseconds, inside
+    the bucket). It is what the planner's ``overhead`` term stands for; measured apart from the runs
+    it predicts (another rate, one option for the whole group)."""
+    from ..bundle import Bundle
+
+    label, d, mode = min(options, key=lambda o: Bundle.load(o[1]).mode(o[2]).bytes_per_frame)
+    ns.set_rate(1000.0)
+    try:
+        m = measure_agent(ns, d, endpoint, mode, _source(d), 30, 5, pace_ms + 5.0, workdir)
+    finally:
+        ns.set_rate(mbps)
+    return {"option": label, "overhead_ms": round(m["rtt_minus_compute_ms"], 4), "frames": m["frames"]}
+
+
+def _source(bundle_dir: Path) -> str:
+    from ..bundle import Bundle
+    from ..profile.latency import default_source
+
+    return default_source(Bundle.load(bundle_dir).classes)
 
 
 def _targets(a) -> list[dict[str, Any]]:
@@ -134,16 +164,24 @@ def run_bench(a) -> dict[str, Any]:
     os.environ["OMP_NUM_THREADS"] = "1"
     targets = _targets(a)
     rows: list[dict[str, Any]] = []
+    probes: list[dict[str, Any]] = []
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="edgesplit-benchplan-") as tmp:
         for tgt in targets:
             bundles = list(dict.fromkeys(d for _, d, _ in tgt["options"]))
             for mbps in bandwidths:
                 link = Link(mbps, 0.0, ack_bytes=66, burst_bytes=a.burst_bytes)
-                sc = scenario(HOST_PROFILE, HOST_PROFILE, HOST_PROFILE, link, a.overhead_ms, None)
                 with ShapedNamespace(mbps, burst_bytes=a.burst_bytes, latency_ms=QUEUE_MS) as ns:
                     server, endpoint = _start_server(ns, bundles, Path(tmp) / "server.log")
                     try:
+                        overhead = a.overhead_ms
+                        if overhead == "probe":
+                            probe = probe_overhead(ns, mbps, endpoint, tgt["options"], a.pace_ms, Path(tmp))
+                            probes.append({"target": tgt["name"], "mbps": mbps, **probe})
+                            overhead = probe["overhead_ms"]
+                            print(f"{tgt['name']:<16} runtime overhead probe ({probe['option']}): {overhead:.3f} ms",
+                                  file=sys.stderr, flush=True)
+                        sc = scenario(HOST_PROFILE, HOST_PROFILE, HOST_PROFILE, link, float(overhead), None)
                         for label, d, mode in tgt["options"]:
                             options, meta = bundle_options(d, timing=Timing(a.runs, a.pace_ms), host=HOST_PROFILE, extras=False)
                             opt = next(o for o in options if o.detail["mode"] == mode)
@@ -151,7 +189,9 @@ def run_bench(a) -> dict[str, Any]:
                             # an idle gap before every frame: at least the bucket's refill time, and the
                             # planner's own pacing (so that both time the model a frame at a time)
                             period = 1.2 * pred.latency_ms + max(a.pace_ms, a.burst_bytes * 8 / (mbps * 1e3) + 5.0)
-                            meas = measure_agent(ns, d, endpoint, mode, meta["source"], a.frames, a.warmup, period, Path(tmp))
+                            # short options get more frames (up to 4x, about 2 s of them): their median is the noisier
+                            frames = max(a.frames, min(4 * a.frames, int(2000 / period)))
+                            meas = measure_agent(ns, d, endpoint, mode, meta["source"], frames, a.warmup, period, Path(tmp))
                             err = (pred.latency_ms - meas["e2e_ms"]) / meas["e2e_ms"]
                             rows.append({"target": tgt["name"], "option": label, "mbps": mbps, "mode": mode,
                                          "payload_bytes": opt.payload_bytes, "request_bytes": pred.request_bytes,
@@ -165,18 +205,48 @@ def run_bench(a) -> dict[str, Any]:
                     finally:
                         _stop(server)
     errs = [abs(r["rel_error"]) for r in rows]
-    per = {}
+    groups: dict[str, list[dict]] = {}
     for r in rows:
-        per.setdefault(f"{r['target']} @ {r['mbps']:g} Mbit/s", []).append(abs(r["rel_error"]))
+        groups.setdefault(f"{r['target']} @ {r['mbps']:g} Mbit/s", []).append(r)
+    per = {k: ranking_check(v) for k, v in groups.items()}
     return {"bench": "plan", "bandwidths_mbps": bandwidths, "frames": a.frames, "warmup_frames": a.warmup,
-            "burst_bytes": a.burst_bytes, "queue_ms": QUEUE_MS, "overhead_ms": a.overhead_ms, "ort_threads": 1,
+            "burst_bytes": a.burst_bytes, "queue_ms": QUEUE_MS, "overhead_ms": a.overhead_ms, "overhead_probes": probes, "ort_threads": 1,
             "targets": [{k: v for k, v in t.items() if k != "options"} | {"options": len(t["options"])} for t in targets],
             "rows": rows, "target_rel_error": TARGET,
             "summary": {"options": len(rows), "within_target": sum(r["within_target"] for r in rows),
                         "max_abs_rel_error": max(errs), "median_abs_rel_error": float(np.median(errs)),
-                        "per_target_bandwidth": {k: {"max_abs_rel_error": max(v), "median_abs_rel_error": float(np.median(v)),
-                                                     "options": len(v)} for k, v in per.items()}},
+                        "per_target_bandwidth": per},
             "wall_s": round(time.time() - t0, 1)}
+
+
+def _ranks(x: list[float]) -> np.ndarray:
+    return np.argsort(np.argsort(np.asarray(x))).astype(float)
+
+
+def ranking_check(rows: list[dict]) -> dict[str, Any]:
+    """For one target and bandwidth: errors, and whether the planner ranks the options as the
+    measurements do (the best option, Spearman's rank correlation)."""
+    pred, meas = [r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]
+    errs = [abs(r["rel_error"]) for r in rows]
+    out = {"options": len(rows), "max_abs_rel_error": max(errs), "median_abs_rel_error": float(np.median(errs)),
+           "best_predicted": rows[int(np.argmin(pred))]["option"], "best_measured": rows[int(np.argmin(meas))]["option"]}
+    if len(rows) > 2:
+        out["spearman_rho"] = round(float(np.corrcoef(_ranks(pred), _ranks(meas))[0, 1]), 4)
+    # the best predicted option's measured latency over the best measured one: what trusting the plan costs
+    out["regret"] = round(meas[int(np.argmin(pred))] / min(meas) - 1.0, 4)
+    return out
+
+
+def _overhead(text: str) -> float | str:
+    if text == "probe":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--overhead-ms takes a number of ms or 'probe', got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"--overhead-ms must be >= 0, got {text!r}")
+    return v
 
 
 def add_arguments(p) -> None:
@@ -185,12 +255,14 @@ def add_arguments(p) -> None:
     p.add_argument("--cuts", default=None, help="only these cut points (with a single --models entry)")
     p.add_argument("--modes", default=None, help="only these mode ids of the --bundles (default: all)")
     p.add_argument("--bandwidths", default="2,20", help="Mbit/s, comma-separated")
-    p.add_argument("--frames", type=int, default=20, help="measured frames per option (after --warmup)")
+    p.add_argument("--frames", type=int, default=20, help="measured frames per option (after --warmup; short options up to 4x)")
     p.add_argument("--warmup", type=int, default=3, help="frames per option not counted")
     p.add_argument("--runs", type=int, default=30, help="timed runs per graph for the planner's inputs")
     p.add_argument("--pace-ms", type=float, default=20.0, help="the planner's timing: idle time before each timed run")
     p.add_argument("--burst-bytes", type=int, default=BURST_BYTES, help="tbf bucket (bytes)")
-    p.add_argument("--overhead-ms", type=float, default=OVERHEAD_MS, help="the planner's runtime overhead per request")
+    p.add_argument("--overhead-ms", type=_overhead, default=OVERHEAD_MS,
+                   help=f"the planner's runtime overhead per request: ms (default {OVERHEAD_MS}, bench e2e on a quiet "
+                        "host) or 'probe' (measured per group on this host as loaded now, see probe_overhead)")
     p.add_argument("--cache", default=None, help="where cut bundles are exported (default runs/cache/plan)")
 
 
@@ -204,6 +276,9 @@ def summarize(res: dict[str, Any]) -> str:
         lines.append(f"{r['target']:<16} {r['option']:<26} {r['mbps']:>6g} {r['request_bytes']:>8.0f} {r['predicted_ms']:>9.2f} "
                      f"{r['measured_ms']:>9.2f} {r['rel_error']:>+7.1%}{'' if r['within_target'] else '  (miss)'}")
     s = res["summary"]
+    for k, v in s["per_target_bandwidth"].items():
+        lines.append(f"{k}: best predicted {v['best_predicted']}, best measured {v['best_measured']} (regret {v['regret']:+.1%})"
+                     + (f", Spearman {v['spearman_rho']:.3f}" if "spearman_rho" in v else ""))
     lines.append(f"{s['within_target']}/{s['options']} within {res['target_rel_error']:.0%}; max |error| "
                  f"{s['max_abs_rel_error']:.1%}, median {s['median_abs_rel_error']:.1%}")
     return "\n".join(lines)

@@ -320,7 +320,8 @@ def plan_main(argv: list[str] | None = None) -> int:
 
             cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
             options, meta = model_options(a.model, checkpoint=a.checkpoint, cuts=cuts, input_size=a.input_size,
-                                          cache=a.cache, timing=timing, source=a.data, host=sc.host.name)
+                                          cache=a.cache, timing=timing, source=a.data, host=sc.host.name,
+                                          progress=lambda text: print(text, file=sys.stderr, flush=True))
         preds = plan(options, sc, a.objective)
     except (PlanError, ProfileError, BundleError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

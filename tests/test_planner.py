@@ -35,10 +35,16 @@ def test_link_counts_segment_headers_acks_reply_and_burst():
     # 2480 + 20 framing = 2500 bytes: 3 segments of headers; of the ACKs for 2 pairs the last rides on the reply
     assert link.wire_bytes(2480) == 2500 + 3 * 50 + 1 * 60
     assert link.wire_bytes(4980) == 5000 + 5 * 50 + 2 * 60
-    # reply 80 + 20 = 100 bytes: one segment, its ACK comes after the answer; the bucket's 500 bytes pass at once
-    total = (2500 + 150 + 60) + (100 + 50) - 500
-    assert link.transfer_ms(2480, 80) == pytest.approx(total * 8 / 2000 + 10.0)
+    # reply 80 + 20 = 100 bytes: one segment, its ACK comes after the answer. The request finds the
+    # bucket's 500 bytes; the reply finds what refilled while the server computed (250 bytes a ms here)
+    request, reply = 2500 + 150 + 60, 100 + 50
+    assert link.transfer_ms(2480, 80) == pytest.approx(((request - 500) + reply) * 8 / 2000 + 10.0)
+    assert link.transfer_ms(2480, 80, server_ms=0.2) == pytest.approx(((request - 500) + (reply - 50)) * 8 / 2000 + 10.0)
+    assert link.transfer_ms(2480, 80, server_ms=5.0) == pytest.approx((request - 500) * 8 / 2000 + 10.0)
     assert Link(2.0, burst_bytes=10**6).transfer_ms(2480, 80) == 0.0  # all within the bucket
+    # no bucket: every byte at the rate
+    plain = Link(2.0, mss=1000, per_segment_bytes=50, ack_bytes=60, framing_bytes=20)
+    assert plain.transfer_ms(2480, 80, server_ms=5.0) == pytest.approx((request + reply) * 8 / 2000)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])

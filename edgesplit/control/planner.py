@@ -22,8 +22,9 @@ cost per node is used directly (no GPU was measured: labelled an estimate).
 loopback), the receiver's ACKs, one per two segments, take their ``ack_bytes`` of it while the
 request is still going out, except the last one, which is delayed and rides on the reply; the
 reply's own ACK is sent after the answer has arrived and costs the frame nothing. The reply (result
-header and logits) comes back the same way. A token-bucket shaper lets ``burst_bytes`` through at
-once when the frame finds it idle. Checked with a plain ZeroMQ echo over the shaped loopback (4 kB
+header and logits) comes back the same way. A token-bucket shaper (``burst_bytes``) that the frame
+finds full lets the request's first bytes through at once; the tokens it has left, plus those that
+come back at the rate while the server computes, let the reply through (capped at the bucket). Checked with a plain ZeroMQ echo over the shaped loopback (4 kB
 to 300 kB at 2 and 20 Mbit/s, no model in the way): within 0.2 ms of this; counting every ACK, the
 last one and the reply's included, over-predicted by about 130 bytes a frame.
 
@@ -154,10 +155,14 @@ class Link:
         acks = math.ceil(segments / 2) - 1 if acked else 0
         return m + segments * self.per_segment_bytes + acks * self.ack_bytes
 
-    def transfer_ms(self, request_bytes: float, reply_bytes: float) -> float:
-        """Time on the link: both messages' wire bytes beyond the burst at the rate, plus the RTT."""
-        total = self.wire_bytes(request_bytes) + self.wire_bytes(reply_bytes, acked=False)
-        return max(0.0, total - self.burst_bytes) * 8 / (self.mbps * 1e3) + self.rtt_ms
+    def transfer_ms(self, request_bytes: float, reply_bytes: float, server_ms: float = 0.0) -> float:
+        """Time on the link: each message's wire bytes beyond the tokens it finds, at the rate, plus
+        the RTT. The bucket is full when the request starts; it refills during ``server_ms``."""
+        rate = self.mbps * 1e3 / 8  # bytes per ms
+        request = self.wire_bytes(request_bytes)
+        tokens = min(self.burst_bytes, max(0.0, self.burst_bytes - request) + server_ms * rate)
+        reply = self.wire_bytes(reply_bytes, acked=False)
+        return (max(0.0, request - self.burst_bytes) + max(0.0, reply - tokens)) / rate + self.rtt_ms
 
 
 @dataclass(frozen=True)
@@ -240,12 +245,13 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
             sources[key] = f"{where.name}: {how}"
     remote = opt.kind != "local"
     request = opt.payload_bytes + opt.header_bytes
-    link_ms = sc.link.transfer_ms(request, opt.reply_bytes) if remote else 0.0
     if remote:
-        parts["link"] = link_ms
         parts["overhead"] = sc.overhead_ms
     device_ms = sum(parts.get(k, 0.0) for k in ("head", "encode")) + (parts.get("preprocess", 0.0) if opt.kind != "raw" else 0.0)
     server_ms = sum(parts.get(k, 0.0) for k in ("decode", "tail", "overhead")) + (parts.get("preprocess", 0.0) if opt.kind == "raw" else 0.0)
+    link_ms = sc.link.transfer_ms(request, opt.reply_bytes, server_ms) if remote else 0.0
+    if remote:
+        parts["link"] = link_ms
     latency = device_ms + link_ms + server_ms
     energy, est = None, False
     if dev.active_w is not None:

@@ -108,6 +108,7 @@ def test_energy_objective_uses_profile_power_and_labels_estimates(imagenette_opt
     with_radio = predict(next(o for o in options if o.name == "c8-b4"),
                          scenario("raspberry-pi-4", "h100", "x86-ci-host", Link(1.0, rtt_ms=20.0), 0.5, 1.2))
     assert with_radio.energy_mj == pytest.approx(with_radio.device_ms * 6.4 + with_radio.link_ms * 1.2)
+    assert not with_radio.energy_estimate  # sourced device figures, a given radio power: the server's estimates do not count
     with pytest.raises(PlanError, match="no power figures"):
         plan(options, scenario("x86-ci-host", "h100", "x86-ci-host", Link(1.0), 0.5, None), "energy")
 

@@ -258,8 +258,9 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
         radio = sc.radio_w if sc.radio_w is not None else dev.idle_w
         if radio is not None or not remote:
             energy = device_ms * dev.active_w + (link_ms * radio if remote else 0.0)  # ms x W = mJ
+            on_device = ("head", "encode") + (("preprocess",) if opt.kind != "raw" else ())
             est = bool(dev.estimated) or (remote and sc.radio_w is None) or any(
-                s.split(": ", 1)[1].startswith("estimate") for s in sources.values())
+                sources[k].split(": ", 1)[1].startswith("estimate") for k in on_device if k in sources)
     shares = {"device": device_ms, "link": link_ms, "server": server_ms}
     bound = max(shares, key=shares.get)
     return Prediction(opt.name, opt.kind, latency, device_ms, link_ms, server_ms, parts, request, energy, est,

@@ -113,6 +113,45 @@ def export_torch_tail(tail: torch.nn.Module, example: torch.Tensor, path: Path) 
     torch.export.save(prog, str(path))
 
 
+def load_teacher(cfg, student_path: Path, teacher_path: str | Path | None) -> torch.nn.Module:
+    """The split's full model (``teacher.pt`` beside the student unless given), strictly loaded."""
+    teacher = create_model(cfg.arch, cfg.num_classes)
+    tpath = Path(teacher_path) if teacher_path else student_path.parent / "teacher.pt"
+    teacher.load_state_dict(torch.load(str(tpath), map_location="cpu", weights_only=True), strict=True)
+    return teacher.eval()
+
+
+def input_spec_for(side: int) -> dict:
+    return {"shape": [3, side, side], "layout": "NCHW", "dtype": "float32", "color": "RGB",
+            "resize": side, "mean": list(MEAN), "std": list(STD)}
+
+
+def bundle_manifest(*, family: str, name: str | None, state: dict, cfg, input_spec: dict, wire: dict, modes: list[dict],
+                    default: int, files: dict, checks: dict, weights: str) -> dict:
+    """The manifest fields every family writes the same way around its own wire, modes and files."""
+    recipe, results = state["recipe"], state["results"]
+    return {
+        "schema_version": 1,
+        "name": name or recipe["name"],
+        "family": family,
+        "description": recipe.get("description", ""),
+        "classes": list(state["classes"]),
+        "input": input_spec,
+        "wire": wire,
+        "modes": modes,
+        "default_mode": default,
+        "files": files,
+        "model": {"arch": cfg.arch, "split_at": cfg.split_at, "config": cfg.to_dict()},
+        "teacher_accuracy": results["teacher_accuracy"],
+        "export": {"opset": OPSET, "weights": weights, "checks": checks, "check_source": f"{recipe['dataset']}:{recipe['eval_split']}"},
+        "training": {"recipe": recipe["name"], "results": results},
+        "tools": {"edgesplit": __version__, "torch": torch.__version__, "onnx": _version("onnx"),
+                  "onnxruntime": _version("onnxruntime"), "python": platform.python_version()},
+        "measured_on": {host_profile_name(): f"{platform.processor() or platform.machine()}, head latency with 1 thread, batch 1"},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | None = None,
                   check_frames: int = 256, weights: str = "fp16", teacher_path: str | Path | None = None,
                   torch_tail: bool = False) -> Bundle:
@@ -124,10 +163,7 @@ def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | Non
     recipe, results = state["recipe"], state["results"]
     cfg = model.cfg
     side = cfg.input_size
-    teacher = create_model(cfg.arch, cfg.num_classes)
-    tpath = Path(teacher_path) if teacher_path else student_path.parent / "teacher.pt"
-    teacher.load_state_dict(torch.load(str(tpath), map_location="cpu", weights_only=True), strict=True)
-    teacher.eval()
+    teacher = load_teacher(cfg, student_path, teacher_path)
 
     ex_img = torch.zeros(2, 3, side, side)
     ex_z = torch.zeros(2, *model.wire_shape)
@@ -143,8 +179,7 @@ def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | Non
         export_torch_tail(tail, ex_z, out / "tail.pt2")
         files["tail_torch"] = {"path": "tail.pt2"}
 
-    input_spec = {"shape": [3, side, side], "layout": "NCHW", "dtype": "float32", "color": "RGB",
-                  "resize": side, "mean": list(MEAN), "std": list(STD)}
+    input_spec = input_spec_for(side)
     x, _ = _eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
     head_e, tail_e, full_e = (create_engine(out / f, "ort") for f in ("head.onnx", "tail.onnx", "full.onnx"))
     z = head_e.run1(x)
@@ -170,27 +205,10 @@ def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | Non
             "head_ms": {host_profile_name(): round(head_ms, 4)},
         })
     default = next(m["id"] for m in modes if m["bits"] == recipe["default_bits"])
-    manifest = {
-        "schema_version": 1,
-        "name": name or recipe["name"],
-        "family": "bottlefit",
-        "description": recipe.get("description", ""),
-        "classes": list(state["classes"]),
-        "input": input_spec,
-        "wire": {"name": "z", "shape": list(model.wire_shape), "dtype": "float32",
-                 "quantization": "affine per tensor, parameters per mode"},
-        "modes": modes,
-        "default_mode": default,
-        "files": files,
-        "model": {"arch": cfg.arch, "split_at": cfg.split_at, "config": cfg.to_dict()},
-        "teacher_accuracy": results["teacher_accuracy"],
-        "export": {"opset": OPSET, "weights": weights, "checks": checks, "check_source": f"{recipe['dataset']}:{recipe['eval_split']}"},
-        "training": {"recipe": recipe["name"], "results": results},
-        "tools": {"edgesplit": __version__, "torch": torch.__version__, "onnx": _version("onnx"),
-                  "onnxruntime": _version("onnxruntime"), "python": platform.python_version()},
-        "measured_on": {host_profile_name(): f"{platform.processor() or platform.machine()}, head latency with 1 thread, batch 1"},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    wire = {"name": "z", "shape": list(model.wire_shape), "dtype": "float32",
+            "quantization": "affine per tensor, parameters per mode"}
+    manifest = bundle_manifest(family="bottlefit", name=name, state=state, cfg=cfg, input_spec=input_spec, wire=wire,
+                               modes=modes, default=default, files=files, checks=checks, weights=weights)
     write_manifest(out, manifest)
     return Bundle.load(out)
 

@@ -15,21 +15,17 @@ head output (max abs diff, top-1 agreement), into ``export.checks``.
 
 from __future__ import annotations
 
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import __version__
 from ..bundle import Bundle, write_manifest
 from ..engine import create_engine
 from ..wire.codec import packed_nbytes
-from .export import OPSET, _check, _eval_images, _export_onnx, _head_latency_ms, _version, host_profile_name, store_weights_fp16
-from .pipeline import MEAN, STD
+from .export import (_check, _eval_images, _export_onnx, _head_latency_ms, bundle_manifest, host_profile_name, input_spec_for,
+                     load_teacher, store_weights_fp16)
 from .pipeline_slimmable import load_slimmable
-from .zoo import create_model
 
 
 def head_file(width: int, widest: int) -> tuple[str, str]:
@@ -45,10 +41,7 @@ def export_slimmable_bundle(student_path: str | Path, out_dir: str | Path, name:
     model, state = load_slimmable(student_path)
     recipe, results, cfg = state["recipe"], state["results"], model.cfg
     side, widths, C = cfg.input_size, cfg.widths, cfg.bottleneck_channels
-    teacher = create_model(cfg.arch, cfg.num_classes)
-    tpath = Path(teacher_path) if teacher_path else student_path.parent / "teacher.pt"
-    teacher.load_state_dict(torch.load(str(tpath), map_location="cpu", weights_only=True), strict=True)
-    teacher.eval()
+    teacher = load_teacher(cfg, student_path, teacher_path)
 
     ex_img = torch.zeros(2, 3, side, side)
     files: dict[str, dict] = {}
@@ -64,8 +57,7 @@ def export_slimmable_bundle(student_path: str | Path, out_dir: str | Path, name:
         for entry in files.values():
             store_weights_fp16(out / entry["path"])
 
-    input_spec = {"shape": [3, side, side], "layout": "NCHW", "dtype": "float32", "color": "RGB",
-                  "resize": side, "mean": list(MEAN), "std": list(STD)}
+    input_spec = input_spec_for(side)
     x, _ = _eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
     tail_e = create_engine(out / "tail.onnx", "ort")
     checks: dict[str, dict] = {}
@@ -98,28 +90,10 @@ def export_slimmable_bundle(student_path: str | Path, out_dir: str | Path, name:
                 "head_macs": m["head_macs"],
             })
     default = next(m["id"] for m in modes if m["channels"] == C and m["bits"] == recipe["default_bits"])
-    manifest = {
-        "schema_version": 1,
-        "name": name or recipe["name"],
-        "family": "slimmable",
-        "description": recipe.get("description", ""),
-        "classes": list(state["classes"]),
-        "input": input_spec,
-        "wire": {"name": "z", "shape": list(model.wire_shape), "dtype": "float32",
-                 "quantization": "affine per tensor, parameters per mode",
-                 "channels": "a mode sends its first N channels; the server zero-fills the rest"},
-        "modes": modes,
-        "default_mode": default,
-        "files": files,
-        "model": {"arch": cfg.arch, "split_at": cfg.split_at, "config": cfg.to_dict()},
-        "teacher_accuracy": results["teacher_accuracy"],
-        "export": {"opset": OPSET, "weights": weights, "checks": checks,
-                   "check_source": f"{recipe['dataset']}:{recipe['eval_split']}"},
-        "training": {"recipe": recipe["name"], "results": results},
-        "tools": {"edgesplit": __version__, "torch": torch.__version__, "onnx": _version("onnx"),
-                  "onnxruntime": _version("onnxruntime"), "python": platform.python_version()},
-        "measured_on": {host_profile_name(): f"{platform.processor() or platform.machine()}, head latency with 1 thread, batch 1"},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    wire = {"name": "z", "shape": list(model.wire_shape), "dtype": "float32",
+            "quantization": "affine per tensor, parameters per mode",
+            "channels": "a mode sends its first N channels; the server zero-fills the rest"}
+    manifest = bundle_manifest(family="slimmable", name=name, state=state, cfg=cfg, input_spec=input_spec, wire=wire,
+                               modes=modes, default=default, files=files, checks=checks, weights=weights)
     write_manifest(out, manifest)
     return Bundle.load(out)

@@ -132,9 +132,6 @@ def run_bottlefit(r: Recipe, run_dir: Path, p: Prepared) -> dict:
     dev, log, teacher, results, eval_loader, nc = p.dev, p.log, p.teacher, p.results, p.eval_loader, p.num_classes
     xtr, ytr, t0 = p.xtr, p.ytr, p.t0
 
-    def loader(batch: int, train: bool) -> DeviceLoader:
-        return p.train_loader(batch)
-
     # 2. BottleFit student: backbone initialised from the teacher (the tail starts as the teacher's).
     cfg = student_config(r)
     backbone = create_model(r.teacher.arch, nc)
@@ -146,7 +143,7 @@ def run_bottlefit(r: Recipe, run_dir: Path, p: Prepared) -> dict:
         student.load_state_dict(torch.load(s1_path, map_location=dev, weights_only=True))
     else:
         c1 = vars(r.stage1)
-        distill_stage1(student, teacher, c1, loader(c1["batch"], True), dev, run_dir, log,
+        distill_stage1(student, teacher, c1, p.train_loader(c1["batch"]), dev, run_dir, log,
                        lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev))
         torch.save(student.state_dict(), s1_path)
     results["stage1_accuracy"] = evaluate(student.eval(), eval_loader, dev)
@@ -166,7 +163,7 @@ def run_bottlefit(r: Recipe, run_dir: Path, p: Prepared) -> dict:
                 continue
             student.quant.bits = bits
             ck = vars(cfg_k)
-            finetune_stage2(student, teacher, ck, loader(ck["batch"], True), dev, run_dir, log,
+            finetune_stage2(student, teacher, ck, p.train_loader(ck["batch"]), dev, run_dir, log,
                             lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev), name=name)
             torch.save(student.state_dict(), art)
 

@@ -16,6 +16,7 @@ import torch
 from ..data.sources import CLASSES
 from .data import DeviceLoader
 from .families.slimmable import SlimmableConfig, SlimmableSplit, head_macs
+from .pipeline import MEAN, STD
 from .recipe import Recipe
 from .train import evaluate
 from .train_slimmable import (calibrate_bn, calibrate_wire, distill_stage1, evaluate_modes, finetune_stage2,
@@ -52,7 +53,7 @@ def run_slimmable(r: Recipe, run_dir: Path, p) -> dict:
     def eval_widest() -> float:
         return evaluate(lambda x: student.eval()(x, -1), eval_loader, dev)
 
-    calib_loader = DeviceLoader(p.xtr, p.ytr, 250, dev, *_norm())
+    calib_loader = DeviceLoader(p.xtr, p.ytr, 250, dev, MEAN, STD)
     for name, stage, fn in (("stage1", r.stage1, distill_stage1), ("stage2", r.stage2, finetune_stage2)):
         art = run_dir / f"{name}.pt"
         if art.exists():
@@ -84,9 +85,3 @@ def run_slimmable(r: Recipe, run_dir: Path, p) -> dict:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": modes})
     return results
-
-
-def _norm():
-    from .pipeline import MEAN, STD
-
-    return MEAN, STD

@@ -102,26 +102,56 @@ class FakeQuant(nn.Module):
         return (z + (zq - z).detach()).to(z_in.dtype)  # straight-through estimator
 
 
+def cut_backbone(backbone: nn.Module, arch: str, split_at: str, input_size: int) -> tuple[list[str], tuple[int, ...]]:
+    """Prepare a zoo backbone to be a split's tail: returns the stages after ``split_at`` and the
+    shape of the backbone's own output at ``split_at`` (what a decoder must produce), and removes
+    the stages up to ``split_at`` (the encoder replaces them; the checkpoint keeps only what runs)."""
+    names = list(backbone.stage_names)
+    if split_at not in names[:-1]:
+        raise ValueError(f"split point '{split_at}' is not a stage of {arch} (stages: {names[:-1]})")
+    head_stages = names[: names.index(split_at) + 1]
+    with torch.no_grad():
+        was = backbone.training
+        backbone.eval()
+        x = torch.zeros(1, 3, input_size, input_size)
+        for s in head_stages:
+            x = backbone.run_stage(s, x)
+        backbone.train(was)
+    for s in head_stages:
+        if s == "stem":
+            for attr in ("conv1", "bn1", "stem"):
+                if hasattr(backbone, attr):
+                    setattr(backbone, attr, nn.Identity())
+        else:
+            setattr(backbone, s, nn.Identity())
+    return names[len(head_stages):], tuple(x.shape[1:])
+
+
+def upsampling_steps(z_side: int, split_side: int) -> int:
+    """How many 2x upsamplings map a ``z_side`` bottleneck to the ``split_side`` split tensor."""
+    up = split_side / z_side
+    if up < 1 or up != int(up) or (int(up) & (int(up) - 1)):
+        raise ValueError(f"decoder cannot map a {z_side}px bottleneck to the {split_side}px split tensor")
+    return int(math.log2(up))
+
+
+def run_tail(backbone: nn.Module, stages: list[str], x: torch.Tensor, return_features: bool = False):
+    """The backbone's stages after the split on the decoder's output; with ``return_features``
+    also each stage's input (the decoder output first), the targets of head-network distillation."""
+    feats = [x]
+    for s in stages:
+        x = backbone.run_stage(s, x)
+        feats.append(x)
+    return (x, feats[:-1]) if return_features else x
+
+
 class BottleFitSplit(nn.Module):
     def __init__(self, cfg: BottleFitConfig, backbone: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         backbone = backbone if backbone is not None else create_model(cfg.arch, cfg.num_classes)
-        names = list(backbone.stage_names)
-        if cfg.split_at not in names[:-1]:
-            raise ValueError(f"split point '{cfg.split_at}' is not a stage of {cfg.arch} (stages: {names[:-1]})")
-        self.tail_stages = names[names.index(cfg.split_at) + 1 :]
-        # Shape the decoder must produce: the backbone's own output at the split point.
-        with torch.no_grad():
-            was = backbone.training
-            backbone.eval()
-            x = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
-            for s in names[: names.index(cfg.split_at) + 1]:
-                x = backbone.run_stage(s, x)
-            backbone.train(was)
-        self.split_shape = tuple(x.shape[1:])
+        self.tail_stages, self.split_shape = cut_backbone(backbone, cfg.arch, cfg.split_at, cfg.input_size)
         self.backbone = backbone
-        self._drop_head_stages(names[: names.index(cfg.split_at) + 1])
 
         layers, cin = [], 3
         for w, s in zip(cfg.encoder_widths, cfg.encoder_strides):
@@ -134,11 +164,8 @@ class BottleFitSplit(nn.Module):
         stride = math.prod(cfg.encoder_strides) * cfg.bottleneck_stride
         z_side = cfg.input_size // stride
         self.wire_shape = (cfg.bottleneck_channels, z_side, z_side)
-        up = self.split_shape[-1] / z_side
-        if up < 1 or up != int(up) or (int(up) & (int(up) - 1)):
-            raise ValueError(f"decoder cannot map a {z_side}px bottleneck to the {self.split_shape[-1]}px split tensor")
+        n_up = upsampling_steps(z_side, self.split_shape[-1])
         dec, cin = [], cfg.bottleneck_channels
-        n_up = int(math.log2(up))
         for i, w in enumerate(cfg.decoder_widths):
             if i < n_up:  # learnable upsampling first, while the tensor is still small
                 dec += [nn.ConvTranspose2d(cin, w, 2, 2, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
@@ -152,27 +179,12 @@ class BottleFitSplit(nn.Module):
             dec.append(nn.ReLU(inplace=True))
         self.decoder = nn.Sequential(*dec)
 
-    def _drop_head_stages(self, head_stages: list[str]) -> None:
-        # The encoder replaces these stages; keep the checkpoint small by removing their weights.
-        for s in head_stages:
-            if s == "stem":
-                for attr in ("conv1", "bn1", "stem"):
-                    if hasattr(self.backbone, attr):
-                        setattr(self.backbone, attr, nn.Identity())
-            else:
-                setattr(self.backbone, s, nn.Identity())
-
     # -- the split ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor, return_features: bool = False):
-        x = self.decoder(z)
-        feats = [x]
-        for s in self.tail_stages:
-            x = self.backbone.run_stage(s, x)
-            feats.append(x)
-        return (x, feats[:-1]) if return_features else x
+        return run_tail(self.backbone, self.tail_stages, self.decoder(z), return_features)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         return self.decode(self.quant(self.encode(x)), return_features)

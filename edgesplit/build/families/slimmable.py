@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..zoo import create_model
-from .bottlefit import FakeQuant
+from .bottlefit import FakeQuant, cut_backbone, run_tail, upsampling_steps
 
 
 @dataclass(kw_only=True)
@@ -126,36 +126,15 @@ class SlimmableSplit(nn.Module):
         super().__init__()
         self.cfg = cfg
         backbone = backbone if backbone is not None else create_model(cfg.arch, cfg.num_classes)
-        names = list(backbone.stage_names)
-        if cfg.split_at not in names[:-1]:
-            raise ValueError(f"split point '{cfg.split_at}' is not a stage of {cfg.arch} (stages: {names[:-1]})")
-        self.tail_stages = names[names.index(cfg.split_at) + 1 :]
-        with torch.no_grad():
-            was = backbone.training
-            backbone.eval()
-            x = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
-            for s in names[: names.index(cfg.split_at) + 1]:
-                x = backbone.run_stage(s, x)
-            backbone.train(was)
-        self.split_shape = tuple(x.shape[1:])
+        self.tail_stages, self.split_shape = cut_backbone(backbone, cfg.arch, cfg.split_at, cfg.input_size)
         self.backbone = backbone
-        for s in names[: names.index(cfg.split_at) + 1]:  # replaced by the encoder: drop the weights
-            if s == "stem":
-                for attr in ("conv1", "bn1", "stem"):
-                    if hasattr(backbone, attr):
-                        setattr(backbone, attr, nn.Identity())
-            else:
-                setattr(backbone, s, nn.Identity())
 
         self.encoder = SlimmableEncoder(cfg)
         self.quant = nn.ModuleList(FakeQuant(cfg.train_bits) for _ in cfg.widths)
         stride = math.prod(cfg.encoder_strides) * cfg.bottleneck_stride
         z_side = cfg.input_size // stride
         self.wire_shape = (cfg.bottleneck_channels, z_side, z_side)
-        up = self.split_shape[-1] / z_side
-        if up < 1 or up != int(up) or (int(up) & (int(up) - 1)):
-            raise ValueError(f"decoder cannot map a {z_side}px bottleneck to the {self.split_shape[-1]}px split tensor")
-        n_up = int(math.log2(up))
+        n_up = upsampling_steps(z_side, self.split_shape[-1])
         dec, cin = [], cfg.bottleneck_channels
         for i, w in enumerate(cfg.decoder_widths):
             conv = nn.ConvTranspose2d(cin, w, 2, 2, bias=False) if i < n_up else nn.Conv2d(cin, w, 3, 1, 1, bias=False)
@@ -183,20 +162,11 @@ class SlimmableSplit(nn.Module):
         """Wire tensor (any width; narrower ones are zero-filled) -> logits."""
         if z.shape[1] != self.cfg.bottleneck_channels:
             z = self.zero_fill(z)
-        x = self.decoder(z)
-        feats = [x]
-        for s in self.tail_stages:
-            x = self.backbone.run_stage(s, x)
-            feats.append(x)
-        return (x, feats[:-1]) if return_features else x
+        return run_tail(self.backbone, self.tail_stages, self.decoder(z), return_features)
 
     def forward(self, x: torch.Tensor, index: int = -1, return_features: bool = False):
         index = index % len(self.cfg.widths)
         return self.decode(self.quant[index](self.encode(x, index)), return_features)
-
-    def tail_parameters(self):
-        """The backbone's stages after the split point (kept frozen: shared by every width)."""
-        return self.backbone.parameters()
 
     def head_module(self, index: int) -> nn.Module:
         """The head at ``widths[index]`` as a plain conv stack holding only that width's slices of

@@ -235,28 +235,24 @@ def full_options(full_path: Path, jpegs: list[bytes], spec: dict, logits: np.nda
 
 
 # -- command line ------------------------------------------------------------------------------
-def positive(name: str):
+def _number(name: str, ok, what: str):
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (math.isfinite(v) and v > 0):
-            raise argparse.ArgumentTypeError(f"{name} must be a positive number, got {text!r}")
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}")
         return v
     return parse
+
+
+def positive(name: str):
+    return _number(name, lambda v: v > 0, "a positive number")
 
 
 def non_negative(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (math.isfinite(v) and v >= 0):
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text!r}")
-        return v
-    return parse
+    return _number(name, lambda v: v >= 0, ">= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,8 +36,8 @@ def _train(argv: list[str]) -> int:
     a = p.parse_args(argv)
     from pathlib import Path
 
-    from .build.pipeline import run_recipe
-    from .build.recipe import load_recipe
+    from .builder.pipeline import run_recipe
+    from .builder.recipe import load_recipe
 
     r = load_recipe(a.recipe)
     if a.epochs_scale != 1.0:
@@ -63,15 +63,15 @@ def _delegate(module: str, func: str):
 
 HANDLERS = {
     "train": _train,
-    "export": _delegate("edgesplit.build.export", "export_main"),
+    "export": _delegate("edgesplit.builder.export", "export_main"),
     "eval": _delegate("edgesplit.bench.evaluate", "eval_main"),
     "serve": _delegate("edgesplit.server.daemon", "serve_main"),
     "agent": _delegate("edgesplit.edge.agent", "agent_main"),
     "demo": _delegate("edgesplit.demo", "demo_main"),
     "bench": _delegate("edgesplit.bench", "bench_main"),
     "inspect": _delegate("edgesplit.bundle_cli", "inspect_main"),
-    "zoo": _delegate("edgesplit.build.zoo_cli", "zoo_main"),
-    "split": _delegate("edgesplit.build.split", "split_main"),
+    "zoo": _delegate("edgesplit.builder.zoo_cli", "zoo_main"),
+    "split": _delegate("edgesplit.builder.split", "split_main"),
     "profile": _delegate("edgesplit.profile.cli", "profile_main"),
     "keys": _delegate("edgesplit.keys_cli", "keys_main"),
     "plan": _delegate("edgesplit.control.plan_cli", "plan_main"),

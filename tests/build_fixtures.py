@@ -60,7 +60,7 @@ def require_cifar() -> Path:
 
 def short_recipe():
     """The CPU recipe with every training stage forced to a single epoch."""
-    from edgesplit.build.recipe import load_recipe
+    from edgesplit.builder.recipe import load_recipe
 
     r = load_recipe(CPU_RECIPE)
     for c in (r.stage1, r.stage2, r.teacher.train):
@@ -72,7 +72,7 @@ def short_recipe():
 
 @dataclass
 class ShortBuild:
-    recipe: object  # edgesplit.build.recipe.Recipe
+    recipe: object  # edgesplit.builder.recipe.Recipe
     run_dir: Path
     results: dict
     build_sec: float  # wall time of the first run_recipe call
@@ -89,8 +89,8 @@ class ShortBuild:
 
 
 def build_short(base: Path) -> ShortBuild:
-    from edgesplit.build.export import export_bundle
-    from edgesplit.build.pipeline import run_recipe
+    from edgesplit.builder.export import export_bundle
+    from edgesplit.builder.pipeline import run_recipe
 
     require_cifar()
     r = short_recipe()

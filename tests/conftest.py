@@ -18,7 +18,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 def build_tiny_bundle(root: Path) -> Bundle:
     """Export a small randomly initialised conv split (3x32x32 -> wire 8x8x8 -> 10 logits) into
     ``root`` and return the loaded bundle. The one place that builds the test bundle: it can be
-    replaced by the project's real export (edgesplit.build.export) without changing its callers."""
+    replaced by the project's real export (edgesplit.builder.export) without changing its callers."""
     import torch
     from torch import nn
 

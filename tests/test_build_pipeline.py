@@ -16,10 +16,10 @@ import pytest
 import torch
 from build_fixtures import LIMIT_PER_SHARD, one_torch_thread, short_build, short_recipe  # noqa: F401  (fixtures)
 
-from edgesplit.build.data import DeviceLoader, load_split
-from edgesplit.build.families.bottlefit import BottleFitSplit, FakeQuant
-from edgesplit.build.pipeline import MEAN, STD, load_student, run_recipe, student_config
-from edgesplit.build.train import calibrate, collect_wire, evaluate
+from edgesplit.builder.data import DeviceLoader, load_split
+from edgesplit.builder.families.bottlefit import BottleFitSplit, FakeQuant
+from edgesplit.builder.pipeline import MEAN, STD, load_student, run_recipe, student_config
+from edgesplit.builder.train import calibrate, collect_wire, evaluate
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
 from edgesplit.engine import create_engine
@@ -123,8 +123,8 @@ def test_rerun_resumes_a_stage_from_its_checkpoint(short_build, tmp_path):
 def test_pretrained_teacher_used_as_is_leaves_teacher_pt(tmp_path):
     """A pretrained teacher with no adaptation schedule must still leave teacher.pt: export reads
     the reference model from it (it used to be written only after training)."""
-    from edgesplit.build.recipe import load_recipe
-    from edgesplit.build.zoo import load_pretrained
+    from edgesplit.builder.recipe import load_recipe
+    from edgesplit.builder.zoo import load_pretrained
     from edgesplit.data.sources import data_root
 
     weights = data_root() / "teachers" / "resnet56-4bfd9763.th"
@@ -307,7 +307,7 @@ def test_eval_accuracy_recomputed_independently(short_build, eval_json):
 def test_stage3_continues_stage2_at_lower_bits(short_build, tmp_path):
     """The optional stage 3 starts from stage 2's artefact (stage 2 is not trained again), trains at
     ``stage3_bits`` and leaves stage3.pt and a new student."""
-    from edgesplit.build.recipe import TrainCfg
+    from edgesplit.builder.recipe import TrainCfg
 
     run = _copy_run(short_build, tmp_path)
     (run / "student.pt").unlink()

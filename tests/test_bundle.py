@@ -262,7 +262,7 @@ def check_images(short_build):
 
 
 def test_onnx_head_and_tail_match_torch_and_the_recorded_checks(short_build, check_images):
-    from edgesplit.build.pipeline import load_student
+    from edgesplit.builder.pipeline import load_student
 
     b = short_build.bundle
     checks = b.manifest["export"]["checks"]
@@ -295,7 +295,7 @@ def test_onnx_head_and_tail_match_torch_and_the_recorded_checks(short_build, che
 
 
 def test_onnx_full_matches_the_teacher(short_build, check_images):
-    from edgesplit.build.zoo import create_model
+    from edgesplit.builder.zoo import create_model
 
     x, _ = check_images
     teacher = create_model("resnet20_cifar", 10)

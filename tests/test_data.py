@@ -12,7 +12,7 @@ import torch
 from build_fixtures import one_torch_thread  # noqa: F401  (autouse: single-threaded torch here)
 from PIL import Image
 
-from edgesplit.build.data import DeviceLoader, load_split
+from edgesplit.builder.data import DeviceLoader, load_split
 from edgesplit.data.sources import (
     CLASSES,
     Sample,

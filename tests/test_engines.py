@@ -43,13 +43,13 @@ def teacher_tail(tmp_path_factory):
     real wire tensors of FRAMES test images and their labels."""
     import torch
 
-    from edgesplit.build.export import (
+    from edgesplit.builder.export import (
         _export_onnx,
         export_torch_tail,
         store_weights_fp16,
     )
-    from edgesplit.build.pipeline import MEAN, STD
-    from edgesplit.build.zoo import load_pretrained
+    from edgesplit.builder.pipeline import MEAN, STD
+    from edgesplit.builder.zoo import load_pretrained
     from edgesplit.data.sources import data_root, open_source, take
     from edgesplit.data.transforms import preprocess
 
@@ -196,7 +196,7 @@ def test_fp16_graph_rewrite_matches_fp32_tail_on_ort(teacher_tail, tmp_path):
     """The fp16-compute rewrite that TensorRT builds from, run by ONNX Runtime on the CPU."""
     import onnx
 
-    from edgesplit.build.onnx_precision import lower_precision_file
+    from edgesplit.builder.onnx_precision import lower_precision_file
 
     bundle, z, _, ref = teacher_tail
     dst = lower_precision_file(bundle.file("tail"), tmp_path / "tail-fp16.onnx")
@@ -217,7 +217,7 @@ def test_fp16_graph_rewrite_matches_fp32_tail_on_ort(teacher_tail, tmp_path):
 def test_fp16_rewrite_on_shipped_bundle_tail(tmp_path):
     """The shipped CIFAR-10 bundle's own tail (BottleFit decoder: ConvTranspose, pad shortcuts) on
     256 real frames through its real head."""
-    from edgesplit.build.onnx_precision import lower_precision_file
+    from edgesplit.builder.onnx_precision import lower_precision_file
     from edgesplit.data.sources import open_source, take
     from edgesplit.data.transforms import preprocess
 
@@ -237,7 +237,7 @@ def test_fp16_rewrite_on_shipped_bundle_tail(tmp_path):
 def test_fp16_rewrite_refuses_what_it_cannot_lower():
     from onnx import TensorProto, helper
 
-    from edgesplit.build.onnx_precision import lower_precision
+    from edgesplit.builder.onnx_precision import lower_precision
 
     g = helper.make_graph([helper.make_node("RandomNormalLike", ["x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgesplit.build.recipe import Recipe, RecipeError, TrainCfg, load_recipe
+from edgesplit.builder.recipe import Recipe, RecipeError, TrainCfg, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "models" / "recipes").glob("*.yaml"))
 BASE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "cifar10-resnet20-bottlefit-cpu.yaml"
@@ -34,14 +34,14 @@ def test_every_shipped_recipe_loads(path):
         assert r.teacher.train is not None
     # the split the recipe describes can be built: shapes line up with the backbone's split point
     if r.split.family == "slimmable":
-        from edgesplit.build.families.slimmable import SlimmableSplit
-        from edgesplit.build.pipeline_slimmable import slimmable_config
+        from edgesplit.builder.families.slimmable import SlimmableSplit
+        from edgesplit.builder.pipeline_slimmable import slimmable_config
 
         model = SlimmableSplit(slimmable_config(r))
         assert model.wire_shape[0] == r.split.widths[-1]
     else:
-        from edgesplit.build.families.bottlefit import BottleFitSplit
-        from edgesplit.build.pipeline import student_config
+        from edgesplit.builder.families.bottlefit import BottleFitSplit
+        from edgesplit.builder.pipeline import student_config
 
         model = BottleFitSplit(student_config(r))
         assert model.wire_shape[0] == r.split.bottleneck_channels
@@ -203,6 +203,6 @@ def test_python_tags_are_never_executed(tmp_path):
         load_recipe(write(tmp_path, text))
     assert not marker.exists()
     # Also a bare object tag anywhere in the tree.
-    text2 = BASE.read_text() + "\nextra: !!python/object:edgesplit.build.recipe.Recipe {}\n"
+    text2 = BASE.read_text() + "\nextra: !!python/object:edgesplit.builder.recipe.Recipe {}\n"
     with pytest.raises(RecipeError):
         load_recipe(write(tmp_path, text2))

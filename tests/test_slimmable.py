@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from build_fixtures import one_torch_thread, short_build  # noqa: F401  (pytest fixtures by name)
-from edgesplit.build.families.slimmable import SlimmableConfig, SlimmableSplit, head_macs
-from edgesplit.build.recipe import RecipeError, load_recipe
-from edgesplit.build.train_slimmable import calibrate_bn, sandwich
+from edgesplit.builder.families.slimmable import SlimmableConfig, SlimmableSplit, head_macs
+from edgesplit.builder.recipe import RecipeError, load_recipe
+from edgesplit.builder.train_slimmable import calibrate_bn, sandwich
 from edgesplit.bundle import Bundle, BundleError, write_manifest
 from edgesplit.control.modes import modes_from_manifest
 from edgesplit.control.policy import Decision, Policy
@@ -115,8 +115,8 @@ def test_recipe_checks_widths(tmp_path):
 
 @pytest.fixture(scope="module")
 def slim_bundle(short_build, tmp_path_factory) -> Bundle:  # noqa: F811
-    from edgesplit.build.export_slimmable import export_slimmable_bundle
-    from edgesplit.build.pipeline import run_recipe
+    from edgesplit.builder.export_slimmable import export_slimmable_bundle
+    from edgesplit.builder.pipeline import run_recipe
 
     base = tmp_path_factory.mktemp("slim")
     recipe = {
@@ -251,7 +251,7 @@ def test_round_robin_policy_refuses_unknown_modes(slim_bundle):
 
 
 def test_held_wire_range_is_used_in_training_and_does_not_move():
-    from edgesplit.build.families.bottlefit import FakeQuant
+    from edgesplit.builder.families.bottlefit import FakeQuant
 
     q = FakeQuant(4).train()
     z = torch.linspace(-1, 1, 101).view(1, 1, 1, 101)

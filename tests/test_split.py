@@ -1,4 +1,4 @@
-"""Generic split (edgesplit.build.split): cut points, head-then-tail == full on real images, ONNX export."""
+"""Generic split (edgesplit.builder.split): cut points, head-then-tail == full on real images, ONNX export."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgesplit.build.split import (
+from edgesplit.builder.split import (
     SplitError,
     _real_images,
     candidate_cuts,
@@ -19,7 +19,7 @@ from edgesplit.build.split import (
     trace,
     verify_split,
 )
-from edgesplit.build.zoo import create_model
+from edgesplit.builder.zoo import create_model
 from edgesplit.engine import create_engine
 
 

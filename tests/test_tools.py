@@ -63,7 +63,7 @@ def test_bench_e2e_json_keys(short_build):
 
 
 def test_torch_tail_matches_onnx_tail(short_build, tmp_path):
-    from edgesplit.build.export import export_bundle
+    from edgesplit.builder.export import export_bundle
 
     b = export_bundle(short_build.run_dir / "student.pt", tmp_path / "b", check_frames=16, torch_tail=True)
     assert b.has("tail_torch")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from build_fixtures import one_torch_thread  # noqa: F401  (autouse: single-threaded torch here)
 
-from edgesplit.build.zoo import INPUT_SIZE, MODELS, create_model, load_pretrained, load_state_dict_file
+from edgesplit.builder.zoo import INPUT_SIZE, MODELS, create_model, load_pretrained, load_state_dict_file
 from edgesplit.data.sources import data_root, iter_tar_shards, take
 from edgesplit.data.transforms import preprocess
 
@@ -64,7 +64,7 @@ def test_unknown_model_names_the_known_ones():
 
 
 def test_cifar_resnet_depth_must_be_6n_plus_2():
-    from edgesplit.build.zoo.resnet_cifar import CifarResNet
+    from edgesplit.builder.zoo.resnet_cifar import CifarResNet
 
     with pytest.raises(ValueError, match="6n\\+2"):
         CifarResNet(21)

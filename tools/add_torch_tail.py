@@ -20,8 +20,8 @@ def main(argv: list[str]) -> int:
         return 2
     import torch
 
-    from edgesplit.build.export import export_torch_tail
-    from edgesplit.build.pipeline import load_student
+    from edgesplit.builder.export import export_torch_tail
+    from edgesplit.builder.pipeline import load_student
     from edgesplit.bundle import Bundle, write_manifest
 
     root, student = Path(argv[0]), argv[1]

@@ -2,7 +2,7 @@
 every cut point of real models over a link shaped by the kernel.
 
 For each target (a zoo model: every cut point of the generic split, each exported as a one-mode
-8-bit bundle by :mod:`edgesplit.build.split_bundles`; or a bundle: each of its modes) and each
+8-bit bundle by :mod:`edgesplit.builder.split_bundles`; or a bundle: each of its modes) and each
 bandwidth, one network namespace (:class:`~edgesplit.control.netns.ShapedNamespace`, ``tc tbf`` on
 its loopback) holds the real server daemon with every bundle of the target loaded. Then per option:
 
@@ -139,7 +139,7 @@ def _targets(a) -> list[dict[str, Any]]:
                     "options": [(m.name, Path(b), m.id) for m in bundle.modes if not keep or m.id in keep]})
     models = [x for x in (a.models or "").split(",") if x]
     if models:
-        from ..build.split_bundles import cut_bundles
+        from ..builder.split_bundles import cut_bundles
 
         cuts = [c for c in (a.cuts or "").split(",") if c] or None
         for m in models:

@@ -13,7 +13,7 @@ needs, on real frames of the dataset the model predicts:
 Inputs: ``--bundle DIR`` (its modes, plus ``local`` = full.onnx on the device and ``raw`` = send the
 frame's JPEG and run everything on the server), or ``--model ZOO_NAME`` (every single-tensor cut
 point of the generic split, each exported once into a cache as a one-mode 8-bit bundle by
-:mod:`edgesplit.build.split_bundles`, plus ``local`` and ``raw``).
+:mod:`edgesplit.builder.split_bundles`, plus ``local`` and ``raw``).
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def plan_main(argv: list[str] | None = None) -> int:
                 raise BundleError(f"no bundle at {a.bundle}")
             options, meta = bundle_options(a.bundle, timing=timing, source=a.data, host=sc.host.name)
         else:
-            from ..build.split_bundles import model_options
+            from ..builder.split_bundles import model_options
 
             cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
             options, meta = model_options(a.model, checkpoint=a.checkpoint, cuts=cuts, input_size=a.input_size,

@@ -1,6 +1,6 @@
 """Deterministic eval preprocessing with numpy + Pillow (no torch), as the bundle's input spec says.
 
-Train-time augmentation lives in the build plane (:mod:`edgesplit.build.augment`), on tensors.
+Train-time augmentation lives in the build plane (:mod:`edgesplit.builder.augment`), on tensors.
 """
 
 from __future__ import annotations

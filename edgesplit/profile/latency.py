@@ -301,8 +301,8 @@ def run(a) -> dict[str, Any]:
     if a.bundle:
         result.update(profile_bundle(a.bundle, batch_sizes, threads, a.runs, a.data))
     if a.model:
-        from ..build.pipeline import MEAN, STD
-        from ..build.zoo import INPUT_SIZE, create_model, load_pretrained
+        from ..builder.pipeline import MEAN, STD
+        from ..builder.zoo import INPUT_SIZE, create_model, load_pretrained
 
         classes = a.num_classes or (10 if a.model.endswith("_cifar") else 1000)
         model = load_pretrained(a.model, a.checkpoint, classes) if a.checkpoint else create_model(a.model, classes)

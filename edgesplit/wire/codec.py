@@ -28,42 +28,13 @@ from __future__ import annotations
 
 import math
 import threading
-from enum import IntEnum
 from typing import Any, Protocol
 
 import numpy as np
 
-# ---------------------------------------------------------------------------------------------
-# Error codes (shared by the codec and the protocol; numbers are part of the wire contract)
+from .errors import ErrorCode, WireError, is_int as _is_int, is_num as _is_num
 
-
-class ErrorCode(IntEnum):
-    """Error codes of protocol v1. The numbers are fixed by docs/PROTOCOL.md; never renumber."""
-
-    MALFORMED = 1            # not a valid message / descriptor / payload
-    UNSUPPORTED_VERSION = 2  # header "v" is not a version this peer speaks
-    UNKNOWN_BUNDLE = 3       # hello names a bundle hash the server has not loaded
-    NOT_READY = 4            # request (or other session message) before a successful hello
-    UNKNOWN_MODE = 5         # request names a mode id the bundle does not have, or disagrees with it
-    TOO_LARGE = 6            # header, frame, batch or tensor over the advertised limits
-    OVERLOADED = 7           # server queue full, or the agent exceeded its credits
-    DEADLINE_EXCEEDED = 8    # the request's deadline passed before its compute started
-    INTERNAL = 9             # the server failed while computing; the request may be retried
-    UNSUPPORTED = 10         # well-formed but not supported here: reserved kind, codec, bits, dtype
-    SHUTTING_DOWN = 11       # the server is draining and accepts no new requests
-
-
-class WireError(Exception):
-    """A message, descriptor or payload that violates the wire contract. ``code`` is an ErrorCode."""
-
-    def __init__(self, code: ErrorCode | int, message: str):
-        super().__init__(message)
-        self.code = ErrorCode(code)
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
-
+__all__ = ["ErrorCode", "WireError"]  # re-exported: older callers import them from here
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -288,13 +259,6 @@ def unpack_bits(buf, numel: int, bits: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Descriptors
 
-
-def _is_int(v: Any) -> bool:
-    return type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
-
-
-def _is_num(v: Any) -> bool:
-    return type(v) is float or _is_int(v) or isinstance(v, float)
 
 
 _DTYPE_BITS = {"uint8": PACKED_BITS, "float32": (32,), "float16": (16,)}

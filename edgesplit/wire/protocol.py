@@ -27,7 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import msgpack
 
-from .codec import CODECS, PACKED_BITS, ErrorCode, WireError, check_descriptor, descriptor, packed_nbytes
+from .codec import CODECS, PACKED_BITS, check_descriptor, descriptor, packed_nbytes
+from .errors import ErrorCode, ProtocolError, WireError, is_int as _is_int, is_num as _is_num
 
 PROTOCOL_VERSION = 1          # the major version: the "v" of every header
 PROTOCOL_REVISION = (1, 1)    # major.minor of docs/PROTOCOL.md; minor revisions add optional keys only
@@ -53,15 +54,6 @@ class Kind:
 KINDS = (Kind.HELLO, Kind.WELCOME, Kind.REQUEST, Kind.RESULT, Kind.ERROR, Kind.PING, Kind.PONG, Kind.BYE)
 # Reserved for later revisions (documented, not implemented): ED-ViT scatter/gather, SFPrompt split training.
 RESERVED_KINDS = ("scatter", "gather", "train_fwd", "train_bwd", "model_update")
-
-
-class ProtocolError(WireError):
-    """An incoming message that violates the protocol. ``req_id`` is the request id when it could
-    be read (so the error reply can name it), else None."""
-
-    def __init__(self, code: ErrorCode | int, message: str, req_id: int | None = None):
-        super().__init__(code, message)
-        self.req_id = req_id
 
 
 @dataclass(frozen=True)
@@ -270,13 +262,6 @@ def bye(reason: str = "") -> dict[str, Any]:
 
 M = ErrorCode.MALFORMED
 
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _get(h: dict, key: str, kind: str, rid: int | None = None) -> Any:

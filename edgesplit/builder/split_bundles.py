@@ -1,4 +1,4 @@
-"""Every cut point of the generic split (:mod:`edgesplit.build.split`) as a small bundle that the
+"""Every cut point of the generic split (:mod:`edgesplit.builder.split`) as a small bundle that the
 real agent and server can run, for the split planner (``edgesplit plan --model``) and its
 validation benchmark (``edgesplit bench plan``).
 

@@ -14,23 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zmq
 
 from .bundle import Bundle
 from .data.sources import SourceError, open_source, take
-
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_BUNDLE = MODELS_DIR / "cifar10-resnet20-bottlefit"
-DEFAULT_SOURCES = {"cifar10": "cifar10:test", "imagenette": "imagenette:val"}
-
-
-def free_port() -> int:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.ROUTER)
-    try:
-        return s.bind_to_random_port("tcp://127.0.0.1")
-    finally:
-        s.close(0)
+from .loopback import DEFAULT_BUNDLE, DEFAULT_SOURCES
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:

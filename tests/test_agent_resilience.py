@@ -24,7 +24,7 @@ from edgesplit.bench.serverproc import ServerProcess
 from edgesplit.bundle import Bundle
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
-from edgesplit.demo import free_port
+from edgesplit.loopback import free_port
 from edgesplit.edge.agent import DISCONNECTED, TIMEOUT, Agent, AgentError, agent_main
 from edgesplit.edge.fallback import RTT_OVER_DEADLINE, UNREACHABLE
 from edgesplit.edge.link import Backoff

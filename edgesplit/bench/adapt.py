@@ -52,7 +52,7 @@ def measure_fallback_ms(bundle_path: Path, frames: int = 40) -> float:
     from ..data.sources import open_source, take
     from ..data.transforms import preprocess
     from ..engine import create_engine
-    from ..demo import DEFAULT_SOURCES
+    from ..loopback import DEFAULT_SOURCES
 
     b = Bundle.load(bundle_path)
     dataset = next((d for d in DEFAULT_SOURCES if b.name.startswith(d)), None)
@@ -114,7 +114,7 @@ def run(a) -> dict:
     from ..control.modes import modes_from_manifest
     from ..control.simulator import compare, standard_policies
     from ..control.traces import Trace, read_trace
-    from ..demo import DEFAULT_BUNDLE
+    from ..loopback import DEFAULT_BUNDLE
 
     bundle_path = Path(a.bundle or DEFAULT_BUNDLE)
     fallback_ms = a.fallback_ms if a.fallback_ms is not None else measure_fallback_ms(bundle_path)

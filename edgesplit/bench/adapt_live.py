@@ -190,7 +190,7 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
     schedule = live_trace(trace, scale=scale, step_s=step_s, start_s=start_s, duration_s=duration_s)
     modes = modes_from_manifest(bundle_path)
     if source is None:
-        from ..demo import DEFAULT_SOURCES
+        from ..loopback import DEFAULT_SOURCES
 
         dataset = next((d for d in DEFAULT_SOURCES if modes.name.startswith(d)), None)
         if dataset is None:

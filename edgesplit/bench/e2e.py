@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from ..bundle import Bundle
-from ..demo import DEFAULT_SOURCES, free_port
+from ..loopback import DEFAULT_SOURCES, free_port
 from .serverproc import ServerProcess
 
 _ECHO = r"""
@@ -119,6 +119,6 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> dict:
-    from ..demo import DEFAULT_BUNDLE
+    from ..loopback import DEFAULT_BUNDLE
 
     return bench_e2e(Path(a.bundle or DEFAULT_BUNDLE), a.frames, a.source, a.mode, a.threads)

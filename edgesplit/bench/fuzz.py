@@ -341,7 +341,7 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> dict:
-    from ..demo import DEFAULT_BUNDLE
+    from ..loopback import DEFAULT_BUNDLE
 
     return bench_fuzz(Path(a.bundle or DEFAULT_BUNDLE), a.frames, a.agents, fuzzers=a.fuzzers, window=a.fuzz_window,
                       rate=a.fuzz_rate, agent_fps=a.agent_fps, baseline_s=a.baseline_s, seed=a.seed, threads=a.threads,

@@ -57,7 +57,7 @@ def head_workload(bundle: Bundle, n: int = 64, mode: int | None = None, source: 
     server must answer, up to batch-size rounding)."""
     from ..data.sources import open_source, take
     from ..data.transforms import preprocess
-    from ..demo import DEFAULT_SOURCES
+    from ..loopback import DEFAULT_SOURCES
     from ..engine import create_engine
 
     if source is None:

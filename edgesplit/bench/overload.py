@@ -133,7 +133,7 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> dict:
-    from ..demo import MODELS_DIR
+    from ..loopback import MODELS_DIR
 
     return bench_overload(Path(a.bundle or MODELS_DIR / "imagenette-resnet18-bottlefit"), a.factor, seconds=a.seconds,
                           deadline_ms=a.deadline_ms, sessions=a.sessions, capacity_s=a.capacity_s,

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..bundle import Bundle
-from ..demo import DEFAULT_SOURCES, free_port
+from ..loopback import DEFAULT_SOURCES, free_port
 from .serverproc import ServerProcess
 
 
@@ -138,7 +138,7 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> dict:
-    from ..demo import DEFAULT_BUNDLE
+    from ..loopback import DEFAULT_BUNDLE
 
     return bench_restart(Path(a.bundle or DEFAULT_BUNDLE), a.frames, a.kill_at, source=a.source, inflight=a.inflight,
                          threads=a.threads, fallback=a.fallback, reconnect_max_s=a.reconnect_max_s,

@@ -164,7 +164,7 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> dict:
-    from ..demo import MODELS_DIR
+    from ..loopback import MODELS_DIR
 
     return bench_server(Path(a.bundle or MODELS_DIR / "imagenette-resnet18-bottlefit"), _int_list(a.agents),
                         backend=a.backend, device=a.device, precision=a.precision, accel=a.accel, threads=a.threads,

@@ -44,7 +44,7 @@ def run(a) -> dict[str, Any]:
     from ..bundle import Bundle
     from ..control import RoundRobinPolicy, modes_from_manifest
     from ..data.sources import open_source, take
-    from ..demo import DEFAULT_BUNDLE, DEFAULT_SOURCES, free_port
+    from ..loopback import DEFAULT_BUNDLE, DEFAULT_SOURCES, free_port
     from ..edge.agent import Agent
     from .serverproc import ServerProcess
 

@@ -1,0 +1,196 @@
+"""A bundle's tail on the server: the request checks (:class:`RequestCheck`, bundle only, no
+engine: the session table validates requests with them on the I/O thread) and the tail engine
+that turns a batch of queued requests into logits (:class:`TailRunner`, compute thread).
+
+Requests arrive full (with their tensor descriptor) or, from agents that saw
+``"compact_requests"`` in the server's welcome (protocol v1.1), compact: no descriptor, one frame
+whose descriptor the bundle mode implies. :meth:`RequestCheck.check_compact` checks such a frame's
+length against that descriptor before anything is decoded; from then on both kinds are the same
+queued item.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..engine import EngineOptions  # numpy only: backends load lazily
+from ..wire import codec, protocol as P
+from ..wire.errors import ErrorCode, ProtocolError, WireError
+from .batcher import Item
+
+log = logging.getLogger("edgesplit.server")
+
+
+class RequestCheck:
+    """What a request tensor must look like to run a bundle's tail: its wire tensor's name and
+    shape, each mode's bits and channels, and each mode's implied compact descriptor."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        spec = bundle.wire_spec
+        self.wire_name = spec["name"]
+        self.wire_shape = tuple(int(s) for s in spec["shape"])  # (C, h, w)
+        self.modes = {m.id: m for m in bundle.modes}
+        self._mode_spec = {m.id: (int(m.bits), int(m.channels)) for m in bundle.modes}
+        # v1.1 compact requests: each mode's implied descriptor, built once and shared (never
+        # mutated) by every compact request of that mode.
+        self._compact = {m.id: P.compact_descriptor(self.wire_name, self.wire_shape, m) for m in bundle.modes}
+
+    def check(self, mode_id: int, d: dict[str, Any], rid: int) -> tuple[int, bool]:
+        """Validate a request tensor against the bundle; return (rows, single)."""
+        spec = self._mode_spec.get(mode_id)
+        if spec is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_MODE,
+                                f"bundle '{self.bundle.name}' has no mode {mode_id} (modes: {sorted(self.modes)})", rid)
+        if d["name"] != self.wire_name:
+            raise ProtocolError(ErrorCode.MALFORMED, f"tensor is named '{d['name']}', the bundle's wire tensor is '{self.wire_name}'", rid)
+        shape = d["shape"]
+        C, h, w = self.wire_shape
+        nd = len(shape)
+        if (nd != 3 and nd != 4) or shape[-1] != w or shape[-2] != h:
+            raise ProtocolError(ErrorCode.MALFORMED, f"tensor shape {shape} does not fit the wire tensor [N,<= {C},{h},{w}]", rid)
+        bits, channels = spec
+        if d["bits"] != bits or d["channels"] != channels or shape[-3] > C:
+            mode = self.modes[mode_id]
+            raise ProtocolError(ErrorCode.UNKNOWN_MODE,
+                                f"tensor ({d['channels']} channels, {d['bits']} bits) disagrees with mode {mode.id} "
+                                f"'{mode.name}' ({mode.channels} channels, {mode.bits} bits)", rid)
+        if nd == 3:
+            return 1, True
+        rows = shape[0]
+        if rows < 1:
+            raise ProtocolError(ErrorCode.MALFORMED, "request tensor has zero rows", rid)
+        return rows, False
+
+    def check_compact(self, mode_id: int, frame, rid: int) -> dict[str, Any]:
+        """Validate a compact request's frame against its mode (before anything is decoded or
+        allocated for it); return the implied descriptor."""
+        d = self._compact.get(mode_id)
+        if d is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_MODE,
+                                f"bundle '{self.bundle.name}' has no mode {mode_id} (modes: {sorted(self.modes)})", rid)
+        n = len(frame) if type(frame) is bytes else memoryview(frame).nbytes
+        if n != d["nbytes"]:
+            c, h, w = d["shape"]
+            raise ProtocolError(ErrorCode.MALFORMED,
+                                f"compact request: frame is {n} bytes, mode {mode_id} ({c}x{h}x{w} codes at {d['bits']} bits, "
+                                f"raw) needs exactly {d['nbytes']}", rid)
+        return d
+
+
+class TailRunner:
+    """A bundle's tail engine plus what is needed to turn requests into its input batch."""
+
+    def __init__(self, bundle: Bundle, backend: str = "ort", threads: int | None = None,
+                 options: EngineOptions | None = None):
+        from ..engine import EngineError, create_engine
+
+        self.bundle = bundle
+        opts = EngineOptions.make(options, **({"threads": threads} if threads is not None else {}))
+        path, used = bundle.file("tail"), backend  # ort and tensorrt both run the ONNX tail
+        if backend == "torch":
+            if bundle.has("tail_torch"):
+                path = bundle.file("tail_torch")
+            else:
+                # Fall back to ONNX Runtime only where it can honour the options; a GPU or
+                # reduced-precision request must not quietly become fp32 on the CPU.
+                try:
+                    opts.check("ort")
+                except EngineError as e:
+                    raise EngineError(f"bundle '{bundle.name}' has no tail_torch file for --backend torch, and ONNX "
+                                      f"Runtime cannot stand in ({e}); export one with 'edgesplit export --torch-tail'") from None
+                log.warning("bundle '%s' has no tail_torch file; running its ONNX tail with ONNX Runtime", bundle.name)
+                used = "ort"
+        self.backend = used
+        self.engine = create_engine(path, used, opts)
+        self.requests = RequestCheck(bundle)
+        self.wire_shape = self.requests.wire_shape
+        self.modes = self.requests.modes
+        self.check, self.check_compact = self.requests.check, self.requests.check_compact
+        self.input_name = self.engine.inputs[0].name
+        self.output_name = self.engine.outputs[0].name
+        self._bufs: dict[int, np.ndarray] = {}
+        self._out_descs: dict[tuple, list[dict[str, Any]]] = {}
+
+    def warmup(self) -> None:
+        self.engine.run({self.input_name: np.zeros((1, *self.wire_shape), np.float32)})
+
+    def _buffer(self, c: int, rows: int) -> np.ndarray:
+        """The reusable input batch for requests that send ``c`` channels: ``[n >= rows, C, h, w]``
+        float32 whose channels ``c..C-1`` are zero and stay zero (decoding writes ``:c`` only).
+        One per channel count, so a wider mode never leaves values where a narrower one needs
+        zeros. Only the compute thread uses it, and the engine has returned before it is reused."""
+        buf = self._bufs.get(c)
+        if buf is None or buf.shape[0] < rows:
+            n = 1
+            while n < rows:
+                n *= 2
+            buf = self._bufs[c] = np.zeros((n, *self.wire_shape), np.float32)
+        return buf
+
+    def _decode(self, d: dict[str, Any], payload, dst: np.ndarray) -> None:
+        """One validated request tensor -> float32 values in ``dst`` (a view of the batch buffer)."""
+        if d["dtype"] != "uint8" or d["codec"] != "raw":
+            codec.decode(d, payload, out=dst, validate=False)
+            return
+        codec.dequantize_packed(payload, dst.size, d["bits"], d["scale"], d["zero_point"], dst)
+
+    def run(self, items: list[Item]) -> tuple[np.ndarray, list[int], dict[int, WireError]]:
+        """Decode the items into one batch and run the tail. Returns (logits, row offsets, per-item
+        decode errors by index); items that failed to decode get no rows."""
+        if len(items) == 1:  # the common case when idle: no offsets bookkeeping, no stacking
+            it = items[0]
+            d = it.desc
+            c = d["shape"][-3]
+            x = self._buffer(c, it.rows)
+            try:
+                self._decode(d, it.payload, x[0, :c] if it.single else x[: it.rows, :c])
+            except WireError as e:
+                return _EMPTY_LOGITS, [-1], {0: e}
+            out = self.engine.run({self.input_name: x[: it.rows]})[self.output_name]
+            return _as_f32(out), [0], _NO_ERRORS
+        rows = sum(it.rows for it in items)
+        c = items[0].desc["shape"][-3]
+        x = self._buffer(c, rows)
+        offsets, errors, r = [], {}, 0
+        for i, it in enumerate(items):
+            d = it.desc
+            dst = x[r, :c] if it.single else x[r: r + it.rows, :c]
+            try:
+                self._decode(d, it.payload, dst)
+            except WireError as e:
+                errors[i] = e
+                offsets.append(-1)
+                continue
+            offsets.append(r)
+            r += it.rows
+        if r == 0:
+            return _EMPTY_LOGITS, offsets, errors
+        out = self.engine.run({self.input_name: x[:r]})[self.output_name]
+        return _as_f32(out), offsets, errors
+
+    def outputs_for(self, shape: tuple) -> list[dict[str, Any]]:
+        """The (constant) ``outputs`` list of a result carrying logits of ``shape``: cached per
+        shape and never mutated, so the result packer can cache its packed form too."""
+        o = self._out_descs.get(shape)
+        if o is None:
+            n = 4 * math.prod(shape)
+            o = self._out_descs[shape] = [codec.descriptor(self.output_name, shape, "float32", 32, 1.0, 0, None, "raw", n)]
+        return o
+
+
+_EMPTY_LOGITS = np.empty((0,), np.float32)
+_NO_ERRORS: dict[int, WireError] = {}
+_F32LE = np.dtype("<f4")
+
+
+def _as_f32(a) -> np.ndarray:
+    """Engine output -> little-endian float32 C-ordered array (what a result frame carries)."""
+    if type(a) is np.ndarray and a.dtype == _F32LE and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a, dtype=_F32LE)

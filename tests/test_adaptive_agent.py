@@ -23,7 +23,7 @@ from edgesplit.control.modes import FALLBACK
 from edgesplit.control.netns import shaping_available
 from edgesplit.control.traces import Trace
 from edgesplit.data.sources import open_source, take
-from edgesplit.demo import free_port
+from edgesplit.loopback import free_port
 from edgesplit.edge.adaptive import POLICY, make_policy
 from edgesplit.edge.agent import Agent, agent_main, summarize
 

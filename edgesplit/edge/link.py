@@ -7,21 +7,23 @@ Two small pieces, both read only where the agent checks timeouts (never per mess
   ``EVENT_DISCONNECTED`` at once, where waiting for an answer would take the request timeout. A
   completed ZMTP handshake (``EVENT_HANDSHAKE_SUCCEEDED``) says a server is there again, so the
   agent can say ``hello`` right away instead of at its next backoff step.
-- :class:`Backoff`: exponential delays with jitter for re-sending ``hello`` while no ``welcome``
-  arrives, so that a fleet of agents does not hammer a server that is coming back up.
+- :class:`Backoff` (defined in :mod:`edgesplit.wire.session_events`, used by the client session):
+  exponential delays with jitter for re-sending ``hello`` while no ``welcome`` arrives, so that a
+  fleet of agents does not hammer a server that is coming back up.
 
 A link that looks connected but carries nothing (a half-open TCP connection, a server that hangs)
-is caught by the agent's silence deadline instead (see ``Agent._check_timeouts``).
+is caught by the client session's silence deadline instead (see ``ClientSession.tick``).
 """
 
 from __future__ import annotations
 
-import random
-
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from ..wire.session_events import Backoff
 from ..wire.transport import pending_in
+
+__all__ = ["LinkMonitor", "Backoff", "CONNECTED", "DISCONNECTED", "CONNECT_FAILED", "HANDSHAKE_FAILED"]
 
 # The events the agent acts on. Subscribing to these only keeps the monitor queue short.
 CONNECTED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)   # TCP up and ZMTP (and CURVE, if any) handshake done
@@ -58,25 +60,3 @@ class LinkMonitor:
         except zmq.ZMQError:  # the socket is already closed
             pass
         self._pair.close(linger=0)
-
-
-class Backoff:
-    """Delays ``initial_s, 2*initial_s, 4*initial_s, ...`` capped at ``max_s``, each drawn
-    uniformly from its upper half ("equal jitter"): never 0, never above the cap, and agents that
-    lost the same server at the same instant spread their retries out."""
-
-    def __init__(self, initial_s: float = 0.05, max_s: float = 0.5, rng: random.Random | None = None):
-        if initial_s <= 0 or max_s < initial_s:
-            raise ValueError(f"backoff needs 0 < initial_s <= max_s, got {initial_s} and {max_s}")
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self._rng = rng or random.Random()
-        self._step_s = initial_s
-
-    def reset(self) -> None:
-        self._step_s = self.initial_s
-
-    def next_delay(self) -> float:
-        d = self._step_s
-        self._step_s = min(self._step_s * 2, self.max_s)
-        return d / 2 + self._rng.random() * d / 2

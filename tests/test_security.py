@@ -95,14 +95,13 @@ def test_curve_admits_allowed_agents_and_refuses_and_counts_strangers(tiny_bundl
             messages = {}
             for what, kw in refusals.items():
                 stranger = Agent(tiny_bundle, srv.endpoint, load_head=False, timeout_s=10, **kw)
-                t0 = time.monotonic()
                 with pytest.raises(AgentError) as e:
                     stranger.connect()
                 messages[what] = str(e.value)
-                assert time.monotonic() - t0 < 8, f"{what}: refused only by the timeout, not by the handshake"
+            # each refusal names its handshake failure (the 10 s timeout would say "no welcome")
             assert "not in the server's --allow-keys directory" in messages["unknown key"]
             assert "requires CURVE" in messages["plaintext"]
-            assert "--server-key" in messages["wrong server key"]
+            assert "--server-key is probably not this server's public key" in messages["wrong server key"]
 
             # A hand-made plaintext client speaking the protocol correctly gets nothing at all.
             raw = zmq.Context.instance().socket(zmq.DEALER)

@@ -158,11 +158,10 @@ def test_batching_and_per_request_replies(tiny_bundle):
     with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=3_000_000) as srv:
         c = RawClient(srv.endpoint)
         c.hello(tiny_bundle)
-        t0 = time.monotonic()
         for rid in range(1, 9):  # 8 requests = max_batch: dispatched at once, not after 3 s
             c.request(tiny_bundle, rid)
         msgs = [c.recv() for _ in range(8)]
-        assert time.monotonic() - t0 < 1.5
+        assert all(m.header["timing"]["queue_us"] < 3_000_000 for m in msgs)  # released by size, not the delay
         assert sorted(m.id for m in msgs) == list(range(1, 9))
         assert all(m.kind == "result" and m.header["timing"]["batch_size"] == 8 for m in msgs)
         # a 4-D request is several rows: replies [n, K]
@@ -170,7 +169,7 @@ def test_batching_and_per_request_replies(tiny_bundle):
         z = np.random.default_rng(0).uniform(0, 50 * m.scale, (3, 8, 8, 8)).astype(np.float32)
         d, p = codec.encode(z, m, name="z")
         c.send(P.pack(P.request(99, 0, [d]), [p]))
-        r = c.recv()
+        r = c.recv(timeout=30)  # alone: released by the 3 s queue delay
         assert r.kind == "result" and r.header["outputs"][0]["shape"] == [3, 10]
         assert r.header["timing"]["batch_size"] == 3
         c.close()
@@ -266,10 +265,9 @@ def test_deadlines(tiny_bundle):
         m = c.recv()
         assert (m.kind, m.id, m.header["code"]) == ("error", 1, ErrorCode.DEADLINE_EXCEEDED)
         # a batch is flushed before its earliest deadline, not after the 2 s queue delay
-        t0 = time.monotonic()
         c.request(tiny_bundle, 2, deadline_ms=100)
-        m = c.recv(timeout=1.5)
-        assert m.kind == "result" and m.id == 2 and time.monotonic() - t0 < 1.0
+        m = c.recv(timeout=30)
+        assert m.kind == "result" and m.id == 2 and m.header["timing"]["queue_us"] < 2_000_000
         c.close()
         with Agent(tiny_bundle, srv.endpoint, threads=1, deadline_ms=0) as agent:
             r = agent.send_tensor(np.zeros((8, 8, 8), np.float32))
@@ -293,7 +291,7 @@ def test_agent_timeouts_do_not_hang(tiny_bundle):
     t0 = time.monotonic()
     with pytest.raises(AgentError):
         agent.connect()
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 20  # timed out (0.3 s), not hung: the bound only tells the two apart
     # a server that welcomes but never answers: each request ends as a TIMEOUT error
     router, endpoint = bind_router("tcp://127.0.0.1:0")
     try:
@@ -314,7 +312,7 @@ def test_agent_timeouts_do_not_hang(tiny_bundle):
         rid = agent.send_tensor(np.zeros((8, 8, 8), np.float32), key="k")
         t0 = time.monotonic()
         r = agent.wait_for(rid)
-        assert r.error == TIMEOUT and 0.25 < time.monotonic() - t0 < 2
+        assert r.error == TIMEOUT and 0.25 < time.monotonic() - t0 < 20  # waited its 0.3 s, then gave up
         agent.close()
     finally:
         router.close(0)
@@ -433,16 +431,15 @@ def test_batcher_rules():
     first = b.next_batch(timeout=1)  # "a" has 5 rows >= max_batch: due at once, 4 rows taken
     assert len(first) == 4 and all(i.key == "a" for i in first)
     t0 = time.monotonic()
-    second = b.next_batch(timeout=1)  # then the oldest due key after the 50 ms delay
-    assert 0.02 < time.monotonic() - t0 < 1.0 and len(second) == 1
+    second = b.next_batch(timeout=30)  # then the oldest due key after the 50 ms delay
+    assert 0.02 < time.monotonic() - t0 and len(second) == 1
     assert len(b.next_batch(timeout=1)) == 1 and len(b) == 0
     assert b.next_batch(timeout=0.01) is None  # nothing queued
     # a deadline pulls the flush forward
-    b2 = Batcher(max_batch=8, max_delay_us=5_000_000, max_queue=8)
+    b2 = Batcher(max_batch=8, max_delay_us=600_000_000, max_queue=8)  # a 10-minute delay: only the deadline can release it
     now = time.perf_counter_ns()
     b2.put(_item("k", now, deadline=now + 30_000_000))
-    t0 = time.monotonic()
-    assert len(b2.next_batch(timeout=2)) == 1 and time.monotonic() - t0 < 0.5
+    assert len(b2.next_batch(timeout=30) or []) == 1
     # rows: a 3-row item and a 2-row item never share a 4-row batch
     b3 = Batcher(max_batch=4, max_delay_us=0, max_queue=8)
     b3.put(_item("k", now, rows=3))
@@ -628,14 +625,15 @@ def test_batcher_fast_path_and_batching_under_load():
     t.join(2)
     assert not t.is_alive() and out == [[late], None]
     assert not b.put(_item("k", now)) and len(b) == 0
-    # a request alone with a queue delay waits for it; a full batch does not
+    # a full batch does not wait for the queue delay (10 minutes here: only fullness can release it)
+    full = Batcher(max_batch=2, max_delay_us=600_000_000, max_queue=8)
+    full.put(_item("k", time.perf_counter_ns(), rows=2))
+    assert len(full.next_batch(timeout=30) or []) == 1
+    # a request alone waits for it
     b2 = Batcher(max_batch=2, max_delay_us=100_000, max_queue=8)
-    b2.put(_item("k", time.perf_counter_ns(), rows=2))
-    t0 = time.monotonic()
-    assert len(b2.next_batch(timeout=1)) == 1 and time.monotonic() - t0 < 0.05
     b2.put(_item("k", time.perf_counter_ns()))
     t0 = time.monotonic()
-    assert len(b2.next_batch(timeout=1)) == 1 and 0.08 < time.monotonic() - t0 < 0.9
+    assert len(b2.next_batch(timeout=30)) == 1 and 0.08 < time.monotonic() - t0
 
 
 def test_server_answers_undecodable_tensors_and_serves_the_rest(tiny_bundle):

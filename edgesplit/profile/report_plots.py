@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle import Bundle
+from .report_inputs import ReportError
 
 STAGE_COLOURS = {"head": "#1f77b4", "encode": "#17becf", "link + runtime": "#ff7f0e", "server queue": "#bcbd22",
                  "server compute (tail)": "#2ca02c", "tail": "#2ca02c", "full": "#9467bd"}
@@ -46,8 +47,6 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        from .report import ReportError
-
         raise ReportError("matplotlib is not installed: pip install 'edgesplit[profile]'") from None
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
@@ -206,8 +205,6 @@ def _byte_ticks(ax) -> None:
 
 
 def write_plots(bundle: Bundle, data: dict[str, dict | None], out: Path) -> dict[str, Path | None]:
-    from .report import ReportError
-
     try:
         plots = {"latency_breakdown": plot_latency(bundle, data, out / PNG_NAMES["latency_breakdown"]),
                 "energy_per_mode": plot_energy(bundle, data["power"], out / PNG_NAMES["energy_per_mode"]),

@@ -73,7 +73,7 @@ class EngineOptions:
                 raise EngineError(f"the ONNX Runtime backend runs on cpu only, not '{self.device}' (use torch or tensorrt on a GPU)")
             if self.precision != "fp32":
                 raise EngineError("ONNX Runtime computes in the graph's own precision: for "
-                                  f"{self.precision} lower the graph first (edgesplit.builder.onnx_precision) or use torch/tensorrt")
+                                  f"{self.precision} lower the graph first (edgesplit.engine.onnx_precision) or use torch/tensorrt")
         elif backend == "tensorrt":
             if self.device == "cpu":
                 raise EngineError("the TensorRT backend runs on cuda only")

@@ -3,7 +3,7 @@
 Build: a strongly typed network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``), so every
 tensor runs in the type the ONNX graph gives it and no builder flag picks precision (TensorRT 11
 knows no other mode). For ``precision="fp16"`` the graph is first rewritten to fp16 compute with
-fp32 inputs and outputs (:func:`edgesplit.builder.onnx_precision.lower_precision`); "fp32" builds
+fp32 inputs and outputs (:func:`edgesplit.engine.onnx_precision.lower_precision`); "fp32" builds
 the bundle's graph as it is. One optimization profile covers the dynamic batch axis: min 1, opt
 ``opt_batch`` (default ``max_batch``), max ``max_batch``.
 
@@ -106,7 +106,7 @@ class TensorRTEngine(Engine):
                 return self.path.read_bytes()
             import onnx
 
-            from ..builder.onnx_precision import lower_precision
+            from .onnx_precision import lower_precision
 
             return lower_precision(onnx.load(str(self.path)), precision).SerializeToString()
         except (OSError, ValueError) as e:

@@ -74,7 +74,7 @@ HANDLERS = {
     "split": _delegate("edgesplit.builder.split", "split_main"),
     "profile": _delegate("edgesplit.profile.cli", "profile_main"),
     "keys": _delegate("edgesplit.keys_cli", "keys_main"),
-    "plan": _delegate("edgesplit.control.plan_cli", "plan_main"),
+    "plan": _delegate("edgesplit.profile.plan_cli", "plan_main"),
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgesplit.control.netns import shaping_available
-from edgesplit.control.plan_cli import Timing, bundle_options, scenario
+from edgesplit.profile.plan_inputs import Timing, bundle_options, scenario
 from edgesplit.control.planner import Link, Machine, PlanError, Work, plan, predict
 from edgesplit.profile.devices import load_profile
 

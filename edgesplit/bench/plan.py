@@ -7,7 +7,7 @@ bandwidth, one network namespace (:class:`~edgesplit.control.netns.ShapedNamespa
 its loopback) holds the real server daemon with every bundle of the target loaded. Then per option:
 
 1. **prediction**: the planner's inputs are measured in this process just before (ONNX Runtime at 1
-   thread, the codec, JPEG decoding; :func:`edgesplit.control.plan_cli.bundle_options`) and the
+   thread, the codec, JPEG decoding; :func:`edgesplit.profile.plan_inputs.bundle_options`) and the
    link is described as tc shapes it: the rate, the bucket (``burst_bytes``), and TCP ACKs sharing
    the bottleneck (both directions cross the one shaped loopback). No measured end-to-end figure
    goes into a prediction.
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..control.netns import ShapedNamespace, shaping_available
-from ..control.plan_cli import HOST_PROFILE, OVERHEAD_MS, Timing, bundle_options, scenario
+from ..profile.plan_inputs import HOST_PROFILE, OVERHEAD_MS, Timing, bundle_options, scenario
 from ..control.planner import Link, predict
 
 DEFAULT_MODELS = ("resnet20_cifar", "resnet18_w24")

@@ -16,7 +16,6 @@ yet; ``split.generic: true`` and the description say what it really is.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,25 +157,3 @@ def cut_bundles(model: str, *, checkpoint: str | None = None, cuts: list[str] | 
     meta = {"model": model, "checkpoint": checkpoint, "input_size": side, "cache": str(root),
             "cut_points": len(all_cuts), "planned_cuts": [c.name for c, _ in out]}
     return out, full, meta
-
-
-def model_options(model: str, *, checkpoint: str | None = None, cuts: list[str] | None = None, input_size: int | None = None,
-                  cache: str | Path | None = None, timing=None, source: str | None = None, host: str = "x86-ci-host",
-                  progress=None):
-    """The planner's options for a zoo model: one per cut point, plus local and raw."""
-    from ..control.plan_cli import Timing, _frames, bundle_options, full_options
-    from ..engine import create_engine
-
-    timing = timing or Timing()
-    bundles, full, meta = cut_bundles(model, checkpoint=checkpoint, cuts=cuts, input_size=input_size, cache=cache, progress=progress)
-    options = []
-    for cut, d in bundles:
-        opts, _ = bundle_options(d, timing=timing, source=source, host=host, extras=False)
-        o = opts[0]
-        options.append(replace(o, name=f"cut {cut.name}", detail={**o.detail, "cut": cut.name, "cut_shape": list(cut.shape)}))
-    first = Bundle.load(bundles[0][1])
-    jpegs, x, src = _frames(first, source, 16)
-    logits = create_engine(full, "ort", threads=1).run1(x[:1])
-    options += full_options(full, jpegs, first.input_spec, logits, first, timing, host, None)
-    meta.update(source=src, jpeg_bytes_median=float(np.median([len(j) for j in jpegs])))
-    return options, meta

@@ -34,7 +34,7 @@ the caller's ``radio_w`` or else the idle power (the device waits for its bytes)
 figure built on a figure whose source is ``estimate:`` or on the idle stand-in is marked
 ``estimate``.
 
-Pure Python: no torch, no ONNX Runtime; the costs are gathered by :mod:`edgesplit.control.plan_cli`.
+Pure Python: no torch, no ONNX Runtime; the costs are gathered by :mod:`edgesplit.profile.plan_inputs`.
 """
 
 from __future__ import annotations

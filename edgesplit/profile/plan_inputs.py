@@ -1,4 +1,4 @@
-"""``edgesplit plan``: gather the planner's inputs on this machine and print the ranked options.
+"""The split planner's inputs, measured on this machine (``edgesplit plan``, ``bench plan``).
 
 The cost model itself is :mod:`edgesplit.control.planner` (pure). This module measures what it
 needs, on real frames of the dataset the model predicts:
@@ -10,26 +10,24 @@ needs, on real frames of the dataset the model predicts:
   head output; JPEG decode + resize + normalise (``preprocess``) per frame;
 - the request and reply sizes from the wire protocol's own builders (a compact v1.1 request).
 
-Inputs: ``--bundle DIR`` (its modes, plus ``local`` = full.onnx on the device and ``raw`` = send the
-frame's JPEG and run everything on the server), or ``--model ZOO_NAME`` (every single-tensor cut
-point of the generic split, each exported once into a cache as a one-mode 8-bit bundle by
-:mod:`edgesplit.builder.split_bundles`, plus ``local`` and ``raw``).
+The options: a bundle's modes (plus ``local`` = full.onnx on the device and ``raw`` = send the
+frame's JPEG and run everything on the server), or a zoo model's cut points (each exported once
+into a cache as a one-mode 8-bit bundle by :mod:`edgesplit.builder.split_bundles`, plus ``local``
+and ``raw``). It lives in the profiling plane, not next to the planner: it needs ONNX Runtime, the
+codec and (for a zoo model) torch, and the control plane stays numpy-only.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .planner import OBJECTIVES, Link, Machine, Option, PlanError, Scenario, Work, format_plan, plan
+from ..control.planner import Link, Machine, Option, PlanError, Scenario, Work
 
 HOST_PROFILE = "x86-ci-host"
 # The runtime's own cost per request on this host (agent + server software path beyond the model
@@ -134,10 +132,10 @@ def _elementwise(ms: float, numel: int, what: str, host: str) -> Work:
 
 
 # -- options -----------------------------------------------------------------------------------
-def _frames(bundle, source: str | None, n: int) -> tuple[list[bytes], np.ndarray, str]:
+def bundle_frames(bundle, source: str | None, n: int) -> tuple[list[bytes], np.ndarray, str]:
     from ..data.sources import open_source, take
     from ..data.transforms import preprocess
-    from ..profile.latency import default_source
+    from .latency import default_source
 
     src = source or default_source(bundle.classes)
     jpegs = [s.data for s in take(open_source(src), n)]
@@ -174,7 +172,7 @@ def bundle_options(bundle_path: str | Path, *, timing: Timing = Timing(), source
     from ..wire import codec
 
     bundle = Bundle.load(bundle_path)
-    jpegs, x, src = _frames(bundle, source, frames)
+    jpegs, x, src = bundle_frames(bundle, source, frames)
     spec, wire = bundle.input_spec, bundle.wire_spec["name"]
     engines = {r: create_engine(bundle.file(r), "ort", threads=1) for m in bundle.modes for r in (getattr(m, "head", "head"),)}
     tail_e = create_engine(bundle.file("tail"), "ort", threads=1)
@@ -234,101 +232,32 @@ def full_options(full_path: Path, jpegs: list[bytes], spec: dict, logits: np.nda
                    tail=full, accuracy=accuracy, detail={"file": full_path.name, "jpeg_bytes_median": jpeg})]
 
 
-# -- command line ------------------------------------------------------------------------------
-def _number(name: str, ok, what: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (math.isfinite(v) and ok(v)):
-            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}")
-        return v
-    return parse
+def model_options(model: str, *, checkpoint: str | None = None, cuts: list[str] | None = None, input_size: int | None = None,
+                  cache: str | Path | None = None, timing: Timing | None = None, source: str | None = None,
+                  host: str = HOST_PROFILE, progress=None) -> tuple[list[Option], dict[str, Any]]:
+    """The planner's options for a zoo model: one per cut point (exported once into the cache by the
+    build plane, torch needed), plus local and raw."""
+    from ..builder.split_bundles import cut_bundles
+    from ..bundle import Bundle
+    from ..engine import create_engine
 
-
-def positive(name: str):
-    return _number(name, lambda v: v > 0, "a positive number")
-
-
-def non_negative(name: str):
-    return _number(name, lambda v: v >= 0, ">= 0")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgesplit plan", description=(
-        "Rank the ways to run a model across device, link and server (cut points, bundle modes, local, "
-        "raw JPEG) by predicted end-to-end latency or device energy."))
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--bundle", help="bundle directory: plan over its modes, full.onnx locally and the raw JPEG")
-    what.add_argument("--model", help="zoo model name: plan over every cut point of the generic split")
-    p.add_argument("--checkpoint", help="state dict for --model (weights_only); default: random init (timing only)")
-    p.add_argument("--cuts", help="comma-separated cut point names for --model (default: all; see edgesplit split --list)")
-    p.add_argument("--input-size", type=int, default=None, help="input side for --model (default: the zoo's)")
-    p.add_argument("--cache", default=None, help="where --model's cut bundles are exported (default runs/cache/plan)")
-    p.add_argument("--bandwidth-mbps", type=positive("--bandwidth-mbps"), required=True, help="uplink rate, Mbit/s")
-    p.add_argument("--rtt-ms", type=non_negative("--rtt-ms"), default=0.0, help="propagation round trip of the link (default 0)")
-    p.add_argument("--burst-bytes", type=int, default=0, help="token-bucket depth of a shaped link (default 0: none)")
-    p.add_argument("--acks-on-link", action="store_true", help="TCP ACKs share the bottleneck (a shaped loopback)")
-    p.add_argument("--device", default=HOST_PROFILE, help=f"device profile running the head (default {HOST_PROFILE})")
-    p.add_argument("--server", default=HOST_PROFILE, help=f"server profile running the tail (default {HOST_PROFILE})")
-    p.add_argument("--host", default=HOST_PROFILE, help=f"profile of the machine measuring now (default {HOST_PROFILE})")
-    p.add_argument("--objective", default="latency", choices=OBJECTIVES)
-    p.add_argument("--overhead-ms", type=non_negative("--overhead-ms"), default=OVERHEAD_MS,
-                   help=f"runtime cost per request beyond model and wire (default {OVERHEAD_MS}: bench e2e on this host)")
-    p.add_argument("--radio-w", type=non_negative("--radio-w"), default=None,
-                   help="device power while sending (default: its idle power, labelled an estimate)")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per graph and codec step (median)")
-    p.add_argument("--pace-ms", type=non_negative("--pace-ms"), default=20.0,
-                   help="idle time before each timed run, as between camera frames (default 20; 0: back to back)")
-    p.add_argument("--data", default=None, help="frame source (default: the dataset the model predicts)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return p
+    timing = timing or Timing()
+    bundles, full, meta = cut_bundles(model, checkpoint=checkpoint, cuts=cuts, input_size=input_size, cache=cache, progress=progress)
+    options = []
+    for cut, d in bundles:
+        opts, _ = bundle_options(d, timing=timing, source=source, host=host, extras=False)
+        o = opts[0]
+        options.append(replace(o, name=f"cut {cut.name}", detail={**o.detail, "cut": cut.name, "cut_shape": list(cut.shape)}))
+    first = Bundle.load(bundles[0][1])
+    jpegs, x, src = bundle_frames(first, source, 16)
+    logits = create_engine(full, "ort", threads=1).run1(x[:1])
+    options += full_options(full, jpegs, first.input_spec, logits, first, timing, host, None)
+    meta.update(source=src, jpeg_bytes_median=float(np.median([len(j) for j in jpegs])))
+    return options, meta
 
 
 def scenario(device: str, server: str, host: str, link: Link, overhead_ms: float, radio_w: float | None) -> Scenario:
-    from ..profile.devices import load_profile
+    from .devices import load_profile
 
     machines = [Machine.from_profile(load_profile(n)) for n in (device, server, host)]
     return Scenario(machines[0], machines[1], machines[2], link, overhead_ms, radio_w)
-
-
-def plan_main(argv: list[str] | None = None) -> int:
-    from ..bundle import BundleError
-    from ..profile.devices import ProfileError
-
-    a = build_parser().parse_args(argv)
-    try:
-        timing = Timing(a.runs, a.pace_ms)
-        if a.burst_bytes < 0:
-            raise PlanError("--burst-bytes must be >= 0")
-        link = Link(a.bandwidth_mbps, a.rtt_ms, ack_bytes=66 if a.acks_on_link else 0, burst_bytes=a.burst_bytes)
-        sc = scenario(a.device, a.server, a.host, link, a.overhead_ms, a.radio_w)  # profiles first: fail before measuring
-        if a.objective == "energy" and sc.device.active_w is None:
-            raise PlanError(f"device profile '{sc.device.name}' has no power figures (power_idle_w and "
-                            "power_active_w/power_max_w): plan for --objective latency, or give a device with them")
-        if a.bundle:
-            if not Path(a.bundle).exists():
-                raise BundleError(f"no bundle at {a.bundle}")
-            options, meta = bundle_options(a.bundle, timing=timing, source=a.data, host=sc.host.name)
-        else:
-            from ..builder.split_bundles import model_options
-
-            cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
-            options, meta = model_options(a.model, checkpoint=a.checkpoint, cuts=cuts, input_size=a.input_size,
-                                          cache=a.cache, timing=timing, source=a.data, host=sc.host.name,
-                                          progress=lambda text: print(text, file=sys.stderr, flush=True))
-        preds = plan(options, sc, a.objective)
-    except (PlanError, ProfileError, BundleError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"edgesplit plan: {msg}", file=sys.stderr)
-        return 2
-    if a.json:
-        out = {"objective": a.objective, "device": sc.device.name, "server": sc.server.name, "host": sc.host.name,
-               "link": {"mbps": link.mbps, "rtt_ms": link.rtt_ms, "burst_bytes": link.burst_bytes, "acks_on_link": a.acks_on_link},
-               "overhead_ms": sc.overhead_ms, "radio_w": sc.radio_w, "inputs": meta, "best": preds[0].option,
-               "options": [p.to_json() for p in preds]}
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_plan(preds, sc, a.objective))
-    return 0

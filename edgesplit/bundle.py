@@ -6,7 +6,12 @@ sha256 of every file; loading re-hashes each one and refuses a mismatch. The bun
 the wire (``Bundle.hash``) is the sha256 of the manifest bytes, so it changes whenever any file,
 mode or calibration changes, and agent and server agree on exactly the same artefacts.
 
-This module is used by every plane, so it imports neither torch nor onnxruntime.
+Which families a manifest may name, which file roles each allows and which it must hold come
+from the registry of split families (:mod:`edgesplit.families.registry`): a bundle of a family that
+nothing registers is refused.
+
+This module is used by every plane, so it imports neither torch nor onnxruntime (the registry and
+the families' ``__init__`` modules it reads are torch-free).
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .families.registry import Family, UnknownFamilyError, get_family
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-FAMILIES = ("bottlefit", "slimmable", "edvit", "sfprompt")
-ROLES = ("head", "tail", "full", "tail_torch")
-# A slimmable bundle has one head per width: role "head" is the default mode's, and "head.<tag>"
-# (e.g. "head.c3") the others'; each mode names the head it runs (``Mode.head``).
+# A family whose modes run their own heads (``Family.head_per_mode``, e.g. one per slimmable width):
+# role "head" is the default mode's, and "head.<tag>" (e.g. "head.c3") the others'; each mode names
+# the head it runs (``Mode.head``).
 HEAD_ROLE = re.compile(r"^head\.[a-z0-9_-]{1,32}$")
 
 
@@ -92,9 +98,10 @@ def validate_manifest(m: dict[str, Any]) -> None:
         raise BundleError(
             f"manifest: schema_version {version} is not supported (this edgesplit reads {SCHEMA_VERSION})"
         )
-    family = _require(m, "family", str, "")
-    if family not in FAMILIES:
-        raise BundleError(f"manifest: unknown family '{family}' (known: {', '.join(FAMILIES)})")
+    try:
+        family = get_family(_require(m, "family", str, ""))
+    except UnknownFamilyError as e:
+        raise BundleError(f"manifest: {e}") from None
     _require(m, "name", str, "")
     classes = _require(m, "classes", list, "")
     if not classes or not all(isinstance(c, str) for c in classes):
@@ -113,21 +120,33 @@ def validate_manifest(m: dict[str, Any]) -> None:
     if len(set(ids)) != len(ids):
         raise BundleError("manifest: mode ids must be unique")
     files = _require(m, "files", dict, "")
-    for role in ("head", "tail"):
+    for role in family.required_files:
         if role not in files:
             raise BundleError(f"manifest: 'files' has no '{role}' entry")
     for role, entry in files.items():
-        if role not in ROLES and not HEAD_ROLE.match(role):
-            raise BundleError(f"manifest: unknown file role '{role}' (known: {', '.join(ROLES)}, head.<tag>)")
+        if not _is_head_role(family, role) and role not in (*family.required_files, *family.optional_files):
+            raise BundleError(f"manifest: unknown file role '{role}' for family {family.name} "
+                              f"(known: {', '.join(_file_roles(family))})")
+        if not isinstance(entry, dict):
+            raise BundleError(f"manifest: 'files.{role}' must be an object")
         _require(entry, "path", str, f"files.{role}.")
         _require(entry, "sha256", str, f"files.{role}.")
         if "/" in entry["path"] or entry["path"].startswith("."):
             raise BundleError(f"manifest: files.{role}.path must be a plain file name")
     for x in parsed:
-        if x.head != "head" and not HEAD_ROLE.match(x.head):
-            raise BundleError(f"manifest: mode {x.id} names head '{x.head}', which is not a head role (head or head.<tag>)")
+        if not _is_head_role(family, x.head):
+            raise BundleError(f"manifest: mode {x.id} names head '{x.head}', which is not a head role of family "
+                              f"{family.name} ({'head or head.<tag>' if family.head_per_mode else 'head'})")
         if x.head not in files:
             raise BundleError(f"manifest: mode {x.id} runs head '{x.head}' but 'files' has no such entry")
+
+
+def _is_head_role(family: Family, role: str) -> bool:
+    return role == "head" or (family.head_per_mode and HEAD_ROLE.match(role) is not None)
+
+
+def _file_roles(family: Family) -> list[str]:
+    return [*family.required_files, *family.optional_files] + (["head.<tag>"] if family.head_per_mode else [])
 
 
 class Bundle:

@@ -16,9 +16,11 @@ import torch
 from build_fixtures import LIMIT_PER_SHARD, one_torch_thread, short_build, short_recipe  # noqa: F401  (fixtures)
 
 from edgesplit.builder.data import DeviceLoader, load_split
-from edgesplit.builder.families.bottlefit import BottleFitSplit, FakeQuant
-from edgesplit.builder.pipeline import MEAN, STD, load_student, run_recipe, student_config
-from edgesplit.builder.train import calibrate, collect_wire, evaluate
+from edgesplit.builder.bottleneck import FakeQuant
+from edgesplit.builder.pipeline import MEAN, STD, load_student, run_recipe
+from edgesplit.builder.train import calibrate, evaluate
+from edgesplit.families.bottlefit.model import BottleFitSplit, student_config
+from edgesplit.families.bottlefit.train import collect_wire
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
 from edgesplit.engine import create_engine
@@ -131,7 +133,7 @@ def test_pretrained_teacher_used_as_is_leaves_teacher_pt(tmp_path):
 
     weights = data_root() / "teachers" / "resnet56-4bfd9763.th"
     if not weights.is_file():
-        pytest.skip(f"shared ResNet-56 teacher not found at {weights}")
+        pytest.fail(f"shared ResNet-56 teacher not found at {weights} (set EDGESPLIT_DATA)")
     r = load_recipe(ROOT / "models" / "recipes" / "cifar10-sharedteacher-bottlefit-cpu.yaml")
     r.teacher.train = None  # the shared teacher exactly as downloaded
     for c in (r.stage1, r.stage2):

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from edgesplit.builder.recipe import Recipe, RecipeError, TrainCfg, load_recipe
+from edgesplit.families.registry import get_family
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "models" / "recipes").glob("*.yaml"))
 BASE = Path(__file__).resolve().parents[1] / "models" / "recipes" / "cifar10-resnet20-bottlefit-cpu.yaml"
@@ -34,16 +35,10 @@ def test_every_shipped_recipe_loads(path):
         assert r.teacher.train is not None
     # the split the recipe describes can be built: shapes line up with the backbone's split point
     if r.split.family == "slimmable":
-        from edgesplit.builder.families.slimmable import SlimmableSplit
-        from edgesplit.builder.pipeline_slimmable import slimmable_config
-
-        model = SlimmableSplit(slimmable_config(r))
+        model = get_family(r.split.family).entry("model")(r)
         assert model.wire_shape[0] == r.split.widths[-1]
     else:
-        from edgesplit.builder.families.bottlefit import BottleFitSplit
-        from edgesplit.builder.pipeline import student_config
-
-        model = BottleFitSplit(student_config(r))
+        model = get_family(r.split.family).entry("model")(r)
         assert model.wire_shape[0] == r.split.bottleneck_channels
 
 

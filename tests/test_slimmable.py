@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from build_fixtures import one_torch_thread, short_build  # noqa: F401  (pytest fixtures by name)
-from edgesplit.builder.families.slimmable import SlimmableConfig, SlimmableSplit, head_macs
 from edgesplit.builder.recipe import RecipeError, load_recipe
-from edgesplit.builder.train_slimmable import calibrate_bn, sandwich
+from edgesplit.families.slimmable.model import SlimmableConfig, SlimmableSplit, head_macs
+from edgesplit.families.slimmable.train import calibrate_bn, sandwich
 from edgesplit.bundle import Bundle, BundleError, write_manifest
 from edgesplit.control.modes import modes_from_manifest
 from edgesplit.control.policy import Decision, Policy
@@ -106,7 +106,7 @@ def test_recipe_checks_widths(tmp_path):
             load_recipe(tmp_path / "r.yaml")
     bad = dict(data, split=dict(data["split"], family="bottlefit"))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(RecipeError, match="only the slimmable family"):
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['sandwich_random', 'widths'\].*split family 'bottlefit'"):
         load_recipe(tmp_path / "r.yaml")
 
 
@@ -115,7 +115,7 @@ def test_recipe_checks_widths(tmp_path):
 
 @pytest.fixture(scope="module")
 def slim_bundle(short_build, tmp_path_factory) -> Bundle:  # noqa: F811
-    from edgesplit.builder.export_slimmable import export_slimmable_bundle
+    from edgesplit.builder.export import export_bundle
     from edgesplit.builder.pipeline import run_recipe
 
     base = tmp_path_factory.mktemp("slim")
@@ -133,7 +133,7 @@ def slim_bundle(short_build, tmp_path_factory) -> Bundle:  # noqa: F811
     (base / "r.yaml").write_text(yaml.safe_dump(recipe))
     results = run_recipe(load_recipe(base / "r.yaml"), base / "run", device="cpu", limit_per_shard=8, workers=1)
     assert [(m["width"], m["bits"]) for m in results["modes"]] == [(c, b) for c in (2, 4, 6) for b in (8, 4)]
-    return export_slimmable_bundle(base / "run" / "student.pt", base / "bundle", check_frames=16)
+    return export_bundle(base / "run" / "student.pt", base / "bundle", check_frames=16)
 
 
 def test_export_writes_one_head_per_width_and_checks_them(slim_bundle):
@@ -251,7 +251,7 @@ def test_round_robin_policy_refuses_unknown_modes(slim_bundle):
 
 
 def test_held_wire_range_is_used_in_training_and_does_not_move():
-    from edgesplit.builder.families.bottlefit import FakeQuant
+    from edgesplit.builder.bottleneck import FakeQuant
 
     q = FakeQuant(4).train()
     z = torch.linspace(-1, 1, 101).view(1, 1, 1, 101)

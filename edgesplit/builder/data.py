@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from ..data.sources import dataset_shards, iter_tar_shards
 from ..data.transforms import to_uint8_hwc
 
+# ImageNet channel statistics: every recipe normalises with them, and every bundle's input spec says so.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 def _decode_shard(args: tuple[str, int, int | None]) -> tuple[np.ndarray, np.ndarray]:
     path, size, limit = args

@@ -1,11 +1,11 @@
 """``edgesplit train RECIPE``: a recipe's whole pipeline as resumable steps in a run directory.
 
 :func:`prepare` (data, teacher: train from scratch, load + adapt, or reuse another run's) is shared;
-then the family's steps: BottleFit here (stage 1 -> stage 2 -> calibrate -> evaluate), slimmable in
-``pipeline_slimmable.py``.
-Each step leaves an artefact (``teacher.pt``, ``stage1.pt``, ``stage2.pt``, optional ``stage3.pt``,
-``student.pt``, ``results.json``);
-a rerun skips finished steps and resumes unfinished ones from their per-epoch checkpoint.
+then the steps of the recipe's split family, looked up in :mod:`edgesplit.families.registry`
+(e.g. BottleFit: stage 1 -> stage 2 -> calibrate -> evaluate, in ``families/bottlefit/steps.py``).
+Each step leaves an artefact (``teacher.pt``, then the family's: ``stage1.pt``, ``stage2.pt``...,
+always ending with ``student.pt`` and ``results.json``); a rerun skips finished steps (a finished
+run entirely) and resumes unfinished ones from their per-epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -13,34 +13,20 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..data.sources import CLASSES, data_root
-from .data import DeviceLoader, load_split
-from .families.bottlefit import BottleFitConfig, BottleFitSplit, BottleneckSpec
+from ..families.registry import get_family
+from .data import MEAN, STD, DeviceLoader, load_split
 from .recipe import Recipe
-from .train import calibrate, collect_wire, distill_stage1, evaluate, finetune_stage2, train_classifier, write_log
+from .train import evaluate, train_classifier, write_log
 from .zoo import create_model, load_pretrained
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def student_config(r: Recipe) -> BottleFitConfig:
-    spec = {f.name: getattr(r.split, f.name) for f in fields(BottleneckSpec)}
-    return BottleFitConfig(arch=r.teacher.arch, num_classes=len(CLASSES[r.dataset]), input_size=r.input_size, **spec)
-
-
-def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[BottleFitSplit, dict]:
-    """Rebuild a trained split from ``student.pt`` (config + weights + calibration)."""
-    state = torch.load(str(path), map_location=device, weights_only=True)
-    cfg = BottleFitConfig(**state["config"])
-    model = BottleFitSplit(cfg)
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval(), state
+__all__ = ["MEAN", "STD", "Prepared", "prepare", "run_recipe", "load_student", "student_family"]
 
 
 @dataclass
@@ -119,72 +105,23 @@ def prepare(r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard
 
 def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard: int | None = None,
                workers: int | None = None) -> dict:
-    """Run a recipe's steps in ``run_dir`` (resuming finished ones) and return its results."""
+    """Run a recipe's steps in ``run_dir`` (resuming unfinished ones) and return its results."""
+    family = get_family(r.split.family)
+    results_path, student_path = run_dir / "results.json", run_dir / "student.pt"
+    if results_path.is_file() and student_path.is_file():
+        # Finished: every artefact is there; nothing is recomputed or rewritten.
+        write_log(run_dir / "log.jsonl")({"event": "finished_already", "student": str(student_path)})
+        return json.loads(results_path.read_text())
     p = prepare(r, run_dir, device, limit_per_shard, workers)
-    if r.split.family == "slimmable":
-        from .pipeline_slimmable import run_slimmable
-
-        return run_slimmable(r, run_dir, p)
-    return run_bottlefit(r, run_dir, p)
+    return family.entry("steps")(r, run_dir, p)
 
 
-def run_bottlefit(r: Recipe, run_dir: Path, p: Prepared) -> dict:
-    dev, log, teacher, results, eval_loader, nc = p.dev, p.log, p.teacher, p.results, p.eval_loader, p.num_classes
-    xtr, ytr, t0 = p.xtr, p.ytr, p.t0
+def student_family(state: dict) -> str:
+    """The family a loaded ``student.pt`` belongs to (older BottleFit ones name it only in their recipe)."""
+    return state.get("family") or state["recipe"]["split"]["family"]
 
-    # 2. BottleFit student: backbone initialised from the teacher (the tail starts as the teacher's).
-    cfg = student_config(r)
-    backbone = create_model(r.teacher.arch, nc)
-    backbone.load_state_dict({k: v.cpu() for k, v in teacher.state_dict().items()})
-    student = BottleFitSplit(cfg, backbone).to(dev).to(memory_format=torch.channels_last)
-    fwd = lambda x: student(x)  # noqa: E731
-    s1_path = run_dir / "stage1.pt"
-    if s1_path.exists():
-        student.load_state_dict(torch.load(s1_path, map_location=dev, weights_only=True))
-    else:
-        c1 = vars(r.stage1)
-        distill_stage1(student, teacher, c1, p.train_loader(c1["batch"]), dev, run_dir, log,
-                       lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev))
-        torch.save(student.state_dict(), s1_path)
-    results["stage1_accuracy"] = evaluate(student.eval(), eval_loader, dev)
-    out_path = run_dir / "student.pt"
-    if out_path.exists():
-        student.load_state_dict(torch.load(out_path, map_location=dev, weights_only=True)["model"])
-    else:
-        # Stage 2, then the optional stage 3: the same KD fine-tune continued at a lower bit depth
-        # (``stage3.bits``), so that the smallest modes keep their accuracy. Each leaves its artefact.
-        steps = [("stage2", r.stage2, r.split.train_bits)]
-        if r.stage3 is not None:
-            steps.append(("stage3", r.stage3, r.stage3_bits))
-        for name, cfg_k, bits in steps:
-            art = run_dir / f"{name}.pt"
-            if art.exists():
-                student.load_state_dict(torch.load(art, map_location=dev, weights_only=True))
-                continue
-            student.quant.bits = bits
-            ck = vars(cfg_k)
-            finetune_stage2(student, teacher, ck, p.train_loader(ck["batch"]), dev, run_dir, log,
-                            lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev), name=name)
-            torch.save(student.state_dict(), art)
 
-    # 3. Calibrate the wire quantization on training data, then evaluate every mode with it applied.
-    z = collect_wire(student, DeviceLoader(xtr, ytr, 500, dev, MEAN, STD), max_batches=20)
-    calib = {str(b): calibrate(z, b) for b in r.mode_bits}
-    student.eval()
-    results["float_accuracy"] = evaluate(fwd, eval_loader, dev)  # quantizer off: no fixed params yet
-    modes = []
-    for b in r.mode_bits:
-        c = calib[str(b)]
-        student.quant.set_params(c["scale"], c["zero_point"], b)
-        acc = evaluate(fwd, eval_loader, dev)
-        modes.append({"bits": b, "accuracy": acc, **c})
-    student.quant.fixed = None
-    results["modes"] = modes
-    results["eval_frames"] = int(len(eval_loader.x))
-    results["wall_sec"] = round(time.time() - t0, 1)
-    torch.save({"config": cfg.to_dict(), "model": student.state_dict(), "calibration": calib,
-                "classes": CLASSES[r.dataset], "results": json.loads(json.dumps(results)),
-                "recipe": r.to_dict()}, out_path)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": modes})
-    return results
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild any family's trained split from ``student.pt``: ``(model in eval mode, saved state)``."""
+    state = torch.load(str(path), map_location=device, weights_only=True)
+    return get_family(student_family(state)).entry("load_student")(path, device)

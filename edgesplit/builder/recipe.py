@@ -1,5 +1,9 @@
 """Training recipes: YAML data validated against a typed schema. Nothing in a recipe is executed;
-unknown keys and wrong types are errors that name the offending field."""
+unknown keys and wrong types are errors that name the offending field.
+
+The common fields are here; the ``split`` section is the schema of the family it names
+(``split.family``), looked up in :mod:`edgesplit.families.registry`, which also checks the rules
+that span fields (e.g. the slimmable family's widths)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .families.bottlefit import BottleneckSpec
+from ..families.registry import SplitSection, UnknownFamilyError, get_family
 
 
 class RecipeError(ValueError):
@@ -41,13 +45,9 @@ class TeacherCfg:
     train: TrainCfg | None = None  # from scratch: full training; pretrained: adaptation fine-tune
 
 
-@dataclass(kw_only=True)
-class SplitCfg(BottleneckSpec):
-    family: str
-    # slimmable only: the channel counts that can be sent, ascending, the last = bottleneck_channels,
-    # and how many random middle widths each sandwich-rule step adds to the widest and narrowest.
-    widths: list[int] = field(default_factory=list)
-    sandwich_random: int = 1
+SplitCfg = SplitSection  # the recipe's ``split``: at load time, the schema of the family it names
+
+WIRE_BITS = (2, 4, 6, 8)
 
 
 @dataclass
@@ -93,7 +93,24 @@ def _build(cls, data: Any, where: str):
         raise RecipeError(f"{where or 'recipe'}: {e}") from None
 
 
+def _build_split(data: Any, where: str) -> SplitSection:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where[:-1]}: expected a mapping, got {type(data).__name__}")
+    if "family" not in data:
+        raise RecipeError(f"{where}family: required (the split family's name)")
+    try:
+        schema = get_family(data["family"]).entry("split_schema")
+    except UnknownFamilyError as e:
+        raise RecipeError(f"{where}family: {e}") from None
+    try:
+        return _build(schema, data, where)
+    except RecipeError as e:  # e.g. a key another family has: say which family's schema refused it
+        raise RecipeError(f"{e} [split family {data['family']!r}]") from None
+
+
 def _coerce(tp, value, where: str):
+    if tp is SplitSection:
+        return _build_split(value, where + ".")
     origin = get_origin(tp)
     args = get_args(tp)
     if origin is None and hasattr(tp, "__dataclass_fields__"):
@@ -120,17 +137,10 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     r = _build(Recipe, data, "")
-    if r.split.family not in ("bottlefit", "slimmable"):
-        raise RecipeError(f"split.family: '{r.split.family}' has no training recipe yet (known: bottlefit, slimmable)")
-    if r.split.family == "slimmable":
-        w = r.split.widths
-        if not w or w != sorted(set(w)) or w[0] < 1 or w[-1] != r.split.bottleneck_channels:
-            raise RecipeError(f"split.widths: must be distinct ascending channel counts ending at bottleneck_channels "
-                              f"({r.split.bottleneck_channels}), got {w}")
-        if r.stage3 is not None:
-            raise RecipeError("stage3: not used by the slimmable family (every width trains at split.train_bits)")
-    elif r.split.widths:
-        raise RecipeError("split.widths: only the slimmable family has widths")
+    try:
+        r.split.check_recipe(r)
+    except ValueError as e:  # the family's own rules, each message naming its key
+        raise RecipeError(str(e)) from None
     if r.teacher.init not in ("scratch", "pretrained", "run"):
         raise RecipeError("teacher.init: must be 'scratch', 'pretrained' or 'run'")
     if r.teacher.init in ("pretrained", "run") and not r.teacher.weights:
@@ -139,12 +149,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError("teacher.train: required when teacher.init is 'scratch'")
     if r.augment not in ("crop_flip", "rrc_flip"):
         raise RecipeError("augment: must be 'crop_flip' or 'rrc_flip'")
-    bad = [b for b in r.mode_bits if b not in (2, 4, 6, 8)]
+    bad = [b for b in r.mode_bits if b not in WIRE_BITS]
     if bad or not r.mode_bits:
         raise RecipeError(f"mode_bits: each must be one of 2, 4, 6, 8 (got {r.mode_bits})")
-    if r.split.train_bits not in (2, 4, 6, 8):
-        raise RecipeError(f"split.train_bits: must be one of 2, 4, 6, 8 (got {r.split.train_bits})")
-    if r.stage3_bits not in (2, 4, 6, 8):
+    if r.stage3_bits not in WIRE_BITS:
         raise RecipeError(f"stage3_bits: must be one of 2, 4, 6, 8 (got {r.stage3_bits})")
     if r.default_bits not in r.mode_bits:
         raise RecipeError("default_bits: must be one of mode_bits")

@@ -218,15 +218,15 @@ def export_split(head: torch.nn.Module, tail: torch.nn.Module, example: torch.Te
     exporter's conventions (dynamo, opset 18, dynamic batch, float16-stored weights), run both in
     ONNX Runtime on ``example`` and return their max abs diff against torch."""
     from ..engine import create_engine
-    from .export import _export_onnx, store_weights_fp16
+    from .export_common import export_onnx, store_weights_fp16
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         z = head(example)
         logits = tail(z)
-    _export_onnx(head, example, out / "head.onnx", "image", "z")
-    _export_onnx(tail, z, out / "tail.onnx", "z", "logits")
+    export_onnx(head, example, out / "head.onnx", "image", "z")
+    export_onnx(tail, z, out / "tail.onnx", "z", "logits")
     report = {}
     for name, inp, ref in (("head", example, z), ("tail", z, logits)):
         path = out / f"{name}.onnx"
@@ -240,7 +240,7 @@ def export_split(head: torch.nn.Module, tail: torch.nn.Module, example: torch.Te
 def _real_images(source: str, side: int, n: int) -> torch.Tensor:
     from ..data.sources import open_source, take
     from ..data.transforms import preprocess
-    from .pipeline import MEAN, STD
+    from .data import MEAN, STD
 
     spec = {"shape": [3, side, side], "resize": side, "mean": list(MEAN), "std": list(STD)}
     return torch.from_numpy(np.stack([preprocess(s.data, spec) for s in take(open_source(source), n)]))

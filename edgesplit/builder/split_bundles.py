@@ -56,7 +56,7 @@ def _dataset(side: int) -> str:
 
 
 def _input_spec(side: int) -> dict[str, Any]:
-    from .pipeline import MEAN, STD
+    from .data import MEAN, STD
 
     return {"shape": [3, side, side], "layout": "NCHW", "dtype": "float32", "color": "RGB", "resize": side,
             "mean": list(MEAN), "std": list(STD)}
@@ -122,7 +122,7 @@ def cut_bundles(model: str, *, checkpoint: str | None = None, cuts: list[str] | 
     """``[(cut, bundle dir)]`` for the chosen cut points (all by default), exported on first use,
     and the full model's ONNX (for the local and raw options)."""
     from ..data.sources import CLASSES
-    from .export import _export_onnx, store_weights_fp16
+    from .export_common import export_onnx, store_weights_fp16
     from .zoo import INPUT_SIZE
 
     if model not in INPUT_SIZE:
@@ -152,7 +152,7 @@ def cut_bundles(model: str, *, checkpoint: str | None = None, cuts: list[str] | 
     full = root / "full.onnx"
     if not full.is_file():
         root.mkdir(parents=True, exist_ok=True)
-        _export_onnx(net, torch.from_numpy(frames[:2]), full, "image", "logits")
+        export_onnx(net, torch.from_numpy(frames[:2]), full, "image", "logits")
         store_weights_fp16(full)
     meta = {"model": model, "checkpoint": checkpoint, "input_size": side, "cache": str(root),
             "cut_points": len(all_cuts), "planned_cuts": [c.name for c, _ in out]}

@@ -1,5 +1,6 @@
-"""Training loops: classifier training, BottleFit stage 1 (head-network distillation) and stage 2
-(KD fine-tuning), evaluation, and wire-tensor quantization calibration.
+"""Training machinery every family shares: the epoch loop with resume, classifier training,
+evaluation, wire-tensor quantization calibration and the run log. A family's own stages live in
+its subpackage (``edgesplit/families/<name>/train.py``).
 
 Each loop resumes from ``ckpt_path`` (model + optimizer + epoch), saved after every epoch, so a
 stopped job loses at most one epoch. Loads use ``weights_only=True``.
@@ -18,8 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .families.bottlefit import BottleFitSplit, teacher_features
 
 
 def autocast(device: torch.device):
@@ -112,70 +111,9 @@ def train_classifier(model, cfg, loader, device, run_dir, log, eval_fn=None) -> 
     runner.run(lambda x, y: F.cross_entropy(model(x), y, label_smoothing=ls), model.train, eval_fn)
 
 
-def _freeze(module: nn.Module, frozen: bool) -> None:
+def freeze(module: nn.Module, frozen: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(not frozen)
-
-
-def distill_stage1(student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None) -> None:
-    """Head-network distillation: teacher and tail frozen; MSE at the decoder output and at every
-    later stage, summed. Only encoder and decoder learn."""
-    teacher.eval()
-    _freeze(student, True)
-    _freeze(student.encoder, False)
-    _freeze(student.decoder, False)
-    q_bits, student.quant.bits = student.quant.bits, 0  # observe the range, do not quantize yet
-
-    def set_mode():
-        student.eval()  # frozen tail keeps its BN statistics
-        student.encoder.train(), student.decoder.train(), student.quant.train()
-
-    def step(x, y):
-        with torch.no_grad():
-            _, t_feats = teacher_features(teacher, x, student.cfg.split_at)
-        _, s_feats = student(x, return_features=True)
-        return sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_feats, t_feats))
-
-    params = list(student.encoder.parameters()) + list(student.decoder.parameters())
-    EpochRunner("stage1", student, params, cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)
-    student.quant.bits = q_bits
-    _freeze(student, False)
-
-
-def finetune_stage2(student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None,
-                    name: str = "stage2") -> None:
-    """KD fine-tuning of decoder + tail: 0.5 CE + 0.5 KL(student || teacher) at temperature T,
-    with the wire tensor fake-quantized at the recipe's training bit depth."""
-    teacher.eval()
-    freeze_enc = cfg.get("freeze_encoder", True)
-    _freeze(student, False)
-    _freeze(student.encoder, freeze_enc)
-    T, alpha = cfg.get("temperature", 1.0), cfg.get("alpha", 0.5)
-
-    def set_mode():
-        student.train()
-        if freeze_enc:
-            student.encoder.eval()
-
-    def step(x, y):
-        with torch.no_grad():
-            t_logits = teacher(x)
-        s_logits = student(x)
-        kl = F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1), reduction="batchmean") * T * T
-        return (1 - alpha) * F.cross_entropy(s_logits, y) + alpha * kl
-
-    EpochRunner(name, student, student.parameters(), cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)
-
-
-@torch.no_grad()
-def collect_wire(student: BottleFitSplit, loader, max_batches: int) -> np.ndarray:
-    student.eval()
-    zs = []
-    for i, (x, _) in enumerate(loader):
-        if i >= max_batches:
-            break
-        zs.append(student.encode(x).float().flatten().cpu())
-    return torch.cat(zs).numpy()
 
 
 def calibrate(z: np.ndarray, bits: int) -> dict:

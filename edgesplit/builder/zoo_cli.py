@@ -15,7 +15,7 @@ import torch
 
 from ..data.sources import data_root, open_source, take
 from ..data.transforms import preprocess
-from .pipeline import MEAN, STD
+from .data import MEAN, STD
 from .zoo import INPUT_SIZE, MODELS, create_model, load_pretrained
 
 

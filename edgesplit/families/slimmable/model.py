@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..zoo import create_model
-from .bottlefit import FakeQuant, cut_backbone, run_tail, upsampling_steps
+from ...builder.bottleneck import FakeQuant, cut_backbone, run_tail, upsampling_steps
+from ...builder.zoo import create_model
+from ...data.sources import CLASSES
 
 
 @dataclass(kw_only=True)
@@ -217,3 +219,27 @@ def head_macs(cfg: SlimmableConfig, index: int) -> int:
         total += side * side * w * cin * 9
         cin = w
     return total
+
+
+def student_config(r) -> SlimmableConfig:
+    """The model config a recipe (``edgesplit.builder.recipe.Recipe``) describes."""
+    s = r.split
+    return SlimmableConfig(arch=r.teacher.arch, num_classes=len(CLASSES[r.dataset]), input_size=r.input_size,
+                           split_at=s.split_at, widths=list(s.widths), encoder_widths=list(s.encoder_widths),
+                           encoder_strides=list(s.encoder_strides), bottleneck_stride=s.bottleneck_stride,
+                           decoder_widths=list(s.decoder_widths), train_bits=s.train_bits)
+
+
+def build_model(r, backbone: nn.Module | None = None) -> SlimmableSplit:
+    """The untrained split a recipe describes (on ``backbone``, else a fresh one)."""
+    return SlimmableSplit(student_config(r), backbone)
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[SlimmableSplit, dict]:
+    """Rebuild a trained slimmable split from ``student.pt`` (strict: every key must match)."""
+    state = torch.load(str(path), map_location=device, weights_only=True)
+    if state.get("family") != "slimmable":
+        raise ValueError(f"{path}: not a slimmable student (family {state.get('family', 'bottlefit')!r})")
+    model = SlimmableSplit(SlimmableConfig(**state["config"]))
+    model.load_state_dict(state["model"], strict=True)
+    return model.eval(), state

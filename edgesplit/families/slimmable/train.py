@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families.bottlefit import teacher_features
-from .families.slimmable import SlimmableSplit
-from .train import EpochRunner, autocast, calibrate
+from ...builder.bottleneck import teacher_features
+from ...builder.train import EpochRunner, autocast, calibrate
+from .model import SlimmableSplit
 
 
 def sandwich(n_widths: int, n_random: int, rng: random.Random) -> list[int]:

@@ -1,46 +1,13 @@
-"""BottleFit (Matsubara et al. 2022): replace a CNN's early stages with an encoder that ends in a
-narrow bottleneck and a decoder that restores the tensor the remaining stages expect.
-
-``BottleFitSplit`` owns the encoder (the device head), a fake-quantizer on the wire tensor, the
-decoder and the backbone's stages after the split point (together the server tail). The stages
-before the split point are dropped from the backbone, so the checkpoint holds only what runs.
-"""
+"""What every bottleneck split shares: the wire tensor's fake quantizer, the backbone cut at a
+stage, the tail run over the remaining stages, and the teacher's features (the targets of
+head-network distillation). Used by the BottleFit and slimmable families."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-
-from ..zoo import create_model
-
-
-@dataclass(kw_only=True)
-class BottleneckSpec:
-    """A BottleFit bottleneck's architecture: the recipe's ``split`` section (less ``family``)."""
-
-    split_at: str  # name of the last stage that the encoder/decoder replaces
-    bottleneck_channels: int
-    encoder_widths: list[int] = field(default_factory=lambda: [32, 64])
-    encoder_strides: list[int] = field(default_factory=lambda: [1, 2])
-    bottleneck_stride: int = 2
-    decoder_widths: list[int] = field(default_factory=lambda: [64, 64])
-    decoder_final_relu: bool = True
-    train_bits: int = 8
-
-
-@dataclass(kw_only=True)
-class BottleFitConfig(BottleneckSpec):
-    """A spec bound to a backbone: what :class:`BottleFitSplit` is built from (saved in student.pt)."""
-
-    arch: str
-    num_classes: int
-    input_size: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -64,7 +31,7 @@ class FakeQuant(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
         self.fixed: tuple[float, int, int] | None = None  # (scale, zero_point, bits) at eval
         # Train with ``fixed`` too instead of the running min/max: the range then cannot grow with
-        # the outliers that quantization-aware training itself produces (see train_slimmable).
+        # the outliers that quantization-aware training itself produces (see the slimmable family's training).
         self.hold_range = False
 
     def observe(self, z: torch.Tensor) -> None:
@@ -143,75 +110,6 @@ def run_tail(backbone: nn.Module, stages: list[str], x: torch.Tensor, return_fea
         x = backbone.run_stage(s, x)
         feats.append(x)
     return (x, feats[:-1]) if return_features else x
-
-
-class BottleFitSplit(nn.Module):
-    def __init__(self, cfg: BottleFitConfig, backbone: nn.Module | None = None):
-        super().__init__()
-        self.cfg = cfg
-        backbone = backbone if backbone is not None else create_model(cfg.arch, cfg.num_classes)
-        self.tail_stages, self.split_shape = cut_backbone(backbone, cfg.arch, cfg.split_at, cfg.input_size)
-        self.backbone = backbone
-
-        layers, cin = [], 3
-        for w, s in zip(cfg.encoder_widths, cfg.encoder_strides):
-            layers.append(conv_bn_relu(cin, w, s))
-            cin = w
-        layers.append(nn.Conv2d(cin, cfg.bottleneck_channels, 3, cfg.bottleneck_stride, 1))
-        self.encoder = nn.Sequential(*layers)
-        self.quant = FakeQuant(cfg.train_bits)
-
-        stride = math.prod(cfg.encoder_strides) * cfg.bottleneck_stride
-        z_side = cfg.input_size // stride
-        self.wire_shape = (cfg.bottleneck_channels, z_side, z_side)
-        n_up = upsampling_steps(z_side, self.split_shape[-1])
-        dec, cin = [], cfg.bottleneck_channels
-        for i, w in enumerate(cfg.decoder_widths):
-            if i < n_up:  # learnable upsampling first, while the tensor is still small
-                dec += [nn.ConvTranspose2d(cin, w, 2, 2, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-            else:
-                dec.append(conv_bn_relu(cin, w))
-            cin = w
-        for _ in range(len(cfg.decoder_widths), n_up):
-            dec += [nn.ConvTranspose2d(cin, cin, 2, 2, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
-        dec += [nn.Conv2d(cin, self.split_shape[0], 3, 1, 1, bias=False), nn.BatchNorm2d(self.split_shape[0])]
-        if cfg.decoder_final_relu:
-            dec.append(nn.ReLU(inplace=True))
-        self.decoder = nn.Sequential(*dec)
-
-    # -- the split ---------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
-
-    def decode(self, z: torch.Tensor, return_features: bool = False):
-        return run_tail(self.backbone, self.tail_stages, self.decoder(z), return_features)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        return self.decode(self.quant(self.encode(x)), return_features)
-
-    def head_module(self) -> nn.Module:
-        return _Head(self)
-
-    def tail_module(self) -> nn.Module:
-        return _Tail(self)
-
-
-class _Head(nn.Module):
-    def __init__(self, split: BottleFitSplit):
-        super().__init__()
-        self.encoder = split.encoder
-
-    def forward(self, x):
-        return self.encoder(x)
-
-
-class _Tail(nn.Module):
-    def __init__(self, split: BottleFitSplit):
-        super().__init__()
-        self.split = split
-
-    def forward(self, z):
-        return self.split.decode(z)
 
 
 def teacher_features(teacher: nn.Module, x: torch.Tensor, split_at: str) -> tuple[torch.Tensor, list[torch.Tensor]]:

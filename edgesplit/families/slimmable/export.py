@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import Bundle, write_manifest
-from ..engine import create_engine
-from ..wire.codec import packed_nbytes
-from .export import (_check, _eval_images, _export_onnx, _head_latency_ms, bundle_manifest, host_profile_name, input_spec_for,
-                     load_teacher, store_weights_fp16)
-from .pipeline_slimmable import load_slimmable
+from ...builder.export_common import (bundle_manifest, check_against_torch, eval_images, export_onnx, head_latency_ms,
+                                      host_profile_name, input_spec_for, load_teacher, store_weights_fp16)
+from ...bundle import Bundle, write_manifest
+from ...engine import create_engine
+from ...wire.codec import packed_nbytes
+from .model import load_student
 
 
 def head_file(width: int, widest: int) -> tuple[str, str]:
@@ -33,12 +33,14 @@ def head_file(width: int, widest: int) -> tuple[str, str]:
     return ("head", "head.onnx") if width == widest else (f"head.c{width}", f"head_c{width}.onnx")
 
 
-def export_slimmable_bundle(student_path: str | Path, out_dir: str | Path, name: str | None = None,
-                            check_frames: int = 256, weights: str = "fp16", teacher_path: str | Path | None = None) -> Bundle:
+def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | None = None, check_frames: int = 256,
+                  weights: str = "fp16", teacher_path: str | Path | None = None, torch_tail: bool = False) -> Bundle:
+    if torch_tail:
+        raise ValueError("torch_tail: the slimmable family has no torch tail yet (export the ONNX tail only)")
     student_path = Path(student_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, state = load_slimmable(student_path)
+    model, state = load_student(student_path)
     recipe, results, cfg = state["recipe"], state["results"], model.cfg
     side, widths, C = cfg.input_size, cfg.widths, cfg.bottleneck_channels
     teacher = load_teacher(cfg, student_path, teacher_path)
@@ -47,10 +49,10 @@ def export_slimmable_bundle(student_path: str | Path, out_dir: str | Path, name:
     files: dict[str, dict] = {}
     for i, c in enumerate(widths):
         role, fname = head_file(c, C)
-        _export_onnx(model.head_module(i), ex_img, out / fname, "image", "z")
+        export_onnx(model.head_module(i), ex_img, out / fname, "image", "z")
         files[role] = {"path": fname}
-    _export_onnx(model.tail_module(), torch.zeros(2, *model.wire_shape), out / "tail.onnx", "z", "logits")
-    _export_onnx(teacher, ex_img, out / "full.onnx", "image", "logits")
+    export_onnx(model.tail_module(), torch.zeros(2, *model.wire_shape), out / "tail.onnx", "z", "logits")
+    export_onnx(teacher, ex_img, out / "full.onnx", "image", "logits")
     files["tail"] = {"path": "tail.onnx"}
     files["full"] = {"path": "full.onnx", "model": "teacher"}
     if weights == "fp16":
@@ -58,20 +60,20 @@ def export_slimmable_bundle(student_path: str | Path, out_dir: str | Path, name:
             store_weights_fp16(out / entry["path"])
 
     input_spec = input_spec_for(side)
-    x, _ = _eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
+    x, _ = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
     tail_e = create_engine(out / "tail.onnx", "ort")
     checks: dict[str, dict] = {}
     head_ms: dict[int, float] = {}
     for i, c in enumerate(widths):
         role, fname = head_file(c, C)
         head_e = create_engine(out / fname, "ort")
-        checks[role] = _check(role, head_e, lambda t, i=i: model.encode(t, i), x, classify=False)
+        checks[role] = check_against_torch(role, head_e, lambda t, i=i: model.encode(t, i), x, classify=False)
         z = head_e.run1(x)
         zf = np.zeros((len(z), *model.wire_shape), np.float32)
         zf[:, :c] = z  # what the server's decode(full_channels=C) builds
-        checks[f"tail@c{c}"] = _check("tail", tail_e, model.decode, zf, classify=True)
-        head_ms[c] = _head_latency_ms(out / fname, x[:1], threads=1)
-    checks["full"] = _check("full", create_engine(out / "full.onnx", "ort"), teacher, x, classify=True)
+        checks[f"tail@c{c}"] = check_against_torch("tail", tail_e, model.decode, zf, classify=True)
+        head_ms[c] = head_latency_ms(out / fname, x[:1], threads=1)
+    checks["full"] = check_against_torch("full", create_engine(out / "full.onnx", "ort"), teacher, x, classify=True)
 
     hw = model.wire_shape[1] * model.wire_shape[2]
     by_key = {(m["width"], m["bits"]): m for m in results["modes"]}

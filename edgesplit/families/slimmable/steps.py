@@ -1,5 +1,6 @@
-"""The slimmable family's steps after :func:`pipeline.prepare`: stage 1 -> stage 2 -> per-width BN
-calibration -> wire calibration per (width, bits) -> accuracy of every (width, bits) mode.
+"""The slimmable family's steps after :func:`edgesplit.builder.pipeline.prepare`: stage 1 ->
+stage 2 -> per-width BN calibration -> wire calibration per (width, bits) -> accuracy of every
+(width, bits) mode.
 
 Artefacts in the run directory: ``stage1.pt``, ``stage2.pt``, ``student.pt`` (config, weights,
 calibration, results), ``results.json``; a rerun resumes from the last one written.
@@ -10,44 +11,28 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..data.sources import CLASSES
-from .data import DeviceLoader
-from .families.slimmable import SlimmableConfig, SlimmableSplit, head_macs
-from .pipeline import MEAN, STD
-from .recipe import Recipe
-from .train import evaluate
-from .train_slimmable import (calibrate_bn, calibrate_wire, distill_stage1, evaluate_modes, finetune_stage2,
-                              hold_wire_ranges)
-from .zoo import create_model
+from ...builder.data import MEAN, STD, DeviceLoader
+from ...builder.train import evaluate
+from ...builder.zoo import create_model
+from ...data.sources import CLASSES
+from .model import build_model, head_macs
+from .train import calibrate_bn, calibrate_wire, distill_stage1, evaluate_modes, finetune_stage2, hold_wire_ranges
+
+if TYPE_CHECKING:
+    from ...builder.pipeline import Prepared
+    from ...builder.recipe import Recipe
 
 
-def slimmable_config(r: Recipe) -> SlimmableConfig:
-    s = r.split
-    return SlimmableConfig(arch=r.teacher.arch, num_classes=len(CLASSES[r.dataset]), input_size=r.input_size,
-                           split_at=s.split_at, widths=list(s.widths), encoder_widths=list(s.encoder_widths),
-                           encoder_strides=list(s.encoder_strides), bottleneck_stride=s.bottleneck_stride,
-                           decoder_widths=list(s.decoder_widths), train_bits=s.train_bits)
-
-
-def load_slimmable(path: str | Path, device: str | torch.device = "cpu") -> tuple[SlimmableSplit, dict]:
-    """Rebuild a trained slimmable split from ``student.pt`` (strict: every key must match)."""
-    state = torch.load(str(path), map_location=device, weights_only=True)
-    if state.get("family") != "slimmable":
-        raise ValueError(f"{path}: not a slimmable student (family {state.get('family', 'bottlefit')!r})")
-    model = SlimmableSplit(SlimmableConfig(**state["config"]))
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval(), state
-
-
-def run_slimmable(r: Recipe, run_dir: Path, p) -> dict:
+def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
     dev, log, teacher, results, eval_loader = p.dev, p.log, p.teacher, p.results, p.eval_loader
-    cfg = slimmable_config(r)
     backbone = create_model(r.teacher.arch, p.num_classes)
     backbone.load_state_dict({k: v.cpu() for k, v in teacher.state_dict().items()})
-    student = SlimmableSplit(cfg, backbone).to(dev).to(memory_format=torch.channels_last)
+    student = build_model(r, backbone).to(dev).to(memory_format=torch.channels_last)
+    cfg = student.cfg
     n_random = r.split.sandwich_random
 
     def eval_widest() -> float:

@@ -1,0 +1,86 @@
+"""Export a trained BottleFit split to a bundle: head.onnx, tail.onnx, full.onnx, manifest.json.
+
+- head.onnx: image [N,3,H,W] -> wire tensor ``z`` [N,C,h,w] (float; the codec quantizes it).
+- tail.onnx: ``z`` -> logits [N,classes] (decoder + the backbone's remaining stages).
+- full.onnx: the unsplit reference model (the teacher) for local fallback and for the
+  "send the JPEG instead" baseline.
+- tail.pt2 (``torch_tail``): the tail as a torch.export program for the server's torch backend.
+
+Each graph is checked against torch on real images (max abs diff and top-1 agreement go into the
+manifest); one mode per calibrated bit depth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...builder.export_common import (bundle_manifest, check_against_torch, eval_images, export_onnx, export_torch_tail,
+                                      head_latency_ms, host_profile_name, input_spec_for, load_teacher,
+                                      store_weights_fp16)
+from ...bundle import Bundle, write_manifest
+from ...engine import create_engine
+from ...wire.codec import packed_nbytes
+from .model import load_student
+
+
+def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | None = None,
+                  check_frames: int = 256, weights: str = "fp16", teacher_path: str | Path | None = None,
+                  torch_tail: bool = False) -> Bundle:
+    student_path = Path(student_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, state = load_student(student_path)
+    recipe, results = state["recipe"], state["results"]
+    cfg = model.cfg
+    side = cfg.input_size
+    teacher = load_teacher(cfg, student_path, teacher_path)
+
+    ex_img = torch.zeros(2, 3, side, side)
+    ex_z = torch.zeros(2, *model.wire_shape)
+    head, tail = model.head_module(), model.tail_module()
+    export_onnx(head, ex_img, out / "head.onnx", "image", "z")
+    export_onnx(tail, ex_z, out / "tail.onnx", "z", "logits")
+    export_onnx(teacher, ex_img, out / "full.onnx", "image", "logits")
+    if weights == "fp16":
+        for f in ("head.onnx", "tail.onnx", "full.onnx"):
+            store_weights_fp16(out / f)
+    files = {"head": {"path": "head.onnx"}, "tail": {"path": "tail.onnx"}, "full": {"path": "full.onnx", "model": "teacher"}}
+    if torch_tail:
+        export_torch_tail(tail, ex_z, out / "tail.pt2")
+        files["tail_torch"] = {"path": "tail.pt2"}
+
+    input_spec = input_spec_for(side)
+    x, _ = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
+    head_e, tail_e, full_e = (create_engine(out / f, "ort") for f in ("head.onnx", "tail.onnx", "full.onnx"))
+    z = head_e.run1(x)
+    checks = {
+        "head": check_against_torch("head", head_e, model.encode, x, classify=False),
+        "tail": check_against_torch("tail", tail_e, model.decode, z, classify=True),
+        "full": check_against_torch("full", full_e, teacher, x, classify=True),
+    }
+    threads = 1  # one core: the figure an edge device's profile scales from
+    head_ms = head_latency_ms(out / "head.onnx", x[:1], threads)
+
+    numel = int(np.prod(model.wire_shape))
+    cal = state["calibration"]
+    modes = []
+    for i, m in enumerate(sorted(results["modes"], key=lambda m: -m["bits"])):
+        c = cal[str(m["bits"])]
+        modes.append({
+            "id": i, "name": f"c{cfg.bottleneck_channels}-b{m['bits']}", "channels": cfg.bottleneck_channels,
+            "bits": m["bits"], "quant": {"scheme": "affine-per-tensor", "scale": c["scale"], "zero_point": c["zero_point"],
+                                          "clip_percentile": c["clip_percentile"]},
+            "bytes_per_frame": packed_nbytes(numel, m["bits"]),
+            "accuracy": m["accuracy"], "accuracy_source": f"torch, {results['eval_frames']} frames of {recipe['dataset']}:{recipe['eval_split']}",
+            "head_ms": {host_profile_name(): round(head_ms, 4)},
+        })
+    default = next(m["id"] for m in modes if m["bits"] == recipe["default_bits"])
+    wire = {"name": "z", "shape": list(model.wire_shape), "dtype": "float32",
+            "quantization": "affine per tensor, parameters per mode"}
+    manifest = bundle_manifest(family="bottlefit", name=name, state=state, cfg=cfg, input_spec=input_spec, wire=wire,
+                               modes=modes, default=default, files=files, checks=checks, weights=weights)
+    write_manifest(out, manifest)
+    return Bundle.load(out)

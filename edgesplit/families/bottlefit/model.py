@@ -1,0 +1,121 @@
+"""BottleFit (Matsubara et al. 2022): replace a CNN's early stages with an encoder that ends in a
+narrow bottleneck and a decoder that restores the tensor the remaining stages expect.
+
+``BottleFitSplit`` owns the encoder (the device head), a fake-quantizer on the wire tensor, the
+decoder and the backbone's stages after the split point (together the server tail). The stages
+before the split point are dropped from the backbone, so the checkpoint holds only what runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...builder.bottleneck import FakeQuant, conv_bn_relu, cut_backbone, run_tail, upsampling_steps
+from ...builder.zoo import create_model
+from ...data.sources import CLASSES
+from .config import BottleneckSpec
+
+
+@dataclass(kw_only=True)
+class BottleFitConfig(BottleneckSpec):
+    """A spec bound to a backbone: what :class:`BottleFitSplit` is built from (saved in student.pt)."""
+
+    arch: str
+    num_classes: int
+    input_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class BottleFitSplit(nn.Module):
+    def __init__(self, cfg: BottleFitConfig, backbone: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        backbone = backbone if backbone is not None else create_model(cfg.arch, cfg.num_classes)
+        self.tail_stages, self.split_shape = cut_backbone(backbone, cfg.arch, cfg.split_at, cfg.input_size)
+        self.backbone = backbone
+
+        layers, cin = [], 3
+        for w, s in zip(cfg.encoder_widths, cfg.encoder_strides):
+            layers.append(conv_bn_relu(cin, w, s))
+            cin = w
+        layers.append(nn.Conv2d(cin, cfg.bottleneck_channels, 3, cfg.bottleneck_stride, 1))
+        self.encoder = nn.Sequential(*layers)
+        self.quant = FakeQuant(cfg.train_bits)
+
+        stride = math.prod(cfg.encoder_strides) * cfg.bottleneck_stride
+        z_side = cfg.input_size // stride
+        self.wire_shape = (cfg.bottleneck_channels, z_side, z_side)
+        n_up = upsampling_steps(z_side, self.split_shape[-1])
+        dec, cin = [], cfg.bottleneck_channels
+        for i, w in enumerate(cfg.decoder_widths):
+            if i < n_up:  # learnable upsampling first, while the tensor is still small
+                dec += [nn.ConvTranspose2d(cin, w, 2, 2, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            else:
+                dec.append(conv_bn_relu(cin, w))
+            cin = w
+        for _ in range(len(cfg.decoder_widths), n_up):
+            dec += [nn.ConvTranspose2d(cin, cin, 2, 2, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
+        dec += [nn.Conv2d(cin, self.split_shape[0], 3, 1, 1, bias=False), nn.BatchNorm2d(self.split_shape[0])]
+        if cfg.decoder_final_relu:
+            dec.append(nn.ReLU(inplace=True))
+        self.decoder = nn.Sequential(*dec)
+
+    # -- the split ---------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor, return_features: bool = False):
+        return run_tail(self.backbone, self.tail_stages, self.decoder(z), return_features)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        return self.decode(self.quant(self.encode(x)), return_features)
+
+    def head_module(self) -> nn.Module:
+        return _Head(self)
+
+    def tail_module(self) -> nn.Module:
+        return _Tail(self)
+
+
+class _Head(nn.Module):
+    def __init__(self, split: BottleFitSplit):
+        super().__init__()
+        self.encoder = split.encoder
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
+class _Tail(nn.Module):
+    def __init__(self, split: BottleFitSplit):
+        super().__init__()
+        self.split = split
+
+    def forward(self, z):
+        return self.split.decode(z)
+
+
+def student_config(r) -> BottleFitConfig:
+    """The model config a recipe (``edgesplit.builder.recipe.Recipe``) describes."""
+    spec = {f.name: getattr(r.split, f.name) for f in fields(BottleneckSpec)}
+    return BottleFitConfig(arch=r.teacher.arch, num_classes=len(CLASSES[r.dataset]), input_size=r.input_size, **spec)
+
+
+def build_model(r, backbone: nn.Module | None = None) -> BottleFitSplit:
+    """The untrained split a recipe describes (on ``backbone``, else a fresh one)."""
+    return BottleFitSplit(student_config(r), backbone)
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[BottleFitSplit, dict]:
+    """Rebuild a trained split from ``student.pt`` (config + weights + calibration)."""
+    state = torch.load(str(path), map_location=device, weights_only=True)
+    model = BottleFitSplit(BottleFitConfig(**state["config"]))
+    model.load_state_dict(state["model"], strict=True)
+    return model.eval(), state

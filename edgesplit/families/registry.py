@@ -1,0 +1,137 @@
+"""The registry of split families (the shape of timm's ``register_model``).
+
+Each family subpackage of :mod:`edgesplit.families` calls :func:`register_family` in its
+``__init__``; :func:`get_family` finds every subpackage with :mod:`pkgutil` the first time it is
+asked, so a new family needs no edit anywhere else. The pipeline, the exporter, the recipe loader
+and the bundle contract look families up here and never branch on a family's name.
+
+Torch-free on purpose: the bundle contract (read on every device) imports this module. The torch
+parts of a family (model, training steps, exporter) are registered as ``"module:attribute"``
+paths and imported only when :meth:`Family.entry` resolves them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+# How a bundle of the family is served: the serving shape -> the file roles its bundle must hold.
+# "head-tail": the device runs a head, sends one wire tensor, the server runs the tail.
+SERVING_SHAPES: dict[str, tuple[str, ...]] = {"head-tail": ("head", "tail")}
+# The lazy entry points every family names, as "package.module:attribute".
+ENTRY_POINTS = ("split_schema", "model", "load_student", "steps", "exporter")
+_ENTRY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class UnknownFamilyError(LookupError):
+    """No registered family has this name; the message lists the known ones."""
+
+
+@dataclass(kw_only=True)
+class SplitSection:
+    """The recipe's ``split`` section: every family's schema is a dataclass that extends this one.
+
+    The recipe loader builds the family's schema from the section (unknown keys and wrong types are
+    errors naming the key), then calls :meth:`check_recipe` for the rules that span fields."""
+
+    family: str
+
+    def check_recipe(self, recipe: Any) -> None:
+        """Raise ``ValueError("<key>: <why>")`` for a recipe this family cannot train."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One split family: what the build plane runs and what the bundle contract accepts.
+
+    Entry points (``"module:attribute"``, imported on first use):
+
+    - ``split_schema``: a :class:`SplitSection` dataclass, torch-free (the recipe's ``split``).
+    - ``model``: ``(recipe) -> torch module``, the untrained split the recipe describes.
+    - ``load_student``: ``(path, device="cpu") -> (model, state)``, a trained ``student.pt``.
+    - ``steps``: ``(recipe, run_dir, prepared) -> results``, the training steps after
+      :func:`edgesplit.builder.pipeline.prepare`; they leave ``student.pt`` and ``results.json``.
+    - ``exporter``: ``(student_path, out_dir, name=None, check_frames=256, weights="fp16",
+      teacher_path=None, torch_tail=False) -> Bundle``.
+    """
+
+    name: str
+    summary: str
+    split_schema: str
+    model: str
+    load_student: str
+    steps: str
+    exporter: str
+    serving: str = "head-tail"
+    # Optional file roles beyond the serving shape's own (e.g. "full", "tail_torch").
+    optional_files: tuple[str, ...] = ("full",)
+    # Whether modes may run their own head file (role "head.<tag>", e.g. one per slimmable width).
+    head_per_mode: bool = False
+    module: str = field(default="", compare=False)  # the subpackage that registered it
+
+    @property
+    def required_files(self) -> tuple[str, ...]:
+        return SERVING_SHAPES[self.serving]
+
+    def entry(self, point: str) -> Any:
+        """Import and return an entry point (``split_schema``, ``model``, ``steps``...)."""
+        if point not in ENTRY_POINTS:
+            raise ValueError(f"family entry point must be one of {', '.join(ENTRY_POINTS)}, got {point!r}")
+        module, attr = getattr(self, point).split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_FAMILIES: dict[str, Family] = {}
+_LOCK = threading.RLock()
+_discovered = False
+
+
+def register_family(name: str, **record: Any) -> Family:
+    """Register a split family (called from the family subpackage's ``__init__``)."""
+    fam = Family(name=name, **record)
+    if not _NAME.match(name):
+        raise ValueError(f"family name {name!r}: lowercase letters, digits, '-' or '_', at most 32")
+    for point in ENTRY_POINTS:
+        if not _ENTRY.match(getattr(fam, point)):
+            raise ValueError(f"family {name}: {point} must be 'package.module:attribute', got {getattr(fam, point)!r}")
+    if fam.serving not in SERVING_SHAPES:
+        raise ValueError(f"family {name}: serving shape {fam.serving!r} is not one of {', '.join(SERVING_SHAPES)}")
+    with _LOCK:
+        known = _FAMILIES.get(name)
+        if known is not None and known != fam:
+            raise ValueError(f"family {name!r} is already registered differently (by {known.module or 'another module'})")
+        _FAMILIES[name] = fam
+    return fam
+
+
+def _discover() -> None:
+    """Import every subpackage of :mod:`edgesplit.families` once: each registers itself."""
+    global _discovered
+    with _LOCK:
+        if _discovered:
+            return
+        import edgesplit.families as pkg
+
+        for info in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+            if info.ispkg:
+                importlib.import_module(info.name)
+        _discovered = True
+
+
+def family_names() -> list[str]:
+    """Every registered family, sorted by name."""
+    _discover()
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    _discover()
+    try:
+        return _FAMILIES[name]
+    except (KeyError, TypeError):
+        raise UnknownFamilyError(f"unknown family {name!r} (known: {', '.join(family_names())})") from None

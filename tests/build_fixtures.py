@@ -49,12 +49,12 @@ def one_torch_thread():
 
 
 def require_cifar() -> Path:
-    """The shared CIFAR-10 shard folder, or skip the calling test with the reason."""
+    """The shared CIFAR-10 shard folder, or fail the calling test with the reason (as conftest does)."""
     from edgesplit.data.sources import data_root
 
     d = data_root() / "cifar10-jpeg"
     if not (d / "test-00000.tar.gz").is_file():
-        pytest.skip(f"shared CIFAR-10 shards not found under {data_root()} (set EDGESPLIT_DATA)")
+        pytest.fail(f"shared CIFAR-10 shards not found under {data_root()} (set EDGESPLIT_DATA)")
     return d
 
 

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACE = traces_dir() / "mahimahi-cellular" / "Verizon-EVDO-driving.up"
 
 
-@pytest.mark.skipif(not TRACE.is_file(), reason=f"trace not found: {TRACE}")
 def test_bench_adapt_sim_reports_every_policy_on_a_real_trace():
+    assert TRACE.is_file(), f"shared trace not found: {TRACE} (set EDGESPLIT_DATA)"
     out = subprocess.run([sys.executable, "-m", "edgesplit", "bench", "adapt", "--trace", str(TRACE), "--deadline-ms", "100",
                           "--duration-s", "120", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -92,7 +92,6 @@ def test_keys_service_commands_parse_with_the_real_cli():
         keys_parser().parse_args(argv[2:])
 
 
-@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
 def test_keys_service_script_makes_keys_a_real_server_and_agent_use(tiny_bundle, cifar_samples, tmp_path):
     # The script, with each volume's mount point mapped to a temporary directory and the
     # `edgesplit` command of this environment; run twice, as on every `compose up` (the second

@@ -21,7 +21,7 @@ SHIPPED = ("cifar10-resnet20-bottlefit", "imagenette-resnet18-bottlefit")
 
 def need(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real trace data not found: {path} (set EDGESPLIT_DATA to the shared data folder)")
+        pytest.fail(f"real trace data not found: {path} (set EDGESPLIT_DATA to the shared data folder)")
     return path
 
 

@@ -218,7 +218,7 @@ def test_packet_accounting_lifts_accuracy_on_a_real_mahimahi_uplink():
 
     path = data_root() / "traces" / "mahimahi-cellular" / "ATT-LTE-driving.up"
     if not path.is_file():
-        pytest.skip(f"shared traces not found under {data_root()}")
+        pytest.fail(f"shared traces not found under {data_root()} (set EDGESPLIT_DATA)")
     link = LinkModel(read_trace(path), BASE_RTT, SERVER, ENCODE, 0.0)
     assert link.packet_bytes == 1500
     modes = bundle_like_modes()

@@ -33,7 +33,7 @@ JPEG_SOI = b"\xff\xd8\xff"
 def shard(rel: str) -> Path:
     p = data_root() / rel
     if not p.is_file():
-        pytest.skip(f"shared shard {p} not found (set EDGESPLIT_DATA)")
+        pytest.fail(f"shared shard {p} not found (set EDGESPLIT_DATA)")
     return p
 
 
@@ -68,7 +68,7 @@ def test_cifar_train_shard_keys_match_labels():
 def test_imagenette_shard_labels_match_wordnet_ids():
     csv_path = data_root() / "imagenette-224" / "classes.csv"
     if not csv_path.is_file():
-        pytest.skip(f"{csv_path} not found")
+        pytest.fail(f"{csv_path} not found (set EDGESPLIT_DATA)")
     rows = list(csv.DictReader(csv_path.open()))
     wnid = {int(r["label_index"]): r["wnid"] for r in rows}
     assert [r["name"] for r in sorted(rows, key=lambda r: int(r["label_index"]))] == CLASSES["imagenette"]
@@ -361,7 +361,8 @@ def test_unknown_augmentation_is_refused(small_split):
 def test_video_file_source_yields_its_frames(tmp_path):
     """A real video (MJPEG in AVI, written by OpenCV from real CIFAR-10 frames) read through
     ``open_source``: every frame comes back, decodable, close to the frame that was written."""
-    cv2 = pytest.importorskip("cv2", reason="video sources need OpenCV (the 'video' extra)")
+    import cv2  # the dev extra of the README install provides OpenCV
+
     from edgesplit.data.sources import open_source, take
     from edgesplit.data.transforms import to_uint8_hwc
 

@@ -21,8 +21,6 @@ E2E = ROOT / "docs" / "bench" / "e2e-cifar10-resnet20-bottlefit.json"
 EVAL = ROOT / "docs" / "bench" / "eval-cifar10-resnet20-bottlefit.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-pytest.importorskip("matplotlib")
-
 
 def _cli_json(argv: list[str], capsys) -> dict:
     assert profile_main(argv + ["--json"]) == 0

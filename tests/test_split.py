@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from edgesplit.builder.split import (
     SplitError,

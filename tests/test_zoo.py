@@ -19,7 +19,7 @@ TEACHER_REL = "teachers/resnet56-4bfd9763.th"
 def teacher_path():
     p = data_root() / TEACHER_REL
     if not p.is_file():
-        pytest.skip(f"shared ResNet-56 teacher not found at {p} (set EDGESPLIT_DATA)")
+        pytest.fail(f"shared ResNet-56 teacher not found at {p} (set EDGESPLIT_DATA)")
     return p
 
 
@@ -106,7 +106,7 @@ def test_teacher_accuracy_on_real_cifar10_slice():
     path = teacher_path()
     shard = data_root() / "cifar10-jpeg" / "test-00000.tar.gz"
     if not shard.is_file():
-        pytest.skip(f"CIFAR-10 test shard not found at {shard}")
+        pytest.fail(f"CIFAR-10 test shard not found at {shard} (set EDGESPLIT_DATA)")
     model = load_pretrained("resnet56_cifar", path, 10).eval()
     spec = {"shape": [3, 32, 32], "resize": 32, "mean": MEAN, "std": STD}
     samples = list(take(iter_tar_shards([shard]), 500))

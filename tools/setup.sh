@@ -3,6 +3,15 @@
 # wheel first: a bare 'torch' requirement would otherwise pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The bandwidth-shaping tests need `ip` and `tc` (iproute2) when run as root, as CI is: install
+# them there rather than let those tests fail.
+if [ "$(id -u)" = 0 ] && ! { command -v ip && command -v tc; } >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2
+  else
+    echo "setup.sh: install iproute2 (ip, tc) with this system's package manager" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

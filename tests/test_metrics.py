@@ -22,8 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgesplit.edge.agent import Agent
 from edgesplit.logs import JsonFormatter
-from edgesplit.server import metrics
-from edgesplit.server import daemon
+from edgesplit.server import compute, metrics, stats
 from edgesplit.server.daemon import Server
 from edgesplit.wire import codec, protocol as P
 from edgesplit.wire.codec import ErrorCode
@@ -61,7 +60,7 @@ def raw_session(endpoint: str, bundle, name: str) -> zmq.Socket:
 
 
 def test_metrics_count_what_was_sent(tiny_bundle, cifar_samples, monkeypatch):
-    monkeypatch.setattr(daemon, "FOLD_EVERY_BATCHES", 4)  # fold often: folded and pending figures add up
+    monkeypatch.setattr(compute, "FOLD_EVERY_BATCHES", 4)  # fold often: folded and pending figures add up
     with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=20_000,
                 http_port=0) as srv:
         agent = Agent(tiny_bundle, srv.endpoint, inflight=8, threads=1, name="cam-7", timeout_s=30).connect()
@@ -139,8 +138,8 @@ def test_metrics_count_what_was_sent(tiny_bundle, cifar_samples, monkeypatch):
 
 def test_recorded_figures_fold_into_the_same_counts_as_direct_counting():
     rng = np.random.default_rng(0)
-    st = metrics.ModelStats("m", "v", 0, max_batch=8)
-    bounds = metrics.DURATION_BUCKETS_US
+    st = stats.ModelStats("m", "v", 0, max_batch=8)
+    bounds = stats.DURATION_BUCKETS_US
     queue = list(rng.choice([*bounds, 0.0, 7.5, 3e6], 150)) + list(rng.uniform(0, 2e6, 150))  # the bounds themselves too
     batches = [(int(r), int(r) - int(k), float(c)) for r, k, c in
                zip(rng.integers(1, 9, 300), rng.integers(0, 2, 300), rng.uniform(10, 5e4, 300))]

@@ -1,4 +1,12 @@
-"""Dynamic batching for the server daemon.
+"""The server's scheduler: admission, deadline triage and dynamic batching, in one place because
+all three read the same batch-time estimates (as Triton's dynamic batching scheduler does).
+
+- :meth:`Batcher.admit` (I/O thread) queues a request or refuses it at once: SHUTTING_DOWN once
+  closed, OVERLOADED when ``max_queue`` requests wait, DEADLINE_EXCEEDED when the queue ahead plus
+  its own batch are expected to take longer than its deadline allows.
+- :meth:`Batcher.triage` (compute thread) takes the requests out of a due batch whose deadline
+  falls before the batch is expected to finish: they are answered, not computed.
+- :meth:`Batcher.next_batch` (compute thread) forms the batches.
 
 Requests are grouped by key ``(bundle hash, mode id)``: a batch only ever holds requests that run
 the same tail on tensors of the same shape. A key's batch is *due* when
@@ -11,11 +19,13 @@ the same tail on tensors of the same shape. A key's batch is *due* when
   compute time for that many rows, minus a 2 ms margin), or
 - the batcher is closing (drain: everything is due at once).
 
-The I/O thread calls :meth:`Batcher.put` (never blocks); the compute thread calls
-:meth:`Batcher.next_batch` (blocks until a batch is due). With ``max_delay_us == 0`` a request
-that arrives at an idle batcher is handed over as a batch of one without touching the per-key
-queues; requests that arrive while the tail is busy still batch up. ``put`` refuses when ``max_queue``
-requests are already waiting; the daemon answers those with OVERLOADED.
+The I/O thread calls :meth:`Batcher.admit` (or :meth:`Batcher.put`; never blocks); the compute
+thread calls :meth:`Batcher.next_batch` (blocks until a batch is due). With ``max_delay_us == 0`` a
+request that arrives at an idle batcher is handed over as a batch of one without touching the
+per-key queues; requests that arrive while the tail is busy still batch up.
+
+Every time here is ``time.perf_counter_ns()``; the methods that read the clock take ``now_ns`` so
+that a test can drive them with its own.
 
 Batch composition follows Triton's dynamic batcher: requests join in arrival order; when a
 preferred size can be formed the batch is the largest preferred size that fits (so a tail tuned or
@@ -31,7 +41,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any, Hashable, NamedTuple
+
+from ..wire.errors import ErrorCode
 
 INF = float("inf")
 # A batch holding a deadline is flushed this long before (deadline - expected compute time), to
@@ -63,7 +75,15 @@ class Item:
     t_recv_ns: int             # time.perf_counter_ns() when the I/O thread received it
     deadline_ns: int | None = None
     t_send_ns: int | None = None
+    deadline_ms: float | None = None  # as the request gave it (quoted in a refusal)
     answered: bool = False     # set by the compute thread once a reply is queued
+
+
+class Refusal(NamedTuple):
+    """Why a request is answered with an error instead of being computed."""
+
+    code: ErrorCode
+    message: str
 
 
 class _KeyQueue:
@@ -112,6 +132,25 @@ class Batcher:
         self.estimate_ttl_ns = ESTIMATE_TTL_NS
 
     # -- producer side (I/O thread) ------------------------------------------------------------
+    def admit(self, item: Item, now_ns: int) -> Refusal | None:
+        """Queue a request, or say why not (None: queued). Never blocks.
+
+        A request with a deadline is refused now rather than answered late when the queue ahead
+        plus its own batch are expected to take longer than the deadline allows. This keeps the
+        queue as short as the deadlines need under overload (a full queue is seconds of work;
+        without this check it filled with requests that could only expire)."""
+        if item.deadline_ns is not None:
+            wait = self.expected_wait_ns(item.key, item.rows, now_ns)
+            if now_ns + wait >= item.deadline_ns:
+                return Refusal(ErrorCode.DEADLINE_EXCEEDED,
+                               f"deadline {item.deadline_ms} ms cannot be met: the {len(self)} requests queued and "
+                               f"its own batch need about {wait / 1e6:.1f} ms; not queued")
+        if not self.put(item):
+            if self._closed:
+                return Refusal(ErrorCode.SHUTTING_DOWN, "server is shutting down")
+            return Refusal(ErrorCode.OVERLOADED, f"server queue full ({self.max_queue} requests waiting)")
+        return None
+
     def put(self, item: Item) -> bool:
         """Queue a request; False when the queue is full or the batcher is closed. Never blocks."""
         with self._put_lock:
@@ -136,33 +175,33 @@ class Batcher:
         return self._n_put - self._n_taken
 
     # -- consumer side (compute thread) --------------------------------------------------------
-    def note_compute(self, key: Hashable, seconds: float, rows: int = 1) -> None:
-        """Record a batch's compute time (feeds the deadline-aware flush and the daemon's check
-        that a deadline can still be met).
+    def note_compute(self, key: Hashable, seconds: float, rows: int = 1, now_ns: int | None = None) -> None:
+        """Record a batch's compute time (feeds the deadline-aware flush, admission and triage).
 
-        Kept per power-of-two bucket of rows: on a CPU a 32-row batch takes ~30x a 1-row one,
-        and one mean over both misjudged either (under overload, small leftover batches pulled
+        Kept per power-of-two bucket of rows: on a CPU a 32-row batch takes many times a 1-row
+        one, and one mean over both misjudged either (under overload, small leftover batches pulled
         the mean down and admitted requests finished after their deadlines). Each bucket keeps
         a smoothed mean and mean deviation, as TCP does for its retransmission timeout
         (RFC 6298: gains 1/8 and 1/4); the estimate is mean + 4 deviations, so a tail whose
         time varies (a CPU shared with other work) is planned for its slow batches."""
         k = (key, _bucket(rows))
         ns = seconds * 1e9
+        now_ns = time.perf_counter_ns() if now_ns is None else now_ns
         est = self._compute_ns.get(k)
         if est is None:
-            self._compute_ns[k] = [ns, ns / 2, time.perf_counter_ns()]
+            self._compute_ns[k] = [ns, ns / 2, now_ns]
         else:
             est[1] += (abs(ns - est[0]) - est[1]) / 4
             est[0] += (ns - est[0]) / 8
-            est[2] = time.perf_counter_ns()
+            est[2] = now_ns
 
-    def expected_compute_ns(self, key: Hashable, rows: int) -> float:
+    def expected_compute_ns(self, key: Hashable, rows: int, now_ns: int | None = None) -> float:
         """Expected compute time (mean + 4 deviations) of a ``rows``-row batch of ``key``: from
         its bucket, else the nearest larger bucket (more rows never run faster), else the
         nearest smaller one scaled up linearly, counting only estimates refreshed within
         ``estimate_ttl_ns``; 0 when there is none (the batch runs, and teaches one)."""
         b = _bucket(rows)
-        fresh_since = time.perf_counter_ns() - self.estimate_ttl_ns
+        fresh_since = (time.perf_counter_ns() if now_ns is None else now_ns) - self.estimate_ttl_ns
         x = b
         while x <= self._top_bucket:
             est = self._compute_ns.get((key, x))
@@ -177,15 +216,43 @@ class Batcher:
             x //= 2
         return 0.0
 
-    def expected_wait_ns(self, key: Hashable, rows: int) -> float:
+    def expected_wait_ns(self, key: Hashable, rows: int, now_ns: int | None = None) -> float:
         """From now until a ``rows``-row request of ``key`` queued now would be computed: the
         full batches queued ahead of it, then its own batch (the requests ahead, of any key,
         timed as this key's; one compute thread runs them all). Safe to call from the I/O thread
         (it reads the estimates the compute thread writes; a stale read only shifts a guess)."""
         ahead = len(self)
         full, part = divmod(ahead, self.max_batch)
-        return full * self.expected_compute_ns(key, self.max_batch) + \
-            self.expected_compute_ns(key, min(part + rows, self.max_batch))
+        return full * self.expected_compute_ns(key, self.max_batch, now_ns) + \
+            self.expected_compute_ns(key, min(part + rows, self.max_batch), now_ns)
+
+    def triage(self, batch: list[Item], now_ns: int) -> tuple[list[Item], list[tuple[Item, Refusal]]]:
+        """Split a due batch into (the requests to compute, the ones to answer DEADLINE_EXCEEDED):
+        a request whose deadline falls before this batch can finish (now + the expected time of a
+        batch this size) is not computed. Under overload the queue's head holds the oldest
+        requests: computing them answers them late and lets the fresher ones behind them age
+        (``edgesplit bench overload`` showed most results late when only deadlines already
+        passed were refused)."""
+        expected = self.expected_compute_ns(batch[0].key, sum(it.rows for it in batch), now_ns)
+        finish = now_ns + expected
+        for it in batch:
+            if it.deadline_ns is not None and finish >= it.deadline_ns:
+                break
+        else:
+            return batch, []  # the common case: every deadline can be met
+        live, late = [], []
+        for it in batch:
+            if it.deadline_ns is not None and finish >= it.deadline_ns:
+                queued = (now_ns - it.t_recv_ns) / 1e6
+                if now_ns >= it.deadline_ns:
+                    why = f"deadline passed {(now_ns - it.deadline_ns) / 1e6:.3f} ms before compute could start"
+                else:
+                    why = (f"deadline is {(it.deadline_ns - now_ns) / 1e6:.3f} ms away, less than the tail's recent "
+                           f"batch time {expected / 1e6:.3f} ms")
+                late.append((it, Refusal(ErrorCode.DEADLINE_EXCEEDED, f"{why} (queued {queued:.3f} ms); not computed")))
+            else:
+                live.append(it)
+        return live, late
 
     def _due_ns(self, key: Hashable, q: _KeyQueue) -> float:
         due = q.items[0].t_recv_ns + self.max_delay_ns

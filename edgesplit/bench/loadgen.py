@@ -5,10 +5,13 @@ spends is taken from the server it measures. A real agent runs its head, encodes
 per-frame records; a load generator needs none of that. So :class:`LoadClient` opens N DEALER
 sockets (N sessions: N hellos, N credit windows, N routing ids, exactly what N agents are to the
 server), sends **precomputed** wire payloads (real images through the bundle's head, encoded
-once), and services all sockets from one ``zmq.Poller`` loop: per request it packs a 27-byte
-compact header and makes two backend send calls; per reply it validates the header with the
-protocol's own parser. That costs a few tens of microseconds per frame, well under what the
-server spends, so the server is the bottleneck being measured.
+once), and services all sockets from one ``zmq.Poller`` loop. Each socket's protocol is the same
+:class:`~edgesplit.wire.client_session.ClientSession` the agent drives (hello/welcome, credits,
+request ids and forms, pongs, late answers): per request it packs a 27-byte compact header and
+makes two backend send calls; per reply the session validates the header with the protocol's own
+parser. That costs a few tens of microseconds per frame, well under what the server spends, so
+the server is the bottleneck being measured. Unlike the agent, a load generator counts NOT_READY
+refusals instead of resending, and checks no deadlines of its own (its drivers do).
 
 Two drivers:
 
@@ -34,7 +37,8 @@ import zmq
 
 from ..bundle import Bundle
 from ..wire import codec, protocol as P
-from ..wire.protocol import Kind, ProtocolError
+from ..wire.client_session import (Answered, Backoff, BadMessage, ClientSession, LateAnswer, Lost, Ponged, Refused,
+                                   Send)
 from ..wire.transport import connect_dealer, context, recv_parts, send_parts
 
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -97,6 +101,7 @@ class LoadStats:
     unexpected: int = 0         # answers to no outstanding request (duplicates, foreign ids)
     unanswered: int = 0         # requests still without an answer when the driver gave up
     send_refused: int = 0       # sends the client's own socket refused (its queue full)
+    no_session: int = 0         # requests not sent: their session was lost (bye) and not welcomed again
     server_bye: bool = False
 
     def merge(self, other: "LoadStats") -> None:
@@ -114,6 +119,7 @@ class LoadStats:
         self.unexpected += other.unexpected
         self.unanswered += other.unanswered
         self.send_refused += other.send_refused
+        self.no_session += other.no_session
         self.server_bye = self.server_bye or other.server_bye
 
     @property
@@ -140,6 +146,8 @@ class LoadStats:
         }
         if self.send_refused:
             s["send_refused"] = self.send_refused
+        if self.no_session:
+            s["no_session"] = self.no_session
         if self.server_bye:
             s["server_bye"] = True
         if self.deadline_ms is not None:
@@ -149,16 +157,18 @@ class LoadStats:
 
 
 class _Session:
-    __slots__ = ("sock", "credits", "compact", "next_id", "outstanding", "next_send_ns", "welcomed")
+    """One socket and the protocol session it carries."""
 
-    def __init__(self, sock: zmq.Socket):
+    __slots__ = ("sock", "proto", "next_send_ns")
+
+    def __init__(self, sock: zmq.Socket, proto: ClientSession):
         self.sock = sock
-        self.credits = 0
-        self.compact = False
-        self.next_id = 1
-        self.outstanding: dict[int, tuple[int, int]] = {}  # id -> (send time ns, payload index)
+        self.proto = proto
         self.next_send_ns = 0
-        self.welcomed = False
+
+    @property
+    def welcomed(self) -> bool:
+        return self.proto.welcome is not None
 
 
 class LoadClient:
@@ -177,14 +187,20 @@ class LoadClient:
         self.tolerance = tolerance
         self.name = name
         self._ctx = ctx or context()
-        self._sessions = [_Session(connect_dealer(endpoint, ctx=self._ctx, hwm=send_hwm)) for _ in range(int(sessions))]
+        self._desc = P.compact_descriptor(bundle.wire_spec["name"], bundle.wire_spec["shape"], bundle.mode(workload.mode))
+        # hellos retried about once a second while the server starts; pongs without a clock
+        self._sessions = [_Session(connect_dealer(endpoint, ctx=self._ctx, hwm=send_hwm),
+                                   ClientSession(bundle.hash, name, max_inflight=max_inflight,
+                                                 implicit={workload.mode: self._desc}, codecs=list(codec.CODECS),
+                                                 backoff=Backoff(1.0, 1.0), retry_not_ready=False, wall_clock=None,
+                                                 peer=endpoint))
+                          for _ in range(int(sessions))]
         self._by_sock = {s.sock: s for s in self._sessions}
         self._poller = zmq.Poller()
         for s in self._sessions:
             self._poller.register(s.sock, zmq.POLLIN)
         self._next_payload = 0
         self._pong = False
-        self._desc = P.compact_descriptor(bundle.wire_spec["name"], bundle.wire_spec["shape"], bundle.mode(workload.mode))
         self._stats = LoadStats()
 
     # -- session setup ------------------------------------------------------------------------
@@ -192,17 +208,18 @@ class LoadClient:
         """Say hello on every session and wait for every welcome (retrying the hellos while the
         server is still starting)."""
         end = time.monotonic() + timeout_s
-        hello = P.pack(P.hello(self.bundle.hash, self.name, max_inflight=self.max_inflight))
-        next_hello = 0.0
+        now_ns = time.perf_counter_ns()
+        for s in self._sessions:
+            send_parts(s.sock, s.proto.hello(now_ns))
         while not all(s.welcomed for s in self._sessions):
-            now = time.monotonic()
-            if now > end:
+            if time.monotonic() > end:
                 raise TimeoutError(f"no welcome from {self.endpoint} on every session within {timeout_s:.0f} s")
-            if now >= next_hello:
-                for s in self._sessions:
-                    if not s.welcomed:
-                        send_parts(s.sock, hello)
-                next_hello = now + 1.0
+            now_ns = time.perf_counter_ns()
+            for s in self._sessions:
+                if not s.welcomed:
+                    for ev in s.proto.tick(now_ns):  # hello retries
+                        if type(ev) is Send:
+                            send_parts(s.sock, ev.parts)
             self._pump(100, self._stats)
         return self
 
@@ -227,15 +244,18 @@ class LoadClient:
         wl = self.workload
         idx = self._next_payload
         self._next_payload = (idx + 1) % len(wl.payloads)
-        rid = s.next_id
-        s.next_id += 1
-        header = P.pack_header(P.request(rid, wl.mode, None if s.compact else [self._desc], deadline_ms=deadline_ms))
+        req, parts = s.proto.request(wl.mode, self._desc, wl.payloads[idx], time.perf_counter_ns(),
+                                     deadline_ms=deadline_ms, tag=idx)
+        if parts is None:  # no session (the server said bye): nothing to send it to
+            s.proto.forget(req.rid)
+            stats.no_session += 1
+            return False
         try:
-            send_parts(s.sock, [header, wl.payloads[idx]], _NOBLOCK)
+            send_parts(s.sock, parts, _NOBLOCK)
         except zmq.Again:  # this client's own send queue is full: not the server's doing
+            s.proto.forget(req.rid)
             stats.send_refused += 1
             return False
-        s.outstanding[rid] = (time.perf_counter_ns(), idx)
         stats.sent += 1
         return True
 
@@ -255,65 +275,58 @@ class LoadClient:
 
     def _on_reply(self, s: _Session, parts: list, stats: LoadStats, window_end_ns: int | None) -> int:
         t = time.perf_counter_ns()
-        try:
-            msg = P.parse(parts)
-        except ProtocolError as e:
-            stats.errors[f"bad reply: {e.code.name}"] += 1
-            return 0
-        h = msg.header
-        kind = msg.kind
-        if kind == Kind.RESULT or kind == Kind.ERROR:
-            rid = h.get("id")
-            entry = s.outstanding.pop(rid, None) if rid is not None else None
-            if entry is None:
-                if kind == Kind.ERROR and rid is None and not s.welcomed:
-                    raise RuntimeError(f"server refused the session: {h['name']}: {h['message']}")
+        n = 0
+        for ev in s.proto.receive(parts, t):
+            kind = type(ev)
+            if kind is Answered:
+                n += 1
+                stats.results += 1
+                if window_end_ns is None or t <= window_end_ns:
+                    stats.results_in_window += 1
+                stats.rtt_ms.append((t - ev.request.t_send_ns) / 1e6)
+                stats.server_ms.append(ev.timings.server_us / 1e3)
+                stats.batch_sizes.append(ev.timings.batch_size)
+                exp = self.workload.expected
+                if exp is not None:
+                    got = np.frombuffer(ev.frames[0], "<f4")
+                    ref = exp[ev.request.tag]
+                    err = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
+                    stats.max_abs_err = max(stats.max_abs_err, err)
+                    if err > self.tolerance * max(1.0, float(np.max(np.abs(ref)))):
+                        stats.wrong += 1
+            elif kind is Refused:
+                if ev.rid is not None:
+                    n += 1
+                    stats.errors[ev.code.name] += 1
+                elif not s.welcomed:
+                    raise RuntimeError(f"server refused the session: {ev.code.name}: {ev.message}")
+                else:
+                    stats.unexpected += 1
+            elif kind is LateAnswer:
                 stats.unexpected += 1
-                return 0
-            t_send, idx = entry
-            if kind == Kind.ERROR:
-                stats.errors[h["name"]] += 1
-                return 1
-            stats.results += 1
-            if window_end_ns is None or t <= window_end_ns:
-                stats.results_in_window += 1
-            stats.rtt_ms.append((t - t_send) / 1e6)
-            timing = h["timing"]
-            stats.server_ms.append(timing["server_us"] / 1e3)
-            stats.batch_sizes.append(timing["batch_size"])
-            exp = self.workload.expected
-            if exp is not None:
-                got = np.frombuffer(msg.frames[0], "<f4")
-                ref = exp[idx]
-                err = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
-                stats.max_abs_err = max(stats.max_abs_err, err)
-                if err > self.tolerance * max(1.0, float(np.max(np.abs(ref)))):
-                    stats.wrong += 1
-            return 1
-        if kind == Kind.WELCOME:
-            s.welcomed = True
-            s.credits = h["credits"]
-            s.compact = P.FEATURE_COMPACT_REQUESTS in (h.get("features") or ())
-        elif kind == Kind.PING:
-            send_parts(s.sock, P.pack(P.pong(h["nonce"])), _NOBLOCK)
-        elif kind == Kind.PONG:
-            self._pong = True
-        elif kind == Kind.BYE:
-            stats.server_bye = True
-            s.welcomed = False
-        return 0
+            elif kind is Send:  # a pong
+                send_parts(s.sock, ev.parts, _NOBLOCK)
+            elif kind is Ponged:
+                self._pong = True
+            elif kind is Lost:  # the server said bye: what it still owed will not come
+                stats.server_bye = True
+                stats.unanswered += len(ev.requests)
+            elif kind is BadMessage:
+                stats.errors[f"bad reply: {ev.code.name}"] += 1
+        return n
 
     def _drain(self, stats: LoadStats, timeout_s: float) -> None:
         """Wait for the answers still due; what is left after ``timeout_s`` of silence is unanswered."""
         last = time.monotonic()
-        while any(s.outstanding for s in self._sessions):
+        while any(s.proto.outstanding for s in self._sessions):
             if self._pump(50, stats):
                 last = time.monotonic()
             elif time.monotonic() - last > timeout_s:
                 break
         for s in self._sessions:
-            stats.unanswered += len(s.outstanding)
-            s.outstanding.clear()
+            stats.unanswered += len(s.proto.outstanding)
+            for rid in list(s.proto.outstanding):
+                s.proto.abandon(rid)  # an answer after all counts as unexpected
 
     # -- drivers -------------------------------------------------------------------------------
     def closed_loop(self, seconds: float | None = None, *, requests: int | None = None, window: int = 1,
@@ -337,7 +350,7 @@ class LoadClient:
                 break
             wake = now + 20_000_000
             for s in self._sessions:
-                while len(s.outstanding) < min(window, s.credits) and now >= s.next_send_ns:
+                while len(s.proto.outstanding) < min(window, s.proto.credits) and now >= s.next_send_ns:
                     if requests is not None and stats.sent >= requests:
                         break
                     if not self._send(s, stats, deadline_ms):
@@ -345,7 +358,7 @@ class LoadClient:
                     if period_ns:
                         # next frame one period later; a session that fell behind does not burst
                         s.next_send_ns = max(s.next_send_ns + period_ns, now - period_ns)
-                if period_ns and len(s.outstanding) < min(window, s.credits):
+                if period_ns and len(s.proto.outstanding) < min(window, s.proto.credits):
                     wake = min(wake, s.next_send_ns)
             timeout_ms = max(0, (wake - time.perf_counter_ns()) // 1_000_000)
             self._pump(int(timeout_ms), stats, end_ns)
@@ -368,11 +381,11 @@ class LoadClient:
                 break
             due = int((now - t0) * rate / 1e9) + 1
             burst = 0
-            while stats.sent + stats.send_refused < due and burst < 512:
+            while stats.sent + stats.send_refused + stats.no_session < due and burst < 512:
                 self._send(sessions[k], stats, deadline_ms)
                 k = (k + 1) % len(sessions)
                 burst += 1
-            behind = stats.sent + stats.send_refused < int((time.perf_counter_ns() - t0) * rate / 1e9)
+            behind = stats.sent + stats.send_refused + stats.no_session < int((time.perf_counter_ns() - t0) * rate / 1e9)
             self._pump(0 if behind else 1, stats, end_ns)
         stats.window_s = (time.perf_counter_ns() - t0) / 1e9
         self._drain(stats, drain_timeout_s)
@@ -382,7 +395,7 @@ class LoadClient:
         """Whether the server answers a ping on the first session within ``timeout_s``."""
         self._pong = False
         s = self._sessions[0]
-        send_parts(s.sock, P.pack(P.ping(12345)))
+        send_parts(s.sock, s.proto.ping(time.perf_counter_ns(), nonce=12345))
         end = time.monotonic() + timeout_s
         while not self._pong and time.monotonic() < end:
             self._pump(50, self._stats)

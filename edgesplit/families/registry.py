@@ -103,8 +103,10 @@ def register_family(name: str, **record: Any) -> Family:
         raise ValueError(f"family {name}: serving shape {fam.serving!r} is not one of {', '.join(SERVING_SHAPES)}")
     with _LOCK:
         known = _FAMILIES.get(name)
-        if known is not None and known != fam:
-            raise ValueError(f"family {name!r} is already registered differently (by {known.module or 'another module'})")
+        if known is not None:  # the same record again (a module imported twice) is harmless
+            if known != fam:
+                raise ValueError(f"family {name!r} is already registered differently (by {known.module or 'another module'})")
+            return known
         _FAMILIES[name] = fam
     return fam
 

@@ -31,7 +31,8 @@ from ..bundle import Bundle
 from ..wire import protocol as P
 from ..wire.codec import ErrorCode
 from ..wire.fuzz import CHAOS, NO_SESSION, PONG, RESULT, SESSION, FuzzCase, FuzzGenerator, FuzzTarget
-from ..wire.protocol import Kind, Limits, ProtocolError
+from ..wire.messages import Welcome
+from ..wire.protocol import Kind, ProtocolError
 from ..wire.transport import connect_dealer, context, recv_parts, send_parts
 
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -125,8 +126,7 @@ class FuzzClient:
                         send_parts(c.sock, hello)
                 next_hello = time.monotonic() + 1.0
             self._pump(100)
-        lim = self._ch[SESSION].welcome["limits"]
-        limits = Limits(**{k: lim[k] for k in ("max_header_bytes", "max_frame_bytes", "max_frames", "max_batch")})
+        limits = Welcome.from_header(self._ch[SESSION].welcome).limits
         self.generator = FuzzGenerator(FuzzTarget.from_bundle(self.bundle, limits), self.seed, classes=self.classes)
         return self
 

@@ -26,12 +26,21 @@ def summarize(b: Bundle) -> dict[str, Any]:
     modes = []
     default_id = b.default_mode.id
     for mode, raw in zip(b.modes, m["modes"]):
-        modes.append({
-            "id": mode.id, "name": mode.name, "channels": mode.channels, "bits": mode.bits,
-            "bytes_per_frame": mode.bytes_per_frame, "accuracy": mode.accuracy, "head_ms": dict(mode.head_ms),
-            "scale": mode.scale, "zero_point": mode.zero_point, "default": mode.id == default_id,
-            **({"accuracy_source": raw["accuracy_source"]} if "accuracy_source" in raw else {}),
-        })
+        modes.append(
+            {
+                "id": mode.id,
+                "name": mode.name,
+                "channels": mode.channels,
+                "bits": mode.bits,
+                "bytes_per_frame": mode.bytes_per_frame,
+                "accuracy": mode.accuracy,
+                "head_ms": dict(mode.head_ms),
+                "scale": mode.scale,
+                "zero_point": mode.zero_point,
+                "default": mode.id == default_id,
+                **({"accuracy_source": raw["accuracy_source"]} if "accuracy_source" in raw else {}),
+            }
+        )
     return {
         "bundle": str(b.root),
         "verified": True,
@@ -78,30 +87,43 @@ def render(s: dict[str, Any]) -> str:
     ]
     if s.get("teacher_accuracy") is not None:
         lines.append(f"teacher  accuracy {s['teacher_accuracy']:.4f} (reference model, full.onnx)")
-    lines += ["", "modes", f"  {'id':>3}  {'name':<12} {'channels':>8} {'bits':>4} {'bytes/frame':>11} {'accuracy':>8}  head ms"]
+    lines += [
+        "",
+        "modes",
+        f"  {'id':>3}  {'name':<12} {'channels':>8} {'bits':>4} {'bytes/frame':>11} {'accuracy':>8}  head ms",
+    ]
     for md in s["modes"]:
         head = ", ".join(f"{v:.3f} ({k})" for k, v in md["head_ms"].items()) or "-"
         mark = " *" if md["default"] else ""
-        lines.append(f"  {md['id']:>3}  {md['name'] + mark:<12} {md['channels']:>8} {md['bits']:>4} "
-                     f"{md['bytes_per_frame']:>11.0f} {_fmt(md['accuracy'], '8.4f'):>8}  {head}")
+        lines.append(
+            f"  {md['id']:>3}  {md['name'] + mark:<12} {md['channels']:>8} {md['bits']:>4} "
+            f"{md['bytes_per_frame']:>11.0f} {_fmt(md['accuracy'], '8.4f'):>8}  {head}"
+        )
     lines.append("  (* = default mode)")
     lines += ["", "files"]
     for f in s["files"]:
-        lines.append(f"  {f['role']:<10} {f['path']:<16} {f['bytes']:>10} B  ({_size(f['bytes'])})  sha256 {f['sha256'][:16]}...")
+        lines.append(
+            f"  {f['role']:<10} {f['path']:<16} {f['bytes']:>10} B  ({_size(f['bytes'])})  sha256 {f['sha256'][:16]}..."
+        )
     lines.append(f"  {'total':<10} {'':<16} {s['total_bytes']:>10} B  ({_size(s['total_bytes'])})")
     lines += ["", "export checks (ONNX Runtime vs torch)"]
     if not s["export_checks"]:
         lines.append("  none recorded")
     for graph, c in s["export_checks"].items():
         agree = f"  top1_agreement {c['top1_agreement']:.4f}" if "top1_agreement" in c else ""
-        lines.append(f"  {graph:<5} max_abs_diff {_fmt(c.get('max_abs_diff'), '.3g')}  max_rel_diff "
-                     f"{_fmt(c.get('max_rel_diff'), '.3g')}{agree}  frames {c.get('frames', '-')}")
+        lines.append(
+            f"  {graph:<5} max_abs_diff {_fmt(c.get('max_abs_diff'), '.3g')}  max_rel_diff "
+            f"{_fmt(c.get('max_rel_diff'), '.3g')}{agree}  frames {c.get('frames', '-')}"
+        )
     return "\n".join(lines)
 
 
 def inspect_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="edgesplit inspect", description="Verify a bundle (sha256 of every file) "
-                                "and print its manifest summary. Exit status 1 when verification fails.")
+    p = argparse.ArgumentParser(
+        prog="edgesplit inspect",
+        description="Verify a bundle (sha256 of every file) "
+        "and print its manifest summary. Exit status 1 when verification fails.",
+    )
     p.add_argument("bundle", help="bundle directory, or a .tar / .tar.gz of one")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)

@@ -31,7 +31,9 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--run-dir", default=None, help="where checkpoints, logs and results go (default runs/NAME)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--workers", type=int, default=None, help="processes decoding the shards")
-    p.add_argument("--limit-per-shard", type=int, default=None, help="use only the first N images of each shard (smoke runs)")
+    p.add_argument(
+        "--limit-per-shard", type=int, default=None, help="use only the first N images of each shard (smoke runs)"
+    )
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (smoke runs: 0.05)")
     a = p.parse_args(argv)
     from pathlib import Path
@@ -46,8 +48,12 @@ def _train(argv: list[str]) -> int:
                 c.epochs = max(1, round(c.epochs * a.epochs_scale))
     run_dir = Path(a.run_dir or Path("runs") / r.name)
     res = run_recipe(r, run_dir, a.device, a.limit_per_shard, a.workers)
-    print(f"done: teacher {res['teacher_accuracy']:.4f}; " + ", ".join(
-        (f"c{m['width']}/" if "width" in m else "") + f"{m['bits']}-bit {m['accuracy']:.4f}" for m in res["modes"]))
+    print(
+        f"done: teacher {res['teacher_accuracy']:.4f}; "
+        + ", ".join(
+            (f"c{m['width']}/" if "width" in m else "") + f"{m['bits']}-bit {m['accuracy']:.4f}" for m in res["modes"]
+        )
+    )
     print(f"student: {run_dir / 'student.pt'}  (next: edgesplit export {run_dir / 'student.pt'} --out models/NAME)")
     return 0
 
@@ -81,7 +87,9 @@ HANDLERS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"edgesplit {__version__}: split computing runtime (build / edge / server)\n\nusage: edgesplit COMMAND [options]\n")
+        print(
+            f"edgesplit {__version__}: split computing runtime (build / edge / server)\n\nusage: edgesplit COMMAND [options]\n"
+        )
         for name, text in COMMANDS.items():
             print(f"  {name:<8} {text}")
         print("\n'edgesplit COMMAND --help' for a command's options.")

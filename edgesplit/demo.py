@@ -25,7 +25,9 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return (float(np.percentile(a, 50)), float(np.percentile(a, 95))) if a.size else (float("nan"), float("nan"))
 
 
-def run_demo(bundle_path: Path, source: str | None, frames: int, mode: int | None, inflight: int, threads: int | None) -> dict:
+def run_demo(
+    bundle_path: Path, source: str | None, frames: int, mode: int | None, inflight: int, threads: int | None
+) -> dict:
     from .edge.agent import Agent
 
     bundle = Bundle.load(bundle_path)
@@ -60,42 +62,60 @@ def run_demo(bundle_path: Path, source: str | None, frames: int, mode: int | Non
     }
     m = agent.mode
     return {
-        "bundle": bundle.name, "bundle_hash": bundle.hash, "source": source, "mode": m.name,
-        "frames": len(results), "ok": len(ok),
+        "bundle": bundle.name,
+        "bundle_hash": bundle.hash,
+        "source": source,
+        "mode": m.name,
+        "frames": len(results),
+        "ok": len(ok),
         "errors": {e: sum(1 for r in results if r.error == e) for e in {r.error for r in results if not r.ok}},
         "accuracy": None if not labelled else sum(r.pred == r.label for r in labelled) / len(labelled),
-        "manifest_accuracy": m.accuracy, "teacher_accuracy": bundle.manifest.get("teacher_accuracy"),
+        "manifest_accuracy": m.accuracy,
+        "teacher_accuracy": bundle.manifest.get("teacher_accuracy"),
         "bytes_per_frame": float(np.median([r.bytes_sent for r in results])),
         "header_bytes_per_frame": float(np.median([r.header_bytes for r in results])),
         "input_jpeg_bytes_median": float(np.median(jpeg)),
         "latency_ms": {k: dict(zip(("p50", "p95"), percentiles(v))) for k, v in lat.items()},
-        "frames_per_s": len(results) / wall, "inflight": inflight,
+        "frames_per_s": len(results) / wall,
+        "inflight": inflight,
     }
 
 
 def format_table(r: dict) -> str:
-    lines = [f"edgesplit demo: {r['bundle']} ({r['mode']}), {r['frames']} frames of {r['source']}, "
-             f"server and agent on loopback", ""]
+    lines = [
+        f"edgesplit demo: {r['bundle']} ({r['mode']}), {r['frames']} frames of {r['source']}, "
+        f"server and agent on loopback",
+        "",
+    ]
     acc = "n/a (no labels)" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
     if r["manifest_accuracy"] is not None and r["teacher_accuracy"] is not None:
-        acc += (f"   (full test set, from the manifest: this mode {r['manifest_accuracy']:.3f}, "
-                f"unsplit reference model {r['teacher_accuracy']:.3f})")
-    lines += [f"  accuracy          {acc}",
-              f"  bytes per frame   {r['bytes_per_frame']:.0f} B tensor + {r['header_bytes_per_frame']:.0f} B header  vs  "
-              f"{r['input_jpeg_bytes_median']:.0f} B input JPEG (median): "
-              f"{r['input_jpeg_bytes_median'] / max(1.0, r['bytes_per_frame'] + r['header_bytes_per_frame']):.1f}x fewer",
-              f"  throughput        {r['frames_per_s']:.0f} frames/s with {r['inflight']} in flight",
-              f"  errors            {r['errors'] or 'none'}", "",
-              f"  {'latency (ms)':<18}{'p50':>9}{'p95':>9}"]
+        acc += (
+            f"   (full test set, from the manifest: this mode {r['manifest_accuracy']:.3f}, "
+            f"unsplit reference model {r['teacher_accuracy']:.3f})"
+        )
+    lines += [
+        f"  accuracy          {acc}",
+        f"  bytes per frame   {r['bytes_per_frame']:.0f} B tensor + {r['header_bytes_per_frame']:.0f} B header  vs  "
+        f"{r['input_jpeg_bytes_median']:.0f} B input JPEG (median): "
+        f"{r['input_jpeg_bytes_median'] / max(1.0, r['bytes_per_frame'] + r['header_bytes_per_frame']):.1f}x fewer",
+        f"  throughput        {r['frames_per_s']:.0f} frames/s with {r['inflight']} in flight",
+        f"  errors            {r['errors'] or 'none'}",
+        "",
+        f"  {'latency (ms)':<18}{'p50':>9}{'p95':>9}",
+    ]
     for k, v in r["latency_ms"].items():
         lines.append(f"  {k:<18}{v['p50']:>9.3f}{v['p95']:>9.3f}")
     return "\n".join(lines)
 
 
 def demo_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="edgesplit demo", description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(
+        prog="edgesplit demo", description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1]
+    )
     p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle to serve (default: the shipped CIFAR-10 one)")
-    p.add_argument("--source", default=None, help="frames (default: the bundle dataset's test split from the data root)")
+    p.add_argument(
+        "--source", default=None, help="frames (default: the bundle dataset's test split from the data root)"
+    )
     p.add_argument("--frames", type=int, default=500)
     p.add_argument("--mode", type=int, default=None, help="mode id (default: the bundle's default mode)")
     p.add_argument("--inflight", type=int, default=4, help="requests outstanding at once")

@@ -16,7 +16,9 @@ from .wire.curve import PUBLIC_SUFFIX, KeyFileError, fingerprint, generate, load
 
 
 def build_parser(prog: str = "edgesplit keys") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="CURVE key pairs for encrypted, authenticated agent <-> server links")
+    p = argparse.ArgumentParser(
+        prog=prog, description="CURVE key pairs for encrypted, authenticated agent <-> server links"
+    )
     sub = p.add_subparsers(dest="action", required=True)
     g = sub.add_parser("gen", help="create NAME.key (public) and NAME.key_secret (secret) in DIR")
     g.add_argument("name", help="key name: 'server', or the agent's name")
@@ -35,11 +37,15 @@ def keys_main(argv: list[str] | None = None) -> int:
     print(f"public key: {public}  ({fingerprint(load_public(public))}...)")
     print(f"secret key: {secret}  (keep it on this machine only)")
     if args.name == "server":
-        print(f"next: edgesplit serve --curve-secret {secret} --allow-keys DIR (a directory of agents' *{PUBLIC_SUFFIX} "
-              f"files); agents get {public.name} as --server-key")
+        print(
+            f"next: edgesplit serve --curve-secret {secret} --allow-keys DIR (a directory of agents' *{PUBLIC_SUFFIX} "
+            f"files); agents get {public.name} as --server-key"
+        )
     else:
-        print(f"next: copy {public.name} into the server's --allow-keys directory; "
-              f"edgesplit agent --client-key {secret} --server-key server{PUBLIC_SUFFIX} ...")
+        print(
+            f"next: copy {public.name} into the server's --allow-keys directory; "
+            f"edgesplit agent --client-key {secret} --server-key server{PUBLIC_SUFFIX} ..."
+        )
     return 0
 
 

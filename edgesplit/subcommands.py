@@ -20,8 +20,12 @@ from datetime import datetime, timezone
 
 def machine_info() -> dict:
     """Where a measurement ran: recorded next to every result."""
-    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def run_subcommand(prog: str, description: str, registry: dict[str, tuple[str, str]], argv: list[str]) -> int:

@@ -38,15 +38,46 @@ def bundle_like_modes() -> ModesTable:
         p = MODELS / name / "manifest.json"
         if p.exists():
             return modes_from_manifest(p)
-    return ModesTable([ModeSpec(0, "c32-b8", 1568, 0.842, 6.0), ModeSpec(1, "c32-b4", 784, 0.836, 6.0),
-                       ModeSpec(2, "c32-b2", 392, 0.781, 6.0)], teacher_accuracy=0.846, device="rpi4-cpu", name="bundle-like")
+    return ModesTable(
+        [
+            ModeSpec(0, "c32-b8", 1568, 0.842, 6.0),
+            ModeSpec(1, "c32-b4", 784, 0.836, 6.0),
+            ModeSpec(2, "c32-b2", 392, 0.781, 6.0),
+        ],
+        teacher_accuracy=0.846,
+        device="rpi4-cpu",
+        name="bundle-like",
+    )
 
 
 def test_modes_table_from_manifest_dict_and_mode_objects(tmp_path):
-    m = {"name": "x", "teacher_accuracy": 0.9, "modes": [
-        {"id": 0, "name": "c8-b8", "bytes_per_frame": 512, "accuracy": 0.88, "head_ms": {"x86_64-cpu": 0.4, "rpi4-cpu": 5.0}},
-        {"id": 1, "name": "c8-b2", "bytes_per_frame": 128, "accuracy": 0.80, "head_ms": {"x86_64-cpu": 0.4, "rpi4-cpu": 5.0}},
-        {"id": 2, "name": "c8-b4", "bytes_per_frame": 256, "accuracy": 0.87, "head_ms": {"x86_64-cpu": 0.4, "rpi4-cpu": 5.0}}]}
+    m = {
+        "name": "x",
+        "teacher_accuracy": 0.9,
+        "modes": [
+            {
+                "id": 0,
+                "name": "c8-b8",
+                "bytes_per_frame": 512,
+                "accuracy": 0.88,
+                "head_ms": {"x86_64-cpu": 0.4, "rpi4-cpu": 5.0},
+            },
+            {
+                "id": 1,
+                "name": "c8-b2",
+                "bytes_per_frame": 128,
+                "accuracy": 0.80,
+                "head_ms": {"x86_64-cpu": 0.4, "rpi4-cpu": 5.0},
+            },
+            {
+                "id": 2,
+                "name": "c8-b4",
+                "bytes_per_frame": 256,
+                "accuracy": 0.87,
+                "head_ms": {"x86_64-cpu": 0.4, "rpi4-cpu": 5.0},
+            },
+        ],
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     t = modes_from_manifest(tmp_path, device="rpi4-cpu")
     assert [x.id for x in t.ranked] == [0, 2, 1] and t.smallest.id == 1
@@ -76,8 +107,10 @@ def test_control_plane_imports_neither_torch_nor_onnxruntime():
     import subprocess
     import sys
 
-    code = ("import sys, edgesplit.control, edgesplit.control.simulator; "
-            "bad = [m for m in ('torch', 'onnxruntime', 'zmq') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, edgesplit.control, edgesplit.control.simulator; "
+        "bad = [m for m in ('torch', 'onnxruntime', 'zmq') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -86,10 +119,26 @@ def test_feedback_from_an_agent_frame_result():
     from edgesplit.control.policy import Feedback
     from edgesplit.edge.agent import FrameResult
 
-    ok = FrameResult(id=1, key="k", mode=2, encode_ms=0.3, bytes_sent=392, header_bytes=120, rtt_ms=48.0,
-                     server_queue_ms=1.5, server_compute_ms=2.5, server_ms=4.5)
+    ok = FrameResult(
+        id=1,
+        key="k",
+        mode=2,
+        encode_ms=0.3,
+        bytes_sent=392,
+        header_bytes=120,
+        rtt_ms=48.0,
+        server_queue_ms=1.5,
+        server_compute_ms=2.5,
+        server_ms=4.5,
+    )
     fb = Feedback.from_frame_result(ok, t_send_s=10.0)
-    assert fb.t_result_s == 10.048 and fb.nbytes == 512 and fb.server_time_ms == 4.5 and fb.mode == 2 and fb.encode_ms == 0.3
+    assert (
+        fb.t_result_s == 10.048
+        and fb.nbytes == 512
+        and fb.server_time_ms == 4.5
+        and fb.mode == 2
+        and fb.encode_ms == 0.3
+    )
     assert Feedback.from_frame_result(FrameResult(id=2, key="k", error="TIMEOUT"), t_send_s=10.0) is None
 
 
@@ -97,12 +146,34 @@ def test_simulator_command_line(tmp_path, capsys):
     from edgesplit.control.simulator import main
 
     t = bundle_like_modes()
-    m = {"name": "cli", "teacher_accuracy": t.teacher_accuracy,
-         "modes": [{"id": x.id, "name": x.name, "bytes_per_frame": x.bytes_per_frame, "accuracy": x.accuracy,
-                    "head_ms": {"dev": x.head_ms}} for x in t]}
+    m = {
+        "name": "cli",
+        "teacher_accuracy": t.teacher_accuracy,
+        "modes": [
+            {
+                "id": x.id,
+                "name": x.name,
+                "bytes_per_frame": x.bytes_per_frame,
+                "accuracy": x.accuracy,
+                "head_ms": {"dev": x.head_ms},
+            }
+            for x in t
+        ],
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(m))
-    rc = main([str(need(MAHIMAHI / "TMobile-LTE-short.up")), str(tmp_path), "--fallback-ms", "120", "--deadline-ms", "40",
-               "--duration-s", "20", "--json"])
+    rc = main(
+        [
+            str(need(MAHIMAHI / "TMobile-LTE-short.up")),
+            str(tmp_path),
+            "--fallback-ms",
+            "120",
+            "--deadline-ms",
+            "40",
+            "--duration-s",
+            "20",
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and "oracle" in out and all(v["frames"] == 600 for v in out.values())
     assert out["oracle"]["hit_rate"] >= max(v["hit_rate"] for v in out.values())

@@ -6,12 +6,12 @@ import math
 
 import numpy as np
 import pytest
+from test_control_common import trace
 
 from edgesplit.control.estimator import EwmaEstimator, HarmonicMeanEstimator, LinkSampler, ScalarEwma
 from edgesplit.control.link import FifoLink, LinkModel
 from edgesplit.control.modes import ModeSpec
 from edgesplit.control.traces import Trace
-from test_control_common import trace
 
 MBPS = 1e6
 
@@ -28,7 +28,7 @@ def test_ewma_step_change_follows_its_definition():
     assert e.estimate_bps() == pytest.approx(2 * MBPS)
     for k in range(1, 8):  # step down to 0.5: the gap shrinks by (1 - alpha) per sample
         feed(e, 0.5 * MBPS, 1)
-        assert e.estimate_bps() == pytest.approx(0.5 * MBPS + 1.5 * MBPS * 0.6 ** k)
+        assert e.estimate_bps() == pytest.approx(0.5 * MBPS + 1.5 * MBPS * 0.6**k)
     slow = EwmaEstimator(alpha=0.1)
     feed(slow, 2 * MBPS, 30)
     feed(slow, 0.5 * MBPS, 3)

@@ -7,28 +7,42 @@ import math
 
 import numpy as np
 import pytest
+from test_control_common import bundle_like_modes, trace
 
 from edgesplit.control.estimator import EwmaEstimator, HarmonicMeanEstimator
 from edgesplit.control.link import FifoLink, LinkModel
 from edgesplit.control.modes import FALLBACK, ModeSpec, ModesTable
-from edgesplit.control.policy import AssinePolicy, DeadlinePolicy, Feedback, FixedPolicy, FrameState, OraclePolicy
+from edgesplit.control.oracle import OraclePolicy
+from edgesplit.control.policy import AssinePolicy, DeadlinePolicy, Feedback, FixedPolicy, FrameState
 from edgesplit.control.simulator import simulate
 from edgesplit.control.traces import Trace
-from test_control_common import bundle_like_modes, trace
 
 BASE_RTT, SERVER, ENCODE = 20.0, 3.0, 0.2
 
 # A table with an inefficient mode (id 3: more bytes than id 1, less accurate): "most accurate"
 # and "most bytes" differ.
-MODES = ModesTable([ModeSpec(0, "b8", 1600, 0.90, 4.0), ModeSpec(1, "b4", 800, 0.89, 4.0), ModeSpec(2, "b2", 400, 0.85, 4.0),
-                    ModeSpec(3, "odd", 1200, 0.86, 5.0)], teacher_accuracy=0.91)
+MODES = ModesTable(
+    [
+        ModeSpec(0, "b8", 1600, 0.90, 4.0),
+        ModeSpec(1, "b4", 800, 0.89, 4.0),
+        ModeSpec(2, "b2", 400, 0.85, 4.0),
+        ModeSpec(3, "odd", 1200, 0.86, 5.0),
+    ],
+    teacher_accuracy=0.91,
+)
 
 
 def idle_feedback(t: float, nbytes: float, bps: float) -> Feedback:
     """A request that found the link idle: link time = bytes / rate + the fixed terms."""
     tx = nbytes * 8 / bps
-    return Feedback(t_send_s=t, t_result_s=t + tx + (BASE_RTT + SERVER) / 1000, nbytes=nbytes,
-                    server_queue_ms=1.0, server_compute_ms=SERVER - 1.0, encode_ms=ENCODE)
+    return Feedback(
+        t_send_s=t,
+        t_result_s=t + tx + (BASE_RTT + SERVER) / 1000,
+        nbytes=nbytes,
+        server_queue_ms=1.0,
+        server_compute_ms=SERVER - 1.0,
+        encode_ms=ENCODE,
+    )
 
 
 def trained(policy, bps: float, n: int = 10, start: float = 0.0):
@@ -49,7 +63,9 @@ def predicted(m: ModeSpec, bps: float) -> float:
 def test_deadline_policy_picks_the_most_accurate_fitting_mode(bps):
     margin = 0.15
     for deadline in np.arange(25.0, 90.0, 2.5):
-        p = trained(DeadlinePolicy(MODES, HarmonicMeanEstimator(5), margin=margin, local_ms=1e9, base_rtt_ms=BASE_RTT), bps)
+        p = trained(
+            DeadlinePolicy(MODES, HarmonicMeanEstimator(5), margin=margin, local_ms=1e9, base_rtt_ms=BASE_RTT), bps
+        )
         d = p.choose(state(100.0, deadline))
         fits = [m for m in MODES if predicted(m, bps) <= (1 - margin) * deadline]
         if fits:
@@ -63,7 +79,10 @@ def test_deadline_policy_picks_the_most_accurate_fitting_mode(bps):
 
 def test_down_at_once_up_after_k_frames_with_extra_margin():
     bps, deadline, K = 1e6, 50.0, 4
-    p = trained(DeadlinePolicy(MODES, HarmonicMeanEstimator(3), margin=0.1, up_margin=0.1, up_frames=K, base_rtt_ms=BASE_RTT), bps)
+    p = trained(
+        DeadlinePolicy(MODES, HarmonicMeanEstimator(3), margin=0.1, up_margin=0.1, up_frames=K, base_rtt_ms=BASE_RTT),
+        bps,
+    )
     # b8 at 1 Mbit/s: 4 + 0.2 + 12.8 + 3 + 20 = 40.0 ms <= (1 - 0.1) x 50: the first choice.
     assert p.choose(state(20.0, deadline)).mode == 0
     # The link drops to 0.3 Mbit/s: b8 needs 69.9 ms, b4 48.5 > 45, b2 37.9: down at once.
@@ -86,7 +105,10 @@ def test_first_choice_and_no_hysteresis_variant():
 
 
 def test_no_news_is_bad_news_and_outage_fallback_with_probe():
-    p = trained(DeadlinePolicy(MODES, HarmonicMeanEstimator(5), local_ms=120.0, probe_interval_s=0.19, base_rtt_ms=BASE_RTT), 2e6)
+    p = trained(
+        DeadlinePolicy(MODES, HarmonicMeanEstimator(5), local_ms=120.0, probe_interval_s=0.19, base_rtt_ms=BASE_RTT),
+        2e6,
+    )
     assert p.choose(state(20.0, 60.0)).mode == 0
 
     class Out:
@@ -143,8 +165,15 @@ def test_assine_policy_matches_its_definition_on_a_real_trace():
             assert d.mode == want, step
         m = modes.by_id[d.mode]
         t_send, _, fin, arrival = pipe.send(t, m)
-        p.observe(Feedback(t_send_s=t_send, t_result_s=arrival, nbytes=m.bytes_per_frame, server_compute_ms=SERVER,
-                           encode_ms=ENCODE))
+        p.observe(
+            Feedback(
+                t_send_s=t_send,
+                t_result_s=arrival,
+                nbytes=m.bytes_per_frame,
+                server_compute_ms=SERVER,
+                encode_ms=ENCODE,
+            )
+        )
         bps = m.bytes_per_frame * 8 / max(fin - t_send, 1e-4)
         ewma = bps if ewma is None else 0.4 * bps + 0.6 * ewma
         t = arrival + rng.uniform(0.05, 0.5)
@@ -163,8 +192,10 @@ def test_oracle_takes_a_smaller_mode_when_a_bigger_one_would_make_later_frames_l
     even with b2 (14 ms). The oracle's lookahead sees it; the same oracle without lookahead
     (most accurate on time, frame by frame) does not, and meets fewer deadlines."""
     link = LinkModel(Trace.constant(1.0), base_rtt_ms=0, server_ms=0, encode_ms=0)
-    modes = ModesTable([ModeSpec(0, "b8", 1600, 0.9, 0.0), ModeSpec(1, "b4", 800, 0.88, 0.0),
-                        ModeSpec(2, "b2", 400, 0.8, 0.0)], teacher_accuracy=0.92)
+    modes = ModesTable(
+        [ModeSpec(0, "b8", 1600, 0.9, 0.0), ModeSpec(1, "b4", 800, 0.88, 0.0), ModeSpec(2, "b2", 400, 0.8, 0.0)],
+        teacher_accuracy=0.92,
+    )
     kw = dict(fps=500, deadline_ms=13.0, fallback_ms=1000, duration_s=0.2)
     assert OraclePolicy(modes, link, 0.002, horizon_frames=0).choose(FrameState(now_s=0.0, deadline_ms=13.0)).mode == 0
     assert OraclePolicy(modes, link, 0.002).choose(FrameState(now_s=0.0, deadline_ms=13.0)).mode != 0
@@ -180,11 +211,17 @@ def test_hysteresis_limits_switches_on_a_noisy_real_trace():
     modes = bundle_like_modes()
     link = LinkModel(tr, base_rtt_ms=BASE_RTT, server_ms=SERVER, encode_ms=ENCODE)
     fixed = BASE_RTT + SERVER + ENCODE + max(m.head_ms for m in modes)
-    deadline = fixed + 2.5 * max(m.bytes_per_frame for m in modes) * 8 / 1e6 * 1000  # the largest mode fits only at good times
+    deadline = (
+        fixed + 2.5 * max(m.bytes_per_frame for m in modes) * 8 / 1e6 * 1000
+    )  # the largest mode fits only at good times
     kw = dict(fps=30, deadline_ms=deadline, fallback_ms=3 * deadline, start_s=300.0, duration_s=240.0)
     with_h = simulate(DeadlinePolicy(modes, HarmonicMeanEstimator(5), local_ms=3 * deadline), modes, link, **kw).metrics
-    without = simulate(DeadlinePolicy(modes, HarmonicMeanEstimator(5), local_ms=3 * deadline, up_frames=1, up_margin=0.0),
-                       modes, link, **kw).metrics
+    without = simulate(
+        DeadlinePolicy(modes, HarmonicMeanEstimator(5), local_ms=3 * deadline, up_frames=1, up_margin=0.0),
+        modes,
+        link,
+        **kw,
+    ).metrics
     assert without["switches"] > 200  # the trace is noisy enough to flap
     assert with_h["switches"] < 0.5 * without["switches"]
     assert with_h["hit_rate"] >= without["hit_rate"] - 0.02
@@ -198,8 +235,14 @@ def test_packet_link_counts_whole_packets():
     packet = DeadlinePolicy(MODES, HarmonicMeanEstimator(5), base_rtt_ms=BASE_RTT, packet_bytes=1500)
     assert "pkt 1500" in packet.name and "pkt" not in fluid.name
     for k in range(6):  # 150 B through one 2 ms opportunity
-        fb = Feedback(t_send_s=k, t_result_s=k + 0.002 + (BASE_RTT + SERVER) / 1000, nbytes=150,
-                      server_queue_ms=1.0, server_compute_ms=SERVER - 1.0, encode_ms=ENCODE)
+        fb = Feedback(
+            t_send_s=k,
+            t_result_s=k + 0.002 + (BASE_RTT + SERVER) / 1000,
+            nbytes=150,
+            server_queue_ms=1.0,
+            server_compute_ms=SERVER - 1.0,
+            encode_ms=ENCODE,
+        )
         fluid.observe(fb)
         packet.observe(fb)
     assert packet.bandwidth_bps() == pytest.approx(1500 * 8 / 0.002, rel=0.01)

@@ -8,14 +8,15 @@ import time
 
 import numpy as np
 import pytest
+from test_control_common import HSDPA, MAHIMAHI, bundle_like_modes, need
 
 from edgesplit.control.estimator import HarmonicMeanEstimator
 from edgesplit.control.link import LinkModel
 from edgesplit.control.modes import FALLBACK
-from edgesplit.control.policy import DeadlinePolicy, FixedPolicy, OraclePolicy
+from edgesplit.control.oracle import OraclePolicy
+from edgesplit.control.policy import DeadlinePolicy, FixedPolicy
 from edgesplit.control.simulator import compare, format_table, simulate, standard_policies
 from edgesplit.control.traces import hsdpa_paths, read_trace
-from test_control_common import HSDPA, MAHIMAHI, bundle_like_modes, need
 
 FPS = 30.0
 OUTAGE = (790.0, 864.0)  # inside the 77 s without a single delivery opportunity (788 s to 865 s)
@@ -36,11 +37,27 @@ def att():
     d = deadline_for(modes, link)
     fallback_ms = 2 * d  # a device that cannot run the full model within the deadline
     t0 = time.perf_counter()
-    res = compare(standard_policies(modes, link, FPS, local_ms=fallback_ms), modes, link, fps=FPS, deadline_ms=d,
-                  fallback_ms=fallback_ms)
+    res = compare(
+        standard_policies(modes, link, FPS, local_ms=fallback_ms),
+        modes,
+        link,
+        fps=FPS,
+        deadline_ms=d,
+        fallback_ms=fallback_ms,
+    )
     wall = time.perf_counter() - t0
-    print(f"\n{modes}\n{link.trace}, {FPS:g} fps, deadline {d} ms, fallback {fallback_ms} ms, {wall:.1f} s\n{format_table(res)}")
-    return {"path": path, "modes": modes, "link": link, "deadline": d, "fallback_ms": fallback_ms, "res": res, "wall": wall}
+    print(
+        f"\n{modes}\n{link.trace}, {FPS:g} fps, deadline {d} ms, fallback {fallback_ms} ms, {wall:.1f} s\n{format_table(res)}"
+    )
+    return {
+        "path": path,
+        "modes": modes,
+        "link": link,
+        "deadline": d,
+        "fallback_ms": fallback_ms,
+        "res": res,
+        "wall": wall,
+    }
 
 
 def test_a_1000_s_trace_at_30_fps_is_simulated_frame_by_frame_for_all_policies(att):
@@ -92,8 +109,11 @@ def test_the_oracle_meets_the_most_deadlines_and_is_not_dominated(att):
     for k, r in res.items():
         m = r.metrics
         assert o["hit_rate"] >= m["hit_rate"], k
-        dominated = (m["hit_rate"] >= o["hit_rate"] and m["accuracy"] >= o["accuracy"]
-                     and (m["hit_rate"] > o["hit_rate"] or m["accuracy"] > o["accuracy"]))
+        dominated = (
+            m["hit_rate"] >= o["hit_rate"]
+            and m["accuracy"] >= o["accuracy"]
+            and (m["hit_rate"] > o["hit_rate"] or m["accuracy"] > o["accuracy"])
+        )
         assert not dominated, k
     smallest = res[f"fixed:{att['modes'].smallest.name}"].metrics
     assert o["accuracy"] > smallest["accuracy"]
@@ -148,8 +168,10 @@ def test_fluid_trace_sends_exactly_the_capacity_between_start_and_finish():
     modes = bundle_like_modes()
     link = LinkModel(read_trace(path), base_rtt_ms=20.0, server_ms=2.0, encode_ms=0.1)
     d = deadline_for(modes, link)
-    for pol in (DeadlinePolicy(modes, HarmonicMeanEstimator(5), local_ms=2 * d, base_rtt_ms=20.0),
-                FixedPolicy(modes, max(modes, key=lambda m: m.bytes_per_frame).id)):
+    for pol in (
+        DeadlinePolicy(modes, HarmonicMeanEstimator(5), local_ms=2 * d, base_rtt_ms=20.0),
+        FixedPolicy(modes, max(modes, key=lambda m: m.bytes_per_frame).id),
+    ):
         r = simulate(pol, modes, link, fps=FPS, deadline_ms=d, fallback_ms=2 * d, duration_s=120.0)
         f = r.frames
         s = f["sent_mode"] != FALLBACK
@@ -174,8 +196,14 @@ def test_local_fallback_is_a_hit_only_when_its_local_latency_meets_the_deadline(
     assert fb.sum() > 500 and not slow.frames["hit"][fb].any() and slow.metrics["fallback_hits"] == 0
     # A full model slower than the frame interval falls behind with one executor, not with two.
     one = simulate(DeadlinePolicy(modes, local_ms=1.5 * d, base_rtt_ms=20.0), modes, link, fallback_ms=150.0, **kw)
-    two = simulate(DeadlinePolicy(modes, local_ms=1.5 * d, base_rtt_ms=20.0), modes, link, fallback_ms=150.0,
-                   fallback_workers=2, **kw)
+    two = simulate(
+        DeadlinePolicy(modes, local_ms=1.5 * d, base_rtt_ms=20.0),
+        modes,
+        link,
+        fallback_ms=150.0,
+        fallback_workers=2,
+        **kw,
+    )
     lat1 = one.frames["latency_ms"][one.frames["fallback"]]
     lat2 = two.frames["latency_ms"][two.frames["fallback"]]
     assert lat1.max() > 10 * 150.0 and lat2.max() == pytest.approx(150.0)
@@ -187,7 +215,9 @@ def test_simulator_rejects_bad_arguments():
     with pytest.raises(ValueError):
         simulate(FixedPolicy(modes, modes.smallest.id), modes, link, fps=0, deadline_ms=50, fallback_ms=100)
     with pytest.raises(ValueError):
-        simulate(FixedPolicy(modes, modes.smallest.id), modes, link, fps=30, deadline_ms=50, fallback_ms=100, duration_s=0.0)
+        simulate(
+            FixedPolicy(modes, modes.smallest.id), modes, link, fps=30, deadline_ms=50, fallback_ms=100, duration_s=0.0
+        )
     with pytest.raises(ValueError):
         LinkModel(link.trace, base_rtt_ms=-1)
     r = simulate(OraclePolicy(modes, link, 1 / 30), modes, link, fps=30, deadline_ms=50, fallback_ms=100, duration_s=10)

@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 import pytest
+from test_control_common import HSDPA, MAHIMAHI, need
 
 from edgesplit.control.traces import Trace, TraceError, hsdpa_paths, read_hsdpa, read_mahimahi, read_trace
-from test_control_common import HSDPA, MAHIMAHI, need
 
 # Per-second throughput (Mbit/s) as the data README tabulates it: mean, p5, median, p95, max.
 README_MAHIMAHI = {
@@ -18,8 +18,12 @@ README_MAHIMAHI = {
     "TMobile-LTE-short.up": (13.2, 2.48, 11.2, 27.5, 29.8),
     "Verizon-EVDO-driving.up": (0.84, 0.07, 0.96, 1.26, 1.78),
 }
-README_LENGTH_S = {"ATT-LTE-driving.up": 1012, "ATT-LTE-driving.down": 786, "TMobile-LTE-short.up": 140,
-                   "Verizon-EVDO-driving.up": 1065}
+README_LENGTH_S = {
+    "ATT-LTE-driving.up": 1012,
+    "ATT-LTE-driving.down": 786,
+    "TMobile-LTE-short.up": 140,
+    "Verizon-EVDO-driving.up": 1065,
+}
 
 
 def _rounds_to(x: float, quoted: float) -> bool:
@@ -102,7 +106,7 @@ def test_hsdpa_service_curve_matches_the_samples():
     t, v = a[:, 0] - a[0, 0], a[:, 1]
     # Bytes offered between two sample times = sum of rate x duration of the samples in between.
     i, j = 3, len(t) - 2
-    expect = float(np.sum(v[i:j] * np.diff(t[i:j + 1]))) * 1e6 / 8
+    expect = float(np.sum(v[i:j] * np.diff(t[i : j + 1]))) * 1e6 / 8
     assert tr.level_at(t[j]) - tr.level_at(t[i]) == pytest.approx(expect, rel=1e-9)
     # A message that fits in one sample's interval takes bytes / that sample's rate.
     k = next(k for k in range(len(t) - 1) if v[k] * 1e6 / 8 * (t[k + 1] - t[k]) / 2 > 1000)

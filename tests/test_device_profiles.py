@@ -9,7 +9,16 @@ import yaml
 
 from edgesplit.profile.devices import ProfileError, list_profiles, load_profile, parse_profile, profiles_dir
 
-EXPECTED = {"jetson-nano", "jetson-orin-nano", "jetson-agx-orin", "raspberry-pi-4", "raspberry-pi-5", "a100", "h100", "h200"}
+EXPECTED = {
+    "jetson-nano",
+    "jetson-orin-nano",
+    "jetson-agx-orin",
+    "raspberry-pi-4",
+    "raspberry-pi-5",
+    "a100",
+    "h100",
+    "h200",
+}
 
 
 def test_the_devices_the_project_plans_for_are_all_there():
@@ -34,24 +43,29 @@ def test_profile_loads_and_every_figure_is_sourced(name):
 def test_orders_of_magnitude_are_sane():
     nano, agx, h100 = load_profile("jetson-nano"), load_profile("jetson-agx-orin"), load_profile("h100")
     assert nano.value("gpu_fp32_tflops") < agx.value("gpu_fp32_tflops") < h100.value("gpu_fp32_tflops")
-    assert nano.value("memory_bandwidth_gbps") < agx.value("memory_bandwidth_gbps") < h100.value("memory_bandwidth_gbps")
+    assert (
+        nano.value("memory_bandwidth_gbps") < agx.value("memory_bandwidth_gbps") < h100.value("memory_bandwidth_gbps")
+    )
 
 
 def _base():
     return yaml.safe_load((profiles_dir() / "raspberry-pi-5.yaml").read_text())
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(flops=1), "unknown keys"),
-    (lambda d: d.update(schema=2), "schema"),
-    (lambda d: d.update(kind="phone"), "kind"),
-    (lambda d: d.update(samplers=["powermeter"]), "unknown samplers"),
-    (lambda d: d["figures"]["cpu_cores"].update(source="somewhere"), "source"),
-    (lambda d: d["figures"]["cpu_cores"].update(value="four"), "number"),
-    (lambda d: d["figures"]["cpu_cores"].update(value=-4), "negative"),
-    (lambda d: d["figures"].update(extra={"value": 1}), "value: ..., source"),
-    (lambda d: d["sources"].update(orphan="a paper nobody cites"), "cited by no figure"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(flops=1), "unknown keys"),
+        (lambda d: d.update(schema=2), "schema"),
+        (lambda d: d.update(kind="phone"), "kind"),
+        (lambda d: d.update(samplers=["powermeter"]), "unknown samplers"),
+        (lambda d: d["figures"]["cpu_cores"].update(source="somewhere"), "source"),
+        (lambda d: d["figures"]["cpu_cores"].update(value="four"), "number"),
+        (lambda d: d["figures"]["cpu_cores"].update(value=-4), "negative"),
+        (lambda d: d["figures"].update(extra={"value": 1}), "value: ..., source"),
+        (lambda d: d["sources"].update(orphan="a paper nobody cites"), "cited by no figure"),
+    ],
+)
 def test_malformed_profiles_are_refused_with_the_reason(mutate, message):
     d = copy.deepcopy(_base())
     mutate(d)

@@ -45,16 +45,39 @@ FAMILY_REGISTRY = ("edgesplit.families", "edgesplit.families.registry", "edgespl
 RULES = (
     Rule("a", "edge and server never import each other", ("edgesplit.edge.**",), forbidden=("edgesplit.server.**",)),
     Rule("a", "edge and server never import each other", ("edgesplit.server.**",), forbidden=("edgesplit.edge.**",)),
-    Rule("b", "control is numpy-only: the stdlib, numpy, yaml and itself",
-         ("edgesplit.control.**",), allowed=("stdlib", "numpy", "yaml", "edgesplit.control.**")),
-    Rule("c", "the engine does not import the build plane",
-         ("edgesplit.engine.**",), forbidden=("edgesplit.builder.**", "edgesplit.families.**")),
-    Rule("d", "contract wire imports only wire", ("edgesplit.wire.**",), allowed=("edgesplit.wire.**",), internal_only=True),
-    Rule("d", "contract bundle imports only wire and the torch-free family registry", ("edgesplit.bundle",),
-         allowed=("edgesplit.wire.**", *FAMILY_REGISTRY),
-         internal_only=True),
-    Rule("d", "engine imports only engine, wire and bundle", ("edgesplit.engine.**",),
-         allowed=("edgesplit.engine.**", "edgesplit.wire.**", "edgesplit.bundle"), internal_only=True),
+    Rule(
+        "b",
+        "control is numpy-only: the stdlib, numpy, yaml and itself",
+        ("edgesplit.control.**",),
+        allowed=("stdlib", "numpy", "yaml", "edgesplit.control.**"),
+    ),
+    Rule(
+        "c",
+        "the engine does not import the build plane",
+        ("edgesplit.engine.**",),
+        forbidden=("edgesplit.builder.**", "edgesplit.families.**"),
+    ),
+    Rule(
+        "d",
+        "contract wire imports only wire",
+        ("edgesplit.wire.**",),
+        allowed=("edgesplit.wire.**",),
+        internal_only=True,
+    ),
+    Rule(
+        "d",
+        "contract bundle imports only wire and the torch-free family registry",
+        ("edgesplit.bundle",),
+        allowed=("edgesplit.wire.**", *FAMILY_REGISTRY),
+        internal_only=True,
+    ),
+    Rule(
+        "d",
+        "engine imports only engine, wire and bundle",
+        ("edgesplit.engine.**",),
+        allowed=("edgesplit.engine.**", "edgesplit.wire.**", "edgesplit.bundle"),
+        internal_only=True,
+    ),
     Rule("e", "edge imports no torch, not even lazily", ("edgesplit.edge.**",), forbidden=TORCH),
 )
 
@@ -84,7 +107,8 @@ class Module:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def module_names(root: Path) -> dict[str, tuple[Path, bool]]:
@@ -134,12 +158,17 @@ def parse_imports(name: str, path: Path, is_package: bool, known: set[str]) -> l
 def import_graph(root: Path = PACKAGE_DIR) -> dict[str, Module]:
     names = module_names(root)
     known = set(names)
-    graph = {n: Module(n, p, pkg, parse_imports(n, p, pkg, known), str(p.relative_to(root.parent)))
-             for n, (p, pkg) in names.items()}
+    graph = {
+        n: Module(n, p, pkg, parse_imports(n, p, pkg, known), str(p.relative_to(root.parent)))
+        for n, (p, pkg) in names.items()
+    }
     for m in graph.values():  # an internal name that is not a module (a stale import) resolves to its package
-        m.imports = [i if not i.internal or i.target in known else
-                     Import(i.importer, _existing_prefix(i.target, known), i.line, i.lazy, i.type_checking)
-                     for i in m.imports]
+        m.imports = [
+            i
+            if not i.internal or i.target in known
+            else Import(i.importer, _existing_prefix(i.target, known), i.line, i.lazy, i.type_checking)
+            for i in m.imports
+        ]
     return graph
 
 
@@ -285,8 +314,9 @@ def graph() -> dict[str, Module]:
 
 @pytest.mark.parametrize("rule", RULES, ids=[f"{r.tag}-{r.importers[0]}" for r in RULES])
 def test_layer_rule(rule, graph):
-    assert any(matches(p, n, graph) for n in graph for p in rule.importers), \
+    assert any(matches(p, n, graph) for n in graph for p in rule.importers), (
         f"rule ({rule.tag}) checks nothing: no module matches {rule.importers} (renamed?)"
+    )
     bad = violations(rule, graph)
     assert not bad, f"{len(bad)} layer violation(s):\n" + "\n".join(bad)
 
@@ -315,8 +345,10 @@ def test_edge_never_loads_torch_at_import_time(graph):
                     while c is not None:
                         chain.append(c)
                         c = via[c]
-                    bad.append(f"{graph[n].rel}:{imp.line}: rule (e) importing {start} loads torch: "
-                               f"{' <- '.join(chain)} imports {imp.target}")
+                    bad.append(
+                        f"{graph[n].rel}:{imp.line}: rule (e) importing {start} loads torch: "
+                        f"{' <- '.join(chain)} imports {imp.target}"
+                    )
     assert not bad, "\n".join(sorted(set(bad)))
 
 
@@ -331,7 +363,8 @@ def test_no_import_cycles_between_planes(graph):
     planes = plane_graph(graph)
     found = cycles(planes)
     assert not found, f"{len(found)} cycle(s) between planes:\n" + "\n".join(
-        describe_cycle(c, planes, "planes") for c in found)
+        describe_cycle(c, planes, "planes") for c in found
+    )
 
 
 def test_no_module_over_the_line_limit(graph):
@@ -350,14 +383,17 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_checker_resolves_relative_lazy_and_type_checking_imports(tmp_path):
-    pkg = _write(tmp_path, {
-        "edgesplit/__init__.py": "",
-        "edgesplit/a/__init__.py": "from .one import f\n",
-        "edgesplit/a/one.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..b import two\n",
-        "edgesplit/a/three.py": "from . import one\nfrom .one import f, g\nimport numpy as np\n",
-        "edgesplit/b/__init__.py": "",
-        "edgesplit/b/two.py": "def run():\n    from ..a.one import f\n    import torch.nn\n",
-    })
+    pkg = _write(
+        tmp_path,
+        {
+            "edgesplit/__init__.py": "",
+            "edgesplit/a/__init__.py": "from .one import f\n",
+            "edgesplit/a/one.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..b import two\n",
+            "edgesplit/a/three.py": "from . import one\nfrom .one import f, g\nimport numpy as np\n",
+            "edgesplit/b/__init__.py": "",
+            "edgesplit/b/two.py": "def run():\n    from ..a.one import f\n    import torch.nn\n",
+        },
+    )
     g = import_graph(pkg)
     got = {(i.importer, i.target, i.line, i.lazy, i.type_checking) for m in g.values() for i in m.imports}
     assert got == {
@@ -377,17 +413,20 @@ def test_checker_resolves_relative_lazy_and_type_checking_imports(tmp_path):
 
 
 def test_checker_rules_name_module_line_and_rule(tmp_path):
-    pkg = _write(tmp_path, {
-        "edgesplit/__init__.py": "",
-        "edgesplit/control/__init__.py": "import json\nimport numpy\nfrom . import sim\n",
-        "edgesplit/control/sim.py": "import yaml\n\ndef f():\n    import onnxruntime\n    from ..wire import codec\n",
-        "edgesplit/wire/__init__.py": "",
-        "edgesplit/wire/codec.py": "import zmq\nfrom ..families.bottlefit import x\n",
-        "edgesplit/families/__init__.py": "",
-        "edgesplit/families/bottlefit/__init__.py": "",
-        "edgesplit/families/bottlefit/train.py": "",
-        "edgesplit/bundle.py": "from .families import bottlefit\nfrom .families.bottlefit import train\n",
-    })
+    pkg = _write(
+        tmp_path,
+        {
+            "edgesplit/__init__.py": "",
+            "edgesplit/control/__init__.py": "import json\nimport numpy\nfrom . import sim\n",
+            "edgesplit/control/sim.py": "import yaml\n\ndef f():\n    import onnxruntime\n    from ..wire import codec\n",
+            "edgesplit/wire/__init__.py": "",
+            "edgesplit/wire/codec.py": "import zmq\nfrom ..families.bottlefit import x\n",
+            "edgesplit/families/__init__.py": "",
+            "edgesplit/families/bottlefit/__init__.py": "",
+            "edgesplit/families/bottlefit/train.py": "",
+            "edgesplit/bundle.py": "from .families import bottlefit\nfrom .families.bottlefit import train\n",
+        },
+    )
     g = import_graph(pkg)
     rule_b = next(r for r in RULES if r.tag == "b")
     assert violations(rule_b, g) == [
@@ -396,7 +435,13 @@ def test_checker_rules_name_module_line_and_rule(tmp_path):
         "edgesplit/control/sim.py:5: rule (b) control is numpy-only: the stdlib, numpy, yaml and itself: "
         "edgesplit.control.sim function-level imports edgesplit.wire.codec",
     ]
-    wire, bundle = (next(r for r in RULES if r.importers == (imp,)) for imp in ("edgesplit.wire.**", "edgesplit.bundle"))
-    assert [v.split(": ")[-1] for v in violations(wire, g)] == ["edgesplit.wire.codec imports edgesplit.families.bottlefit"]
+    wire, bundle = (
+        next(r for r in RULES if r.importers == (imp,)) for imp in ("edgesplit.wire.**", "edgesplit.bundle")
+    )
+    assert [v.split(": ")[-1] for v in violations(wire, g)] == [
+        "edgesplit.wire.codec imports edgesplit.families.bottlefit"
+    ]
     # a family's __init__ is the registry's side; its training module is not
-    assert [v.split(": ")[-1] for v in violations(bundle, g)] == ["edgesplit.bundle imports edgesplit.families.bottlefit.train"]
+    assert [v.split(": ")[-1] for v in violations(bundle, g)] == [
+        "edgesplit.bundle imports edgesplit.families.bottlefit.train"
+    ]

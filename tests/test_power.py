@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import CIFAR_TEST
 
+from edgesplit.profile.cli import profile_main
 from edgesplit.profile.devices import load_profile, parse_profile
 from edgesplit.profile.power import PowerError, SamplingProcess, energy_j, make_sampler
 from edgesplit.profile.power.estimate import power_model
 from edgesplit.profile.power.ina3221 import Ina3221Sampler, find_channels, read_ina3221
-from edgesplit.profile.cli import profile_main
 from edgesplit.profile.power.measure import measure_power
 from edgesplit.profile.power.rapl import RaplSampler, counter_delta
 from edgesplit.profile.power.tegrastats import parse_tegrastats_line
@@ -71,9 +71,20 @@ def test_pmic_read_adc_sums_v_times_a_over_rails_with_both():
     assert "EXT5V" not in r.rails and "BATT" not in r.rails  # voltage only: no power
     assert len(r.rails) == 12
     assert r.rails["VDD_CORE"] == pytest.approx(1.11625 * 0.7494498)
-    by_hand = (0.09466522 * 3.629252 + 0.08197812 * 3.316529 + 0.1502932 * 1.798777 + 0.00390372 * 1.101464
-               + 0.0 * 0.6062265 + 0.2029934 * 1.104028 + 0.3054661 * 0.798534 + 1.11625 * 0.7494498
-               + 0.0 * 3.310436 + 0.00018315 * 3.316846 + 0.00274725 * 0.7979479 + 0.0166056 * 5.10138)
+    by_hand = (
+        0.09466522 * 3.629252
+        + 0.08197812 * 3.316529
+        + 0.1502932 * 1.798777
+        + 0.00390372 * 1.101464
+        + 0.0 * 0.6062265
+        + 0.2029934 * 1.104028
+        + 0.3054661 * 0.798534
+        + 1.11625 * 0.7494498
+        + 0.0 * 3.310436
+        + 0.00018315 * 3.316846
+        + 0.00274725 * 0.7979479
+        + 0.0166056 * 5.10138
+    )
     assert r.watts == pytest.approx(by_hand, rel=1e-9)
 
 
@@ -93,12 +104,24 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 
 def test_ina3221_hwmon_tree(tmp_path):
     d = "sys/class/hwmon/hwmon1/"
-    _write(tmp_path, {"sys/class/hwmon/hwmon0/name": "cpu_thermal",  # another hwmon device: skipped
-                      d + "name": "ina3221",
-                      d + "in1_label": "VDD_IN", d + "in1_input": "5000", d + "curr1_input": "1200",
-                      d + "in2_label": "VDD_CPU_GPU_CV", d + "in2_input": "5000", d + "curr2_input": "300",
-                      d + "in3_label": "VDD_SOC", d + "in3_input": "5000", d + "curr3_input": "250",
-                      d + "in7_label": "sum of shunt voltages", d + "in7_input": "120"})  # no current: skipped
+    _write(
+        tmp_path,
+        {
+            "sys/class/hwmon/hwmon0/name": "cpu_thermal",  # another hwmon device: skipped
+            d + "name": "ina3221",
+            d + "in1_label": "VDD_IN",
+            d + "in1_input": "5000",
+            d + "curr1_input": "1200",
+            d + "in2_label": "VDD_CPU_GPU_CV",
+            d + "in2_input": "5000",
+            d + "curr2_input": "300",
+            d + "in3_label": "VDD_SOC",
+            d + "in3_input": "5000",
+            d + "curr3_input": "250",
+            d + "in7_label": "sum of shunt voltages",
+            d + "in7_input": "120",
+        },
+    )  # no current: skipped
     chans = find_channels(tmp_path)
     assert [c.rail for c in chans] == ["VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC"]
     r = read_ina3221(chans)
@@ -111,10 +134,19 @@ def test_ina3221_hwmon_tree(tmp_path):
 
 def test_ina3221_iio_tree_of_l4t_r32(tmp_path):
     d = "sys/bus/i2c/drivers/ina3221x/6-0040/iio:device0/"
-    _write(tmp_path, {d + "rail_name_0": "POM_5V_IN", d + "in_power0_input": "2150",
-                      d + "rail_name_1": "POM_5V_GPU", d + "in_power1_input": "0",
-                      d + "rail_name_2": "POM_5V_CPU", d + "in_power2_input": "572",
-                      d + "in_current0_input": "430", d + "in_voltage0_input": "5000"})
+    _write(
+        tmp_path,
+        {
+            d + "rail_name_0": "POM_5V_IN",
+            d + "in_power0_input": "2150",
+            d + "rail_name_1": "POM_5V_GPU",
+            d + "in_power1_input": "0",
+            d + "rail_name_2": "POM_5V_CPU",
+            d + "in_power2_input": "572",
+            d + "in_current0_input": "430",
+            d + "in_voltage0_input": "5000",
+        },
+    )
     r = read_ina3221(find_channels(tmp_path))
     assert r.rails == pytest.approx({"POM_5V_IN": 2.15, "POM_5V_GPU": 0.0, "POM_5V_CPU": 0.572})
     assert r.watts == pytest.approx(2.15)
@@ -124,7 +156,9 @@ def test_ina3221_missing_or_garbled_is_a_clear_error(tmp_path):
     with pytest.raises(PowerError, match="no INA3221 rails"):
         find_channels(tmp_path)
     d = "sys/class/hwmon/hwmon0/"
-    _write(tmp_path, {d + "name": "ina3221", d + "in1_label": "VDD_IN", d + "in1_input": "5000", d + "curr1_input": "n/a"})
+    _write(
+        tmp_path, {d + "name": "ina3221", d + "in1_label": "VDD_IN", d + "in1_input": "5000", d + "curr1_input": "n/a"}
+    )
     with pytest.raises(PowerError, match="cannot read a number"):
         Ina3221Sampler(tmp_path).read()
 
@@ -137,12 +171,17 @@ def test_rapl_counter_delta_across_wraparound():
 
 def _rapl_tree(root: Path, max_range: int) -> Path:
     z = root / "sys/class/powercap/intel-rapl:0"
-    _write(root, {"sys/class/powercap/intel-rapl:0/name": "package-0",
-                  "sys/class/powercap/intel-rapl:0/max_energy_range_uj": str(max_range),
-                  "sys/class/powercap/intel-rapl:0/energy_uj": "0",
-                  "sys/class/powercap/intel-rapl:0:0/name": "core",  # a sub-zone: not added again
-                  "sys/class/powercap/intel-rapl:0:0/max_energy_range_uj": str(max_range),
-                  "sys/class/powercap/intel-rapl:0:0/energy_uj": "0"})
+    _write(
+        root,
+        {
+            "sys/class/powercap/intel-rapl:0/name": "package-0",
+            "sys/class/powercap/intel-rapl:0/max_energy_range_uj": str(max_range),
+            "sys/class/powercap/intel-rapl:0/energy_uj": "0",
+            "sys/class/powercap/intel-rapl:0:0/name": "core",  # a sub-zone: not added again
+            "sys/class/powercap/intel-rapl:0:0/max_energy_range_uj": str(max_range),
+            "sys/class/powercap/intel-rapl:0:0/energy_uj": "0",
+        },
+    )
     return z / "energy_uj"
 
 
@@ -182,7 +221,9 @@ def test_rapl_absent_here_is_a_clear_error(tmp_path):
 
 
 # -- NVML and jtop: only where installed ----------------------------------------------------------
-@pytest.mark.skipif(importlib.util.find_spec("pynvml") is None, reason="pynvml (nvidia-ml-py) not installed: no NVIDIA GPU here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("pynvml") is None, reason="pynvml (nvidia-ml-py) not installed: no NVIDIA GPU here"
+)
 def test_nvml_reads_watts_when_a_gpu_is_present():
     try:
         s = make_sampler("nvml")
@@ -208,7 +249,7 @@ def test_jtop_reads_watts_on_a_jetson():
 def test_trapezoid_energy_with_interpolated_edges():
     t, w = [0.0, 1.0, 2.0, 3.0], [2.0, 2.0, 4.0, 4.0]
     assert energy_j(t, w, 0.0, 1.0) == pytest.approx(2.0)
-    assert energy_j(t, w, 1.0, 2.0) == pytest.approx(3.0)            # ramp 2 -> 4 W
+    assert energy_j(t, w, 1.0, 2.0) == pytest.approx(3.0)  # ramp 2 -> 4 W
     assert energy_j(t, w, 0.5, 2.5) == pytest.approx(1.0 + 3.0 + 2.0)
     assert energy_j(t, w, 1.5, 1.75) == pytest.approx(0.25 * (3.0 + 3.5) / 2)  # between two samples
     with pytest.raises(PowerError, match="not covered"):
@@ -237,8 +278,15 @@ def test_estimate_follows_the_process_cpu_use_within_the_profile_figures():
 
 
 def test_estimate_needs_power_figures():
-    no_power = parse_profile({"schema": 1, "name": "bare", "kind": "host", "description": "a host without power figures",
-                              "figures": {"cpu_cores": {"value": 2, "source": "measured: os.cpu_count"}}})
+    no_power = parse_profile(
+        {
+            "schema": 1,
+            "name": "bare",
+            "kind": "host",
+            "description": "a host without power figures",
+            "figures": {"cpu_cores": {"value": 2, "source": "measured: os.cpu_count"}},
+        }
+    )
     with pytest.raises(PowerError, match="power_idle_w"):
         power_model(no_power)
 
@@ -252,8 +300,16 @@ def test_sampling_rejects_bad_rates_and_reports_a_sampler_that_cannot_start(tmp_
 
 # -- edgesplit profile power ----------------------------------------------------------------------
 def test_profile_power_reports_joules_per_mode_labelled_as_estimate(tiny_bundle):
-    res = measure_power(tiny_bundle, sampler="estimate", profile="raspberry-pi-5", hz=50, frames=8,
-                        min_seconds=0.3, baseline_seconds=0.3, source=str(CIFAR_TEST))
+    res = measure_power(
+        tiny_bundle,
+        sampler="estimate",
+        profile="raspberry-pi-5",
+        hz=50,
+        frames=8,
+        min_seconds=0.3,
+        baseline_seconds=0.3,
+        source=str(CIFAR_TEST),
+    )
     assert res["estimate"] is True and "ESTIMATE" in res["note"]
     assert res["sampler_info"]["profile"] == "raspberry-pi-5" and res["sampler_info"]["idle_source"]
     assert 0 <= res["sampler_cpu_percent"] < 100
@@ -271,7 +327,9 @@ def test_profile_power_cli_errors_are_clear(tiny_bundle):
         profile_main(["power", "--bundle", str(tiny_bundle.root), "--hz", "500"])
 
 
-@pytest.mark.skipif(Path("/sys/class/powercap").exists(), reason="this host has RAPL zones: their absence cannot be shown")
+@pytest.mark.skipif(
+    Path("/sys/class/powercap").exists(), reason="this host has RAPL zones: their absence cannot be shown"
+)
 def test_profile_power_cli_without_rapl_zones_says_so(tiny_bundle):
     with pytest.raises(SystemExit, match="no RAPL zones"):
         profile_main(["power", "--bundle", str(tiny_bundle.root), "--sampler", "rapl", "--source", str(CIFAR_TEST)])

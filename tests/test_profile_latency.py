@@ -17,8 +17,25 @@ SPEC = {"shape": [3, 32, 32], "resize": 32, "mean": [0.485, 0.456, 0.406], "std"
 
 def test_bundle_profile_json_per_node_and_distributions(tmp_path, capsys):
     png = tmp_path / "latency.png"
-    assert profile_main(["latency", "--bundle", str(BUNDLE), "--batch-sizes", "1,3", "--threads", "1,2",
-                         "--runs", "5", "--json", "--plot", str(png)]) == 0
+    assert (
+        profile_main(
+            [
+                "latency",
+                "--bundle",
+                str(BUNDLE),
+                "--batch-sizes",
+                "1,3",
+                "--threads",
+                "1,2",
+                "--runs",
+                "5",
+                "--json",
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["source"] == "cifar10:test"
 
@@ -56,8 +73,12 @@ def test_ort_trace_holds_only_the_timed_runs():
 
 
 def test_torch_model_profile_per_module_and_op(capsys):
-    assert profile_main(["latency", "--model", "resnet20_cifar", "--batch-sizes", "2", "--threads", "1",
-                         "--runs", "3", "--json"]) == 0
+    assert (
+        profile_main(
+            ["latency", "--model", "resnet20_cifar", "--batch-sizes", "2", "--threads", "1", "--runs", "3", "--json"]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)["torch"]
     modules = {m["name"]: m for m in res["modules"]}
     assert {"conv1", "bn1", "linear", "layer3.2.conv2"} <= set(modules)
@@ -66,11 +87,14 @@ def test_torch_model_profile_per_module_and_op(capsys):
     assert [(r["batch_size"], r["threads"]) for r in res["distributions"]] == [(2, 1)]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["latency", "--threads", "1"], "give --bundle, --model or both"),
-    (["latency", "--bundle", str(BUNDLE), "--threads", "0"], "positive integers"),
-    (["latency", "--bundle", str(BUNDLE), "--batch-sizes", "1,x"], "comma-separated integers"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["latency", "--threads", "1"], "give --bundle, --model or both"),
+        (["latency", "--bundle", str(BUNDLE), "--threads", "0"], "positive integers"),
+        (["latency", "--bundle", str(BUNDLE), "--batch-sizes", "1,x"], "comma-separated integers"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(argv, message):
     with pytest.raises(SystemExit, match=message):
         profile_main(argv)

@@ -56,8 +56,21 @@ def produced(tmp_path_factory):
     for kind, argv in {
         "latency": ["latency", "--bundle", str(BUNDLE), "--batch-sizes", "1", "--threads", "1", "--runs", "5"],
         # no sensor on a CI host: the labelled estimate (on a device with one, the same command measures)
-        "power": ["power", "--bundle", str(BUNDLE), "--sampler", "estimate", "--profile", "raspberry-pi-5",
-                  "--frames", "8", "--min-seconds", "0.3", "--baseline-seconds", "0.3"],
+        "power": [
+            "power",
+            "--bundle",
+            str(BUNDLE),
+            "--sampler",
+            "estimate",
+            "--profile",
+            "raspberry-pi-5",
+            "--frames",
+            "8",
+            "--min-seconds",
+            "0.3",
+            "--baseline-seconds",
+            "0.3",
+        ],
     }.items():
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
@@ -83,8 +96,9 @@ def test_report_from_the_manifest_alone(tmp_path, capsys):
     assert set(res["missing"]) == {"latency", "power", "e2e", "eval"}
 
     # Self-contained: the very PNG files, embedded; no script, nothing fetched.
-    assert sorted(_embedded_pngs(html)) == sorted(Path(res["plots"][n]).read_bytes()
-                                                  for n in ("latency_breakdown", "accuracy_vs_bytes"))
+    assert sorted(_embedded_pngs(html)) == sorted(
+        Path(res["plots"][n]).read_bytes() for n in ("latency_breakdown", "accuracy_vs_bytes")
+    )
     assert "<script" not in html.lower() and "://" not in html and "<link" not in html.lower()
     # The manifest's modes table, the bundle's identity, and what to run for each missing section.
     assert bundle.name in html and bundle.hash in html
@@ -93,15 +107,32 @@ def test_report_from_the_manifest_alone(tmp_path, capsys):
         assert f'<td class="n">{m.bytes_per_frame:.4g}</td>' in html
         assert f'<td class="n">{m.accuracy:.4g}</td>' in html and f"{100 * m.accuracy:.2f}%" in html
         assert all(f"{v:.4g}" in html for v in m.head_ms.values())
-    for command in ("edgesplit profile latency --bundle", "edgesplit profile power --bundle",
-                    "edgesplit bench e2e --bundle", "edgesplit eval --bundle"):
+    for command in (
+        "edgesplit profile latency --bundle",
+        "edgesplit profile power --bundle",
+        "edgesplit bench e2e --bundle",
+        "edgesplit eval --bundle",
+    ):
         assert command in html
     assert [m["bytes_per_frame"] for m in res["summary"]["modes"]] == [m.bytes_per_frame for m in bundle.modes]
 
 
 def test_report_from_real_latency_power_e2e_and_eval(tmp_path, capsys, produced):
-    res, html = _report(["--out", str(tmp_path), "--latency", str(produced["latency"]), "--power",
-                         str(produced["power"]), "--e2e", str(E2E), "--eval", str(EVAL)], capsys)
+    res, html = _report(
+        [
+            "--out",
+            str(tmp_path),
+            "--latency",
+            str(produced["latency"]),
+            "--power",
+            str(produced["power"]),
+            "--e2e",
+            str(E2E),
+            "--eval",
+            str(EVAL),
+        ],
+        capsys,
+    )
     assert res["missing"] == {} and set(res["inputs"]) == {"latency", "power", "e2e", "eval"}
     for path in res["plots"].values():
         _check_png(path)
@@ -112,7 +143,9 @@ def test_report_from_real_latency_power_e2e_and_eval(tmp_path, capsys, produced)
     assert "ESTIMATE: no power sensor was read" in html and "raspberry-pi-5" in html
     for m in power["modes"] + [power["full"]]:
         assert f'<td class="n">{m["joules_per_inference"] * 1e3:.4g}</td>' in html
-    assert [m["joules_per_inference"] for m in res["summary"]["modes"]] == [m["joules_per_inference"] for m in power["modes"]]
+    assert [m["joules_per_inference"] for m in res["summary"]["modes"]] == [
+        m["joules_per_inference"] for m in power["modes"]
+    ]
 
     latency = json.loads(produced["latency"].read_text())
     compute = res["summary"]["compute_ms_p50"]
@@ -145,8 +178,22 @@ def test_measure_runs_the_profilers_here(tmp_path, capsys):
     else:
         assert res["inputs"]["power"] == "measured by --measure" and not res["summary"]["power_estimate"]
 
-    res, html = _report(["--out", str(tmp_path / "b"), "--measure", "--runs", "3", "--min-seconds", "0.2",
-                         "--profile", "raspberry-pi-5", "--sampler", "estimate"], capsys)
+    res, html = _report(
+        [
+            "--out",
+            str(tmp_path / "b"),
+            "--measure",
+            "--runs",
+            "3",
+            "--min-seconds",
+            "0.2",
+            "--profile",
+            "raspberry-pi-5",
+            "--sampler",
+            "estimate",
+        ],
+        capsys,
+    )
     assert res["inputs"] == {"latency": "measured by --measure", "power": "measured by --measure"}
     assert res["summary"]["power_estimate"] is True and "ESTIMATE" in html
     _check_png(res["plots"]["energy_per_mode"])
@@ -168,21 +215,35 @@ def test_bad_inputs_are_clear_errors(tmp_path, produced):
         del doc["modes"][0]["joules_per_inference"]
 
     cases = [
-        (["--latency", str(produced["power"])], "is an `edgesplit profile power` result, not an `edgesplit profile "
-                                                "latency` one: pass it with --power"),
+        (
+            ["--latency", str(produced["power"])],
+            "is an `edgesplit profile power` result, not an `edgesplit profile latency` one: pass it with --power",
+        ),
         (["--power", str(E2E)], "pass it with --e2e"),
-        (["--e2e", str(ROOT / "docs/bench/overload-cifar10-resnet20-bottlefit.json")], "is an `edgesplit bench overload` result"),
+        (
+            ["--e2e", str(ROOT / "docs/bench/overload-cifar10-resnet20-bottlefit.json")],
+            "is an `edgesplit bench overload` result",
+        ),
         (["--latency", str(BUNDLE / "manifest.json")], "is a bundle's manifest.json"),
         (["--eval", str(_edited(EVAL, tmp_path / "x.json", lambda d: d.clear()))], "not a result of any edgesplit"),
         (["--latency", str(tmp_path / "nope.json")], r"no such file \(it is written by: edgesplit profile latency"),
         (["--power", str(BUNDLE / "head.onnx")], "not a JSON file"),
-        (["--power", str(_edited(produced["power"], tmp_path / "p.json", drop_energy))], "lacks 'joules_per_inference'"),
-        (["--e2e", str(ROOT / "docs/bench/e2e-imagenette-resnet18-bottlefit.json")],
-         "measured on bundle 'imagenette-resnet18-bottlefit', not 'cifar10-resnet20-bottlefit'"),
-        (["--eval", str(_edited(EVAL, tmp_path / "e.json", lambda d: d.update(bundle_hash="0" * 64)))],
-         "measured on another build of cifar10-resnet20-bottlefit"),
-        (["--power", str(_edited(produced["power"], tmp_path / "m.json", lambda d: d["modes"][0].update(mode=9)))],
-         r"has modes \[9\] that bundle"),
+        (
+            ["--power", str(_edited(produced["power"], tmp_path / "p.json", drop_energy))],
+            "lacks 'joules_per_inference'",
+        ),
+        (
+            ["--e2e", str(ROOT / "docs/bench/e2e-imagenette-resnet18-bottlefit.json")],
+            "measured on bundle 'imagenette-resnet18-bottlefit', not 'cifar10-resnet20-bottlefit'",
+        ),
+        (
+            ["--eval", str(_edited(EVAL, tmp_path / "e.json", lambda d: d.update(bundle_hash="0" * 64)))],
+            "measured on another build of cifar10-resnet20-bottlefit",
+        ),
+        (
+            ["--power", str(_edited(produced["power"], tmp_path / "m.json", lambda d: d["modes"][0].update(mode=9)))],
+            r"has modes \[9\] that bundle",
+        ),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):

@@ -8,15 +8,54 @@ objects over real traces. See docs/ARCHITECTURE.md, "Control plane".
 from .estimator import BandwidthEstimator, EwmaEstimator, HarmonicMeanEstimator, LinkSampler, ScalarEwma
 from .link import FifoLink, LinkModel
 from .modes import FALLBACK, ModeSpec, ModesTable, modes_from_manifest, modes_table
-from .policy import (AssinePolicy, DeadlinePolicy, Decision, EstimatingPolicy, Feedback, FixedPolicy, FrameState,
-                     OraclePolicy, Policy, RoundRobinPolicy)
+from .oracle import OraclePolicy
+from .policy import (
+    AssinePolicy,
+    DeadlinePolicy,
+    Decision,
+    EstimatingPolicy,
+    Feedback,
+    FixedPolicy,
+    FrameState,
+    Policy,
+    RoundRobinPolicy,
+)
 from .simulator import SimResult, compare, format_table, metrics, simulate, standard_policies
 from .traces import Trace, TraceError, read_hsdpa, read_mahimahi, read_trace, traces_dir
 
 __all__ = [
-    "BandwidthEstimator", "EwmaEstimator", "HarmonicMeanEstimator", "LinkSampler", "ScalarEwma",
-    "FifoLink", "LinkModel", "FALLBACK", "ModeSpec", "ModesTable", "modes_from_manifest", "modes_table",
-    "AssinePolicy", "DeadlinePolicy", "Decision", "EstimatingPolicy", "Feedback", "FixedPolicy", "FrameState",
-    "OraclePolicy", "Policy", "RoundRobinPolicy", "SimResult", "compare", "format_table", "metrics", "simulate", "standard_policies",
-    "Trace", "TraceError", "read_hsdpa", "read_mahimahi", "read_trace", "traces_dir",
+    "BandwidthEstimator",
+    "EwmaEstimator",
+    "HarmonicMeanEstimator",
+    "LinkSampler",
+    "ScalarEwma",
+    "FifoLink",
+    "LinkModel",
+    "FALLBACK",
+    "ModeSpec",
+    "ModesTable",
+    "modes_from_manifest",
+    "modes_table",
+    "AssinePolicy",
+    "DeadlinePolicy",
+    "Decision",
+    "EstimatingPolicy",
+    "Feedback",
+    "FixedPolicy",
+    "FrameState",
+    "OraclePolicy",
+    "Policy",
+    "RoundRobinPolicy",
+    "SimResult",
+    "compare",
+    "format_table",
+    "metrics",
+    "simulate",
+    "standard_policies",
+    "Trace",
+    "TraceError",
+    "read_hsdpa",
+    "read_mahimahi",
+    "read_trace",
+    "traces_dir",
 ]

@@ -25,8 +25,8 @@ import math
 from abc import ABC, abstractmethod
 from collections import deque
 
-DEFAULT_MIN_SECONDS = 1e-4   # 0.1 ms: below the resolution of the timings the agent can trust
-DEFAULT_MAX_BPS = 10e9       # 10 Gbit/s: nothing an edge uplink does
+DEFAULT_MIN_SECONDS = 1e-4  # 0.1 ms: below the resolution of the timings the agent can trust
+DEFAULT_MAX_BPS = 10e9  # 10 Gbit/s: nothing an edge uplink does
 
 
 class BandwidthEstimator(ABC):

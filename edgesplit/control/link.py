@@ -61,7 +61,9 @@ class FifoLink:
         """``(end_level, uplink_finish_s, result_arrival_s)`` if ``mode`` were sent for a frame
         captured at ``t_capture`` with the pipe busy until ``level`` (default: the current state)."""
         m = self.model
-        _, end, fin = m.trace.transmit(m.send_time(t_capture, mode), m.wire_bytes(mode), self.level if level is None else level)
+        _, end, fin = m.trace.transmit(
+            m.send_time(t_capture, mode), m.wire_bytes(mode), self.level if level is None else level
+        )
         return end, fin, fin + m.after_uplink_s
 
     def send(self, t_capture: float, mode: ModeSpec) -> tuple[float, float, float, float]:

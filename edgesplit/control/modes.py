@@ -24,8 +24,8 @@ class ModeSpec:
     id: int
     name: str
     bytes_per_frame: float
-    accuracy: float   # expected top-1 (measured, from the manifest)
-    head_ms: float    # head latency on the device profile in use
+    accuracy: float  # expected top-1 (measured, from the manifest)
+    head_ms: float  # head latency on the device profile in use
 
 
 class ModesTable:
@@ -49,7 +49,9 @@ class ModesTable:
         self.name = name
         self.by_id = {m.id: m for m in self.modes}
         # Most accurate first; among equals, fewer bytes first.
-        self.ranked: tuple[ModeSpec, ...] = tuple(sorted(self.modes, key=lambda m: (-m.accuracy, m.bytes_per_frame, m.id)))
+        self.ranked: tuple[ModeSpec, ...] = tuple(
+            sorted(self.modes, key=lambda m: (-m.accuracy, m.bytes_per_frame, m.id))
+        )
         # Fewest bytes; among equals, the most accurate.
         self.smallest: ModeSpec = min(self.modes, key=lambda m: (m.bytes_per_frame, -m.accuracy, m.id))
 
@@ -63,8 +65,12 @@ class ModesTable:
         return self.teacher_accuracy if mode_id == FALLBACK else self.by_id[mode_id].accuracy
 
     def __repr__(self) -> str:
-        ms = ", ".join(f"{m.id}:{m.name} {m.bytes_per_frame:g}B acc {m.accuracy:.3f} head {m.head_ms:g}ms" for m in self.modes)
-        return f"ModesTable({self.name or '?'} on {self.device or '?'}: {ms}; full model acc {self.teacher_accuracy:.3f})"
+        ms = ", ".join(
+            f"{m.id}:{m.name} {m.bytes_per_frame:g}B acc {m.accuracy:.3f} head {m.head_ms:g}ms" for m in self.modes
+        )
+        return (
+            f"ModesTable({self.name or '?'} on {self.device or '?'}: {ms}; full model acc {self.teacher_accuracy:.3f})"
+        )
 
 
 def _get(m: Any, key: str) -> Any:
@@ -78,11 +84,13 @@ def _head_ms(m: Any, device: str | None, default: float | None) -> tuple[float, 
     h = dict(h or {})
     if device is None:
         if len(h) == 1:
-            (device, v), = h.items()
+            ((device, v),) = h.items()
             return float(v), device
         if not h and default is not None:
             return float(default), ""
-        raise ValueError(f"mode {_get(m, 'id')}: name the device profile, the modes table has head_ms for {sorted(h) or 'none'}")
+        raise ValueError(
+            f"mode {_get(m, 'id')}: name the device profile, the modes table has head_ms for {sorted(h) or 'none'}"
+        )
     if device in h:
         return float(h[device]), device
     if default is not None:
@@ -90,8 +98,13 @@ def _head_ms(m: Any, device: str | None, default: float | None) -> tuple[float, 
     raise ValueError(f"mode {_get(m, 'id')}: no head_ms for device profile {device!r} (known: {sorted(h) or 'none'})")
 
 
-def modes_table(modes: Iterable[Any], teacher_accuracy: float, device: str | None = None,
-                head_ms_default: float | None = None, name: str = "") -> ModesTable:
+def modes_table(
+    modes: Iterable[Any],
+    teacher_accuracy: float,
+    device: str | None = None,
+    head_ms_default: float | None = None,
+    name: str = "",
+) -> ModesTable:
     """Build a :class:`ModesTable` from ``Mode`` objects or manifest mode dicts. ``device`` picks
     the head latency profile (may be omitted when the table has exactly one)."""
     specs, dev = [], device or ""
@@ -100,13 +113,21 @@ def modes_table(modes: Iterable[Any], teacher_accuracy: float, device: str | Non
         if acc is None:
             raise ValueError(f"mode {_get(m, 'id')}: no measured accuracy; the controller ranks modes by it")
         h, dev = _head_ms(m, device, head_ms_default)
-        specs.append(ModeSpec(id=int(_get(m, "id")), name=str(_get(m, "name")), bytes_per_frame=float(_get(m, "bytes_per_frame")),
-                              accuracy=float(acc), head_ms=h))
+        specs.append(
+            ModeSpec(
+                id=int(_get(m, "id")),
+                name=str(_get(m, "name")),
+                bytes_per_frame=float(_get(m, "bytes_per_frame")),
+                accuracy=float(acc),
+                head_ms=h,
+            )
+        )
     return ModesTable(specs, teacher_accuracy, device=dev, name=name)
 
 
-def modes_from_manifest(manifest: Mapping[str, Any] | str | Path, device: str | None = None,
-                        head_ms_default: float | None = None) -> ModesTable:
+def modes_from_manifest(
+    manifest: Mapping[str, Any] | str | Path, device: str | None = None, head_ms_default: float | None = None
+) -> ModesTable:
     """Read the modes table and ``teacher_accuracy`` of a bundle manifest (a dict, a
     ``manifest.json`` path or a bundle directory)."""
     if not isinstance(manifest, Mapping):

@@ -93,8 +93,9 @@ class ShapedNamespace:
     ...     ns.set_rate(0.5)
     """
 
-    def __init__(self, mbps: float = 10.0, *, name: str | None = None, latency_ms: float = 1000.0,
-                 burst_bytes: int | None = None):
+    def __init__(
+        self, mbps: float = 10.0, *, name: str | None = None, latency_ms: float = 1000.0, burst_bytes: int | None = None
+    ):
         self.name = name or f"edgesplit-{uuid.uuid4().hex[:8]}"
         self.latency_ms = float(latency_ms)
         self.burst_bytes = burst_bytes
@@ -162,7 +163,9 @@ class ShapedNamespace:
         return subprocess.run(self.command(cmd), **kw)
 
 
-def rate_schedule(trace: Trace, seconds: float, step_s: float = 1.0, offset_s: float = 0.0) -> list[tuple[float, float]]:
+def rate_schedule(
+    trace: Trace, seconds: float, step_s: float = 1.0, offset_s: float = 0.0
+) -> list[tuple[float, float]]:
     """``[(t, mbps)]``: the trace's mean capacity over each step ``[t, t + step)`` from
     ``offset_s`` on, covering ``seconds`` (looping) — what :class:`TraceReplayer` applies."""
     n = max(1, int(math.ceil(seconds / step_s)))
@@ -227,9 +230,11 @@ class TraceReplayer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgesplit.control.netns",
-                                description="Run a command in a network namespace whose loopback is shaped with "
-                                            "tc tbf, at a fixed rate or replaying a trace (needs root).")
+    p = argparse.ArgumentParser(
+        prog="python -m edgesplit.control.netns",
+        description="Run a command in a network namespace whose loopback is shaped with "
+        "tc tbf, at a fixed rate or replaying a trace (needs root).",
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--trace", help="HSDPA or Mahimahi trace file")
     g.add_argument("--mbps", type=float, help="fixed rate")

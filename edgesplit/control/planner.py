@@ -97,8 +97,10 @@ class Machine:
         elif "gpu_fp32_tflops" in figs:
             keys, gflops, gpu = ("gpu_fp32_tflops",), 1e3 * float(profile.value("gpu_fp32_tflops")), True
         else:
-            raise PlanError(f"device profile '{profile.name}' has neither cpu_fp32_gflops nor gpu_fp32_tflops: "
-                            "the planner cannot model its compute")
+            raise PlanError(
+                f"device profile '{profile.name}' has neither cpu_fp32_gflops nor gpu_fp32_tflops: "
+                "the planner cannot model its compute"
+            )
         if "memory_bandwidth_gbps" not in figs:
             raise PlanError(f"device profile '{profile.name}' has no memory_bandwidth_gbps")
         keys += ("memory_bandwidth_gbps",)
@@ -133,11 +135,11 @@ class Link:
 
     mbps: float
     rtt_ms: float = 0.0
-    mss: int = 1448               # TCP payload per segment at a 1500-byte MTU with timestamps
-    per_segment_bytes: int = 66   # TCP (32, with timestamps) + IPv4 (20) + link header (14)
-    ack_bytes: int = 0            # per two data segments, when the ACKs share the bottleneck (66 on a shaped loopback)
-    burst_bytes: int = 0          # a token bucket's depth: bytes that pass at once when the link was idle
-    framing_bytes: int = 20       # ZeroMQ frame headers of a two-frame message
+    mss: int = 1448  # TCP payload per segment at a 1500-byte MTU with timestamps
+    per_segment_bytes: int = 66  # TCP (32, with timestamps) + IPv4 (20) + link header (14)
+    ack_bytes: int = 0  # per two data segments, when the ACKs share the bottleneck (66 on a shaped loopback)
+    burst_bytes: int = 0  # a token bucket's depth: bytes that pass at once when the link was idle
+    framing_bytes: int = 20  # ZeroMQ frame headers of a two-frame message
 
     def __post_init__(self):
         if not (isinstance(self.mbps, (int, float)) and math.isfinite(self.mbps) and self.mbps > 0):
@@ -221,7 +223,7 @@ class Prediction:
 class Scenario:
     device: Machine
     server: Machine
-    host: Machine             # where the Work times were measured
+    host: Machine  # where the Work times were measured
     link: Link
     overhead_ms: float = 0.5  # the runtime's own cost per request (agent + server software path)
     radio_w: float | None = None
@@ -237,8 +239,13 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
     dev, srv = sc.device, sc.server
     parts: dict[str, float] = {}
     sources: dict[str, str] = {}
-    for key, work, where in (("preprocess", opt.preprocess, dev if opt.kind != "raw" else srv), ("head", opt.head, dev),
-                             ("encode", opt.encode, dev), ("decode", opt.decode, srv), ("tail", opt.tail, srv)):
+    for key, work, where in (
+        ("preprocess", opt.preprocess, dev if opt.kind != "raw" else srv),
+        ("head", opt.head, dev),
+        ("encode", opt.encode, dev),
+        ("decode", opt.decode, srv),
+        ("tail", opt.tail, srv),
+    ):
         ms, how = where.time_ms(work, sc.host)
         if ms or work is not ZERO:
             parts[key] = ms
@@ -247,8 +254,12 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
     request = opt.payload_bytes + opt.header_bytes
     if remote:
         parts["overhead"] = sc.overhead_ms
-    device_ms = sum(parts.get(k, 0.0) for k in ("head", "encode")) + (parts.get("preprocess", 0.0) if opt.kind != "raw" else 0.0)
-    server_ms = sum(parts.get(k, 0.0) for k in ("decode", "tail", "overhead")) + (parts.get("preprocess", 0.0) if opt.kind == "raw" else 0.0)
+    device_ms = sum(parts.get(k, 0.0) for k in ("head", "encode")) + (
+        parts.get("preprocess", 0.0) if opt.kind != "raw" else 0.0
+    )
+    server_ms = sum(parts.get(k, 0.0) for k in ("decode", "tail", "overhead")) + (
+        parts.get("preprocess", 0.0) if opt.kind == "raw" else 0.0
+    )
     link_ms = sc.link.transfer_ms(request, opt.reply_bytes, server_ms) if remote else 0.0
     if remote:
         parts["link"] = link_ms
@@ -259,13 +270,29 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
         if radio is not None or not remote:
             energy = device_ms * dev.active_w + (link_ms * radio if remote else 0.0)  # ms x W = mJ
             on_device = ("head", "encode") + (("preprocess",) if opt.kind != "raw" else ())
-            est = bool(dev.estimated) or (remote and sc.radio_w is None) or any(
-                sources[k].split(": ", 1)[1].startswith("estimate") for k in on_device if k in sources)
+            est = (
+                bool(dev.estimated)
+                or (remote and sc.radio_w is None)
+                or any(sources[k].split(": ", 1)[1].startswith("estimate") for k in on_device if k in sources)
+            )
     shares = {"device": device_ms, "link": link_ms, "server": server_ms}
     bound = max(shares, key=shares.get)
-    return Prediction(opt.name, opt.kind, latency, device_ms, link_ms, server_ms, parts, request, energy, est,
-                      f"{'link' if bound == 'link' else 'compute'}-bound ({bound} {shares[bound] / max(latency, 1e-12):.0%})",
-                      opt.accuracy, sources, dict(opt.detail))
+    return Prediction(
+        opt.name,
+        opt.kind,
+        latency,
+        device_ms,
+        link_ms,
+        server_ms,
+        parts,
+        request,
+        energy,
+        est,
+        f"{'link' if bound == 'link' else 'compute'}-bound ({bound} {shares[bound] / max(latency, 1e-12):.0%})",
+        opt.accuracy,
+        sources,
+        dict(opt.detail),
+    )
 
 
 def _fmt_bytes(b: float) -> str:
@@ -280,7 +307,9 @@ def breakdown(p: Prediction, link: Link) -> str:
             continue
         t = f"{k} {p.parts_ms[k]:.2f} ms"
         if k == "link":
-            t += f" ({_fmt_bytes(p.request_bytes)} @ {link.mbps:g} Mbit/s" + (f", RTT {link.rtt_ms:g} ms)" if link.rtt_ms else ")")
+            t += f" ({_fmt_bytes(p.request_bytes)} @ {link.mbps:g} Mbit/s" + (
+                f", RTT {link.rtt_ms:g} ms)" if link.rtt_ms else ")"
+            )
         terms.append(t)
     return " + ".join(terms) + f" = {p.latency_ms:.2f} ms"
 
@@ -293,12 +322,17 @@ def _why(p: Prediction, best: Prediction, objective: str) -> str:
     else:
         gap = f"+{p.latency_ms - best.latency_ms:.2f} ms vs best"
     # Name the term that costs the most more than the winner's.
-    diffs = {"device compute": p.device_ms - best.device_ms, "link": p.link_ms - best.link_ms,
-             "server compute": p.server_ms - best.server_ms}
+    diffs = {
+        "device compute": p.device_ms - best.device_ms,
+        "link": p.link_ms - best.link_ms,
+        "server compute": p.server_ms - best.server_ms,
+    }
     worst = max(diffs, key=diffs.get)
-    what = {"link": f"sends {_fmt_bytes(p.request_bytes)} vs {_fmt_bytes(best.request_bytes)}",
-            "device compute": f"device {p.device_ms:.2f} ms vs {best.device_ms:.2f} ms",
-            "server compute": f"server {p.server_ms:.2f} ms vs {best.server_ms:.2f} ms"}[worst]
+    what = {
+        "link": f"sends {_fmt_bytes(p.request_bytes)} vs {_fmt_bytes(best.request_bytes)}",
+        "device compute": f"device {p.device_ms:.2f} ms vs {best.device_ms:.2f} ms",
+        "server compute": f"server {p.server_ms:.2f} ms vs {best.server_ms:.2f} ms",
+    }[worst]
     return f"{gap}: loses on {worst} ({what})"
 
 
@@ -312,8 +346,10 @@ def plan(options: Sequence[Option], sc: Scenario, objective: str = "latency") ->
     preds = [predict(o, sc) for o in options]
     if objective == "energy":
         if any(p.energy_mj is None for p in preds):
-            raise PlanError(f"device profile '{sc.device.name}' has no power figures (power_idle_w and "
-                            "power_active_w/power_max_w): plan for --objective latency, or give a device with them")
+            raise PlanError(
+                f"device profile '{sc.device.name}' has no power figures (power_idle_w and "
+                "power_active_w/power_max_w): plan for --objective latency, or give a device with them"
+            )
         preds.sort(key=lambda p: (p.energy_mj, p.latency_ms))
     else:
         preds.sort(key=lambda p: p.latency_ms)
@@ -325,14 +361,18 @@ def plan(options: Sequence[Option], sc: Scenario, objective: str = "latency") ->
 
 
 def format_plan(preds: Sequence[Prediction], sc: Scenario, objective: str) -> str:
-    lines = [f"plan for {sc.device.name} -> {sc.link.mbps:g} Mbit/s (RTT {sc.link.rtt_ms:g} ms) -> {sc.server.name}, "
-             f"objective {objective}; times measured on {sc.host.name}",
-             f"{'#':>2} {'option':<28} {'latency ms':>10} {'energy mJ':>10} {'bytes':>9} {'acc':>6}  reason"]
+    lines = [
+        f"plan for {sc.device.name} -> {sc.link.mbps:g} Mbit/s (RTT {sc.link.rtt_ms:g} ms) -> {sc.server.name}, "
+        f"objective {objective}; times measured on {sc.host.name}",
+        f"{'#':>2} {'option':<28} {'latency ms':>10} {'energy mJ':>10} {'bytes':>9} {'acc':>6}  reason",
+    ]
     for p in preds:
         e = "-" if p.energy_mj is None else f"{p.energy_mj:.2f}" + ("*" if p.energy_estimate else "")
         acc = "-" if p.accuracy is None else f"{p.accuracy:.3f}"
-        lines.append(f"{p.rank:>2} {p.option:<28} {p.latency_ms:>10.2f} {e:>10} {_fmt_bytes(p.request_bytes) if p.kind != 'local' else '-':>9} "
-                     f"{acc:>6}  {p.reason}")
+        lines.append(
+            f"{p.rank:>2} {p.option:<28} {p.latency_ms:>10.2f} {e:>10} {_fmt_bytes(p.request_bytes) if p.kind != 'local' else '-':>9} "
+            f"{acc:>6}  {p.reason}"
+        )
     if any(p.energy_estimate for p in preds):
         lines.append("* energy is an estimate (a profile figure marked estimate, or no radio power: idle power used)")
     return "\n".join(lines)

@@ -3,8 +3,9 @@
 The same objects run in the live agent and in the simulator (:mod:`edgesplit.control.simulator`):
 both call ``choose(FrameState)`` once per frame and ``observe(Feedback)`` once per result, in the
 order results arrive. Nothing in a policy knows whether it is simulated, except
-:class:`OraclePolicy`, whose whole point is to know the trace. What a policy sees and says, and
-the interface, are in :mod:`edgesplit.control.policy_interface` (re-exported here).
+:class:`~edgesplit.control.oracle.OraclePolicy`, whose whole point is to know the trace. What a
+policy sees and says, and the interface, are in :mod:`edgesplit.control.policy_interface`
+(re-exported here).
 
 Predicted end-to-end latency of mode *m* (:meth:`EstimatingPolicy.predict_ms`):
 
@@ -29,12 +30,21 @@ import math
 from typing import Sequence
 
 from .estimator import BandwidthEstimator, EwmaEstimator, HarmonicMeanEstimator, LinkSampler, ScalarEwma
-from .link import FifoLink, LinkModel
 from .modes import FALLBACK, ModeSpec, ModesTable
 from .policy_interface import Decision, Feedback, FrameState, Policy
 
-__all__ = ["FALLBACK", "FrameState", "Feedback", "Decision", "Policy", "EstimatingPolicy", "DeadlinePolicy",
-           "AssinePolicy", "FixedPolicy", "OraclePolicy", "RoundRobinPolicy"]
+__all__ = [
+    "FALLBACK",
+    "FrameState",
+    "Feedback",
+    "Decision",
+    "Policy",
+    "EstimatingPolicy",
+    "DeadlinePolicy",
+    "AssinePolicy",
+    "FixedPolicy",
+    "RoundRobinPolicy",
+]
 
 
 class RoundRobinPolicy(Policy):
@@ -75,9 +85,17 @@ class EstimatingPolicy(Policy):
     """Base of the policies that learn the link from feedback: a bandwidth estimator, EWMAs of
     server and encode time, the latency prediction."""
 
-    def __init__(self, modes: ModesTable, estimator: BandwidthEstimator | None = None, *, base_rtt_ms: float = 0.0,
-                 overhead_bytes: float = 0.0, initial_bps: float | None = None, server_alpha: float = 0.2,
-                 packet_bytes: int | None = None):
+    def __init__(
+        self,
+        modes: ModesTable,
+        estimator: BandwidthEstimator | None = None,
+        *,
+        base_rtt_ms: float = 0.0,
+        overhead_bytes: float = 0.0,
+        initial_bps: float | None = None,
+        server_alpha: float = 0.2,
+        packet_bytes: int | None = None,
+    ):
         super().__init__(modes)
         # A link that serves whole packets per delivery opportunity (cellular schedulers; Mahimahi
         # replays them so) takes as long for a 150-byte request as for a 1,400-byte one. Counting
@@ -101,7 +119,9 @@ class EstimatingPolicy(Policy):
         return nbytes if p is None else math.ceil(nbytes / p) * p
 
     def observe(self, fb: Feedback) -> None:
-        tx = self.sampler.transmit_seconds(fb.t_send_s, fb.t_result_s, fb.server_time_ms / 1000.0, self.base_rtt_ms / 1000.0)
+        tx = self.sampler.transmit_seconds(
+            fb.t_send_s, fb.t_result_s, fb.server_time_ms / 1000.0, self.base_rtt_ms / 1000.0
+        )
         self.estimator.update(self.link_bytes(fb.nbytes), tx)
         self.server.update(fb.server_time_ms)
         if fb.encode_ms is not None:
@@ -112,9 +132,14 @@ class EstimatingPolicy(Policy):
         return self.initial_bps if est is None else est
 
     def predict_ms(self, mode: ModeSpec, bps: float, backlog_ms: float = 0.0) -> float:
-        return (mode.head_ms + self.encode.value + backlog_ms
-                + 8.0 * self.link_bytes(mode.bytes_per_frame + self.overhead_bytes) / bps * 1000.0
-                + self.server.value + self.base_rtt_ms)
+        return (
+            mode.head_ms
+            + self.encode.value
+            + backlog_ms
+            + 8.0 * self.link_bytes(mode.bytes_per_frame + self.overhead_bytes) / bps * 1000.0
+            + self.server.value
+            + self.base_rtt_ms
+        )
 
     def reset(self) -> None:
         self.estimator.reset()
@@ -190,10 +215,21 @@ class DeadlinePolicy(EstimatingPolicy):
       estimate can recover after an outage (``None``: never probe).
     """
 
-    def __init__(self, modes: ModesTable, estimator: BandwidthEstimator | None = None, *, margin: float = 0.15,
-                 up_margin: float = 0.1, up_frames: int = 5, probe_interval_s: float | None = 0.1,
-                 use_backlog: bool = True, local_ms: float | None = None, outage_factor: float = 4.0,
-                 rescue: bool = True, **kw):
+    def __init__(
+        self,
+        modes: ModesTable,
+        estimator: BandwidthEstimator | None = None,
+        *,
+        margin: float = 0.15,
+        up_margin: float = 0.1,
+        up_frames: int = 5,
+        probe_interval_s: float | None = 0.1,
+        use_backlog: bool = True,
+        local_ms: float | None = None,
+        outage_factor: float = 4.0,
+        rescue: bool = True,
+        **kw,
+    ):
         super().__init__(modes, estimator, **kw)
         if not (0 <= margin < 1 and 0 <= up_margin < 1 - margin and up_frames >= 1 and outage_factor >= 1):
             raise ValueError("need 0 <= margin < 1, 0 <= up_margin < 1 - margin, up_frames >= 1, outage_factor >= 1")
@@ -272,8 +308,11 @@ class DeadlinePolicy(EstimatingPolicy):
                     return Decision(small.id, pred[small.id], "nothing fits with margin: smallest mode")
             self.current, self._up_target, self._up_count = FALLBACK, None, 0
             probe = None
-            if (self.probe_interval_s is not None and not state.outstanding
-                    and state.now_s - self._last_probe >= self.probe_interval_s):
+            if (
+                self.probe_interval_s is not None
+                and not state.outstanding
+                and state.now_s - self._last_probe >= self.probe_interval_s
+            ):
                 probe = small.id
                 self._last_probe = state.now_s
             return Decision(FALLBACK, pred[small.id], "nothing fits: local fallback", probe)
@@ -298,75 +337,3 @@ class DeadlinePolicy(EstimatingPolicy):
             self.current, self._up_target, self._up_count = up.id, None, 0
             return Decision(up.id, pred[up.id], f"up: fitted with extra margin for {self.up_frames} frames")
         return Decision(cur, pred[cur], f"hold: up candidate {up.id} ({self._up_count}/{self.up_frames})")
-
-
-class OraclePolicy(Policy):
-    """Knows the trace, the link model and the frame schedule; decides with exact latencies.
-
-    Per frame: if not even the smallest mode can meet the deadline, FALLBACK (sending would only
-    delay later frames). Otherwise the most accurate mode *m* that meets the deadline **and** costs
-    no later frame its deadline: from the uplink state *m* leaves, and from the state the smallest
-    mode leaves, the next frames are replayed greedily (the smallest mode when it meets the
-    deadline, else not sent) until both states coincide (the uplink has drained) or
-    ``horizon_frames`` frames; *m* is taken when it reaches as many on-time frames.
-
-    Sending the smallest mode whenever it is on time maximises on-time frames (fewer bytes never
-    delay anyone, and with equal sizes, FIFO order and equal relative deadlines, accepting every
-    request that can still make it is optimal), and every choice above keeps that maximum, so the
-    oracle meets as many deadlines as any policy can when a local fallback cannot meet the
-    deadline; among those schedules it then raises accuracy greedily, frame by frame (not an
-    accuracy-optimal schedule).
-    """
-
-    def __init__(self, modes: ModesTable, link: LinkModel, frame_interval_s: float, horizon_frames: int = 600):
-        super().__init__(modes)
-        self.model = link
-        self.interval = float(frame_interval_s)
-        self.horizon = int(horizon_frames)
-        self.link = FifoLink(link)
-        self.name = "oracle"
-
-    def reset(self) -> None:
-        self.link.reset()
-
-    def _on_time(self, t: float, mode: ModeSpec, level: float, deadline_s: float) -> tuple[bool, float, float]:
-        end, _, arrival = self.link.peek(t, mode, level)
-        return arrival - t <= deadline_s, end, arrival
-
-    def _future_hits(self, t0: float, level_a: float, level_b: float, deadline_s: float) -> tuple[int, int]:
-        small, trace, hits_a, hits_b = self.modes.smallest, self.model.trace, 0, 0
-        for j in range(1, self.horizon + 1):
-            t = t0 + j * self.interval
-            free = trace.level_at(self.model.send_time(t, small))
-            if (level_a <= free and level_b <= free) or level_a == level_b:
-                break
-            ok, end, _ = self._on_time(t, small, level_a, deadline_s)
-            if ok:
-                hits_a, level_a = hits_a + 1, end
-            ok, end, _ = self._on_time(t, small, level_b, deadline_s)
-            if ok:
-                hits_b, level_b = hits_b + 1, end
-        return hits_a, hits_b
-
-    def choose(self, state: FrameState) -> Decision:
-        t, d = state.now_s, state.deadline_ms / 1000.0
-        small = self.modes.smallest
-        ok, end_small, arr = self._on_time(t, small, self.link.level, d)
-        if not ok:
-            return Decision(FALLBACK, (arr - t) * 1000.0, "smallest mode would be late: local fallback")
-        choice, why = small, "smallest mode: no more accurate one on time"
-        for m in self.modes.ranked:
-            if m.id == small.id:
-                break
-            ok, end, arr_m = self._on_time(t, m, self.link.level, d)
-            if not ok:
-                continue
-            if end != end_small:
-                mine, base = self._future_hits(t, end, end_small, d)
-                if mine < base:
-                    why = "smallest mode: a more accurate one would make a later frame late"
-                    continue
-            choice, why, arr = m, "most accurate on time, costs no later frame", arr_m
-            break
-        self.link.send(t, choice)
-        return Decision(choice.id, (arr - t) * 1000.0, why)

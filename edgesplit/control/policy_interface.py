@@ -56,10 +56,16 @@ class Feedback:
         answered: it carries no link sample (the agent still drops it from ``outstanding``)."""
         if getattr(r, "error", None) is not None or getattr(r, "rtt_ms", None) is None:
             return None
-        return cls(t_send_s=t_send_s, t_result_s=t_send_s + r.rtt_ms / 1000.0,
-                   nbytes=float(r.bytes_sent) + float(getattr(r, "header_bytes", 0) or 0),
-                   server_queue_ms=r.server_queue_ms or 0.0, server_compute_ms=r.server_compute_ms or 0.0,
-                   server_ms=getattr(r, "server_ms", None), encode_ms=getattr(r, "encode_ms", None), mode=getattr(r, "mode", None))
+        return cls(
+            t_send_s=t_send_s,
+            t_result_s=t_send_s + r.rtt_ms / 1000.0,
+            nbytes=float(r.bytes_sent) + float(getattr(r, "header_bytes", 0) or 0),
+            server_queue_ms=r.server_queue_ms or 0.0,
+            server_compute_ms=r.server_compute_ms or 0.0,
+            server_ms=getattr(r, "server_ms", None),
+            encode_ms=getattr(r, "encode_ms", None),
+            mode=getattr(r, "mode", None),
+        )
 
     @property
     def server_time_ms(self) -> float:

@@ -49,7 +49,8 @@ import numpy as np
 from .estimator import EwmaEstimator, HarmonicMeanEstimator
 from .link import FifoLink, LinkModel
 from .modes import FALLBACK, ModesTable
-from .policy import AssinePolicy, DeadlinePolicy, Feedback, FixedPolicy, FrameState, OraclePolicy, Policy
+from .oracle import OraclePolicy
+from .policy import AssinePolicy, DeadlinePolicy, Feedback, FixedPolicy, FrameState, Policy
 
 
 class _Out:
@@ -73,11 +74,23 @@ class SimResult:
     def records(self) -> list[dict[str, Any]]:
         """Per-frame records as dicts (for JSON; the arrays are in ``frames``)."""
         keys = list(self.frames)
-        return [{k: self.frames[k][i].item() for k in keys} | {"reason": self.reasons[i]} for i in range(len(self.reasons))]
+        return [
+            {k: self.frames[k][i].item() for k in keys} | {"reason": self.reasons[i]} for i in range(len(self.reasons))
+        ]
 
 
-def simulate(policy: Policy, modes: ModesTable, link: LinkModel, *, fps: float, deadline_ms: float, fallback_ms: float,
-             start_s: float = 0.0, duration_s: float | None = None, fallback_workers: int = 1) -> SimResult:
+def simulate(
+    policy: Policy,
+    modes: ModesTable,
+    link: LinkModel,
+    *,
+    fps: float,
+    deadline_ms: float,
+    fallback_ms: float,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+    fallback_workers: int = 1,
+) -> SimResult:
     """Replay ``link.trace`` for one policy (``policy.reset()`` is called first). ``fallback_ms``:
     latency of the full model on the device; ``fallback_workers``: how many fallback frames the
     device can run at once (cores apart from the head's)."""
@@ -127,7 +140,9 @@ def simulate(policy: Policy, modes: ModesTable, link: LinkModel, *, fps: float, 
         while pending and pending[0][0] <= a:
             policy.observe(pending.popleft()[1])
             outstanding.popleft()
-        d = policy.choose(FrameState(now_s=a, deadline_ms=deadline_ms, index=i, outstanding=outstanding, base_rtt_ms=base_rtt))
+        d = policy.choose(
+            FrameState(now_s=a, deadline_ms=deadline_ms, index=i, outstanding=outstanding, base_rtt_ms=base_rtt)
+        )
         reasons.append(d.reason)
         predicted[i] = d.predicted_ms
         if d.mode == FALLBACK:
@@ -152,9 +167,21 @@ def simulate(policy: Policy, modes: ModesTable, link: LinkModel, *, fps: float, 
                     mode[i] = FALLBACK
                     rescues.append((a + rescue_after / 1000.0, i))
             outstanding.append(_Out(ts, float(nbytes[i])))
-            pending.append((arr, Feedback(t_send_s=ts, t_result_s=arr, nbytes=float(nbytes[i]), server_queue_ms=0.0,
-                                          server_compute_ms=link.server_ms, encode_ms=link.encode_ms, mode=send_id,
-                                          probe=d.mode == FALLBACK)))
+            pending.append(
+                (
+                    arr,
+                    Feedback(
+                        t_send_s=ts,
+                        t_result_s=arr,
+                        nbytes=float(nbytes[i]),
+                        server_queue_ms=0.0,
+                        server_compute_ms=link.server_ms,
+                        encode_ms=link.encode_ms,
+                        mode=send_id,
+                        probe=d.mode == FALLBACK,
+                    ),
+                )
+            )
 
     run_rescues(math.inf)
     latency = (t_answer - cap) * 1000.0
@@ -162,9 +189,23 @@ def simulate(policy: Policy, modes: ModesTable, link: LinkModel, *, fps: float, 
     acc_by = {m.id: m.accuracy for m in modes}
     acc_by[FALLBACK] = modes.teacher_accuracy
     accuracy = np.vectorize(acc_by.__getitem__, otypes=[float])(mode)
-    frames = {"t_capture": cap, "mode": mode, "fallback": mode == FALLBACK, "rescued": rescued, "probe": probe, "sent_mode": sent_mode,
-              "bytes": nbytes, "t_send": t_send, "t_tx_start": tx_start, "t_tx_finish": tx_finish,
-              "t_answer": t_answer, "latency_ms": latency, "hit": hit, "predicted_ms": predicted, "accuracy": accuracy}
+    frames = {
+        "t_capture": cap,
+        "mode": mode,
+        "fallback": mode == FALLBACK,
+        "rescued": rescued,
+        "probe": probe,
+        "sent_mode": sent_mode,
+        "bytes": nbytes,
+        "t_send": t_send,
+        "t_tx_start": tx_start,
+        "t_tx_finish": tx_finish,
+        "t_answer": t_answer,
+        "latency_ms": latency,
+        "hit": hit,
+        "predicted_ms": predicted,
+        "accuracy": accuracy,
+    }
     res = SimResult(policy=policy.name, deadline_ms=deadline_ms, fps=fps, frames=frames, reasons=reasons)
     res.metrics = metrics(res)
     res.wall_s = time.perf_counter() - t0
@@ -197,8 +238,9 @@ def metrics(res: SimResult) -> dict[str, Any]:
     }
 
 
-def standard_policies(modes: ModesTable, link: LinkModel, fps: float, *, local_ms: float | None = None,
-                      hysteresis: bool = True) -> list[Policy]:
+def standard_policies(
+    modes: ModesTable, link: LinkModel, fps: float, *, local_ms: float | None = None, hysteresis: bool = True
+) -> list[Policy]:
     """The comparison set: every fixed mode, Assine et al. (as published: plain throughput samples),
     the deadline-aware controller (with the harmonic-mean and the EWMA estimator; counting bytes in
     whole packets on a packet link) and the oracle."""
@@ -218,11 +260,15 @@ def compare(policies: Iterable[Policy], modes: ModesTable, link: LinkModel, **kw
 
 
 def format_table(results: dict[str, SimResult]) -> str:
-    rows = [f"{'policy':52s} {'hit':>6s} {'acc':>6s} {'t.acc':>6s} {'B/frame':>8s} {'switch':>6s} {'fallbk':>6s} {'p95 ms':>8s}"]
+    rows = [
+        f"{'policy':52s} {'hit':>6s} {'acc':>6s} {'t.acc':>6s} {'B/frame':>8s} {'switch':>6s} {'fallbk':>6s} {'p95 ms':>8s}"
+    ]
     for name, r in results.items():
         m = r.metrics
-        rows.append(f"{name:52s} {m['hit_rate']:6.3f} {m['accuracy']:6.4f} {m['timely_accuracy']:6.4f} {m['bytes_per_frame']:8.1f} "
-                    f"{m['switches']:6d} {m['fallbacks']:6d} {m['latency_p95_ms']:8.1f}")
+        rows.append(
+            f"{name:52s} {m['hit_rate']:6.3f} {m['accuracy']:6.4f} {m['timely_accuracy']:6.4f} {m['bytes_per_frame']:8.1f} "
+            f"{m['switches']:6d} {m['fallbacks']:6d} {m['latency_p95_ms']:8.1f}"
+        )
     return "\n".join(rows)
 
 
@@ -230,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .modes import modes_from_manifest
     from .traces import read_trace
 
-    ap = argparse.ArgumentParser(prog="python -m edgesplit.control", description="Replay a trace for the standard policies.")
+    ap = argparse.ArgumentParser(
+        prog="python -m edgesplit.control", description="Replay a trace for the standard policies."
+    )
     ap.add_argument("trace")
     ap.add_argument("manifest", help="a bundle directory or manifest.json")
     ap.add_argument("--device", default=None, help="device profile for head_ms (default: the only one in the manifest)")
@@ -247,8 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     modes = modes_from_manifest(a.manifest, a.device)
     link = LinkModel(read_trace(a.trace), a.base_rtt_ms, a.server_ms, a.encode_ms, a.overhead_bytes)
-    res = compare(standard_policies(modes, link, a.fps, local_ms=a.fallback_ms), modes, link, fps=a.fps, deadline_ms=a.deadline_ms,
-                  fallback_ms=a.fallback_ms, start_s=a.start_s, duration_s=a.duration_s)
+    res = compare(
+        standard_policies(modes, link, a.fps, local_ms=a.fallback_ms),
+        modes,
+        link,
+        fps=a.fps,
+        deadline_ms=a.deadline_ms,
+        fallback_ms=a.fallback_ms,
+        start_s=a.start_s,
+        duration_s=a.duration_s,
+    )
     if a.json:
         print(json.dumps({k: r.metrics for k, r in res.items()}, indent=1))
     else:

@@ -59,8 +59,9 @@ class Trace:
 
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
-    def from_mahimahi(cls, opportunities_ms: Iterable[int], name: str = "mahimahi",
-                      packet_bytes: int = MAHIMAHI_PACKET_BYTES) -> "Trace":
+    def from_mahimahi(
+        cls, opportunities_ms: Iterable[int], name: str = "mahimahi", packet_bytes: int = MAHIMAHI_PACKET_BYTES
+    ) -> "Trace":
         ms = np.asarray(list(opportunities_ms) if not isinstance(opportunities_ms, np.ndarray) else opportunities_ms)
         if ms.size == 0:
             raise TraceError(f"{name}: no delivery opportunities")
@@ -71,8 +72,9 @@ class Trace:
         return _PacketTrace(name, ms.astype(np.int64), int(packet_bytes))
 
     @classmethod
-    def from_rates(cls, times_s: Iterable[float], mbps: Iterable[float], name: str = "rate",
-                   period_s: float | None = None) -> "Trace":
+    def from_rates(
+        cls, times_s: Iterable[float], mbps: Iterable[float], name: str = "rate", period_s: float | None = None
+    ) -> "Trace":
         """Piecewise-constant rate: ``mbps[i]`` on ``[times_s[i], times_s[i+1])``; the last value
         holds until ``period_s`` (default: last time + median spacing, or +1 s for one sample)."""
         t = np.asarray(list(times_s), dtype=np.float64)

@@ -49,8 +49,18 @@ DATASETS = {
 }
 CLASSES = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-    "imagenette": ["tench", "English springer", "cassette player", "chain saw", "church", "French horn",
-                   "garbage truck", "gas pump", "golf ball", "parachute"],
+    "imagenette": [
+        "tench",
+        "English springer",
+        "cassette player",
+        "chain saw",
+        "church",
+        "French horn",
+        "garbage truck",
+        "gas pump",
+        "golf ball",
+        "parachute",
+    ],
 }
 
 

@@ -64,7 +64,7 @@ class Engine(ABC):
         """Convenience for single-input, single-output graphs."""
         return self.run({self.inputs[0].name: x})[self.outputs[0].name]
 
-    def close(self) -> None:  # pragma: no cover - backends with resources override
+    def close(self) -> None:  # noqa: B027 (a no-op default, not abstract: only backends holding resources override it)
         pass
 
     def __repr__(self) -> str:

@@ -30,8 +30,15 @@ PRECISIONS = ("fp16",)
 
 # Ops that carry an element type in an attribute this module does not rewrite: converting a graph
 # holding one would leave fp32 tensors inside, so they are refused by name.
-_TYPED_ATTRIBUTE_OPS = {"EyeLike", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-                        "Multinomial", "Bernoulli"}
+_TYPED_ATTRIBUTE_OPS = {
+    "EyeLike",
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
 
 
 def _to_fp16(t):
@@ -112,7 +119,9 @@ def lower_precision(model, precision: str = "fp16"):
                 for i, name in enumerate(n.input):  # an output also read inside the graph
                     if name == out.name:
                         n.input[i] = inner
-            tail.append(helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT, name=f"{out.name}__to_fp32"))
+            tail.append(
+                helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT, name=f"{out.name}__to_fp32")
+            )
     del g.node[:]
     g.node.extend(head + keep_nodes + tail)
     # The exporter's recorded intermediate types are fp32 and now wrong; inference rebuilds them.

@@ -70,16 +70,22 @@ class EngineOptions:
         on_cpu = self.device in (None, "cpu")
         if backend == "ort":
             if not on_cpu:
-                raise EngineError(f"the ONNX Runtime backend runs on cpu only, not '{self.device}' (use torch or tensorrt on a GPU)")
+                raise EngineError(
+                    f"the ONNX Runtime backend runs on cpu only, not '{self.device}' (use torch or tensorrt on a GPU)"
+                )
             if self.precision != "fp32":
-                raise EngineError("ONNX Runtime computes in the graph's own precision: for "
-                                  f"{self.precision} lower the graph first (edgesplit.engine.onnx_precision) or use torch/tensorrt")
+                raise EngineError(
+                    "ONNX Runtime computes in the graph's own precision: for "
+                    f"{self.precision} lower the graph first (edgesplit.engine.onnx_precision) or use torch/tensorrt"
+                )
         elif backend == "tensorrt":
             if self.device == "cpu":
                 raise EngineError("the TensorRT backend runs on cuda only")
             if self.precision == "bf16":
-                raise EngineError("the TensorRT backend takes its precision from the ONNX graph, and the bundles' "
-                                  "opset-18 graphs cannot carry bf16 convolutions; use fp16 or fp32 (or torch for bf16)")
+                raise EngineError(
+                    "the TensorRT backend takes its precision from the ONNX graph, and the bundles' "
+                    "opset-18 graphs cannot carry bf16 convolutions; use fp16 or fp32 (or torch for bf16)"
+                )
         if backend != "torch" and self.accel != "none":
             raise EngineError(f"acceleration '{self.accel}' is a torch option; the {backend} backend does its own")
         if backend == "torch" and self.accel == "cudagraphs" and self.device == "cpu":

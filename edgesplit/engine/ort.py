@@ -36,8 +36,12 @@ class OrtEngine(Engine):
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime could not load {path}: {e}") from None
-        self._inputs = [TensorSpec(i.name, tuple(i.shape), _ORT_TYPES.get(i.type, i.type)) for i in self._sess.get_inputs()]
-        self._outputs = [TensorSpec(o.name, tuple(o.shape), _ORT_TYPES.get(o.type, o.type)) for o in self._sess.get_outputs()]
+        self._inputs = [
+            TensorSpec(i.name, tuple(i.shape), _ORT_TYPES.get(i.type, i.type)) for i in self._sess.get_inputs()
+        ]
+        self._outputs = [
+            TensorSpec(o.name, tuple(o.shape), _ORT_TYPES.get(o.type, o.type)) for o in self._sess.get_outputs()
+        ]
         self._out_names = [o.name for o in self._outputs]
         self.path = Path(path)
 

@@ -48,8 +48,10 @@ def _import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise EngineError(f"the TensorRT backend needs the 'tensorrt' Python package (TensorRT 10) and an NVIDIA GPU: "
-                          f"pip install tensorrt ({e}); or use --backend torch / ort") from None
+        raise EngineError(
+            f"the TensorRT backend needs the 'tensorrt' Python package (TensorRT 10) and an NVIDIA GPU: "
+            f"pip install tensorrt ({e}); or use --backend torch / ort"
+        ) from None
     if int(trt.__version__.split(".")[0]) < 10:
         raise EngineError(f"the TensorRT backend needs TensorRT 10 or later, found {trt.__version__}")
     return trt
@@ -65,7 +67,9 @@ class TensorRTEngine(Engine):
         try:
             import torch
         except ImportError:
-            raise EngineError("the TensorRT backend uses torch for CUDA memory and streams: install torch with CUDA") from None
+            raise EngineError(
+                "the TensorRT backend uses torch for CUDA memory and streams: install torch with CUDA"
+            ) from None
         if not torch.cuda.is_available():
             raise EngineError("the TensorRT backend needs a CUDA device, and torch sees none")
         self._trt, self._torch = trt, torch
@@ -81,8 +85,13 @@ class TensorRTEngine(Engine):
             log.info("TensorRT plan from cache: %s", plan_path)
             plan = plan_path.read_bytes()
         else:
-            log.info("building TensorRT plan for %s (%s, batch 1..%d); cached at %s", self.path.name, opts.precision,
-                     opts.max_batch, plan_path)
+            log.info(
+                "building TensorRT plan for %s (%s, batch 1..%d); cached at %s",
+                self.path.name,
+                opts.precision,
+                opts.max_batch,
+                plan_path,
+            )
             plan = self._build(onnx_bytes)
             _write_atomic(plan_path, plan)
         self._runtime = trt.Runtime(self._logger)  # kept: the engine must not outlive its runtime
@@ -116,8 +125,12 @@ class TensorRTEngine(Engine):
         o = self.options
         gpu = self._torch.cuda.get_device_name(self.device)
         key = hashlib.sha256()
-        for part in (hashlib.sha256(onnx_bytes).hexdigest(), self._trt.__version__, gpu,
-                     f"batch=1,{o.opt_batch or o.max_batch},{o.max_batch}"):
+        for part in (
+            hashlib.sha256(onnx_bytes).hexdigest(),
+            self._trt.__version__,
+            gpu,
+            f"batch=1,{o.opt_batch or o.max_batch},{o.max_batch}",
+        ):
             key.update(part.encode() + b"\0")
         cache = Path(o.cache_dir) if o.cache_dir else default_cache_dir()
         return cache / f"{self.path.stem}-{o.precision}-{key.hexdigest()[:24]}.plan"
@@ -129,7 +142,9 @@ class TensorRTEngine(Engine):
         parser = trt.OnnxParser(network, self._logger)
         if not parser.parse(onnx_bytes):
             errors = [_describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise EngineError(f"TensorRT could not parse {self.path.name}:\n  " + "\n  ".join(errors or ["(no details)"]))
+            raise EngineError(
+                f"TensorRT could not parse {self.path.name}:\n  " + "\n  ".join(errors or ["(no details)"])
+            )
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
         profile = builder.create_optimization_profile()
@@ -138,7 +153,9 @@ class TensorRTEngine(Engine):
             t = network.get_input(i)
             frame = tuple(t.shape)[1:]
             if any(d < 0 for d in frame):
-                raise EngineError(f"TensorRT: input '{t.name}' of {self.path.name} has a dynamic axis besides the batch: {tuple(t.shape)}")
+                raise EngineError(
+                    f"TensorRT: input '{t.name}' of {self.path.name} has a dynamic axis besides the batch: {tuple(t.shape)}"
+                )
             profile.set_shape(t.name, (1, *frame), (opt, *frame), (int(o.max_batch), *frame))
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
@@ -153,11 +170,15 @@ class TensorRTEngine(Engine):
         ins = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(ins) != 1:
-            raise EngineError(f"{self.path.name}: the TensorRT backend runs single-input graphs, this one has {len(ins)}")
+            raise EngineError(
+                f"{self.path.name}: the TensorRT backend runs single-input graphs, this one has {len(ins)}"
+            )
         for n in names:
             if eng.get_tensor_dtype(n) != trt.DataType.FLOAT:
-                raise EngineError(f"{self.path.name}: I/O tensor '{n}' is {eng.get_tensor_dtype(n)}, expected float32 "
-                                  "(precision belongs inside the graph, fp32 at its edges)")
+                raise EngineError(
+                    f"{self.path.name}: I/O tensor '{n}' is {eng.get_tensor_dtype(n)}, expected float32 "
+                    "(precision belongs inside the graph, fp32 at its edges)"
+                )
 
         def shape(n: str) -> tuple:
             return tuple(d if d >= 0 else "batch" for d in eng.get_tensor_shape(n))
@@ -183,7 +204,7 @@ class TensorRTEngine(Engine):
     # -- run -----------------------------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = float32_batch(feeds, self._inputs[0])
-        parts = [self._run_chunk(x[i: i + self._max_batch]) for i in range(0, len(x), self._max_batch)]
+        parts = [self._run_chunk(x[i : i + self._max_batch]) for i in range(0, len(x), self._max_batch)]
         if len(parts) == 1:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

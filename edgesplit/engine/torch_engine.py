@@ -57,7 +57,9 @@ class TorchEngine(Engine):
         try:
             import torch
         except ImportError:
-            raise EngineError("the torch backend needs torch: pip install torch==2.13.0 (CPU) or a CUDA build") from None
+            raise EngineError(
+                "the torch backend needs torch: pip install torch==2.13.0 (CPU) or a CUDA build"
+            ) from None
         self._torch = torch
         self.options = opts
         self.path = Path(path)
@@ -65,10 +67,14 @@ class TorchEngine(Engine):
             torch.set_num_threads(int(opts.threads))
         self.device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise EngineError(f"device '{opts.device}' asked for, but this torch has no usable CUDA "
-                              f"(torch {torch.__version__}, cuda build: {torch.version.cuda})")
+            raise EngineError(
+                f"device '{opts.device}' asked for, but this torch has no usable CUDA "
+                f"(torch {torch.__version__}, cuda build: {torch.version.cuda})"
+            )
         if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise EngineError(f"device '{opts.device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise EngineError(
+                f"device '{opts.device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         if opts.accel == "cudagraphs" and self.device.type != "cuda":
             raise EngineError("CUDA graphs need a cuda device; this engine runs on cpu")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[opts.precision]
@@ -81,10 +87,14 @@ class TorchEngine(Engine):
         self._inputs = [TensorSpec(n, _spec_shape(in_meta.get(n)), "float32") for n in sig.user_inputs]
         self._outputs = [TensorSpec(n, (), "float32") for n in sig.user_outputs]
         if len(self._inputs) != 1:
-            raise EngineError(f"{self.path.name}: the torch backend runs single-input programs, this one has {len(self._inputs)}")
+            raise EngineError(
+                f"{self.path.name}: the torch backend runs single-input programs, this one has {len(self._inputs)}"
+            )
         self._frame = tuple(d for d in self._inputs[0].shape[1:])
         if not all(isinstance(d, int) for d in self._frame):
-            raise EngineError(f"{self.path.name}: only the batch axis may be dynamic (input shape {self._inputs[0].shape})")
+            raise EngineError(
+                f"{self.path.name}: only the batch axis may be dynamic (input shape {self._inputs[0].shape})"
+            )
 
         on_cuda = self.device.type == "cuda"
         if on_cuda:
@@ -113,8 +123,10 @@ class TorchEngine(Engine):
         except EngineError:
             raise
         except Exception as e:
-            raise EngineError(f"torch could not run {self.path.name} ({opts.precision}, accel={opts.accel}, "
-                              f"{self.device}): {type(e).__name__}: {e}") from None
+            raise EngineError(
+                f"torch could not run {self.path.name} ({opts.precision}, accel={opts.accel}, "
+                f"{self.device}): {type(e).__name__}: {e}"
+            ) from None
 
     # -- plain path: CPU, and CUDA without graphs ---------------------------------------------------
     def _to_device(self, x: np.ndarray):
@@ -152,7 +164,9 @@ class TorchEngine(Engine):
                 outs = out if isinstance(out, (tuple, list)) else (out,)
                 return self._outputs_to_host(outs)
         except Exception as e:
-            raise EngineError(f"torch failed on {self.path.name} with input {list(x.shape)}: {type(e).__name__}: {e}") from None
+            raise EngineError(
+                f"torch failed on {self.path.name} with input {list(x.shape)}: {type(e).__name__}: {e}"
+            ) from None
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def _capture_graphs(self, buckets: list[int]) -> None:
@@ -188,7 +202,7 @@ class TorchEngine(Engine):
         try:
             with torch.inference_mode():
                 for start in range(0, len(x), top):  # a batch over the largest bucket runs in chunks
-                    chunk = x[start: start + top]
+                    chunk = x[start : start + top]
                     n = len(chunk)
                     b = next(k for k in self._buckets if k >= n)
                     graph, static_in, static_outs = self._graphs[b]
@@ -200,8 +214,9 @@ class TorchEngine(Engine):
                     graph.replay()
                     parts.append(self._outputs_to_host([o[:n] for o in static_outs]))
         except Exception as e:
-            raise EngineError(f"torch (CUDA graphs) failed on {self.path.name} with input {list(x.shape)}: "
-                              f"{type(e).__name__}: {e}") from None
+            raise EngineError(
+                f"torch (CUDA graphs) failed on {self.path.name} with input {list(x.shape)}: {type(e).__name__}: {e}"
+            ) from None
         if len(parts) == 1:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -44,7 +44,7 @@ def sgemm_gflops(sizes: tuple[int, ...] = (256, 512, 1024), repeats: int = 3) ->
     for n in sizes:
         a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
         a @ b  # warm-up: BLAS thread pool and page faults
-        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(repeats))
         rates.append(2 * n**3 / best / 1e9)
     return statistics.median(rates)
 
@@ -93,12 +93,28 @@ def _power_figures(sampler: str, note, seconds: float, sizes: tuple[int, ...]) -
         a1 = time.monotonic()
         time.sleep(0.2)
     s = proc.series
-    return {"power_idle_w": {"value": round(s.mean_w(i0, i1), 2), "source": note(f"{name} sampler, mean over {seconds:g} s idle")},
-            "power_active_w": {"value": round(s.mean_w(i1, a1), 2), "source": note(f"{name} sampler, mean over {seconds:g} s of sgemm on all cores")}}
+    return {
+        "power_idle_w": {
+            "value": round(s.mean_w(i0, i1), 2),
+            "source": note(f"{name} sampler, mean over {seconds:g} s idle"),
+        },
+        "power_active_w": {
+            "value": round(s.mean_w(i1, a1), 2),
+            "source": note(f"{name} sampler, mean over {seconds:g} s of sgemm on all cores"),
+        },
+    }
 
 
-def calibrate(name: str, *, sizes: tuple[int, ...] = (256, 512, 1024), bandwidth_mib: int = 256, ort_runs: int = 200,
-              power_seconds: float = 3.0, reference: Path = REFERENCE_BUNDLE, root: str = "/") -> dict[str, Any]:
+def calibrate(
+    name: str,
+    *,
+    sizes: tuple[int, ...] = (256, 512, 1024),
+    bandwidth_mib: int = 256,
+    ort_runs: int = 200,
+    power_seconds: float = 3.0,
+    reference: Path = REFERENCE_BUNDLE,
+    root: str = "/",
+) -> dict[str, Any]:
     """Measure this machine; returns the profile as data (validated by ``parse_profile``)."""
     from .power.samplers import detect_sampler
 
@@ -116,23 +132,38 @@ def calibrate(name: str, *, sizes: tuple[int, ...] = (256, 512, 1024), bandwidth
     figures: dict[str, Any] = {
         "cpu_cores": {"value": cores, "source": note("os.cpu_count (logical CPUs)")},
         "cpu_physical_cores": {"value": physical, "source": note("psutil.cpu_count(logical=False)")},
-        "cpu_fp32_gflops": {"value": round(sgemm_gflops(sizes), 1),
-                            "source": note(f"numpy sgemm n={'/'.join(map(str, sizes))}, best of 3, median over sizes; "
-                                                 f"BLAS threads per OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")},
+        "cpu_fp32_gflops": {
+            "value": round(sgemm_gflops(sizes), 1),
+            "source": note(
+                f"numpy sgemm n={'/'.join(map(str, sizes))}, best of 3, median over sizes; "
+                f"BLAS threads per OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+            ),
+        },
         "memory_gb": {"value": round(mem_gb, 1), "source": note("psutil.virtual_memory().total, GiB")},
-        "memory_bandwidth_gbps": {"value": round(copy_bandwidth_gbps(bandwidth_mib), 1),
-                                  "source": note(f"numpy copy of {bandwidth_mib} MiB, read + write bytes, best of 3")},
-        "ort_reference_ms": {"value": round(ort_ms, 4),
-                             "source": note(f"ONNX Runtime, {reference.name}/full.onnx (sha256 {ort_sha[:12]}), "
-                                            f"1 thread, batch 1, median of {ort_runs}")},
+        "memory_bandwidth_gbps": {
+            "value": round(copy_bandwidth_gbps(bandwidth_mib), 1),
+            "source": note(f"numpy copy of {bandwidth_mib} MiB, read + write bytes, best of 3"),
+        },
+        "ort_reference_ms": {
+            "value": round(ort_ms, 4),
+            "source": note(
+                f"ONNX Runtime, {reference.name}/full.onnx (sha256 {ort_sha[:12]}), "
+                f"1 thread, batch 1, median of {ort_runs}"
+            ),
+        },
     }
     sampler, _ = detect_sampler(root)
     if sampler is not None:
         figures.update(_power_figures(sampler, note, power_seconds, sizes))
-    profile = {"schema": 1, "name": name, "kind": "host",
-               "description": f"{cpu_model()}, {cores} CPUs, {mem_gb:.0f} GiB ({platform.system()} {platform.machine()}); "
-                              f"measured by edgesplit profile calibrate",
-               "samplers": [sampler] if sampler else [], "figures": figures}
+    profile = {
+        "schema": 1,
+        "name": name,
+        "kind": "host",
+        "description": f"{cpu_model()}, {cores} CPUs, {mem_gb:.0f} GiB ({platform.system()} {platform.machine()}); "
+        f"measured by edgesplit profile calibrate",
+        "samplers": [sampler] if sampler else [],
+        "figures": figures,
+    }
     parse_profile(profile)  # what we write must load
     return profile
 
@@ -140,9 +171,15 @@ def calibrate(name: str, *, sizes: tuple[int, ...] = (256, 512, 1024), bandwidth
 def profile_yaml(profile: dict[str, Any]) -> str:
     """The profile in the hand-written layout of device_profiles/ (one figure per line)."""
     q = json.dumps  # a JSON string is a valid YAML scalar, quoted the same way
-    lines = [f"# {profile['name']}: this machine, measured by `edgesplit profile calibrate`. Rerun it to refresh.",
-             "schema: 1", f"name: {profile['name']}", f"kind: {profile['kind']}", f"description: {q(profile['description'])}",
-             f"samplers: [{', '.join(profile['samplers'])}]", "figures:"]
+    lines = [
+        f"# {profile['name']}: this machine, measured by `edgesplit profile calibrate`. Rerun it to refresh.",
+        "schema: 1",
+        f"name: {profile['name']}",
+        f"kind: {profile['kind']}",
+        f"description: {q(profile['description'])}",
+        f"samplers: [{', '.join(profile['samplers'])}]",
+        "figures:",
+    ]
     lines += [f"  {k}: {{value: {f['value']}, source: {q(f['source'])}}}" for k, f in profile["figures"].items()]
     return "\n".join(lines) + "\n"
 

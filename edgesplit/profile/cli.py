@@ -12,11 +12,25 @@ from ..subcommands import run_subcommand
 
 # name -> (module, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "latency": ("edgesplit.profile.latency", ("per-node latency of head, tail and full (ONNX Runtime / torch profilers) "
-                                              "and whole-model latency per batch size and thread count")),
-    "power": ("edgesplit.profile.power.measure", "joules per inference of a bundle's head per mode (and full.onnx) from this device's power sensor, or a labelled estimate"),
-    "calibrate": ("edgesplit.profile.calibrate", "measure this machine (cores, sgemm GFLOPS, memory bandwidth, ORT reference latency) and write its device profile"),
-    "report": ("edgesplit.profile.report", "plots (latency per stage, energy per mode, accuracy against bytes) as PNG and one self-contained HTML page"),
+    "latency": (
+        "edgesplit.profile.latency",
+        (
+            "per-node latency of head, tail and full (ONNX Runtime / torch profilers) "
+            "and whole-model latency per batch size and thread count"
+        ),
+    ),
+    "power": (
+        "edgesplit.profile.power.measure",
+        "joules per inference of a bundle's head per mode (and full.onnx) from this device's power sensor, or a labelled estimate",
+    ),
+    "calibrate": (
+        "edgesplit.profile.calibrate",
+        "measure this machine (cores, sgemm GFLOPS, memory bandwidth, ORT reference latency) and write its device profile",
+    ),
+    "report": (
+        "edgesplit.profile.report",
+        "plots (latency per stage, energy per mode, accuracy against bytes) as PNG and one self-contained HTML page",
+    ),
 }
 
 

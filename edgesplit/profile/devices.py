@@ -53,7 +53,9 @@ class DeviceProfile:
         """A figure's value; a missing one is an error naming what the profile has."""
         f = self.figures.get(key)
         if f is None:
-            raise ProfileError(f"device profile '{self.name}' has no figure '{key}' (it has: {', '.join(sorted(self.figures))})")
+            raise ProfileError(
+                f"device profile '{self.name}' has no figure '{key}' (it has: {', '.join(sorted(self.figures))})"
+            )
         return f.value
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -126,8 +128,10 @@ def parse_profile(data: Any, path: Path | None = None) -> DeviceProfile:
         if not (_number(v) or (isinstance(v, list) and v and all(_number(x) for x in v))):
             raise ProfileError(f"{where}: figure '{key}' must be a number or a list of numbers, got {v!r}")
         if not isinstance(src, str) or not (src in sources or src.startswith(INLINE_SOURCES)):
-            raise ProfileError(f"{where}: figure '{key}' has source {src!r}: name a key of 'sources' "
-                               f"or say {', '.join(INLINE_SOURCES)} ...")
+            raise ProfileError(
+                f"{where}: figure '{key}' has source {src!r}: name a key of 'sources' "
+                f"or say {', '.join(INLINE_SOURCES)} ..."
+            )
         if _number(v) and v < 0:
             raise ProfileError(f"{where}: figure '{key}' is negative ({v})")
         used.add(src)

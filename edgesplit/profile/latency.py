@@ -32,7 +32,9 @@ ROLES = ("head", "tail", "full")
 def parse_ort_trace(events: list[dict]) -> list[dict[str, Any]]:
     """ONNX Runtime profile events -> one record per ``run()``: its duration and its nodes' kernel
     times (``{"run_us": 812, "nodes": {name: (op, us)}}``), in time order."""
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
+    )
     records = [{"run_us": float(r["dur"]), "start": r["ts"], "end": r["ts"] + r["dur"], "nodes": {}} for r in runs]
     for e in events:
         # Newer releases also emit fence_before/fence_after events per node; only the kernel counts.
@@ -62,14 +64,24 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     per_op: dict[str, list[float]] = {}
     for op in sorted(set(names.values())):
         per_op[op] = [sum(us for o, us in rec["nodes"].values() if o == op) for rec in runs]
-    ops = sorted(({"op": op, "median_us": float(np.median(v)), "nodes": sum(1 for o in names.values() if o == op)}
-                  for op, v in per_op.items()), key=lambda o: -o["median_us"])
+    ops = sorted(
+        (
+            {"op": op, "median_us": float(np.median(v)), "nodes": sum(1 for o in names.values() if o == op)}
+            for op, v in per_op.items()
+        ),
+        key=lambda o: -o["median_us"],
+    )
     node_sums = [sum(us for _, us in rec["nodes"].values()) for rec in runs]
     session = [rec["run_us"] for rec in runs]
-    return {"runs": len(runs), "session_us": float(np.median(session)), "nodes_sum_us": float(np.median(node_sums)),
-            # Kernel time as a share of run(): the rest is ONNX Runtime's own overhead.
-            "kernel_share": float(np.median([s / max(r, 1e-9) for s, r in zip(node_sums, session)])),
-            "nodes": nodes, "ops": ops}
+    return {
+        "runs": len(runs),
+        "session_us": float(np.median(session)),
+        "nodes_sum_us": float(np.median(node_sums)),
+        # Kernel time as a share of run(): the rest is ONNX Runtime's own overhead.
+        "kernel_share": float(np.median([s / max(r, 1e-9) for s, r in zip(node_sums, session)])),
+        "nodes": nodes,
+        "ops": ops,
+    }
 
 
 def profile_onnx_nodes(path: str | Path, x: np.ndarray, threads: int, runs: int, warmup: int = 3) -> dict[str, Any]:
@@ -91,14 +103,23 @@ def profile_onnx_nodes(path: str | Path, x: np.ndarray, threads: int, runs: int,
         for _ in range(runs):
             sess.run(None, feed)
         trace = json.loads(Path(sess.end_profiling()).read_text())
-    return {"file": Path(path).name, "batch_size": int(x.shape[0]), "threads": int(threads),
-            **summarize_runs(parse_ort_trace(trace)[warmup:])}
+    return {
+        "file": Path(path).name,
+        "batch_size": int(x.shape[0]),
+        "threads": int(threads),
+        **summarize_runs(parse_ort_trace(trace)[warmup:]),
+    }
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
     a = np.asarray(ms)
-    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "runs": int(a.size)}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "runs": int(a.size),
+    }
 
 
 def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 3) -> list[float]:
@@ -112,8 +133,9 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 3) -> list[float]
     return out
 
 
-def onnx_distributions(path: str | Path, frames: np.ndarray, batch_sizes: list[int], threads: list[int],
-                       runs: int) -> list[dict[str, Any]]:
+def onnx_distributions(
+    path: str | Path, frames: np.ndarray, batch_sizes: list[int], threads: list[int], runs: int
+) -> list[dict[str, Any]]:
     """Whole-graph latency per (threads, batch size) through the engine the agent and server use."""
     from ..engine import create_engine
 
@@ -123,7 +145,9 @@ def onnx_distributions(path: str | Path, frames: np.ndarray, batch_sizes: list[i
         for b in batch_sizes:
             x = batch_of(frames, b)
             ms = time_calls(lambda e=engine, x=x: e.run1(x), runs)
-            rows.append({"batch_size": b, "threads": t, **percentiles(ms), "frames_per_s": b * 1e3 / float(np.median(ms))})
+            rows.append(
+                {"batch_size": b, "threads": t, **percentiles(ms), "frames_per_s": b * 1e3 / float(np.median(ms))}
+            )
     return rows
 
 
@@ -153,8 +177,9 @@ def default_source(classes: list[str]) -> str:
     return "cifar10:test"
 
 
-def profile_bundle(bundle_path: str | Path, batch_sizes: list[int], threads: list[int], runs: int,
-                   source: str | None = None) -> dict[str, Any]:
+def profile_bundle(
+    bundle_path: str | Path, batch_sizes: list[int], threads: list[int], runs: int, source: str | None = None
+) -> dict[str, Any]:
     """Per-node profiles and latency distributions of a bundle's head, tail and (if present) full."""
     from ..bundle import Bundle
     from ..engine import create_engine
@@ -166,13 +191,23 @@ def profile_bundle(bundle_path: str | Path, batch_sizes: list[int], threads: lis
     wire = create_engine(bundle.file("head"), "ort").run1(images)
     inputs = {"head": images, "tail": wire, "full": images}
     roles = [r for r in ROLES if bundle.has(r)]
-    nodes = {r: profile_onnx_nodes(bundle.file(r), batch_of(inputs[r], batch_sizes[0]), threads[0], runs) for r in roles}
+    nodes = {
+        r: profile_onnx_nodes(bundle.file(r), batch_of(inputs[r], batch_sizes[0]), threads[0], runs) for r in roles
+    }
     dists = {r: onnx_distributions(bundle.file(r), inputs[r], batch_sizes, threads, runs) for r in roles}
-    return {"bundle": bundle.name, "path": str(bundle_path), "source": source, "engine": "ort",
-            "per_node": nodes, "distributions": dists}
+    return {
+        "bundle": bundle.name,
+        "path": str(bundle_path),
+        "source": source,
+        "engine": "ort",
+        "per_node": nodes,
+        "distributions": dists,
+    }
 
 
-def profile_torch_model(model, frames: np.ndarray, batch_sizes: list[int], threads: list[int], runs: int) -> dict[str, Any]:
+def profile_torch_model(
+    model, frames: np.ndarray, batch_sizes: list[int], threads: list[int], runs: int
+) -> dict[str, Any]:
     """torch.profiler per aten op and per leaf module (module spans are marked with
     ``record_function`` from forward hooks), and latency distributions under ``torch.set_num_threads``."""
     import torch
@@ -207,10 +242,17 @@ def profile_torch_model(model, frames: np.ndarray, batch_sizes: list[int], threa
     for ev in prof.key_averages():
         if ev.key.startswith("module::"):
             # The profiler aggregates over runs, so a mean per run is what it can give.
-            modules.append({"name": ev.key[len("module::"):], "mean_us": ev.cpu_time_total / runs,
-                            "calls_per_run": ev.count / runs})
+            modules.append(
+                {
+                    "name": ev.key[len("module::") :],
+                    "mean_us": ev.cpu_time_total / runs,
+                    "calls_per_run": ev.count / runs,
+                }
+            )
         elif ev.key.startswith("aten::"):
-            ops.append({"op": ev.key, "self_us_per_run": ev.self_cpu_time_total / runs, "calls_per_run": ev.count / runs})
+            ops.append(
+                {"op": ev.key, "self_us_per_run": ev.self_cpu_time_total / runs, "calls_per_run": ev.count / runs}
+            )
     modules.sort(key=lambda m: -m["mean_us"])
     ops.sort(key=lambda o: -o["self_us_per_run"])
 
@@ -222,48 +264,25 @@ def profile_torch_model(model, frames: np.ndarray, batch_sizes: list[int], threa
                 for b in batch_sizes:
                     xb = torch.from_numpy(batch_of(frames, b))
                     ms = time_calls(lambda xb=xb: model(xb), runs)
-                    rows.append({"batch_size": b, "threads": t, **percentiles(ms), "frames_per_s": b * 1e3 / float(np.median(ms))})
+                    rows.append(
+                        {
+                            "batch_size": b,
+                            "threads": t,
+                            **percentiles(ms),
+                            "frames_per_s": b * 1e3 / float(np.median(ms)),
+                        }
+                    )
     finally:
         torch.set_num_threads(previous_threads)
-    return {"engine": "torch", "batch_size": batch_sizes[0], "threads": threads[0], "runs": runs,
-            "modules": modules, "ops": ops, "distributions": rows}
-
-
-def plot(result: dict[str, Any], path: str | Path, top: int = 12) -> None:
-    """Top nodes per graph (bars) and p50 latency vs batch size per thread count (p95 as whiskers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    graphs = result.get("per_node", {})
-    dists = dict(result.get("distributions", {}))
-    if "torch" in result:
-        dists["torch"] = result["torch"]["distributions"]
-    fig, axes = plt.subplots(1, len(graphs) + 1, figsize=(5 * (len(graphs) + 1), 4.5), squeeze=False)
-    for ax, (role, prof) in zip(axes[0], graphs.items()):
-        nodes = prof["nodes"][:top][::-1]
-        ax.barh([f"{n['name'][:22]} ({n['op']})" for n in nodes], [n["median_us"] for n in nodes])
-        ax.set_title(f"{role}: top nodes (b={prof['batch_size']}, {prof['threads']} thr)", fontsize=9)
-        ax.set_xlabel("median kernel time (µs)")
-        ax.tick_params(axis="y", labelsize=7)
-    ax = axes[0][-1]
-    for role, rows in dists.items():
-        for t in sorted({r["threads"] for r in rows}):
-            sel = sorted((r for r in rows if r["threads"] == t), key=lambda r: r["batch_size"])
-            p50 = np.array([r["p50_ms"] for r in sel])
-            p95 = np.array([r["p95_ms"] for r in sel])
-            ax.errorbar([r["batch_size"] for r in sel], p50, yerr=[np.zeros_like(p50), p95 - p50], marker="o",
-                        capsize=3, label=f"{role}, {t} thr")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("latency p50 (ms), whisker p95")
-    ax.set_title("whole-model latency", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(str(path), format="png", dpi=110)
-    plt.close(fig)
+    return {
+        "engine": "torch",
+        "batch_size": batch_sizes[0],
+        "threads": threads[0],
+        "runs": runs,
+        "modules": modules,
+        "ops": ops,
+        "distributions": rows,
+    }
 
 
 def _int_list(text: str) -> list[int]:
@@ -282,7 +301,9 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint", help="state dict for --model (weights_only); default: random init")
     p.add_argument("--num-classes", type=int, default=None, help="for --model (default: 10 for *_cifar, else 1000)")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated; the first is the per-node profile's")
-    p.add_argument("--threads", default="1,2", help="intra-op threads, comma-separated; the first is the per-node profile's")
+    p.add_argument(
+        "--threads", default="1,2", help="intra-op threads, comma-separated; the first is the per-node profile's"
+    )
     p.add_argument("--runs", type=int, default=50, help="timed runs per measurement (after 3 warm-up runs)")
     p.add_argument("--data", default=None, help="frame source (default: the dataset matching the classes)")
     p.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib: pip install 'edgesplit[profile]')")
@@ -301,7 +322,7 @@ def run(a) -> dict[str, Any]:
     if a.bundle:
         result.update(profile_bundle(a.bundle, batch_sizes, threads, a.runs, a.data))
     if a.model:
-        from ..builder.pipeline import MEAN, STD
+        from ..builder.data import MEAN, STD
         from ..builder.zoo import INPUT_SIZE, create_model, load_pretrained
 
         classes = a.num_classes or (10 if a.model.endswith("_cifar") else 1000)
@@ -309,24 +330,35 @@ def run(a) -> dict[str, Any]:
         side = INPUT_SIZE.get(a.model, 224)
         spec = {"shape": [3, side, side], "resize": side, "mean": list(MEAN), "std": list(STD)}
         source = a.data or ("cifar10:test" if side == 32 else "imagenette:val")
-        result["torch"] = {"model": a.model, "checkpoint": a.checkpoint, "source": source,
-                           **profile_torch_model(model, real_frames(spec, source, max(batch_sizes)), batch_sizes, threads, a.runs)}
+        result["torch"] = {
+            "model": a.model,
+            "checkpoint": a.checkpoint,
+            "source": source,
+            **profile_torch_model(model, real_frames(spec, source, max(batch_sizes)), batch_sizes, threads, a.runs),
+        }
     if a.plot:
         try:
+            from .latency_plot import plot
+
             plot(result, a.plot)
             result["plot"] = str(a.plot)
         except ImportError:
             result["plot"] = None
-            print("edgesplit profile latency: matplotlib is not installed, no plot written "
-                  "(pip install 'edgesplit[profile]')", file=sys.stderr)
+            print(
+                "edgesplit profile latency: matplotlib is not installed, no plot written "
+                "(pip install 'edgesplit[profile]')",
+                file=sys.stderr,
+            )
     return result
 
 
 def summarize(result: dict[str, Any]) -> str:
     lines = []
     for role, prof in result.get("per_node", {}).items():
-        lines.append(f"{role} ({prof['file']}, batch {prof['batch_size']}, {prof['threads']} thr): run() {prof['session_us']:.0f} µs, "
-                     f"kernels {prof['nodes_sum_us']:.0f} µs ({prof['kernel_share']:.0%})")
+        lines.append(
+            f"{role} ({prof['file']}, batch {prof['batch_size']}, {prof['threads']} thr): run() {prof['session_us']:.0f} µs, "
+            f"kernels {prof['nodes_sum_us']:.0f} µs ({prof['kernel_share']:.0%})"
+        )
         for n in prof["nodes"][:5]:
             lines.append(f"    {n['median_us']:>9.0f} µs  {n['op']:<18} {n['name']}")
     dists = dict(result.get("distributions", {}))
@@ -334,8 +366,10 @@ def summarize(result: dict[str, Any]) -> str:
         dists[f"torch {result['torch']['model']}"] = result["torch"]["distributions"]
     for role, rows in dists.items():
         for r in rows:
-            lines.append(f"{role:<8} batch {r['batch_size']:>4} threads {r['threads']:>2}: p50 {r['p50_ms']:8.3f} ms  "
-                         f"p95 {r['p95_ms']:8.3f}  p99 {r['p99_ms']:8.3f}  mean {r['mean_ms']:8.3f}  {r['frames_per_s']:9.1f} frames/s")
+            lines.append(
+                f"{role:<8} batch {r['batch_size']:>4} threads {r['threads']:>2}: p50 {r['p50_ms']:8.3f} ms  "
+                f"p95 {r['p95_ms']:8.3f}  p99 {r['p99_ms']:8.3f}  mean {r['mean_ms']:8.3f}  {r['frames_per_s']:9.1f} frames/s"
+            )
     if result.get("plot"):
         lines.append(f"plot: {result['plot']}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ def _number(name: str, ok, what: str):
         if not (math.isfinite(v) and ok(v)):
             raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}")
         return v
+
     return parse
 
 
@@ -38,31 +39,53 @@ def non_negative(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgesplit plan", description=(
-        "Rank the ways to run a model across device, link and server (cut points, bundle modes, local, "
-        "raw JPEG) by predicted end-to-end latency or device energy."))
+    p = argparse.ArgumentParser(
+        prog="edgesplit plan",
+        description=(
+            "Rank the ways to run a model across device, link and server (cut points, bundle modes, local, "
+            "raw JPEG) by predicted end-to-end latency or device energy."
+        ),
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--bundle", help="bundle directory: plan over its modes, full.onnx locally and the raw JPEG")
     what.add_argument("--model", help="zoo model name: plan over every cut point of the generic split")
     p.add_argument("--checkpoint", help="state dict for --model (weights_only); default: random init (timing only)")
-    p.add_argument("--cuts", help="comma-separated cut point names for --model (default: all; see edgesplit split --list)")
+    p.add_argument(
+        "--cuts", help="comma-separated cut point names for --model (default: all; see edgesplit split --list)"
+    )
     p.add_argument("--input-size", type=int, default=None, help="input side for --model (default: the zoo's)")
     p.add_argument("--cache", default=None, help="where --model's cut bundles are exported (default runs/cache/plan)")
     p.add_argument("--bandwidth-mbps", type=positive("--bandwidth-mbps"), required=True, help="uplink rate, Mbit/s")
-    p.add_argument("--rtt-ms", type=non_negative("--rtt-ms"), default=0.0, help="propagation round trip of the link (default 0)")
+    p.add_argument(
+        "--rtt-ms", type=non_negative("--rtt-ms"), default=0.0, help="propagation round trip of the link (default 0)"
+    )
     p.add_argument("--burst-bytes", type=int, default=0, help="token-bucket depth of a shaped link (default 0: none)")
     p.add_argument("--acks-on-link", action="store_true", help="TCP ACKs share the bottleneck (a shaped loopback)")
     p.add_argument("--device", default=HOST_PROFILE, help=f"device profile running the head (default {HOST_PROFILE})")
     p.add_argument("--server", default=HOST_PROFILE, help=f"server profile running the tail (default {HOST_PROFILE})")
-    p.add_argument("--host", default=HOST_PROFILE, help=f"profile of the machine measuring now (default {HOST_PROFILE})")
+    p.add_argument(
+        "--host", default=HOST_PROFILE, help=f"profile of the machine measuring now (default {HOST_PROFILE})"
+    )
     p.add_argument("--objective", default="latency", choices=OBJECTIVES)
-    p.add_argument("--overhead-ms", type=non_negative("--overhead-ms"), default=OVERHEAD_MS,
-                   help=f"runtime cost per request beyond model and wire (default {OVERHEAD_MS}: bench e2e on this host)")
-    p.add_argument("--radio-w", type=non_negative("--radio-w"), default=None,
-                   help="device power while sending (default: its idle power, labelled an estimate)")
+    p.add_argument(
+        "--overhead-ms",
+        type=non_negative("--overhead-ms"),
+        default=OVERHEAD_MS,
+        help=f"runtime cost per request beyond model and wire (default {OVERHEAD_MS}: bench e2e on this host)",
+    )
+    p.add_argument(
+        "--radio-w",
+        type=non_negative("--radio-w"),
+        default=None,
+        help="device power while sending (default: its idle power, labelled an estimate)",
+    )
     p.add_argument("--runs", type=int, default=30, help="timed runs per graph and codec step (median)")
-    p.add_argument("--pace-ms", type=non_negative("--pace-ms"), default=20.0,
-                   help="idle time before each timed run, as between camera frames (default 20; 0: back to back)")
+    p.add_argument(
+        "--pace-ms",
+        type=non_negative("--pace-ms"),
+        default=20.0,
+        help="idle time before each timed run, as between camera frames (default 20; 0: back to back)",
+    )
     p.add_argument("--data", default=None, help="frame source (default: the dataset the model predicts)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
@@ -78,29 +101,54 @@ def plan_main(argv: list[str] | None = None) -> int:
         if a.burst_bytes < 0:
             raise PlanError("--burst-bytes must be >= 0")
         link = Link(a.bandwidth_mbps, a.rtt_ms, ack_bytes=66 if a.acks_on_link else 0, burst_bytes=a.burst_bytes)
-        sc = scenario(a.device, a.server, a.host, link, a.overhead_ms, a.radio_w)  # profiles first: fail before measuring
+        sc = scenario(
+            a.device, a.server, a.host, link, a.overhead_ms, a.radio_w
+        )  # profiles first: fail before measuring
         if a.objective == "energy" and sc.device.active_w is None:
-            raise PlanError(f"device profile '{sc.device.name}' has no power figures (power_idle_w and "
-                            "power_active_w/power_max_w): plan for --objective latency, or give a device with them")
+            raise PlanError(
+                f"device profile '{sc.device.name}' has no power figures (power_idle_w and "
+                "power_active_w/power_max_w): plan for --objective latency, or give a device with them"
+            )
         if a.bundle:
             if not Path(a.bundle).exists():
                 raise BundleError(f"no bundle at {a.bundle}")
             options, meta = bundle_options(a.bundle, timing=timing, source=a.data, host=sc.host.name)
         else:
             cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
-            options, meta = model_options(a.model, checkpoint=a.checkpoint, cuts=cuts, input_size=a.input_size,
-                                          cache=a.cache, timing=timing, source=a.data, host=sc.host.name,
-                                          progress=lambda text: print(text, file=sys.stderr, flush=True))
+            options, meta = model_options(
+                a.model,
+                checkpoint=a.checkpoint,
+                cuts=cuts,
+                input_size=a.input_size,
+                cache=a.cache,
+                timing=timing,
+                source=a.data,
+                host=sc.host.name,
+                progress=lambda text: print(text, file=sys.stderr, flush=True),
+            )
         preds = plan(options, sc, a.objective)
     except (PlanError, ProfileError, BundleError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"edgesplit plan: {msg}", file=sys.stderr)
         return 2
     if a.json:
-        out = {"objective": a.objective, "device": sc.device.name, "server": sc.server.name, "host": sc.host.name,
-               "link": {"mbps": link.mbps, "rtt_ms": link.rtt_ms, "burst_bytes": link.burst_bytes, "acks_on_link": a.acks_on_link},
-               "overhead_ms": sc.overhead_ms, "radio_w": sc.radio_w, "inputs": meta, "best": preds[0].option,
-               "options": [p.to_json() for p in preds]}
+        out = {
+            "objective": a.objective,
+            "device": sc.device.name,
+            "server": sc.server.name,
+            "host": sc.host.name,
+            "link": {
+                "mbps": link.mbps,
+                "rtt_ms": link.rtt_ms,
+                "burst_bytes": link.burst_bytes,
+                "acks_on_link": a.acks_on_link,
+            },
+            "overhead_ms": sc.overhead_ms,
+            "radio_w": sc.radio_w,
+            "inputs": meta,
+            "best": preds[0].option,
+            "options": [p.to_json() for p in preds],
+        }
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(preds, sc, a.objective))

@@ -102,6 +102,7 @@ class Timing:
 def time_chain(steps: list, t: Timing) -> list[float]:
     """Median ms of each step when the steps run in a row once per frame (each step gets the
     previous one's result)."""
+
     def once(times: list[list[float]] | None) -> None:
         v = None
         for i, fn in enumerate(steps):
@@ -122,13 +123,20 @@ def time_chain(steps: list, t: Timing) -> list[float]:
 
 def graph_work(path: str | Path, ms: float, t: Timing, host: str) -> Work:
     nodes = onnx_nodes(path)
-    return Work(ms, sum(f for f, _ in nodes), sum(b for _, b in nodes), nodes,
-                f"measured: ONNX Runtime 1 thread batch 1 on {host}, {t.describe()}; FLOPs/bytes from {Path(path).name}")
+    return Work(
+        ms,
+        sum(f for f, _ in nodes),
+        sum(b for _, b in nodes),
+        nodes,
+        f"measured: ONNX Runtime 1 thread batch 1 on {host}, {t.describe()}; FLOPs/bytes from {Path(path).name}",
+    )
 
 
 def _elementwise(ms: float, numel: int, what: str, host: str) -> Work:
     # quantize/dequantize and the image transforms stream their tensors once: memory-bound work
-    return Work(ms, float(numel), 8.0 * numel, ((float(numel), 8.0 * numel),), f"measured: {what} on {host}", cpu_only=True)
+    return Work(
+        ms, float(numel), 8.0 * numel, ((float(numel), 8.0 * numel),), f"measured: {what} on {host}", cpu_only=True
+    )
 
 
 # -- options -----------------------------------------------------------------------------------
@@ -161,8 +169,15 @@ def wire_sizes(bundle, mode, logits: np.ndarray) -> tuple[int, int]:
     return header, reply + len(payload)
 
 
-def bundle_options(bundle_path: str | Path, *, timing: Timing = Timing(), source: str | None = None, frames: int = 16,
-                   host: str = HOST_PROFILE, extras: bool = True) -> tuple[list[Option], dict[str, Any]]:
+def bundle_options(
+    bundle_path: str | Path,
+    *,
+    timing: Timing = Timing(),
+    source: str | None = None,
+    frames: int = 16,
+    host: str = HOST_PROFILE,
+    extras: bool = True,
+) -> tuple[list[Option], dict[str, Any]]:
     """Every mode of a bundle as a split option (plus, with ``extras``, ``local`` and ``raw`` when it
     has full.onnx), measured on real frames: per mode the device chain (JPEG decode + preprocess,
     head, encode) and the server chain (decode, tail)."""
@@ -174,7 +189,9 @@ def bundle_options(bundle_path: str | Path, *, timing: Timing = Timing(), source
     bundle = Bundle.load(bundle_path)
     jpegs, x, src = bundle_frames(bundle, source, frames)
     spec, wire = bundle.input_spec, bundle.wire_spec["name"]
-    engines = {r: create_engine(bundle.file(r), "ort", threads=1) for m in bundle.modes for r in (getattr(m, "head", "head"),)}
+    engines = {
+        r: create_engine(bundle.file(r), "ort", threads=1) for m in bundle.modes for r in (getattr(m, "head", "head"),)
+    }
     tail_e = create_engine(bundle.file("tail"), "ort", threads=1)
     full_channels = int(bundle.wire_spec["shape"][0])
     options, pre_times = [], []
@@ -190,30 +207,66 @@ def bundle_options(bundle_path: str | Path, *, timing: Timing = Timing(), source
             codec.decode(desc, payload, out=buf[0, : desc["shape"][0]])
             return buf
 
-        pre_ms, head_ms, enc_ms = time_chain([lambda _: preprocess(next(frames_it), spec)[None], head_e.run1,
-                                              lambda zz: codec.encode(zz[0], m, name=wire)], timing)
+        pre_ms, head_ms, enc_ms = time_chain(
+            [
+                lambda _, it=frames_it: preprocess(next(it), spec)[None],
+                head_e.run1,
+                lambda zz, m=m: codec.encode(zz[0], m, name=wire),
+            ],
+            timing,
+        )
         dec_ms, tail_ms = time_chain([decode, tail_e.run1], timing)
         logits = tail_e.run1(buf) if logits is None else logits
         pre_times.append(pre_ms)
         n = int(np.prod(desc["shape"]))
         header, reply = wire_sizes(bundle, m, logits)
         what = f"real frames, {timing.describe()}"
-        options.append(Option(
-            f"{m.name}", "split", payload_bytes=len(payload), header_bytes=header, reply_bytes=reply,
-            preprocess=_elementwise(pre_ms, int(x[0].size), f"JPEG decode + resize + normalise, {what}", host),
-            head=graph_work(bundle.file(role), head_ms, timing, host), tail=graph_work(bundle.file("tail"), tail_ms, timing, host),
-            encode=_elementwise(enc_ms, n, f"codec.encode, {what}", host), decode=_elementwise(dec_ms, n, f"codec.decode, {what}", host),
-            accuracy=m.accuracy, detail={"mode": m.id, "channels": m.channels, "bits": m.bits, "wire_shape": list(desc["shape"]),
-                                         "head_file": bundle.file(role).name}))
-    meta = {"bundle": bundle.name, "path": str(bundle_path), "source": src, "frames": len(jpegs),
-            "jpeg_bytes_median": float(np.median([len(j) for j in jpegs]))}
+        options.append(
+            Option(
+                f"{m.name}",
+                "split",
+                payload_bytes=len(payload),
+                header_bytes=header,
+                reply_bytes=reply,
+                preprocess=_elementwise(pre_ms, int(x[0].size), f"JPEG decode + resize + normalise, {what}", host),
+                head=graph_work(bundle.file(role), head_ms, timing, host),
+                tail=graph_work(bundle.file("tail"), tail_ms, timing, host),
+                encode=_elementwise(enc_ms, n, f"codec.encode, {what}", host),
+                decode=_elementwise(dec_ms, n, f"codec.decode, {what}", host),
+                accuracy=m.accuracy,
+                detail={
+                    "mode": m.id,
+                    "channels": m.channels,
+                    "bits": m.bits,
+                    "wire_shape": list(desc["shape"]),
+                    "head_file": bundle.file(role).name,
+                },
+            )
+        )
+    meta = {
+        "bundle": bundle.name,
+        "path": str(bundle_path),
+        "source": src,
+        "frames": len(jpegs),
+        "jpeg_bytes_median": float(np.median([len(j) for j in jpegs])),
+    }
     if extras and bundle.has("full"):
-        options += full_options(bundle.file("full"), jpegs, spec, logits, bundle, timing, host, bundle.manifest.get("teacher_accuracy"))
+        options += full_options(
+            bundle.file("full"), jpegs, spec, logits, bundle, timing, host, bundle.manifest.get("teacher_accuracy")
+        )
     return options, meta
 
 
-def full_options(full_path: Path, jpegs: list[bytes], spec: dict, logits: np.ndarray, bundle, timing: Timing,
-                 host: str, accuracy: float | None) -> list[Option]:
+def full_options(
+    full_path: Path,
+    jpegs: list[bytes],
+    spec: dict,
+    logits: np.ndarray,
+    bundle,
+    timing: Timing,
+    host: str,
+    accuracy: float | None,
+) -> list[Option]:
     """``local`` (full model on the device) and ``raw`` (the frame's JPEG, median size over the real
     frames, sent as it is; the server decodes it and runs the full model): the chain preprocess,
     full model, timed once (the same host stands for both sides)."""
@@ -222,19 +275,47 @@ def full_options(full_path: Path, jpegs: list[bytes], spec: dict, logits: np.nda
 
     full_e, frames_it = create_engine(full_path, "ort", threads=1), _cycle(jpegs)
     pre_ms, full_ms = time_chain([lambda _: preprocess(next(frames_it), spec)[None], full_e.run1], timing)
-    pre = _elementwise(pre_ms, int(np.prod(spec["shape"])), f"JPEG decode + resize + normalise, {timing.describe()}", host)
+    pre = _elementwise(
+        pre_ms, int(np.prod(spec["shape"])), f"JPEG decode + resize + normalise, {timing.describe()}", host
+    )
     full = graph_work(full_path, full_ms, timing, host)
     header, reply = wire_sizes(bundle, bundle.modes[0], logits)
     jpeg = float(np.median([len(j) for j in jpegs]))
-    return [Option("local (full.onnx on device)", "local", preprocess=pre, head=full, accuracy=accuracy,
-                   detail={"file": full_path.name}),
-            Option("raw (send the JPEG)", "raw", payload_bytes=jpeg, header_bytes=header, reply_bytes=reply, preprocess=pre,
-                   tail=full, accuracy=accuracy, detail={"file": full_path.name, "jpeg_bytes_median": jpeg})]
+    return [
+        Option(
+            "local (full.onnx on device)",
+            "local",
+            preprocess=pre,
+            head=full,
+            accuracy=accuracy,
+            detail={"file": full_path.name},
+        ),
+        Option(
+            "raw (send the JPEG)",
+            "raw",
+            payload_bytes=jpeg,
+            header_bytes=header,
+            reply_bytes=reply,
+            preprocess=pre,
+            tail=full,
+            accuracy=accuracy,
+            detail={"file": full_path.name, "jpeg_bytes_median": jpeg},
+        ),
+    ]
 
 
-def model_options(model: str, *, checkpoint: str | None = None, cuts: list[str] | None = None, input_size: int | None = None,
-                  cache: str | Path | None = None, timing: Timing | None = None, source: str | None = None,
-                  host: str = HOST_PROFILE, progress=None) -> tuple[list[Option], dict[str, Any]]:
+def model_options(
+    model: str,
+    *,
+    checkpoint: str | None = None,
+    cuts: list[str] | None = None,
+    input_size: int | None = None,
+    cache: str | Path | None = None,
+    timing: Timing | None = None,
+    source: str | None = None,
+    host: str = HOST_PROFILE,
+    progress=None,
+) -> tuple[list[Option], dict[str, Any]]:
     """The planner's options for a zoo model: one per cut point (exported once into the cache by the
     build plane, torch needed), plus local and raw."""
     from ..builder.split_bundles import cut_bundles
@@ -242,12 +323,16 @@ def model_options(model: str, *, checkpoint: str | None = None, cuts: list[str] 
     from ..engine import create_engine
 
     timing = timing or Timing()
-    bundles, full, meta = cut_bundles(model, checkpoint=checkpoint, cuts=cuts, input_size=input_size, cache=cache, progress=progress)
+    bundles, full, meta = cut_bundles(
+        model, checkpoint=checkpoint, cuts=cuts, input_size=input_size, cache=cache, progress=progress
+    )
     options = []
     for cut, d in bundles:
         opts, _ = bundle_options(d, timing=timing, source=source, host=host, extras=False)
         o = opts[0]
-        options.append(replace(o, name=f"cut {cut.name}", detail={**o.detail, "cut": cut.name, "cut_shape": list(cut.shape)}))
+        options.append(
+            replace(o, name=f"cut {cut.name}", detail={**o.detail, "cut": cut.name, "cut_shape": list(cut.shape)})
+        )
     first = Bundle.load(bundles[0][1])
     jpegs, x, src = bundle_frames(first, source, 16)
     logits = create_engine(full, "ort", threads=1).run1(x[:1])

@@ -45,8 +45,16 @@ def measure_latency(bundle_path: str, runs: int, source: str | None) -> dict:
 def measure_energy(bundle: Bundle, profile: str | None, sampler: str, min_seconds: float, source: str | None) -> dict:
     from .power.measure import measure_power
 
-    res = measure_power(bundle, sampler=sampler, profile=profile, hz=50.0, frames=16, min_seconds=min_seconds,
-                        baseline_seconds=min_seconds, source=source)
+    res = measure_power(
+        bundle,
+        sampler=sampler,
+        profile=profile,
+        hz=50.0,
+        frames=16,
+        min_seconds=min_seconds,
+        baseline_seconds=min_seconds,
+        source=source,
+    )
     return {**res, **machine_info()}
 
 
@@ -62,9 +70,17 @@ def prepare_out(out: str | Path) -> Path:
     return out
 
 
-def build_report(bundle_path: str | Path, out: str | Path, inputs: dict[str, str | None], measure: bool = False,
-                 profile: str | None = None, sampler: str = "auto", runs: int = 30, min_seconds: float = 0.5,
-                 source: str | None = None) -> dict[str, Any]:
+def build_report(
+    bundle_path: str | Path,
+    out: str | Path,
+    inputs: dict[str, str | None],
+    measure: bool = False,
+    profile: str | None = None,
+    sampler: str = "auto",
+    runs: int = 30,
+    min_seconds: float = 0.5,
+    source: str | None = None,
+) -> dict[str, Any]:
     """Load and check every input, measure what ``measure`` asks for, write the plots and the page."""
     try:
         bundle = Bundle.load(bundle_path)
@@ -85,7 +101,10 @@ def build_report(bundle_path: str | Path, out: str | Path, inputs: dict[str, str
         from .power.readings import PowerError
 
         try:
-            data["power"], origin["power"] = measure_energy(bundle, profile, sampler, min_seconds, source), "measured by --measure"
+            data["power"], origin["power"] = (
+                measure_energy(bundle, profile, sampler, min_seconds, source),
+                "measured by --measure",
+            )
         except (PowerError, ProfileError) as e:
             # The rest of the report stands; the energy section says why it is empty.
             notes["power"] = f"--measure could not measure power: {e}"
@@ -98,18 +117,35 @@ def build_report(bundle_path: str | Path, out: str | Path, inputs: dict[str, str
         html_path.write_text(page, encoding="utf-8")
     except OSError as e:
         raise ReportError(f"--out {out}: cannot write report.html ({e.strerror or e})") from None
-    return {"bundle": bundle.name, "bundle_hash": bundle.hash, "out": str(out), "html": str(html_path),
-            "plots": {k: (str(v) if v else None) for k, v in plots.items()},
-            "inputs": origin, "missing": missing, "notes": notes, "summary": summary_numbers(bundle, data)}
+    return {
+        "bundle": bundle.name,
+        "bundle_hash": bundle.hash,
+        "out": str(out),
+        "html": str(html_path),
+        "plots": {k: (str(v) if v else None) for k, v in plots.items()},
+        "inputs": origin,
+        "missing": missing,
+        "notes": notes,
+        "summary": summary_numbers(bundle, data),
+    }
 
 
 def summary_numbers(bundle: Bundle, data: dict[str, dict | None]) -> dict[str, Any]:
     """The headline figures per mode and per stage, for ``--json`` readers."""
     power = {m["mode"]: m["joules_per_inference"] for m in (data["power"] or {}).get("modes", [])}
     evals = {m["id"]: m["accuracy"] for m in (data["eval"] or {}).get("modes", [])}
-    modes = [{"id": m.id, "name": m.name, "bytes_per_frame": m.bytes_per_frame, "accuracy": m.accuracy,
-              "accuracy_eval": evals.get(m.id), "head_ms": m.head_ms, "joules_per_inference": power.get(m.id)}
-             for m in bundle.modes]
+    modes = [
+        {
+            "id": m.id,
+            "name": m.name,
+            "bytes_per_frame": m.bytes_per_frame,
+            "accuracy": m.accuracy,
+            "accuracy_eval": evals.get(m.id),
+            "head_ms": m.head_ms,
+            "joules_per_inference": power.get(m.id),
+        }
+        for m in bundle.modes
+    ]
     out: dict[str, Any] = {"modes": modes}
     if data["power"] is not None:
         out["power_estimate"] = bool(data["power"]["estimate"])
@@ -128,10 +164,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--power", default=None, help="JSON of `edgesplit profile power --bundle B --json`")
     p.add_argument("--e2e", default=None, help="JSON of `edgesplit bench e2e --bundle B --json`")
     p.add_argument("--eval", default=None, help="JSON of `edgesplit eval --bundle B --json` (JPEG baseline)")
-    p.add_argument("--measure", action="store_true",
-                   help="run the latency and power profilers here (small N) for whichever was not given")
-    p.add_argument("--profile", default=None, help="with --measure: device profile for the power estimate "
-                   "when this machine has no sensor")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="run the latency and power profilers here (small N) for whichever was not given",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="with --measure: device profile for the power estimate when this machine has no sensor",
+    )
     p.add_argument("--sampler", default="auto", help="with --measure: power sampler (default auto)")
     p.add_argument("--runs", type=int, default=30, help="with --measure: timed runs per graph (default 30)")
     p.add_argument("--min-seconds", type=float, default=0.5, help="with --measure: shortest power phase per mode")
@@ -142,8 +184,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if a.runs < 1 or a.min_seconds <= 0:
         raise SystemExit("edgesplit profile report: --runs must be at least 1 and --min-seconds positive")
     try:
-        return build_report(a.bundle, a.out, {k: getattr(a, k) for k in FLAGS}, a.measure, a.profile, a.sampler,
-                            a.runs, a.min_seconds, a.source)
+        return build_report(
+            a.bundle,
+            a.out,
+            {k: getattr(a, k) for k in FLAGS},
+            a.measure,
+            a.profile,
+            a.sampler,
+            a.runs,
+            a.min_seconds,
+            a.source,
+        )
     except ReportError as e:
         raise SystemExit(f"edgesplit profile report: {e}") from None
 
@@ -157,4 +208,3 @@ def summarize(res: dict[str, Any]) -> str:
     if res["summary"].get("power_estimate"):
         lines.append("  power figures are an ESTIMATE (no sensor), labelled so in the report")
     return "\n".join(lines)
-

@@ -15,15 +15,26 @@ from ..bundle import Bundle
 PRODUCERS = {
     "latency": "edgesplit profile latency --bundle {bundle} --batch-sizes 1 --threads 1 --json > latency.json",
     "power": "edgesplit profile power --bundle {bundle} --json > power.json "
-             "(no sensor: add --sampler estimate --profile DEVICE)",
+    "(no sensor: add --sampler estimate --profile DEVICE)",
     "e2e": "edgesplit bench e2e --bundle {bundle} --json > e2e.json",
     "eval": "edgesplit eval --bundle {bundle} --data DATASET:SPLIT --json > eval.json",
 }
 FLAGS = {"latency": "--latency", "power": "--power", "e2e": "--e2e", "eval": "--eval"}
-TOOLS = {"latency": "edgesplit profile latency", "power": "edgesplit profile power", "e2e": "edgesplit bench e2e",
-         "eval": "edgesplit eval"}
-E2E_KEYS = ("e2e_ms_p50", "head_ms_p50", "encode_ms_p50", "tail_ms_p50", "rtt_ms_p50", "server_queue_ms_p50",
-            "bytes_per_frame")
+TOOLS = {
+    "latency": "edgesplit profile latency",
+    "power": "edgesplit profile power",
+    "e2e": "edgesplit bench e2e",
+    "eval": "edgesplit eval",
+}
+E2E_KEYS = (
+    "e2e_ms_p50",
+    "head_ms_p50",
+    "encode_ms_p50",
+    "tail_ms_p50",
+    "rtt_ms_p50",
+    "server_queue_ms_p50",
+    "bytes_per_frame",
+)
 
 
 class ReportError(Exception):
@@ -54,20 +65,26 @@ def detect_kind(doc: Any) -> str | None:
 def _need(doc: dict, keys: tuple[str, ...] | list[str], what: str) -> None:
     missing = [k for k in keys if k not in doc]
     if missing:
-        raise ReportError(f"{what} lacks {', '.join(repr(k) for k in missing)}: it is incomplete or from an "
-                          "older edgesplit; produce it again")
+        raise ReportError(
+            f"{what} lacks {', '.join(repr(k) for k in missing)}: it is incomplete or from an "
+            "older edgesplit; produce it again"
+        )
 
 
 def _same_bundle(doc: dict, bundle: Bundle, what: str, kind: str) -> None:
     """Refuse numbers measured on another bundle, or on another build of this one."""
     again = PRODUCERS[kind].format(bundle=bundle.root)
     if doc.get("bundle") != bundle.name:
-        raise ReportError(f"{what} was measured on bundle {doc.get('bundle')!r}, not {bundle.name!r}: "
-                          f"give this bundle's result, e.g. {again}")
+        raise ReportError(
+            f"{what} was measured on bundle {doc.get('bundle')!r}, not {bundle.name!r}: "
+            f"give this bundle's result, e.g. {again}"
+        )
     h = doc.get("bundle_hash")
     if h is not None and h != bundle.hash:
-        raise ReportError(f"{what} was measured on another build of {bundle.name} (hash {str(h)[:12]}, this bundle "
-                          f"is {bundle.hash[:12]}): its numbers may not hold; measure again: {again}")
+        raise ReportError(
+            f"{what} was measured on another build of {bundle.name} (hash {str(h)[:12]}, this bundle "
+            f"is {bundle.hash[:12]}): its numbers may not hold; measure again: {again}"
+        )
 
 
 def validate(doc: Any, kind: str, bundle: Bundle, what: str) -> dict:
@@ -75,10 +92,13 @@ def validate(doc: Any, kind: str, bundle: Bundle, what: str) -> dict:
     found = detect_kind(doc)
     if found != kind:
         if found in FLAGS:
-            raise ReportError(f"{what} is an `{TOOLS[found]}` result, not an `{TOOLS[kind]}` one: "
-                              f"pass it with {FLAGS[found]}")
-        known = {"manifest": "a bundle's manifest.json", None: "not a result of any edgesplit profiler or benchmark"
-                 }.get(found, f"an `edgesplit {found}` result")
+            raise ReportError(
+                f"{what} is an `{TOOLS[found]}` result, not an `{TOOLS[kind]}` one: pass it with {FLAGS[found]}"
+            )
+        known = {
+            "manifest": "a bundle's manifest.json",
+            None: "not a result of any edgesplit profiler or benchmark",
+        }.get(found, f"an `edgesplit {found}` result")
         raise ReportError(f"{what} is {known}; {FLAGS[kind]} takes the JSON of: {PRODUCERS[kind].format(bundle='B')}")
     if kind == "e2e":
         runs = doc["runs"] if "runs" in doc else [doc]
@@ -88,8 +108,10 @@ def validate(doc: Any, kind: str, bundle: Bundle, what: str) -> dict:
         return {"runs": runs, **{k: v for k, v in doc.items() if k != "runs"}}
     if kind == "latency":
         if "bundle" not in doc:
-            raise ReportError(f"{what} profiles a torch model (--model), not a bundle: "
-                              f"{PRODUCERS['latency'].format(bundle=bundle.root)}")
+            raise ReportError(
+                f"{what} profiles a torch model (--model), not a bundle: "
+                f"{PRODUCERS['latency'].format(bundle=bundle.root)}"
+            )
         _need(doc, ("bundle", "per_node", "distributions"), what)
     elif kind == "power":
         _need(doc, ("bundle", "sampler", "estimate", "baseline", "modes"), what)
@@ -112,8 +134,9 @@ def validate(doc: Any, kind: str, bundle: Bundle, what: str) -> dict:
 def load_input(path: str | Path, kind: str, bundle: Bundle) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ReportError(f"{FLAGS[kind]} {p}: no such file (it is written by: "
-                          f"{PRODUCERS[kind].format(bundle=bundle.root)})")
+        raise ReportError(
+            f"{FLAGS[kind]} {p}: no such file (it is written by: {PRODUCERS[kind].format(bundle=bundle.root)})"
+        )
     try:
         doc = json.loads(p.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

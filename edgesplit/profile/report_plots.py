@@ -13,10 +13,20 @@ from typing import Any
 from ..bundle import Bundle
 from .report_inputs import ReportError
 
-STAGE_COLOURS = {"head": "#1f77b4", "encode": "#17becf", "link + runtime": "#ff7f0e", "server queue": "#bcbd22",
-                 "server compute (tail)": "#2ca02c", "tail": "#2ca02c", "full": "#9467bd"}
-PNG_NAMES = {"latency_breakdown": "latency_breakdown.png", "energy_per_mode": "energy_per_mode.png",
-             "accuracy_vs_bytes": "accuracy_vs_bytes.png"}
+STAGE_COLOURS = {
+    "head": "#1f77b4",
+    "encode": "#17becf",
+    "link + runtime": "#ff7f0e",
+    "server queue": "#bcbd22",
+    "server compute (tail)": "#2ca02c",
+    "tail": "#2ca02c",
+    "full": "#9467bd",
+}
+PNG_NAMES = {
+    "latency_breakdown": "latency_breakdown.png",
+    "energy_per_mode": "energy_per_mode.png",
+    "accuracy_vs_bytes": "accuracy_vs_bytes.png",
+}
 
 
 def e2e_stages(run: dict[str, Any]) -> dict[str, float]:
@@ -26,8 +36,14 @@ def e2e_stages(run: dict[str, Any]) -> dict[str, float]:
     head, enc = float(run["head_ms_p50"]), float(run["encode_ms_p50"])
     queue, tail = float(run["server_queue_ms_p50"]), float(run["tail_ms_p50"])
     total = float(run["e2e_ms_p50"])
-    return {"head": head, "encode": enc, "link + runtime": max(0.0, total - head - enc - queue - tail),
-            "server queue": queue, "server compute (tail)": tail, "e2e": total}
+    return {
+        "head": head,
+        "encode": enc,
+        "link + runtime": max(0.0, total - head - enc - queue - tail),
+        "server queue": queue,
+        "server compute (tail)": tail,
+        "e2e": total,
+    }
 
 
 def compute_p50s(latency: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -38,8 +54,12 @@ def compute_p50s(latency: dict[str, Any]) -> dict[str, dict[str, float]]:
         rows = [r for r in rows if first_threads is None or r["threads"] == first_threads] or rows
         if rows:
             r = min(rows, key=lambda r: r["batch_size"])
-            out[role] = {"p50_ms": float(r["p50_ms"]), "p95_ms": float(r["p95_ms"]),
-                         "batch_size": int(r["batch_size"]), "threads": int(r["threads"])}
+            out[role] = {
+                "p50_ms": float(r["p50_ms"]),
+                "p95_ms": float(r["p95_ms"]),
+                "batch_size": int(r["batch_size"]),
+                "threads": int(r["threads"]),
+            }
     return out
 
 
@@ -57,11 +77,18 @@ def _pyplot():
 def _stacked(ax, labels: list[str], bars: list[dict[str, float]], title: str) -> None:
     """Horizontal stacked bars, one per label, with the total written after each bar."""
     seen = set()
-    for y, (label, stages) in enumerate(zip(labels, bars)):
+    for y, stages in enumerate(bars):
         left = 0.0
         for stage, ms in stages.items():
-            ax.barh(y, ms, left=left, color=STAGE_COLOURS.get(stage, "#7f7f7f"),
-                    label=None if stage in seen else stage, edgecolor="white", linewidth=0.5)
+            ax.barh(
+                y,
+                ms,
+                left=left,
+                color=STAGE_COLOURS.get(stage, "#7f7f7f"),
+                label=None if stage in seen else stage,
+                edgecolor="white",
+                linewidth=0.5,
+            )
             seen.add(stage)
             left += ms
         ax.text(left, y, f" {left:.3g} ms", va="center", fontsize=8)
@@ -91,8 +118,14 @@ def plot_latency(bundle: Bundle, data: dict[str, dict | None], path: Path) -> Pa
             bars.append({"full": p50["full"]["p50_ms"]})
         if bars:
             any_row = next(iter(p50.values()))
-            panels.append((labels, bars, f"compute per graph, batch {any_row['batch_size']}, {any_row['threads']} "
-                                         "thread(s) (edgesplit profile latency)"))
+            panels.append(
+                (
+                    labels,
+                    bars,
+                    f"compute per graph, batch {any_row['batch_size']}, {any_row['threads']} "
+                    "thread(s) (edgesplit profile latency)",
+                )
+            )
     devices = sorted({d for m in bundle.modes for d in m.head_ms})
     plt = _pyplot()
     n = len(panels) + (1 if devices else 0)
@@ -110,7 +143,9 @@ def plot_latency(bundle: Bundle, data: dict[str, dict | None], path: Path) -> Pa
             ax.barh(ys, ms, height=height, label=dev, color=STAGE_COLOURS["head"], alpha=1.0 - 0.5 * j / len(devices))
             for y, v in zip(ys, ms):
                 ax.text(v, y, f" {v:.3g} ms", va="center", fontsize=8)
-        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(bundle.modes))], [m.name for m in bundle.modes], fontsize=8)
+        ax.set_yticks(
+            [i + 0.4 - height / 2 for i in range(len(bundle.modes))], [m.name for m in bundle.modes], fontsize=8
+        )
         ax.invert_yaxis()
         ax.set_xlabel("head ms per frame (manifest head_ms)")
         ax.set_title("head latency per mode and device profile (bundle manifest)", fontsize=9)
@@ -144,8 +179,18 @@ def plot_energy(bundle: Bundle, power: dict | None, path: Path) -> Path | None:
     title = f"{bundle.name}: energy per inference, sampler {power['sampler']}"
     if power["estimate"]:
         title = "ESTIMATE: no power sensor, modelled from CPU use\n" + title
-        ax.text(0.98, 0.95, "ESTIMATE", transform=ax.transAxes, ha="right", va="top", fontsize=22,
-                color="#d62728", alpha=0.35, fontweight="bold")
+        ax.text(
+            0.98,
+            0.95,
+            "ESTIMATE",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=22,
+            color="#d62728",
+            alpha=0.35,
+            fontweight="bold",
+        )
     ax.set_title(title, fontsize=9, color="#d62728" if power["estimate"] else "black")
     fig.tight_layout()
     fig.savefig(str(path), format="png", dpi=100)
@@ -166,20 +211,43 @@ def plot_accuracy(bundle: Bundle, manifest: dict, evaluation: dict | None, path:
         for i, side in enumerate(sides):
             sel = sorted((g for g in grid if g["side"] == side), key=lambda g: g["bytes_median"])
             ls, marker = styles[max(0, len(styles) - len(sides) + i) % len(styles)]  # the largest side: solid
-            ax.plot([g["bytes_median"] for g in sel], [100 * g["accuracy"] for g in sel], ls=ls, marker=marker, ms=3,
-                    lw=0.9, color="#7f7f7f", label=f"send the JPEG, {side} px (quality sweep)")
+            ax.plot(
+                [g["bytes_median"] for g in sel],
+                [100 * g["accuracy"] for g in sel],
+                ls=ls,
+                marker=marker,
+                ms=3,
+                lw=0.9,
+                color="#7f7f7f",
+                label=f"send the JPEG, {side} px (quality sweep)",
+            )
         ev = sorted(evaluation["modes"], key=lambda m: m["bytes_per_frame"])
-        ax.plot([m["bytes_per_frame"] for m in ev], [100 * m["accuracy"] for m in ev], marker="s", mfc="none",
-                ls="none", color="#2ca02c", ms=9, label="split modes, edgesplit eval")
+        ax.plot(
+            [m["bytes_per_frame"] for m in ev],
+            [100 * m["accuracy"] for m in ev],
+            marker="s",
+            mfc="none",
+            ls="none",
+            color="#2ca02c",
+            ms=9,
+            label="split modes, edgesplit eval",
+        )
     if points:
         points.sort()
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", color=STAGE_COLOURS["head"],
-                label="split modes, manifest accuracy")
+        ax.plot(
+            [p[0] for p in points],
+            [100 * p[1] for p in points],
+            marker="o",
+            color=STAGE_COLOURS["head"],
+            label="split modes, manifest accuracy",
+        )
         for b, acc, name in points:
             ax.annotate(name, (b, 100 * acc), textcoords="offset points", xytext=(5, -12), fontsize=8)
     teacher = (evaluation or {}).get("teacher_accuracy", manifest.get("teacher_accuracy"))
     if teacher is not None:
-        ax.axhline(100 * float(teacher), ls="--", color="#d62728", lw=1, label=f"full model {100 * float(teacher):.2f}%")
+        ax.axhline(
+            100 * float(teacher), ls="--", color="#d62728", lw=1, label=f"full model {100 * float(teacher):.2f}%"
+        )
     ax.set_xscale("log")
     _byte_ticks(ax)
     ax.set_xlabel("bytes per frame on the wire (log)")
@@ -198,7 +266,7 @@ def _byte_ticks(ax) -> None:
     from matplotlib.ticker import NullFormatter
 
     lo, hi = ax.get_xlim()
-    ticks = [m * 10 ** e for e in range(0, 8) for m in (1, 2, 3, 5) if lo <= m * 10 ** e <= hi]
+    ticks = [m * 10**e for e in range(0, 8) for m in (1, 2, 3, 5) if lo <= m * 10**e <= hi]
     if len(ticks) >= 2:
         ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -206,10 +274,13 @@ def _byte_ticks(ax) -> None:
 
 def write_plots(bundle: Bundle, data: dict[str, dict | None], out: Path) -> dict[str, Path | None]:
     try:
-        plots = {"latency_breakdown": plot_latency(bundle, data, out / PNG_NAMES["latency_breakdown"]),
-                "energy_per_mode": plot_energy(bundle, data["power"], out / PNG_NAMES["energy_per_mode"]),
-                "accuracy_vs_bytes": plot_accuracy(bundle, bundle.manifest, data["eval"],
-                                                   out / PNG_NAMES["accuracy_vs_bytes"])}
+        plots = {
+            "latency_breakdown": plot_latency(bundle, data, out / PNG_NAMES["latency_breakdown"]),
+            "energy_per_mode": plot_energy(bundle, data["power"], out / PNG_NAMES["energy_per_mode"]),
+            "accuracy_vs_bytes": plot_accuracy(
+                bundle, bundle.manifest, data["eval"], out / PNG_NAMES["accuracy_vs_bytes"]
+            ),
+        }
         for name, path in plots.items():
             stale = out / PNG_NAMES[name]
             if path is None and stale.exists():

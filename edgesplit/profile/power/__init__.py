@@ -14,5 +14,13 @@ from .readings import PowerError, Reading
 from .samplers import SAMPLER_NAMES, detect_sampler, make_sampler
 from .sampling import SampleSeries, SamplingProcess, energy_j
 
-__all__ = ["SAMPLER_NAMES", "PowerError", "Reading", "SampleSeries", "SamplingProcess", "detect_sampler",
-           "energy_j", "make_sampler"]
+__all__ = [
+    "SAMPLER_NAMES",
+    "PowerError",
+    "Reading",
+    "SampleSeries",
+    "SamplingProcess",
+    "detect_sampler",
+    "energy_j",
+    "make_sampler",
+]

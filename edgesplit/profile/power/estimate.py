@@ -22,13 +22,19 @@ def power_model(profile: DeviceProfile) -> dict:
     """The profile's idle and active watts, with where they come from."""
     active_key = "power_active_w" if "power_active_w" in profile.figures else "power_max_w"
     if "power_idle_w" not in profile.figures or active_key not in profile.figures:
-        raise PowerError(f"device profile '{profile.name}' has no power_idle_w and power_active_w/power_max_w "
-                         "to estimate from: pass --profile with a device that has them")
+        raise PowerError(
+            f"device profile '{profile.name}' has no power_idle_w and power_active_w/power_max_w "
+            "to estimate from: pass --profile with a device that has them"
+        )
     try:
-        return {"profile": profile.name,
-                "idle_w": float(profile.value("power_idle_w")), "idle_source": profile.citation("power_idle_w"),
-                "active_w": float(profile.value(active_key)), "active_key": active_key,
-                "active_source": profile.citation(active_key)}
+        return {
+            "profile": profile.name,
+            "idle_w": float(profile.value("power_idle_w")),
+            "idle_source": profile.citation("power_idle_w"),
+            "active_w": float(profile.value(active_key)),
+            "active_key": active_key,
+            "active_source": profile.citation(active_key),
+        }
     except (ProfileError, TypeError) as e:
         raise PowerError(str(e)) from None
 
@@ -65,9 +71,12 @@ class EstimateSampler:
         return self.idle_w + (self.active_w - self.idle_w) * util
 
     def describe(self) -> dict:
-        return {"source": "estimate: idle + (active - idle) x CPU utilisation",
-                "utilisation_of": f"process {self.pid}" if self.pid is not None else "the whole machine",
-                "cpus": self._cpus, **self.model}
+        return {
+            "source": "estimate: idle + (active - idle) x CPU utilisation",
+            "utilisation_of": f"process {self.pid}" if self.pid is not None else "the whole machine",
+            "cpus": self._cpus,
+            **self.model,
+        }
 
     def close(self) -> None:
         pass

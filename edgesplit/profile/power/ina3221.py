@@ -19,8 +19,8 @@ from .readings import PowerError, Reading, reading_from_rails
 @dataclass(frozen=True)
 class Channel:
     rail: str
-    power_mw: Path | None = None      # iio: power in mW directly
-    voltage_mv: Path | None = None    # hwmon: voltage and current, power = V x I
+    power_mw: Path | None = None  # iio: power in mW directly
+    voltage_mv: Path | None = None  # hwmon: voltage and current, power = V x I
     current_ma: Path | None = None
 
     def watts(self) -> float:
@@ -43,7 +43,7 @@ def _hwmon_channels(root: Path) -> list[Channel]:
         if not name.is_file() or name.read_text().strip() != "ina3221":
             continue
         for label in sorted(dev.glob("in*_label")):
-            k = label.name[2:-len("_label")]
+            k = label.name[2 : -len("_label")]
             v, i = dev / f"in{k}_input", dev / f"curr{k}_input"
             if v.is_file() and i.is_file():  # a channel with no shunt fitted has a label only
                 found.append(Channel(label.read_text().strip(), voltage_mv=v, current_ma=i))
@@ -54,7 +54,7 @@ def _iio_channels(root: Path) -> list[Channel]:
     found = []
     for dev in sorted((root / "sys/bus/i2c/drivers/ina3221x").glob("*/iio:device*")):
         for label in sorted(dev.glob("rail_name_*")):
-            k = label.name[len("rail_name_"):]
+            k = label.name[len("rail_name_") :]
             p = dev / f"in_power{k}_input"
             if p.is_file():
                 found.append(Channel(label.read_text().strip(), power_mw=p))
@@ -85,8 +85,11 @@ class Ina3221Sampler:
         return read_ina3221(self.channels).watts
 
     def describe(self) -> dict:
-        return {"source": "INA3221 sysfs", "rails": [c.rail for c in self.channels],
-                "total": read_ina3221(self.channels).total_rule}
+        return {
+            "source": "INA3221 sysfs",
+            "rails": [c.rail for c in self.channels],
+            "total": read_ina3221(self.channels).total_rule,
+        }
 
     def close(self) -> None:
         pass

@@ -52,9 +52,14 @@ def _phase(run, frames: list[np.ndarray], min_frames: int, min_seconds: float) -
 def _result(series: SampleSeries, baseline_w: float, t0: float, t1: float, n: int) -> dict[str, Any]:
     gross = series.energy_j(t0, t1)
     net = gross - baseline_w * (t1 - t0)
-    return {"inferences": n, "seconds": round(t1 - t0, 4), "samples": series.count(t0, t1),
-            "mean_w": round(gross / (t1 - t0), 4), "joules_per_inference": net / n,
-            "gross_joules_per_inference": gross / n}
+    return {
+        "inferences": n,
+        "seconds": round(t1 - t0, 4),
+        "samples": series.count(t0, t1),
+        "mean_w": round(gross / (t1 - t0), 4),
+        "joules_per_inference": net / n,
+        "gross_joules_per_inference": gross / n,
+    }
 
 
 def resolve_sampler(name: str, profile: str | None, root: str = "/") -> tuple[str, dict[str, Any], dict[str, str]]:
@@ -66,17 +71,34 @@ def resolve_sampler(name: str, profile: str | None, root: str = "/") -> tuple[st
     if name != "estimate":
         return name, ({"root": root} if name in ("ina3221", "rapl") else {}), why_not
     if profile is None:
-        raise PowerError("no power sensor here" + (f" ({'; '.join(why_not.values())})" if why_not else "")
-                         + ": the estimate needs --profile NAME, a device profile with power_idle_w and "
-                         "power_active_w or power_max_w")
+        raise PowerError(
+            "no power sensor here"
+            + (f" ({'; '.join(why_not.values())})" if why_not else "")
+            + ": the estimate needs --profile NAME, a device profile with power_idle_w and "
+            "power_active_w or power_max_w"
+        )
     model = power_model(load_profile(profile))
     # the estimate follows the measuring process's own CPU use: other load on the host is not billed to it
-    return "estimate", {"idle_w": model["idle_w"], "active_w": model["active_w"], "pid": os.getpid(), "model": model}, why_not
+    return (
+        "estimate",
+        {"idle_w": model["idle_w"], "active_w": model["active_w"], "pid": os.getpid(), "model": model},
+        why_not,
+    )
 
 
-def measure_power(bundle: Bundle, *, sampler: str = "auto", profile: str | None = None, hz: float = 50.0,
-                  frames: int = 64, min_seconds: float = 2.0, baseline_seconds: float = 2.0,
-                  source: str | None = None, threads: int = 1, root: str = "/") -> dict[str, Any]:
+def measure_power(
+    bundle: Bundle,
+    *,
+    sampler: str = "auto",
+    profile: str | None = None,
+    hz: float = 50.0,
+    frames: int = 64,
+    min_seconds: float = 2.0,
+    baseline_seconds: float = 2.0,
+    source: str | None = None,
+    threads: int = 1,
+    root: str = "/",
+) -> dict[str, Any]:
     from ...engine import create_engine
     from ...wire import codec
 
@@ -96,8 +118,10 @@ def measure_power(bundle: Bundle, *, sampler: str = "auto", profile: str | None 
         b1 = time.monotonic()
         phases = []
         for m in bundle.modes:
+
             def run(x, m=m):
                 codec.encode(head.run1(x)[0], m, name=wire_name)
+
             phases.append((m, _phase(run, inputs, frames, min_seconds)))
         full_phase = _phase(full.run1, inputs, frames, min_seconds) if full is not None else None
         time.sleep(2.5 / hz)  # two more samples, so that the last phase is covered at its end
@@ -105,13 +129,21 @@ def measure_power(bundle: Bundle, *, sampler: str = "auto", profile: str | None 
         series = proc.stop() if proc.series is None else proc.series
     baseline_w = series.mean_w(b0, b1)
     out: dict[str, Any] = {
-        "bundle": bundle.name, "bundle_hash": bundle.hash, "sampler": series.sampler, "estimate": series.estimate,
-        "sampler_info": series.describe, "hz": hz, "samples": len(series.t),
+        "bundle": bundle.name,
+        "bundle_hash": bundle.hash,
+        "sampler": series.sampler,
+        "estimate": series.estimate,
+        "sampler_info": series.describe,
+        "hz": hz,
+        "samples": len(series.t),
         "sampler_cpu_percent": round(series.cpu_percent, 3),
         "baseline": {"seconds": round(b1 - b0, 4), "watts": round(baseline_w, 4), "samples": series.count(b0, b1)},
-        "threads": threads, "frames": len(inputs),
-        "modes": [{"mode": m.id, "name": m.name, "bits": m.bits, "channels": m.channels,
-                   **_result(series, baseline_w, *ph)} for m, ph in phases],
+        "threads": threads,
+        "frames": len(inputs),
+        "modes": [
+            {"mode": m.id, "name": m.name, "bits": m.bits, "channels": m.channels, **_result(series, baseline_w, *ph)}
+            for m, ph in phases
+        ],
         "full": _result(series, baseline_w, *full_phase) if full_phase else None,
         "note": "head + encode per mode; joules_per_inference has the idle baseline subtracted",
     }
@@ -124,8 +156,12 @@ def measure_power(bundle: Bundle, *, sampler: str = "auto", profile: str | None 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (or .tar.gz)")
-    p.add_argument("--sampler", default="auto", choices=("auto",) + SAMPLER_NAMES,
-                   help="power sensor (auto: the first found; the estimate when there is none)")
+    p.add_argument(
+        "--sampler",
+        default="auto",
+        choices=("auto",) + SAMPLER_NAMES,
+        help="power sensor (auto: the first found; the estimate when there is none)",
+    )
     p.add_argument("--profile", default=None, help="device profile whose power figures the estimate uses")
     p.add_argument("--hz", type=float, default=50.0, help="sampling rate, 10-100 Hz (default 50)")
     p.add_argument("--frames", type=int, default=64, help="real frames, and the least inferences per phase")
@@ -140,19 +176,33 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if not 10 <= a.hz <= 100:
         raise SystemExit("edgesplit profile power: --hz must be within 10-100")
     try:
-        return measure_power(Bundle.load(Path(a.bundle)), sampler=a.sampler, profile=a.profile, hz=a.hz,
-                             frames=a.frames, min_seconds=a.min_seconds, baseline_seconds=a.baseline_seconds,
-                             source=a.source, threads=a.threads)
+        return measure_power(
+            Bundle.load(Path(a.bundle)),
+            sampler=a.sampler,
+            profile=a.profile,
+            hz=a.hz,
+            frames=a.frames,
+            min_seconds=a.min_seconds,
+            baseline_seconds=a.baseline_seconds,
+            source=a.source,
+            threads=a.threads,
+        )
     except (PowerError, ProfileError, BundleError) as e:
         raise SystemExit(f"edgesplit profile power: {e}") from None
 
 
 def summarize(res: dict[str, Any]) -> str:
     tag = " (ESTIMATE)" if res["estimate"] else ""
-    lines = [f"{res['bundle']}: sampler {res['sampler']}{tag} at {res['hz']:g} Hz, baseline {res['baseline']['watts']:.3f} W, "
-             f"sampler CPU {res['sampler_cpu_percent']:.2f}% of a core"]
-    rows = [(f"mode {r['mode']} {r['name']}", r) for r in res["modes"]] + ([("full", res["full"])] if res["full"] else [])
+    lines = [
+        f"{res['bundle']}: sampler {res['sampler']}{tag} at {res['hz']:g} Hz, baseline {res['baseline']['watts']:.3f} W, "
+        f"sampler CPU {res['sampler_cpu_percent']:.2f}% of a core"
+    ]
+    rows = [(f"mode {r['mode']} {r['name']}", r) for r in res["modes"]] + (
+        [("full", res["full"])] if res["full"] else []
+    )
     for label, r in rows:
-        lines.append(f"  {label:<16} {r['joules_per_inference'] * 1e3:9.4f} mJ/inference (net)  {r['mean_w']:.3f} W  "
-                     f"{r['inferences']} inferences in {r['seconds']:.2f} s")
+        lines.append(
+            f"  {label:<16} {r['joules_per_inference'] * 1e3:9.4f} mJ/inference (net)  {r['mean_w']:.3f} W  "
+            f"{r['inferences']} inferences in {r['seconds']:.2f} s"
+        )
     return "\n".join(lines)

@@ -36,7 +36,9 @@ def find_zones(root: str | Path = "/") -> list[RaplZone]:
         if d.name.count(":") != 1:
             continue  # a sub-zone
         try:
-            zone = RaplZone((d / "name").read_text().strip(), d / "energy_uj", int((d / "max_energy_range_uj").read_text()))
+            zone = RaplZone(
+                (d / "name").read_text().strip(), d / "energy_uj", int((d / "max_energy_range_uj").read_text())
+            )
             int(zone.energy_uj.read_text())  # unreadable without root: refuse now, not mid-run
         except (OSError, ValueError) as e:
             raise PowerError(f"{d}: cannot read the RAPL counter ({e}); reading energy_uj needs root") from None

@@ -41,8 +41,11 @@ def _sampling_loop(name: str, options: dict, hz: float, conn, stop) -> None:
             if watts is not None:
                 samples.extend((time.monotonic(), watts))
                 if not ready:  # "ready" once a sample exists: the series covers everything after it
-                    conn.send_bytes(json.dumps({"ready": True, "estimate": sampler.estimate,
-                                                "describe": sampler.describe()}).encode())
+                    conn.send_bytes(
+                        json.dumps(
+                            {"ready": True, "estimate": sampler.estimate, "describe": sampler.describe()}
+                        ).encode()
+                    )
                     ready = True
             next_t += period
             delay = next_t - time.monotonic()
@@ -71,7 +74,7 @@ class SampleSeries:
     hz: float
     t: list[float]
     watts: list[float]
-    cpu_s: float    # CPU time of the sampling loop (the sampler's overhead)
+    cpu_s: float  # CPU time of the sampling loop (the sampler's overhead)
     wall_s: float
 
     @property
@@ -111,8 +114,14 @@ def energy_j(t: list[float], watts: list[float], t0: float, t1: float) -> float:
         raise PowerError(f"empty interval [{t0}, {t1}]")
     if len(t) < 2 or t0 < t[0] or t1 > t[-1]:
         span = f"[{t[0]:.3f}, {t[-1]:.3f}]" if t else "none"
-        raise PowerError(f"interval [{t0:.3f}, {t1:.3f}] is not covered by the samples ({span}): sample longer or faster")
-    pts = [(t0, _interp(t, watts, t0))] + [(x, y) for x, y in zip(t, watts) if t0 < x < t1] + [(t1, _interp(t, watts, t1))]
+        raise PowerError(
+            f"interval [{t0:.3f}, {t1:.3f}] is not covered by the samples ({span}): sample longer or faster"
+        )
+    pts = (
+        [(t0, _interp(t, watts, t0))]
+        + [(x, y) for x, y in zip(t, watts) if t0 < x < t1]
+        + [(t1, _interp(t, watts, t1))]
+    )
     return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(pts))
 
 
@@ -131,8 +140,12 @@ class SamplingProcess:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=False)
         self._stop = ctx.Event()
-        self._proc = ctx.Process(target=_sampling_loop, args=(self.sampler, self.options, self.hz, child, self._stop),
-                                 name=f"power-{self.sampler}", daemon=True)
+        self._proc = ctx.Process(
+            target=_sampling_loop,
+            args=(self.sampler, self.options, self.hz, child, self._stop),
+            name=f"power-{self.sampler}",
+            daemon=True,
+        )
         self._proc.start()
         child.close()
         if not self._conn.poll(START_TIMEOUT_S):
@@ -157,8 +170,16 @@ class SamplingProcess:
             self._kill()
         if end.get("error"):
             raise PowerError(f"sampler {self.sampler!r} failed while sampling: {end['error']}")
-        self.series = SampleSeries(self.sampler, bool(self.info["estimate"]), self.info["describe"], self.hz,
-                                   list(raw[0::2]), list(raw[1::2]), end["cpu_s"], end["wall_s"])
+        self.series = SampleSeries(
+            self.sampler,
+            bool(self.info["estimate"]),
+            self.info["describe"],
+            self.hz,
+            list(raw[0::2]),
+            list(raw[1::2]),
+            end["cpu_s"],
+            end["wall_s"],
+        )
         return self.series
 
     def _kill(self) -> None:

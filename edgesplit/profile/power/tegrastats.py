@@ -47,8 +47,9 @@ class TegrastatsSampler:
         if exe is None:
             raise PowerError(f"'{command}' is not on PATH (it ships with L4T on Jetson devices)")
         # tegrastats' floor is about 10 ms; below that it prints at its own rate.
-        self._proc = subprocess.Popen([exe, "--interval", str(max(10, int(interval_ms)))],
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            [exe, "--interval", str(max(10, int(interval_ms)))], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._buffer = b""
 

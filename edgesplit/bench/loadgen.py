@@ -10,8 +10,7 @@ once), and services all sockets from one ``zmq.Poller`` loop. Each socket's prot
 request ids and forms, pongs, late answers): per request it packs a 27-byte compact header and
 makes two backend send calls; per reply the session validates the header with the protocol's own
 parser. That costs a few tens of microseconds per frame, well under what the server spends, so
-the server is the bottleneck being measured. Unlike the agent, a load generator counts NOT_READY
-refusals instead of resending, and checks no deadlines of its own (its drivers do).
+the server is the bottleneck being measured. (Unlike the agent, it counts NOT_READY refusals.)
 
 Two drivers:
 
@@ -156,9 +155,7 @@ class LoadStats:
         return s
 
 
-class _Session:
-    """One socket and the protocol session it carries."""
-
+class _Session:  # one socket and the protocol session it carries
     __slots__ = ("sock", "proto", "next_send_ns")
 
     def __init__(self, sock: zmq.Socket, proto: ClientSession):

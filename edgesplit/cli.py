@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -85,7 +86,22 @@ HANDLERS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rc = _run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # a reader that has gone shows here, not in the interpreter's flush at exit
+        return rc
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader closed the pipe (`edgesplit ... | head`): stop without a traceback. stdout goes
+        # to devnull so the interpreter's own flush at exit cannot raise again (the Python docs'
+        # recipe, signal module, "Note on SIGPIPE"). Status 1 as there: the output asked for was not
+        # all written, and 0 would tell a caller with pipefail that it was.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(
             f"edgesplit {__version__}: split computing runtime (build / edge / server)\n\nusage: edgesplit COMMAND [options]\n"
@@ -101,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in HANDLERS:
         print(f"edgesplit: unknown command '{cmd}' (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    try:
-        return int(HANDLERS[cmd](rest) or 0)
-    except KeyboardInterrupt:
-        return 130
+    return int(HANDLERS[cmd](rest) or 0)
 
 
 if __name__ == "__main__":

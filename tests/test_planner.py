@@ -14,7 +14,7 @@ import pytest
 
 from edgesplit.control.netns import shaping_available
 from edgesplit.profile.plan_inputs import Timing, bundle_options, scenario
-from edgesplit.control.planner import Link, Machine, PlanError, Work, plan, predict
+from edgesplit.control.planner import Link, Machine, Option, PlanError, Scenario, Work, plan, predict
 from edgesplit.profile.devices import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,26 @@ def test_link_counts_segment_headers_acks_reply_and_burst():
     # no bucket: every byte at the rate
     plain = Link(2.0, mss=1000, per_segment_bytes=50, ack_bytes=60, framing_bytes=20)
     assert plain.transfer_ms(2480, 80, server_ms=5.0) == pytest.approx((request + reply) * 8 / 2000)
+
+
+def test_energy_of_hand_computed_split_and_local_options():
+    dev = Machine("dev", 10.0, 5.0, active_w=6.4, idle_w=2.7)  # also the measuring host: its times are taken as measured
+    srv = Machine("srv", 1000.0, 100.0)
+    link = Link(1.0, rtt_ms=10.0)  # 125 bytes a ms; no bucket, no ACKs on the bottleneck
+    split = Option("s", "split", payload_bytes=1000, header_bytes=40, reply_bytes=80,
+                   preprocess=Work(1.0), head=Work(4.0), encode=Work(1.0))
+    local = Option("l", "local", preprocess=Work(1.0), head=Work(10.0))
+    sc = Scenario(dev, srv, dev, link, overhead_ms=0.5)
+    # Device: 1 + 4 + 1 = 6 ms at 6.4 W = 38.4 mJ. Link: the request is 1040 + 20 framing + 66 header
+    # = 1126 bytes, the reply 80 + 20 + 66 = 166: 1292 / 125 + 10 = 20.336 ms, at idle 2.7 W (no
+    # radio figure: an estimate) 54.9072 mJ, at a 1.2 W radio 24.4032 mJ.
+    p = predict(split, sc)
+    assert (p.device_ms, p.link_ms) == (pytest.approx(6.0), pytest.approx(20.336))
+    assert p.energy_mj == pytest.approx(93.3072) and p.energy_estimate
+    radio = predict(split, Scenario(dev, srv, dev, link, overhead_ms=0.5, radio_w=1.2))
+    assert radio.energy_mj == pytest.approx(62.8032) and not radio.energy_estimate
+    on_device = predict(local, sc)  # 11 ms at 6.4 W, nothing sent
+    assert on_device.energy_mj == pytest.approx(70.4) and not on_device.energy_estimate
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
@@ -101,14 +121,16 @@ def test_energy_objective_uses_profile_power_and_labels_estimates(imagenette_opt
     preds = plan(options, sc, "energy")
     assert [p.energy_mj for p in preds] == sorted(p.energy_mj for p in preds)
     split = next(p for p in preds if p.option == "c8-b4")
-    # active 6.4 W while computing, idle 2.7 W (no radio figure: an estimate) while the bytes go out
-    assert split.energy_mj == pytest.approx(split.device_ms * 6.4 + split.link_ms * 2.7)
-    assert split.energy_estimate
+    # the profile's power figures (active 6.4 W, idle 2.7 W); the energy formula is checked on a
+    # hand-computed case below
+    assert (sc.device.active_w, sc.device.idle_w) == (6.4, 2.7)
+    assert split.energy_estimate  # no radio figure: idle power while the bytes go out
     local = next(p for p in preds if p.kind == "local")
-    assert local.energy_mj == pytest.approx(local.device_ms * 6.4) and not local.energy_estimate
+    assert local.energy_mj > 0 and not local.energy_estimate
     with_radio = predict(next(o for o in options if o.name == "c8-b4"),
                          scenario("raspberry-pi-4", "h100", "x86-ci-host", Link(1.0, rtt_ms=20.0), 0.5, 1.2))
-    assert with_radio.energy_mj == pytest.approx(with_radio.device_ms * 6.4 + with_radio.link_ms * 1.2)
+    # the same device and link times, the bytes sent at 1.2 W instead of 2.7 W
+    assert with_radio.device_ms == pytest.approx(split.device_ms) and with_radio.energy_mj < split.energy_mj
     assert not with_radio.energy_estimate  # sourced device figures, a given radio power: the server's estimates do not count
     with pytest.raises(PlanError, match="no power figures"):
         plan(options, scenario("x86-ci-host", "h100", "x86-ci-host", Link(1.0), 0.5, None), "energy")

@@ -38,7 +38,12 @@ def test_demo_json_on_a_real_bundle(short_build):
     assert r["input_jpeg_bytes_median"] > r["bytes_per_frame"]
     lat = r["latency_ms"]
     assert lat["end to end"]["p50"] >= lat["head"]["p50"] > 0
-    assert 0.0 <= r["accuracy"] <= 1.0
+    # the same 60 frames through the bundle's ONNX files directly (no agent, no server, no wire):
+    # the same answers, give or take one near-tie frame between batched and single runs
+    from edgesplit.bench.evaluate import evaluate_bundle
+
+    direct = evaluate_bundle(short_build.bundle, "cifar10:test", frames=60, jpeg_frames=None, threads=1, jpeg_grid=False)
+    assert abs(r["accuracy"] - direct["accuracy"]) <= 1 / 60 + 1e-9, (r["accuracy"], direct["accuracy"])
 
 
 def test_demo_table_mentions_the_figures(short_build):
@@ -56,7 +61,8 @@ def test_bench_e2e_json_keys(short_build):
               "raw_rtt_ms_p50", "overhead_ratio", "agent_rss_mb"):
         assert k in r, k
     assert r["frames"] == 60 and r["errors"] == 0
-    assert r["e2e_ms_p95"] >= r["e2e_ms_p50"] >= r["head_ms_p50"]
+    assert r["e2e_ms_p50"] >= r["head_ms_p50"] > 0  # end to end includes the head
+    assert r["bytes_per_frame"] == short_build.bundle.default_mode.bytes_per_frame
     assert r["raw_rtt_ms_p50"] > 0 and r["overhead_ratio"] > 0
     assert 10 < r["agent_rss_mb"] < 1000
     assert r["agent_torch_loaded"] is False  # the agent process never imported torch

@@ -89,10 +89,9 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
     args = parser.parse_args(args_list)
     # The I/O thread never waits while requests keep arriving, so under overload it holds the GIL
     # for whole switch intervals and the compute thread, back from each tail run (ONNX Runtime
-    # releases the GIL), waits that long to decode and reply. With CPython's default 5 ms, 10x
-    # overload on the 2-core CI box served 333 frames/s of an 1,955 capacity; at 1 ms, 1,026, for
-    # about 8 % less peak throughput at normal load (docs/BENCHMARKS.md). Process-wide, so only
-    # the daemon's own process sets it, never the in-process Server.
+    # releases the GIL), waits that long to decode and reply: under overload a shorter interval
+    # serves several times more frames for a little peak throughput (docs/BENCHMARKS.md, overload).
+    # Process-wide, so only the daemon's own process sets it, never the in-process Server.
     if not args.switch_interval_us > 0:
         parser.error("--switch-interval-us must be > 0")
     sys.setswitchinterval(args.switch_interval_us / 1e6)

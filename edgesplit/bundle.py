@@ -125,8 +125,10 @@ def validate_manifest(m: dict[str, Any]) -> None:
             raise BundleError(f"manifest: 'files' has no '{role}' entry")
     for role, entry in files.items():
         if not _is_head_role(family, role) and role not in (*family.required_files, *family.optional_files):
-            raise BundleError(f"manifest: unknown file role '{role}' for family {family.name} "
-                              f"(known: {', '.join(_file_roles(family))})")
+            raise BundleError(
+                f"manifest: unknown file role '{role}' for family {family.name} "
+                f"(known: {', '.join(_file_roles(family))})"
+            )
         if not isinstance(entry, dict):
             raise BundleError(f"manifest: 'files.{role}' must be an object")
         _require(entry, "path", str, f"files.{role}.")
@@ -135,8 +137,10 @@ def validate_manifest(m: dict[str, Any]) -> None:
             raise BundleError(f"manifest: files.{role}.path must be a plain file name")
     for x in parsed:
         if not _is_head_role(family, x.head):
-            raise BundleError(f"manifest: mode {x.id} names head '{x.head}', which is not a head role of family "
-                              f"{family.name} ({'head or head.<tag>' if family.head_per_mode else 'head'})")
+            raise BundleError(
+                f"manifest: mode {x.id} names head '{x.head}', which is not a head role of family "
+                f"{family.name} ({'head or head.<tag>' if family.head_per_mode else 'head'})"
+            )
         if x.head not in files:
             raise BundleError(f"manifest: mode {x.id} runs head '{x.head}' but 'files' has no such entry")
 

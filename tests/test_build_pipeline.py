@@ -15,15 +15,15 @@ import pytest
 import torch
 from build_fixtures import LIMIT_PER_SHARD, one_torch_thread, short_build, short_recipe  # noqa: F401  (fixtures)
 
-from edgesplit.builder.data import DeviceLoader, load_split
 from edgesplit.builder.bottleneck import FakeQuant
+from edgesplit.builder.data import DeviceLoader, load_split
 from edgesplit.builder.pipeline import MEAN, STD, load_student, run_recipe
 from edgesplit.builder.train import calibrate, evaluate
-from edgesplit.families.bottlefit.model import BottleFitSplit, student_config
-from edgesplit.families.bottlefit.train import collect_wire
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
 from edgesplit.engine import create_engine
+from edgesplit.families.bottlefit.model import BottleFitSplit, student_config
+from edgesplit.families.bottlefit.train import collect_wire
 from edgesplit.wire import codec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +61,16 @@ def test_short_run_results(short_build):
     epochs = [(r["stage"], r["epoch"]) for r in log if "stage" in r and "epoch" in r and "event" not in r]
     assert epochs == [("teacher", 1), ("stage1", 1), ("stage2", 1)]
     assert log[-1]["event"] == "done"
-    for f in ("teacher.pt", "stage1.pt", "student.pt", "results.json", "recipe.json",
-              "teacher.ckpt", "stage1.ckpt", "stage2.ckpt"):
+    for f in (
+        "teacher.pt",
+        "stage1.pt",
+        "student.pt",
+        "results.json",
+        "recipe.json",
+        "teacher.ckpt",
+        "stage1.ckpt",
+        "stage2.ckpt",
+    ):
         assert (short_build.run_dir / f).is_file(), f
 
 
@@ -118,7 +126,9 @@ def test_rerun_resumes_a_stage_from_its_checkpoint(short_build, tmp_path):
     before = len(_log(run))
     res = run_recipe(short_recipe(), run, device="cpu", limit_per_shard=LIMIT_PER_SHARD, workers=1)
     new = _log(run)[before:]
-    assert {"event": "resume", "stage": "stage2", "epoch": 1}.items() <= next(r for r in new if r.get("event") == "resume").items()
+    assert {"event": "resume", "stage": "stage2", "epoch": 1}.items() <= next(
+        r for r in new if r.get("event") == "resume"
+    ).items()
     assert not [r for r in new if "epoch" in r and "event" not in r]
     assert _strip(res) == _strip(short_build.results)
     assert (run / "student.pt").is_file()
@@ -179,7 +189,9 @@ def test_calibration_beats_min_max_on_heavy_tails(wire_sample):
         c = calibrate(z, bits)
         assert c["bits"] == bits and c["scale"] > 0 and 0 <= c["zero_point"] < 2**bits
         # Zero survives quantization exactly (ReLU'd decoders see true zeros).
-        zero = codec.dequantize(codec.quantize(np.zeros(1, np.float32), bits, c["scale"], c["zero_point"]), c["scale"], c["zero_point"])
+        zero = codec.dequantize(
+            codec.quantize(np.zeros(1, np.float32), bits, c["scale"], c["zero_point"]), c["scale"], c["zero_point"]
+        )
         assert zero[0] == 0.0
         lo, hi = min(float(z.min()), 0.0), max(float(z.max()), 0.0)
         s = (hi - lo) / (2**bits - 1)
@@ -208,7 +220,9 @@ def test_fake_quant_at_eval_equals_the_wire_codec(short_build, wire_sample):
         codes = np.rint(got / np.float32(m.scale)) + m.zero_point
         np.testing.assert_array_equal(codes, q.astype(np.float32))
         # ... and the same values, up to the last-bit rounding of the straight-through sum.
-        np.testing.assert_allclose(got, want, rtol=0, atol=4 * np.finfo(np.float32).eps * float(np.abs(z.numpy()).max()))
+        np.testing.assert_allclose(
+            got, want, rtol=0, atol=4 * np.finfo(np.float32).eps * float(np.abs(z.numpy()).max())
+        )
         assert len(np.unique(q)) <= 2**m.bits
     # Without fixed parameters the eval-mode quantizer is the identity; in training it quantizes
     # with its tracked range.
@@ -260,17 +274,44 @@ EVAL_FRAMES, JPEG_FRAMES = 64, 32
 
 @pytest.fixture(scope="module")
 def eval_json(short_build):
-    r = subprocess.run([sys.executable, "-m", "edgesplit", "eval", "--bundle", str(short_build.bundle_dir),
-                        "--data", "cifar10:test", "--frames", str(EVAL_FRAMES), "--jpeg-frames", str(JPEG_FRAMES),
-                        "--threads", "1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgesplit",
+            "eval",
+            "--bundle",
+            str(short_build.bundle_dir),
+            "--data",
+            "cifar10:test",
+            "--frames",
+            str(EVAL_FRAMES),
+            "--jpeg-frames",
+            str(JPEG_FRAMES),
+            "--threads",
+            "1",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
 
 
 def test_eval_json_keys(short_build, eval_json):
     res = eval_json
-    for k in ("accuracy", "teacher_accuracy", "bytes_per_frame", "input_jpeg_bytes_median", "frames",
-              "jpeg_baseline", "jpeg_accuracy_at_bytes"):
+    for k in (
+        "accuracy",
+        "teacher_accuracy",
+        "bytes_per_frame",
+        "input_jpeg_bytes_median",
+        "frames",
+        "jpeg_baseline",
+        "jpeg_accuracy_at_bytes",
+    ):
         assert k in res, k
     assert res["frames"] == EVAL_FRAMES and res["jpeg_frames"] == JPEG_FRAMES
     assert res["bundle_hash"] == short_build.bundle.hash and res["mode"] == "c12-b4"

@@ -36,8 +36,9 @@ def copy_bundle(short_build, tmp_path: Path) -> Path:
 
 
 def inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgesplit", "inspect", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "edgesplit", "inspect", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 # -- loading and verification ------------------------------------------------------------------------
@@ -104,6 +105,7 @@ def _mutations():
             for k in parents:
                 d = d[k]
             d[last] = value
+
         return f
 
     def delk(path):
@@ -113,6 +115,7 @@ def _mutations():
             for k in parents:
                 d = d[k]
             del d[last]
+
         return f
 
     def dup_ids(m):
@@ -198,17 +201,38 @@ def test_inspect_prints_the_summary(short_build):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     b = short_build.bundle
-    for text in (b.name, "bottlefit", b.hash, "classes  10", "[12, 8, 8]", "[3, 32, 32]",
-                 "head.onnx", "tail.onnx", "full.onnx", "export checks", "top1_agreement"):
+    for text in (
+        b.name,
+        "bottlefit",
+        b.hash,
+        "classes  10",
+        "[12, 8, 8]",
+        "[3, 32, 32]",
+        "head.onnx",
+        "tail.onnx",
+        "full.onnx",
+        "export checks",
+        "top1_agreement",
+    ):
         assert text in out, text
-    rows = [[t for t in line.split() if t != "*"] for line in out.splitlines() if line.strip().startswith(("0 ", "1 ", "2 "))]
+    rows = [
+        [t for t in line.split() if t != "*"]
+        for line in out.splitlines()
+        if line.strip().startswith(("0 ", "1 ", "2 "))
+    ]
     # id, name, channels, bits, bytes/frame per mode, in manifest order.
-    assert [r[:5] for r in rows] == [["0", "c12-b8", "12", "8", "768"], ["1", "c12-b4", "12", "4", "384"],
-                                     ["2", "c12-b2", "12", "2", "192"]]
+    assert [r[:5] for r in rows] == [
+        ["0", "c12-b8", "12", "8", "768"],
+        ["1", "c12-b4", "12", "4", "384"],
+        ["2", "c12-b2", "12", "2", "192"],
+    ]
     assert [float(r[5]) for r in rows] == pytest.approx([m.accuracy for m in b.modes], abs=1e-4)
     assert "c12-b4 *" in out  # the default mode is marked
-    sizes = {line.split()[0]: int(line.split()[2]) for line in out.splitlines()
-             if len(line.split()) > 2 and line.split()[1].endswith(".onnx")}
+    sizes = {
+        line.split()[0]: int(line.split()[2])
+        for line in out.splitlines()
+        if len(line.split()) > 2 and line.split()[1].endswith(".onnx")
+    }
     assert sizes == {role: b.file(role).stat().st_size for role in ("head", "tail", "full")}
 
 
@@ -221,7 +245,10 @@ def test_inspect_json(short_build):
     assert s["name"] == m["name"] and s["family"] == "bottlefit" and s["classes"] == 10
     assert s["input"] == m["input"] and s["wire"]["shape"] == [12, 8, 8]
     assert [(x["id"], x["bits"], x["bytes_per_frame"], x["channels"]) for x in s["modes"]] == [
-        (0, 8, 768, 12), (1, 4, 384, 12), (2, 2, 192, 12)]
+        (0, 8, 768, 12),
+        (1, 4, 384, 12),
+        (2, 2, 192, 12),
+    ]
     assert [x["accuracy"] for x in s["modes"]] == [x["accuracy"] for x in m["modes"]]
     assert all(x["head_ms"] and all(v > 0 for v in x["head_ms"].values()) for x in s["modes"])
     assert [x["default"] for x in s["modes"]] == [False, True, False]
@@ -244,9 +271,11 @@ def test_inspect_refuses_a_tampered_bundle(short_build, tmp_path):
 
 
 def test_inspect_does_not_import_torch(short_build):
-    code = ("import sys; from edgesplit.bundle_cli import inspect_main; "
-            f"rc = inspect_main([{str(short_build.bundle_dir)!r}]); "
-            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', rc)")
+    code = (
+        "import sys; from edgesplit.bundle_cli import inspect_main; "
+        f"rc = inspect_main([{str(short_build.bundle_dir)!r}]); "
+        "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', rc)"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip().splitlines()[-1] == "NOTORCH 0", r.stdout + r.stderr
 
@@ -266,7 +295,11 @@ def test_onnx_head_and_tail_match_torch_and_the_recorded_checks(short_build, che
 
     b = short_build.bundle
     checks = b.manifest["export"]["checks"]
-    assert {k: checks[k]["frames"] for k in ("head", "tail", "full")} == {"head": CHECK_FRAMES, "tail": CHECK_FRAMES, "full": CHECK_FRAMES}
+    assert {k: checks[k]["frames"] for k in ("head", "tail", "full")} == {
+        "head": CHECK_FRAMES,
+        "tail": CHECK_FRAMES,
+        "full": CHECK_FRAMES,
+    }
     # What export recorded: fp16-stored weights stay within a fraction of a percent of torch.
     for g in ("head", "tail", "full"):
         assert checks[g]["max_rel_diff"] < 1e-2, (g, checks[g])

@@ -33,8 +33,10 @@ from edgesplit.families.registry import UnknownFamilyError, family_names, get_fa
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = Path(__file__).resolve().parent / "recipes"
-SHIPPED = {"bottlefit": ROOT / "models" / "cifar10-resnet20-bottlefit",
-           "slimmable": ROOT / "models" / "imagenette-resnet18-slimmable"}
+SHIPPED = {
+    "bottlefit": ROOT / "models" / "cifar10-resnet20-bottlefit",
+    "slimmable": ROOT / "models" / "imagenette-resnet18-slimmable",
+}
 LIMIT_PER_SHARD = 8  # 5 train shards x 8 = 40 training images, 8 test images
 FRAMES = 16  # frames served and evaluated
 
@@ -42,8 +44,9 @@ FRAMES = 16  # frames served and evaluated
 def edgesplit_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     # One intra-op thread: two spinning OpenMP threads on a busy 2-core machine are far slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "edgesplit", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edgesplit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def shipped_manifest(family: str) -> dict:
@@ -103,7 +106,9 @@ def test_unknown_family_is_refused_by_the_recipe_loader(tmp_path):
 def test_a_family_schema_refuses_another_familys_keys(tmp_path):
     data = yaml.safe_load((RECIPES / "tiny-slimmable.yaml").read_text())
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**data, "split": {**data["split"], "family": "bottlefit"}}))
-    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['sandwich_random', 'widths'\].*split family 'bottlefit'"):
+    with pytest.raises(
+        RecipeError, match=r"unknown key\(s\) \['sandwich_random', 'widths'\].*split family 'bottlefit'"
+    ):
         load_recipe(tmp_path / "r.yaml")
 
 
@@ -147,8 +152,9 @@ def test_registry_and_family_inits_import_no_torch():
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnxruntime", "onnx"))
         print(json.dumps({"names": names, "inits": inits, "heavy": heavy}))
     """)
-    out = subprocess.run([sys.executable, "-c", code, str(SHIPPED["slimmable"])], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(SHIPPED["slimmable"])], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["names"] == family_names()
@@ -161,15 +167,18 @@ def test_a_new_family_is_one_subpackage(tmp_path):
     to the registry, the recipe loader and the bundle contract without any other edit."""
     pkg = tmp_path / "families" / "toyfam"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(textwrap.dedent("""
+    (pkg / "__init__.py").write_text(
+        textwrap.dedent("""
         from edgesplit.families.registry import register_family
 
         register_family("toyfam", summary="test family", split_schema="edgesplit.families.toyfam.config:ToyCfg",
                         model="edgesplit.families.toyfam.config:unused", load_student="edgesplit.families.toyfam.config:unused",
                         steps="edgesplit.families.toyfam.config:unused", exporter="edgesplit.families.toyfam.config:unused",
                         module=__name__)
-    """))
-    (pkg / "config.py").write_text(textwrap.dedent("""
+    """)
+    )
+    (pkg / "config.py").write_text(
+        textwrap.dedent("""
         from dataclasses import dataclass
         from edgesplit.families.registry import SplitSection
 
@@ -184,11 +193,13 @@ def test_a_new_family_is_one_subpackage(tmp_path):
 
         def unused():
             raise NotImplementedError
-    """))
+    """)
+    )
     data = yaml.safe_load((RECIPES / "tiny-bottlefit.yaml").read_text())
     for channels in (4, 9):
-        (tmp_path / f"toy{channels}.yaml").write_text(yaml.safe_dump(
-            {**data, "split": {"family": "toyfam", "split_at": "layer1", "channels": channels}}))
+        (tmp_path / f"toy{channels}.yaml").write_text(
+            yaml.safe_dump({**data, "split": {"family": "toyfam", "split_at": "layer1", "channels": channels}})
+        )
     manifest = shipped_manifest("bottlefit")
     manifest["family"] = "toyfam"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
@@ -211,12 +222,20 @@ def test_a_new_family_is_one_subpackage(tmp_path):
         print(json.dumps({"names": family_names(), "schema": type(r.split).__name__, "channels": r.split.channels,
                           "refused": refused}))
     """)
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "families"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "families"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    assert got == {"names": sorted([*family_names(), "toyfam"]), "schema": "ToyCfg", "channels": 4,
-                   "refused": "split.channels: at most 8, got 9"}
+    assert got == {
+        "names": sorted([*family_names(), "toyfam"]),
+        "schema": "ToyCfg",
+        "channels": 4,
+        "refused": "split.channels: at most 8, got 9",
+    }
     assert "toyfam" not in family_names()  # this process never saw it
 
 
@@ -241,17 +260,21 @@ def built(request, tmp_path_factory) -> Built:
     recipe_path = RECIPES / f"tiny-{family}.yaml"
     recipe = load_recipe(recipe_path)
     work = tmp_path_factory.mktemp(f"cli-{family}")
-    train = edgesplit_cli(["train", str(recipe_path), "--device", "cpu", "--workers", "1",
-                           "--limit-per-shard", str(LIMIT_PER_SHARD)], cwd=work)
+    train = edgesplit_cli(
+        ["train", str(recipe_path), "--device", "cpu", "--workers", "1", "--limit-per-shard", str(LIMIT_PER_SHARD)],
+        cwd=work,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     run_dir = work / "runs" / recipe.name  # the default run directory, relative to where it ran
-    export = edgesplit_cli(["export", str(run_dir / "student.pt"), "--out", str(work / "bundle"),
-                            "--check-frames", str(FRAMES)], cwd=work)
+    export = edgesplit_cli(
+        ["export", str(run_dir / "student.pt"), "--out", str(work / "bundle"), "--check-frames", str(FRAMES)], cwd=work
+    )
     assert export.returncode == 0, export.stderr[-3000:]
     inspect = edgesplit_cli(["inspect", str(work / "bundle")], cwd=work, timeout=120)
     assert inspect.returncode == 0, inspect.stderr[-3000:]
-    return Built(family, recipe, run_dir, train.stdout, json.loads(export.stdout), inspect.stdout,
-                 Bundle.load(work / "bundle"))
+    return Built(
+        family, recipe, run_dir, train.stdout, json.loads(export.stdout), inspect.stdout, Bundle.load(work / "bundle")
+    )
 
 
 def test_cli_trains_exports_and_inspects(built):

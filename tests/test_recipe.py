@@ -80,11 +80,14 @@ def test_base_recipe_loads_from_a_copy(tmp_path):
     assert load_recipe(write(tmp_path, base_data())).name == "cifar10-resnet20-bottlefit"
 
 
-@pytest.mark.parametrize("field, value, expect", [
-    ("colour", "blue", "colour"),  # unknown top-level key
-    ("stage1.momentum", 0.9, "momentum"),  # unknown nested key
-    ("split.bottleneck", 12, "bottleneck"),  # a near-miss of bottleneck_channels
-])
+@pytest.mark.parametrize(
+    "field, value, expect",
+    [
+        ("colour", "blue", "colour"),  # unknown top-level key
+        ("stage1.momentum", 0.9, "momentum"),  # unknown nested key
+        ("split.bottleneck", 12, "bottleneck"),  # a near-miss of bottleneck_channels
+    ],
+)
 def test_unknown_key_is_refused_by_name(tmp_path, field, value, expect):
     d = base_data()
     _set(d, field, value)
@@ -95,19 +98,22 @@ def test_unknown_key_is_refused_by_name(tmp_path, field, value, expect):
     assert where in str(ei.value)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("stage1.epochs", "three"),
-    ("stage1.epochs", 2.5),
-    ("stage1.epochs", True),  # a bool is not an int here
-    ("stage2.lr", "fast"),
-    ("input_size", [32]),
-    ("split.encoder_widths", 32),
-    ("split.encoder_widths", [32, "64"]),
-    ("teacher.train", "yes"),
-    ("split.decoder_final_relu", "no"),
-    ("name", 5),
-    ("mode_bits", "8"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("stage1.epochs", "three"),
+        ("stage1.epochs", 2.5),
+        ("stage1.epochs", True),  # a bool is not an int here
+        ("stage2.lr", "fast"),
+        ("input_size", [32]),
+        ("split.encoder_widths", 32),
+        ("split.encoder_widths", [32, "64"]),
+        ("teacher.train", "yes"),
+        ("split.decoder_final_relu", "no"),
+        ("name", 5),
+        ("mode_bits", "8"),
+    ],
+)
 def test_wrong_type_is_refused_by_field(tmp_path, field, value):
     d = base_data()
     _set(d, field, value)
@@ -123,12 +129,15 @@ def test_missing_required_field_is_named(tmp_path):
         load_recipe(write(tmp_path, d))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("mode_bits", [8, 3]),
-    ("mode_bits", [16]),
-    ("split.train_bits", 5),
-    ("split.train_bits", 0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("mode_bits", [8, 3]),
+        ("mode_bits", [16]),
+        ("split.train_bits", 5),
+        ("split.train_bits", 0),
+    ],
+)
 def test_bad_bits_are_refused(tmp_path, field, value):
     d = base_data()
     _set(d, field, value)
@@ -157,11 +166,14 @@ def test_pretrained_teacher_needs_weights(tmp_path):
     assert load_recipe(write(tmp_path, d)).teacher.weights == "teachers/resnet56-4bfd9763.th"
 
 
-@pytest.mark.parametrize("field, value, expect", [
-    ("teacher.init", "imagenet", "teacher.init"),
-    ("augment", "mixup", "augment"),
-    ("split.family", "unknownfamily", "split.family"),
-])
+@pytest.mark.parametrize(
+    "field, value, expect",
+    [
+        ("teacher.init", "imagenet", "teacher.init"),
+        ("augment", "mixup", "augment"),
+        ("split.family", "unknownfamily", "split.family"),
+    ],
+)
 def test_enumerated_values_are_checked(tmp_path, field, value, expect):
     d = base_data()
     _set(d, field, value)

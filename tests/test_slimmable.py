@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from build_fixtures import one_torch_thread, short_build  # noqa: F401  (pytest fixtures by name)
+
 from edgesplit.builder.recipe import RecipeError, load_recipe
-from edgesplit.families.slimmable.model import SlimmableConfig, SlimmableSplit, head_macs
-from edgesplit.families.slimmable.train import calibrate_bn, sandwich
 from edgesplit.bundle import Bundle, BundleError, write_manifest
 from edgesplit.control.modes import modes_from_manifest
 from edgesplit.control.policy import Decision, Policy
 from edgesplit.data.transforms import preprocess
 from edgesplit.edge.agent import Agent
 from edgesplit.engine import create_engine
+from edgesplit.families.slimmable.model import SlimmableConfig, SlimmableSplit, head_macs
+from edgesplit.families.slimmable.train import calibrate_bn, sandwich
 from edgesplit.server.daemon import Server
 from edgesplit.wire import codec
 
@@ -29,8 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(widths=(2, 4, 6)) -> SlimmableConfig:
-    return SlimmableConfig(arch="resnet20_cifar", num_classes=10, input_size=32, split_at="layer1", widths=list(widths),
-                           encoder_widths=[16, 24], encoder_strides=[1, 2], bottleneck_stride=2, decoder_widths=[24, 16])
+    return SlimmableConfig(
+        arch="resnet20_cifar",
+        num_classes=10,
+        input_size=32,
+        split_at="layer1",
+        widths=list(widths),
+        encoder_widths=[16, 24],
+        encoder_strides=[1, 2],
+        bottleneck_stride=2,
+        decoder_widths=[24, 16],
+    )
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -92,7 +101,9 @@ def test_bn_calibration_gives_the_data_statistics():
         w = model.cfg.layer_widths(model.widths[i])[0]
         feats = torch.cat([conv.forward_slim(x, w) for x in xs])
         # a cumulative average of the per-batch means equals the mean over all the data
-        torch.testing.assert_close(model.encoder.bns[0].bns[i].running_mean, feats.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model.encoder.bns[0].bns[i].running_mean, feats.mean((0, 2, 3)), rtol=1e-4, atol=1e-4
+        )
     assert all(b.momentum == 0.1 for sbn in model.encoder.bns for b in sbn.bns)
 
 
@@ -106,7 +117,9 @@ def test_recipe_checks_widths(tmp_path):
             load_recipe(tmp_path / "r.yaml")
     bad = dict(data, split=dict(data["split"], family="bottlefit"))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['sandwich_random', 'widths'\].*split family 'bottlefit'"):
+    with pytest.raises(
+        RecipeError, match=r"unknown key\(s\) \['sandwich_random', 'widths'\].*split family 'bottlefit'"
+    ):
         load_recipe(tmp_path / "r.yaml")
 
 
@@ -120,15 +133,42 @@ def slim_bundle(short_build, tmp_path_factory) -> Bundle:  # noqa: F811
 
     base = tmp_path_factory.mktemp("slim")
     recipe = {
-        "name": "cifar10-slim-test", "dataset": "cifar10", "train_split": "train", "eval_split": "test",
-        "input_size": 32, "augment": "crop_flip",
+        "name": "cifar10-slim-test",
+        "dataset": "cifar10",
+        "train_split": "train",
+        "eval_split": "test",
+        "input_size": 32,
+        "augment": "crop_flip",
         "teacher": {"arch": "resnet20_cifar", "init": "run", "weights": str(short_build.run_dir / "teacher.pt")},
-        "split": {"family": "slimmable", "split_at": "layer1", "bottleneck_channels": 6, "widths": [2, 4, 6],
-                  "encoder_widths": [16, 24], "encoder_strides": [1, 2], "bottleneck_stride": 2,
-                  "decoder_widths": [24, 16], "train_bits": 4},
-        "stage1": {"epochs": 1, "lr": 2.0e-3, "batch": 16, "optimizer": "adam", "weight_decay": 0.0, "warmup_epochs": 0.2},
-        "stage2": {"epochs": 1, "lr": 1.0e-3, "batch": 16, "optimizer": "adam", "weight_decay": 0.0, "warmup_epochs": 0.2},
-        "mode_bits": [8, 4], "default_bits": 4,
+        "split": {
+            "family": "slimmable",
+            "split_at": "layer1",
+            "bottleneck_channels": 6,
+            "widths": [2, 4, 6],
+            "encoder_widths": [16, 24],
+            "encoder_strides": [1, 2],
+            "bottleneck_stride": 2,
+            "decoder_widths": [24, 16],
+            "train_bits": 4,
+        },
+        "stage1": {
+            "epochs": 1,
+            "lr": 2.0e-3,
+            "batch": 16,
+            "optimizer": "adam",
+            "weight_decay": 0.0,
+            "warmup_epochs": 0.2,
+        },
+        "stage2": {
+            "epochs": 1,
+            "lr": 1.0e-3,
+            "batch": 16,
+            "optimizer": "adam",
+            "weight_decay": 0.0,
+            "warmup_epochs": 0.2,
+        },
+        "mode_bits": [8, 4],
+        "default_bits": 4,
     }
     (base / "r.yaml").write_text(yaml.safe_dump(recipe))
     results = run_recipe(load_recipe(base / "r.yaml"), base / "run", device="cpu", limit_per_shard=8, workers=1)
@@ -206,19 +246,27 @@ def test_server_and_agent_serve_every_width_and_switch_heads(slim_bundle, cifar_
                 got = [agent.infer(s, mode=m.id) for s in samples[:4]]
                 assert all(r.error is None and r.mode == m.id for r in got)
                 assert all(r.bytes_sent == m.bytes_per_frame for r in got)
-                np.testing.assert_allclose(np.stack([r.logits for r in got]), local_logits(slim_bundle, m.id, samples[:4]),
-                                           rtol=1e-4, atol=1e-4)
+                np.testing.assert_allclose(
+                    np.stack([r.logits for r in got]),
+                    local_logits(slim_bundle, m.id, samples[:4]),
+                    rtol=1e-4,
+                    atol=1e-4,
+                )
         # the adaptive path: the policy's mode decides which head runs, every frame a different one
         ids = [x.id for x in slim_bundle.modes if x.bits == 4]
         policy = Alternate(modes_from_manifest(slim_bundle.manifest), ids)
-        with Agent(slim_bundle, srv.endpoint, threads=1, policy=policy, policy_deadline_ms=10_000, fallback="auto") as agent:
+        with Agent(
+            slim_bundle, srv.endpoint, threads=1, policy=policy, policy_deadline_ms=10_000, fallback="auto"
+        ) as agent:
             results = list(agent.run(iter(samples)))
             summary = agent.controller.summary()
         assert [r.mode for r in sorted(results, key=lambda r: r.id)] == [ids[i % 3] for i in range(12)]
         for mid in ids:
             mine = [r for r in results if r.mode == mid]
             want = local_logits(slim_bundle, mid, [s for i, s in enumerate(samples) if ids[i % 3] == mid])
-            np.testing.assert_allclose(np.stack([r.logits for r in sorted(mine, key=lambda r: r.id)]), want, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(
+                np.stack([r.logits for r in sorted(mine, key=lambda r: r.id)]), want, rtol=1e-4, atol=1e-4
+            )
         assert summary["switches"] == 11
         heads = summary["heads"]
         assert set(heads) == {"head", "head.c4", "head.c2"}

@@ -91,7 +91,7 @@ def cut_backbone(backbone: nn.Module, arch: str, split_at: str, input_size: int)
                     setattr(backbone, attr, nn.Identity())
         else:
             setattr(backbone, s, nn.Identity())
-    return names[len(head_stages):], tuple(x.shape[1:])
+    return names[len(head_stages) :], tuple(x.shape[1:])
 
 
 def upsampling_steps(z_side: int, split_side: int) -> int:

@@ -33,8 +33,14 @@ def _decode_shard(args: tuple[str, int, int | None]) -> tuple[np.ndarray, np.nda
     return np.stack(imgs), np.asarray(labels, np.int64)
 
 
-def load_split(dataset: str, split: str, size: int, cache_dir: Path | None = None,
-               limit_per_shard: int | None = None, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+    dataset: str,
+    split: str,
+    size: int,
+    cache_dir: Path | None = None,
+    limit_per_shard: int | None = None,
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image of ``dataset:split`` to uint8 NHWC at ``size``; cached on disk."""
     shards = dataset_shards(dataset, split)
     key = hashlib.sha1(f"{[str(s) for s in shards]}|{size}|{limit_per_shard}".encode()).hexdigest()[:12]
@@ -68,8 +74,19 @@ class DeviceLoader:
     with one ``grid_sample`` per batch.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, device: torch.device, mean, std,
-                 augment: str | None = None, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch: int,
+        device: torch.device,
+        mean,
+        std,
+        augment: str | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         self.x = torch.from_numpy(x).to(device)  # N,H,W,C uint8
         self.y = torch.from_numpy(y).to(device)
         self.batch, self.device, self.augment, self.shuffle, self.drop_last = batch, device, augment, shuffle, drop_last
@@ -85,7 +102,11 @@ class DeviceLoader:
 
     def __iter__(self):
         n = len(self.x)
-        order = torch.randperm(n, device=self.device, generator=self.gen) if self.shuffle else torch.arange(n, device=self.device)
+        order = (
+            torch.randperm(n, device=self.device, generator=self.gen)
+            if self.shuffle
+            else torch.arange(n, device=self.device)
+        )
         for i in range(len(self)):
             idx = order[i * self.batch : (i + 1) * self.batch]
             xb = self.x[idx].permute(0, 3, 1, 2).float()
@@ -101,8 +122,8 @@ class DeviceLoader:
         flip = torch.where(r(b) < 0.5, -1.0, 1.0)
         if self.augment == "crop_flip":
             sx = sy = torch.ones(b, device=dev)
-            tx = (torch.randint(-4, 5, (b,), device=dev, generator=self.gen).float() * 2 / w)
-            ty = (torch.randint(-4, 5, (b,), device=dev, generator=self.gen).float() * 2 / h)
+            tx = torch.randint(-4, 5, (b,), device=dev, generator=self.gen).float() * 2 / w
+            ty = torch.randint(-4, 5, (b,), device=dev, generator=self.gen).float() * 2 / h
             mode = "nearest"
         else:
             area = 0.25 + 0.75 * r(b)

@@ -31,31 +31,68 @@ def family_of(student_path: str | Path, torch_tail: bool = False) -> Family:
     return family
 
 
-def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | None = None, check_frames: int = 256,
-                  weights: str = "fp16", teacher_path: str | Path | None = None, torch_tail: bool = False) -> Bundle:
+def export_bundle(
+    student_path: str | Path,
+    out_dir: str | Path,
+    name: str | None = None,
+    check_frames: int = 256,
+    weights: str = "fp16",
+    teacher_path: str | Path | None = None,
+    torch_tail: bool = False,
+) -> Bundle:
     """Export any family's trained split: the exporter of the family ``student.pt`` names."""
-    return family_of(student_path, torch_tail).entry("exporter")(student_path, out_dir, name=name, check_frames=check_frames, weights=weights,
-                                    teacher_path=teacher_path, torch_tail=torch_tail)
+    return family_of(student_path, torch_tail).entry("exporter")(
+        student_path,
+        out_dir,
+        name=name,
+        check_frames=check_frames,
+        weights=weights,
+        teacher_path=teacher_path,
+        torch_tail=torch_tail,
+    )
 
 
 def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="edgesplit export", description="Export a trained split (student.pt from "
-                                "'edgesplit train') to a bundle directory, checked against torch on real images.")
+    p = argparse.ArgumentParser(
+        prog="edgesplit export",
+        description="Export a trained split (student.pt from "
+        "'edgesplit train') to a bundle directory, checked against torch on real images.",
+    )
     p.add_argument("student", help="student.pt written by 'edgesplit train' (teacher.pt is read from beside it)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--name", default=None, help="bundle name (default: the recipe's)")
     p.add_argument("--teacher", default=None, help="teacher weights (default: teacher.pt beside the student)")
     p.add_argument("--check-frames", type=int, default=256, help="real images used to check ONNX against torch")
-    p.add_argument("--weights", choices=("fp16", "fp32"), default="fp16", help="how weights are stored in the ONNX files")
-    p.add_argument("--torch-tail", action="store_true", help="also write tail.pt2 (torch.export) for 'serve --backend torch'")
+    p.add_argument(
+        "--weights", choices=("fp16", "fp32"), default="fp16", help="how weights are stored in the ONNX files"
+    )
+    p.add_argument(
+        "--torch-tail", action="store_true", help="also write tail.pt2 (torch.export) for 'serve --backend torch'"
+    )
     a = p.parse_args(argv)
     try:
         family = family_of(a.student, a.torch_tail)
     except (ValueError, UnknownFamilyError) as e:
         p.error(str(e))
-    b = family.entry("exporter")(a.student, a.out, name=a.name, check_frames=a.check_frames, weights=a.weights,
-                                 teacher_path=a.teacher, torch_tail=a.torch_tail)
+    b = family.entry("exporter")(
+        a.student,
+        a.out,
+        name=a.name,
+        check_frames=a.check_frames,
+        weights=a.weights,
+        teacher_path=a.teacher,
+        torch_tail=a.torch_tail,
+    )
     m = b.manifest
-    print(json.dumps({"bundle": str(b.root), "hash": b.hash, "checks": m["export"]["checks"],
-                      "modes": [(x["name"], x["bytes_per_frame"], x["accuracy"]) for x in m["modes"]]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "bundle": str(b.root),
+                "hash": b.hash,
+                "checks": m["export"]["checks"],
+                "modes": [(x["name"], x["bytes_per_frame"], x["accuracy"]) for x in m["modes"]],
+            },
+            indent=2,
+        )
+    )
     return 0

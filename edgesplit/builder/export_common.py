@@ -31,8 +31,17 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, in_n
     module = module.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
-        prog = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET, input_names=[in_name],
-                                 output_names=[out_name], dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+        prog = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[in_name],
+            output_names=[out_name],
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+        )
     prog.save(str(path))
 
 
@@ -49,7 +58,9 @@ def store_weights_fp16(path: Path, min_elements: int = 256) -> None:
             arr = numpy_helper.to_array(init)
             half = numpy_helper.from_array(arr.astype(np.float16), init.name + "__fp16")
             keep.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=init.name + "__cast"))
+            casts.append(
+                helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=init.name + "__cast")
+            )
         else:
             keep.append(init)
     del g.initializer[:]
@@ -113,12 +124,31 @@ def load_teacher(cfg, student_path: Path, teacher_path: str | Path | None) -> to
 
 
 def input_spec_for(side: int) -> dict:
-    return {"shape": [3, side, side], "layout": "NCHW", "dtype": "float32", "color": "RGB",
-            "resize": side, "mean": list(MEAN), "std": list(STD)}
+    return {
+        "shape": [3, side, side],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "color": "RGB",
+        "resize": side,
+        "mean": list(MEAN),
+        "std": list(STD),
+    }
 
 
-def bundle_manifest(*, family: str, name: str | None, state: dict, cfg, input_spec: dict, wire: dict, modes: list[dict],
-                    default: int, files: dict, checks: dict, weights: str) -> dict:
+def bundle_manifest(
+    *,
+    family: str,
+    name: str | None,
+    state: dict,
+    cfg,
+    input_spec: dict,
+    wire: dict,
+    modes: list[dict],
+    default: int,
+    files: dict,
+    checks: dict,
+    weights: str,
+) -> dict:
     """The manifest fields every family writes the same way around its own wire, modes and files."""
     recipe, results = state["recipe"], state["results"]
     return {
@@ -134,11 +164,23 @@ def bundle_manifest(*, family: str, name: str | None, state: dict, cfg, input_sp
         "files": files,
         "model": {"arch": cfg.arch, "split_at": cfg.split_at, "config": cfg.to_dict()},
         "teacher_accuracy": results["teacher_accuracy"],
-        "export": {"opset": OPSET, "weights": weights, "checks": checks, "check_source": f"{recipe['dataset']}:{recipe['eval_split']}"},
+        "export": {
+            "opset": OPSET,
+            "weights": weights,
+            "checks": checks,
+            "check_source": f"{recipe['dataset']}:{recipe['eval_split']}",
+        },
         "training": {"recipe": recipe["name"], "results": results},
-        "tools": {"edgesplit": __version__, "torch": torch.__version__, "onnx": tool_version("onnx"),
-                  "onnxruntime": tool_version("onnxruntime"), "python": platform.python_version()},
-        "measured_on": {host_profile_name(): f"{platform.processor() or platform.machine()}, head latency with 1 thread, batch 1"},
+        "tools": {
+            "edgesplit": __version__,
+            "torch": torch.__version__,
+            "onnx": tool_version("onnx"),
+            "onnxruntime": tool_version("onnxruntime"),
+            "python": platform.python_version(),
+        },
+        "measured_on": {
+            host_profile_name(): f"{platform.processor() or platform.machine()}, head latency with 1 thread, batch 1"
+        },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

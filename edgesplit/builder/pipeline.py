@@ -54,8 +54,9 @@ def resolve_teacher_weights(r: Recipe, run_dir: Path) -> Path:
     return (run_dir.parent / w) if r.teacher.init == "run" else (data_root() / w)
 
 
-def prepare(r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard: int | None = None,
-            workers: int | None = None) -> Prepared:
+def prepare(
+    r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard: int | None = None, workers: int | None = None
+) -> Prepared:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(r.seed)
     if dev.type == "cuda":
@@ -91,8 +92,15 @@ def prepare(r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard
     else:
         if r.teacher.train is not None:
             tc = vars(r.teacher.train)
-            train_classifier(teacher, tc, train_loader(tc["batch"]), dev, run_dir, log,
-                             lambda: evaluate(teacher.eval(), eval_loader, dev))
+            train_classifier(
+                teacher,
+                tc,
+                train_loader(tc["batch"]),
+                dev,
+                run_dir,
+                log,
+                lambda: evaluate(teacher.eval(), eval_loader, dev),
+            )
         # Always leave teacher.pt, also for a pretrained teacher used as it is: export reads it.
         torch.save(teacher.state_dict(), teacher_path)
     teacher.eval()
@@ -103,8 +111,9 @@ def prepare(r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard
     return Prepared(dev, log, xtr, ytr, eval_loader, teacher, results, t0, nc, train_loader)
 
 
-def run_recipe(r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard: int | None = None,
-               workers: int | None = None) -> dict:
+def run_recipe(
+    r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard: int | None = None, workers: int | None = None
+) -> dict:
     """Run a recipe's steps in ``run_dir`` (resuming unfinished ones) and return its results."""
     family = get_family(r.split.family)
     results_path, student_path = run_dir / "results.json", run_dir / "student.pt"

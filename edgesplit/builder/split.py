@@ -47,8 +47,10 @@ class Cut:
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.shape))
-        return (f"{self.name:<28} {self.op:<34} {self.module or '-':<18} {shape:<12} "
-                f"{self.bytes_per_frame:>9} B  {self.bytes_per_frame_8bit:>8} B@8bit")
+        return (
+            f"{self.name:<28} {self.op:<34} {self.module or '-':<18} {shape:<12} "
+            f"{self.bytes_per_frame:>9} B  {self.bytes_per_frame_8bit:>8} B@8bit"
+        )
 
 
 def trace(model: torch.nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -80,8 +82,11 @@ def _is_guard(node: fx.Node) -> bool:
 
 def _schedule(gm: fx.GraphModule) -> list[fx.Node]:
     """The graph's values in execution order: inputs and computations, not weights or guards."""
-    return [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function", "call_method", "call_module")
-            and not _is_guard(n)]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op in ("placeholder", "call_function", "call_method", "call_module") and not _is_guard(n)
+    ]
 
 
 def _live_after(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
@@ -90,8 +95,12 @@ def _live_after(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     position = {n: i for i, n in enumerate(order)}
     end = len(order)
     # Guards read the input but are dropped, so only scheduled nodes and the output keep a value live.
-    last_use = {n: max((end if u.op == "output" else position[u] for u in n.users if u.op == "output" or u in position),
-                       default=-1) for n in order}
+    last_use = {
+        n: max(
+            (end if u.op == "output" else position[u] for u in n.users if u.op == "output" or u in position), default=-1
+        )
+        for n in order
+    }
     live: list[fx.Node] = []
     result = {}
     for i, n in enumerate(order):
@@ -108,9 +117,14 @@ def _feeds_output_only(node: fx.Node) -> bool:
 
 def _cut_nodes(gm: fx.GraphModule) -> tuple[list[fx.Node], dict[fx.Node, list[fx.Node]]]:
     live = _live_after(gm)
-    cuts = [n for n, vals in live.items()
-            if n.op != "placeholder" and vals == [n] and isinstance(n.meta.get("val"), torch.Tensor)
-            and not _feeds_output_only(n)]  # a cut at the model's output would leave an empty tail
+    cuts = [
+        n
+        for n, vals in live.items()
+        if n.op != "placeholder"
+        and vals == [n]
+        and isinstance(n.meta.get("val"), torch.Tensor)
+        and not _feeds_output_only(n)
+    ]  # a cut at the model's output would leave an empty tail
     return cuts, live
 
 
@@ -120,8 +134,15 @@ def _describe(node: fx.Node) -> Cut:
     numel = int(np.prod(shape)) if shape else 1
     stack = node.meta.get("nn_module_stack") or {}
     module = list(stack.values())[-1][0] if stack else ""
-    return Cut(name=node.name, op=str(node.target), module=module, shape=shape, dtype=str(val.dtype).replace("torch.", ""),
-               bytes_per_frame=numel * val.element_size(), bytes_per_frame_8bit=numel)
+    return Cut(
+        name=node.name,
+        op=str(node.target),
+        module=module,
+        shape=shape,
+        dtype=str(val.dtype).replace("torch.", ""),
+        bytes_per_frame=numel * val.element_size(),
+        bytes_per_frame_8bit=numel,
+    )
 
 
 def candidate_cuts(model: torch.nn.Module, example: torch.Tensor | None = None) -> list[Cut]:
@@ -156,7 +177,9 @@ def _mutates(node: fx.Node) -> bool:
     return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
-def split_at(model: torch.nn.Module, example: torch.Tensor | None, node_name: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+def split_at(
+    model: torch.nn.Module, example: torch.Tensor | None, node_name: str
+) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Cut the model after node ``node_name``: ``head(x)`` returns that node's output and
     ``tail(z)`` the model's output from it. Raises :class:`SplitError` naming the valid cut points
     when the node does not exist or more than one value crosses there."""
@@ -169,7 +192,9 @@ def split_at(model: torch.nn.Module, example: torch.Tensor | None, node_name: st
     cut = by_name[node_name]
     if cut not in cuts:
         crossing = ", ".join(v.name for v in live[cut])
-        raise SplitError(f"'{node_name}' is not a single-tensor cut (crossing there: {crossing}); valid cut points: {valid}")
+        raise SplitError(
+            f"'{node_name}' is not a single-tensor cut (crossing there: {crossing}); valid cut points: {valid}"
+        )
 
     order = _schedule(gm)
     at = order.index(cut)
@@ -190,7 +215,7 @@ def split_at(model: torch.nn.Module, example: torch.Tensor | None, node_name: st
         # is an intermediate, but in the tail it is the caller's input, so work on a copy.
         tail_env[cut] = tail_graph.call_function(torch.ops.aten.clone.default, (z,))
         tail_env[cut].meta = dict(cut.meta)
-    _copy_nodes(tail_graph, order[at + 1:], tail_env)
+    _copy_nodes(tail_graph, order[at + 1 :], tail_env)
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     results = [tail_env[r] if isinstance(r, fx.Node) else r for r in _outputs(output)]
     tail_graph.output(results[0] if len(results) == 1 else tuple(results))
@@ -212,8 +237,9 @@ def verify_split(model: torch.nn.Module, head: torch.nn.Module, tail: torch.nn.M
     return rec
 
 
-def export_split(head: torch.nn.Module, tail: torch.nn.Module, example: torch.Tensor, out_dir: str | Path,
-                 weights: str = "fp16") -> dict:
+def export_split(
+    head: torch.nn.Module, tail: torch.nn.Module, example: torch.Tensor, out_dir: str | Path, weights: str = "fp16"
+) -> dict:
     """Write head.onnx (``image`` -> ``z``) and tail.onnx (``z`` -> ``logits``) with the bundle
     exporter's conventions (dynamo, opset 18, dynamic batch, float16-stored weights), run both in
     ONNX Runtime on ``example`` and return their max abs diff against torch."""
@@ -249,15 +275,21 @@ def _real_images(source: str, side: int, n: int) -> torch.Tensor:
 def split_main(argv: list[str]) -> int:
     from .zoo import INPUT_SIZE, create_model, load_pretrained
 
-    p = argparse.ArgumentParser(prog="edgesplit split", description="cut a zoo model at a graph node into head.onnx + tail.onnx")
+    p = argparse.ArgumentParser(
+        prog="edgesplit split", description="cut a zoo model at a graph node into head.onnx + tail.onnx"
+    )
     p.add_argument("model", help="zoo model name (edgesplit zoo)")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--list", action="store_true", help="list the single-tensor cut points with the size crossing each")
+    what.add_argument(
+        "--list", action="store_true", help="list the single-tensor cut points with the size crossing each"
+    )
     what.add_argument("--at", metavar="NODE", help="node to cut after (a name from --list)")
     p.add_argument("--out", help="directory for head.onnx, tail.onnx and split.json (with --at)")
     p.add_argument("--checkpoint", help="state dict to load (weights_only); default: random init")
     p.add_argument("--num-classes", type=int, default=None, help="default: 10 for *_cifar models, else 1000")
-    p.add_argument("--data", default=None, help="real frames for the check (default cifar10:test or imagenette:val by input size)")
+    p.add_argument(
+        "--data", default=None, help="real frames for the check (default cifar10:test or imagenette:val by input size)"
+    )
     p.add_argument("--frames", type=int, default=64, help="how many real frames the head-then-tail check uses")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     a = p.parse_args(argv)
@@ -288,11 +320,19 @@ def split_main(argv: list[str]) -> int:
         return 2
     x = _real_images(a.data or ("cifar10:test" if side == 32 else "imagenette:val"), side, a.frames)
     cut = next(c for c in candidate_cuts(gm) if c.name == a.at)
-    result = {"model": a.model, "checkpoint": a.checkpoint, "cut": asdict(cut), "check": verify_split(model, head, tail, x),
-              "onnx": export_split(head, tail, x[:8], a.out)}
+    result = {
+        "model": a.model,
+        "checkpoint": a.checkpoint,
+        "cut": asdict(cut),
+        "check": verify_split(model, head, tail, x),
+        "onnx": export_split(head, tail, x[:8], a.out),
+    }
     Path(a.out, "split.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2) if a.json else
-          f"cut after {a.at}: {cut.bytes_per_frame} B/frame fp32, {cut.bytes_per_frame_8bit} B at 8 bits; "
-          f"head-then-tail vs full: max abs diff {result['check']['max_abs_diff']:.2e}, "
-          f"top-1 agreement {result['check'].get('top1_agreement', float('nan')):.3f}; wrote {a.out}/head.onnx, tail.onnx, split.json")
+    print(
+        json.dumps(result, indent=2)
+        if a.json
+        else f"cut after {a.at}: {cut.bytes_per_frame} B/frame fp32, {cut.bytes_per_frame_8bit} B at 8 bits; "
+        f"head-then-tail vs full: max abs diff {result['check']['max_abs_diff']:.2e}, "
+        f"top-1 agreement {result['check'].get('top1_agreement', float('nan')):.3f}; wrote {a.out}/head.onnx, tail.onnx, split.json"
+    )
     return 0

@@ -58,8 +58,15 @@ def _dataset(side: int) -> str:
 def _input_spec(side: int) -> dict[str, Any]:
     from .data import MEAN, STD
 
-    return {"shape": [3, side, side], "layout": "NCHW", "dtype": "float32", "color": "RGB", "resize": side,
-            "mean": list(MEAN), "std": list(STD)}
+    return {
+        "shape": [3, side, side],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "color": "RGB",
+        "resize": side,
+        "mean": list(MEAN),
+        "std": list(STD),
+    }
 
 
 def _real_frames(side: int, n: int) -> np.ndarray:
@@ -77,7 +84,9 @@ def quant_8bit(z: np.ndarray) -> dict[str, Any]:
     return {"scheme": "affine-per-tensor", "scale": scale, "zero_point": int(np.clip(round(-lo / scale), 0, 255))}
 
 
-def export_cut_bundle(gm, cut: Cut, frames: np.ndarray, out: Path, *, model: str, classes: list[str], side: int) -> Bundle:
+def export_cut_bundle(
+    gm, cut: Cut, frames: np.ndarray, out: Path, *, model: str, classes: list[str], side: int
+) -> Bundle:
     head, tail = split_at(gm, None, cut.name)
     shape = tuple(cut.shape)
     if len(shape) != 3:
@@ -88,17 +97,36 @@ def export_cut_bundle(gm, cut: Cut, frames: np.ndarray, out: Path, *, model: str
         z = head(x).numpy()
     checks = export_split(head, tail, x[:8], out)
     numel = int(np.prod(shape))
-    mode = {"id": 0, "name": f"c{shape[0]}-b8", "channels": shape[0], "bits": 8, "quant": quant_8bit(z),
-            "bytes_per_frame": numel, "accuracy": None, "head_ms": {}}
+    mode = {
+        "id": 0,
+        "name": f"c{shape[0]}-b8",
+        "channels": shape[0],
+        "bits": 8,
+        "quant": quant_8bit(z),
+        "bytes_per_frame": numel,
+        "accuracy": None,
+        "head_ms": {},
+    }
     manifest = {
-        "schema_version": 1, "name": f"{model}-cut-{cut.name}", "family": "bottlefit",
+        "schema_version": 1,
+        "name": f"{model}-cut-{cut.name}",
+        "family": "bottlefit",
         "description": f"generic split of {model} after node {cut.name} ({cut.op}), no bottleneck: for planning and timing",
-        "classes": classes, "input": _input_spec(side),
+        "classes": classes,
+        "input": _input_spec(side),
         "wire": {"name": "z", "shape": list(shape), "dtype": "float32", "quantization": "affine per tensor, 8 bits"},
-        "modes": [mode], "default_mode": 0,
+        "modes": [mode],
+        "default_mode": 0,
         "files": {"head": {"path": "head.onnx"}, "tail": {"path": "tail.onnx"}},
-        "split": {"generic": True, "model": model, "cut": cut.name, "op": cut.op, "module": cut.module,
-                  "cut_shape": list(cut.shape), "export_checks": checks},
+        "split": {
+            "generic": True,
+            "model": model,
+            "cut": cut.name,
+            "op": cut.op,
+            "module": cut.module,
+            "cut_shape": list(cut.shape),
+            "export_checks": checks,
+        },
     }
     write_manifest(out, manifest)
     return Bundle.load(out)
@@ -117,8 +145,15 @@ def cache_dir(model: str, checkpoint: str | None, side: int, cache: str | Path |
     return Path(cache or "runs/cache/plan") / f"{model}-{key}-{side}px"
 
 
-def cut_bundles(model: str, *, checkpoint: str | None = None, cuts: list[str] | None = None, input_size: int | None = None,
-                cache: str | Path | None = None, progress=None) -> tuple[list[tuple[Cut, Path]], Path, dict[str, Any]]:
+def cut_bundles(
+    model: str,
+    *,
+    checkpoint: str | None = None,
+    cuts: list[str] | None = None,
+    input_size: int | None = None,
+    cache: str | Path | None = None,
+    progress=None,
+) -> tuple[list[tuple[Cut, Path]], Path, dict[str, Any]]:
     """``[(cut, bundle dir)]`` for the chosen cut points (all by default), exported on first use,
     and the full model's ONNX (for the local and raw options)."""
     from ..data.sources import CLASSES
@@ -154,6 +189,12 @@ def cut_bundles(model: str, *, checkpoint: str | None = None, cuts: list[str] | 
         root.mkdir(parents=True, exist_ok=True)
         export_onnx(net, torch.from_numpy(frames[:2]), full, "image", "logits")
         store_weights_fp16(full)
-    meta = {"model": model, "checkpoint": checkpoint, "input_size": side, "cache": str(root),
-            "cut_points": len(all_cuts), "planned_cuts": [c.name for c, _ in out]}
+    meta = {
+        "model": model,
+        "checkpoint": checkpoint,
+        "input_size": side,
+        "cache": str(root),
+        "cut_points": len(all_cuts),
+        "planned_cuts": [c.name for c, _ in out],
+    }
     return out, full, meta

@@ -48,7 +48,9 @@ def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.get("optimizer", "sgd") == "adam":
         return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
-    return torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, nesterov=True, weight_decay=cfg.get("weight_decay", 5e-4))
+    return torch.optim.SGD(
+        params, lr=cfg["lr"], momentum=0.9, nesterov=True, weight_decay=cfg.get("weight_decay", 5e-4)
+    )
 
 
 @torch.no_grad()
@@ -65,8 +67,17 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
 class EpochRunner:
     """Shared skeleton: epochs with resume, a per-step loss function, logging and checkpoints."""
 
-    def __init__(self, name: str, model: nn.Module, params, cfg: dict, loader, device: torch.device,
-                 run_dir: Path, log: Callable[[dict], None]):
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        params,
+        cfg: dict,
+        loader,
+        device: torch.device,
+        run_dir: Path,
+        log: Callable[[dict], None],
+    ):
         self.name, self.model, self.cfg, self.loader, self.device, self.log = name, model, cfg, loader, device, log
         self.opt = make_optimizer(params, cfg)
         steps = cfg["epochs"] * len(loader)
@@ -81,8 +92,12 @@ class EpochRunner:
             self.start_epoch = state["epoch"] + 1
             log({"event": "resume", "stage": name, "epoch": self.start_epoch})
 
-    def run(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], set_train_mode: Callable[[], None],
-            eval_fn: Callable[[], float] | None = None) -> None:
+    def run(
+        self,
+        step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        set_train_mode: Callable[[], None],
+        eval_fn: Callable[[], float] | None = None,
+    ) -> None:
         for epoch in range(self.start_epoch, self.cfg["epochs"]):
             set_train_mode()
             t0, tot, n = time.time(), 0.0, 0
@@ -95,14 +110,26 @@ class EpochRunner:
                 self.sched.step()
                 tot += loss.detach().float().item() if n % 20 == 0 else 0.0
                 n += 1
-            rec = {"stage": self.name, "epoch": epoch + 1, "loss_sampled": tot / max(1, math.ceil(n / 20)),
-                   "lr": self.sched.get_last_lr()[0], "sec": round(time.time() - t0, 2)}
+            rec = {
+                "stage": self.name,
+                "epoch": epoch + 1,
+                "loss_sampled": tot / max(1, math.ceil(n / 20)),
+                "lr": self.sched.get_last_lr()[0],
+                "sec": round(time.time() - t0, 2),
+            }
             last = epoch + 1 == self.cfg["epochs"]
             if eval_fn is not None and (last or (epoch + 1) % self.cfg.get("eval_every", 5) == 0):
                 rec["eval_accuracy"] = eval_fn()
             self.log(rec)
-            torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                        "sched": self.sched.state_dict(), "epoch": epoch}, self.ckpt)
+            torch.save(
+                {
+                    "model": self.model.state_dict(),
+                    "opt": self.opt.state_dict(),
+                    "sched": self.sched.state_dict(),
+                    "epoch": epoch,
+                },
+                self.ckpt,
+            )
 
 
 def train_classifier(model, cfg, loader, device, run_dir, log, eval_fn=None) -> None:

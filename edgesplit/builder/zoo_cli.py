@@ -35,7 +35,9 @@ def zoo_main(argv: list[str]) -> int:
         for name in sorted(MODELS):
             m = create_model(name, 10)
             n = sum(p.numel() for p in m.parameters())
-            print(f"{name:<16} input {INPUT_SIZE[name]:>3}px  {n / 1e6:6.2f} M params  stages: {', '.join(m.stage_names)}")
+            print(
+                f"{name:<16} input {INPUT_SIZE[name]:>3}px  {n / 1e6:6.2f} M params  stages: {', '.join(m.stage_names)}"
+            )
         return 0
     w = Path(a.weights)
     if not w.exists() and (data_root() / w).exists():
@@ -62,5 +64,7 @@ def zoo_main(argv: list[str]) -> int:
             flush()
     flush()
     res = {"arch": a.arch, "weights": str(w), "data": a.data, "frames": total, "accuracy": correct / max(1, total)}
-    print(json.dumps(res) if a.json else f"{a.arch} ({w.name}) on {total} frames of {a.data}: top-1 {res['accuracy']:.4f}")
+    print(
+        json.dumps(res) if a.json else f"{a.arch} ({w.name}) on {total} frames of {a.data}: top-1 {res['accuracy']:.4f}"
+    )
     return 0

@@ -105,7 +105,9 @@ def register_family(name: str, **record: Any) -> Family:
         known = _FAMILIES.get(name)
         if known is not None:  # the same record again (a module imported twice) is harmless
             if known != fam:
-                raise ValueError(f"family {name!r} is already registered differently (by {known.module or 'another module'})")
+                raise ValueError(
+                    f"family {name!r} is already registered differently (by {known.module or 'another module'})"
+                )
             return known
         _FAMILIES[name] = fam
     return fam

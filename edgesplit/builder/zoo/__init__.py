@@ -16,8 +16,13 @@ from .mobilenetv2 import MobileNetV2
 from .resnet import ResNet
 from .resnet_cifar import CifarResNet
 
+
+def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
+    return lambda num_classes=10: CifarResNet(depth, num_classes)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    **{f"resnet{d}_cifar": (lambda d: lambda num_classes=10: CifarResNet(d, num_classes))(d) for d in (20, 32, 44, 56, 110)},
+    **{f"resnet{d}_cifar": _cifar_resnet(d) for d in (20, 32, 44, 56, 110)},
     "resnet18": lambda num_classes=1000: ResNet((2, 2, 2, 2), num_classes),
     # Narrow ResNet-18s (32..256 / 24..192 channels): 1/4 and 1/7 of the weights, so shipped bundles stay small.
     "resnet18_w32": lambda num_classes=1000: ResNet((2, 2, 2, 2), num_classes, width=32),
@@ -44,7 +49,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
 def load_pretrained(name: str, path: str | Path, num_classes: int) -> nn.Module:

@@ -17,18 +17,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...builder.export_common import (bundle_manifest, check_against_torch, eval_images, export_onnx, export_torch_tail,
-                                      head_latency_ms, host_profile_name, input_spec_for, load_teacher,
-                                      store_weights_fp16)
+from ...builder.export_common import (
+    bundle_manifest,
+    check_against_torch,
+    eval_images,
+    export_onnx,
+    export_torch_tail,
+    head_latency_ms,
+    host_profile_name,
+    input_spec_for,
+    load_teacher,
+    store_weights_fp16,
+)
 from ...bundle import Bundle, write_manifest
 from ...engine import create_engine
 from ...wire.codec import packed_nbytes
 from .model import load_student
 
 
-def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | None = None,
-                  check_frames: int = 256, weights: str = "fp16", teacher_path: str | Path | None = None,
-                  torch_tail: bool = False) -> Bundle:
+def export_bundle(
+    student_path: str | Path,
+    out_dir: str | Path,
+    name: str | None = None,
+    check_frames: int = 256,
+    weights: str = "fp16",
+    teacher_path: str | Path | None = None,
+    torch_tail: bool = False,
+) -> Bundle:
     student_path = Path(student_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +62,11 @@ def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | Non
     if weights == "fp16":
         for f in ("head.onnx", "tail.onnx", "full.onnx"):
             store_weights_fp16(out / f)
-    files = {"head": {"path": "head.onnx"}, "tail": {"path": "tail.onnx"}, "full": {"path": "full.onnx", "model": "teacher"}}
+    files = {
+        "head": {"path": "head.onnx"},
+        "tail": {"path": "tail.onnx"},
+        "full": {"path": "full.onnx", "model": "teacher"},
+    }
     if torch_tail:
         export_torch_tail(tail, ex_z, out / "tail.pt2")
         files["tail_torch"] = {"path": "tail.pt2"}
@@ -69,18 +88,43 @@ def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | Non
     modes = []
     for i, m in enumerate(sorted(results["modes"], key=lambda m: -m["bits"])):
         c = cal[str(m["bits"])]
-        modes.append({
-            "id": i, "name": f"c{cfg.bottleneck_channels}-b{m['bits']}", "channels": cfg.bottleneck_channels,
-            "bits": m["bits"], "quant": {"scheme": "affine-per-tensor", "scale": c["scale"], "zero_point": c["zero_point"],
-                                          "clip_percentile": c["clip_percentile"]},
-            "bytes_per_frame": packed_nbytes(numel, m["bits"]),
-            "accuracy": m["accuracy"], "accuracy_source": f"torch, {results['eval_frames']} frames of {recipe['dataset']}:{recipe['eval_split']}",
-            "head_ms": {host_profile_name(): round(head_ms, 4)},
-        })
+        modes.append(
+            {
+                "id": i,
+                "name": f"c{cfg.bottleneck_channels}-b{m['bits']}",
+                "channels": cfg.bottleneck_channels,
+                "bits": m["bits"],
+                "quant": {
+                    "scheme": "affine-per-tensor",
+                    "scale": c["scale"],
+                    "zero_point": c["zero_point"],
+                    "clip_percentile": c["clip_percentile"],
+                },
+                "bytes_per_frame": packed_nbytes(numel, m["bits"]),
+                "accuracy": m["accuracy"],
+                "accuracy_source": f"torch, {results['eval_frames']} frames of {recipe['dataset']}:{recipe['eval_split']}",
+                "head_ms": {host_profile_name(): round(head_ms, 4)},
+            }
+        )
     default = next(m["id"] for m in modes if m["bits"] == recipe["default_bits"])
-    wire = {"name": "z", "shape": list(model.wire_shape), "dtype": "float32",
-            "quantization": "affine per tensor, parameters per mode"}
-    manifest = bundle_manifest(family="bottlefit", name=name, state=state, cfg=cfg, input_spec=input_spec, wire=wire,
-                               modes=modes, default=default, files=files, checks=checks, weights=weights)
+    wire = {
+        "name": "z",
+        "shape": list(model.wire_shape),
+        "dtype": "float32",
+        "quantization": "affine per tensor, parameters per mode",
+    }
+    manifest = bundle_manifest(
+        family="bottlefit",
+        name=name,
+        state=state,
+        cfg=cfg,
+        input_spec=input_spec,
+        wire=wire,
+        modes=modes,
+        default=default,
+        files=files,
+        checks=checks,
+        weights=weights,
+    )
     write_manifest(out, manifest)
     return Bundle.load(out)

@@ -41,8 +41,16 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
         student.load_state_dict(torch.load(s1_path, map_location=dev, weights_only=True))
     else:
         c1 = vars(r.stage1)
-        distill_stage1(student, teacher, c1, p.train_loader(c1["batch"]), dev, run_dir, log,
-                       lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev))
+        distill_stage1(
+            student,
+            teacher,
+            c1,
+            p.train_loader(c1["batch"]),
+            dev,
+            run_dir,
+            log,
+            lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev),
+        )
         torch.save(student.state_dict(), s1_path)
     results["stage1_accuracy"] = evaluate(student.eval(), eval_loader, dev)
     out_path = run_dir / "student.pt"
@@ -61,8 +69,17 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
                 continue
             student.quant.bits = bits
             ck = vars(cfg_k)
-            finetune_stage2(student, teacher, ck, p.train_loader(ck["batch"]), dev, run_dir, log,
-                            lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev), name=name)
+            finetune_stage2(
+                student,
+                teacher,
+                ck,
+                p.train_loader(ck["batch"]),
+                dev,
+                run_dir,
+                log,
+                lambda: evaluate(lambda x: student.eval()(x), eval_loader, dev),
+                name=name,
+            )
             torch.save(student.state_dict(), art)
 
     # 3. Calibrate the wire quantization on training data, then evaluate every mode with it applied.
@@ -80,9 +97,18 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
     results["modes"] = modes
     results["eval_frames"] = int(len(eval_loader.x))
     results["wall_sec"] = round(time.time() - t0, 1)
-    torch.save({"family": "bottlefit", "config": cfg.to_dict(), "model": student.state_dict(), "calibration": calib,
-                "classes": CLASSES[r.dataset], "results": json.loads(json.dumps(results)),
-                "recipe": r.to_dict()}, out_path)
+    torch.save(
+        {
+            "family": "bottlefit",
+            "config": cfg.to_dict(),
+            "model": student.state_dict(),
+            "calibration": calib,
+            "classes": CLASSES[r.dataset],
+            "results": json.loads(json.dumps(results)),
+            "recipe": r.to_dict(),
+        },
+        out_path,
+    )
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": modes})
     return results

@@ -13,7 +13,9 @@ from ...builder.train import EpochRunner, freeze
 from .model import BottleFitSplit
 
 
-def distill_stage1(student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None) -> None:
+def distill_stage1(
+    student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None
+) -> None:
     """Head-network distillation: teacher and tail frozen; MSE at the decoder output and at every
     later stage, summed. Only encoder and decoder learn."""
     teacher.eval()
@@ -38,8 +40,9 @@ def distill_stage1(student: BottleFitSplit, teacher: nn.Module, cfg, loader, dev
     freeze(student, False)
 
 
-def finetune_stage2(student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None,
-                    name: str = "stage2") -> None:
+def finetune_stage2(
+    student: BottleFitSplit, teacher: nn.Module, cfg, loader, device, run_dir, log, eval_fn=None, name: str = "stage2"
+) -> None:
     """KD fine-tuning of decoder + tail: 0.5 CE + 0.5 KL(student || teacher) at temperature T,
     with the wire tensor fake-quantized at the recipe's training bit depth."""
     teacher.eval()
@@ -57,7 +60,11 @@ def finetune_stage2(student: BottleFitSplit, teacher: nn.Module, cfg, loader, de
         with torch.no_grad():
             t_logits = teacher(x)
         s_logits = student(x)
-        kl = F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1), reduction="batchmean") * T * T
+        kl = (
+            F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1), reduction="batchmean")
+            * T
+            * T
+        )
         return (1 - alpha) * F.cross_entropy(s_logits, y) + alpha * kl
 
     EpochRunner(name, student, student.parameters(), cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)

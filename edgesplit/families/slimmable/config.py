@@ -27,8 +27,10 @@ class SlimmableSplitCfg(SplitSection):
     def check_recipe(self, recipe: Any) -> None:
         w = self.widths
         if not w or w != sorted(set(w)) or w[0] < 1 or w[-1] != self.bottleneck_channels:
-            raise ValueError(f"split.widths: must be distinct ascending channel counts ending at bottleneck_channels "
-                             f"({self.bottleneck_channels}), got {w}")
+            raise ValueError(
+                f"split.widths: must be distinct ascending channel counts ending at bottleneck_channels "
+                f"({self.bottleneck_channels}), got {w}"
+            )
         if self.sandwich_random < 0:
             raise ValueError(f"split.sandwich_random: must be 0 or more, got {self.sandwich_random}")
         check_train_bits(self.train_bits)

@@ -20,8 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...builder.export_common import (bundle_manifest, check_against_torch, eval_images, export_onnx, head_latency_ms,
-                                      host_profile_name, input_spec_for, load_teacher, store_weights_fp16)
+from ...builder.export_common import (
+    bundle_manifest,
+    check_against_torch,
+    eval_images,
+    export_onnx,
+    head_latency_ms,
+    host_profile_name,
+    input_spec_for,
+    load_teacher,
+    store_weights_fp16,
+)
 from ...bundle import Bundle, write_manifest
 from ...engine import create_engine
 from ...wire.codec import packed_nbytes
@@ -33,8 +42,15 @@ def head_file(width: int, widest: int) -> tuple[str, str]:
     return ("head", "head.onnx") if width == widest else (f"head.c{width}", f"head_c{width}.onnx")
 
 
-def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | None = None, check_frames: int = 256,
-                  weights: str = "fp16", teacher_path: str | Path | None = None, torch_tail: bool = False) -> Bundle:
+def export_bundle(
+    student_path: str | Path,
+    out_dir: str | Path,
+    name: str | None = None,
+    check_frames: int = 256,
+    weights: str = "fp16",
+    teacher_path: str | Path | None = None,
+    torch_tail: bool = False,
+) -> Bundle:
     if torch_tail:
         raise ValueError("torch_tail: the slimmable family has no torch tail yet (export the ONNX tail only)")
     student_path = Path(student_path)
@@ -81,21 +97,46 @@ def export_bundle(student_path: str | Path, out_dir: str | Path, name: str | Non
     for c in sorted(widths, reverse=True):
         for b in sorted(recipe["mode_bits"], reverse=True):
             m, k = by_key[(c, b)], state["calibration"][f"{c}/{b}"]
-            modes.append({
-                "id": len(modes), "name": f"c{c}-b{b}", "channels": c, "bits": b, "head": head_file(c, C)[0],
-                "quant": {"scheme": "affine-per-tensor", "scale": k["scale"], "zero_point": k["zero_point"],
-                          "clip_percentile": k["clip_percentile"]},
-                "bytes_per_frame": packed_nbytes(c * hw, b),
-                "accuracy": m["accuracy"],
-                "accuracy_source": f"torch, {results['eval_frames']} frames of {recipe['dataset']}:{recipe['eval_split']}",
-                "head_ms": {host_profile_name(): round(head_ms[c], 4)},
-                "head_macs": m["head_macs"],
-            })
+            modes.append(
+                {
+                    "id": len(modes),
+                    "name": f"c{c}-b{b}",
+                    "channels": c,
+                    "bits": b,
+                    "head": head_file(c, C)[0],
+                    "quant": {
+                        "scheme": "affine-per-tensor",
+                        "scale": k["scale"],
+                        "zero_point": k["zero_point"],
+                        "clip_percentile": k["clip_percentile"],
+                    },
+                    "bytes_per_frame": packed_nbytes(c * hw, b),
+                    "accuracy": m["accuracy"],
+                    "accuracy_source": f"torch, {results['eval_frames']} frames of {recipe['dataset']}:{recipe['eval_split']}",
+                    "head_ms": {host_profile_name(): round(head_ms[c], 4)},
+                    "head_macs": m["head_macs"],
+                }
+            )
     default = next(m["id"] for m in modes if m["channels"] == C and m["bits"] == recipe["default_bits"])
-    wire = {"name": "z", "shape": list(model.wire_shape), "dtype": "float32",
-            "quantization": "affine per tensor, parameters per mode",
-            "channels": "a mode sends its first N channels; the server zero-fills the rest"}
-    manifest = bundle_manifest(family="slimmable", name=name, state=state, cfg=cfg, input_spec=input_spec, wire=wire,
-                               modes=modes, default=default, files=files, checks=checks, weights=weights)
+    wire = {
+        "name": "z",
+        "shape": list(model.wire_shape),
+        "dtype": "float32",
+        "quantization": "affine per tensor, parameters per mode",
+        "channels": "a mode sends its first N channels; the server zero-fills the rest",
+    }
+    manifest = bundle_manifest(
+        family="slimmable",
+        name=name,
+        state=state,
+        cfg=cfg,
+        input_spec=input_spec,
+        wire=wire,
+        modes=modes,
+        default=default,
+        files=files,
+        checks=checks,
+        weights=weights,
+    )
     write_manifest(out, manifest)
     return Bundle.load(out)

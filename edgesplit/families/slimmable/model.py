@@ -224,10 +224,18 @@ def head_macs(cfg: SlimmableConfig, index: int) -> int:
 def student_config(r) -> SlimmableConfig:
     """The model config a recipe (``edgesplit.builder.recipe.Recipe``) describes."""
     s = r.split
-    return SlimmableConfig(arch=r.teacher.arch, num_classes=len(CLASSES[r.dataset]), input_size=r.input_size,
-                           split_at=s.split_at, widths=list(s.widths), encoder_widths=list(s.encoder_widths),
-                           encoder_strides=list(s.encoder_strides), bottleneck_stride=s.bottleneck_stride,
-                           decoder_widths=list(s.decoder_widths), train_bits=s.train_bits)
+    return SlimmableConfig(
+        arch=r.teacher.arch,
+        num_classes=len(CLASSES[r.dataset]),
+        input_size=r.input_size,
+        split_at=s.split_at,
+        widths=list(s.widths),
+        encoder_widths=list(s.encoder_widths),
+        encoder_strides=list(s.encoder_strides),
+        bottleneck_stride=s.bottleneck_stride,
+        decoder_widths=list(s.decoder_widths),
+        train_bits=s.train_bits,
+    )
 
 
 def build_model(r, backbone: nn.Module | None = None) -> SlimmableSplit:

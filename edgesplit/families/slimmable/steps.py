@@ -46,10 +46,26 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
             continue
         if name == "stage2":
             held = hold_wire_ranges(student, calib_loader, r.split.train_bits)
-            log({"event": "stage2_wire_ranges", "bits": r.split.train_bits,
-                 "ranges": {str(c): {"scale": k["scale"], "zero_point": k["zero_point"]} for c, k in held.items()}})
+            log(
+                {
+                    "event": "stage2_wire_ranges",
+                    "bits": r.split.train_bits,
+                    "ranges": {str(c): {"scale": k["scale"], "zero_point": k["zero_point"]} for c, k in held.items()},
+                }
+            )
         c = vars(stage)
-        fn(student, teacher, c, p.train_loader(c["batch"]), dev, run_dir, log, eval_widest, n_random=n_random, seed=r.seed)
+        fn(
+            student,
+            teacher,
+            c,
+            p.train_loader(c["batch"]),
+            dev,
+            run_dir,
+            log,
+            eval_widest,
+            n_random=n_random,
+            seed=r.seed,
+        )
         torch.save(student.state_dict(), art)
     for q in student.quant:
         q.hold_range, q.fixed = False, None
@@ -64,9 +80,18 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
     results["modes"] = modes
     results["eval_frames"] = int(len(eval_loader.x))
     results["wall_sec"] = round(time.time() - p.t0, 1)
-    torch.save({"family": "slimmable", "config": cfg.to_dict(), "model": student.state_dict(), "calibration": calib,
-                "classes": CLASSES[r.dataset], "results": json.loads(json.dumps(results)), "recipe": r.to_dict()},
-               run_dir / "student.pt")
+    torch.save(
+        {
+            "family": "slimmable",
+            "config": cfg.to_dict(),
+            "model": student.state_dict(),
+            "calibration": calib,
+            "classes": CLASSES[r.dataset],
+            "results": json.loads(json.dumps(results)),
+            "recipe": r.to_dict(),
+        },
+        run_dir / "student.pt",
+    )
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": modes})
     return results

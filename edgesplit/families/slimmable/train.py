@@ -61,8 +61,18 @@ def _set_train_mode(student: SlimmableSplit) -> None:
     student.quant.train()
 
 
-def distill_stage1(student: SlimmableSplit, teacher: nn.Module, cfg: dict, loader, device, run_dir, log,
-                   eval_fn=None, n_random: int = 1, seed: int = 0) -> None:
+def distill_stage1(
+    student: SlimmableSplit,
+    teacher: nn.Module,
+    cfg: dict,
+    loader,
+    device,
+    run_dir,
+    log,
+    eval_fn=None,
+    n_random: int = 1,
+    seed: int = 0,
+) -> None:
     teacher.eval()
     params = _freeze_all_but(student, student.encoder, student.decoder)
     rng = random.Random(seed)
@@ -80,7 +90,9 @@ def distill_stage1(student: SlimmableSplit, teacher: nn.Module, cfg: dict, loade
             loss = loss + F.mse_loss(feat.float(), target)
         return loss
 
-    EpochRunner("stage1", student, params, cfg, loader, device, run_dir, log).run(step, lambda: _set_train_mode(student), eval_fn)
+    EpochRunner("stage1", student, params, cfg, loader, device, run_dir, log).run(
+        step, lambda: _set_train_mode(student), eval_fn
+    )
     for q, b in zip(student.quant, saved):
         q.bits = b
 
@@ -99,16 +111,29 @@ def hold_wire_ranges(student: SlimmableSplit, loader, bits: int, max_batches: in
     return ranges
 
 
-def finetune_stage2(student: SlimmableSplit, teacher: nn.Module, cfg: dict, loader, device, run_dir, log,
-                    eval_fn=None, n_random: int = 1, seed: int = 0) -> None:
+def finetune_stage2(
+    student: SlimmableSplit,
+    teacher: nn.Module,
+    cfg: dict,
+    loader,
+    device,
+    run_dir,
+    log,
+    eval_fn=None,
+    n_random: int = 1,
+    seed: int = 0,
+) -> None:
     teacher.eval()
     params = _freeze_all_but(student, student.encoder, student.decoder)
     rng = random.Random(seed + 1)
     T, alpha = cfg.get("temperature", 1.0), cfg.get("alpha", 0.5)
 
     def kl(s_logits, t_logits):
-        return F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1),
-                        reduction="batchmean") * T * T
+        return (
+            F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1), reduction="batchmean")
+            * T
+            * T
+        )
 
     def step(x, y):
         order = sandwich(len(student.widths), n_random, rng)
@@ -121,7 +146,9 @@ def finetune_stage2(student: SlimmableSplit, teacher: nn.Module, cfg: dict, load
             loss = loss + kl(student(x, i), soft)
         return loss
 
-    EpochRunner("stage2", student, params, cfg, loader, device, run_dir, log).run(step, lambda: _set_train_mode(student), eval_fn)
+    EpochRunner("stage2", student, params, cfg, loader, device, run_dir, log).run(
+        step, lambda: _set_train_mode(student), eval_fn
+    )
 
 
 @torch.no_grad()
@@ -157,8 +184,14 @@ def collect_wire(student: SlimmableSplit, index: int, loader, max_batches: int) 
 
 
 @torch.no_grad()
-def evaluate_modes(student: SlimmableSplit, calib: dict, bits_list: list[int], loader, device,
-                   log: Callable[[dict], None] | None = None) -> list[dict]:
+def evaluate_modes(
+    student: SlimmableSplit,
+    calib: dict,
+    bits_list: list[int],
+    loader,
+    device,
+    log: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Accuracy of every (width, bits) on the evaluation set, the wire quantized as the codec does
     it (calibrated scale and zero point), the narrower widths zero-filled as the server does."""
     student.eval()

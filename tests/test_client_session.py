@@ -10,8 +10,21 @@ from types import SimpleNamespace
 import pytest
 
 from edgesplit.wire import protocol as P
-from edgesplit.wire.client_session import (DISCONNECTED, TIMEOUT, Answered, Backoff, BadMessage, ClientSession,
-                                           LateAnswer, Lost, Ponged, Refused, Send, TimedOut, Welcomed)
+from edgesplit.wire.client_session import (
+    DISCONNECTED,
+    TIMEOUT,
+    Answered,
+    Backoff,
+    BadMessage,
+    ClientSession,
+    LateAnswer,
+    Lost,
+    Ponged,
+    Refused,
+    Send,
+    TimedOut,
+    Welcomed,
+)
 from edgesplit.wire.codec import descriptor
 from edgesplit.wire.errors import ErrorCode
 
@@ -40,13 +53,18 @@ def make(**kw) -> ClientSession:
 
 
 def welcome(credits=8, heartbeat_ms=0, features=P.SERVER_FEATURES, bundle=HASH, limits=P.DEFAULT_LIMITS) -> list:
-    return P.pack(P.welcome(bundle, "srv", credits=credits, limits=limits, heartbeat_ms=heartbeat_ms,
-                            codecs=["raw"], features=features))
+    return P.pack(
+        P.welcome(
+            bundle, "srv", credits=credits, limits=limits, heartbeat_ms=heartbeat_ms, codecs=["raw"], features=features
+        )
+    )
 
 
 def result(rid, queue_us=10.0, compute_us=200.0, batch=2, server_us=250.0) -> list:
-    return P.pack(P.result(rid, [LOGITS], queue_us=queue_us, compute_us=compute_us, batch_size=batch,
-                           server_us=server_us), [b"\0" * 40])
+    return P.pack(
+        P.result(rid, [LOGITS], queue_us=queue_us, compute_us=compute_us, batch_size=batch, server_us=server_us),
+        [b"\0" * 40],
+    )
 
 
 def error(rid, code, message="no") -> list:
@@ -166,8 +184,12 @@ def test_answer_timings_and_a_late_duplicate():
     req, _ = s.request(MODE.id, IMPLICIT, PAYLOAD, 0)
     (ev,) = s.receive(result(req.rid, queue_us=12.3, compute_us=456.7, batch=3, server_us=480.0), 5 * MS)
     assert isinstance(ev, Answered) and ev.rid == req.rid and ev.request is req
-    assert (ev.timings.queue_us, ev.timings.compute_us, ev.timings.batch_size, ev.timings.server_us) == \
-        (12.3, 456.7, 3, 480.0)
+    assert (ev.timings.queue_us, ev.timings.compute_us, ev.timings.batch_size, ev.timings.server_us) == (
+        12.3,
+        456.7,
+        3,
+        480.0,
+    )
     assert len(ev.frames) == 1 and bytes(ev.frames[0]) == b"\0" * 40 and not s.outstanding
     (late,) = s.receive(result(req.rid), 6 * MS)
     assert isinstance(late, LateAnswer) and late.rid == req.rid and late.timings is not None
@@ -187,8 +209,17 @@ def test_forgotten_and_abandoned_requests_are_late_when_answered():
 # -- refusals ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [ErrorCode.OVERLOADED, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.UNKNOWN_MODE,
-                                  ErrorCode.TOO_LARGE, ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN])
+@pytest.mark.parametrize(
+    "code",
+    [
+        ErrorCode.OVERLOADED,
+        ErrorCode.DEADLINE_EXCEEDED,
+        ErrorCode.UNKNOWN_MODE,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.INTERNAL,
+        ErrorCode.SHUTTING_DOWN,
+    ],
+)
 def test_refusals_finish_the_request_with_their_code(code):
     s = session_up()
     req, _ = s.request(MODE.id, IMPLICIT, PAYLOAD, 0)
@@ -371,14 +402,17 @@ def test_close_hands_back_what_was_outstanding():
 # -- malformed input from the server -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("parts", [
-    [b"\xc1"],                                                   # not msgpack
-    [P.pack_header([1, 2])],                                     # not a map
-    [P.pack_header({"v": 1, "kind": "result", "id": 1})],        # a result without outputs or timing
-    [P.pack_header({"v": 9, "kind": "welcome"})],                # a version nobody speaks
-    [P.pack_header({"v": 1, "kind": "scatter"})],                # a reserved kind
-    P.pack(P.hello(HASH, "x")),                                  # a kind servers never send
-])
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [b"\xc1"],  # not msgpack
+        [P.pack_header([1, 2])],  # not a map
+        [P.pack_header({"v": 1, "kind": "result", "id": 1})],  # a result without outputs or timing
+        [P.pack_header({"v": 9, "kind": "welcome"})],  # a version nobody speaks
+        [P.pack_header({"v": 1, "kind": "scatter"})],  # a reserved kind
+        P.pack(P.hello(HASH, "x")),  # a kind servers never send
+    ],
+)
 def test_garbage_from_the_server_is_reported_and_changes_nothing(parts):
     s = session_up()
     req, _ = s.request(MODE.id, IMPLICIT, PAYLOAD, 0)

@@ -18,8 +18,16 @@ def _parsed(header: dict, frames=()) -> dict:
 
 def test_welcome_reads_every_field_and_writes_the_same_header():
     lim = P.Limits(max_header_bytes=1000, max_frame_bytes=2000, max_frames=3, max_batch=4)
-    h = P.welcome("abc", "srv-1", credits=7, limits=lim, heartbeat_ms=250, codecs=["raw", "zstd"],
-                  bits=[2, 8], features=[P.FEATURE_COMPACT_REQUESTS])
+    h = P.welcome(
+        "abc",
+        "srv-1",
+        credits=7,
+        limits=lim,
+        heartbeat_ms=250,
+        codecs=["raw", "zstd"],
+        bits=[2, 8],
+        features=[P.FEATURE_COMPACT_REQUESTS],
+    )
     w = Welcome.from_header(_parsed(h))
     assert (w.bundle, w.server, w.credits, w.heartbeat_ms) == ("abc", "srv-1", 7, 250)
     assert w.limits == lim
@@ -43,8 +51,9 @@ def test_result_timings_round_trip_through_the_result_header():
     t = ResultTimings.from_header(_parsed(h, [b"\0" * 40]))
     assert t == ResultTimings(queue_us=12.3, compute_us=567.9, server_us=600.0, batch_size=3)
     assert t.to_header(42, [desc], t_send_ns=99) == h
-    assert t.to_header(42, [desc]) == P.result(42, [desc], queue_us=12.3, compute_us=567.9, batch_size=3,
-                                               server_us=600.0)
+    assert t.to_header(42, [desc]) == P.result(
+        42, [desc], queue_us=12.3, compute_us=567.9, batch_size=3, server_us=600.0
+    )
 
 
 @pytest.mark.parametrize("rid", [None, 0, 17])

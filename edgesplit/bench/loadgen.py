@@ -27,18 +27,18 @@ answers that match no outstanding request (``unexpected``) and requests never an
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import zmq
 
 from ..bundle import Bundle
-from ..wire import codec, protocol as P
-from ..wire.client_session import (Answered, Backoff, BadMessage, ClientSession, LateAnswer, Lost, Ponged, Refused,
-                                   Send)
+from ..wire import codec
+from ..wire import protocol as P
+from ..wire.client_session import Answered, Backoff, BadMessage, ClientSession, LateAnswer, Lost, Ponged, Refused, Send
 from ..wire.transport import connect_dealer, context, recv_parts, send_parts
+from .load_stats import LoadStats
 
 _NOBLOCK = int(zmq.NOBLOCK)
 
@@ -53,15 +53,16 @@ class Workload:
     expected: np.ndarray | None = None  # [len(payloads), K]
 
 
-def head_workload(bundle: Bundle, n: int = 64, mode: int | None = None, source: str | None = None,
-                  threads: int | None = 1) -> Workload:
+def head_workload(
+    bundle: Bundle, n: int = 64, mode: int | None = None, source: str | None = None, threads: int | None = 1
+) -> Workload:
     """``n`` real images of the bundle's dataset through its head (ONNX Runtime), encoded in
     ``mode``; expected logits from the bundle's tail run locally on the decoded tensors (what the
     server must answer, up to batch-size rounding)."""
     from ..data.sources import open_source, take
     from ..data.transforms import preprocess
-    from ..loopback import DEFAULT_SOURCES
     from ..engine import create_engine
+    from ..loopback import DEFAULT_SOURCES
 
     if source is None:
         source = next((v for k, v in DEFAULT_SOURCES.items() if bundle.name.startswith(k)), None)
@@ -78,81 +79,8 @@ def head_workload(bundle: Bundle, n: int = 64, mode: int | None = None, source: 
         payloads.append(p)
         decoded.append(codec.decode(d, p, full_channels=C))
     tail = create_engine(bundle.file("tail"), "ort", threads=threads)
-    expected = np.concatenate([tail.run1(np.stack(decoded[i:i + 32])) for i in range(0, len(decoded), 32)])
+    expected = np.concatenate([tail.run1(np.stack(decoded[i : i + 32])) for i in range(0, len(decoded), 32)])
     return Workload(m.id, payloads, expected.astype(np.float32))
-
-
-@dataclass
-class LoadStats:
-    """What one run of a driver saw. Latencies are per result, in ms."""
-
-    sent: int = 0
-    results: int = 0
-    results_in_window: int = 0  # results that arrived before the sending window closed
-    window_s: float = 0.0
-    errors: Counter = field(default_factory=Counter)
-    rtt_ms: list[float] = field(default_factory=list)
-    server_ms: list[float] = field(default_factory=list)
-    batch_sizes: list[int] = field(default_factory=list)
-    deadline_ms: float | None = None
-    wrong: int = 0              # results whose logits differ from the expected ones
-    max_abs_err: float = 0.0
-    unexpected: int = 0         # answers to no outstanding request (duplicates, foreign ids)
-    unanswered: int = 0         # requests still without an answer when the driver gave up
-    send_refused: int = 0       # sends the client's own socket refused (its queue full)
-    no_session: int = 0         # requests not sent: their session was lost (bye) and not welcomed again
-    server_bye: bool = False
-
-    def merge(self, other: "LoadStats") -> None:
-        """Add another run's counts and samples to this one (windows add up)."""
-        self.sent += other.sent
-        self.results += other.results
-        self.results_in_window += other.results_in_window
-        self.window_s += other.window_s
-        self.errors.update(other.errors)
-        self.rtt_ms += other.rtt_ms
-        self.server_ms += other.server_ms
-        self.batch_sizes += other.batch_sizes
-        self.wrong += other.wrong
-        self.max_abs_err = max(self.max_abs_err, other.max_abs_err)
-        self.unexpected += other.unexpected
-        self.unanswered += other.unanswered
-        self.send_refused += other.send_refused
-        self.no_session += other.no_session
-        self.server_bye = self.server_bye or other.server_bye
-
-    @property
-    def answered(self) -> int:
-        return self.results + sum(self.errors.values())
-
-    def summary(self) -> dict:
-        rtt = np.asarray(self.rtt_ms, np.float64)
-        srv = np.asarray(self.server_ms, np.float64)
-        bs = np.asarray(self.batch_sizes, np.int64)
-
-        def pct(a: np.ndarray, q: float) -> float | None:
-            return None if a.size == 0 else round(float(np.percentile(a, q)), 3)
-
-        s = {
-            "sent": self.sent, "results": self.results, "errors": dict(self.errors),
-            "unanswered": self.unanswered, "unexpected": self.unexpected, "wrong_results": self.wrong,
-            "frames_per_s": round(self.results_in_window / self.window_s, 1) if self.window_s else None,
-            "offered_per_s": round(self.sent / self.window_s, 1) if self.window_s else None,
-            "latency_ms_p50": pct(rtt, 50), "latency_ms_p99": pct(rtt, 99), "latency_ms_max": pct(rtt, 100),
-            "server_ms_p50": pct(srv, 50), "server_ms_p99": pct(srv, 99), "server_ms_max": pct(srv, 100),
-            "batch_size_mean": None if bs.size == 0 else round(float(bs.mean()), 2),
-            "batch_size_p50": None if bs.size == 0 else int(np.median(bs)),
-        }
-        if self.send_refused:
-            s["send_refused"] = self.send_refused
-        if self.no_session:
-            s["no_session"] = self.no_session
-        if self.server_bye:
-            s["server_bye"] = True
-        if self.deadline_ms is not None:
-            s["deadline_ms"] = self.deadline_ms
-            s["late_results"] = int((srv > self.deadline_ms).sum())
-        return s
 
 
 class _Session:  # one socket and the protocol session it carries
@@ -171,9 +99,19 @@ class _Session:  # one socket and the protocol session it carries
 class LoadClient:
     """``sessions`` protocol sessions to one server, driven from the calling thread."""
 
-    def __init__(self, endpoint: str, bundle: Bundle, sessions: int, workload: Workload, *,
-                 max_inflight: int = 1 << 20, tolerance: float = 1e-3, name: str = "load",
-                 send_hwm: int = 10_000, ctx: zmq.Context | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        bundle: Bundle,
+        sessions: int,
+        workload: Workload,
+        *,
+        max_inflight: int = 1 << 20,
+        tolerance: float = 1e-3,
+        name: str = "load",
+        send_hwm: int = 10_000,
+        ctx: zmq.Context | None = None,
+    ):
         """``send_hwm``: messages each socket queues before a send is refused (counted as
         ``send_refused``); an overload test keeps it small, so that a server pushing back (TCP)
         shows as refused sends rather than as requests aging in this client's own buffers."""
@@ -184,14 +122,27 @@ class LoadClient:
         self.tolerance = tolerance
         self.name = name
         self._ctx = ctx or context()
-        self._desc = P.compact_descriptor(bundle.wire_spec["name"], bundle.wire_spec["shape"], bundle.mode(workload.mode))
+        self._desc = P.compact_descriptor(
+            bundle.wire_spec["name"], bundle.wire_spec["shape"], bundle.mode(workload.mode)
+        )
         # hellos retried about once a second while the server starts; pongs without a clock
-        self._sessions = [_Session(connect_dealer(endpoint, ctx=self._ctx, hwm=send_hwm),
-                                   ClientSession(bundle.hash, name, max_inflight=max_inflight,
-                                                 implicit={workload.mode: self._desc}, codecs=list(codec.CODECS),
-                                                 backoff=Backoff(1.0, 1.0), retry_not_ready=False, wall_clock=None,
-                                                 peer=endpoint))
-                          for _ in range(int(sessions))]
+        self._sessions = [
+            _Session(
+                connect_dealer(endpoint, ctx=self._ctx, hwm=send_hwm),
+                ClientSession(
+                    bundle.hash,
+                    name,
+                    max_inflight=max_inflight,
+                    implicit={workload.mode: self._desc},
+                    codecs=list(codec.CODECS),
+                    backoff=Backoff(1.0, 1.0),
+                    retry_not_ready=False,
+                    wall_clock=None,
+                    peer=endpoint,
+                ),
+            )
+            for _ in range(int(sessions))
+        ]
         self._by_sock = {s.sock: s for s in self._sessions}
         self._poller = zmq.Poller()
         for s in self._sessions:
@@ -241,8 +192,9 @@ class LoadClient:
         wl = self.workload
         idx = self._next_payload
         self._next_payload = (idx + 1) % len(wl.payloads)
-        req, parts = s.proto.request(wl.mode, self._desc, wl.payloads[idx], time.perf_counter_ns(),
-                                     deadline_ms=deadline_ms, tag=idx)
+        req, parts = s.proto.request(
+            wl.mode, self._desc, wl.payloads[idx], time.perf_counter_ns(), deadline_ms=deadline_ms, tag=idx
+        )
         if parts is None:  # no session (the server said bye): nothing to send it to
             s.proto.forget(req.rid)
             stats.no_session += 1
@@ -326,9 +278,17 @@ class LoadClient:
                 s.proto.abandon(rid)  # an answer after all counts as unexpected
 
     # -- drivers -------------------------------------------------------------------------------
-    def closed_loop(self, seconds: float | None = None, *, requests: int | None = None, window: int = 1,
-                    fps: float | None = None, until: Callable[[], bool] | None = None,
-                    deadline_ms: float | None = None, drain_timeout_s: float = 10.0) -> LoadStats:
+    def closed_loop(
+        self,
+        seconds: float | None = None,
+        *,
+        requests: int | None = None,
+        window: int = 1,
+        fps: float | None = None,
+        until: Callable[[], bool] | None = None,
+        deadline_ms: float | None = None,
+        drain_timeout_s: float = 10.0,
+    ) -> LoadStats:
         """Each session keeps up to ``window`` requests outstanding (never more than the credits
         its welcome granted; paced to ``fps`` per session when given) until ``seconds`` pass,
         ``requests`` have been sent, or ``until()`` is true."""
@@ -342,8 +302,11 @@ class LoadClient:
             s.next_send_ns = t0 + period_ns * i // len(self._sessions)
         while True:
             now = time.perf_counter_ns()
-            if (end_ns is not None and now >= end_ns) or (requests is not None and stats.sent >= requests) \
-                    or (until is not None and until()):
+            if (
+                (end_ns is not None and now >= end_ns)
+                or (requests is not None and stats.sent >= requests)
+                or (until is not None and until())
+            ):
                 break
             wake = now + 20_000_000
             for s in self._sessions:
@@ -363,8 +326,9 @@ class LoadClient:
         self._drain(stats, drain_timeout_s)
         return stats
 
-    def open_loop(self, rate: float, seconds: float, *, deadline_ms: float | None = None,
-                  drain_timeout_s: float = 10.0) -> LoadStats:
+    def open_loop(
+        self, rate: float, seconds: float, *, deadline_ms: float | None = None, drain_timeout_s: float = 10.0
+    ) -> LoadStats:
         """Send ``rate`` requests/s in total, round-robin over the sessions, for ``seconds``,
         whatever comes back; then wait for every answer."""
         stats = LoadStats(deadline_ms=deadline_ms)
@@ -382,7 +346,9 @@ class LoadClient:
                 self._send(sessions[k], stats, deadline_ms)
                 k = (k + 1) % len(sessions)
                 burst += 1
-            behind = stats.sent + stats.send_refused + stats.no_session < int((time.perf_counter_ns() - t0) * rate / 1e9)
+            behind = stats.sent + stats.send_refused + stats.no_session < int(
+                (time.perf_counter_ns() - t0) * rate / 1e9
+            )
             self._pump(0 if behind else 1, stats, end_ns)
         stats.window_s = (time.perf_counter_ns() - t0) / 1e9
         self._drain(stats, drain_timeout_s)

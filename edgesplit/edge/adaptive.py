@@ -62,7 +62,7 @@ class ModeController:
         self._prev_mode: int | None = None
         self.frames = 0
         self.switch_ms: list[float] = []  # decision -> request ready, mode differs from the previous request's
-        self.same_ms: list[float] = []    # the same, mode unchanged
+        self.same_ms: list[float] = []  # the same, mode unchanged
         self._prev_head: str | None = None
         self.head_ms: dict[str, tuple[list[float], list[float]]] = {}  # role -> (after a switch, steady)
         self.observed = 0
@@ -91,8 +91,15 @@ class ModeController:
     def decide(self, now_s: float, deadline_ms: float, index: int, pending: Container[int]) -> Decision:
         self.collect(pending)
         self.frames += 1
-        return self.policy.choose(FrameState(now_s=now_s, deadline_ms=deadline_ms, index=index,
-                                             outstanding=tuple(self._out.values()), base_rtt_ms=self.base_rtt_ms))
+        return self.policy.choose(
+            FrameState(
+                now_s=now_s,
+                deadline_ms=deadline_ms,
+                index=index,
+                outstanding=tuple(self._out.values()),
+                base_rtt_ms=self.base_rtt_ms,
+            )
+        )
 
     def late_result(self, rid: int, result: Any) -> None:
         """The server's answer to a request whose frame was already answered locally (a rescue):
@@ -119,20 +126,37 @@ class ModeController:
         def pct(v: list[float], q: float) -> float | None:
             return None if not v else round(float(np.percentile(v, q)), 4)
 
-        return {"policy": self.policy.name, "decisions": self.frames, "observed": self.observed,
-                "switches": len(self.switch_ms), "switch_ms_p50": pct(self.switch_ms, 50),
-                "switch_ms_max": None if not self.switch_ms else round(max(self.switch_ms), 4),
-                "same_mode_ms_p50": pct(self.same_ms, 50),
-                "same_mode_ms_max": None if not self.same_ms else round(max(self.same_ms), 4),
-                "heads": {role: {"after_switch_n": len(a), "after_switch_ms_p50": pct(a, 50),
-                                 "steady_n": len(st), "steady_ms_p50": pct(st, 50),
-                                 "switch_cost_ms": None if not (a and st) else round(pct(a, 50) - pct(st, 50), 4)}
-                          for role, (a, st) in sorted(self.head_ms.items())}}
+        return {
+            "policy": self.policy.name,
+            "decisions": self.frames,
+            "observed": self.observed,
+            "switches": len(self.switch_ms),
+            "switch_ms_p50": pct(self.switch_ms, 50),
+            "switch_ms_max": None if not self.switch_ms else round(max(self.switch_ms), 4),
+            "same_mode_ms_p50": pct(self.same_ms, 50),
+            "same_mode_ms_max": None if not self.same_ms else round(max(self.same_ms), 4),
+            "heads": {
+                role: {
+                    "after_switch_n": len(a),
+                    "after_switch_ms_p50": pct(a, 50),
+                    "steady_n": len(st),
+                    "steady_ms_p50": pct(st, 50),
+                    "switch_cost_ms": None if not (a and st) else round(pct(a, 50) - pct(st, 50), 4),
+                }
+                for role, (a, st) in sorted(self.head_ms.items())
+            },
+        }
 
 
-
-def make_policy(kind: str, modes: ModesTable, *, local_ms: float | None, base_rtt_ms: float = 0.0,
-                mode_id: int | None = None, packet_bytes: int | None = None) -> Policy:
+def make_policy(
+    kind: str,
+    modes: ModesTable,
+    *,
+    local_ms: float | None,
+    base_rtt_ms: float = 0.0,
+    mode_id: int | None = None,
+    packet_bytes: int | None = None,
+) -> Policy:
     """The policies of :func:`edgesplit.control.simulator.standard_policies`, by name (the oracle
     needs the trace: simulator only). ``kind``: ``deadline`` (harmonic-mean estimator, the
     controller), ``deadline-ewma``, ``assine``, ``fixed`` (``mode_id``; default the most accurate),
@@ -143,11 +167,13 @@ def make_policy(kind: str, modes: ModesTable, *, local_ms: float | None, base_rt
             mode_id = int(kind.split(":", 1)[1])
         return FixedPolicy(modes, modes.ranked[0].id if mode_id is None else mode_id)
     if kind == "deadline":
-        return DeadlinePolicy(modes, HarmonicMeanEstimator(5), local_ms=local_ms, base_rtt_ms=base_rtt_ms,
-                              packet_bytes=packet_bytes)
+        return DeadlinePolicy(
+            modes, HarmonicMeanEstimator(5), local_ms=local_ms, base_rtt_ms=base_rtt_ms, packet_bytes=packet_bytes
+        )
     if kind == "deadline-ewma":
-        return DeadlinePolicy(modes, EwmaEstimator(0.4), local_ms=local_ms, base_rtt_ms=base_rtt_ms,
-                              packet_bytes=packet_bytes)
+        return DeadlinePolicy(
+            modes, EwmaEstimator(0.4), local_ms=local_ms, base_rtt_ms=base_rtt_ms, packet_bytes=packet_bytes
+        )
     if kind == "assine":
         return AssinePolicy(modes, base_rtt_ms=base_rtt_ms)
     raise ValueError(f"unknown policy {kind!r}: one of {', '.join(POLICY_KINDS)} (or fixed:ID)")

@@ -53,7 +53,6 @@ if the server's answer has not come by then; the late answer is dropped as an an
 feeds the policy (summary ``rescues``).
 """
 
-
 from __future__ import annotations
 
 import sys
@@ -62,8 +61,17 @@ from .agent_cli import agent_main, build_parser
 from .agent_core import DISCONNECTED, FALLBACK_FAILED, TIMEOUT, Agent
 from .results import AgentError, FrameResult, summarize
 
-__all__ = ["Agent", "AgentError", "FrameResult", "summarize", "build_parser", "agent_main", "TIMEOUT",
-           "DISCONNECTED", "FALLBACK_FAILED"]
+__all__ = [
+    "Agent",
+    "AgentError",
+    "FrameResult",
+    "summarize",
+    "build_parser",
+    "agent_main",
+    "TIMEOUT",
+    "DISCONNECTED",
+    "FALLBACK_FAILED",
+]
 
 if __name__ == "__main__":
     sys.exit(agent_main(sys.argv[1:]))

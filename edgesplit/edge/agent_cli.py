@@ -11,8 +11,8 @@ from typing import Any
 from ..bundle import Bundle, BundleError
 from ..control.policy import Policy
 from .adaptive import POLICY_KINDS, bundle_modes, make_policy, measure_local_ms
-from .fallback import load_fallback
 from .agent_core import Agent
+from .fallback import load_fallback
 from .results import AgentError, FrameResult, summarize
 
 
@@ -20,48 +20,104 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Run the edge agent: read frames, run the bundle's head with ONNX Runtime, quantize and "
-                    "send the wire tensor to a server daemon, and report one JSON line per frame plus a summary.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bundle", required=True, metavar="PATH", help="bundle directory or tar (the same one the server loads)")
+        "send the wire tensor to a server daemon, and report one JSON line per frame plus a summary.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--bundle", required=True, metavar="PATH", help="bundle directory or tar (the same one the server loads)"
+    )
     p.add_argument("--server", default="tcp://127.0.0.1:5555", help="server endpoint")
-    p.add_argument("--source", default="cifar10:test",
-                   help="frames: dataset:split, shard file/glob, image folder, image, video, camera:N")
+    p.add_argument(
+        "--source",
+        default="cifar10:test",
+        help="frames: dataset:split, shard file/glob, image folder, image, video, camera:N",
+    )
     p.add_argument("--frames", type=int, default=100, help="frames to process (0: the whole source)")
     p.add_argument("--mode", type=int, default=None, help="bundle mode id (unset: the bundle's default mode)")
-    p.add_argument("--codec", default="raw", choices=("raw", "zstd", "auto"),
-                   help="lossless stage after packing (auto: zstd only when it is smaller)")
+    p.add_argument(
+        "--codec",
+        default="raw",
+        choices=("raw", "zstd", "auto"),
+        help="lossless stage after packing (auto: zstd only when it is smaller)",
+    )
     p.add_argument("--inflight", type=int, default=8, help="most requests outstanding (also bounded by server credits)")
-    p.add_argument("--deadline-ms", type=float, default=None,
-                   help="per-request deadline the server enforces (relative to its receipt); with --adapt, also "
-                        "the end-to-end deadline (capture to answer) the policy plans for")
-    p.add_argument("--adapt", default=None, choices=POLICY_KINDS,
-                   help="choose each frame's mode with a policy from the bundle's modes table (needs --deadline-ms): "
-                        "deadline = the deadline-aware controller, assine = Assine et al., fixed = --mode throughout; "
-                        "frames that fit no mode are answered locally by full.onnx (fallback_reason POLICY)")
-    p.add_argument("--fps", type=float, default=None, help="pace frames like a camera at this rate (unset: as fast as possible)")
-    p.add_argument("--local-ms", type=float, default=None,
-                   help="with --adapt: latency of full.onnx on this device (unset: measured at start)")
-    p.add_argument("--base-rtt-ms", type=float, default=0.0,
-                   help="with --adapt: fixed round trip beyond the uplink (propagation both ways), ms")
-    p.add_argument("--packet-bytes", type=int, default=None,
-                   help="with --adapt deadline*: the uplink serves whole packets of this size per delivery opportunity "
-                        "(cellular: 1500), so bytes are counted in whole packets (unset: bytes / rate)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the head (unset: ORT's default)")
+    p.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=None,
+        help="per-request deadline the server enforces (relative to its receipt); with --adapt, also "
+        "the end-to-end deadline (capture to answer) the policy plans for",
+    )
+    p.add_argument(
+        "--adapt",
+        default=None,
+        choices=POLICY_KINDS,
+        help="choose each frame's mode with a policy from the bundle's modes table (needs --deadline-ms): "
+        "deadline = the deadline-aware controller, assine = Assine et al., fixed = --mode throughout; "
+        "frames that fit no mode are answered locally by full.onnx (fallback_reason POLICY)",
+    )
+    p.add_argument(
+        "--fps", type=float, default=None, help="pace frames like a camera at this rate (unset: as fast as possible)"
+    )
+    p.add_argument(
+        "--local-ms",
+        type=float,
+        default=None,
+        help="with --adapt: latency of full.onnx on this device (unset: measured at start)",
+    )
+    p.add_argument(
+        "--base-rtt-ms",
+        type=float,
+        default=0.0,
+        help="with --adapt: fixed round trip beyond the uplink (propagation both ways), ms",
+    )
+    p.add_argument(
+        "--packet-bytes",
+        type=int,
+        default=None,
+        help="with --adapt deadline*: the uplink serves whole packets of this size per delivery opportunity "
+        "(cellular: 1500), so bytes are counted in whole packets (unset: bytes / rate)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the head (unset: ORT's default)"
+    )
     p.add_argument("--timeout-s", type=float, default=10.0, help="give up on a request (and the handshake) after this")
-    p.add_argument("--fallback", default="auto", choices=("auto", "off"),
-                   help="auto: answer a frame with the bundle's full.onnx on this device when the server cannot "
-                        "(link down, timeout, overloaded, deadline); off: such frames end as errors")
-    p.add_argument("--reconnect-max-s", type=float, default=0.5,
-                   help="cap of the reconnect backoff (libzmq's reconnect interval and hello retries): a restarted "
-                        "server is found again within about this long")
+    p.add_argument(
+        "--fallback",
+        default="auto",
+        choices=("auto", "off"),
+        help="auto: answer a frame with the bundle's full.onnx on this device when the server cannot "
+        "(link down, timeout, overloaded, deadline); off: such frames end as errors",
+    )
+    p.add_argument(
+        "--reconnect-max-s",
+        type=float,
+        default=0.5,
+        help="cap of the reconnect backoff (libzmq's reconnect interval and hello retries): a restarted "
+        "server is found again within about this long",
+    )
     p.add_argument("--name", default=None, help="agent name sent in hello (unset: host:pid)")
-    p.add_argument("--server-key", default=None, metavar="FILE",
-                   help="CURVE: the server's public key (server.key); needs --client-key")
-    p.add_argument("--client-key", default=None, metavar="FILE",
-                   help="CURVE: this agent's secret key (NAME.key_secret from 'edgesplit keys gen'); its NAME.key "
-                        "must be in the server's --allow-keys directory")
-    p.add_argument("--json-lines", nargs="?", const="-", default=None, metavar="FILE|-",
-                   help="write one JSON line per frame and a final {\"summary\": ...} line to FILE or stdout")
+    p.add_argument(
+        "--server-key",
+        default=None,
+        metavar="FILE",
+        help="CURVE: the server's public key (server.key); needs --client-key",
+    )
+    p.add_argument(
+        "--client-key",
+        default=None,
+        metavar="FILE",
+        help="CURVE: this agent's secret key (NAME.key_secret from 'edgesplit keys gen'); its NAME.key "
+        "must be in the server's --allow-keys directory",
+    )
+    p.add_argument(
+        "--json-lines",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="FILE|-",
+        help='write one JSON line per frame and a final {"summary": ...} line to FILE or stdout',
+    )
     return p
 
 
@@ -72,11 +128,23 @@ def agent_main(args_list: list[str] | None = None) -> int:
     try:
         bundle = Bundle.load(args.bundle)
         policy = _cli_policy(args, bundle)
-        agent = Agent(bundle, args.server, mode=args.mode, codec=args.codec, inflight=args.inflight,
-                      deadline_ms=args.deadline_ms, threads=args.threads, name=args.name, timeout_s=args.timeout_s,
-                      fallback=args.fallback, reconnect_max_s=args.reconnect_max_s,
-                      server_key=args.server_key, client_key=args.client_key, policy=policy,
-                      policy_deadline_ms=args.deadline_ms if policy is not None else None)
+        agent = Agent(
+            bundle,
+            args.server,
+            mode=args.mode,
+            codec=args.codec,
+            inflight=args.inflight,
+            deadline_ms=args.deadline_ms,
+            threads=args.threads,
+            name=args.name,
+            timeout_s=args.timeout_s,
+            fallback=args.fallback,
+            reconnect_max_s=args.reconnect_max_s,
+            server_key=args.server_key,
+            client_key=args.client_key,
+            policy=policy,
+            policy_deadline_ms=args.deadline_ms if policy is not None else None,
+        )
         agent.connect()
     except (AgentError, BundleError, OSError, ValueError) as e:
         print(f"edgesplit agent: {e}", file=sys.stderr)
@@ -84,8 +152,11 @@ def agent_main(args_list: list[str] | None = None) -> int:
     if args.fallback == "auto" and agent.fallback is None:
         print(f"edgesplit agent: bundle {agent.bundle.name} has no full model: no local fallback", file=sys.stderr)
     if agent.welcome is None:
-        print(f"edgesplit agent: no welcome from {args.server} within {args.timeout_s:.1f} s: answering frames "
-              "locally (full.onnx) and retrying in the background", file=sys.stderr)
+        print(
+            f"edgesplit agent: no welcome from {args.server} within {args.timeout_s:.1f} s: answering frames "
+            "locally (full.onnx) and retrying in the background",
+            file=sys.stderr,
+        )
     if args.json_lines == "-":
         out = sys.stdout
     elif args.json_lines:
@@ -126,8 +197,14 @@ def _cli_policy(args: argparse.Namespace, bundle: Bundle) -> Policy | None:
     local_ms = args.local_ms
     if local_ms is None and args.fallback == "auto" and bundle.has("full"):
         local_ms = measure_local_ms(load_fallback(bundle, "auto", args.threads), tuple(bundle.input_spec["shape"]))
-    return make_policy(args.adapt, bundle_modes(bundle), local_ms=local_ms, base_rtt_ms=args.base_rtt_ms,
-                       mode_id=args.mode, packet_bytes=args.packet_bytes)
+    return make_policy(
+        args.adapt,
+        bundle_modes(bundle),
+        local_ms=local_ms,
+        base_rtt_ms=args.base_rtt_ms,
+        mode_id=args.mode,
+        packet_bytes=args.packet_bytes,
+    )
 
 
 def _format_summary(s: dict[str, Any], agent: Agent) -> str:
@@ -136,17 +213,21 @@ def _format_summary(s: dict[str, Any], agent: Agent) -> str:
     reasons = ", ".join(f"{k}={v}" for k, v in s["fallback_reasons"].items())
     ad = s.get("adapt")
     how = f"mode {agent.mode.id} '{agent.mode.name}'" if ad is None else f"policy {ad['policy']}"
-    text = (f"edgesplit agent: {s['frames']} frames ({s['ok']} ok) via {agent.server}, bundle {agent.bundle.name}, "
-            f"{how}\n"
-            f"  accuracy {acc}; bytes/frame median {s['bytes_per_frame_median']} (+ header {s['header_bytes_median']})\n"
-            f"  rtt p50 {s['rtt_ms_p50']} ms, p95 {s['rtt_ms_p95']} ms; head p50 {s['head_ms_p50']} ms; "
-            f"server queue p50 {s['server_queue_ms_p50']} ms, compute p50 {s['server_compute_ms_p50']} ms\n"
-            f"  {s['server']} answered by the server, {s['local']} locally{f' ({reasons})' if reasons else ''}; "
-            f"sessions lost {s.get('link_losses', 0)}, re-established {s.get('reconnects', 0)}\n"
-            f"  {s.get('frames_per_s', 'n/a')} frames/s; errors: {errs}")
+    text = (
+        f"edgesplit agent: {s['frames']} frames ({s['ok']} ok) via {agent.server}, bundle {agent.bundle.name}, "
+        f"{how}\n"
+        f"  accuracy {acc}; bytes/frame median {s['bytes_per_frame_median']} (+ header {s['header_bytes_median']})\n"
+        f"  rtt p50 {s['rtt_ms_p50']} ms, p95 {s['rtt_ms_p95']} ms; head p50 {s['head_ms_p50']} ms; "
+        f"server queue p50 {s['server_queue_ms_p50']} ms, compute p50 {s['server_compute_ms_p50']} ms\n"
+        f"  {s['server']} answered by the server, {s['local']} locally{f' ({reasons})' if reasons else ''}; "
+        f"sessions lost {s.get('link_losses', 0)}, re-established {s.get('reconnects', 0)}\n"
+        f"  {s.get('frames_per_s', 'n/a')} frames/s; errors: {errs}"
+    )
     if ad is not None:
-        text += (f"\n  frames per mode (-1: local by policy) {ad['mode_frames']}; {ad['switches']} switches, "
-                 f"decision -> request ready p50 {ad['switch_ms_p50']} ms switching, {ad['same_mode_ms_p50']} ms not")
+        text += (
+            f"\n  frames per mode (-1: local by policy) {ad['mode_frames']}; {ad['switches']} switches, "
+            f"decision -> request ready p50 {ad['switch_ms_p50']} ms switching, {ad['same_mode_ms_p50']} ms not"
+        )
     return text
 
 

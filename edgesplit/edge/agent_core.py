@@ -23,17 +23,18 @@ import numpy as np
 import zmq
 
 from ..bundle import Bundle, Mode
-from ..control.modes import FALLBACK
 from ..control.policy import FixedPolicy, Policy, RoundRobinPolicy
-from ..wire import codec, protocol as P
+from ..wire import codec
+from ..wire import protocol as P
 from ..wire.client_session import ClientSession
 from ..wire.errors import ErrorCode
 from ..wire.transport import context, default_agent_name
-from .adaptive import POLICY, ModeController
+from .adaptive import ModeController
 from .connection import ServerConnection, load_curve
 from .fallback import RTT_OVER_DEADLINE, UNREACHABLE, load_fallback
 from .heads import HeadRunner, preprocess_image
 from .outcomes import Frame, Outcomes
+from .policy_frames import submit_with_policy
 from .results import DISCONNECTED, FALLBACK_FAILED, TIMEOUT, AgentError, FrameResult
 
 __all__ = ["Agent", "AgentError", "FrameResult", "TIMEOUT", "DISCONNECTED", "FALLBACK_FAILED"]
@@ -46,27 +47,31 @@ _LINK_CHECK_S = 0.05
 _TRANSIENT_REFUSALS = {ErrorCode.SHUTTING_DOWN.name, ErrorCode.OVERLOADED.name}
 
 
-class _InFlight:
-    """Request ids still on the link as the mode policy sees them: outstanding, or rescued
-    (answered locally) with the server's answer still to come."""
-
-    def __init__(self, agent: "Agent"):
-        self.agent = agent
-
-    def __contains__(self, rid: object) -> bool:
-        return rid in self.agent.session.outstanding or rid in self.agent.outcomes.rescued
-
-
 class Agent:
     """One agent session with one server for one bundle."""
 
-    def __init__(self, bundle: Bundle | str | Path, server: str = "tcp://127.0.0.1:5555", *,
-                 mode: int | None = None, codec: str = "raw", inflight: int = 8, deadline_ms: float | None = None,
-                 threads: int | None = None, name: str | None = None, timeout_s: float = 10.0,
-                 load_head: bool = True, ctx: zmq.Context | None = None, fallback: str = "off",
-                 reconnect_max_s: float = 0.5, server_key: str | Path | None = None,
-                 client_key: str | Path | None = None, policy: Policy | None = None,
-                 policy_deadline_ms: float | None = None, base_rtt_ms: float | None = None):
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        server: str = "tcp://127.0.0.1:5555",
+        *,
+        mode: int | None = None,
+        codec: str = "raw",
+        inflight: int = 8,
+        deadline_ms: float | None = None,
+        threads: int | None = None,
+        name: str | None = None,
+        timeout_s: float = 10.0,
+        load_head: bool = True,
+        ctx: zmq.Context | None = None,
+        fallback: str = "off",
+        reconnect_max_s: float = 0.5,
+        server_key: str | Path | None = None,
+        client_key: str | Path | None = None,
+        policy: Policy | None = None,
+        policy_deadline_ms: float | None = None,
+        base_rtt_ms: float | None = None,
+    ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.curve = load_curve(server_key, client_key)
         self.server = server
@@ -81,16 +86,25 @@ class Agent:
         self.wire_name = self.bundle.wire_spec["name"]
         # v1.1: the descriptor each mode implies in a compact request; the session sends a frame
         # compact when its descriptor equals it and the server's welcome allows it.
-        implicit = {m.id: P.compact_descriptor(self.wire_name, self.bundle.wire_spec["shape"], m)
-                    for m in self.bundle.modes}
+        implicit = {
+            m.id: P.compact_descriptor(self.wire_name, self.bundle.wire_spec["shape"], m) for m in self.bundle.modes
+        }
         # What a full request's header costs over a compact one's: the "tensors" key and its
         # descriptor. With --codec auto and compact requests, zstd must save more than this.
-        self._full_extra = {mid: len(P.pack_header({"tensors": [dict(d, codec="zstd")]})) - 1
-                            for mid, d in implicit.items()}
+        self._full_extra = {
+            mid: len(P.pack_header({"tensors": [dict(d, codec="zstd")]})) - 1 for mid, d in implicit.items()
+        }
         self.reconnect_max_s = float(reconnect_max_s)
-        self.session = ClientSession(self.bundle.hash, self.name, max_inflight=self.inflight, timeout_s=self.timeout_s,
-                                     reconnect_max_s=reconnect_max_s, implicit=implicit,
-                                     link_up=False, peer=server)
+        self.session = ClientSession(
+            self.bundle.hash,
+            self.name,
+            max_inflight=self.inflight,
+            timeout_s=self.timeout_s,
+            reconnect_max_s=reconnect_max_s,
+            implicit=implicit,
+            link_up=False,
+            peer=server,
+        )
         self.runner = HeadRunner(self.bundle, threads) if load_head else None
         self.heads: dict = {} if self.runner is None else self.runner.heads  # file role -> engine
         self.head = self.heads.get("head")
@@ -99,34 +113,32 @@ class Agent:
         # Mode policy (edgesplit/control): per frame, which mode to send, or FALLBACK (answered by
         # full.onnx here, fallback_reason POLICY). It replaces the RTT guard: it predicts latency itself.
         if policy is not None and self.fallback is None and not isinstance(policy, (FixedPolicy, RoundRobinPolicy)):
-            raise ValueError(f"policy {policy.name} may answer frames locally: it needs fallback='auto' and a bundle "
-                             "with full.onnx")
+            raise ValueError(
+                f"policy {policy.name} may answer frames locally: it needs fallback='auto' and a bundle with full.onnx"
+            )
         self.controller = None if policy is None else ModeController(policy, base_rtt_ms)
         # The end-to-end deadline the policy plans for (capture to answer); unset: the request's
         # deadline_ms (which the server enforces from its receipt, a different clock start).
         self.policy_deadline_ms = policy_deadline_ms
         self._probes: set[int] = set()  # ids of link probes the policy asked for: their results only feed it
-        self.conn = ServerConnection(self.session, server, ctx or context(), curve=self.curve,
-                                     reconnect_max_s=self.reconnect_max_s)
+        self.conn = ServerConnection(
+            self.session, server, ctx or context(), curve=self.curve, reconnect_max_s=self.reconnect_max_s
+        )
         self.outcomes = Outcomes(self.session, self.fallback, self.controller, self.timeout_s)
 
-    # -- the session's state, as the agent's ---------------------------------------------------
-    welcome = property(lambda self: self.session.welcome, doc="The current session's welcome, or None.")
+    # -- the session's state, as the agent's (see ClientSession) --------------------------------
+    welcome = property(lambda self: self.session.welcome)
     credits = property(lambda self: self.session.credits)
     heartbeat_ms = property(lambda self: self.session.heartbeat_ms)
-    compact_requests = property(lambda self: self.session.compact_requests,
-                                doc="The server's latest welcome listed compact_requests.")
+    compact_requests = property(lambda self: self.session.compact_requests)
     server_bye = property(lambda self: self.session.server_bye)
-    link_losses = property(lambda self: self.session.link_losses, doc="Sessions lost: dropped, silent, or bye.")
-    reconnects = property(lambda self: self.session.reconnects, doc="Sessions re-established after a loss.")
-    late_answers = property(lambda self: self.session.late_answers,
-                            doc="Results/errors for frames already finished (timed out, local).")
-    window = property(lambda self: self.session.window,
-                      doc="Requests allowed in flight: the agent's own limit bounded by the server's credits.")
+    link_losses = property(lambda self: self.session.link_losses)
+    reconnects = property(lambda self: self.session.reconnects)
+    late_answers = property(lambda self: self.session.late_answers)
+    window = property(lambda self: self.session.window)  # own limit bounded by the server's credits
     _pending = property(lambda self: self.session.outstanding)
-    rescues = property(lambda self: self.outcomes.rescues, doc="Sent frames the policy answered locally in time.")
-    connection_errors = property(lambda self: self.outcomes.connection_errors,
-                                 doc="(name, message) of the latest errors not tied to a frame.")
+    rescues = property(lambda self: self.outcomes.rescues)  # sent frames the policy answered locally
+    connection_errors = property(lambda self: self.outcomes.connection_errors)  # errors not tied to a frame
 
     @property
     def in_flight(self) -> int:
@@ -150,8 +162,9 @@ class Agent:
                 if self.fallback is not None:
                     return self
                 self.close(bye=False)
-                raise AgentError(f"no welcome from {self.server} within {wait_s:.1f} s "
-                                 "(is the server running and reachable?)")
+                raise AgentError(
+                    f"no welcome from {self.server} within {wait_s:.1f} s (is the server running and reachable?)"
+                )
             self._pump(min(left, self._wait_budget()))
             new = self.outcomes.connection_errors_total - seen
             for name, message in list(self.connection_errors)[-new:] if new else ():
@@ -192,9 +205,17 @@ class Agent:
         return z[0], (time.perf_counter() - t0) * 1e3
 
     # -- sending -------------------------------------------------------------------------------
-    def send_tensor(self, z: np.ndarray, *, key: str = "", label: int | None = None, mode: int | None = None,
-                    deadline_ms: float | None = None, head_ms: float = 0.0,
-                    fallback_input: np.ndarray | None = None) -> int:
+    def send_tensor(
+        self,
+        z: np.ndarray,
+        *,
+        key: str = "",
+        label: int | None = None,
+        mode: int | None = None,
+        deadline_ms: float | None = None,
+        head_ms: float = 0.0,
+        fallback_input: np.ndarray | None = None,
+    ) -> int:
         """Encode a head output (``[C,h,w]`` or ``[N,C,h,w]``) and send it, waiting first while the
         window is full. Returns the request id. The result comes from :meth:`poll`/:meth:`results`.
         Without a session (handshake in progress, or the link is down) the request is held and goes
@@ -210,12 +231,25 @@ class Agent:
         desc, payload = codec.encode(z, m, codec=self.codec, name=self.wire_name, auto_margin=margin)
         encode_ms = (time.perf_counter() - t0) * 1e3
         # No t_send_ns in the header: the session keeps the send time, the echo would carry nothing.
-        req, parts = self.session.request(m.id, desc, payload, time.perf_counter_ns(),
-                                          deadline_ms=self.deadline_ms if deadline_ms is None else deadline_ms)
+        req, parts = self.session.request(
+            m.id,
+            desc,
+            payload,
+            time.perf_counter_ns(),
+            deadline_ms=self.deadline_ms if deadline_ms is None else deadline_ms,
+        )
         if parts is not None:
             self.conn.send(parts)  # first, so the bookkeeping below overlaps the round trip
-        res = FrameResult(id=req.rid, key=key, label=label, mode=m.id, head_ms=head_ms, encode_ms=encode_ms,
-                          bytes_sent=len(payload), header_bytes=req.header_bytes)
+        res = FrameResult(
+            id=req.rid,
+            key=key,
+            label=label,
+            mode=m.id,
+            head_ms=head_ms,
+            encode_ms=encode_ms,
+            bytes_sent=len(payload),
+            header_bytes=req.header_bytes,
+        )
         req.tag = Frame(res, fallback_input)
         return req.rid
 
@@ -234,61 +268,27 @@ class Agent:
         x = self.preprocess(data)
         reason = None if self.fallback is None else self._local_reason(deadline_ms)
         if reason is not None:
-            res = FrameResult(id=self.session.take_id(), key=key, label=label,
-                              mode=self.mode.id if mode is None else self.bundle.mode(mode).id)
+            res = FrameResult(
+                id=self.session.take_id(),
+                key=key,
+                label=label,
+                mode=self.mode.id if mode is None else self.bundle.mode(mode).id,
+            )
             self.outcomes.local(res, x, reason, t0)
             return res.id
         if self.controller is not None:
-            return self._submit_adaptive(x, t0, key, label, deadline_ms)
+            return submit_with_policy(self, x, t0, key, label, deadline_ms)
         z = self.head_for(mode).run1(x)[0]
         head_ms = (time.perf_counter() - t0) * 1e3
-        return self.send_tensor(z, key=key, label=label, mode=mode, deadline_ms=deadline_ms, head_ms=head_ms,
-                                fallback_input=None if self.fallback is None else x)
-
-    def _submit_adaptive(self, x: np.ndarray, t0: float, key: str, label: int | None,
-                         deadline_ms: float | None) -> int:
-        """The policy picks the frame's mode before the head (in a slimmable bundle the mode decides
-        which head runs): run that head and send, or answer the frame locally (FALLBACK), sending
-        the probe mode's head output as a link probe if asked."""
-        deadline = self.policy_deadline_ms or (self.deadline_ms if deadline_ms is None else deadline_ms)
-        if deadline is None:
-            raise AgentError("a mode policy needs a deadline (policy_deadline_ms or deadline_ms)")
-        ctl = self.controller
-        d = ctl.decide(t0, float(deadline), self.session.next_id, _InFlight(self))
-        if d.mode == FALLBACK:
-            head_ms = 0.0
-            if d.probe_mode is not None:
-                z = self._run_head(d.probe_mode, x)
-                head_ms = (time.perf_counter() - t0) * 1e3
-                t_decision = time.perf_counter_ns()
-                pid = self.send_tensor(z, key=key, mode=d.probe_mode, deadline_ms=deadline_ms, head_ms=head_ms)
-                self._probes.add(pid)
-                probe = self.session.outstanding[pid]
-                ctl.sent(pid, probe.tag.result, probe.t_send_ns, t_decision, probe=True)
-            res = FrameResult(id=self.session.take_id(), key=key, label=label, mode=FALLBACK, head_ms=head_ms,
-                              policy_reason=d.reason, predicted_ms=d.predicted_ms)
-            self.outcomes.local(res, x, POLICY, t0)
-            return res.id
-        z = self._run_head(d.mode, x)
-        head_ms = (time.perf_counter() - t0) * 1e3
-        t_decision = time.perf_counter_ns()  # switch_ms: head output -> request ready
-        rid = self.send_tensor(z, key=key, label=label, mode=d.mode, deadline_ms=deadline_ms, head_ms=head_ms,
-                               fallback_input=None if self.fallback is None else x)
-        req = self.session.outstanding[rid]
-        frame: Frame = req.tag
-        frame.result.policy_reason, frame.result.predicted_ms = d.reason, d.predicted_ms
-        after = None if self.fallback is None else ctl.policy.rescue_after_ms(float(deadline))
-        if after is not None:
-            self.outcomes.schedule_rescue(frame, int(t0 * 1e9) + int(after * 1e6))
-        ctl.sent(rid, frame.result, req.t_send_ns, t_decision)
-        return rid
-
-    def _run_head(self, mode: int, x: np.ndarray) -> np.ndarray:
-        """The mode's head on one preprocessed frame, timed for the controller's switch figures."""
-        m = self.bundle.mode(mode)
-        z, ms = self.runner.run(m, x)
-        self.controller.head_ran(m.head, ms)
-        return z
+        return self.send_tensor(
+            z,
+            key=key,
+            label=label,
+            mode=mode,
+            deadline_ms=deadline_ms,
+            head_ms=head_ms,
+            fallback_input=None if self.fallback is None else x,
+        )
 
     def _local_reason(self, deadline_ms: float | None) -> str | None:
         """Why a new frame should not go to the server (fallback on), or None."""
@@ -326,9 +326,9 @@ class Agent:
         out = list(done)
         done.clear()
         if self._probes:  # a probe's answer has fed the policy (ModeController.collect): not a frame
-            done = {r.id for r in out} & self._probes
-            self._probes -= done
-            out = [r for r in out if r.id not in done]
+            probes = {r.id for r in out} & self._probes
+            self._probes -= probes
+            out = [r for r in out if r.id not in probes]
         return out
 
     def drain(self) -> Iterator[FrameResult]:
@@ -336,8 +336,15 @@ class Agent:
         while self.session.outstanding or self.outcomes.done:
             yield from self.poll(self._wait_budget())
 
-    def run(self, source: str | Iterable, n: int | None = None, *, mode: int | None = None,
-            deadline_ms: float | None = None, fps: float | None = None) -> Iterator[FrameResult]:
+    def run(
+        self,
+        source: str | Iterable,
+        n: int | None = None,
+        *,
+        mode: int | None = None,
+        deadline_ms: float | None = None,
+        fps: float | None = None,
+    ) -> Iterator[FrameResult]:
         """Stream frames from ``source`` (a source spec such as ``cifar10:test``, or an iterable of
         samples) with up to :attr:`window` requests outstanding; yields results as they complete.
 

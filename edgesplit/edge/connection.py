@@ -39,8 +39,15 @@ class HandshakeFailed:
 class ServerConnection:
     """One socket to ``server`` for one session. Not thread-safe (one DEALER, one thread)."""
 
-    def __init__(self, session: ClientSession, server: str, ctx: zmq.Context, *, curve: ClientCurve | None = None,
-                 reconnect_max_s: float = 0.5):
+    def __init__(
+        self,
+        session: ClientSession,
+        server: str,
+        ctx: zmq.Context,
+        *,
+        curve: ClientCurve | None = None,
+        reconnect_max_s: float = 0.5,
+    ):
         self.session = session
         self.server = server
         self.curve = curve
@@ -59,13 +66,16 @@ class ServerConnection:
         """Open the socket (libzmq connects, and reconnects, by itself) unless it is open."""
         if self._sock is None:
             # the same cap bounds libzmq's reconnect interval and the session's hello backoff
-            self._sock = connect_dealer(self.server, ctx=self._ctx, curve=self.curve,
-                                        reconnect_ivl_max_ms=self._reconnect_ivl_max_ms)
+            self._sock = connect_dealer(
+                self.server, ctx=self._ctx, curve=self.curve, reconnect_ivl_max_ms=self._reconnect_ivl_max_ms
+            )
             self._rcvtimeo = -1
             self._monitor = LinkMonitor(self._sock)
             self.session.link_up = False  # until the monitor (or a welcome) says otherwise
 
     def send(self, parts: list) -> None:
+        if self._sock is None:
+            raise AgentError("not connected")
         send_parts(self._sock, parts)  # small frames are copied, large ones zero-copy (copy_threshold)
 
     def hello(self) -> None:
@@ -135,7 +145,7 @@ class ServerConnection:
         now_ns = time.perf_counter_ns()
         self._next_check_ns = now_ns + _CHECK_EVERY_NS
         s = self.session
-        for event, value in self._monitor.events():
+        for event, value in self._monitor.events() if self._monitor is not None else ():
             if event == link.CONNECTED:
                 self._take(s.on_connected(now_ns), out)
             elif event == link.DISCONNECTED:
@@ -143,13 +153,19 @@ class ServerConnection:
             elif event == link.CONNECT_FAILED:
                 s.on_connect_failed()
             elif event in link.HANDSHAKE_FAILED:
-                out.append(HandshakeFailed(f"{link.HANDSHAKE_FAILED[event]} with {self.server}: "
-                                           f"{explain_handshake_failure(event, value, self.curve is not None)}"))
+                out.append(
+                    HandshakeFailed(
+                        f"{link.HANDSHAKE_FAILED[event]} with {self.server}: "
+                        f"{explain_handshake_failure(event, value, self.curve is not None)}"
+                    )
+                )
         self._take(s.tick(now_ns), out)
 
 
 def load_curve(server_key: str | Path | None, client_key: str | Path | None) -> ClientCurve | None:
     """CURVE (edgesplit/wire/curve.py): the server's public key and this agent's secret key, or None."""
     if (server_key is None) != (client_key is None):
-        raise ValueError("CURVE needs both server_key (the server's public key) and client_key (this agent's secret key)")
-    return None if server_key is None else ClientCurve.load(server_key, client_key)
+        raise ValueError(
+            "CURVE needs both server_key (the server's public key) and client_key (this agent's secret key)"
+        )
+    return None if server_key is None or client_key is None else ClientCurve.load(server_key, client_key)

@@ -20,14 +20,21 @@ from ..wire.codec import ErrorCode
 FALLBACK_CHOICES = ("auto", "off")
 
 # Why a frame ended locally, beyond the agent's TIMEOUT / DISCONNECTED and the server's error names.
-UNREACHABLE = "UNREACHABLE"              # no session with the server when the frame was submitted
+UNREACHABLE = "UNREACHABLE"  # no session with the server when the frame was submitted
 RTT_OVER_DEADLINE = "RTT_OVER_DEADLINE"  # recent round trips are longer than the frame's deadline
 
 # Server refusals that mean "not now" rather than "this request is wrong": a local answer is the
 # right outcome for them. The others (MALFORMED, UNKNOWN_MODE, TOO_LARGE, UNSUPPORTED, ...) point
 # at a bug or a misconfiguration, which a local answer would hide, so they stay errors.
-FALLBACK_ERROR_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.SHUTTING_DOWN,
-                                  ErrorCode.INTERNAL, ErrorCode.NOT_READY})
+FALLBACK_ERROR_CODES = frozenset(
+    {
+        ErrorCode.OVERLOADED,
+        ErrorCode.DEADLINE_EXCEEDED,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.INTERNAL,
+        ErrorCode.NOT_READY,
+    }
+)
 
 
 class LocalModel:

@@ -26,9 +26,9 @@ from ..wire.transport import pending_in
 __all__ = ["LinkMonitor", "Backoff", "CONNECTED", "DISCONNECTED", "CONNECT_FAILED", "HANDSHAKE_FAILED"]
 
 # The events the agent acts on. Subscribing to these only keeps the monitor queue short.
-CONNECTED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)   # TCP up and ZMTP (and CURVE, if any) handshake done
-DISCONNECTED = int(zmq.EVENT_DISCONNECTED)        # an established connection dropped
-CONNECT_FAILED = int(zmq.EVENT_CONNECT_RETRIED)   # an attempt failed; libzmq retries after its interval
+CONNECTED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)  # TCP up and ZMTP (and CURVE, if any) handshake done
+DISCONNECTED = int(zmq.EVENT_DISCONNECTED)  # an established connection dropped
+CONNECT_FAILED = int(zmq.EVENT_CONNECT_RETRIED)  # an attempt failed; libzmq retries after its interval
 HANDSHAKE_FAILED = {
     int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "handshake failed",
     int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "handshake failed (protocol error)",

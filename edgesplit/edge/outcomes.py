@@ -19,8 +19,7 @@ import numpy as np
 
 from ..engine import EngineError
 from ..wire import codec
-from ..wire.client_session import (Answered, BadMessage, ClientSession, LateAnswer, Lost, Outstanding, Refused,
-                                   TimedOut)
+from ..wire.client_session import Answered, BadMessage, ClientSession, LateAnswer, Lost, Outstanding, Refused, TimedOut
 from ..wire.errors import ErrorCode, WireError
 from .adaptive import RESCUE, ModeController
 from .connection import HandshakeFailed
@@ -40,8 +39,9 @@ class Frame:
 class Outcomes:
     """Finishes frames; ``done`` holds the finished ones until the agent hands them out."""
 
-    def __init__(self, session: ClientSession, fallback: LocalModel | None, controller: ModeController | None,
-                 timeout_s: float):
+    def __init__(
+        self, session: ClientSession, fallback: LocalModel | None, controller: ModeController | None, timeout_s: float
+    ):
         self.session = session
         self.fallback = fallback
         self.controller = controller
@@ -89,6 +89,7 @@ class Outcomes:
     def local(self, r: FrameResult, x: np.ndarray, reason: str, t0: float | None = None) -> None:
         """Finish frame ``r`` with the local full model on its preprocessed image ``x``."""
         t0 = time.perf_counter() if t0 is None else t0
+        assert self.fallback is not None, "a frame goes local only with fallback on"
         try:
             logits = self.fallback.logits(x)
         except EngineError as e:
@@ -160,10 +161,19 @@ class Outcomes:
     def _late_result(self, ev: LateAnswer) -> None:
         """A rescued frame's server answer: the frame is finished, but the policy learns the link from it."""
         req = self.rescued.pop(ev.rid, None)
-        if req is None or self.controller is None:
-            return
         t = ev.timings
-        shadow = replace(req.tag.result, error=None, source="server", fallback_reason=None, logits=None, pred=None,
-                         rtt_ms=(time.perf_counter_ns() - req.t_send_ns) / 1e6, server_queue_ms=t.queue_us / 1e3,
-                         server_compute_ms=t.compute_us / 1e3, server_ms=t.server_us / 1e3)
+        if req is None or self.controller is None or t is None:
+            return
+        shadow = replace(
+            req.tag.result,
+            error=None,
+            source="server",
+            fallback_reason=None,
+            logits=None,
+            pred=None,
+            rtt_ms=(time.perf_counter_ns() - req.t_send_ns) / 1e6,
+            server_queue_ms=t.queue_us / 1e3,
+            server_compute_ms=t.compute_us / 1e3,
+            server_ms=t.server_us / 1e3,
+        )
         self.controller.late_result(ev.rid, shadow)

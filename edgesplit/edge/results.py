@@ -35,8 +35,8 @@ class FrameResult:
     mode: int = 0
     head_ms: float = 0.0
     encode_ms: float = 0.0
-    bytes_sent: int = 0          # tensor payload bytes on the wire
-    header_bytes: int = 0        # msgpack header bytes of the request
+    bytes_sent: int = 0  # tensor payload bytes on the wire
+    header_bytes: int = 0  # msgpack header bytes of the request
     rtt_ms: float | None = None  # send -> result received (includes server time)
     server_queue_ms: float | None = None
     server_compute_ms: float | None = None
@@ -44,14 +44,14 @@ class FrameResult:
     batch_size: int | None = None
     pred: int | None = None
     logits: np.ndarray | None = field(default=None, repr=False)
-    error: str | None = None        # error name (ErrorCode name, TIMEOUT, DISCONNECTED or FALLBACK_FAILED)
-    error_code: int | None = None   # ErrorCode value when the server sent the error
+    error: str | None = None  # error name (ErrorCode name, TIMEOUT, DISCONNECTED or FALLBACK_FAILED)
+    error_code: int | None = None  # ErrorCode value when the server sent the error
     error_message: str | None = None
-    source: str | None = None           # "server" or "local" (None for an error)
+    source: str | None = None  # "server" or "local" (None for an error)
     fallback_reason: str | None = None  # why a local result is local (TIMEOUT, DISCONNECTED, UNREACHABLE, ...)
-    local_ms: float | None = None       # time of the local fallback model (plus preprocessing for new frames)
-    policy_reason: str | None = None    # with a mode policy: why it chose this frame's mode (or FALLBACK, mode -1)
-    predicted_ms: float | None = None   # with a mode policy: its predicted end-to-end latency for the choice
+    local_ms: float | None = None  # time of the local fallback model (plus preprocessing for new frames)
+    policy_reason: str | None = None  # with a mode policy: why it chose this frame's mode (or FALLBACK, mode -1)
+    predicted_ms: float | None = None  # with a mode policy: its predicted end-to-end latency for the choice
 
     @property
     def ok(self) -> bool:
@@ -61,11 +61,25 @@ class FrameResult:
         def r(v):
             return None if v is None else round(float(v), 4)
 
-        d = {"id": self.id, "key": self.key, "mode": self.mode, "head_ms": r(self.head_ms), "encode_ms": r(self.encode_ms),
-             "bytes_sent": self.bytes_sent, "header_bytes": self.header_bytes, "rtt_ms": r(self.rtt_ms),
-             "server_queue_ms": r(self.server_queue_ms), "server_compute_ms": r(self.server_compute_ms),
-             "server_ms": r(self.server_ms), "batch_size": self.batch_size, "pred": self.pred, "label": self.label,
-             "source": self.source, "fallback_reason": self.fallback_reason, "local_ms": r(self.local_ms)}
+        d = {
+            "id": self.id,
+            "key": self.key,
+            "mode": self.mode,
+            "head_ms": r(self.head_ms),
+            "encode_ms": r(self.encode_ms),
+            "bytes_sent": self.bytes_sent,
+            "header_bytes": self.header_bytes,
+            "rtt_ms": r(self.rtt_ms),
+            "server_queue_ms": r(self.server_queue_ms),
+            "server_compute_ms": r(self.server_compute_ms),
+            "server_ms": r(self.server_ms),
+            "batch_size": self.batch_size,
+            "pred": self.pred,
+            "label": self.label,
+            "source": self.source,
+            "fallback_reason": self.fallback_reason,
+            "local_ms": r(self.local_ms),
+        }
         if self.policy_reason is not None:
             d.update(policy_reason=self.policy_reason, predicted_ms=r(self.predicted_ms))
         if self.error is not None:
@@ -107,8 +121,12 @@ def summarize(results: list[FrameResult], wall_s: float | None = None, agent: An
         "errors": dict(Counter(r.error for r in results if not r.ok)),
     }
     if agent is not None:
-        s.update(link_losses=agent.link_losses, reconnects=agent.reconnects, late_answers=agent.late_answers,
-                 rescues=agent.rescues)
+        s.update(
+            link_losses=agent.link_losses,
+            reconnects=agent.reconnects,
+            late_answers=agent.late_answers,
+            rescues=agent.rescues,
+        )
         if agent.controller is not None:  # frames per mode (-1: the policy's local fallback) and switch times
             s["adapt"] = agent.controller.summary() | {"mode_frames": dict(Counter(r.mode for r in results))}
     if wall_s:

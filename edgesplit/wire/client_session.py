@@ -41,11 +41,40 @@ from .codec import supported_codecs
 from .errors import ErrorCode, ProtocolError
 from .messages import ErrorReply, ResultTimings, Welcome
 from .protocol import Kind
-from .session_events import (DISCONNECTED, TIMEOUT, Answered, Backoff, BadMessage, Event, LateAnswer, Lost,
-                             Outstanding, Ponged, Refused, Send, TimedOut, Welcomed)
+from .session_events import (
+    DISCONNECTED,
+    TIMEOUT,
+    Answered,
+    Backoff,
+    BadMessage,
+    Event,
+    LateAnswer,
+    Lost,
+    Outstanding,
+    Ponged,
+    Refused,
+    Send,
+    TimedOut,
+    Welcomed,
+)
 
-__all__ = ["ClientSession", "Backoff", "Outstanding", "Event", "Send", "Welcomed", "Answered", "Refused",
-           "TimedOut", "Lost", "LateAnswer", "BadMessage", "Ponged", "TIMEOUT", "DISCONNECTED"]
+__all__ = [
+    "ClientSession",
+    "Backoff",
+    "Outstanding",
+    "Event",
+    "Send",
+    "Welcomed",
+    "Answered",
+    "Refused",
+    "TimedOut",
+    "Lost",
+    "LateAnswer",
+    "BadMessage",
+    "Ponged",
+    "TIMEOUT",
+    "DISCONNECTED",
+]
 
 _NO_EVENTS: list = []  # returned (never mutated) when a message needs nothing from the driver
 
@@ -53,11 +82,22 @@ _NO_EVENTS: list = []  # returned (never mutated) when a message needs nothing f
 class ClientSession:
     """One client session with one server, for one bundle."""
 
-    def __init__(self, bundle_hash: str, agent_name: str, *, max_inflight: int = 8, timeout_s: float = 10.0,
-                 reconnect_max_s: float = 0.5, implicit: Mapping[int, dict] | None = None,
-                 codecs: list[str] | None = None, backoff: Backoff | None = None, link_up: bool = True,
-                 retry_not_ready: bool = True, wall_clock: Callable[[], int] | None = time.time_ns,
-                 peer: str = "the server"):
+    def __init__(
+        self,
+        bundle_hash: str,
+        agent_name: str,
+        *,
+        max_inflight: int = 8,
+        timeout_s: float = 10.0,
+        reconnect_max_s: float = 0.5,
+        implicit: Mapping[int, dict] | None = None,
+        codecs: list[str] | None = None,
+        backoff: Backoff | None = None,
+        link_up: bool = True,
+        retry_not_ready: bool = True,
+        wall_clock: Callable[[], int] | None = time.time_ns,
+        peer: str = "the server",
+    ):
         """``implicit``: per mode id, the descriptor a compact request of that mode implies
         (:func:`~edgesplit.wire.protocol.compact_descriptor`); a mode missing here always goes
         out in full. ``link_up``: the link's state until the driver reports otherwise (a driver
@@ -90,13 +130,13 @@ class ClientSession:
         self._resend_after_welcome: list[int] = []
         self._hello_in_pipe = False  # a hello sent while the link was down: the socket sends it on connect
         self._next_hello_ns = 0
-        self._lost = False           # the session was lost and no welcome has come since
+        self._lost = False  # the session was lost and no welcome has come since
         self._next_id = 1
         self._ping_nonce = 0
         self.last_send_ns = 0
         self.last_recv_ns = 0
         self.link_losses = 0  # sessions lost: connection dropped, server silent, or bye
-        self.reconnects = 0   # sessions re-established after a loss
+        self.reconnects = 0  # sessions re-established after a loss
         self.late_answers = 0  # results/errors for requests no longer outstanding
 
     # -- state ---------------------------------------------------------------------------------
@@ -135,8 +175,9 @@ class ClientSession:
         self.last_send_ns = now_ns
         return P.pack(P.hello(self.bundle_hash, self.agent_name, codecs=self.codecs, max_inflight=self.max_inflight))
 
-    def request(self, mode: int, desc: dict, payload: Any, now_ns: int, *, deadline_ms: float | None = None,
-                tag: Any = None) -> tuple[Outstanding, list | None]:
+    def request(
+        self, mode: int, desc: dict, payload: Any, now_ns: int, *, deadline_ms: float | None = None, tag: Any = None
+    ) -> tuple[Outstanding, list | None]:
         """A new request carrying ``payload`` (encoded as ``desc`` says). Returns its record and
         the parts to send now, or None while there is no session: then it is held and goes out
         after the next welcome (or times out). ``tag``: the driver's own data for this request,
@@ -235,8 +276,11 @@ class ClientSession:
             return [Ponged(h["nonce"])]
         if kind == Kind.BYE:
             self.server_bye = h.get("reason") or "bye"
-            return [self._lose(ErrorCode.SHUTTING_DOWN.name, ErrorCode.SHUTTING_DOWN,
-                               f"server said bye: {self.server_bye}", now_ns)]
+            return [
+                self._lose(
+                    ErrorCode.SHUTTING_DOWN.name, ErrorCode.SHUTTING_DOWN, f"server said bye: {self.server_bye}", now_ns
+                )
+            ]
         # hello / request: kinds a server never sends
         return [BadMessage(ErrorCode.MALFORMED, f"bad message from server: unexpected '{kind}'")]
 
@@ -278,9 +322,12 @@ class ClientSession:
         self.credits = w.credits
         self.heartbeat_ms = w.heartbeat_ms
         d, lim = P.DEFAULT_LIMITS, w.limits  # accept at least the defaults, whatever the server takes
-        self.limits = P.Limits(max_header_bytes=max(lim.max_header_bytes, d.max_header_bytes),
-                               max_frame_bytes=max(lim.max_frame_bytes, d.max_frame_bytes),
-                               max_frames=max(lim.max_frames, d.max_frames), max_batch=lim.max_batch)
+        self.limits = P.Limits(
+            max_header_bytes=max(lim.max_header_bytes, d.max_header_bytes),
+            max_frame_bytes=max(lim.max_frame_bytes, d.max_frame_bytes),
+            max_frames=max(lim.max_frames, d.max_frames),
+            max_batch=lim.max_batch,
+        )
         self.handshaking = False
         self.link_up = True
         self.server_bye = None
@@ -314,8 +361,14 @@ class ClientSession:
             oldest = next(iter(self.outstanding.values()))
             limit_ns, reason = self.silence_limit()
             if now_ns - max(self.last_recv_ns, oldest.t_send_ns) > limit_ns:
-                out.append(self._lose(reason, None, f"nothing heard from {self.peer} for {limit_ns / 1e9:.1f} s "
-                                                    "with requests outstanding", now_ns))
+                out.append(
+                    self._lose(
+                        reason,
+                        None,
+                        f"nothing heard from {self.peer} for {limit_ns / 1e9:.1f} s with requests outstanding",
+                        now_ns,
+                    )
+                )
         elif self.handshaking and self.link_up and now_ns >= self._next_hello_ns:
             out.append(Send(self.hello(now_ns)))  # no welcome yet: again, after a longer wait each time
         for rid, req in list(self.outstanding.items()):

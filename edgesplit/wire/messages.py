@@ -37,16 +37,33 @@ class Welcome:
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> Welcome:
         lim = h["limits"]
-        return cls(bundle=h["bundle"], server=h["server"], credits=int(h["credits"]),
-                   limits=P.Limits(max_header_bytes=int(lim["max_header_bytes"]),
-                                   max_frame_bytes=int(lim["max_frame_bytes"]),
-                                   max_frames=int(lim["max_frames"]), max_batch=int(lim["max_batch"])),
-                   heartbeat_ms=int(h["heartbeat_ms"]), codecs=tuple(h["codecs"]),
-                   bits=tuple(int(b) for b in h["bits"]), features=tuple(h.get("features") or ()))
+        return cls(
+            bundle=h["bundle"],
+            server=h["server"],
+            credits=int(h["credits"]),
+            limits=P.Limits(
+                max_header_bytes=int(lim["max_header_bytes"]),
+                max_frame_bytes=int(lim["max_frame_bytes"]),
+                max_frames=int(lim["max_frames"]),
+                max_batch=int(lim["max_batch"]),
+            ),
+            heartbeat_ms=int(h["heartbeat_ms"]),
+            codecs=tuple(h["codecs"]),
+            bits=tuple(int(b) for b in h["bits"]),
+            features=tuple(h.get("features") or ()),
+        )
 
     def to_header(self) -> dict[str, Any]:
-        return P.welcome(self.bundle, self.server, credits=self.credits, limits=self.limits,
-                         heartbeat_ms=self.heartbeat_ms, codecs=self.codecs, bits=self.bits, features=self.features)
+        return P.welcome(
+            self.bundle,
+            self.server,
+            credits=self.credits,
+            limits=self.limits,
+            heartbeat_ms=self.heartbeat_ms,
+            codecs=self.codecs,
+            bits=self.bits,
+            features=self.features,
+        )
 
 
 @dataclass(frozen=True)
@@ -62,13 +79,24 @@ class ResultTimings:
     def from_header(cls, h: dict[str, Any]) -> ResultTimings:
         """From a whole ``result`` header (the ``timing`` map inside it)."""
         t = h["timing"]
-        return cls(queue_us=float(t["queue_us"]), compute_us=float(t["compute_us"]),
-                   server_us=float(t["server_us"]), batch_size=int(t["batch_size"]))
+        return cls(
+            queue_us=float(t["queue_us"]),
+            compute_us=float(t["compute_us"]),
+            server_us=float(t["server_us"]),
+            batch_size=int(t["batch_size"]),
+        )
 
     def to_header(self, req_id: int, outputs: list[dict[str, Any]], *, t_send_ns: int | None = None) -> dict[str, Any]:
         """The ``result`` header carrying these timings."""
-        return P.result(req_id, outputs, queue_us=self.queue_us, compute_us=self.compute_us,
-                        batch_size=self.batch_size, server_us=self.server_us, t_send_ns=t_send_ns)
+        return P.result(
+            req_id,
+            outputs,
+            queue_us=self.queue_us,
+            compute_us=self.compute_us,
+            batch_size=self.batch_size,
+            server_us=self.server_us,
+            t_send_ns=t_send_ns,
+        )
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ class Outstanding:
 
     rid: int
     mode: int
-    parts: list            # header bytes + payload, as sent (or to be sent after the next welcome)
-    t_send_ns: int         # when it was (last) sent, or made while held
-    compact: bool          # sent as a v1.1 compact request (no 'tensors' in the header)
-    desc: dict             # its descriptor, to rebuild the full form
+    parts: list  # header bytes + payload, as sent (or to be sent after the next welcome)
+    t_send_ns: int  # when it was (last) sent, or made while held
+    compact: bool  # sent as a v1.1 compact request (no 'tensors' in the header)
+    desc: dict  # its descriptor, to rebuild the full form
     deadline_ms: float | int | None
-    resent: bool = False   # already resent once after a NOT_READY
-    tag: Any = None        # the driver's own data for this request
+    resent: bool = False  # already resent once after a NOT_READY
+    tag: Any = None  # the driver's own data for this request
 
     @property
     def header_bytes(self) -> int:

@@ -141,7 +141,7 @@ class ModeController:
                     "after_switch_ms_p50": pct(a, 50),
                     "steady_n": len(st),
                     "steady_ms_p50": pct(st, 50),
-                    "switch_cost_ms": None if not (a and st) else round(pct(a, 50) - pct(st, 50), 4),
+                    "switch_cost_ms": None if not (a and st) else round(float(np.median(a) - np.median(st)), 4),
                 }
                 for role, (a, st) in sorted(self.head_ms.items())
             },

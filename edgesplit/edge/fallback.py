@@ -69,6 +69,7 @@ class RttGuard:
     job (edgesplit.control), not this guard's."""
 
     def __init__(self, window: int = 5, probe_every_s: float = 0.5):
+        self._window = window
         self._rtts: deque[float] = deque(maxlen=window)
         self.probe_every_s = probe_every_s
         self._next_probe = 0.0
@@ -77,7 +78,7 @@ class RttGuard:
         self._rtts.append(rtt_ms)
 
     def estimate_ms(self) -> float | None:
-        return None if len(self._rtts) < self._rtts.maxlen else float(np.median(self._rtts))
+        return None if len(self._rtts) < self._window else float(np.median(self._rtts))
 
     def too_slow(self, deadline_ms: float) -> bool:
         est = self.estimate_ms()

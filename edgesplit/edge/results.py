@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -87,8 +87,10 @@ class FrameResult:
         return d
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    return None if not values else round(float(np.percentile(np.asarray(values, np.float64), q)), 4)
+def _pct(values: Iterable[float | None], q: float) -> float | None:
+    """Percentile of the values that were measured (a field a frame never reached is None)."""
+    xs = [v for v in values if v is not None]
+    return None if not xs else round(float(np.percentile(np.asarray(xs, np.float64), q)), 4)
 
 
 def summarize(results: list[FrameResult], wall_s: float | None = None, agent: Any = None) -> dict[str, Any]:

@@ -15,7 +15,8 @@ deadline is measured on) and the client's round trip, p50/p99 against the deadli
 daemon cannot even read requests as fast as they come (its one I/O thread on a small machine),
 libzmq stops reading and TCP pushes back: the client's sockets queue at most ``--send-hwm``
 messages each, beyond which a send is refused and counted (``client_send_refused``), so the
-offered load is what left the client, and round trips include at most that queue.
+offered load is what left the client, and round trips include at most that queue. ``verdict``
+judges the run on the target (:func:`~edgesplit.bench.verdicts.overload_verdict`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from ..bundle import Bundle
+from .verdicts import overload_verdict
 
 
 class RssSampler:
@@ -92,7 +94,7 @@ def bench_overload(bundle_path: Path, factor: float, *, seconds: float = 10.0, d
     s = over.summary()
     answered = over.answered
     peak = max(rss.peak_mb or rss_after, rss_after)
-    return {
+    out = {
         "bench": "overload", "bundle": bundle.name, "factor": factor, "sessions": sessions,
         "server": {"threads": threads, "max_batch": max_batch, "max_queue": max_queue, "credits": credits,
                    "max_queue_delay_us": max_queue_delay_us},
@@ -113,6 +115,8 @@ def bench_overload(bundle_path: Path, factor: float, *, seconds: float = 10.0, d
         "server_alive_at_end": alive, "server_answers_ping": answers_ping, "server_exit_code_on_sigterm": exit_code,
         "client_send_refused": over.send_refused, "client_send_hwm": send_hwm,
     }
+    out["verdict"] = overload_verdict(out)
+    return out
 
 
 def add_arguments(p) -> None:

@@ -6,7 +6,8 @@ daemon (its own process). When the agent has finished frame K, the server gets S
 no drain, its connections simply vanish. A new daemon is started at once on the same port. The
 result says how each frame ended (server result, local fallback, explicit error), how many ended
 twice or never (``silently_lost``: must be 0), how long the server was away, and how long after
-the new daemon was listening the agent had a server result again (``resume_ms``).
+the new daemon was listening the agent had a server result again (``resume_ms``). ``verdict``
+judges the run on the target (:func:`~edgesplit.bench.verdicts.restart_verdict`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from ..bundle import Bundle
 from ..loopback import DEFAULT_SOURCES, free_port
 from .serverproc import ServerProcess
+from .verdicts import restart_verdict
 
 
 def account(results, frames: int) -> dict:
@@ -112,6 +114,7 @@ def bench_restart(bundle_path: Path, frames: int, kill_at: int, *, source: str |
         "inflight": inflight, "fallback": fallback, "reconnect_max_s": reconnect_max_s,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     })
+    out["verdict"] = restart_verdict(out)
     return out
 
 

@@ -24,7 +24,8 @@ is divided by the engine figure taken right after it, and ``efficiency`` is the 
 those ratios. At the end the engine is also timed at every size seen plus 1 and max batch
 (``engine``). ``--bare-torch`` adds the
 exported program called directly on device tensors
-(:func:`~edgesplit.bench.engine.measure_bare_torch`), the GPU comparison.
+(:func:`~edgesplit.bench.engine.measure_bare_torch`), the GPU comparison. ``verdict`` judges the
+run on the CPU target (:func:`~edgesplit.bench.verdicts.server_verdict`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
+from .verdicts import server_verdict
 
 
 def _server_args(backend: str, device: str | None, precision: str, accel: str, threads: int | None, max_batch: int,
@@ -126,6 +128,7 @@ def bench_server(bundle_path: Path, agent_counts: list[int], *, backend: str = "
         bare = {r["batch"]: r["frames_per_s"] for r in res["bare_torch"]}
         res["engine_over_bare_torch"] = {b: round(engine_fps[b] / bare[b], 3) for b in sizes}
         res["daemon_over_bare_torch_at_max_agents"] = round(tb["frames_per_s"] / bare[tb["batch_size_p50"] or 1], 3)
+    res["verdict"] = server_verdict(res)
     return res
 
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edgesplit.wire import codec
+from edgesplit.wire import codec, quantize
 from edgesplit.wire.codec import ErrorCode, WireError, decode, encode, encode_float, pack_bits, unpack_bits
 
 RNG = np.random.default_rng(1234)
@@ -310,11 +310,11 @@ def test_table_decode_checks_length_and_padding(bits):
 def test_decode_tables_stay_bounded():
     q = np.arange(16, dtype=np.uint8)
     p = pack_bits(q, 4)
-    for i in range(3 * codec._LUT_MAX):
+    for i in range(3 * quantize._LUT_MAX):
         s = 0.001 * (i + 1)
         d = codec.descriptor("t", [16], "uint8", 4, s, 3, None, "raw", len(p))
         assert np.array_equal(decode(d, p), (q.astype(np.float32) - np.float32(3)) * np.float32(s))
-    assert len(codec._LUTS) <= codec._LUT_MAX
+    assert len(quantize._LUTS) <= quantize._LUT_MAX
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

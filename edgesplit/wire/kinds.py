@@ -1,0 +1,47 @@
+"""The vocabulary of wire protocol v1 that every wire module shares: versions, message kinds,
+features and what a receiver accepts (docs/PROTOCOL.md §2, §3). :mod:`edgesplit.wire.protocol`
+re-exports all of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PROTOCOL_VERSION = 1  # the major version: the "v" of every header
+PROTOCOL_REVISION = (1, 1)  # major.minor of docs/PROTOCOL.md; minor revisions add optional keys only
+SUPPORTED_VERSIONS = (1,)
+# Features a server may list in welcome.features (v1.1). A peer relies on one only when advertised.
+FEATURE_COMPACT_REQUESTS = "compact_requests"
+SERVER_FEATURES = (FEATURE_COMPACT_REQUESTS,)
+
+
+class Kind:
+    HELLO = "hello"
+    WELCOME = "welcome"
+    REQUEST = "request"
+    RESULT = "result"
+    ERROR = "error"
+    PING = "ping"
+    PONG = "pong"
+    BYE = "bye"
+
+
+KINDS = (Kind.HELLO, Kind.WELCOME, Kind.REQUEST, Kind.RESULT, Kind.ERROR, Kind.PING, Kind.PONG, Kind.BYE)
+# Reserved for later revisions (documented, not implemented): ED-ViT scatter/gather, SFPrompt split training.
+RESERVED_KINDS = ("scatter", "gather", "train_fwd", "train_bwd", "model_update")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts. The server advertises its limits in ``welcome``."""
+
+    max_header_bytes: int = 64 * 1024  # frame 0, checked before unpacking
+    max_frame_bytes: int = 8 << 20  # each tensor frame, and each tensor after zstd decompression
+    max_frames: int = 16  # tensor frames per message
+    max_batch: int = 256  # leading-axis rows in one request tensor
+
+    def to_wire(self) -> dict[str, int]:
+        return asdict(self)
+
+
+DEFAULT_LIMITS = Limits()

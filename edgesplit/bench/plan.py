@@ -103,21 +103,33 @@ def measure_agent(ns: ShapedNamespace, bundle: Path, endpoint: str, mode: int, s
 
 
 def probe_overhead(ns: ShapedNamespace, mbps: float, endpoint: str, options: list[tuple[str, Path, int]], pace_ms: float,
-                   workdir: Path) -> dict[str, Any]:
+                   workdir: Path) -> list[dict[str, Any]]:
     """The runtime's own time per request on this host as it is loaded now: send -> result minus
-    the server's decode + tail (``compute_us``), median over 30 paced frames of the group's smallest
-    request, with the namespace opened to 1 Gbit/s (its bytes then cross in microseconds, inside
-    the bucket). It is what the planner's ``overhead`` term stands for; measured apart from the runs
-    it predicts (another rate, one option for the whole group)."""
+    the server's decode + tail (``compute_us``), median over 30 paced frames, with the namespace
+    opened to 1 Gbit/s (the bytes then cross in microseconds, inside the bucket). It is what the
+    planner's ``overhead`` term stands for. Probed on the group's two smallest requests, so that
+    each option is predicted with an overhead measured on another option (:func:`overhead_for`),
+    never on the option it is judged on; and at another rate than the runs it predicts."""
     from ..bundle import Bundle
 
-    label, d, mode = min(options, key=lambda o: Bundle.load(o[1]).mode(o[2]).bytes_per_frame)
+    if len(options) < 2:
+        raise SystemExit("edgesplit bench plan: --overhead-ms probe needs at least two options per group (each option's "
+                         "overhead is probed on another one); give a number of ms instead")
+    two = sorted(options, key=lambda o: Bundle.load(o[1]).mode(o[2]).bytes_per_frame)[:2]
     ns.set_rate(1000.0)
     try:
-        m = measure_agent(ns, d, endpoint, mode, _source(d), 30, 5, pace_ms + 5.0, workdir)
+        probes = []
+        for label, d, mode in two:
+            m = measure_agent(ns, d, endpoint, mode, _source(d), 30, 5, pace_ms + 5.0, workdir)
+            probes.append({"option": label, "overhead_ms": round(m["rtt_minus_compute_ms"], 4), "frames": m["frames"]})
     finally:
         ns.set_rate(mbps)
-    return {"option": label, "overhead_ms": round(m["rtt_minus_compute_ms"], 4), "frames": m["frames"]}
+    return probes
+
+
+def overhead_for(label: str, probes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The probe an option is predicted with: one taken on a different option."""
+    return next(p for p in probes if p["option"] != label)
 
 
 def _source(bundle_dir: Path) -> str:
@@ -178,15 +190,17 @@ def run_bench(a) -> dict[str, Any]:
                 with ShapedNamespace(mbps, burst_bytes=a.burst_bytes, latency_ms=QUEUE_MS) as ns:
                     server, endpoint = _start_server(ns, bundles, Path(tmp) / "server.log")
                     try:
-                        overhead = a.overhead_ms
-                        if overhead == "probe":
-                            probe = probe_overhead(ns, mbps, endpoint, tgt["options"], a.pace_ms, Path(tmp))
-                            probes.append({"target": tgt["name"], "mbps": mbps, **probe})
-                            overhead = probe["overhead_ms"]
-                            print(f"{tgt['name']:<16} runtime overhead probe ({probe['option']}): {overhead:.3f} ms",
+                        group_probes = []
+                        if a.overhead_ms == "probe":
+                            group_probes = probe_overhead(ns, mbps, endpoint, tgt["options"], a.pace_ms, Path(tmp))
+                            probes += [{"target": tgt["name"], "mbps": mbps, **p} for p in group_probes]
+                            print(f"{tgt['name']:<16} runtime overhead probes: "
+                                  + ", ".join(f"{p['option']} {p['overhead_ms']:.3f} ms" for p in group_probes),
                                   file=sys.stderr, flush=True)
-                        sc = scenario(HOST_PROFILE, HOST_PROFILE, HOST_PROFILE, link, float(overhead), None)
                         for label, d, mode in tgt["options"]:
+                            probe = overhead_for(label, group_probes) if group_probes else None
+                            overhead = float(a.overhead_ms) if probe is None else probe["overhead_ms"]
+                            sc = scenario(HOST_PROFILE, HOST_PROFILE, HOST_PROFILE, link, overhead, None)
                             options, meta = bundle_options(d, timing=Timing(a.runs, a.pace_ms), host=HOST_PROFILE, extras=False)
                             opt = next(o for o in options if o.detail["mode"] == mode)
                             pred = predict(opt, sc)
@@ -201,6 +215,8 @@ def run_bench(a) -> dict[str, Any]:
                                          "payload_bytes": opt.payload_bytes, "request_bytes": pred.request_bytes,
                                          "predicted_ms": round(pred.latency_ms, 4), "measured_ms": round(meas["e2e_ms"], 4),
                                          "rel_error": round(err, 4), "within_target": abs(err) <= TARGET,
+                                         "overhead_ms": overhead,
+                                         "overhead_probed_on": None if probe is None else probe["option"],
                                          "predicted": {k: round(v, 4) for k, v in pred.parts_ms.items()},
                                          "measured": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in meas.items()}})
                             r = rows[-1]
@@ -214,7 +230,10 @@ def run_bench(a) -> dict[str, Any]:
         groups.setdefault(f"{r['target']} @ {r['mbps']:g} Mbit/s", []).append(r)
     per = {k: ranking_check(v) for k, v in groups.items()}
     return {"bench": "plan", "bandwidths_mbps": bandwidths, "frames": a.frames, "warmup_frames": a.warmup,
-            "burst_bytes": a.burst_bytes, "queue_ms": QUEUE_MS, "overhead_ms": a.overhead_ms, "overhead_probes": probes, "ort_threads": 1, "nice": getattr(a, "nice", None),
+            "burst_bytes": a.burst_bytes, "queue_ms": QUEUE_MS, "overhead_ms": a.overhead_ms, "overhead_probes": probes,
+            "overhead_source": ("probed per group at 1 Gbit/s before its runs; each option predicted with the probe of "
+                                "another option (rows' overhead_probed_on), never its own") if probes else "given",
+            "ort_threads": 1, "nice": getattr(a, "nice", None),
             "targets": [{k: v for k, v in t.items() if k != "options"} | {"options": len(t["options"])} for t in targets],
             "rows": rows, "target_rel_error": TARGET,
             "summary": {"options": len(rows), "within_target": sum(r["within_target"] for r in rows),

@@ -65,18 +65,18 @@ def _bucket(rows: int) -> int:
 class Item:
     """One queued request."""
 
-    key: Hashable              # (bundle hash, mode id)
-    identity: bytes            # ROUTER identity of the agent
+    key: Hashable  # (bundle hash, mode id)
+    identity: bytes  # ROUTER identity of the agent
     req_id: int
-    desc: dict[str, Any]       # validated tensor descriptor
-    payload: Any               # the tensor frame (bytes / buffer)
-    rows: int                  # leading-axis rows (1 for a [C,h,w] tensor)
-    single: bool               # the request tensor had no batch axis: reply logits [K], not [n,K]
-    t_recv_ns: int             # time.perf_counter_ns() when the I/O thread received it
+    desc: dict[str, Any]  # validated tensor descriptor
+    payload: Any  # the tensor frame (bytes / buffer)
+    rows: int  # leading-axis rows (1 for a [C,h,w] tensor)
+    single: bool  # the request tensor had no batch axis: reply logits [K], not [n,K]
+    t_recv_ns: int  # time.perf_counter_ns() when the I/O thread received it
     deadline_ns: int | None = None
     t_send_ns: int | None = None
     deadline_ms: float | None = None  # as the request gave it (quoted in a refusal)
-    answered: bool = False     # set by the compute thread once a reply is queued
+    answered: bool = False  # set by the compute thread once a reply is queued
 
 
 class Refusal(NamedTuple):
@@ -105,8 +105,13 @@ class Batcher:
     is ``puts - takes``, each counter written by one side only.
     """
 
-    def __init__(self, max_batch: int = 32, max_delay_us: float = 2000.0, max_queue: int = 1024,
-                 preferred: tuple[int, ...] | list[int] = ()):
+    def __init__(
+        self,
+        max_batch: int = 32,
+        max_delay_us: float = 2000.0,
+        max_queue: int = 1024,
+        preferred: tuple[int, ...] | list[int] = (),
+    ):
         if max_batch < 1 or max_queue < 1 or max_delay_us < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_delay_us >= 0")
         bad = [p for p in preferred if not 1 <= int(p) <= max_batch]
@@ -121,10 +126,10 @@ class Batcher:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # producers -> consumer: items, _CLOSE
         self._put_lock = threading.Lock()  # orders put() against close(), never held while blocking
         self._queues: OrderedDict[Hashable, _KeyQueue] = OrderedDict()  # consumer-owned
-        self._held = 0          # items moved from the inbox into _queues, not yet taken (consumer-owned)
-        self._n_put = 0         # written under _put_lock
-        self._n_taken = 0       # written by the consumer only
-        self._closed = False    # set by close()
+        self._held = 0  # items moved from the inbox into _queues, not yet taken (consumer-owned)
+        self._n_put = 0  # written under _put_lock
+        self._n_taken = 0  # written by the consumer only
+        self._closed = False  # set by close()
         self._draining = False  # the consumer has seen the close marker: everything is due
         # (key, rows bucket) -> [mean ns, mean deviation ns, perf_counter_ns of the last update]
         self._compute_ns: dict[tuple[Hashable, int], list] = {}
@@ -142,9 +147,11 @@ class Batcher:
         if item.deadline_ns is not None:
             wait = self.expected_wait_ns(item.key, item.rows, now_ns)
             if now_ns + wait >= item.deadline_ns:
-                return Refusal(ErrorCode.DEADLINE_EXCEEDED,
-                               f"deadline {item.deadline_ms} ms cannot be met: the {len(self)} requests queued and "
-                               f"its own batch need about {wait / 1e6:.1f} ms; not queued")
+                return Refusal(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"deadline {item.deadline_ms} ms cannot be met: the {len(self)} requests queued and "
+                    f"its own batch need about {wait / 1e6:.1f} ms; not queued",
+                )
         if not self.put(item):
             if self._closed:
                 return Refusal(ErrorCode.SHUTTING_DOWN, "server is shutting down")
@@ -223,8 +230,9 @@ class Batcher:
         (it reads the estimates the compute thread writes; a stale read only shifts a guess)."""
         ahead = len(self)
         full, part = divmod(ahead, self.max_batch)
-        return full * self.expected_compute_ns(key, self.max_batch, now_ns) + \
-            self.expected_compute_ns(key, min(part + rows, self.max_batch), now_ns)
+        return full * self.expected_compute_ns(key, self.max_batch, now_ns) + self.expected_compute_ns(
+            key, min(part + rows, self.max_batch), now_ns
+        )
 
     def triage(self, batch: list[Item], now_ns: int) -> tuple[list[Item], list[tuple[Item, Refusal]]]:
         """Split a due batch into (the requests to compute, the ones to answer DEADLINE_EXCEEDED):
@@ -247,8 +255,10 @@ class Batcher:
                 if now_ns >= it.deadline_ns:
                     why = f"deadline passed {(now_ns - it.deadline_ns) / 1e6:.3f} ms before compute could start"
                 else:
-                    why = (f"deadline is {(it.deadline_ns - now_ns) / 1e6:.3f} ms away, less than the tail's recent "
-                           f"batch time {expected / 1e6:.3f} ms")
+                    why = (
+                        f"deadline is {(it.deadline_ns - now_ns) / 1e6:.3f} ms away, less than the tail's recent "
+                        f"batch time {expected / 1e6:.3f} ms"
+                    )
                 late.append((it, Refusal(ErrorCode.DEADLINE_EXCEEDED, f"{why} (queued {queued:.3f} ms); not computed")))
             else:
                 live.append(it)
@@ -257,7 +267,9 @@ class Batcher:
     def _due_ns(self, key: Hashable, q: _KeyQueue) -> float:
         due = q.items[0].t_recv_ns + self.max_delay_ns
         if q.min_deadline < INF:
-            due = min(due, q.min_deadline - self.expected_compute_ns(key, min(q.rows, self.max_batch)) - DEADLINE_MARGIN_NS)
+            due = min(
+                due, q.min_deadline - self.expected_compute_ns(key, min(q.rows, self.max_batch)) - DEADLINE_MARGIN_NS
+            )
         return due
 
     def _hold(self, item) -> None:

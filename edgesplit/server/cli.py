@@ -31,52 +31,122 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Run the split-computing server daemon: accept agents over ZeroMQ (ROUTER), batch their "
-                    "requests and run each bundle's tail. Stops cleanly on SIGINT/SIGTERM (finishes queued "
-                    "requests, tells agents bye, exits 0).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bundle", action="append", required=True, metavar="PATH",
-                   help="bundle directory or tar (repeat to serve several bundles; agents pick one by hash)")
-    p.add_argument("--bind", default="tcp://127.0.0.1:5555",
-                   help="ZeroMQ endpoint to bind; tcp port 0 picks a free port (printed at start)")
-    p.add_argument("--backend", default="ort", choices=BACKENDS,
-                   help="tail engine: ONNX Runtime (CPU), torch (the bundle's tail_torch file; CPU or CUDA), or "
-                        "TensorRT 10 (the ONNX tail on CUDA; plans cached under --engine-cache)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: ort cpu, torch cuda when present, tensorrt cuda)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="tail compute precision (torch: fp32/fp16/bf16; tensorrt: fp32/fp16 via the ONNX graph; ort: fp32)")
-    p.add_argument("--accel", default="none", choices=ACCELERATIONS,
-                   help="torch only: torch.compile, or CUDA graphs per batch bucket (cuda)")
-    p.add_argument("--engine-cache", default=None, metavar="DIR",
-                   help="TensorRT plan cache (unset: $EDGESPLIT_CACHE/tensorrt or ~/.cache/edgesplit/tensorrt)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads for the tail engine (unset: the engine's own default)")
+        "requests and run each bundle's tail. Stops cleanly on SIGINT/SIGTERM (finishes queued "
+        "requests, tells agents bye, exits 0).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--bundle",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="bundle directory or tar (repeat to serve several bundles; agents pick one by hash)",
+    )
+    p.add_argument(
+        "--bind",
+        default="tcp://127.0.0.1:5555",
+        help="ZeroMQ endpoint to bind; tcp port 0 picks a free port (printed at start)",
+    )
+    p.add_argument(
+        "--backend",
+        default="ort",
+        choices=BACKENDS,
+        help="tail engine: ONNX Runtime (CPU), torch (the bundle's tail_torch file; CPU or CUDA), or "
+        "TensorRT 10 (the ONNX tail on CUDA; plans cached under --engine-cache)",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (unset: ort cpu, torch cuda when present, tensorrt cuda)"
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="tail compute precision (torch: fp32/fp16/bf16; tensorrt: fp32/fp16 via the ONNX graph; ort: fp32)",
+    )
+    p.add_argument(
+        "--accel",
+        default="none",
+        choices=ACCELERATIONS,
+        help="torch only: torch.compile, or CUDA graphs per batch bucket (cuda)",
+    )
+    p.add_argument(
+        "--engine-cache",
+        default=None,
+        metavar="DIR",
+        help="TensorRT plan cache (unset: $EDGESPLIT_CACHE/tensorrt or ~/.cache/edgesplit/tensorrt)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for the tail engine (unset: the engine's own default)",
+    )
     p.add_argument("--max-batch", type=int, default=32, help="most frames run in one tail call")
-    p.add_argument("--max-queue-delay-us", type=float, default=2000.0,
-                   help="longest a request waits for others to batch with (0: run what is queued at once)")
-    p.add_argument("--preferred-batch-sizes", type=_int_list, default=(), metavar="N,N,...",
-                   help="batch sizes run as soon as they can be formed, largest first (Triton's preferred_batch_size); "
-                        "otherwise a batch waits up to --max-queue-delay-us and takes what is queued")
-    p.add_argument("--switch-interval-us", type=float, default=1000.0,
-                   help="Python's GIL switch interval for the daemon process (CPython's default is 5000): shorter lets "
-                        "the compute thread back in quickly while the I/O thread is busy refusing an overload")
-    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting beyond this are refused with OVERLOADED")
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=float,
+        default=2000.0,
+        help="longest a request waits for others to batch with (0: run what is queued at once)",
+    )
+    p.add_argument(
+        "--preferred-batch-sizes",
+        type=_int_list,
+        default=(),
+        metavar="N,N,...",
+        help="batch sizes run as soon as they can be formed, largest first (Triton's preferred_batch_size); "
+        "otherwise a batch waits up to --max-queue-delay-us and takes what is queued",
+    )
+    p.add_argument(
+        "--switch-interval-us",
+        type=float,
+        default=1000.0,
+        help="Python's GIL switch interval for the daemon process (CPython's default is 5000): shorter lets "
+        "the compute thread back in quickly while the I/O thread is busy refusing an overload",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=1024, help="requests waiting beyond this are refused with OVERLOADED"
+    )
     p.add_argument("--credits", type=int, default=64, help="most requests in flight per agent (flow control)")
-    p.add_argument("--heartbeat-ms", type=int, default=5000,
-                   help="heartbeat interval advertised to agents; silent sessions expire after 3 intervals (0: off)")
-    p.add_argument("--max-frame-bytes", type=int, default=P.DEFAULT_LIMITS.max_frame_bytes, help="largest tensor frame accepted")
+    p.add_argument(
+        "--heartbeat-ms",
+        type=int,
+        default=5000,
+        help="heartbeat interval advertised to agents; silent sessions expire after 3 intervals (0: off)",
+    )
+    p.add_argument(
+        "--max-frame-bytes", type=int, default=P.DEFAULT_LIMITS.max_frame_bytes, help="largest tensor frame accepted"
+    )
     p.add_argument("--name", default=None, help="server name sent in welcome (unset: host:pid)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
-                   help="json: one JSON object per line (ts, level, logger, msg and structured fields)")
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="json: one JSON object per line (ts, level, logger, msg and structured fields)",
+    )
     sec = p.add_argument_group("security (CURVE; keys from 'edgesplit keys gen')")
-    sec.add_argument("--curve-secret", default=None, metavar="FILE",
-                     help="the server's secret key (NAME.key_secret): encrypt every connection; needs --allow-keys")
-    sec.add_argument("--allow-keys", default=None, metavar="DIR",
-                     help="directory of the agents' public keys (*.key): only those agents may connect; re-read when "
-                          "its files change, and on SIGHUP")
+    sec.add_argument(
+        "--curve-secret",
+        default=None,
+        metavar="FILE",
+        help="the server's secret key (NAME.key_secret): encrypt every connection; needs --allow-keys",
+    )
+    sec.add_argument(
+        "--allow-keys",
+        default=None,
+        metavar="DIR",
+        help="directory of the agents' public keys (*.key): only those agents may connect; re-read when "
+        "its files change, and on SIGHUP",
+    )
     obs = p.add_argument_group("observability")
-    obs.add_argument("--http-port", type=int, default=None, metavar="PORT",
-                     help="serve /metrics (Prometheus), /health/live and /health/ready on this port "
-                          "(0: any free port, printed at start; unset: no HTTP)")
+    obs.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics (Prometheus), /health/live and /health/ready on this port "
+        "(0: any free port, printed at start; unset: no HTTP)",
+    )
     obs.add_argument("--http-host", default="127.0.0.1", help="address the HTTP endpoints listen on (0.0.0.0: all)")
     return p
 
@@ -101,13 +171,27 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
     try:
         curve = None if args.curve_secret is None else ServerCurve.load(args.curve_secret, args.allow_keys)
         limits = Limits(max_frame_bytes=args.max_frame_bytes, max_batch=args.max_batch)
-        engine_options = EngineOptions(device=args.device, precision=args.precision, accel=args.accel,
-                                       cache_dir=args.engine_cache)
-        server = server_class(args.bundle, args.bind, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
-                        max_queue_delay_us=args.max_queue_delay_us, max_queue=args.max_queue, credits=args.credits,
-                        preferred_batch_sizes=args.preferred_batch_sizes,
-                        heartbeat_ms=args.heartbeat_ms, limits=limits, name=args.name,
-                        curve=curve, http_port=args.http_port, http_host=args.http_host, engine_options=engine_options)
+        engine_options = EngineOptions(
+            device=args.device, precision=args.precision, accel=args.accel, cache_dir=args.engine_cache
+        )
+        server = server_class(
+            args.bundle,
+            args.bind,
+            backend=args.backend,
+            threads=args.threads,
+            max_batch=args.max_batch,
+            max_queue_delay_us=args.max_queue_delay_us,
+            max_queue=args.max_queue,
+            credits=args.credits,
+            preferred_batch_sizes=args.preferred_batch_sizes,
+            heartbeat_ms=args.heartbeat_ms,
+            limits=limits,
+            name=args.name,
+            curve=curve,
+            http_port=args.http_port,
+            http_host=args.http_host,
+            engine_options=engine_options,
+        )
         server.start()
     except (BundleError, OSError, ValueError, RuntimeError) as e:
         print(f"edgesplit serve: {e}", file=sys.stderr)
@@ -134,4 +218,3 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
             signal.signal(s, h)
     server.stop()
     return 1 if server.failed else 0
-

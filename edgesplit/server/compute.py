@@ -30,8 +30,14 @@ log = logging.getLogger("edgesplit.server")
 class ComputeWorker:
     """The compute thread's loop (:meth:`run`) and everything only that thread touches."""
 
-    def __init__(self, scheduler: Batcher, runners: Mapping[str, TailRunner], stats: ServerStats,
-                 replies: deque, wake: socket.socket):
+    def __init__(
+        self,
+        scheduler: Batcher,
+        runners: Mapping[str, TailRunner],
+        stats: ServerStats,
+        replies: deque,
+        wake: socket.socket,
+    ):
         self.scheduler = scheduler
         self.runners = runners
         self.stats = stats
@@ -110,12 +116,18 @@ class ComputeWorker:
                 self._push_error(it, errors[i].code, errors[i].message)
                 continue
             r = offsets[i]
-            out = logits[r] if it.single else logits[r: r + it.rows]
+            out = logits[r] if it.single else logits[r : r + it.rows]
             t_reply = time.perf_counter_ns()
             queue_us, server_us = (t0 - it.t_recv_ns) / 1e3, (t_reply - it.t_recv_ns) / 1e3
-            header = pack(it.req_id, runner.outputs_for(out.shape), queue_us=queue_us,
-                          compute_us=compute_us, batch_size=rows, server_us=server_us,
-                          t_send_ns=it.t_send_ns)
+            header = pack(
+                it.req_id,
+                runner.outputs_for(out.shape),
+                queue_us=queue_us,
+                compute_us=compute_us,
+                batch_size=rows,
+                server_us=server_us,
+                t_send_ns=it.t_send_ns,
+            )
             record_queue(queue_us)
             record_request(server_us)
             replies.append([it.identity, header, out.tobytes()])

@@ -64,13 +64,26 @@ IO_STALL_S = 10.0
 class Server:
     """The daemon, usable in-process: ``start()`` runs it in background threads, ``stop()`` drains."""
 
-    def __init__(self, bundles: Iterable[Bundle | str | Path], bind: str = "tcp://127.0.0.1:5555", *,
-                 backend: str = "ort", threads: int | None = None, max_batch: int = 32,
-                 max_queue_delay_us: float = 2000.0, max_queue: int = 1024, credits: int = 64,
-                 preferred_batch_sizes: Sequence[int] = (),
-                 heartbeat_ms: int = 5000, limits: Limits | None = None, name: str | None = None,
-                 curve: ServerCurve | None = None, http_port: int | None = None, http_host: str = "127.0.0.1",
-                 engine_options: EngineOptions | None = None):
+    def __init__(
+        self,
+        bundles: Iterable[Bundle | str | Path],
+        bind: str = "tcp://127.0.0.1:5555",
+        *,
+        backend: str = "ort",
+        threads: int | None = None,
+        max_batch: int = 32,
+        max_queue_delay_us: float = 2000.0,
+        max_queue: int = 1024,
+        credits: int = 64,
+        preferred_batch_sizes: Sequence[int] = (),
+        heartbeat_ms: int = 5000,
+        limits: Limits | None = None,
+        name: str | None = None,
+        curve: ServerCurve | None = None,
+        http_port: int | None = None,
+        http_host: str = "127.0.0.1",
+        engine_options: EngineOptions | None = None,
+    ):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:
             b = b if isinstance(b, Bundle) else Bundle.load(b)
@@ -86,12 +99,22 @@ class Server:
         # The advertised per-request row limit is the server's batch size: a request never splits.
         limits = replace(limits or Limits(), max_batch=int(max_batch))
         # What both threads count (typed), read by /metrics and stats()
-        self.figures = ServerStats.for_bundles(self.bundles, self.batcher.max_batch, sessions={},
-                                               queue_depth=self.batcher.__len__)
-        self.table = SessionTable({h: RequestCheck(b) for h, b in self.bundles.items()}, self.batcher,
-                                  self.figures.io, server_name=self.name, credits=credits,
-                                  heartbeat_ms=heartbeat_ms, limits=limits, codecs=codec.supported_codecs())
-        self.sessions: dict[bytes, Session] = self.table.sessions  # the live sessions (read-only outside the I/O thread)
+        self.figures = ServerStats.for_bundles(
+            self.bundles, self.batcher.max_batch, sessions={}, queue_depth=self.batcher.__len__
+        )
+        self.table = SessionTable(
+            {h: RequestCheck(b) for h, b in self.bundles.items()},
+            self.batcher,
+            self.figures.io,
+            server_name=self.name,
+            credits=credits,
+            heartbeat_ms=heartbeat_ms,
+            limits=limits,
+            codecs=codec.supported_codecs(),
+        )
+        self.sessions: dict[bytes, Session] = (
+            self.table.sessions
+        )  # the live sessions (read-only outside the I/O thread)
         self.figures.sessions = self.sessions
         replies: deque[list] = deque()  # compute thread appends, I/O thread pops
         self.compute = ComputeWorker(self.batcher, self.runners, self.figures, replies, wake=None)
@@ -121,8 +144,9 @@ class Server:
         if self.http_port is not None and self.http is None:
             from .httpd import HttpEndpoints
 
-            self.http = HttpEndpoints(self.http_host, self.http_port, metrics=self.metrics_text,
-                                      live=self.live, ready=self.ready).start()
+            self.http = HttpEndpoints(
+                self.http_host, self.http_port, metrics=self.metrics_text, live=self.live, ready=self.ready
+            ).start()
             log.info("metrics and health on %s", self.http.url, extra={"event": "http", "url": self.http.url})
         try:
             for h, b in self.bundles.items():

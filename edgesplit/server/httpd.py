@@ -48,13 +48,21 @@ class HttpEndpoints:
             def do_GET(self):  # noqa: N802 (the stdlib's name)
                 route = routes.get(self.path.split("?", 1)[0])
                 if route is None:
-                    status, ctype, body = 404, "application/json", json.dumps({"error": "not found", "paths": sorted(routes)}).encode()
+                    status, ctype, body = (
+                        404,
+                        "application/json",
+                        json.dumps({"error": "not found", "paths": sorted(routes)}).encode(),
+                    )
                 else:
                     try:
                         status, ctype, body = route()
                     except Exception as e:  # a bug in a collector must not kill the endpoint
                         log.exception("HTTP %s failed", self.path)
-                        status, ctype, body = 500, "application/json", json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
+                        status, ctype, body = (
+                            500,
+                            "application/json",
+                            json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(),
+                        )
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -71,8 +79,9 @@ class HttpEndpoints:
         self._httpd.daemon_threads = True
         self.host = host
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="edgesplit-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="edgesplit-http", daemon=True
+        )
 
     @property
     def url(self) -> str:

@@ -42,17 +42,27 @@ _POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)
 class IoLoop:
     """Run by the daemon's I/O thread (:meth:`run`); it starts the compute thread once bound."""
 
-    def __init__(self, bind: str, table: SessionTable, scheduler: Batcher, compute: ComputeWorker,
-                 stats: ServerStats, replies: deque, stop: threading.Event, *, curve: ServerCurve | None = None):
+    def __init__(
+        self,
+        bind: str,
+        table: SessionTable,
+        scheduler: Batcher,
+        compute: ComputeWorker,
+        stats: ServerStats,
+        replies: deque,
+        stop: threading.Event,
+        *,
+        curve: ServerCurve | None = None,
+    ):
         self.bind, self.table, self.scheduler, self.compute = bind, table, scheduler, compute
         self.stats, self.counters = stats, stats.io
-        self.replies = replies          # the compute thread appends, this thread pops
+        self.replies = replies  # the compute thread appends, this thread pops
         self.stop = stop
-        self.curve = curve              # CURVE encryption + agent key allow-list (None: plaintext)
+        self.curve = curve  # CURVE encryption + agent key allow-list (None: plaintext)
         self.endpoint: str | None = None
         self.ready = threading.Event()  # set once bound (or failed: startup_error)
         self.startup_error: BaseException | None = None
-        self.failed = False             # a daemon thread died of a bug
+        self.failed = False  # a daemon thread died of a bug
         self.turned = time.monotonic()  # last turn of the housekeeping (liveness)
         self.compute_thread: threading.Thread | None = None
         self._handshake_logged: dict[str, float] = {}  # reason -> when last logged
@@ -70,8 +80,9 @@ class IoLoop:
             # obedient one never has more than that waiting; a peer that ignores them (or a burst
             # faster than the I/O thread) meets TCP back-pressure instead of piling messages up
             # in libzmq (docs/BENCHMARKS.md, overload: a queue of 100k per peer grew the daemon).
-            router, self.endpoint = bind_router(self.bind, limits=self.table.limits, ctx=ctx, curve=self.curve,
-                                                rcvhwm=2 * self.table.credits + 64)
+            router, self.endpoint = bind_router(
+                self.bind, limits=self.table.limits, ctx=ctx, curve=self.curve, rcvhwm=2 * self.table.credits + 64
+            )
             # Refused handshakes (a key not allowed, plaintext at a CURVE server, ...) never reach
             # the poll loop; libzmq reports them on a monitor socket that housekeeping reads.
             self._monitor = router.get_monitor_socket(HANDSHAKE_EVENTS)
@@ -213,8 +224,12 @@ class IoLoop:
             now = time.monotonic()
             if now - self._handshake_logged.get(reason, -1e9) >= 10.0:
                 self._handshake_logged[reason] = now
-                log.warning("refused a connection in the security handshake: %s (%d so far)", reason, n,
-                            extra={"event": "handshake_failed", "reason": reason, "total": n})
+                log.warning(
+                    "refused a connection in the security handshake: %s (%d so far)",
+                    reason,
+                    n,
+                    extra={"event": "handshake_failed", "reason": reason, "total": n},
+                )
 
 
 def _release_context(ctx: zmq.Context, auth) -> None:

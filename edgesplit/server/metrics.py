@@ -80,18 +80,34 @@ class ServerCollector:
                 f.add_metric(lab, value(t))
             return f
 
-        yield counter("inference_request_success", "Requests answered with a result (Triton: nv_inference_request_success)",
-                      lambda s: s.success)
-        yield counter("inference_count", "Frames run through the tail; a batch of n counts n (Triton: nv_inference_count)",
-                      lambda s: s.inferences)
-        yield counter("inference_exec_count", "Tail runs, i.e. batches (Triton: nv_inference_exec_count)",
-                      lambda s: s.executions)
-        yield counter("inference_request_duration_us", "Cumulative receipt-to-reply time of answered requests, us "
-                      "(Triton: nv_inference_request_duration_us)", lambda s: s.request.total)
-        yield counter("inference_queue_duration_us", "Cumulative time requests waited for compute, us "
-                      "(Triton: nv_inference_queue_duration_us)", lambda s: s.queue.total)
-        yield counter("inference_compute_infer_duration_us", "Cumulative compute time (decode + tail) per request, us "
-                      "(Triton: nv_inference_compute_infer_duration_us)", lambda s: s.compute_infer_us)
+        yield counter(
+            "inference_request_success",
+            "Requests answered with a result (Triton: nv_inference_request_success)",
+            lambda s: s.success,
+        )
+        yield counter(
+            "inference_count",
+            "Frames run through the tail; a batch of n counts n (Triton: nv_inference_count)",
+            lambda s: s.inferences,
+        )
+        yield counter(
+            "inference_exec_count", "Tail runs, i.e. batches (Triton: nv_inference_exec_count)", lambda s: s.executions
+        )
+        yield counter(
+            "inference_request_duration_us",
+            "Cumulative receipt-to-reply time of answered requests, us (Triton: nv_inference_request_duration_us)",
+            lambda s: s.request.total,
+        )
+        yield counter(
+            "inference_queue_duration_us",
+            "Cumulative time requests waited for compute, us (Triton: nv_inference_queue_duration_us)",
+            lambda s: s.queue.total,
+        )
+        yield counter(
+            "inference_compute_infer_duration_us",
+            "Cumulative compute time (decode + tail) per request, us (Triton: nv_inference_compute_infer_duration_us)",
+            lambda s: s.compute_infer_us,
+        )
 
         def histogram(name: str, doc: str, pick) -> HistogramMetricFamily:
             f = HistogramMetricFamily(f"edgesplit_{name}", doc, labels=labels)
@@ -101,38 +117,61 @@ class ServerCollector:
             return f
 
         yield histogram("inference_batch_size", "Rows per tail run", lambda s: s.batch_size)
-        yield histogram("inference_queue_histogram_us", "Per-request queue time, us (Triton: nv_inference_queue_summary_us)",
-                        lambda s: s.queue)
-        yield histogram("inference_compute_infer_histogram_us", "Per-batch compute time (decode + tail), us "
-                        "(Triton: nv_inference_compute_infer_summary_us)", lambda s: s.compute)
-        yield histogram("inference_request_histogram_us", "Per-request receipt-to-reply time, us "
-                        "(Triton: nv_inference_request_summary_us)", lambda s: s.request)
+        yield histogram(
+            "inference_queue_histogram_us",
+            "Per-request queue time, us (Triton: nv_inference_queue_summary_us)",
+            lambda s: s.queue,
+        )
+        yield histogram(
+            "inference_compute_infer_histogram_us",
+            "Per-batch compute time (decode + tail), us (Triton: nv_inference_compute_infer_summary_us)",
+            lambda s: s.compute,
+        )
+        yield histogram(
+            "inference_request_histogram_us",
+            "Per-request receipt-to-reply time, us (Triton: nv_inference_request_summary_us)",
+            lambda s: s.request,
+        )
 
         names = srv.bundle_labels
-        f = CounterMetricFamily("edgesplit_inference_request_failure",
-                                "Requests answered with an error, by wire error code (Triton: nv_inference_request_failure)",
-                                labels=["model", "version", "reason"])
+        f = CounterMetricFamily(
+            "edgesplit_inference_request_failure",
+            "Requests answered with an error, by wire error code (Triton: nv_inference_request_failure)",
+            labels=["model", "version", "reason"],
+        )
         failures = sorted(srv.failure_counts().items(), key=lambda kv: (kv[0][0] or "", kv[0][1].name))
         for (bundle, code), n in failures:
             model, version = names.get(bundle, (UNKNOWN_MODEL, ""))
             f.add_metric([model, version, code.name], n)
         yield f
 
-        yield GaugeMetricFamily("edgesplit_inference_pending_request_count", "Requests queued for compute "
-                                "(Triton: nv_inference_pending_request_count)", value=srv.queue_depth())
+        yield GaugeMetricFamily(
+            "edgesplit_inference_pending_request_count",
+            "Requests queued for compute (Triton: nv_inference_pending_request_count)",
+            value=srv.queue_depth(),
+        )
         sessions = list(srv.sessions.values())
         yield GaugeMetricFamily("edgesplit_sessions", "Agent sessions open", value=len(sessions))
-        yield GaugeMetricFamily("edgesplit_inflight_requests", "Requests accepted and not yet answered",
-                                value=sum(s.inflight for s in sessions))
+        yield GaugeMetricFamily(
+            "edgesplit_inflight_requests",
+            "Requests accepted and not yet answered",
+            value=sum(s.inflight for s in sessions),
+        )
 
-        f = CounterMetricFamily("edgesplit_auth_failure", "Connections refused during the security handshake "
-                                "(CURVE key not allowed, plaintext client at a CURVE server, wrong server key, ...)",
-                                labels=["reason"])
+        f = CounterMetricFamily(
+            "edgesplit_auth_failure",
+            "Connections refused during the security handshake "
+            "(CURVE key not allowed, plaintext client at a CURVE server, wrong server key, ...)",
+            labels=["reason"],
+        )
         for reason, n in sorted(dict(srv.io.auth_failed).items()):  # dict(): one step while the I/O thread adds keys
             f.add_metric([reason], n)
         yield f
-        f = CounterMetricFamily("edgesplit_replies_dropped", "Replies that could not be delivered "
-                                "(unreachable: the agent is gone; full: its pipe was full)", labels=["reason"])
+        f = CounterMetricFamily(
+            "edgesplit_replies_dropped",
+            "Replies that could not be delivered (unreachable: the agent is gone; full: its pipe was full)",
+            labels=["reason"],
+        )
         f.add_metric(["unreachable"], srv.io.dropped_unreachable)
         f.add_metric(["full"], srv.io.dropped_full)
         yield f
@@ -154,7 +193,7 @@ def _agent_families(sessions: list[SessionFigures]) -> Iterator:
     names = sorted(per_name)
     if len(names) > MAX_AGENT_SERIES:
         other = [0, 0, 0, None]
-        for n in names[MAX_AGENT_SERIES - 1:]:
+        for n in names[MAX_AGENT_SERIES - 1 :]:
             a = per_name.pop(n)
             other[0] += a[0]
             other[1] += a[1]
@@ -162,12 +201,16 @@ def _agent_families(sessions: list[SessionFigures]) -> Iterator:
         per_name[OTHER_AGENTS] = other
     fams = [
         CounterMetricFamily("edgesplit_agent_requests", "Requests accepted from the agent", labels=["agent"]),
-        CounterMetricFamily("edgesplit_agent_received_bytes", "Message bytes received from the agent (headers and "
-                            "tensors, after its session started)", labels=["agent"]),
+        CounterMetricFamily(
+            "edgesplit_agent_received_bytes",
+            "Message bytes received from the agent (headers and tensors, after its session started)",
+            labels=["agent"],
+        ),
         CounterMetricFamily("edgesplit_agent_errors", "Error replies sent to the agent", labels=["agent"]),
     ]
-    rtt = GaugeMetricFamily("edgesplit_agent_heartbeat_rtt_us", "Last server ping -> agent pong round trip, us",
-                            labels=["agent"])
+    rtt = GaugeMetricFamily(
+        "edgesplit_agent_heartbeat_rtt_us", "Last server ping -> agent pong round trip, us", labels=["agent"]
+    )
     for name in sorted(per_name):
         a = per_name[name]
         for f, v in zip(fams, a):

@@ -40,17 +40,17 @@ EXPIRY_INTERVALS = 3
 @dataclass
 class Session:
     identity: bytes
-    bundle: str          # bundle hash
+    bundle: str  # bundle hash
     agent: str
     credits: int
     inflight: int = 0
-    last_seen: int = 0           # now_ns of the last message received
-    last_ping: int = 0           # now_ns of the last ping sent
-    ping_nonce: int = -1         # nonce of the server's last ping: its now_ns in us (its pong gives rtt_us)
+    last_seen: int = 0  # now_ns of the last message received
+    last_ping: int = 0  # now_ns of the last ping sent
+    ping_nonce: int = -1  # nonce of the server's last ping: its now_ns in us (its pong gives rtt_us)
     # per-agent figures for the metrics (edgesplit.server.stats.SessionFigures)
-    requests: int = 0            # requests accepted
-    bytes_in: int = 0            # message bytes received since the session started
-    errors: int = 0              # error replies sent
+    requests: int = 0  # requests accepted
+    bytes_in: int = 0  # message bytes received since the session started
+    errors: int = 0  # error replies sent
     rtt_us: float | None = None  # last server ping -> pong round trip
 
 
@@ -58,14 +58,25 @@ class SessionTable:
     """Every agent session of one daemon, keyed by ROUTER identity. Single-threaded: the I/O
     thread calls every method; other threads only read :attr:`sessions` (the metrics)."""
 
-    def __init__(self, checks: Mapping[str, RequestCheck], scheduler: Batcher, counters: IoCounters, *,
-                 server_name: str, credits: int, heartbeat_ms: int, limits: Limits, codecs: Iterable[str],
-                 features: Iterable[str] = P.SERVER_FEATURES, wall_clock_ns: Callable[[], int] = time.time_ns):
-        self.checks = checks            # bundle hash -> its request checks: the bundles served
+    def __init__(
+        self,
+        checks: Mapping[str, RequestCheck],
+        scheduler: Batcher,
+        counters: IoCounters,
+        *,
+        server_name: str,
+        credits: int,
+        heartbeat_ms: int,
+        limits: Limits,
+        codecs: Iterable[str],
+        features: Iterable[str] = P.SERVER_FEATURES,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
+    ):
+        self.checks = checks  # bundle hash -> its request checks: the bundles served
         self.scheduler = scheduler
         self.counters = counters
         self.server_name = server_name
-        self.credits = int(credits)     # the most any agent gets; a hello may ask for fewer
+        self.credits = int(credits)  # the most any agent gets; a hello may ask for fewer
         self.heartbeat_ns = int(heartbeat_ms) * 1_000_000
         self.heartbeat_ms = int(heartbeat_ms)
         self.limits = limits
@@ -75,8 +86,9 @@ class SessionTable:
         self.sessions: dict[bytes, Session] = {}  # never rebound: ServerStats holds this very dict
 
     # -- incoming messages -------------------------------------------------------------------------
-    def receive(self, identity: bytes, msg: Message, now_ns: int, nbytes: int = 0,
-                draining: bool = False) -> Header | None:
+    def receive(
+        self, identity: bytes, msg: Message, now_ns: int, nbytes: int = 0, draining: bool = False
+    ) -> Header | None:
         """Handle one parsed message from ``identity`` (``nbytes``: its size on the wire); return
         the header to answer with, if any. A valid request is queued with the scheduler (its
         answer comes from the compute thread). Never raises for anything a peer sends."""
@@ -126,9 +138,11 @@ class SessionTable:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down")
         check = self.checks.get(h["bundle"])
         if check is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_BUNDLE,
-                                f"bundle {h['bundle'][:16]}... is not loaded here (loaded: "
-                                f"{', '.join(f'{c.bundle.name}={k[:16]}...' for k, c in self.checks.items())})")
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_BUNDLE,
+                f"bundle {h['bundle'][:16]}... is not loaded here (loaded: "
+                f"{', '.join(f'{c.bundle.name}={k[:16]}...' for k, c in self.checks.items())})",
+            )
         bundle = check.bundle
         credits = max(1, min(self.credits, h["caps"]["max_inflight"]))
         old = self.sessions.get(identity)
@@ -138,11 +152,29 @@ class SessionTable:
             s = Session(identity, bundle.hash, h["agent"], credits, last_seen=now_ns, last_ping=now_ns)
         self.sessions[identity] = s
         self.counters.sessions_opened += 1
-        log.info("hello from %s (%s): bundle %s, %d credits", h["agent"], identity.hex(), bundle.name, credits,
-                 extra={"event": "hello", "agent": h["agent"], "identity": identity.hex(), "bundle": bundle.name,
-                        "credits": credits})
-        return Welcome(bundle.hash, self.server_name, credits=credits, limits=self.limits, heartbeat_ms=self.heartbeat_ms,
-                       codecs=self.codecs, features=self.features).to_header()
+        log.info(
+            "hello from %s (%s): bundle %s, %d credits",
+            h["agent"],
+            identity.hex(),
+            bundle.name,
+            credits,
+            extra={
+                "event": "hello",
+                "agent": h["agent"],
+                "identity": identity.hex(),
+                "bundle": bundle.name,
+                "credits": credits,
+            },
+        )
+        return Welcome(
+            bundle.hash,
+            self.server_name,
+            credits=credits,
+            limits=self.limits,
+            heartbeat_ms=self.heartbeat_ms,
+            codecs=self.codecs,
+            features=self.features,
+        ).to_header()
 
     def _request(self, identity: bytes, session: Session | None, msg: Message, now_ns: int, draining: bool) -> None:
         h = msg.header
@@ -158,20 +190,37 @@ class SessionTable:
             rows, single = 1, True
         else:
             if len(msg.frames) != 1:
-                raise ProtocolError(ErrorCode.MALFORMED, f"a v1 request carries exactly one tensor, got {len(msg.frames)}", rid)
+                raise ProtocolError(
+                    ErrorCode.MALFORMED, f"a v1 request carries exactly one tensor, got {len(msg.frames)}", rid
+                )
             d = tensors[0]
             if d["codec"] not in self.codecs:
                 raise ProtocolError(ErrorCode.UNSUPPORTED, f"codec '{d['codec']}' is not available on this server", rid)
             rows, single = check.check(h["mode"], d, rid)
             if rows > self.scheduler.max_batch:
-                raise ProtocolError(ErrorCode.TOO_LARGE, f"{rows} rows in one request, over max batch {self.scheduler.max_batch}", rid)
+                raise ProtocolError(
+                    ErrorCode.TOO_LARGE, f"{rows} rows in one request, over max batch {self.scheduler.max_batch}", rid
+                )
         if session.inflight >= session.credits:
-            raise ProtocolError(ErrorCode.OVERLOADED, f"credits exceeded: {session.inflight} requests in flight, {session.credits} allowed", rid)
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"credits exceeded: {session.inflight} requests in flight, {session.credits} allowed",
+                rid,
+            )
         deadline = h.get("deadline_ms")
-        item = Item(key=(session.bundle, h["mode"]), identity=identity, req_id=rid, desc=d, payload=msg.frames[0],
-                    rows=rows, single=single, t_recv_ns=now_ns,
-                    deadline_ns=None if deadline is None else now_ns + int(deadline * 1e6),
-                    t_send_ns=h.get("t_send_ns"), deadline_ms=deadline)
+        item = Item(
+            key=(session.bundle, h["mode"]),
+            identity=identity,
+            req_id=rid,
+            desc=d,
+            payload=msg.frames[0],
+            rows=rows,
+            single=single,
+            t_recv_ns=now_ns,
+            deadline_ns=None if deadline is None else now_ns + int(deadline * 1e6),
+            t_send_ns=h.get("t_send_ns"),
+            deadline_ms=deadline,
+        )
         refusal = self.scheduler.admit(item, now_ns)
         if refusal is not None:
             raise ProtocolError(refusal.code, refusal.message, rid)
@@ -206,8 +255,13 @@ class SessionTable:
         for ident, s in list(self.sessions.items()):
             idle = now_ns - s.last_seen
             if idle > EXPIRY_INTERVALS * hb and s.inflight == 0:
-                log.info("session %s (%s) timed out after %.1f s of silence", s.agent, ident.hex(), idle / 1e9,
-                         extra={"event": "session_expired", "agent": s.agent, "identity": ident.hex()})
+                log.info(
+                    "session %s (%s) timed out after %.1f s of silence",
+                    s.agent,
+                    ident.hex(),
+                    idle / 1e9,
+                    extra={"event": "session_expired", "agent": s.agent, "identity": ident.hex()},
+                )
                 del self.sessions[ident]
                 self.counters.sessions_expired += 1
             elif now_ns - s.last_ping > hb:

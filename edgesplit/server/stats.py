@@ -78,14 +78,14 @@ class Totals:
     __slots__ = ("success", "inferences", "executions", "compute_infer_us", "batch_size", "queue", "compute", "request")
 
     def __init__(self, max_batch: int):
-        self.success = 0             # requests answered with a result
-        self.inferences = 0          # frames (rows) run through the tail
-        self.executions = 0          # tail runs (batches)
+        self.success = 0  # requests answered with a result
+        self.inferences = 0  # frames (rows) run through the tail
+        self.executions = 0  # tail runs (batches)
         self.compute_infer_us = 0.0  # batch compute time, once per request in the batch (Triton's rule)
         self.batch_size = Histogram(batch_buckets(max_batch))  # per batch: rows
-        self.compute = Histogram(DURATION_BUCKETS_US)          # per batch: decode + tail
-        self.queue = Histogram(DURATION_BUCKETS_US)            # per request: receipt -> compute start
-        self.request = Histogram(DURATION_BUCKETS_US)          # per request: receipt -> reply queued
+        self.compute = Histogram(DURATION_BUCKETS_US)  # per batch: decode + tail
+        self.queue = Histogram(DURATION_BUCKETS_US)  # per request: receipt -> compute start
+        self.request = Histogram(DURATION_BUCKETS_US)  # per request: receipt -> reply queued
 
     def add(self, batches: list[tuple[int, int, float]], queue_us: list[float], request_us: list[float]) -> None:
         if batches:
@@ -157,15 +157,15 @@ FailureKey = tuple["str | None", ErrorCode]
 class IoCounters:
     """Written by the I/O thread only."""
 
-    messages: int = 0              # messages received (valid or not)
-    requests: int = 0              # requests queued for compute
-    sessions_opened: int = 0       # hellos answered with welcome (a re-handshake counts again)
-    sessions_expired: int = 0      # sessions dropped after three heartbeat intervals of silence
-    dropped_unreachable: int = 0   # replies to a peer that is gone
-    dropped_full: int = 0          # replies to a peer whose pipe was full
-    errors: dict[ErrorCode, int] = field(default_factory=dict)     # error replies sent, by code
+    messages: int = 0  # messages received (valid or not)
+    requests: int = 0  # requests queued for compute
+    sessions_opened: int = 0  # hellos answered with welcome (a re-handshake counts again)
+    sessions_expired: int = 0  # sessions dropped after three heartbeat intervals of silence
+    dropped_unreachable: int = 0  # replies to a peer that is gone
+    dropped_full: int = 0  # replies to a peer whose pipe was full
+    errors: dict[ErrorCode, int] = field(default_factory=dict)  # error replies sent, by code
     failures: dict[FailureKey, int] = field(default_factory=dict)  # of them, those naming a request
-    auth_failed: dict[str, int] = field(default_factory=dict)      # handshakes refused, by reason
+    auth_failed: dict[str, int] = field(default_factory=dict)  # handshakes refused, by reason
 
     def error(self, code: ErrorCode, bundle: str | None, request: bool) -> None:
         """Count one error reply (``request``: it answers an inference request)."""
@@ -176,10 +176,10 @@ class IoCounters:
 class ComputeCounters:
     """Written by the compute thread only."""
 
-    batches: int = 0   # tail runs
-    rows: int = 0      # frames run through the tail
-    results: int = 0   # requests answered with logits
-    errors: dict[ErrorCode, int] = field(default_factory=dict)     # requests answered with an error
+    batches: int = 0  # tail runs
+    rows: int = 0  # frames run through the tail
+    results: int = 0  # requests answered with logits
+    errors: dict[ErrorCode, int] = field(default_factory=dict)  # requests answered with an error
     failures: dict[FailureKey, int] = field(default_factory=dict)
 
     def error(self, code: ErrorCode, bundle: str | None) -> None:
@@ -208,10 +208,10 @@ class SessionFigures(Protocol):
 class ServerStats:
     """Everything the daemon counts, owned by it and read at scrape time."""
 
-    models: dict[tuple[str, int], ModelStats]   # (bundle hash, mode id) -> its figures
-    bundle_labels: dict[str, tuple[str, str]]   # bundle hash -> (model, version) labels
-    sessions: Mapping[bytes, SessionFigures]    # the session table's own map (live sessions)
-    queue_depth: Callable[[], int]              # requests queued for compute now
+    models: dict[tuple[str, int], ModelStats]  # (bundle hash, mode id) -> its figures
+    bundle_labels: dict[str, tuple[str, str]]  # bundle hash -> (model, version) labels
+    sessions: Mapping[bytes, SessionFigures]  # the session table's own map (live sessions)
+    queue_depth: Callable[[], int]  # requests queued for compute now
     io: IoCounters = field(default_factory=IoCounters)
     compute: ComputeCounters = field(default_factory=ComputeCounters)
 
@@ -240,12 +240,22 @@ class ServerStats:
         ``auth_failed_<reason>``."""
         io, c = self.io, self.compute
         flat: dict[str, int] = {
-            "messages": io.messages, "requests": io.requests, "sessions_opened": io.sessions_opened,
-            "sessions_expired": io.sessions_expired, "dropped_unreachable": io.dropped_unreachable,
-            "dropped_full": io.dropped_full, "batches": c.batches, "rows": c.rows, "results": c.results}
+            "messages": io.messages,
+            "requests": io.requests,
+            "sessions_opened": io.sessions_opened,
+            "sessions_expired": io.sessions_expired,
+            "dropped_unreachable": io.dropped_unreachable,
+            "dropped_full": io.dropped_full,
+            "batches": c.batches,
+            "rows": c.rows,
+            "results": c.results,
+        }
         for reason, n in dict(io.auth_failed).items():
             flat[f"auth_failed_{reason}"] = n
         for code, n in chain(dict(io.errors).items(), dict(c.errors).items()):
             flat[f"error_{code.name}"] = flat.get(f"error_{code.name}", 0) + n
-        return {"sessions": len(self.sessions), "queued": self.queue_depth(),
-                **{k: v for k, v in flat.items() if v > 0}}
+        return {
+            "sessions": len(self.sessions),
+            "queued": self.queue_depth(),
+            **{k: v for k, v in flat.items() if v > 0},
+        }

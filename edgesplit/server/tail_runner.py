@@ -19,7 +19,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..engine import EngineOptions  # numpy only: backends load lazily
-from ..wire import codec, protocol as P
+from ..wire import codec
+from ..wire import protocol as P
 from ..wire.errors import ErrorCode, ProtocolError, WireError
 from .batcher import Item
 
@@ -45,21 +46,33 @@ class RequestCheck:
         """Validate a request tensor against the bundle; return (rows, single)."""
         spec = self._mode_spec.get(mode_id)
         if spec is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_MODE,
-                                f"bundle '{self.bundle.name}' has no mode {mode_id} (modes: {sorted(self.modes)})", rid)
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_MODE,
+                f"bundle '{self.bundle.name}' has no mode {mode_id} (modes: {sorted(self.modes)})",
+                rid,
+            )
         if d["name"] != self.wire_name:
-            raise ProtocolError(ErrorCode.MALFORMED, f"tensor is named '{d['name']}', the bundle's wire tensor is '{self.wire_name}'", rid)
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"tensor is named '{d['name']}', the bundle's wire tensor is '{self.wire_name}'",
+                rid,
+            )
         shape = d["shape"]
         C, h, w = self.wire_shape
         nd = len(shape)
         if (nd != 3 and nd != 4) or shape[-1] != w or shape[-2] != h:
-            raise ProtocolError(ErrorCode.MALFORMED, f"tensor shape {shape} does not fit the wire tensor [N,<= {C},{h},{w}]", rid)
+            raise ProtocolError(
+                ErrorCode.MALFORMED, f"tensor shape {shape} does not fit the wire tensor [N,<= {C},{h},{w}]", rid
+            )
         bits, channels = spec
         if d["bits"] != bits or d["channels"] != channels or shape[-3] > C:
             mode = self.modes[mode_id]
-            raise ProtocolError(ErrorCode.UNKNOWN_MODE,
-                                f"tensor ({d['channels']} channels, {d['bits']} bits) disagrees with mode {mode.id} "
-                                f"'{mode.name}' ({mode.channels} channels, {mode.bits} bits)", rid)
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_MODE,
+                f"tensor ({d['channels']} channels, {d['bits']} bits) disagrees with mode {mode.id} "
+                f"'{mode.name}' ({mode.channels} channels, {mode.bits} bits)",
+                rid,
+            )
         if nd == 3:
             return 1, True
         rows = shape[0]
@@ -72,22 +85,29 @@ class RequestCheck:
         allocated for it); return the implied descriptor."""
         d = self._compact.get(mode_id)
         if d is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_MODE,
-                                f"bundle '{self.bundle.name}' has no mode {mode_id} (modes: {sorted(self.modes)})", rid)
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_MODE,
+                f"bundle '{self.bundle.name}' has no mode {mode_id} (modes: {sorted(self.modes)})",
+                rid,
+            )
         n = len(frame) if type(frame) is bytes else memoryview(frame).nbytes
         if n != d["nbytes"]:
             c, h, w = d["shape"]
-            raise ProtocolError(ErrorCode.MALFORMED,
-                                f"compact request: frame is {n} bytes, mode {mode_id} ({c}x{h}x{w} codes at {d['bits']} bits, "
-                                f"raw) needs exactly {d['nbytes']}", rid)
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"compact request: frame is {n} bytes, mode {mode_id} ({c}x{h}x{w} codes at {d['bits']} bits, "
+                f"raw) needs exactly {d['nbytes']}",
+                rid,
+            )
         return d
 
 
 class TailRunner:
     """A bundle's tail engine plus what is needed to turn requests into its input batch."""
 
-    def __init__(self, bundle: Bundle, backend: str = "ort", threads: int | None = None,
-                 options: EngineOptions | None = None):
+    def __init__(
+        self, bundle: Bundle, backend: str = "ort", threads: int | None = None, options: EngineOptions | None = None
+    ):
         from ..engine import EngineError, create_engine
 
         self.bundle = bundle
@@ -102,8 +122,10 @@ class TailRunner:
                 try:
                     opts.check("ort")
                 except EngineError as e:
-                    raise EngineError(f"bundle '{bundle.name}' has no tail_torch file for --backend torch, and ONNX "
-                                      f"Runtime cannot stand in ({e}); export one with 'edgesplit export --torch-tail'") from None
+                    raise EngineError(
+                        f"bundle '{bundle.name}' has no tail_torch file for --backend torch, and ONNX "
+                        f"Runtime cannot stand in ({e}); export one with 'edgesplit export --torch-tail'"
+                    ) from None
                 log.warning("bundle '%s' has no tail_torch file; running its ONNX tail with ONNX Runtime", bundle.name)
                 used = "ort"
         self.backend = used
@@ -160,7 +182,7 @@ class TailRunner:
         offsets, errors, r = [], {}, 0
         for i, it in enumerate(items):
             d = it.desc
-            dst = x[r, :c] if it.single else x[r: r + it.rows, :c]
+            dst = x[r, :c] if it.single else x[r : r + it.rows, :c]
             try:
                 self._decode(d, it.payload, dst)
             except WireError as e:
@@ -180,7 +202,9 @@ class TailRunner:
         o = self._out_descs.get(shape)
         if o is None:
             n = 4 * math.prod(shape)
-            o = self._out_descs[shape] = [codec.descriptor(self.output_name, shape, "float32", 32, 1.0, 0, None, "raw", n)]
+            o = self._out_descs[shape] = [
+                codec.descriptor(self.output_name, shape, "float32", 32, 1.0, 0, None, "raw", n)
+            ]
         return o
 
 

@@ -42,15 +42,18 @@ PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 
 # The monitor events of a failed handshake (libzmq >= 4.3).
-HANDSHAKE_EVENTS = (int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) | int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-                    | int(zmq.EVENT_HANDSHAKE_FAILED_AUTH))
+HANDSHAKE_EVENTS = (
+    int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    | int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    | int(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+)
 
 # Why a handshake failed, as the daemon counts it (metric label ``reason``).
-KEY_NOT_ALLOWED = "key_not_allowed"        # a CURVE client whose key is not in the allow list
+KEY_NOT_ALLOWED = "key_not_allowed"  # a CURVE client whose key is not in the allow list
 MECHANISM_MISMATCH = "mechanism_mismatch"  # plaintext client at a CURVE server, or the reverse
-BAD_CRYPTO = "bad_crypto"                  # a CURVE client using the wrong server public key
-PROTOCOL = "protocol"                      # any other ZMTP protocol violation
-NO_DETAIL = "no_detail"                    # the peer went away mid-handshake
+BAD_CRYPTO = "bad_crypto"  # a CURVE client using the wrong server public key
+PROTOCOL = "protocol"  # any other ZMTP protocol violation
+NO_DETAIL = "no_detail"  # the peer went away mid-handshake
 
 log = logging.getLogger("edgesplit.curve")
 
@@ -69,8 +72,10 @@ def generate(name: str, out_dir: str | os.PathLike, *, overwrite: bool = False) 
     public, secret = out / f"{name}{PUBLIC_SUFFIX}", out / f"{name}{SECRET_SUFFIX}"
     existing = [str(p) for p in (public, secret) if p.exists()]
     if existing and not overwrite:
-        raise KeyFileError(f"{' and '.join(existing)} already exist: choose another name, or overwrite them "
-                           "(edgesplit keys gen --force)")
+        raise KeyFileError(
+            f"{' and '.join(existing)} already exist: choose another name, or overwrite them "
+            "(edgesplit keys gen --force)"
+        )
     # Created under a restrictive umask, so the secret is never readable by others, not even briefly.
     old = os.umask(0o077)
     try:
@@ -85,7 +90,9 @@ def load_secret(path: str | os.PathLike) -> tuple[bytes, bytes]:
     """(public, secret) z85 keys from a ``.key_secret`` certificate."""
     public, secret = _load(path)
     if secret is None:
-        raise KeyFileError(f"{path} holds only a public key; this side needs its secret certificate (NAME{SECRET_SUFFIX})")
+        raise KeyFileError(
+            f"{path} holds only a public key; this side needs its secret certificate (NAME{SECRET_SUFFIX})"
+        )
     p = Path(path)
     if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("secret key file %s is readable by other users (chmod 600 it)", p)
@@ -130,8 +137,11 @@ class AllowList:
         self._last_denied: dict[bytes, float] = {}
         self.reload()
         if not self._keys:
-            log.warning("allow-list directory %s holds no *%s files: no agent can connect until one is added",
-                        self.directory, PUBLIC_SUFFIX)
+            log.warning(
+                "allow-list directory %s holds no *%s files: no agent can connect until one is added",
+                self.directory,
+                PUBLIC_SUFFIX,
+            )
 
     @property
     def names(self) -> list[str]:
@@ -148,8 +158,13 @@ class AllowList:
                 except KeyFileError as e:
                     log.warning("allow list: skipping %s", e)
             self._keys, self._mtime_ns = keys, mtime  # one assignment: readers see old or new
-        log.info("allow list %s: %d agent key(s): %s", self.directory, len(keys), ", ".join(sorted(keys.values())),
-                 extra={"event": "allow_list", "keys": len(keys)})
+        log.info(
+            "allow list %s: %d agent key(s): %s",
+            self.directory,
+            len(keys),
+            ", ".join(sorted(keys.values())),
+            extra={"event": "allow_list", "keys": len(keys)},
+        )
         return len(keys)
 
     def callback(self, domain: str, client_key: bytes) -> bool:
@@ -169,8 +184,12 @@ class AllowList:
             if len(self._last_denied) > 1024:
                 self._last_denied.clear()
             self._last_denied[client_key] = now
-            log.warning("refused an agent: CURVE key %s is not in %s", fingerprint(client_key), self.directory,
-                        extra={"event": "auth_refused", "key": client_key.decode("ascii", "replace")})
+            log.warning(
+                "refused an agent: CURVE key %s is not in %s",
+                fingerprint(client_key),
+                self.directory,
+                extra={"event": "auth_refused", "key": client_key.decode("ascii", "replace")},
+            )
         return False
 
 
@@ -255,11 +274,15 @@ def explain_handshake_failure(event: int, value: int, using_curve: bool) -> str:
     likely cause in words, given whether it used CURVE itself."""
     reason = handshake_failure(event, value)
     if reason == KEY_NOT_ALLOWED:
-        return (f"the server refused this agent's CURVE key (ZAP status {value}): its public key "
-                f"(NAME{PUBLIC_SUFFIX}) is not in the server's --allow-keys directory")
+        return (
+            f"the server refused this agent's CURVE key (ZAP status {value}): its public key "
+            f"(NAME{PUBLIC_SUFFIX}) is not in the server's --allow-keys directory"
+        )
     if not using_curve:
-        return ("the security handshake with the server failed: the server probably requires CURVE; give the agent "
-                "--server-key (the server's public key) and --client-key (its own secret key)")
+        return (
+            "the security handshake with the server failed: the server probably requires CURVE; give the agent "
+            "--server-key (the server's public key) and --client-key (its own secret key)"
+        )
     if reason == MECHANISM_MISMATCH:
         return "the CURVE handshake failed: the server does not use CURVE (drop --server-key/--client-key)"
     return "the CURVE handshake failed: --server-key is probably not this server's public key"

@@ -15,17 +15,17 @@ from typing import Any
 class ErrorCode(IntEnum):
     """Error codes of protocol v1. The numbers are fixed by docs/PROTOCOL.md; never renumber."""
 
-    MALFORMED = 1            # not a valid message / descriptor / payload
+    MALFORMED = 1  # not a valid message / descriptor / payload
     UNSUPPORTED_VERSION = 2  # header "v" is not a version this peer speaks
-    UNKNOWN_BUNDLE = 3       # hello names a bundle hash the server has not loaded
-    NOT_READY = 4            # request (or other session message) before a successful hello
-    UNKNOWN_MODE = 5         # request names a mode id the bundle does not have, or disagrees with it
-    TOO_LARGE = 6            # header, frame, batch or tensor over the advertised limits
-    OVERLOADED = 7           # server queue full, or the agent exceeded its credits
-    DEADLINE_EXCEEDED = 8    # the request's deadline passed before its compute started
-    INTERNAL = 9             # the server failed while computing; the request may be retried
-    UNSUPPORTED = 10         # well-formed but not supported here: reserved kind, codec, bits, dtype
-    SHUTTING_DOWN = 11       # the server is draining and accepts no new requests
+    UNKNOWN_BUNDLE = 3  # hello names a bundle hash the server has not loaded
+    NOT_READY = 4  # request (or other session message) before a successful hello
+    UNKNOWN_MODE = 5  # request names a mode id the bundle does not have, or disagrees with it
+    TOO_LARGE = 6  # header, frame, batch or tensor over the advertised limits
+    OVERLOADED = 7  # server queue full, or the agent exceeded its credits
+    DEADLINE_EXCEEDED = 8  # the request's deadline passed before its compute started
+    INTERNAL = 9  # the server failed while computing; the request may be retried
+    UNSUPPORTED = 10  # well-formed but not supported here: reserved kind, codec, bits, dtype
+    SHUTTING_DOWN = 11  # the server is draining and accepts no new requests
 
 
 class WireError(Exception):

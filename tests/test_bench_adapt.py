@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,36 @@ def test_verdict_compares_on_hit_rate_and_accuracy():
     v = verdict(pol, 100.0)
     assert v["ahead_of"] == {"fixed:a": True, "fixed:b": False}
     assert v["hit_rate_ge_0.99"] and v["within_1pt_of_oracle"] and v["ahead_of_all"] is False
+
+
+# -- bench adapt --live: the simulator's inputs are fitted apart from the runs it is judged on --------
+
+
+def test_calibration_fits_on_the_extreme_modes_at_a_rate_the_largest_leaves_mostly_idle():
+    from edgesplit.bench.adapt_live import calibration_modes, calibration_schedule
+    from edgesplit.control.modes import modes_from_manifest
+    from edgesplit.control.traces import Trace
+
+    modes = modes_from_manifest(ROOT / "models" / "cifar10-resnet20-bottlefit")  # 768, 384, 192 bytes
+    assert calibration_modes(modes) == [0, 2]
+    # 768 B x 8 x 10 fps = 0.06144 Mbit/s; four times that exceeds the 0.1 Mbit/s window's mean
+    slow = calibration_schedule(Trace.constant(0.1), modes, fps=10.0, seconds=4.0)
+    assert slow.mbps_between(0.0, 4.0) == pytest.approx(0.24576) and slow.period_s == 4.0
+    fast = calibration_schedule(Trace.constant(2.0), modes, fps=10.0, seconds=4.0)
+    assert fast.mbps_between(0.0, 4.0) == pytest.approx(2.0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")  # as root (CI) it must run
+def test_live_simulator_inputs_come_from_calibration_runs():
+    from edgesplit.bench.adapt_live import run_live
+    from edgesplit.control.traces import Trace
+    from edgesplit.loopback import free_port
+
+    res = run_live(ROOT / "models" / "cifar10-resnet20-bottlefit", Trace.constant(0.3), 100.0, 10.0, policies=["fixed:1"],
+                   duration_s=4.0, calibration_s=3.0, port=free_port())
+    (name, m), = res.items()
+    assert name == "fixed:c12-b4" and m["frames"] == 40
+    sim = m["sim"]
+    # fitted on fixed:0 and fixed:2 at a constant rate before the judged run (fixed:1 on the trace)
+    assert sim["fitted_on"].startswith("link cost and server time: calibration runs fixed:0, fixed:2 at a constant 0.3 Mbit/s")
+    assert sim["server_ms"] > 0 and sim["device_ms"] > 0 and "full.onnx timed alone" in sim["fitted_on"]

@@ -15,9 +15,10 @@ controller's outage decisions depend on it.
 from __future__ import annotations
 
 import importlib
-import time
 from pathlib import Path
 from typing import Any
+
+from .local_timing import measure_fallback_ms
 
 
 def add_arguments(p) -> None:
@@ -38,33 +39,12 @@ def add_arguments(p) -> None:
     p.add_argument("--policies", default=None,
                    help="--live: comma-separated policies to run (fixed:ID, assine, deadline, deadline-ewma; default "
                         "fixed:0,fixed:1,fixed:2,assine,deadline,deadline-ewma)")
+    p.add_argument("--calibration-s", type=float, default=4.0,
+                   help="--live: seconds of each calibration run (the largest and smallest mode at a constant rate) that "
+                        "the simulator's link cost and server time are fitted on, apart from the judged runs")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply the trace's capacity (the CIFAR bundle's 192-768 B frames need ~0.1-0.3 on the HSDPA "
                         "traces for the choice to matter)")
-
-
-def measure_fallback_ms(bundle_path: Path, frames: int = 40) -> float:
-    """Median latency of the bundle's full model on this machine (ONNX Runtime, 1 thread),
-    preprocessing included, on real frames."""
-    import numpy as np
-
-    from ..bundle import Bundle
-    from ..data.sources import open_source, take
-    from ..data.transforms import preprocess
-    from ..engine import create_engine
-    from ..loopback import DEFAULT_SOURCES
-
-    b = Bundle.load(bundle_path)
-    dataset = next((d for d in DEFAULT_SOURCES if b.name.startswith(d)), None)
-    if dataset is None:
-        raise ValueError(f"no default frame source for bundle '{b.name}': pass --fallback-ms")
-    eng = create_engine(b.file("full"), backend="ort", threads=1)
-    times = []
-    for s in take(open_source(DEFAULT_SOURCES[dataset], b.classes), frames):
-        t0 = time.perf_counter()
-        eng.run1(preprocess(s.data, b.input_spec)[None])
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times[5:] if len(times) > 10 else times))
 
 
 def verdict(policies: dict[str, dict[str, Any]], deadline_ms: float) -> dict[str, Any]:
@@ -128,7 +108,7 @@ def run(a) -> dict:
         live = importlib.import_module("edgesplit.bench.adapt_live")
         kinds = live.DEFAULT_POLICIES if not a.policies else tuple(k.strip() for k in a.policies.split(",") if k.strip())
         policies = live.run_live(bundle_path, Path(a.trace), a.deadline_ms, a.fps, policies=kinds, fallback_ms=fallback_ms,
-                                 start_s=a.start_s, duration_s=a.duration_s, scale=a.scale)
+                                 start_s=a.start_s, duration_s=a.duration_s, scale=a.scale, calibration_s=a.calibration_s)
         out["live_minus_sim_max_abs"] = max((abs(m.get("hit_rate_live_minus_sim") or 0.0) for m in policies.values()), default=None)
     else:
         if a.scale != 1.0:

@@ -164,11 +164,27 @@ def _wait_line(proc: subprocess.Popen, expect: str, timeout_s: float) -> None:
     raise RuntimeError(f"agent runner did not say '{expect}' (exit {proc.poll()})")
 
 
+def calibration_modes(modes: ModesTable) -> list[int]:
+    """The modes the link cost is fitted on: the largest and the smallest request (the line through
+    request sizes needs two; one when every mode sends the same bytes)."""
+    by_bytes = sorted(modes.modes, key=lambda m: m.bytes_per_frame)
+    return list(dict.fromkeys([by_bytes[-1].id, by_bytes[0].id]))
+
+
+def calibration_schedule(schedule: Trace, modes: ModesTable, fps: float, seconds: float) -> Trace:
+    """A constant rate for the calibration runs: the judged window's mean, raised where needed so that
+    the largest mode uses at most a quarter of it (most frames then find the link idle, the only
+    ones :func:`link_cost` can use)."""
+    largest_mbps = max(m.bytes_per_frame for m in modes.modes) * 8 * fps / 1e6
+    rate = max(schedule.mbps_between(0.0, schedule.period_s), 4 * largest_mbps)
+    return Trace.from_rates([0.0], [rate], name=f"calibration {rate:.3g} Mbit/s", period_s=seconds)
+
+
 def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_ms: float, fps: float, *,
              policies: Sequence[str] = DEFAULT_POLICIES, fallback_ms: float | None = None, start_s: float = 0.0,
              duration_s: float | None = None, scale: float = 1.0, step_s: float = 1.0, base_rtt_ms: float = 0.5,
              mtu: int | None = SMALL_MTU, burst_bytes: int | None = BURST_BYTES, port: int = 5599, progress: Callable[[str], None] | None = None,
-             keep_frames: bool = False, source: str | None = None) -> dict[str, dict[str, Any]]:
+             keep_frames: bool = False, source: str | None = None, calibration_s: float = 4.0) -> dict[str, dict[str, Any]]:
     """Run each policy (names as :func:`edgesplit.edge.adaptive.make_policy` takes them) for the
     same trace window in the shaped namespace; returns metrics per policy, keyed by the policy's
     name (the simulator's names). ``fallback_ms``: full.onnx latency the deadline policies weigh
@@ -179,11 +195,16 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
     labelled frames (default: the bundle's dataset's test split, by the bundle's name).
 
     Each policy's dict also holds ``sim``: the simulator's metrics for the same policy on the same
-    schedule (:func:`simulate_schedule`, with the server time and per-frame link overhead measured in
-    this run), and ``hit_rate_live_minus_sim``."""
+    schedule (:func:`simulate_schedule`) and ``hit_rate_live_minus_sim``. The simulator's inputs
+    are fitted apart from the runs it is compared with: the link cost and the server time on
+    ``calibration_s``-second calibration runs (fixed modes at a constant rate,
+    :func:`calibration_schedule`) made before the judged ones, the device's fallback time by timing
+    full.onnx alone; ``sim["fitted_on"]`` says so."""
     ok, why = shaping_available()
     if not ok:
         raise RuntimeError(f"--live needs kernel shaping: {why}")
+    from .local_timing import measure_fallback_ms
+
     bundle_path = Path(bundle_path)
     trace = trace_path if isinstance(trace_path, Trace) else read_trace(trace_path)
     duration_s = 20.0 if duration_s is None else float(duration_s)
@@ -196,7 +217,6 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
         if dataset is None:
             raise ValueError(f"no default frame source for bundle '{modes.name}': pass source=")
         source = DEFAULT_SOURCES[dataset]
-    frames = int(duration_s * fps)
     endpoint = f"tcp://127.0.0.1:{port}"
     say = progress or (lambda s: None)
     out: dict[str, dict[str, Any]] = {}
@@ -207,57 +227,72 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
         server = ns.popen([sys.executable, "-m", "edgesplit", "serve", "--bundle", str(bundle_path), "--bind", endpoint,
                            "--threads", "1", "--max-queue-delay-us", "0", "--log-level", "WARNING"],
                           stdout=subprocess.DEVNULL, stderr=server_log)
+
+        def run_policy(kind: str, sched: Trace, seconds: float) -> tuple[list[dict], dict, int]:
+            ns.set_rate(OPEN_MBPS)
+            frames = int(seconds * fps)
+            jl = Path(tmp) / f"{kind.replace(':', '_')}.jsonl"
+            cmd = [sys.executable, "-m", "edgesplit.bench.adapt_runner", "--bundle", str(bundle_path), "--server", endpoint,
+                   "--policy", kind, "--deadline-ms", str(deadline_ms), "--fps", str(fps), "--frames", str(frames),
+                   "--base-rtt-ms", str(base_rtt_ms), "--source", source, "--out", str(jl)]
+            if fallback_ms is not None:
+                cmd += ["--local-ms", str(fallback_ms)]
+            runner = ns.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                _wait_line(runner, "ready", 120.0)
+                before = ns.stats().get("bytes", 0)
+                with TraceReplayer(ns, sched, step_s=step_s):
+                    runner.stdin.write("go\n")
+                    runner.stdin.flush()
+                    runner.wait(timeout=seconds + 60)
+                link_bytes = ns.stats().get("bytes", 0) - before
+            finally:
+                if runner.poll() is None:
+                    runner.kill()
+                    runner.wait()
+            if runner.returncode != 0:
+                raise RuntimeError(f"agent runner for {kind} exited {runner.returncode}")
+            lines = [json.loads(x) for x in jl.read_text().splitlines()]
+            return lines[:-1], lines[-1]["summary"], link_bytes
+
         try:
+            # 1. Calibration, apart from the judged runs: the simulator's link and server terms.
+            calib = calibration_schedule(schedule, modes, fps, calibration_s)
+            calib_kinds = [f"fixed:{i}" for i in calibration_modes(modes)]
+            calib_runs = [{"records": run_policy(kind, calib, calibration_s)[0]} for kind in calib_kinds]
+            fixed, per_byte = link_cost(calib_runs, calib)
+            served = [r["server_ms"] for m in calib_runs for r in m["records"] if r.get("server_ms") is not None]
+            server_ms = float(np.median(served)) if served else 1.0
+            sim_local_ms = measure_fallback_ms(bundle_path, source=source)
+            fitted_on = (f"link cost and server time: calibration runs {', '.join(calib_kinds)} at a constant "
+                         f"{calib.mbps_between(0, 1):.3g} Mbit/s, {calibration_s:g} s each, before the judged runs; "
+                         "fallback time: full.onnx timed alone")
+            say(f"calibration: link fixed {fixed:.1f} B, per byte {per_byte:.3f}, server {server_ms:.3f} ms, "
+                f"local {sim_local_ms:.3f} ms")
+            # 2. The judged runs: every policy on the trace's schedule.
             for kind in policies:
-                ns.set_rate(OPEN_MBPS)
-                jl = Path(tmp) / f"{kind.replace(':', '_')}.jsonl"
-                cmd = [sys.executable, "-m", "edgesplit.bench.adapt_runner", "--bundle", str(bundle_path), "--server", endpoint,
-                       "--policy", kind, "--deadline-ms", str(deadline_ms), "--fps", str(fps), "--frames", str(frames),
-                       "--base-rtt-ms", str(base_rtt_ms), "--source", source, "--out", str(jl)]
-                if fallback_ms is not None:
-                    cmd += ["--local-ms", str(fallback_ms)]
-                runner = ns.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                try:
-                    _wait_line(runner, "ready", 120.0)
-                    before = ns.stats().get("bytes", 0)
-                    with TraceReplayer(ns, schedule, step_s=step_s):
-                        runner.stdin.write("go\n")
-                        runner.stdin.flush()
-                        runner.wait(timeout=duration_s + 60)
-                    link_bytes = ns.stats().get("bytes", 0) - before
-                finally:
-                    if runner.poll() is None:
-                        runner.kill()
-                        runner.wait()
-                if runner.returncode != 0:
-                    raise RuntimeError(f"agent runner for {kind} exited {runner.returncode}")
-                lines = [json.loads(x) for x in jl.read_text().splitlines()]
-                summary = lines[-1]["summary"]
-                m = frames_metrics(summary["policy"], lines[:-1], modes, deadline_ms, fps)
+                records, summary, link_bytes = run_policy(kind, schedule, duration_s)
+                m = frames_metrics(summary["policy"], records, modes, deadline_ms, fps)
                 m.update(switch_ms_p50=summary["switch_ms_p50"], switch_ms_max=summary["switch_ms_max"],
-                         same_mode_ms_p50=summary["same_mode_ms_p50"], link_bytes_per_frame=link_bytes / max(1, frames),
-                         heads=summary.get("heads", {}))
-                m["records"] = lines[:-1]
+                         same_mode_ms_p50=summary["same_mode_ms_p50"],
+                         link_bytes_per_frame=link_bytes / max(1, int(duration_s * fps)), heads=summary.get("heads", {}))
+                if keep_frames:
+                    m["records"] = records
                 out[summary["policy"]] = m
                 say(f"{summary['policy']}: hit {m['hit_rate']:.3f}, acc {m['accuracy']:.4f} "
                     f"(measured {m['accuracy_measured']}), {m['fallbacks']} fallbacks, {m['switches']} switches")
-            fixed, per_byte = link_cost([m for m in out.values()], schedule)
-            server_ms = float(np.median([m["server_ms_p50"] for m in out.values() if m["server_ms_p50"] is not None] or [1.0]))
-            # the policies weigh fallback_ms (None: the local model assumed late); the simulated
-            # device answers a fallback frame as fast as the live one did (its measured local_ms)
-            local = [r["local_ms"] for m in out.values() for r in m["records"] if r.get("local_ms") is not None]
-            sim_local_ms = float(np.median(local)) if local else (fallback_ms or 0.0)
+            # 3. The simulator on the judged schedule with the calibrated terms: the policies weigh
+            # fallback_ms (None: the local model assumed late); the simulated device answers a
+            # fallback frame in the time full.onnx took alone.
             sim = simulate_schedule(schedule, modes, policies, deadline_ms, fps, fallback_ms=fallback_ms, device_ms=sim_local_ms,
                                     base_rtt_ms=base_rtt_ms, server_ms=server_ms, fixed_bytes=fixed, per_byte=per_byte)
             for name, m in out.items():
                 if name in sim:
                     m["sim"] = {k: sim[name][k] for k in ("hit_rate", "accuracy", "bytes_per_frame", "switches", "fallbacks",
                                                           "mode_frames")}
-                    m["sim"].update(link_fixed_bytes=round(fixed, 1), link_per_byte=round(per_byte, 3), server_ms=round(server_ms, 3))
+                    m["sim"].update(link_fixed_bytes=round(fixed, 1), link_per_byte=round(per_byte, 3),
+                                    server_ms=round(server_ms, 3), device_ms=round(sim_local_ms, 3), fitted_on=fitted_on)
                     m["hit_rate_live_minus_sim"] = round(m["hit_rate"] - sim[name]["hit_rate"], 4)
-            if not keep_frames:
-                for m in out.values():
-                    del m["records"]
         finally:
             server.terminate()
             try:

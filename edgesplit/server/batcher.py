@@ -41,7 +41,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Hashable, NamedTuple
+from typing import Any, Hashable, NamedTuple, Sequence
 
 from ..wire.errors import ErrorCode
 
@@ -65,7 +65,7 @@ def _bucket(rows: int) -> int:
 class Item:
     """One queued request."""
 
-    key: Hashable  # (bundle hash, mode id)
+    key: tuple[str, int]  # (bundle hash, mode id)
     identity: bytes  # ROUTER identity of the agent
     req_id: int
     desc: dict[str, Any]  # validated tensor descriptor
@@ -110,7 +110,7 @@ class Batcher:
         max_batch: int = 32,
         max_delay_us: float = 2000.0,
         max_queue: int = 1024,
-        preferred: tuple[int, ...] | list[int] = (),
+        preferred: Sequence[int] = (),
     ):
         if max_batch < 1 or max_queue < 1 or max_delay_us < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_delay_us >= 0")
@@ -265,7 +265,7 @@ class Batcher:
         return live, late
 
     def _due_ns(self, key: Hashable, q: _KeyQueue) -> float:
-        due = q.items[0].t_recv_ns + self.max_delay_ns
+        due: float = q.items[0].t_recv_ns + self.max_delay_ns
         if q.min_deadline < INF:
             due = min(
                 due, q.min_deadline - self.expected_compute_ns(key, min(q.rows, self.max_batch)) - DEADLINE_MARGIN_NS

@@ -15,7 +15,7 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from ..wire import protocol as P
 from ..wire.errors import ErrorCode
@@ -36,13 +36,13 @@ class ComputeWorker:
         runners: Mapping[str, TailRunner],
         stats: ServerStats,
         replies: deque,
-        wake: socket.socket,
+        wake: socket.socket | None,
     ):
         self.scheduler = scheduler
         self.runners = runners
         self.stats = stats
         self.replies = replies  # this thread appends, the I/O thread pops
-        self.wake = wake
+        self.wake = wake  # None until the I/O loop opens the wake-up line, before this thread starts
         self.fold_every = FOLD_EVERY_BATCHES
         self._result_packer = P.ResultPacker()  # one per thread
 
@@ -70,6 +70,7 @@ class ComputeWorker:
             self.wake_io()  # so that the I/O thread sees at once that this thread ended
 
     def wake_io(self) -> None:
+        assert self.wake is not None, "the I/O loop opens the wake-up line before it starts this thread"
         try:
             self.wake.send(b"\0")
         except (BlockingIOError, InterruptedError):  # the line is full: a wake-up is pending anyway
@@ -82,7 +83,7 @@ class ComputeWorker:
         self.replies.append([it.identity, P.pack_header(ErrorReply(it.req_id, code, message).to_header())])
         it.answered = True
 
-    def run_batch(self, batch: Sequence[Item]) -> None:
+    def run_batch(self, batch: list[Item]) -> None:
         t0 = time.perf_counter_ns()
         live, late = self.scheduler.triage(batch, t0)
         for it, refusal in late:  # rare unless overloaded

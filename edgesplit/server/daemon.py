@@ -38,7 +38,7 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ..bundle import Bundle
 from ..engine import EngineOptions  # numpy only: backends load lazily
@@ -52,6 +52,11 @@ from .io_loop import IoLoop
 from .sessions import Session, SessionTable
 from .stats import ServerStats
 from .tail_runner import RequestCheck, TailRunner
+
+if TYPE_CHECKING:  # both are imported when first used: an HTTP port or a scrape
+    from prometheus_client import CollectorRegistry
+
+    from .httpd import HttpEndpoints
 
 __all__ = ["Server", "Session", "TailRunner", "build_parser", "serve_main"]
 
@@ -112,9 +117,8 @@ class Server:
             limits=limits,
             codecs=codec.supported_codecs(),
         )
-        self.sessions: dict[bytes, Session] = (
-            self.table.sessions
-        )  # the live sessions (read-only outside the I/O thread)
+        # the live sessions (read-only outside the I/O thread)
+        self.sessions: dict[bytes, Session] = self.table.sessions
         self.figures.sessions = self.sessions
         replies: deque[list] = deque()  # compute thread appends, I/O thread pops
         self.compute = ComputeWorker(self.batcher, self.runners, self.figures, replies, wake=None)
@@ -122,8 +126,8 @@ class Server:
         self.io = IoLoop(bind, self.table, self.batcher, self.compute, self.figures, replies, self._stop, curve=curve)
         self._io_thread: threading.Thread | None = None
         self.http_port, self.http_host = http_port, http_host  # None: no HTTP endpoints
-        self.http = None  # HttpEndpoints once started
-        self._registry = None  # prometheus_client registry, made at the first scrape
+        self.http: HttpEndpoints | None = None  # once started
+        self._registry: CollectorRegistry | None = None  # made at the first scrape
 
     @property
     def endpoint(self) -> str | None:

@@ -21,6 +21,7 @@ import socket as _socket
 import threading
 import time
 from collections import deque
+from typing import Any
 
 import zmq
 
@@ -30,7 +31,7 @@ from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.transport import bind_router, context, recv_parts, send_parts
 from .batcher import Batcher
 from .compute import ComputeWorker
-from .sessions import SessionTable
+from .sessions import Header, SessionTable
 from .stats import ServerStats
 
 log = logging.getLogger("edgesplit.server")
@@ -120,7 +121,10 @@ class IoLoop:
             log.info("stopped: %s", summary, extra={"event": "stopped", "stats": summary})
 
     def _loop(self, router: zmq.Socket) -> None:
-        poll_items = [(router, _POLLIN), (self._wake_r.fileno(), _POLLIN)]
+        # a zmq socket and a file descriptor: zmq_poll takes both (pyzmq's stub names sockets only)
+        poll_items: list[tuple[Any, int]] = [(router, _POLLIN), (self._wake_r.fileno(), _POLLIN)]
+        compute_thread = self.compute_thread
+        assert compute_thread is not None, "run() starts the compute thread before the loop"
         zpoll, clock = zmq.zmq_poll, time.perf_counter_ns
         draining = False
         # sessions are checked several times per heartbeat interval (ping after 1, expire after 3)
@@ -144,7 +148,7 @@ class IoLoop:
             if now >= next_housekeeping:
                 self._housekeeping(router, now)
                 next_housekeeping = now + housekeeping_ns
-                if not draining and not self.compute_thread.is_alive():  # only a bug gets here
+                if not draining and not compute_thread.is_alive():  # only a bug gets here
                     log.error("compute thread died; shutting down")
                     self.failed = True
                     self.stop.set()
@@ -152,7 +156,7 @@ class IoLoop:
                 draining = True
                 log.info("draining: %d queued requests", len(self.scheduler))
                 self.scheduler.close()
-            if draining and not self.compute_thread.is_alive():
+            if draining and not compute_thread.is_alive():
                 self._forward_replies(router)
                 for ident, bye in self.table.farewell():
                     self._send(router, ident, bye)
@@ -164,6 +168,7 @@ class IoLoop:
         if len(parts) < 2:  # ROUTER always prepends the identity; an empty message carries nothing
             return
         identity = parts[0]
+        reply: Header | None
         try:
             msg = P.parse(parts[1:], self.table.limits)
         except ProtocolError as e:

@@ -141,7 +141,8 @@ class ServerCollector:
         )
         failures = sorted(srv.failure_counts().items(), key=lambda kv: (kv[0][0] or "", kv[0][1].name))
         for (bundle, code), n in failures:
-            model, version = names.get(bundle, (UNKNOWN_MODEL, ""))
+            # bundle is None for a failure before any bundle was named (e.g. a malformed hello)
+            model, version = (UNKNOWN_MODEL, "") if bundle is None else names.get(bundle, (UNKNOWN_MODEL, ""))
             f.add_metric([model, version, code.name], n)
         yield f
 

@@ -60,12 +60,20 @@ DESCRIPTOR_KEYS = ("name", "shape", "dtype", "bits", "scale", "zero_point", "cha
 
 
 class QuantMode(Protocol):
-    """What encode() needs from a mode: :class:`edgesplit.bundle.Mode` satisfies it."""
+    """What encode() needs from a mode: :class:`edgesplit.bundle.Mode` satisfies it. Read-only
+    members, so that frozen dataclasses and named tuples satisfy it too."""
 
-    channels: int
-    bits: int
-    scale: float
-    zero_point: int
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def bits(self) -> int: ...
+
+    @property
+    def scale(self) -> float: ...
+
+    @property
+    def zero_point(self) -> int: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,14 +292,13 @@ def decode(
     ``validate=False`` skips the descriptor checks when the caller already ran check_descriptor on
     this descriptor and frame (the server does, while parsing the message). Raises WireError.
     """
-    buf = memoryview(payload)
+    view = memoryview(payload)
     if validate:
-        numel, need = check_descriptor(d, buf.nbytes, max_bytes=max_bytes)
+        numel, need = check_descriptor(d, view.nbytes, max_bytes=max_bytes)
     else:
         numel = math.prod(d["shape"])
         need = packed_nbytes(numel, d["bits"])
-    if d["codec"] == "zstd":
-        buf = _zstd_decompress(buf, need)
+    buf: memoryview | bytes = _zstd_decompress(view, need) if d["codec"] == "zstd" else view
     shape = tuple(d["shape"])
     dtype = d["dtype"]
     if out is not None:

@@ -260,7 +260,7 @@ def handshake_failure(event: int, value: int) -> str | None:
 
 def read_monitor(mon: zmq.Socket) -> list[tuple[int, int]]:
     """Every (event, value) queued on a monitor socket, without blocking."""
-    out = []
+    out: list[tuple[int, int]] = []
     while True:
         try:
             m = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))

@@ -61,7 +61,8 @@ class FuzzTarget:
         modes = tuple(
             ModeSpec(int(m.id), int(m.channels), int(m.bits), float(m.scale), int(m.zero_point)) for m in bundle.modes
         )
-        return cls(bundle.hash, spec["name"], tuple(int(s) for s in spec["shape"]), modes, limits)
+        c, h, w = (int(s) for s in spec["shape"])  # the wire tensor is [C, h, w]
+        return cls(bundle.hash, spec["name"], (c, h, w), modes, limits)
 
 
 @dataclass

@@ -347,7 +347,7 @@ def parse(parts: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError(M, "empty message")
     frames = list(parts[1:])
     h = unpack_header(parts[0], limits)
-    rid = h.get("id")
+    rid: Any = h.get("id")  # not yet validated: any msgpack value
     if type(rid) is not int or not 0 <= rid <= UINT64_MAX:
         rid = rid if _is_int(rid) and 0 <= rid <= UINT64_MAX else None
     v = h.get("v")

@@ -226,8 +226,8 @@ class ResultPacker:
     """Packs ``result`` headers for the server's hot path: the byte string is assembled from
     pre-packed constant pieces (map header, fixed keys, the output descriptors, which are the same
     for every reply of a given shape) and the few values that change, instead of building and
-    packing the whole map each time (about 3 us instead of 5 on the CI box). The bytes are exactly
-    ``pack_header(result(...))``. One instance per thread (it holds a msgpack Packer)."""
+    packing the whole map each time, which is most of the cost of a small reply. The bytes are
+    exactly ``pack_header(result(...))``. One instance per thread (it holds a msgpack Packer)."""
 
     def __init__(self) -> None:
         self._p = msgpack.Packer(use_bin_type=True)

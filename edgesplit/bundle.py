@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import tarfile
 import tempfile
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .families.registry import Family, UnknownFamilyError, get_family
+from .wire.codec import PACKED_BITS
+from .wire.errors import is_int, is_num
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -33,6 +36,10 @@ MANIFEST = "manifest.json"
 # role "head" is the default mode's, and "head.<tag>" (e.g. "head.c3") the others'; each mode names
 # the head it runs (``Mode.head``).
 HEAD_ROLE = re.compile(r"^head\.[a-z0-9_-]{1,32}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # lowercase only: the hash is compared as a string
+MAX_MODE_ID = (1 << 31) - 1  # a request's ``mode`` is an int32 on the wire
+MAX_SIDE = 1 << 16
+MAX_FILE_BYTES = 1 << 40
 
 
 class BundleError(Exception):
@@ -84,13 +91,110 @@ class Mode:
 def _require(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
     if key not in d:
         raise BundleError(f"manifest: missing '{where}{key}'")
-    if not isinstance(d[key], typ):
-        raise BundleError(f"manifest: '{where}{key}' must be {typ}, got {type(d[key]).__name__}")
+    if not isinstance(d[key], typ) or (isinstance(d[key], bool) and bool not in _as_tuple(typ)):
+        raise BundleError(f"manifest: '{where}{key}' must be {_type_names(typ)}, got {type(d[key]).__name__}")
     return d[key]
 
 
+def _as_tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
+    return typ if isinstance(typ, tuple) else (typ,)
+
+
+def _type_names(typ: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in _as_tuple(typ))
+
+
+def _require_int(d: dict, key: str, where: str, lo: int, hi: int) -> int:
+    """An integer (JSON ``8``; not ``8.0``, ``"8"`` or ``true``) in ``[lo, hi]``."""
+    v = _require(d, key, int, where)
+    if not lo <= v <= hi:
+        raise BundleError(f"manifest: '{where}{key}' must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _require_number(d: dict, key: str, where: str, positive: bool = False) -> float:
+    v = _require(d, key, (int, float), where)
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise BundleError(f"manifest: '{where}{key}' must be a finite number{' > 0' if positive else ''}, got {v}")
+    return float(v)
+
+
+def _require_numbers(d: dict, key: str, where: str, n: int, positive: bool = False) -> None:
+    v = _require(d, key, list, where)
+    if len(v) != n or not all(is_num(x) and (not positive or x > 0) for x in v):
+        what = "positive finite numbers" if positive else "finite numbers"
+        raise BundleError(f"manifest: '{where}{key}' must be a list of {n} {what}, got {v!r}")
+
+
+def _require_dims(d: dict, key: str, where: str) -> list[int]:
+    v = _require(d, key, list, where)
+    if len(v) != 3 or not all(is_int(x) and x > 0 for x in v):
+        raise BundleError(f"manifest: '{where}{key}' must be a list of 3 positive integers, got {v!r}")
+    return v
+
+
+def _validate_input(m: dict[str, Any]) -> None:
+    inp = _require(m, "input", dict, "")
+    shape = _require_dims(inp, "shape", "input.")
+    if shape[0] != 3 or shape[1] != shape[2]:
+        raise BundleError(f"manifest: 'input.shape' must be [3, S, S] (RGB, square), got {shape}")
+    _require_numbers(inp, "mean", "input.", 3)
+    _require_numbers(inp, "std", "input.", 3, positive=True)
+    _require_int(inp, "resize", "input.", 1, MAX_SIDE)
+
+
+def _validate_mode(d: Any, i: int, wire_channels: int) -> None:
+    """Every key of one mode entry, with the ranges the codec and the wire tensor allow."""
+    if not isinstance(d, dict):
+        raise BundleError(f"manifest: 'modes[{i}]' must be an object, got {type(d).__name__}")
+    mode_id = _require_int(d, "id", f"modes[{i}].", 0, MAX_MODE_ID)
+    where = f"modes[{i}] (id {mode_id})."
+    _require(d, "name", str, where)
+    _require_int(d, "channels", where, 1, wire_channels)
+    bits = _require(d, "bits", int, where)
+    if bits not in PACKED_BITS:
+        raise BundleError(
+            f"manifest: '{where}bits' must be one of {list(PACKED_BITS)} (the wire's bit depths), got {bits}"
+        )
+    quant = _require(d, "quant", dict, where)
+    _require_number(quant, "scale", where + "quant.", positive=True)
+    _require_int(quant, "zero_point", where + "quant.", 0, (1 << bits) - 1)
+    if "head" in d:
+        _require(d, "head", str, where)
+    if "bytes_per_frame" in d and not (is_num(d["bytes_per_frame"]) and d["bytes_per_frame"] >= 0):
+        raise BundleError(f"manifest: '{where}bytes_per_frame' must be a number >= 0, got {d['bytes_per_frame']!r}")
+    acc = d.get("accuracy")
+    if acc is not None and not (is_num(acc) and 0 <= acc <= 1):
+        raise BundleError(f"manifest: '{where}accuracy' must be null or a number in [0, 1], got {acc!r}")
+    head_ms = d.get("head_ms", {})
+    if not isinstance(head_ms, dict) or not all(is_num(v) for v in head_ms.values()):
+        raise BundleError(f"manifest: '{where}head_ms' must map device profile names to numbers, got {head_ms!r}")
+
+
+def _validate_file_entry(family: Family, role: str, entry: Any) -> None:
+    if not _is_head_role(family, role) and role not in (*family.required_files, *family.optional_files):
+        raise BundleError(
+            f"manifest: unknown file role '{role}' for family {family.name} (known: {', '.join(_file_roles(family))})"
+        )
+    if not isinstance(entry, dict):
+        raise BundleError(f"manifest: 'files.{role}' must be an object, got {type(entry).__name__}")
+    path = _require(entry, "path", str, f"files.{role}.")
+    if not path or "/" in path or "\\" in path or path.startswith("."):
+        raise BundleError(f"manifest: 'files.{role}.path' must be a plain file name, got {path!r}")
+    digest = _require(entry, "sha256", str, f"files.{role}.")
+    if not SHA256_HEX.match(digest):
+        raise BundleError(
+            f"manifest: 'files.{role}.sha256' must be 64 lowercase hex characters (docs/BUNDLE.md section 2), "
+            f"got {digest!r}"
+        )
+    if "bytes" in entry:
+        _require_int(entry, "bytes", f"files.{role}.", 0, MAX_FILE_BYTES)
+
+
 def validate_manifest(m: dict[str, Any]) -> None:
-    """Check the manifest's shape; raise :class:`BundleError` naming the first problem found."""
+    """Check the manifest against docs/BUNDLE.md section 3: required keys, their JSON types and
+    ranges; raise :class:`BundleError` naming the first problem found (the key, and the mode id or
+    file role it belongs to)."""
     if not isinstance(m, dict):
         raise BundleError("manifest: top level must be a JSON object")
     version = _require(m, "schema_version", int, "")
@@ -106,35 +210,29 @@ def validate_manifest(m: dict[str, Any]) -> None:
     classes = _require(m, "classes", list, "")
     if not classes or not all(isinstance(c, str) for c in classes):
         raise BundleError("manifest: 'classes' must be a non-empty list of names")
-    inp = _require(m, "input", dict, "")
-    for k in ("shape", "mean", "std", "resize"):
-        _require(inp, k, (list, int), "input.")
+    _validate_input(m)
     wire = _require(m, "wire", dict, "")
     _require(wire, "name", str, "wire.")
-    _require(wire, "shape", list, "wire.")
+    wire_channels = _require_dims(wire, "shape", "wire.")[0]
     modes = _require(m, "modes", list, "")
     if not modes:
         raise BundleError("manifest: 'modes' must list at least one mode")
+    for i, x in enumerate(modes):
+        _validate_mode(x, i, wire_channels)
     parsed = [Mode.from_dict(x) for x in modes]
     ids = [x.id for x in parsed]
     if len(set(ids)) != len(ids):
-        raise BundleError("manifest: mode ids must be unique")
+        raise BundleError(f"manifest: mode ids must be unique, got {ids}")
+    if "default_mode" in m:
+        default = _require(m, "default_mode", int, "")
+        if default not in ids:
+            raise BundleError(f"manifest: 'default_mode' {default} names no mode (modes: {', '.join(map(str, ids))})")
     files = _require(m, "files", dict, "")
     for role in family.required_files:
         if role not in files:
             raise BundleError(f"manifest: 'files' has no '{role}' entry")
     for role, entry in files.items():
-        if not _is_head_role(family, role) and role not in (*family.required_files, *family.optional_files):
-            raise BundleError(
-                f"manifest: unknown file role '{role}' for family {family.name} "
-                f"(known: {', '.join(_file_roles(family))})"
-            )
-        if not isinstance(entry, dict):
-            raise BundleError(f"manifest: 'files.{role}' must be an object")
-        _require(entry, "path", str, f"files.{role}.")
-        _require(entry, "sha256", str, f"files.{role}.")
-        if "/" in entry["path"] or entry["path"].startswith("."):
-            raise BundleError(f"manifest: files.{role}.path must be a plain file name")
+        _validate_file_entry(family, role, entry)
     for x in parsed:
         if not _is_head_role(family, x.head):
             raise BundleError(
@@ -190,6 +288,12 @@ class Bundle:
             f = self.root / entry["path"]
             if not f.is_file():
                 raise BundleError(f"bundle {self.root}: {role} file '{entry['path']}' is missing")
+            size = f.stat().st_size
+            if "bytes" in entry and entry["bytes"] != size:
+                raise BundleError(
+                    f"bundle {self.root}: files.{role}.bytes is {entry['bytes']} but '{entry['path']}' has "
+                    f"{size} bytes; the file was truncated, altered or belongs to another bundle"
+                )
             actual = sha256_file(f)
             if actual != entry["sha256"]:
                 raise BundleError(
@@ -242,7 +346,7 @@ class Bundle:
 
     @property
     def default_mode(self) -> Mode:
-        return self.mode(int(self.manifest.get("default_mode", self.modes[0].id)))
+        return self.mode(self.manifest.get("default_mode", self.modes[0].id))
 
     def __repr__(self) -> str:
         return f"Bundle({self.name!r}, family={self.family}, hash={self.hash[:12]}, modes={len(self.modes)})"
@@ -250,7 +354,10 @@ class Bundle:
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> str:
     """Fill in file hashes, validate and write ``manifest.json``; return the bundle hash."""
-    for entry in manifest["files"].values():
+    files = manifest.get("files")
+    for role, entry in files.items() if isinstance(files, dict) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise BundleError(f"manifest: 'files.{role}' must be an object with a 'path' string")
         f = root / entry["path"]
         entry["sha256"] = sha256_file(f)
         entry["bytes"] = f.stat().st_size

@@ -21,7 +21,7 @@ import pytest
 import torch
 from build_fixtures import CHECK_FRAMES, one_torch_thread, short_build  # noqa: F401  (fixtures)
 
-from edgesplit.bundle import MANIFEST, Bundle, BundleError, sha256_file
+from edgesplit.bundle import MANIFEST, Bundle, BundleError, sha256_file, write_manifest
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
 from edgesplit.engine import create_engine
@@ -149,6 +149,73 @@ def test_bad_manifest_is_refused_naming_the_field(short_build, tmp_path, mutate,
     with pytest.raises(BundleError) as ei:
         Bundle.load(root)
     assert field in str(ei.value)
+
+
+SHIPPED = ROOT / "models" / "cifar10-resnet20-bottlefit"
+
+
+def _edit(*path_and_value):
+    """A manifest edit: set the key at ``path`` (keys and list indices) to ``value``."""
+    *path, last, value = path_and_value
+
+    def f(m):
+        for k in path:
+            m = m[k]
+        m[last] = value
+
+    return f
+
+
+def _resize_file(role: str, size: int):
+    def f(m):
+        m["files"][role]["bytes"] = size
+
+    return f
+
+
+# One case per way the manifest contract (docs/BUNDLE.md section 3) can be broken in a single field;
+# the error must name the key and the mode id or file role it belongs to.
+CONTRACT_BREAKS = [
+    ("bits-3", _edit("modes", 1, "bits", 3), ["'modes[1] (id 1).bits'", "[2, 4, 6, 8]"]),
+    ("bits-float", _edit("modes", 0, "bits", 8.7), ["'modes[0] (id 0).bits'", "int"]),
+    ("id-string", _edit("modes", 0, "id", "0"), ["'modes[0].id'", "int"]),
+    ("mean-scalar", _edit("input", "mean", 0), ["'input.mean'", "list"]),
+    ("channels-over-wire", _edit("modes", 2, "channels", 13), ["'modes[2] (id 2).channels'", "[1, 12]"]),
+    ("channels-zero", _edit("modes", 2, "channels", 0), ["'modes[2] (id 2).channels'"]),
+    ("scale-zero", _edit("modes", 1, "quant", "scale", 0.0), ["'modes[1] (id 1).quant.scale'", "> 0"]),
+    ("scale-infinite", _edit("modes", 1, "quant", "scale", float("inf")), ["'modes[1] (id 1).quant.scale'"]),
+    ("zero-point-over", _edit("modes", 1, "quant", "zero_point", 16), ["'modes[1] (id 1).quant.zero_point'", "15"]),
+    ("zero-point-negative", _edit("modes", 0, "quant", "zero_point", -1), ["'modes[0] (id 0).quant.zero_point'"]),
+    ("default-mode-unknown", _edit("default_mode", 7), ["'default_mode'", "7"]),
+    ("file-entry-not-object", _edit("files", "full", "full.onnx"), ["'files.full'", "object"]),
+    ("file-size-mismatch", _resize_file("tail", 619627), ["files.tail.bytes", "619628"]),
+    (
+        "sha256-uppercase",
+        lambda m: m["files"]["head"].update(sha256=m["files"]["head"]["sha256"].upper()),
+        ["'files.head.sha256'", "lowercase"],
+    ),
+]
+
+
+@pytest.mark.parametrize("mutate, named", [c[1:] for c in CONTRACT_BREAKS], ids=[c[0] for c in CONTRACT_BREAKS])
+def test_shipped_bundle_with_one_contract_break_is_refused_naming_the_key(tmp_path, mutate, named):
+    root = tmp_path / "bundle"
+    shutil.copytree(SHIPPED, root)
+    assert Bundle.load(root).hash == Bundle.load(SHIPPED).hash  # the copy itself is sound
+    m = json.loads((root / MANIFEST).read_text())
+    mutate(m)
+    (root / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(BundleError) as ei:
+        Bundle.load(root)
+    for text in named:
+        assert text in str(ei.value), str(ei.value)
+    # write_manifest (the exporters' path) refuses the same manifest, except the two file
+    # checks it repairs by re-hashing the files, and leaves no manifest behind when it does.
+    if named[0] not in ("files.tail.bytes", "'files.head.sha256'"):
+        (root / MANIFEST).unlink()
+        with pytest.raises(BundleError):
+            write_manifest(root, m)
+        assert not (root / MANIFEST).exists()
 
 
 def test_manifest_edit_changes_the_bundle_identity(short_build, tmp_path):

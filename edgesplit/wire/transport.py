@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket as _socket
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import zmq
 
@@ -46,7 +46,7 @@ def send_parts(sock: zmq.Socket, parts: Sequence, flags: int = 0) -> None:
 
 def pending_in(sock: zmq.Socket) -> bool:
     """Whether a message can be received now without blocking (``ZMQ_EVENTS & POLLIN``)."""
-    return bool(_c_get(sock, _EVENTS) & _POLLIN)
+    return bool(cast(int, _c_get(sock, _EVENTS)) & _POLLIN)  # ZMQ_EVENTS is an int option
 
 
 def recv_parts(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
@@ -69,8 +69,15 @@ def _tcp_keepalive(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
 
 
-def bind_router(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, ctx: zmq.Context | None = None,
-                hwm: int = 100_000, rcvhwm: int | None = None, curve: ServerCurve | None = None) -> tuple[zmq.Socket, str]:
+def bind_router(
+    endpoint: str,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    ctx: zmq.Context | None = None,
+    hwm: int = 100_000,
+    rcvhwm: int | None = None,
+    curve: ServerCurve | None = None,
+) -> tuple[zmq.Socket, str]:
     """Bind a ROUTER socket. A tcp port of ``0`` or ``*`` picks a free port. Returns
     ``(socket, actual_endpoint)``.
 
@@ -104,8 +111,15 @@ def bind_router(endpoint: str, *, limits: Limits = DEFAULT_LIMITS, ctx: zmq.Cont
     return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def connect_dealer(endpoint: str, *, ctx: zmq.Context | None = None, identity: bytes | None = None,
-                   hwm: int = 10_000, reconnect_ivl_max_ms: int = 5000, curve: ClientCurve | None = None) -> zmq.Socket:
+def connect_dealer(
+    endpoint: str,
+    *,
+    ctx: zmq.Context | None = None,
+    identity: bytes | None = None,
+    hwm: int = 10_000,
+    reconnect_ivl_max_ms: int = 5000,
+    curve: ClientCurve | None = None,
+) -> zmq.Socket:
     """Connect a DEALER socket to a server endpoint. libzmq reconnects by itself if the link drops,
     retrying after 100 ms, doubling up to ``reconnect_ivl_max_ms``: that cap bounds how long a
     restarted server waits for the agent to find it again (libzmq copies it at connect time).
@@ -128,14 +142,15 @@ def connect_dealer(endpoint: str, *, ctx: zmq.Context | None = None, identity: b
     return s
 
 
-def send(sock: zmq.Socket, header: dict[str, Any], frames: Sequence = (), *, identity: bytes | None = None,
-         flags: int = 0) -> int:
+def send(
+    sock: zmq.Socket, header: dict[str, Any], frames: Sequence = (), *, identity: bytes | None = None, flags: int = 0
+) -> int:
     """Send one message (with a ROUTER identity prefix when given). Returns the payload bytes sent."""
     parts = pack(header, frames)
     if identity is not None:
         parts.insert(0, identity)
     send_parts(sock, parts, flags)
-    return sum(memoryview(p).nbytes for p in parts[1 if identity is None else 2:])
+    return sum(memoryview(p).nbytes for p in parts[1 if identity is None else 2 :])
 
 
 def recv(sock: zmq.Socket, *, limits: Limits = DEFAULT_LIMITS, flags: int = 0) -> Message:

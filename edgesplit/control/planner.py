@@ -24,9 +24,10 @@ request is still going out, except the last one, which is delayed and rides on t
 reply's own ACK is sent after the answer has arrived and costs the frame nothing. The reply (result
 header and logits) comes back the same way. A token-bucket shaper (``burst_bytes``) that the frame
 finds full lets the request's first bytes through at once; the tokens it has left, plus those that
-come back at the rate while the server computes, let the reply through (capped at the bucket). Checked with a plain ZeroMQ echo over the shaped loopback (4 kB
-to 300 kB at 2 and 20 Mbit/s, no model in the way): within 0.2 ms of this; counting every ACK, the
-last one and the reply's included, over-predicted by about 130 bytes a frame.
+come back at the rate while the server computes, let the reply through (capped at the bucket).
+This accounting was checked with a plain ZeroMQ echo over the shaped loopback; counting every ACK,
+the last one and the reply's included, over-predicts (docs/BENCHMARKS.md, "Figures behind design
+choices").
 
 **Energy** (device side, per frame): ``(preprocess + head + encode) x active power + link time x
 radio power``. Profiles give idle and active watts; none gives a radio figure, so the radio power is
@@ -44,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 OBJECTIVES = ("latency", "energy")
-GPU_LAUNCH_US = 8.0  # estimate: a ResNet-18 tail (about 40 nodes) runs 0.3 ms at batch 1 on an H200 (DESIGN.md)
+GPU_LAUNCH_US = 8.0  # estimate per node, from the batch-1 GPU tail figure in DESIGN.md (docs/BENCHMARKS.md)
 
 
 class PlanError(ValueError):

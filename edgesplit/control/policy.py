@@ -200,10 +200,9 @@ class DeadlinePolicy(EstimatingPolicy):
       x max(deadline, ``local_ms``): then the link is taken for dead (an outage; sending would
       only queue bytes that delay the frames after it) and the frame is answered by the local
       model, FALLBACK. (``local_ms=None``: unknown, the local model is assumed late.)
-      Measured on the real Mahimahi uplinks, falling back as soon as the remote answer would come
-      after the local one (factor 1) lost 1-2 points of hit rate to short stalls that end within
-      the deadline; factor 4 keeps those and still stops sending within about a second of an
-      outage's start.
+      Falling back as soon as the remote answer would come after the local one (factor 1) gives
+      up on short stalls that end within the deadline; factor 4 keeps those and still stops
+      sending soon after an outage starts (docs/BENCHMARKS.md, "Figures behind design choices").
     * **rescue** (``rescue=True`` and ``local_ms`` known): a frame already sent whose answer has
       not come ``deadline - 1.5 x local_ms - 2 ms`` after capture is answered by the local model
       (:meth:`rescue_after_ms`). These are the frames that were on the link when an outage began:

@@ -82,9 +82,9 @@ class Timing:
     """How the planner's inputs are timed. Each side's steps run in a row as the agent (preprocess,
     head, encode) and the server (decode, tail) run them, one frame at a time with ``pace_ms`` of
     idle time before each frame; per step the median of ``runs`` frames after ``warmup``. Between
-    camera frames other work takes the core and its caches: on this 2-core host a tail timed 20 ms
-    apart took up to twice its back-to-back time while another process was busy, and that cost
-    lands on the first step after the gap, as in the deployed agent. ``pace_ms=0``: back to back (a
+    camera frames other work takes the core and its caches, so a paced step can take much longer
+    than back to back (docs/BENCHMARKS.md, "Figures behind design choices"), and that cost lands
+    on the first step after the gap, as in the deployed agent. ``pace_ms=0``: back to back (a
     saturated pipeline)."""
 
     runs: int = 30

@@ -20,8 +20,8 @@ COPY_THRESHOLD = 64 * 1024
 
 # The per-frame calls of the Cython backend. pyzmq's ``send_multipart``/``recv_multipart`` wrap
 # them in Python loops that check every part, turn option numbers into enums and go through the
-# sugar ``send`` layer: about 8 us to send a 3-frame message vs about 2 us calling the backend
-# directly (measured on the project's 2-core CI box), on every request and every reply.
+# sugar ``send`` layer, several times the cost of calling the backend directly, on every request
+# and every reply (docs/BENCHMARKS.md, "Figures behind design choices").
 _Backend = getattr(zmq.backend, "Socket", zmq.Socket)
 _c_send = _Backend.send
 _c_recv = _Backend.recv

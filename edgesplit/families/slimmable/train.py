@@ -100,8 +100,8 @@ def distill_stage1(
 def hold_wire_ranges(student: SlimmableSplit, loader, bits: int, max_batches: int = 20) -> dict:
     """Fix each width's fake-quantization range for stage 2 at its MSE-optimal clip for ``bits``
     on training images. Tracking min/max instead lets quantization-aware training widen the range
-    with the outliers it produces (measured on Imagenette at 4 bits: the range grew from about
-    [-6, 8] to [-21, 17] in two epochs and every width lost 8-17 points)."""
+    with the outliers it produces, and every width loses accuracy (docs/BENCHMARKS.md, "Figures
+    behind design choices")."""
     ranges = {}
     for i, c in enumerate(student.widths):
         k = calibrate(collect_wire(student, i, loader, max_batches), bits)

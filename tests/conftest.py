@@ -24,12 +24,17 @@ def build_tiny_bundle(root: Path) -> Bundle:
 
     torch.manual_seed(0)
     head = nn.Sequential(
-        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 8, 3, stride=2, padding=1), nn.ReLU(),  # bottleneck: 8x8x8, non-negative
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 3, stride=2, padding=1),
+        nn.ReLU(),  # bottleneck: 8x8x8, non-negative
     ).eval()
     tail = nn.Sequential(
-        nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(8, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     ).eval()
     full = nn.Sequential(head, tail).eval()
 
@@ -43,9 +48,16 @@ def build_tiny_bundle(root: Path) -> Bundle:
             ("tail.onnx", tail, z, "z", "logits"),
             ("full.onnx", full, x, "image", "logits"),
         ):
-            torch.onnx.export(module, (inp,), str(root / name), dynamo=False, opset_version=17,
-                              input_names=[in_name], output_names=[out_name],
-                              dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}})
+            torch.onnx.export(
+                module,
+                (inp,),
+                str(root / name),
+                dynamo=False,
+                opset_version=17,
+                input_names=[in_name],
+                output_names=[out_name],
+                dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
+            )
         # Quantization range from real activations: [0, max] over a few random inputs.
         zmax = float(head(torch.randn(64, 3, 32, 32)).max())
     scale = max(zmax, 1e-3) / 255.0
@@ -56,8 +68,16 @@ def build_tiny_bundle(root: Path) -> Bundle:
         "input": {"shape": [3, 32, 32], "resize": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "wire": {"name": "z", "shape": [8, 8, 8], "dtype": "float32"},
         "modes": [
-            {"id": 0, "name": "c8-b8", "channels": 8, "bits": 8, "quant": {"scale": scale, "zero_point": 0},
-             "bytes_per_frame": 512, "accuracy": None, "head_ms": {}},
+            {
+                "id": 0,
+                "name": "c8-b8",
+                "channels": 8,
+                "bits": 8,
+                "quant": {"scale": scale, "zero_point": 0},
+                "bytes_per_frame": 512,
+                "accuracy": None,
+                "head_ms": {},
+            },
         ],
         "files": {"head": {"path": "head.onnx"}, "tail": {"path": "tail.onnx"}, "full": {"path": "full.onnx"}},
     }

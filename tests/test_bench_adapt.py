@@ -19,8 +19,26 @@ TRACE = traces_dir() / "mahimahi-cellular" / "Verizon-EVDO-driving.up"
 
 def test_bench_adapt_sim_reports_every_policy_on_a_real_trace():
     assert TRACE.is_file(), f"shared trace not found: {TRACE} (set EDGESPLIT_DATA)"
-    out = subprocess.run([sys.executable, "-m", "edgesplit", "bench", "adapt", "--trace", str(TRACE), "--deadline-ms", "100",
-                          "--duration-s", "120", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgesplit",
+            "bench",
+            "adapt",
+            "--trace",
+            str(TRACE),
+            "--deadline-ms",
+            "100",
+            "--duration-s",
+            "120",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["how"] == "sim" and r["bundle"] == "cifar10-resnet20-bottlefit" and 0 < r["fallback_ms"] < 100
@@ -38,14 +56,18 @@ def test_bench_adapt_sim_reports_every_policy_on_a_real_trace():
     # this stretch of the EVDO trace has outages: every fixed mode misses some frames
     assert all(r["policies"][f"fixed:{n}"]["hit_rate"] < 0.99 for n in ("c12-b8", "c12-b4", "c12-b2"))
     v = r["verdict"]
-    assert v["controller"].startswith("deadline(harmonic") and set(v["ahead_of"]) == {n for n in names if n.startswith(("fixed", "assine"))}
+    assert v["controller"].startswith("deadline(harmonic") and set(v["ahead_of"]) == {
+        n for n in names if n.startswith(("fixed", "assine"))
+    }
 
 
 def test_verdict_compares_on_hit_rate_and_accuracy():
-    pol = {"deadline(harmonic(5))": {"hit_rate": 0.995, "accuracy": 0.81, "timely_accuracy": 0.80},
-           "fixed:a": {"hit_rate": 0.90, "accuracy": 0.80},
-           "fixed:b": {"hit_rate": 0.999, "accuracy": 0.82},
-           "oracle": {"hit_rate": 1.0, "accuracy": 0.815}}
+    pol = {
+        "deadline(harmonic(5))": {"hit_rate": 0.995, "accuracy": 0.81, "timely_accuracy": 0.80},
+        "fixed:a": {"hit_rate": 0.90, "accuracy": 0.80},
+        "fixed:b": {"hit_rate": 0.999, "accuracy": 0.82},
+        "oracle": {"hit_rate": 1.0, "accuracy": 0.815},
+    }
     v = verdict(pol, 100.0)
     assert v["ahead_of"] == {"fixed:a": True, "fixed:b": False}
     assert v["hit_rate_ge_0.99"] and v["within_1pt_of_oracle"] and v["ahead_of_all"] is False
@@ -74,11 +96,21 @@ def test_live_simulator_inputs_come_from_calibration_runs():
     from edgesplit.control.traces import Trace
     from edgesplit.loopback import free_port
 
-    res = run_live(ROOT / "models" / "cifar10-resnet20-bottlefit", Trace.constant(0.3), 100.0, 10.0, policies=["fixed:1"],
-                   duration_s=4.0, calibration_s=3.0, port=free_port())
-    (name, m), = res.items()
+    res = run_live(
+        ROOT / "models" / "cifar10-resnet20-bottlefit",
+        Trace.constant(0.3),
+        100.0,
+        10.0,
+        policies=["fixed:1"],
+        duration_s=4.0,
+        calibration_s=3.0,
+        port=free_port(),
+    )
+    ((name, m),) = res.items()
     assert name == "fixed:c12-b4" and m["frames"] == 40
     sim = m["sim"]
     # fitted on fixed:0 and fixed:2 at a constant rate before the judged run (fixed:1 on the trace)
-    assert sim["fitted_on"].startswith("link cost and server time: calibration runs fixed:0, fixed:2 at a constant 0.3 Mbit/s")
+    assert sim["fitted_on"].startswith(
+        "link cost and server time: calibration runs fixed:0, fixed:2 at a constant 0.3 Mbit/s"
+    )
     assert sim["server_ms"] > 0 and sim["device_ms"] > 0 and "full.onnx timed alone" in sim["fitted_on"]

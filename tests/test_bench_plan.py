@@ -26,8 +26,20 @@ def test_overhead_for_never_picks_the_option_itself():
 
 @pytest.mark.skipif(not OK and os.geteuid() != 0, reason=f"kernel shaping unavailable: {WHY}")  # root: must run
 def test_probed_overhead_comes_from_another_option(tmp_path):
-    a = SimpleNamespace(models="", bundles=str(CIFAR), cuts="", modes="0,2", bandwidths="2", frames=3, warmup=1,
-                        runs=5, pace_ms=10.0, burst_bytes=BURST_BYTES, overhead_ms="probe", cache=str(tmp_path))
+    a = SimpleNamespace(
+        models="",
+        bundles=str(CIFAR),
+        cuts="",
+        modes="0,2",
+        bandwidths="2",
+        frames=3,
+        warmup=1,
+        runs=5,
+        pace_ms=10.0,
+        burst_bytes=BURST_BYTES,
+        overhead_ms="probe",
+        cache=str(tmp_path),
+    )
     res = run_bench(a)
     probes = {p["option"]: p for p in res["overhead_probes"]}
     rows = {r["option"]: r for r in res["rows"]}

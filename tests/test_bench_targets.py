@@ -24,8 +24,13 @@ CIFAR = ROOT / "models" / "cifar10-resnet20-bottlefit"
 
 
 def bench(*args: str, timeout: float = 300) -> dict:
-    out = subprocess.run([sys.executable, "-m", "edgesplit", "bench", *args, "--json"], capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgesplit", "bench", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
@@ -46,11 +51,32 @@ def test_bench_restart_accounts_for_every_frame_across_a_kill_9():
 
 
 def test_bench_overload_gives_each_request_one_answer_with_bounded_memory():
-    r = bench("overload", "--bundle", str(CIFAR), "--factor", "10", "--seconds", "2", "--capacity-s", "1",
-              "--sessions", "4", "--threads", "1", "--deadline-ms", "100")
+    r = bench(
+        "overload",
+        "--bundle",
+        str(CIFAR),
+        "--factor",
+        "10",
+        "--seconds",
+        "2",
+        "--capacity-s",
+        "1",
+        "--sessions",
+        "4",
+        "--threads",
+        "1",
+        "--deadline-ms",
+        "100",
+    )
     v = r["verdict"]
-    assert set(v) == {"factor_ge_10", "rss_growth_le_50mb", "admitted_p99_within_deadline", "exactly_one_answer_each",
-                      "no_wrong_results", "met"}
+    assert set(v) == {
+        "factor_ge_10",
+        "rss_growth_le_50mb",
+        "admitted_p99_within_deadline",
+        "exactly_one_answer_each",
+        "no_wrong_results",
+        "met",
+    }
     assert r["requests"] > 0 and r["answered"] == r["requests"] and r["unanswered"] == r["unexpected"] == 0
     assert v["exactly_one_answer_each"] is True and v["no_wrong_results"] is True and v["factor_ge_10"] is True
     # the queue bound and credits, not speed, bound the daemon's memory
@@ -60,12 +86,29 @@ def test_bench_overload_gives_each_request_one_answer_with_bounded_memory():
 
 
 def test_bench_server_checks_every_answer_and_judges_the_largest_point():
-    r = bench("server", "--bundle", str(CIFAR), "--agents", "1,4", "--seconds", "0.6", "--warmup-s", "0.3",
-              "--engine-seconds", "0.3", "--pairs", "1", "--threads", "1")
+    r = bench(
+        "server",
+        "--bundle",
+        str(CIFAR),
+        "--agents",
+        "1,4",
+        "--seconds",
+        "0.6",
+        "--warmup-s",
+        "0.3",
+        "--engine-seconds",
+        "0.3",
+        "--pairs",
+        "1",
+        "--threads",
+        "1",
+    )
     v = r["verdict"]
     assert set(v) == {"agents_ge_32", "efficiency_ge_0.9", "every_answer_correct", "met"}
     assert [x["agents"] for x in r["batched"]] == [x["agents"] for x in r["unbatched"]] == [1, 4]
-    assert all(x["requests"] > 0 and x["wrong_results"] == 0 and x["unanswered"] == 0 for x in r["batched"] + r["unbatched"])
+    assert all(
+        x["requests"] > 0 and x["wrong_results"] == 0 and x["unanswered"] == 0 for x in r["batched"] + r["unbatched"]
+    )
     assert v["every_answer_correct"] is True
     assert r["at_max_agents"]["agents"] == 4 and isinstance(v["efficiency_ge_0.9"], bool)
     assert v["agents_ge_32"] is False and v["met"] is False  # 4 agents are not the target's 32
@@ -73,8 +116,9 @@ def test_bench_server_checks_every_answer_and_judges_the_largest_point():
 
 
 def test_committed_targets_tables_are_the_ones_rendered_from_the_json():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_table.py"), "--check"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_table.py"), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
 
 

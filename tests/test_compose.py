@@ -18,9 +18,11 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from edgesplit.edge.agent import Agent, build_parser as agent_parser
+from edgesplit.edge.agent import Agent
+from edgesplit.edge.agent import build_parser as agent_parser
 from edgesplit.keys_cli import build_parser as keys_parser
-from edgesplit.server.daemon import Server, build_parser as serve_parser
+from edgesplit.server.daemon import Server
+from edgesplit.server.daemon import build_parser as serve_parser
 from edgesplit.wire.curve import ServerCurve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +52,7 @@ def test_compose_services_build_and_mount_real_paths():
     assert set(SERVICES) == {"keys", "server", "agent"}
     for name, svc in SERVICES.items():
         assert (ROOT / svc["build"]["dockerfile"]).is_file(), name
-        for dst, src in mounts(svc).items():
+        for src in mounts(svc).values():
             if src.startswith("./"):
                 assert (ROOT / src).exists(), (name, src)
             elif not src.startswith("$"):  # a named volume: declared at the top level
@@ -116,9 +118,14 @@ def test_keys_service_script_makes_keys_a_real_server_and_agent_use(tiny_bundle,
     a = agent_parser().parse_args(SERVICES["agent"]["command"])
     curve = ServerCurve.load(host_path(SERVICES["server"], s.curve_secret), host_path(SERVICES["server"], s.allow_keys))
     with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_queue_delay_us=0, curve=curve) as srv:
-        agent = Agent(tiny_bundle, srv.endpoint, threads=1, timeout_s=20,
-                      server_key=host_path(SERVICES["agent"], a.server_key),
-                      client_key=host_path(SERVICES["agent"], a.client_key)).connect()
+        agent = Agent(
+            tiny_bundle,
+            srv.endpoint,
+            threads=1,
+            timeout_s=20,
+            server_key=host_path(SERVICES["agent"], a.server_key),
+            client_key=host_path(SERVICES["agent"], a.client_key),
+        ).connect()
         assert agent.infer(cifar_samples[0]).ok
         agent.close()
 
@@ -128,8 +135,11 @@ def test_server_healthcheck_command_probes_a_real_daemon(tiny_bundle):
     port = serve_parser().parse_args(SERVICES["server"]["command"]).http_port
     srv = Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, http_port=0).start()
     try:
-        cmd = [sys.executable if probe[0] == "python" else probe[0], *probe[1:-1],
-               probe[-1].replace(f":{port}/", f":{srv.http.port}/")]
+        cmd = [
+            sys.executable if probe[0] == "python" else probe[0],
+            *probe[1:-1],
+            probe[-1].replace(f":{port}/", f":{srv.http.port}/"),
+        ]
         assert subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
         srv.request_stop()  # draining: the healthcheck must now fail
         assert subprocess.run(cmd, capture_output=True, timeout=60).returncode != 0
@@ -143,8 +153,13 @@ def test_docker_compose_config_accepts_the_file():
         pytest.skip("no docker CLI on this machine (the structural checks above still ran)")
     if subprocess.run([docker, "compose", "version"], capture_output=True, timeout=60).returncode != 0:
         pytest.skip("the docker CLI here has no compose plugin (the structural checks above still ran)")
-    r = subprocess.run([docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = subprocess.run(
+        [docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
 
 

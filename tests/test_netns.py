@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from edgesplit.control.netns import ShapedNamespace, ShapingError, Tbf, TraceReplayer, rate_schedule, shaping_available
+from edgesplit.control.netns import ShapedNamespace, Tbf, TraceReplayer, rate_schedule, shaping_available
 from edgesplit.control.traces import Trace
 
 OK, WHY = shaping_available()
@@ -60,8 +60,8 @@ def _stream(ns: ShapedNamespace, seconds: float) -> list[float]:
 def test_tbf_arguments_keep_a_small_bucket_and_a_floor_rate():
     a = Tbf(2.0).args()
     assert a[:2] == ["rate", "2000000bit"] and int(a[3]) == 4096  # 5 ms at 2 Mbit/s is below 4 KiB
-    assert Tbf(100.0).args()[3] == str(62500)                     # 5 ms at 100 Mbit/s
-    assert Tbf(0.0).args()[1] == "8000bit"                         # an outage still needs a rate > 0
+    assert Tbf(100.0).args()[3] == str(62500)  # 5 ms at 100 Mbit/s
+    assert Tbf(0.0).args()[1] == "8000bit"  # an outage still needs a rate > 0
 
 
 def test_rate_schedule_is_the_trace_mean_per_step():
@@ -107,8 +107,12 @@ def test_namespace_is_removed_on_exit_even_after_an_error():
 
 @needs_netns
 def test_cli_runs_a_command_inside_a_shaped_namespace():
-    out = subprocess.run([sys.executable, "-m", "edgesplit.control.netns", "--mbps", "3", "--",
-                          "tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgesplit.control.netns", "--mbps", "3", "--", "tc", "qdisc", "show", "dev", "lo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "tbf" in out.stdout and "3Mbit" in out.stdout
 
@@ -122,7 +126,12 @@ def test_errors_are_clear_when_shaping_is_impossible(tmp_path):
     # A real impossibility, not a stub: a process whose PATH holds neither `ip` nor `tc` (as root),
     # or any process without root, is told why before anything is created.
     code = "from edgesplit.control.netns import ShapedNamespace\nShapedNamespace(1.0).__enter__()"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PATH": str(tmp_path)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(tmp_path)},
+    )
     assert out.returncode != 0 and "ShapingError: cannot shape bandwidth here" in out.stderr, out.stderr
     assert ("iproute2 tools missing: ip, tc" if AS_ROOT else "need root") in out.stderr

@@ -18,8 +18,17 @@ HASH = "ab" * 32
 
 
 def desc(nbytes=512, **kw):
-    d = {"name": "z", "shape": [8, 8, 8], "dtype": "uint8", "bits": 8, "scale": 0.015625, "zero_point": 0,
-         "channels": 8, "codec": "raw", "nbytes": nbytes}
+    d = {
+        "name": "z",
+        "shape": [8, 8, 8],
+        "dtype": "uint8",
+        "bits": 8,
+        "scale": 0.015625,
+        "zero_point": 0,
+        "channels": 8,
+        "codec": "raw",
+        "nbytes": nbytes,
+    }
     d.update(kw)
     return d
 
@@ -54,7 +63,10 @@ def test_every_kind_roundtrips():
         (P.result(9, [logits_d], queue_us=1.5, compute_us=20, batch_size=4, server_us=30, t_send_ns=5), [logits]),
         (P.error(9, ErrorCode.OVERLOADED, "queue full"), []),
         (P.error(None, ErrorCode.MALFORMED, "bad"), []),
-        (P.ping(1, 2), []), (P.pong(1), []), (P.bye("done"), []), (P.bye(), []),
+        (P.ping(1, 2), []),
+        (P.pong(1), []),
+        (P.bye("done"), []),
+        (P.bye(), []),
     ]
     for header, frames in messages:
         msg = P.parse(P.pack(header, frames))
@@ -65,9 +77,18 @@ def test_every_kind_roundtrips():
 
 def test_error_codes_are_fixed():
     assert {c.name: int(c) for c in ErrorCode} == {
-        "MALFORMED": 1, "UNSUPPORTED_VERSION": 2, "UNKNOWN_BUNDLE": 3, "NOT_READY": 4, "UNKNOWN_MODE": 5,
-        "TOO_LARGE": 6, "OVERLOADED": 7, "DEADLINE_EXCEEDED": 8, "INTERNAL": 9, "UNSUPPORTED": 10,
-        "SHUTTING_DOWN": 11}
+        "MALFORMED": 1,
+        "UNSUPPORTED_VERSION": 2,
+        "UNKNOWN_BUNDLE": 3,
+        "NOT_READY": 4,
+        "UNKNOWN_MODE": 5,
+        "TOO_LARGE": 6,
+        "OVERLOADED": 7,
+        "DEADLINE_EXCEEDED": 8,
+        "INTERNAL": 9,
+        "UNSUPPORTED": 10,
+        "SHUTTING_DOWN": 11,
+    }
 
 
 # -- malformed messages --------------------------------------------------------------------------
@@ -153,12 +174,33 @@ def test_wrong_dtype_and_shape():
     expect(P.pack(h, [b"\x00" * 512]), ErrorCode.MALFORMED, req_id=7)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("id", -1), ("id", 1.5e19), ("id", "7"), ("id", True), ("id", 1.0), ("id", None), ("mode", -1), ("mode", "0"),
-    ("mode", 0.0), ("mode", False), ("mode", 1 << 31), ("mode", None), ("deadline_ms", -5), ("deadline_ms", "soon"),
-    ("deadline_ms", float("inf")), ("deadline_ms", float("nan")), ("deadline_ms", -0.001), ("deadline_ms", True),
-    ("t_send_ns", -1), ("t_send_ns", 1.0), ("t_send_ns", True), ("t_send_ns", "1"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("id", -1),
+        ("id", 1.5e19),
+        ("id", "7"),
+        ("id", True),
+        ("id", 1.0),
+        ("id", None),
+        ("mode", -1),
+        ("mode", "0"),
+        ("mode", 0.0),
+        ("mode", False),
+        ("mode", 1 << 31),
+        ("mode", None),
+        ("deadline_ms", -5),
+        ("deadline_ms", "soon"),
+        ("deadline_ms", float("inf")),
+        ("deadline_ms", float("nan")),
+        ("deadline_ms", -0.001),
+        ("deadline_ms", True),
+        ("t_send_ns", -1),
+        ("t_send_ns", 1.0),
+        ("t_send_ns", True),
+        ("t_send_ns", "1"),
+    ],
+)
 def test_request_field_types(field, value):
     h = P.request(7, 0, [desc()])
     h[field] = value
@@ -166,16 +208,35 @@ def test_request_field_types(field, value):
 
 
 def test_request_fast_path_accepts_what_the_rules_allow():
-    for extra in ({"deadline_ms": 0}, {"deadline_ms": 0.0}, {"deadline_ms": 1e12}, {"deadline_ms": None},
-                  {"t_send_ns": 0}, {"t_send_ns": 2**64 - 1}, {"t_send_ns": None}, {"mode": (1 << 31) - 1}, {"id": 0}):
+    for extra in (
+        {"deadline_ms": 0},
+        {"deadline_ms": 0.0},
+        {"deadline_ms": 1e12},
+        {"deadline_ms": None},
+        {"t_send_ns": 0},
+        {"t_send_ns": 2**64 - 1},
+        {"t_send_ns": None},
+        {"mode": (1 << 31) - 1},
+        {"id": 0},
+    ):
         h = {**P.request(7, 0, [desc()]), **extra}
         assert P.parse(P.pack(h, [b"\x00" * 512])).header == h
 
 
-@pytest.mark.parametrize("field,value", [
-    ("queue_us", -1.0), ("queue_us", "1"), ("queue_us", float("nan")), ("compute_us", True), ("server_us", None),
-    ("batch_size", 0), ("batch_size", 1.0), ("batch_size", True), ("batch_size", 1 << 32),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("queue_us", -1.0),
+        ("queue_us", "1"),
+        ("queue_us", float("nan")),
+        ("compute_us", True),
+        ("server_us", None),
+        ("batch_size", 0),
+        ("batch_size", 1.0),
+        ("batch_size", True),
+        ("batch_size", 1 << 32),
+    ],
+)
 def test_result_timing_types(field, value):
     d, logits = encode_float(np.arange(10, dtype=np.float32), name="logits")
     h = P.result(3, [d], queue_us=1, compute_us=2, batch_size=1, server_us=3)
@@ -192,7 +253,12 @@ def test_result_packer_equals_packing_the_result_map():
     d2, _ = encode_float(np.zeros((3, 10), np.float32), name="logits")
     rp = P.ResultPacker()
     outs, outs2 = [d], [d2]
-    for rid, outputs, ts, bs in [(7, outs, None, 1), (2**64 - 1, outs, 2**64 - 1, 2**31), (0, outs2, 5, 3), (300, outs, 0, 17)]:
+    for rid, outputs, ts, bs in [
+        (7, outs, None, 1),
+        (2**64 - 1, outs, 2**64 - 1, 2**31),
+        (0, outs2, 5, 3),
+        (300, outs, 0, 17),
+    ]:
         kw = dict(queue_us=12.34, compute_us=80.06, batch_size=bs, server_us=1e7 + 0.05, t_send_ns=ts)
         raw = rp.pack(rid, outputs, **kw)
         ref = P.result(rid, outputs, **kw)
@@ -218,8 +284,11 @@ def test_pack_reuses_a_packer_per_thread_and_survives_errors():
 
 def test_missing_fields_of_each_kind():
     examples = {
-        "hello": P.hello(HASH, "a"), "welcome": P.welcome(HASH, "s", credits=1, limits=Limits(), heartbeat_ms=0, codecs=["raw"]),
-        "error": P.error(1, 1, "x"), "ping": P.ping(1), "pong": P.pong(1),
+        "hello": P.hello(HASH, "a"),
+        "welcome": P.welcome(HASH, "s", credits=1, limits=Limits(), heartbeat_ms=0, codecs=["raw"]),
+        "error": P.error(1, 1, "x"),
+        "ping": P.ping(1),
+        "pong": P.pong(1),
     }
     for kind, h in examples.items():
         for key in h:
@@ -325,8 +394,17 @@ def test_compact_descriptor_is_the_mode_default_encoding():
     assert check_descriptor(d, 512) == (512, 512)
     # channel subset and odd packing: [c, h, w] from the mode's channels, ceil(n*bits/8) bytes
     d6 = P.compact_descriptor("z", [12, 8, 8], _Mode(channels=5, bits=6, scale=0.5, zero_point=3))
-    assert d6 == {"name": "z", "shape": [5, 8, 8], "dtype": "uint8", "bits": 6, "scale": 0.5, "zero_point": 3,
-                  "channels": 5, "codec": "raw", "nbytes": 240}
+    assert d6 == {
+        "name": "z",
+        "shape": [5, 8, 8],
+        "dtype": "uint8",
+        "bits": 6,
+        "scale": 0.5,
+        "zero_point": 3,
+        "channels": 5,
+        "codec": "raw",
+        "nbytes": 240,
+    }
     x = np.random.default_rng(0).uniform(0, 10, (12, 8, 8)).astype(np.float32)
     for m in (_Mode(), _Mode(12, 4, 0.7, 8), _Mode(5, 6, 0.5, 3), _Mode(12, 2, 3.0, 1)):
         got, payload = encode(x, m, name="z")  # what the agent produces with codec raw

@@ -30,7 +30,9 @@ def test_cli_help_lists_every_command():
 
 
 def test_demo_json_on_a_real_bundle(short_build):
-    out = run_cli("demo", "--bundle", str(short_build.bundle_dir), "--source", "cifar10:test", "--frames", "60", "--json")
+    out = run_cli(
+        "demo", "--bundle", str(short_build.bundle_dir), "--source", "cifar10:test", "--frames", "60", "--json"
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["frames"] == 60 and r["ok"] == 60 and r["errors"] == {}
@@ -42,7 +44,9 @@ def test_demo_json_on_a_real_bundle(short_build):
     # the same answers, give or take one near-tie frame between batched and single runs
     from edgesplit.bench.evaluate import evaluate_bundle
 
-    direct = evaluate_bundle(short_build.bundle, "cifar10:test", frames=60, jpeg_frames=None, threads=1, jpeg_grid=False)
+    direct = evaluate_bundle(
+        short_build.bundle, "cifar10:test", frames=60, jpeg_frames=None, threads=1, jpeg_grid=False
+    )
     assert abs(r["accuracy"] - direct["accuracy"]) <= 1 / 60 + 1e-9, (r["accuracy"], direct["accuracy"])
 
 
@@ -57,8 +61,17 @@ def test_bench_e2e_json_keys(short_build):
     out = run_cli("bench", "e2e", "--bundle", str(short_build.bundle_dir), "--frames", "60", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
-    for k in ("frames", "bytes_per_frame", "e2e_ms_p50", "e2e_ms_p95", "head_ms_p50", "tail_ms_p50",
-              "raw_rtt_ms_p50", "overhead_ratio", "agent_rss_mb"):
+    for k in (
+        "frames",
+        "bytes_per_frame",
+        "e2e_ms_p50",
+        "e2e_ms_p95",
+        "head_ms_p50",
+        "tail_ms_p50",
+        "raw_rtt_ms_p50",
+        "overhead_ratio",
+        "agent_rss_mb",
+    ):
         assert k in r, k
     assert r["frames"] == 60 and r["errors"] == 0
     assert r["e2e_ms_p50"] >= r["head_ms_p50"] > 0  # end to end includes the head
@@ -100,8 +113,18 @@ def test_zoo_list_and_eval_shared_teacher():
     from build_fixtures import require_cifar
 
     require_cifar()
-    out = run_cli("zoo", "eval", "resnet56_cifar", "--weights", "teachers/resnet56-4bfd9763.th",
-                  "--data", "cifar10:test", "--frames", "200", "--json")
+    out = run_cli(
+        "zoo",
+        "eval",
+        "resnet56_cifar",
+        "--weights",
+        "teachers/resnet56-4bfd9763.th",
+        "--data",
+        "cifar10:test",
+        "--frames",
+        "200",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["frames"] == 200 and 0.7 < r["accuracy"] < 0.95  # the data README: about 83% on this shard

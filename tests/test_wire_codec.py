@@ -173,26 +173,29 @@ def good():
     return encode(x, mode(8, 8, 0.05))
 
 
-@pytest.mark.parametrize("change,code", [
-    ({"nbytes": 129}, ErrorCode.MALFORMED),               # lies about the frame length
-    ({"shape": [8, 4, 5], "nbytes": 128}, ErrorCode.MALFORMED),  # shape product vs payload
-    ({"shape": [8, -4, 4]}, ErrorCode.MALFORMED),
-    ({"shape": []}, ErrorCode.MALFORMED),
-    ({"shape": "8x4x4"}, ErrorCode.MALFORMED),
-    ({"bits": 3}, ErrorCode.UNSUPPORTED),
-    ({"bits": True}, ErrorCode.MALFORMED),
-    ({"dtype": "int8"}, ErrorCode.UNSUPPORTED),
-    ({"dtype": "float32"}, ErrorCode.MALFORMED),          # float32 needs bits 32
-    ({"codec": "lz4"}, ErrorCode.UNSUPPORTED),
-    ({"scale": 0.0}, ErrorCode.MALFORMED),
-    ({"scale": float("nan")}, ErrorCode.MALFORMED),
-    ({"scale": "0.1"}, ErrorCode.MALFORMED),
-    ({"zero_point": 256}, ErrorCode.MALFORMED),
-    ({"zero_point": 1.5}, ErrorCode.MALFORMED),
-    ({"channels": 7}, ErrorCode.MALFORMED),
-    ({"name": 5}, ErrorCode.MALFORMED),
-    ({"codec": "zstd"}, ErrorCode.MALFORMED),             # raw bytes are not a zstd frame
-])
+@pytest.mark.parametrize(
+    "change,code",
+    [
+        ({"nbytes": 129}, ErrorCode.MALFORMED),  # lies about the frame length
+        ({"shape": [8, 4, 5], "nbytes": 128}, ErrorCode.MALFORMED),  # shape product vs payload
+        ({"shape": [8, -4, 4]}, ErrorCode.MALFORMED),
+        ({"shape": []}, ErrorCode.MALFORMED),
+        ({"shape": "8x4x4"}, ErrorCode.MALFORMED),
+        ({"bits": 3}, ErrorCode.UNSUPPORTED),
+        ({"bits": True}, ErrorCode.MALFORMED),
+        ({"dtype": "int8"}, ErrorCode.UNSUPPORTED),
+        ({"dtype": "float32"}, ErrorCode.MALFORMED),  # float32 needs bits 32
+        ({"codec": "lz4"}, ErrorCode.UNSUPPORTED),
+        ({"scale": 0.0}, ErrorCode.MALFORMED),
+        ({"scale": float("nan")}, ErrorCode.MALFORMED),
+        ({"scale": "0.1"}, ErrorCode.MALFORMED),
+        ({"zero_point": 256}, ErrorCode.MALFORMED),
+        ({"zero_point": 1.5}, ErrorCode.MALFORMED),
+        ({"channels": 7}, ErrorCode.MALFORMED),
+        ({"name": 5}, ErrorCode.MALFORMED),
+        ({"codec": "zstd"}, ErrorCode.MALFORMED),  # raw bytes are not a zstd frame
+    ],
+)
 def test_decode_rejects_bad_descriptors(change, code):
     d, p = good()
     d = {**d, **change}
@@ -272,7 +275,11 @@ def test_table_decode_is_bit_identical_to_the_formula(bits):
             expect = (reference_unpack(payload, n, bits).astype(np.float32) - np.float32(zp)) * np.float32(scale)
             d = codec.descriptor("t", [n], "uint8", bits, scale, zp, None, "raw", len(payload))
             got = decode(d, payload)
-            assert got.dtype == np.float32 and got.view(np.uint32).tolist() == expect.view(np.uint32).tolist(), (bits, n, zp)
+            assert got.dtype == np.float32 and got.view(np.uint32).tolist() == expect.view(np.uint32).tolist(), (
+                bits,
+                n,
+                zp,
+            )
             out = np.full(n, np.nan, np.float32)
             codec.dequantize_packed(payload, n, bits, scale, zp, out)
             assert np.array_equal(out, expect)
@@ -333,10 +340,22 @@ def test_check_descriptor_fast_path_keeps_every_rule():
         pass
 
     assert codec.check_descriptor({**d, "bits": MyInt(8), "shape": [MyInt(8), 4, 4]}, len(p)) == (128, 128)
-    for change in ({"shape": [8, True, 4]}, {"shape": [8, 4.0, 4]}, {"channels": True}, {"channels": 8.0},
-                   {"nbytes": 128.0}, {"nbytes": True}, {"zero_point": False}, {"scale": True},
-                   {"scale": float("inf")}, {"name": b"z"}, {"dtype": b"uint8"}, {"dtype": ["uint8"]},
-                   {"shape": (8,) * 9}, {"channels": -1}):
+    for change in (
+        {"shape": [8, True, 4]},
+        {"shape": [8, 4.0, 4]},
+        {"channels": True},
+        {"channels": 8.0},
+        {"nbytes": 128.0},
+        {"nbytes": True},
+        {"zero_point": False},
+        {"scale": True},
+        {"scale": float("inf")},
+        {"name": b"z"},
+        {"dtype": b"uint8"},
+        {"dtype": ["uint8"]},
+        {"shape": (8,) * 9},
+        {"channels": -1},
+    ):
         with pytest.raises(WireError) as e:
             codec.check_descriptor({**d, **change}, len(p))
         assert e.value.code == ErrorCode.MALFORMED, change

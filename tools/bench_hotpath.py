@@ -49,10 +49,25 @@ def _env(tree: str) -> dict:
 
 
 def start_server(tree: str, bundle: str, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "edgesplit.server.daemon", "--bundle", str(Path(bundle).resolve()),
-           "--bind", f"tcp://127.0.0.1:{port}", "--max-queue-delay-us", "0", "--threads", "1",
-           "--log-level", "WARNING", *extra]
-    p = subprocess.Popen(cmd, cwd=NEUTRAL_CWD, env=_env(tree), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgesplit.server.daemon",
+        "--bundle",
+        str(Path(bundle).resolve()),
+        "--bind",
+        f"tcp://127.0.0.1:{port}",
+        "--max-queue-delay-us",
+        "0",
+        "--threads",
+        "1",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+    p = subprocess.Popen(
+        cmd, cwd=NEUTRAL_CWD, env=_env(tree), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     line = p.stdout.readline()
     if "listening" not in line:
         raise RuntimeError(f"server from {tree} did not start: {line} {p.stderr.read()[-2000:]}")
@@ -95,22 +110,47 @@ def client_raw(endpoint: str, bundle_dir: str, n: int, warmup: int, mode_id: int
     if bits != 8:  # keep padding bits zero: any byte is a valid packed stream when n*bits % 8 == 0
         assert (c * h * w * bits) % 8 == 0
     payload = payload.tobytes()
-    desc = {"name": man["wire"]["name"], "shape": [c, h, w], "dtype": "uint8", "bits": bits,
-            "scale": float(mode["quant"]["scale"]), "zero_point": int(mode["quant"]["zero_point"]),
-            "channels": c, "codec": "raw", "nbytes": nbytes}
+    desc = {
+        "name": man["wire"]["name"],
+        "shape": [c, h, w],
+        "dtype": "uint8",
+        "bits": bits,
+        "scale": float(mode["quant"]["scale"]),
+        "zero_point": int(mode["quant"]["zero_point"]),
+        "channels": c,
+        "codec": "raw",
+        "nbytes": nbytes,
+    }
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(endpoint)
-    s.send(msgpack.packb({"v": 1, "kind": "hello", "bundle": bhash, "agent": "bench",
-                          "caps": {"codecs": ["raw"], "bits": [2, 4, 6, 8], "max_inflight": 1}}))
+    s.send(
+        msgpack.packb(
+            {
+                "v": 1,
+                "kind": "hello",
+                "bundle": bhash,
+                "agent": "bench",
+                "caps": {"codecs": ["raw"], "bits": [2, 4, 6, 8], "max_inflight": 1},
+            }
+        )
+    )
     welcome = msgpack.unpackb(s.recv())
     assert welcome["kind"] == "welcome", welcome
     rtt, server_us, queue_us, compute_us = [], [], [], []
     for i in range(warmup + n):
         _gap(gap_us)
-        hdr = msgpack.packb({"v": 1, "kind": "request", "id": i + 1, "mode": mode["id"], "t_send_ns": time.perf_counter_ns(),
-                             "tensors": [desc]})
+        hdr = msgpack.packb(
+            {
+                "v": 1,
+                "kind": "request",
+                "id": i + 1,
+                "mode": mode["id"],
+                "t_send_ns": time.perf_counter_ns(),
+                "tensors": [desc],
+            }
+        )
         t0 = time.perf_counter_ns()
         s.send_multipart([hdr, payload], copy=False)
         parts = s.recv_multipart()
@@ -126,9 +166,16 @@ def client_raw(endpoint: str, bundle_dir: str, n: int, warmup: int, mode_id: int
     s.send(msgpack.packb({"v": 1, "kind": "bye"}))
     s.close(100)
     med = statistics.median
-    return {"kind": "raw", "n": n, "rtt_us_p50": med(rtt), "rtt_us_p95": _pct(rtt, 95), "server_us_p50": med(server_us),
-            "queue_us_p50": med(queue_us), "compute_us_p50": med(compute_us),
-            "outside_server_us_p50": med([a - b for a, b in zip(rtt, server_us)])}
+    return {
+        "kind": "raw",
+        "n": n,
+        "rtt_us_p50": med(rtt),
+        "rtt_us_p95": _pct(rtt, 95),
+        "server_us_p50": med(server_us),
+        "queue_us_p50": med(queue_us),
+        "compute_us_p50": med(compute_us),
+        "outside_server_us_p50": med([a - b for a, b in zip(rtt, server_us)]),
+    }
 
 
 def client_agent(endpoint: str, bundle_dir: str, n: int, warmup: int, mode_id: int | None, gap_us: float = 0.0) -> dict:
@@ -156,15 +203,38 @@ def client_agent(endpoint: str, bundle_dir: str, n: int, warmup: int, mode_id: i
             srv.append(r.server_ms * 1e3)
     agent.close()
     med = statistics.median
-    return {"kind": "agent", "n": n, "call_us_p50": med(call), "call_us_p95": _pct(call, 95), "rtt_us_p50": med(rtt),
-            "encode_us_p50": med(enc), "server_us_p50": med(srv),
-            "agent_side_us_p50": med([a - b for a, b in zip(call, srv)])}
+    return {
+        "kind": "agent",
+        "n": n,
+        "call_us_p50": med(call),
+        "call_us_p95": _pct(call, 95),
+        "rtt_us_p50": med(rtt),
+        "encode_us_p50": med(enc),
+        "server_us_p50": med(srv),
+        "agent_side_us_p50": med([a - b for a, b in zip(call, srv)]),
+    }
 
 
-def run_client(tree: str, endpoint: str, bundle: str, kind: str, n: int, warmup: int, mode: int | None,
-               gap_us: float = 0.0) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "client", "--endpoint", endpoint, "--bundle",
-           str(Path(bundle).resolve()), "--kind", kind, "--n", str(n), "--warmup", str(warmup), "--gap-us", str(gap_us)]
+def run_client(
+    tree: str, endpoint: str, bundle: str, kind: str, n: int, warmup: int, mode: int | None, gap_us: float = 0.0
+) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "client",
+        "--endpoint",
+        endpoint,
+        "--bundle",
+        str(Path(bundle).resolve()),
+        "--kind",
+        kind,
+        "--n",
+        str(n),
+        "--warmup",
+        str(warmup),
+        "--gap-us",
+        str(gap_us),
+    ]
     if mode is not None:
         cmd += ["--mode", str(mode)]
     out = subprocess.run(cmd, cwd=NEUTRAL_CWD, env=_env(tree), capture_output=True, text=True, timeout=300)
@@ -177,8 +247,17 @@ def run_client(tree: str, endpoint: str, bundle: str, kind: str, n: int, warmup:
 # A/B
 
 
-def ab(trees: list[str], bundle: str, kinds: list[str], rounds: int, n: int, warmup: int, mode: int | None,
-       server_args: list[str], gap_us: float = 0.0) -> dict:
+def ab(
+    trees: list[str],
+    bundle: str,
+    kinds: list[str],
+    rounds: int,
+    n: int,
+    warmup: int,
+    mode: int | None,
+    server_args: list[str],
+    gap_us: float = 0.0,
+) -> dict:
     servers, endpoints = [], []
     try:
         for t in trees:
@@ -199,13 +278,22 @@ def ab(trees: list[str], bundle: str, kinds: list[str], rounds: int, n: int, war
             summary[lab] = {}
             for k in kinds:
                 runs = res[lab][k]
-                summary[lab][k] = {key: round(statistics.median(r[key] for r in runs), 1)
-                                 for key in runs[0] if key not in ("kind", "n")}
+                summary[lab][k] = {
+                    key: round(statistics.median(r[key] for r in runs), 1)
+                    for key in runs[0]
+                    if key not in ("kind", "n")
+                }
         if len(labels) == 2:  # paired per round: robust to the background load drifting
             summary["paired_ratio_1_over_0"] = {
-                k: {key: round(statistics.median(b[key] / a[key] for a, b in zip(res[labels[0]][k], res[labels[1]][k])), 3)
-                    for key in res[labels[0]][k][0] if key.endswith("p50")}
-                for k in kinds}
+                k: {
+                    key: round(
+                        statistics.median(b[key] / a[key] for a, b in zip(res[labels[0]][k], res[labels[1]][k])), 3
+                    )
+                    for key in res[labels[0]][k][0]
+                    if key.endswith("p50")
+                }
+                for k in kinds
+            }
         return summary
     finally:
         for p in servers:
@@ -224,7 +312,8 @@ def micro(bundle_dir: str, reps: int) -> dict:
     import numpy as np
 
     from edgesplit.bundle import Bundle
-    from edgesplit.wire import codec, protocol as P
+    from edgesplit.wire import codec
+    from edgesplit.wire import protocol as P
 
     b = Bundle.load(bundle_dir)
     C, h, w = b.wire_spec["shape"]
@@ -247,7 +336,7 @@ def micro(bundle_dir: str, reps: int) -> dict:
         t(f"encode_{tag}", lambda m=m: codec.encode(z, m))
         t(f"decode_{tag}", lambda d=d, p=p: codec.decode(d, p))
         dst = np.empty((C, h, w), np.float32)
-        t(f"decode_into_{tag}", lambda d=d, p=p, dst=dst: codec.decode(d, p, out=dst[:m.channels], validate=False))
+        t(f"decode_into_{tag}", lambda d=d, p=p, dst=dst, c=m.channels: codec.decode(d, p, out=dst[:c], validate=False))
         t(f"check_descriptor_{tag}", lambda d=d, p=p: codec.check_descriptor(d, len(p)))
         hdr = P.request(7, m.id, [d], t_send_ns=123456789)
         parts = P.pack(hdr, [p])
@@ -257,7 +346,10 @@ def micro(bundle_dir: str, reps: int) -> dict:
     t("encode_float_logits", lambda: codec.encode_float(logits, name="logits"))
     rd, rp = codec.encode_float(logits, name="logits")
     res_parts = P.pack(P.result(7, [rd], queue_us=1, compute_us=2, batch_size=1, server_us=3, t_send_ns=5), [rp])
-    t("pack_result", lambda: P.pack(P.result(7, [rd], queue_us=1, compute_us=2, batch_size=1, server_us=3, t_send_ns=5), [rp]))
+    t(
+        "pack_result",
+        lambda: P.pack(P.result(7, [rd], queue_us=1, compute_us=2, batch_size=1, server_us=3, t_send_ns=5), [rp]),
+    )
     t("parse_result", lambda: P.parse(res_parts))
     t("decode_logits", lambda: codec.decode(rd, rp))
     return out
@@ -294,8 +386,22 @@ def main(argv=None) -> int:
         fn = client_raw if args.kind == "raw" else client_agent
         print(json.dumps(fn(args.endpoint, args.bundle, args.n, args.warmup, args.mode, args.gap_us)))
     elif args.cmd == "ab":
-        print(json.dumps(ab(args.trees, args.bundle, args.kinds.split(","), args.rounds, args.n, args.warmup, args.mode,
-                            args.server_arg, args.gap_us), indent=1))
+        print(
+            json.dumps(
+                ab(
+                    args.trees,
+                    args.bundle,
+                    args.kinds.split(","),
+                    args.rounds,
+                    args.n,
+                    args.warmup,
+                    args.mode,
+                    args.server_arg,
+                    args.gap_us,
+                ),
+                indent=1,
+            )
+        )
     elif args.cmd == "micro":
         print(json.dumps(micro(args.bundle, args.reps), indent=1))
     else:

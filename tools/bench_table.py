@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     new = regenerate(text)
     if a.check:
         if new != text:
-            print(f"{doc}: targets tables differ from docs/bench/*.json; run python tools/bench_table.py", file=sys.stderr)
+            print(
+                f"{doc}: targets tables differ from docs/bench/*.json; run python tools/bench_table.py", file=sys.stderr
+            )
             return 1
         return 0
     if new != text:

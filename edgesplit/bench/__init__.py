@@ -12,14 +12,38 @@ from ..subcommands import run_subcommand
 # name -> (module, help). Modules are imported only when their scenario runs (or for --help).
 SCENARIOS: dict[str, tuple[str, str]] = {
     "e2e": ("edgesplit.bench.e2e", "one frame at a time through agent -> server -> agent, against raw pyzmq"),
-    "restart": ("edgesplit.bench.restart", "kill -9 the server mid-stream and restart it: every frame accounted for, resume time"),
-    "engine": ("edgesplit.bench.engine", "tail engine alone per batch size (frames/s, latency), optionally against bare torch"),
-    "server": ("edgesplit.bench.server", "daemon frames/s and latency at 1..32 agents, batched and unbatched, next to the engine alone"),
-    "fuzz": ("edgesplit.bench.fuzz", "malformed frames at the server while valid agents stream: no crash, every answer as documented"),
-    "overload": ("edgesplit.bench.overload", "offer N x capacity with deadlines: bounded memory, one answer per request, admitted p99"),
-    "adapt": ("edgesplit.bench.adapt", "the adaptive controller vs fixed modes, Assine's policy and an oracle on a real trace (--sim | --live)"),
-    "switch": ("edgesplit.bench.switch", "what a mode switch costs in the live agent: codec and (slimmable) head, switching vs steady"),
-    "plan": ("edgesplit.bench.plan", "the split planner's predicted end-to-end latency vs measured, every cut point, kernel-shaped links"),
+    "restart": (
+        "edgesplit.bench.restart",
+        "kill -9 the server mid-stream and restart it: every frame accounted for, resume time",
+    ),
+    "engine": (
+        "edgesplit.bench.engine",
+        "tail engine alone per batch size (frames/s, latency), optionally against bare torch",
+    ),
+    "server": (
+        "edgesplit.bench.server",
+        "daemon frames/s and latency at 1..32 agents, batched and unbatched, next to the engine alone",
+    ),
+    "fuzz": (
+        "edgesplit.bench.fuzz",
+        "malformed frames at the server while valid agents stream: no crash, every answer as documented",
+    ),
+    "overload": (
+        "edgesplit.bench.overload",
+        "offer N x capacity with deadlines: bounded memory, one answer per request, admitted p99",
+    ),
+    "adapt": (
+        "edgesplit.bench.adapt",
+        "the adaptive controller vs fixed modes, Assine's policy and an oracle on a real trace (--sim | --live)",
+    ),
+    "switch": (
+        "edgesplit.bench.switch",
+        "what a mode switch costs in the live agent: codec and (slimmable) head, switching vs steady",
+    ),
+    "plan": (
+        "edgesplit.bench.plan",
+        "the split planner's predicted end-to-end latency vs measured, every cut point, kernel-shaped links",
+    ),
 }
 
 

@@ -36,9 +36,9 @@ import numpy as np
 
 from ..control.modes import FALLBACK, ModesTable, modes_from_manifest
 from ..control.netns import ShapedNamespace, TraceReplayer, shaping_available
-from ..control.link import LinkModel
-from ..control.simulator import SimResult, metrics, simulate
+from ..control.simulator import SimResult, metrics
 from ..control.traces import Trace, read_trace
+from .adapt_fit import calibration_modes, calibration_schedule, link_cost, simulate_schedule
 
 DEFAULT_POLICIES = ("fixed:0", "fixed:1", "fixed:2", "assine", "deadline", "deadline-ewma")
 # A token bucket passes a packet at once when it holds enough tokens, so with the namespace's
@@ -47,13 +47,14 @@ DEFAULT_POLICIES = ("fixed:0", "fixed:1", "fixed:2", "assine", "deadline", "dead
 # per-frame delay a slow uplink has. A small MTU and a bucket of about one packet make each frame
 # wait for its bytes' tokens, packet by packet: close to the serialisation delay of a real
 # bottleneck (the FIFO uplink the simulator models) at 244-byte granularity.
-SMALL_MTU = 296       # IPv4 + TCP headers leave 244 bytes of payload per segment
-BURST_BYTES = 400     # one packet at that MTU plus the loopback's link header, and a little
+SMALL_MTU = 296  # IPv4 + TCP headers leave 244 bytes of payload per segment
+BURST_BYTES = 400  # one packet at that MTU plus the loopback's link header, and a little
 OPEN_MBPS = 100.0  # the link between runs: handshakes and drains are not part of any policy's run
 
 
-def live_trace(trace: Trace, *, scale: float = 1.0, step_s: float = 1.0, start_s: float = 0.0,
-               duration_s: float = 20.0) -> Trace:
+def live_trace(
+    trace: Trace, *, scale: float = 1.0, step_s: float = 1.0, start_s: float = 0.0, duration_s: float = 20.0
+) -> Trace:
     """The rate schedule a live run applies: the trace's mean capacity over each ``step_s`` from
     ``start_s`` for ``duration_s``, times ``scale``, as a rate trace starting at 0."""
     if scale <= 0 or step_s <= 0 or duration_s <= 0:
@@ -61,7 +62,9 @@ def live_trace(trace: Trace, *, scale: float = 1.0, step_s: float = 1.0, start_s
     n = max(1, int(math.ceil(duration_s / step_s)))
     times = [k * step_s for k in range(n)]
     rates = [scale * trace.mbps_between(start_s + t, start_s + t + step_s) for t in times]
-    return Trace.from_rates(times, rates, name=f"{trace.name} x{scale:g} [{start_s:g}, +{duration_s:g}] s", period_s=n * step_s)
+    return Trace.from_rates(
+        times, rates, name=f"{trace.name} x{scale:g} [{start_s:g}, +{duration_s:g}] s", period_s=n * step_s
+    )
 
 
 def frames_metrics(name: str, records: list[dict], modes: ModesTable, deadline_ms: float, fps: float) -> dict[str, Any]:
@@ -72,16 +75,31 @@ def frames_metrics(name: str, records: list[dict], modes: ModesTable, deadline_m
     # a frame answered locally counts as a fallback whatever mode it was sent in (a rescue, a timeout)
     mode = np.array([FALLBACK if lc else r.get("mode", FALLBACK) for r, lc in zip(records, local)], dtype=np.int32)
     fallback = mode == FALLBACK
-    lat = np.array([math.inf if r.get("t_answer_s") is None or r.get("error") else (r["t_answer_s"] - r["t_capture_s"]) * 1e3
-                    for r in records])
+    lat = np.array(
+        [
+            math.inf if r.get("t_answer_s") is None or r.get("error") else (r["t_answer_s"] - r["t_capture_s"]) * 1e3
+            for r in records
+        ]
+    )
     # an answer that never came counts as late; a remote frame finished locally (TIMEOUT, ...) counts
     # with its local answer's time
-    frames = {"mode": mode, "fallback": fallback, "probe": np.zeros(n, bool),
-              "rescued": np.array([r.get("fallback_reason") == "DEADLINE_RESCUE" for r in records], bool),
-              "bytes": np.array([(r.get("bytes_sent") or 0) + (r.get("header_bytes") or 0) for r in records], float),
-              "latency_ms": lat, "hit": lat <= deadline_ms,
-              "accuracy": np.array([acc_by.get(int(m), modes.teacher_accuracy) for m in mode])}
-    res = SimResult(policy=name, deadline_ms=deadline_ms, fps=fps, frames=frames, reasons=[r.get("policy_reason") or "" for r in records])
+    frames = {
+        "mode": mode,
+        "fallback": fallback,
+        "probe": np.zeros(n, bool),
+        "rescued": np.array([r.get("fallback_reason") == "DEADLINE_RESCUE" for r in records], bool),
+        "bytes": np.array([(r.get("bytes_sent") or 0) + (r.get("header_bytes") or 0) for r in records], float),
+        "latency_ms": lat,
+        "hit": lat <= deadline_ms,
+        "accuracy": np.array([acc_by.get(int(m), modes.teacher_accuracy) for m in mode]),
+    }
+    res = SimResult(
+        policy=name,
+        deadline_ms=deadline_ms,
+        fps=fps,
+        frames=frames,
+        reasons=[r.get("policy_reason") or "" for r in records],
+    )
     with np.errstate(invalid="ignore"):  # percentiles over unanswered frames (latency inf)
         out = metrics(res)
     labelled = [r for r in records if r.get("label") is not None and r.get("pred") is not None]
@@ -90,66 +108,6 @@ def frames_metrics(name: str, records: list[dict], modes: ModesTable, deadline_m
     served = [r["server_ms"] for r in records if r.get("server_ms") is not None]
     out["server_ms_p50"] = float(np.median(served)) if served else None
     out["unanswered"] = int(sum(r.get("t_answer_s") is None for r in records))
-    return out
-
-
-def link_cost(runs: Sequence[dict[str, Any]], schedule: Trace) -> tuple[float, float]:
-    """``(fixed, per_byte)``: the bytes a frame's latency pays for on the shaped link, as
-    ``fixed + (1 + per_byte) x request bytes``, measured from the frames themselves. Every segment
-    carries its own headers (``per_byte``); the result comes back through the same bucket and the
-    bucket's burst lets the first bytes through at once (together ``fixed``, which may be negative).
-
-    Only frames that found the link idle count (every earlier request answered before the frame
-    was captured): ``(latency - server time) x rate`` is then the bytes its own transmission took.
-    Per mode the median of those, then a least-squares line over the modes' request sizes (a single
-    mode: all fixed)."""
-    per_mode: dict[int, tuple[list[float], list[float]]] = {}
-    for m in runs:
-        busy_until = -math.inf
-        for r in m["records"]:
-            t_cap, t_ans = r["t_capture_s"], r.get("t_answer_s")
-            if r.get("source") == "server" and t_ans is not None:
-                if t_cap >= busy_until:
-                    rate = schedule.mbps_between(t_cap, t_cap + 1e-3)
-                    lat_ms = (t_ans - t_cap) * 1e3 - (r.get("server_ms") or 0.0)
-                    sizes, paid = per_mode.setdefault(r["mode"], ([], []))
-                    sizes.append(r["bytes_sent"] + r["header_bytes"])
-                    paid.append(lat_ms * rate * 1e3 / 8)
-                busy_until = max(busy_until, t_ans)
-    pts = [(float(np.mean(x)), float(np.median(y))) for x, y in per_mode.values() if len(y) >= 3]
-    if not pts:
-        return 0.0, 0.0
-    x, y = np.array(pts).T
-    if len(x) < 2:
-        return float(y[0] - x[0]), 0.0
-    slope, fixed = np.polyfit(x, y, 1)
-    return float(fixed), max(0.0, float(slope) - 1.0)
-
-
-def simulate_schedule(schedule: Trace, modes: ModesTable, policies: Sequence[str], deadline_ms: float, fps: float, *,
-                      fallback_ms: float | None, base_rtt_ms: float, server_ms: float, fixed_bytes: float,
-                      device_ms: float | None = None,
-                      per_byte: float = 0.0, encode_ms: float = 0.1) -> dict[str, dict[str, Any]]:
-    """The simulator on the very schedule a live run applied, with the same policies (built the
-    same way) and the live link's measured terms: what the live hit rates are compared with.
-    A request's latency pays for ``fixed_bytes + (1 + per_byte) x payload`` on the shaped link
-    (:func:`link_cost`); the simulated FIFO uplink carries the payload plus a fixed overhead, so
-    the schedule is divided by ``1 + per_byte`` and the overhead is ``fixed_bytes / (1 + per_byte)``:
-    the same transmission time for every request size. ``fallback_ms``: what the policies are told
-    about the local model; ``device_ms``: how long the simulated device takes for a fallback frame
-    (default ``fallback_ms``)."""
-    from ..edge.adaptive import make_policy
-
-    k = 1.0 + per_byte
-    t = np.arange(int(round(schedule.period_s)), dtype=float)
-    goodput = Trace.from_rates(t, [schedule.mbps_between(s, s + 1) / k for s in t], name=schedule.name, period_s=schedule.period_s)
-    link = LinkModel(goodput, base_rtt_ms=base_rtt_ms, server_ms=server_ms, encode_ms=encode_ms, overhead_bytes=max(0.0, fixed_bytes) / k)  # a FIFO cannot give bytes back
-    out = {}
-    for kind in policies:
-        pol = make_policy(kind, modes, local_ms=fallback_ms, base_rtt_ms=base_rtt_ms)
-        r = simulate(pol, modes, link, fps=fps, deadline_ms=deadline_ms,
-                     fallback_ms=device_ms if device_ms is not None else (fallback_ms or 0.0), duration_s=schedule.period_s)
-        out[pol.name] = r.metrics
     return out
 
 
@@ -164,27 +122,27 @@ def _wait_line(proc: subprocess.Popen, expect: str, timeout_s: float) -> None:
     raise RuntimeError(f"agent runner did not say '{expect}' (exit {proc.poll()})")
 
 
-def calibration_modes(modes: ModesTable) -> list[int]:
-    """The modes the link cost is fitted on: the largest and the smallest request (the line through
-    request sizes needs two; one when every mode sends the same bytes)."""
-    by_bytes = sorted(modes.modes, key=lambda m: m.bytes_per_frame)
-    return list(dict.fromkeys([by_bytes[-1].id, by_bytes[0].id]))
-
-
-def calibration_schedule(schedule: Trace, modes: ModesTable, fps: float, seconds: float) -> Trace:
-    """A constant rate for the calibration runs: the judged window's mean, raised where needed so that
-    the largest mode uses at most a quarter of it (most frames then find the link idle, the only
-    ones :func:`link_cost` can use)."""
-    largest_mbps = max(m.bytes_per_frame for m in modes.modes) * 8 * fps / 1e6
-    rate = max(schedule.mbps_between(0.0, schedule.period_s), 4 * largest_mbps)
-    return Trace.from_rates([0.0], [rate], name=f"calibration {rate:.3g} Mbit/s", period_s=seconds)
-
-
-def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_ms: float, fps: float, *,
-             policies: Sequence[str] = DEFAULT_POLICIES, fallback_ms: float | None = None, start_s: float = 0.0,
-             duration_s: float | None = None, scale: float = 1.0, step_s: float = 1.0, base_rtt_ms: float = 0.5,
-             mtu: int | None = SMALL_MTU, burst_bytes: int | None = BURST_BYTES, port: int = 5599, progress: Callable[[str], None] | None = None,
-             keep_frames: bool = False, source: str | None = None, calibration_s: float = 4.0) -> dict[str, dict[str, Any]]:
+def run_live(
+    bundle_path: str | Path,
+    trace_path: str | Path | Trace,
+    deadline_ms: float,
+    fps: float,
+    *,
+    policies: Sequence[str] = DEFAULT_POLICIES,
+    fallback_ms: float | None = None,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+    scale: float = 1.0,
+    step_s: float = 1.0,
+    base_rtt_ms: float = 0.5,
+    mtu: int | None = SMALL_MTU,
+    burst_bytes: int | None = BURST_BYTES,
+    port: int = 5599,
+    progress: Callable[[str], None] | None = None,
+    keep_frames: bool = False,
+    source: str | None = None,
+    calibration_s: float = 4.0,
+) -> dict[str, dict[str, Any]]:
     """Run each policy (names as :func:`edgesplit.edge.adaptive.make_policy` takes them) for the
     same trace window in the shaped namespace; returns metrics per policy, keyed by the policy's
     name (the simulator's names). ``fallback_ms``: full.onnx latency the deadline policies weigh
@@ -220,21 +178,63 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
     endpoint = f"tcp://127.0.0.1:{port}"
     say = progress or (lambda s: None)
     out: dict[str, dict[str, Any]] = {}
-    with ShapedNamespace(OPEN_MBPS, burst_bytes=burst_bytes) as ns, tempfile.TemporaryDirectory(prefix="edgesplit-adapt-") as tmp:
+    with (
+        ShapedNamespace(OPEN_MBPS, burst_bytes=burst_bytes) as ns,
+        tempfile.TemporaryDirectory(prefix="edgesplit-adapt-") as tmp,
+    ):
         if mtu is not None:
-            subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "mtu", str(int(mtu))], check=True, capture_output=True)
+            subprocess.run(
+                ["ip", "-n", ns.name, "link", "set", "lo", "mtu", str(int(mtu))], check=True, capture_output=True
+            )
         server_log = open(Path(tmp) / "server.log", "w")
-        server = ns.popen([sys.executable, "-m", "edgesplit", "serve", "--bundle", str(bundle_path), "--bind", endpoint,
-                           "--threads", "1", "--max-queue-delay-us", "0", "--log-level", "WARNING"],
-                          stdout=subprocess.DEVNULL, stderr=server_log)
+        server = ns.popen(
+            [
+                sys.executable,
+                "-m",
+                "edgesplit",
+                "serve",
+                "--bundle",
+                str(bundle_path),
+                "--bind",
+                endpoint,
+                "--threads",
+                "1",
+                "--max-queue-delay-us",
+                "0",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=server_log,
+        )
 
         def run_policy(kind: str, sched: Trace, seconds: float) -> tuple[list[dict], dict, int]:
             ns.set_rate(OPEN_MBPS)
             frames = int(seconds * fps)
             jl = Path(tmp) / f"{kind.replace(':', '_')}.jsonl"
-            cmd = [sys.executable, "-m", "edgesplit.bench.adapt_runner", "--bundle", str(bundle_path), "--server", endpoint,
-                   "--policy", kind, "--deadline-ms", str(deadline_ms), "--fps", str(fps), "--frames", str(frames),
-                   "--base-rtt-ms", str(base_rtt_ms), "--source", source, "--out", str(jl)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "edgesplit.bench.adapt_runner",
+                "--bundle",
+                str(bundle_path),
+                "--server",
+                endpoint,
+                "--policy",
+                kind,
+                "--deadline-ms",
+                str(deadline_ms),
+                "--fps",
+                str(fps),
+                "--frames",
+                str(frames),
+                "--base-rtt-ms",
+                str(base_rtt_ms),
+                "--source",
+                source,
+                "--out",
+                str(jl),
+            ]
             if fallback_ms is not None:
                 cmd += ["--local-ms", str(fallback_ms)]
             runner = ns.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -264,34 +264,62 @@ def run_live(bundle_path: str | Path, trace_path: str | Path | Trace, deadline_m
             served = [r["server_ms"] for m in calib_runs for r in m["records"] if r.get("server_ms") is not None]
             server_ms = float(np.median(served)) if served else 1.0
             sim_local_ms = measure_fallback_ms(bundle_path, source=source)
-            fitted_on = (f"link cost and server time: calibration runs {', '.join(calib_kinds)} at a constant "
-                         f"{calib.mbps_between(0, 1):.3g} Mbit/s, {calibration_s:g} s each, before the judged runs; "
-                         "fallback time: full.onnx timed alone")
-            say(f"calibration: link fixed {fixed:.1f} B, per byte {per_byte:.3f}, server {server_ms:.3f} ms, "
-                f"local {sim_local_ms:.3f} ms")
+            fitted_on = (
+                f"link cost and server time: calibration runs {', '.join(calib_kinds)} at a constant "
+                f"{calib.mbps_between(0, 1):.3g} Mbit/s, {calibration_s:g} s each, before the judged runs; "
+                "fallback time: full.onnx timed alone"
+            )
+            say(
+                f"calibration: link fixed {fixed:.1f} B, per byte {per_byte:.3f}, server {server_ms:.3f} ms, "
+                f"local {sim_local_ms:.3f} ms"
+            )
             # 2. The judged runs: every policy on the trace's schedule.
             for kind in policies:
                 records, summary, link_bytes = run_policy(kind, schedule, duration_s)
                 m = frames_metrics(summary["policy"], records, modes, deadline_ms, fps)
-                m.update(switch_ms_p50=summary["switch_ms_p50"], switch_ms_max=summary["switch_ms_max"],
-                         same_mode_ms_p50=summary["same_mode_ms_p50"],
-                         link_bytes_per_frame=link_bytes / max(1, int(duration_s * fps)), heads=summary.get("heads", {}))
+                m.update(
+                    switch_ms_p50=summary["switch_ms_p50"],
+                    switch_ms_max=summary["switch_ms_max"],
+                    same_mode_ms_p50=summary["same_mode_ms_p50"],
+                    link_bytes_per_frame=link_bytes / max(1, int(duration_s * fps)),
+                    heads=summary.get("heads", {}),
+                )
                 if keep_frames:
                     m["records"] = records
                 out[summary["policy"]] = m
-                say(f"{summary['policy']}: hit {m['hit_rate']:.3f}, acc {m['accuracy']:.4f} "
-                    f"(measured {m['accuracy_measured']}), {m['fallbacks']} fallbacks, {m['switches']} switches")
+                say(
+                    f"{summary['policy']}: hit {m['hit_rate']:.3f}, acc {m['accuracy']:.4f} "
+                    f"(measured {m['accuracy_measured']}), {m['fallbacks']} fallbacks, {m['switches']} switches"
+                )
             # 3. The simulator on the judged schedule with the calibrated terms: the policies weigh
             # fallback_ms (None: the local model assumed late); the simulated device answers a
             # fallback frame in the time full.onnx took alone.
-            sim = simulate_schedule(schedule, modes, policies, deadline_ms, fps, fallback_ms=fallback_ms, device_ms=sim_local_ms,
-                                    base_rtt_ms=base_rtt_ms, server_ms=server_ms, fixed_bytes=fixed, per_byte=per_byte)
+            sim = simulate_schedule(
+                schedule,
+                modes,
+                policies,
+                deadline_ms,
+                fps,
+                fallback_ms=fallback_ms,
+                device_ms=sim_local_ms,
+                base_rtt_ms=base_rtt_ms,
+                server_ms=server_ms,
+                fixed_bytes=fixed,
+                per_byte=per_byte,
+            )
             for name, m in out.items():
                 if name in sim:
-                    m["sim"] = {k: sim[name][k] for k in ("hit_rate", "accuracy", "bytes_per_frame", "switches", "fallbacks",
-                                                          "mode_frames")}
-                    m["sim"].update(link_fixed_bytes=round(fixed, 1), link_per_byte=round(per_byte, 3),
-                                    server_ms=round(server_ms, 3), device_ms=round(sim_local_ms, 3), fitted_on=fitted_on)
+                    m["sim"] = {
+                        k: sim[name][k]
+                        for k in ("hit_rate", "accuracy", "bytes_per_frame", "switches", "fallbacks", "mode_frames")
+                    }
+                    m["sim"].update(
+                        link_fixed_bytes=round(fixed, 1),
+                        link_per_byte=round(per_byte, 3),
+                        server_ms=round(server_ms, 3),
+                        device_ms=round(sim_local_ms, 3),
+                        fitted_on=fitted_on,
+                    )
                     m["hit_rate_live_minus_sim"] = round(m["hit_rate"] - sim[name]["hit_rate"], 4)
         finally:
             server.terminate()

@@ -42,8 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     samples = list(take(open_source(a.source, bundle.classes), a.frames))
     # A window as large as the server's credits: frames wait on the (shaped) link, not in the agent,
     # as a camera's frames would. No server-side deadline: the policy plans for the end-to-end one.
-    agent = Agent(bundle, a.server, inflight=64, threads=1, fallback="auto", timeout_s=5.0, policy=policy,
-                  policy_deadline_ms=a.deadline_ms).connect(timeout_s=60.0)  # the server may still be starting
+    agent = Agent(
+        bundle,
+        a.server,
+        inflight=64,
+        threads=1,
+        fallback="auto",
+        timeout_s=5.0,
+        policy=policy,
+        policy_deadline_ms=a.deadline_ms,
+    ).connect(timeout_s=60.0)  # the server may still be starting
     if agent.welcome is None:
         print(f"adapt_runner: no welcome from {a.server}", file=sys.stderr)
         return 1

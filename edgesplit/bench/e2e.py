@@ -59,19 +59,40 @@ def raw_rtt_ms(payload_bytes: int, rounds: int = 2000, warmup: int = 200) -> dic
     return {"p50": float(np.median(ts)), "p95": float(np.percentile(ts, 95)), "rounds": rounds}
 
 
-def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: int | None = None,
-              threads: int = 1) -> dict:
+def bench_e2e(
+    bundle_path: Path, frames: int, source: str | None = None, mode: int | None = None, threads: int = 1
+) -> dict:
     bundle = Bundle.load(bundle_path)
     if source is None:
         source = next(v for k, v in DEFAULT_SOURCES.items() if bundle.name.startswith(k))
     server = ServerProcess([bundle_path], ["--max-queue-delay-us", "0", "--threads", str(threads)]).start()
     lines_path = Path(tempfile.mkstemp(suffix=".jsonl")[1])
     try:
-        cmd = [sys.executable, "-m", "edgesplit", "agent", "--bundle", str(bundle_path), "--server",
-               server.endpoint, "--source", source, "--frames", str(frames), "--inflight", "1",
-               "--threads", str(threads), "--timeout-s", "60", "--json-lines", str(lines_path),
-               # every frame must take the split path: this measures it, not the local fallback
-               "--fallback", "off"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "edgesplit",
+            "agent",
+            "--bundle",
+            str(bundle_path),
+            "--server",
+            server.endpoint,
+            "--source",
+            source,
+            "--frames",
+            str(frames),
+            "--inflight",
+            "1",
+            "--threads",
+            str(threads),
+            "--timeout-s",
+            "60",
+            "--json-lines",
+            str(lines_path),
+            # every frame must take the split path: this measures it, not the local fallback
+            "--fallback",
+            "off",
+        ]
         if mode is not None:
             cmd += ["--mode", str(mode)]
         agent = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -81,11 +102,11 @@ def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: i
             raise RuntimeError(f"agent failed ({agent.returncode}): {agent.stderr[-2000:]}")
     finally:
         server.stop()
-    recs = [json.loads(l) for l in lines_path.read_text().splitlines() if l.strip()]
+    recs = [json.loads(line) for line in lines_path.read_text().splitlines() if line.strip()]
     lines_path.unlink()
     summary = next((r["summary"] for r in recs if "summary" in r), {})
     rows = [r for r in recs if "id" in r and r.get("error") is None]
-    warm = rows[min(20, len(rows) // 10):]  # the first frames pay ORT's and the sockets' warm-up
+    warm = rows[min(20, len(rows) // 10) :]  # the first frames pay ORT's and the sockets' warm-up
     head = np.asarray([r["head_ms"] for r in warm])
     enc = np.asarray([r["encode_ms"] for r in warm])
     rtt = np.asarray([r["rtt_ms"] for r in warm])
@@ -95,13 +116,22 @@ def bench_e2e(bundle_path: Path, frames: int, source: str | None = None, mode: i
     raw = raw_rtt_ms(int(bytes_pf))
     p50 = lambda a: float(np.median(a))  # noqa: E731
     return {
-        "bench": "e2e", "bundle": bundle.name, "source": source, "frames": len(rows), "errors": len(recs) - len(rows) - 1,
+        "bench": "e2e",
+        "bundle": bundle.name,
+        "source": source,
+        "frames": len(rows),
+        "errors": len(recs) - len(rows) - 1,
         "bytes_per_frame": bytes_pf,
         "header_bytes_per_frame": float(np.median([r["header_bytes"] for r in rows])),
-        "e2e_ms_p50": p50(e2e), "e2e_ms_p95": float(np.percentile(e2e, 95)),
-        "head_ms_p50": p50(head), "encode_ms_p50": p50(enc), "tail_ms_p50": p50(tail),
-        "rtt_ms_p50": p50(rtt), "server_queue_ms_p50": p50([r["server_queue_ms"] for r in warm]),
-        "raw_rtt_ms_p50": raw["p50"], "raw_rtt_ms_p95": raw["p95"],
+        "e2e_ms_p50": p50(e2e),
+        "e2e_ms_p95": float(np.percentile(e2e, 95)),
+        "head_ms_p50": p50(head),
+        "encode_ms_p50": p50(enc),
+        "tail_ms_p50": p50(tail),
+        "rtt_ms_p50": p50(rtt),
+        "server_queue_ms_p50": p50([r["server_queue_ms"] for r in warm]),
+        "raw_rtt_ms_p50": raw["p50"],
+        "raw_rtt_ms_p95": raw["p95"],
         "overhead_ms_p50": p50(e2e) - p50(head) - p50(tail),
         "overhead_ratio": (p50(e2e) - p50(head) - p50(tail)) / raw["p50"],
         "agent_rss_mb": round(agent_rss_mb, 1),

@@ -52,8 +52,9 @@ def _row(batch: int, times_ms: list[float]) -> dict:
     }
 
 
-def measure_engine(engine: Engine, input_shape: Sequence[int], batch_sizes: Sequence[int],
-                   seconds: float = 2.0, warmup: int = 10) -> list[dict]:
+def measure_engine(
+    engine: Engine, input_shape: Sequence[int], batch_sizes: Sequence[int], seconds: float = 2.0, warmup: int = 10
+) -> list[dict]:
     """Frames/s and latency of ``engine.run`` per batch size; one row per batch size.
 
     ``input_shape`` is one frame's shape (without the batch axis). The engine is called the way
@@ -70,8 +71,15 @@ def measure_engine(engine: Engine, input_shape: Sequence[int], batch_sizes: Sequ
     return rows
 
 
-def measure_bare_torch(program: str | Path, input_shape: Sequence[int], batch_sizes: Sequence[int], device: str,
-                       precision: str = "fp32", seconds: float = 2.0, warmup: int = 10) -> list[dict]:
+def measure_bare_torch(
+    program: str | Path,
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int],
+    device: str,
+    precision: str = "fp32",
+    seconds: float = 2.0,
+    warmup: int = 10,
+) -> list[dict]:
     """The same rows for the exported program called directly on device tensors: no numpy, no host
     copies, no engine. What the model alone costs, for the engine's figures to be read against.
     Same weights dtype and (on CUDA) the same channels-last layout as the torch engine uses."""
@@ -98,8 +106,12 @@ def measure_bare_torch(program: str | Path, input_shape: Sequence[int], batch_si
 def add_arguments(p) -> None:
     from ..engine import ACCELERATIONS, BACKENDS, PRECISIONS
 
-    p.add_argument("--bundle", default=None, help="bundle (default: the shipped CIFAR-10 bundle); the torch backend "
-                   "and --bare-torch need its tail_torch file (edgesplit export --torch-tail)")
+    p.add_argument(
+        "--bundle",
+        default=None,
+        help="bundle (default: the shipped CIFAR-10 bundle); the torch backend "
+        "and --bare-torch need its tail_torch file (edgesplit export --torch-tail)",
+    )
     p.add_argument("--backend", default="ort", choices=BACKENDS)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's own choice)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
@@ -108,8 +120,11 @@ def add_arguments(p) -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per batch size (after warm-up)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
     p.add_argument("--cache-dir", default=None, help="TensorRT plan cache")
-    p.add_argument("--bare-torch", action="store_true",
-                   help="also time the bare torch program on device tensors at the same batch sizes")
+    p.add_argument(
+        "--bare-torch",
+        action="store_true",
+        help="also time the bare torch program on device tensors at the same batch sizes",
+    )
 
 
 def run(a) -> dict:
@@ -125,26 +140,44 @@ def run(a) -> dict:
         raise SystemExit("--batch-sizes needs at least one size >= 1")
     needs_program = a.backend == "torch" or a.bare_torch
     if needs_program and not bundle.has("tail_torch"):
-        raise SystemExit(f"bundle '{bundle.name}' has no tail_torch file, which the torch backend and --bare-torch "
-                         "run; export one with: edgesplit export STUDENT --out DIR --torch-tail")
+        raise SystemExit(
+            f"bundle '{bundle.name}' has no tail_torch file, which the torch backend and --bare-torch "
+            "run; export one with: edgesplit export STUDENT --out DIR --torch-tail"
+        )
     graph = bundle.file("tail_torch") if a.backend == "torch" else bundle.file("tail")
     frame = tuple(int(s) for s in bundle.wire_spec["shape"])
     t0 = time.perf_counter()
     try:
-        opts = EngineOptions(device=a.device, precision=a.precision, accel=a.accel, max_batch=max(batch_sizes),
-                             threads=a.threads, cache_dir=a.cache_dir)
+        opts = EngineOptions(
+            device=a.device,
+            precision=a.precision,
+            accel=a.accel,
+            max_batch=max(batch_sizes),
+            threads=a.threads,
+            cache_dir=a.cache_dir,
+        )
         engine = create_engine(graph, a.backend, opts)
     except EngineError as e:
         raise SystemExit(f"edgesplit bench engine: {e}") from None
-    res = {"bench": "engine", "bundle": bundle.name, "backend": a.backend, "precision": a.precision, "accel": a.accel,
-           "device": str(getattr(engine, "device", a.device or "cpu")), "input_shape": list(frame),
-           "engine_start_s": round(time.perf_counter() - t0, 3), "seconds_per_batch": a.seconds,
-           "engine": measure_engine(engine, frame, batch_sizes, a.seconds)}
+    res = {
+        "bench": "engine",
+        "bundle": bundle.name,
+        "backend": a.backend,
+        "precision": a.precision,
+        "accel": a.accel,
+        "device": str(getattr(engine, "device", a.device or "cpu")),
+        "input_shape": list(frame),
+        "engine_start_s": round(time.perf_counter() - t0, 3),
+        "seconds_per_batch": a.seconds,
+        "engine": measure_engine(engine, frame, batch_sizes, a.seconds),
+    }
     if a.bare_torch:
         bare = measure_bare_torch(bundle.file("tail_torch"), frame, batch_sizes, res["device"], a.precision, a.seconds)
         res["bare_torch"] = bare
         # > 1: the engine sustains more than the bare program (its accelerations outweigh its copies).
-        res["engine_over_bare_fps"] = [round(e["frames_per_s"] / b["frames_per_s"], 3) for e, b in zip(res["engine"], bare)]
+        res["engine_over_bare_fps"] = [
+            round(e["frames_per_s"] / b["frames_per_s"], 3) for e, b in zip(res["engine"], bare)
+        ]
     res["gpu"] = _gpu_name(res["device"])
     return res
 

@@ -38,7 +38,9 @@ def classify(engine: Engine, images: list[bytes], input_spec: dict, batch: int =
     return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
 
-def split_accuracy(bundle: Bundle, heads: dict[str, Engine], tail: Engine, samples: list[Sample], batch: int = 64) -> dict:
+def split_accuracy(
+    bundle: Bundle, heads: dict[str, Engine], tail: Engine, samples: list[Sample], batch: int = 64
+) -> dict:
     """Per-mode accuracy and encoded bytes, through the real codec (raw and zstd): each mode's head
     (``heads`` by file role), its quantization, the server's zero-fill of channels not sent, the tail."""
     per_mode = {m.id: {"correct": 0, "raw": [], "zstd": []} for m in bundle.modes}
@@ -60,14 +62,23 @@ def split_accuracy(bundle: Bundle, heads: dict[str, Engine], tail: Engine, sampl
     out = []
     for m in bundle.modes:
         r = per_mode[m.id]
-        out.append({"id": m.id, "name": m.name, "channels": m.channels, "bits": m.bits,
-                    "accuracy": r["correct"] / max(1, len(samples)),
-                    "bytes_per_frame": float(np.median(r["raw"])),
-                    "bytes_per_frame_zstd": float(np.median(r["zstd"])) if r["zstd"] else None})
+        out.append(
+            {
+                "id": m.id,
+                "name": m.name,
+                "channels": m.channels,
+                "bits": m.bits,
+                "accuracy": r["correct"] / max(1, len(samples)),
+                "bytes_per_frame": float(np.median(r["raw"])),
+                "bytes_per_frame_zstd": float(np.median(r["zstd"])) if r["zstd"] else None,
+            }
+        )
     return {"modes": out}
 
 
-def jpeg_baseline(full: Engine, samples: list[Sample], input_spec: dict, sides=SIDES, qualities=QUALITIES) -> list[dict]:
+def jpeg_baseline(
+    full: Engine, samples: list[Sample], input_spec: dict, sides=SIDES, qualities=QUALITIES
+) -> list[dict]:
     labels = np.asarray([s.label for s in samples])
     side_in = int(input_spec["shape"][-1])
     grid = []
@@ -75,7 +86,9 @@ def jpeg_baseline(full: Engine, samples: list[Sample], input_spec: dict, sides=S
         for q in qualities:
             enc = [reencode_jpeg(s.data, side, q) for s in samples]
             acc = float(np.mean(classify(full, enc, input_spec) == labels))
-            grid.append({"side": side, "quality": q, "bytes_median": float(np.median([len(b) for b in enc])), "accuracy": acc})
+            grid.append(
+                {"side": side, "quality": q, "bytes_median": float(np.median([len(b) for b in enc])), "accuracy": acc}
+            )
     return grid
 
 
@@ -84,8 +97,14 @@ def best_at_bytes(grid: list[dict], budget: float) -> dict | None:
     return max(fits, key=lambda g: g["accuracy"]) if fits else None
 
 
-def evaluate_bundle(bundle: Bundle, source: str, frames: int | None, jpeg_frames: int | None,
-                    threads: int | None = None, jpeg_grid: bool = True) -> dict:
+def evaluate_bundle(
+    bundle: Bundle,
+    source: str,
+    frames: int | None,
+    jpeg_frames: int | None,
+    threads: int | None = None,
+    jpeg_grid: bool = True,
+) -> dict:
     samples = [s for s in take(open_source(source, bundle.classes), frames) if s.label is not None]
     if not samples:
         raise SystemExit(f"edgesplit eval: no labelled frames in {source!r}")
@@ -97,9 +116,15 @@ def evaluate_bundle(bundle: Bundle, source: str, frames: int | None, jpeg_frames
     labels = np.asarray([s.label for s in samples])
     teacher_acc = float(np.mean(classify(full, [s.data for s in samples], bundle.input_spec) == labels))
     result = {
-        "bundle": bundle.name, "bundle_hash": bundle.hash, "source": source, "frames": len(samples),
-        "mode": default["name"], "accuracy": default["accuracy"], "teacher_accuracy": teacher_acc,
-        "bytes_per_frame": default["bytes_per_frame"], "bytes_per_frame_zstd": default["bytes_per_frame_zstd"],
+        "bundle": bundle.name,
+        "bundle_hash": bundle.hash,
+        "source": source,
+        "frames": len(samples),
+        "mode": default["name"],
+        "accuracy": default["accuracy"],
+        "teacher_accuracy": teacher_acc,
+        "bytes_per_frame": default["bytes_per_frame"],
+        "bytes_per_frame_zstd": default["bytes_per_frame_zstd"],
         "input_jpeg_bytes_median": float(np.median([len(s.data) for s in samples])),
         "modes": split["modes"],
     }
@@ -107,22 +132,31 @@ def evaluate_bundle(bundle: Bundle, source: str, frames: int | None, jpeg_frames
         jsamples = samples[:jpeg_frames] if jpeg_frames else samples
         grid = jpeg_baseline(full, jsamples, bundle.input_spec)
         best = best_at_bytes(grid, default["bytes_per_frame"])
-        result.update({
-            "jpeg_frames": len(jsamples), "jpeg_baseline": grid,
-            "jpeg_accuracy_at_bytes": None if best is None else best["accuracy"],
-            "jpeg_best_at_bytes": best,
-            "jpeg_min_bytes": min(g["bytes_median"] for g in grid),
-        })
+        result.update(
+            {
+                "jpeg_frames": len(jsamples),
+                "jpeg_baseline": grid,
+                "jpeg_accuracy_at_bytes": None if best is None else best["accuracy"],
+                "jpeg_best_at_bytes": best,
+                "jpeg_min_bytes": min(g["bytes_median"] for g in grid),
+            }
+        )
     return result
 
 
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="edgesplit eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True, help="bundle directory or tar")
-    p.add_argument("--data", required=True, help="labelled frames: dataset:split (e.g. cifar10:test), shard glob or folder")
+    p.add_argument(
+        "--data", required=True, help="labelled frames: dataset:split (e.g. cifar10:test), shard glob or folder"
+    )
     p.add_argument("--frames", type=int, default=None, help="evaluate the first N frames (default all)")
-    p.add_argument("--jpeg-frames", type=int, default=2000, help="frames for the JPEG re-encoding grid (it runs the "
-                   "reference model once per grid point); 0 = all")
+    p.add_argument(
+        "--jpeg-frames",
+        type=int,
+        default=2000,
+        help="frames for the JPEG re-encoding grid (it runs the reference model once per grid point); 0 = all",
+    )
     p.add_argument("--no-jpeg", action="store_true", help="skip the JPEG baseline")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -141,6 +175,12 @@ def eval_main(argv: list[str]) -> int:
     print(f"  input JPEG median {res['input_jpeg_bytes_median']:.0f} B")
     if "jpeg_baseline" in res:
         best = res["jpeg_best_at_bytes"]
-        at = "none fits" if best is None else f"{best['accuracy']:.4f} ({best['side']}px q{best['quality']}, {best['bytes_median']:.0f} B)"
-        print(f"  send-the-JPEG at <= {res['bytes_per_frame']:.0f} B: {at}; smallest JPEG {res['jpeg_min_bytes']:.0f} B")
+        at = (
+            "none fits"
+            if best is None
+            else f"{best['accuracy']:.4f} ({best['side']}px q{best['quality']}, {best['bytes_median']:.0f} B)"
+        )
+        print(
+            f"  send-the-JPEG at <= {res['bytes_per_frame']:.0f} B: {at}; smallest JPEG {res['jpeg_min_bytes']:.0f} B"
+        )
     return 0

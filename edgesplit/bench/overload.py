@@ -62,17 +62,38 @@ class RssSampler:
         return max(self.samples) if self.samples else None
 
 
-def bench_overload(bundle_path: Path, factor: float, *, seconds: float = 10.0, deadline_ms: float = 100.0,
-                   sessions: int = 32, capacity_s: float = 5.0, capacity_window: int = 4, threads: int | None = 2,
-                   max_batch: int = 32, max_queue: int = 1024, credits: int = 64, max_queue_delay_us: float = 2000.0,
-                   images: int = 64, send_hwm: int = 100) -> dict:
+def bench_overload(
+    bundle_path: Path,
+    factor: float,
+    *,
+    seconds: float = 10.0,
+    deadline_ms: float = 100.0,
+    sessions: int = 32,
+    capacity_s: float = 5.0,
+    capacity_window: int = 4,
+    threads: int | None = 2,
+    max_batch: int = 32,
+    max_queue: int = 1024,
+    credits: int = 64,
+    max_queue_delay_us: float = 2000.0,
+    images: int = 64,
+    send_hwm: int = 100,
+) -> dict:
     from .loadgen import LoadClient, head_workload
     from .serverproc import ServerProcess
 
     bundle = Bundle.load(bundle_path)
     workload = head_workload(bundle, images)
-    args = ["--max-batch", str(max_batch), "--max-queue", str(max_queue), "--credits", str(credits),
-            "--max-queue-delay-us", str(max_queue_delay_us)]
+    args = [
+        "--max-batch",
+        str(max_batch),
+        "--max-queue",
+        str(max_queue),
+        "--credits",
+        str(credits),
+        "--max-queue-delay-us",
+        str(max_queue_delay_us),
+    ]
     if threads:
         args += ["--threads", str(threads)]
     server = ServerProcess([str(bundle_path)], args).start()
@@ -95,25 +116,49 @@ def bench_overload(bundle_path: Path, factor: float, *, seconds: float = 10.0, d
     answered = over.answered
     peak = max(rss.peak_mb or rss_after, rss_after)
     out = {
-        "bench": "overload", "bundle": bundle.name, "factor": factor, "sessions": sessions,
-        "server": {"threads": threads, "max_batch": max_batch, "max_queue": max_queue, "credits": credits,
-                   "max_queue_delay_us": max_queue_delay_us},
-        "capacity_frames_per_s": round(capacity, 1), "capacity": cap.summary(),
-        "offered_per_s": s["offered_per_s"], "offered_factor": round(s["offered_per_s"] / capacity, 2) if capacity else None,
+        "bench": "overload",
+        "bundle": bundle.name,
+        "factor": factor,
+        "sessions": sessions,
+        "server": {
+            "threads": threads,
+            "max_batch": max_batch,
+            "max_queue": max_queue,
+            "credits": credits,
+            "max_queue_delay_us": max_queue_delay_us,
+        },
+        "capacity_frames_per_s": round(capacity, 1),
+        "capacity": cap.summary(),
+        "offered_per_s": s["offered_per_s"],
+        "offered_factor": round(s["offered_per_s"] / capacity, 2) if capacity else None,
         "served_frames_per_s": s["frames_per_s"],
-        "requests": over.sent, "answered": answered, "unanswered": over.unanswered, "unexpected": over.unexpected,
+        "requests": over.sent,
+        "answered": answered,
+        "unanswered": over.unanswered,
+        "unexpected": over.unexpected,
         "exactly_one_answer_each": over.unanswered == 0 and over.unexpected == 0 and answered == over.sent,
-        "fraction": {k: round(v / over.sent, 4) for k, v in [("result", over.results), *over.errors.items()]} if over.sent else {},
+        "fraction": {k: round(v / over.sent, 4) for k, v in [("result", over.results), *over.errors.items()]}
+        if over.sent
+        else {},
         "deadline_ms": deadline_ms,
-        "admitted_server_ms_p50": s["server_ms_p50"], "admitted_server_ms_p99": s["server_ms_p99"],
-        "admitted_server_ms_max": s["server_ms_max"], "admitted_late": s["late_results"],
-        "admitted_rtt_ms_p50": s["latency_ms_p50"], "admitted_rtt_ms_p99": s["latency_ms_p99"],
+        "admitted_server_ms_p50": s["server_ms_p50"],
+        "admitted_server_ms_p99": s["server_ms_p99"],
+        "admitted_server_ms_max": s["server_ms_max"],
+        "admitted_late": s["late_results"],
+        "admitted_rtt_ms_p50": s["latency_ms_p50"],
+        "admitted_rtt_ms_p99": s["latency_ms_p99"],
         "p99_within_deadline": s["server_ms_p99"] is not None and s["server_ms_p99"] <= deadline_ms,
-        "wrong_results": over.wrong, "batch_size_mean": s["batch_size_mean"],
-        "server_rss_mb_before": round(rss_before, 1), "server_rss_mb_peak": round(peak, 1),
-        "server_rss_mb_after": round(rss_after, 1), "server_rss_growth_mb": round(peak - rss_before, 1),
-        "server_alive_at_end": alive, "server_answers_ping": answers_ping, "server_exit_code_on_sigterm": exit_code,
-        "client_send_refused": over.send_refused, "client_send_hwm": send_hwm,
+        "wrong_results": over.wrong,
+        "batch_size_mean": s["batch_size_mean"],
+        "server_rss_mb_before": round(rss_before, 1),
+        "server_rss_mb_peak": round(peak, 1),
+        "server_rss_mb_after": round(rss_after, 1),
+        "server_rss_growth_mb": round(peak - rss_before, 1),
+        "server_alive_at_end": alive,
+        "server_answers_ping": answers_ping,
+        "server_exit_code_on_sigterm": exit_code,
+        "client_send_refused": over.send_refused,
+        "client_send_hwm": send_hwm,
     }
     out["verdict"] = overload_verdict(out)
     return out
@@ -126,21 +171,36 @@ def add_arguments(p) -> None:
     p.add_argument("--deadline-ms", type=float, default=100.0, help="deadline carried by every overload request")
     p.add_argument("--sessions", type=int, default=32, help="agent sessions the load is spread over")
     p.add_argument("--capacity-s", type=float, default=5.0, help="length of the capacity measurement")
-    p.add_argument("--capacity-window", type=int, default=4, help="requests in flight per session while measuring capacity")
+    p.add_argument(
+        "--capacity-window", type=int, default=4, help="requests in flight per session while measuring capacity"
+    )
     p.add_argument("--threads", type=int, default=2, help="server tail threads")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=1024)
     p.add_argument("--credits", type=int, default=64)
     p.add_argument("--max-queue-delay-us", type=float, default=2000.0)
     p.add_argument("--images", type=int, default=64, help="distinct real frames cycled through")
-    p.add_argument("--send-hwm", type=int, default=100, help="messages each client socket queues before a send is refused")
+    p.add_argument(
+        "--send-hwm", type=int, default=100, help="messages each client socket queues before a send is refused"
+    )
 
 
 def run(a) -> dict:
     from ..loopback import MODELS_DIR
 
-    return bench_overload(Path(a.bundle or MODELS_DIR / "imagenette-resnet18-bottlefit"), a.factor, seconds=a.seconds,
-                          deadline_ms=a.deadline_ms, sessions=a.sessions, capacity_s=a.capacity_s,
-                          capacity_window=a.capacity_window, threads=a.threads, max_batch=a.max_batch,
-                          max_queue=a.max_queue, credits=a.credits, max_queue_delay_us=a.max_queue_delay_us,
-                          images=a.images, send_hwm=a.send_hwm)
+    return bench_overload(
+        Path(a.bundle or MODELS_DIR / "imagenette-resnet18-bottlefit"),
+        a.factor,
+        seconds=a.seconds,
+        deadline_ms=a.deadline_ms,
+        sessions=a.sessions,
+        capacity_s=a.capacity_s,
+        capacity_window=a.capacity_window,
+        threads=a.threads,
+        max_batch=a.max_batch,
+        max_queue=a.max_queue,
+        credits=a.credits,
+        max_queue_delay_us=a.max_queue_delay_us,
+        images=a.images,
+        send_hwm=a.send_hwm,
+    )

@@ -38,9 +38,18 @@ def account(results, frames: int) -> dict:
     }
 
 
-def bench_restart(bundle_path: Path, frames: int, kill_at: int, *, source: str | None = None, inflight: int = 8,
-                  threads: int = 1, fallback: str = "auto", reconnect_max_s: float = 0.5,
-                  timeout_s: float = 10.0) -> dict:
+def bench_restart(
+    bundle_path: Path,
+    frames: int,
+    kill_at: int,
+    *,
+    source: str | None = None,
+    inflight: int = 8,
+    threads: int = 1,
+    fallback: str = "auto",
+    reconnect_max_s: float = 0.5,
+    timeout_s: float = 10.0,
+) -> dict:
     from ..data.sources import open_source, take
     from ..edge.agent import Agent
 
@@ -50,9 +59,18 @@ def bench_restart(bundle_path: Path, frames: int, kill_at: int, *, source: str |
     if source is None:
         source = next(v for k, v in DEFAULT_SOURCES.items() if bundle.name.startswith(k))
     samples = list(take(open_source(source, bundle.classes), frames))  # in memory: reading is not measured
-    server = ServerProcess([bundle_path], ["--threads", str(threads), "--max-queue-delay-us", "0"], port=free_port()).start()
-    agent = Agent(bundle, server.endpoint, inflight=inflight, threads=threads, timeout_s=timeout_s, fallback=fallback,
-                  reconnect_max_s=reconnect_max_s)
+    server = ServerProcess(
+        [bundle_path], ["--threads", str(threads), "--max-queue-delay-us", "0"], port=free_port()
+    ).start()
+    agent = Agent(
+        bundle,
+        server.endpoint,
+        inflight=inflight,
+        threads=threads,
+        timeout_s=timeout_s,
+        fallback=fallback,
+        reconnect_max_s=reconnect_max_s,
+    )
     results = []
     restarter: threading.Thread | None = None
     t_kill = t_detect = t_resume = None
@@ -98,22 +116,28 @@ def bench_restart(bundle_path: Path, frames: int, kill_at: int, *, source: str |
     def ms(a, b):
         return None if a is None or b is None else round((b - a) * 1e3, 1)
 
-    out.update({
-        "fallback_reasons": dict(Counter(r.fallback_reason for r in local)),
-        "error_names": dict(Counter(r.error for r in results if r.error is not None)),
-        "late_answers_dropped": agent.late_answers,
-        "link_losses": agent.link_losses, "reconnects": agent.reconnects,
-        # kill -> the first frame the server did not answer (local, or an error with fallback off)
-        "detect_ms": ms(t_kill, t_detect),
-        "restart_ms": ms(t_kill, server.ready_at),        # kill -> the new daemon listens
-        "resume_ms": ms(server.ready_at, t_resume),       # the new daemon listens -> first server result
-        "outage_ms": ms(t_kill, t_resume),                # kill -> first server result again
-        "accuracy_server": _accuracy(served), "accuracy_local": _accuracy(local),
-        "local_ms_p50": _median([r.local_ms for r in local]),
-        "frames_per_s": round(n / wall, 1),
-        "inflight": inflight, "fallback": fallback, "reconnect_max_s": reconnect_max_s,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-    })
+    out.update(
+        {
+            "fallback_reasons": dict(Counter(r.fallback_reason for r in local)),
+            "error_names": dict(Counter(r.error for r in results if r.error is not None)),
+            "late_answers_dropped": agent.late_answers,
+            "link_losses": agent.link_losses,
+            "reconnects": agent.reconnects,
+            # kill -> the first frame the server did not answer (local, or an error with fallback off)
+            "detect_ms": ms(t_kill, t_detect),
+            "restart_ms": ms(t_kill, server.ready_at),  # kill -> the new daemon listens
+            "resume_ms": ms(server.ready_at, t_resume),  # the new daemon listens -> first server result
+            "outage_ms": ms(t_kill, t_resume),  # kill -> first server result again
+            "accuracy_server": _accuracy(served),
+            "accuracy_local": _accuracy(local),
+            "local_ms_p50": _median([r.local_ms for r in local]),
+            "frames_per_s": round(n / wall, 1),
+            "inflight": inflight,
+            "fallback": fallback,
+            "reconnect_max_s": reconnect_max_s,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        }
+    )
     out["verdict"] = restart_verdict(out)
     return out
 
@@ -143,6 +167,14 @@ def add_arguments(p) -> None:
 def run(a) -> dict:
     from ..loopback import DEFAULT_BUNDLE
 
-    return bench_restart(Path(a.bundle or DEFAULT_BUNDLE), a.frames, a.kill_at, source=a.source, inflight=a.inflight,
-                         threads=a.threads, fallback=a.fallback, reconnect_max_s=a.reconnect_max_s,
-                         timeout_s=a.timeout_s)
+    return bench_restart(
+        Path(a.bundle or DEFAULT_BUNDLE),
+        a.frames,
+        a.kill_at,
+        source=a.source,
+        inflight=a.inflight,
+        threads=a.threads,
+        fallback=a.fallback,
+        reconnect_max_s=a.reconnect_max_s,
+        timeout_s=a.timeout_s,
+    )

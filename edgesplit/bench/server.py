@@ -38,10 +38,33 @@ from ..bundle import Bundle
 from .verdicts import server_verdict
 
 
-def _server_args(backend: str, device: str | None, precision: str, accel: str, threads: int | None, max_batch: int,
-                 queue_delay_us: float, credits: int, max_queue: int) -> list[str]:
-    args = ["--backend", backend, "--precision", precision, "--accel", accel, "--max-batch", str(max_batch),
-            "--max-queue-delay-us", str(queue_delay_us), "--credits", str(credits), "--max-queue", str(max_queue)]
+def _server_args(
+    backend: str,
+    device: str | None,
+    precision: str,
+    accel: str,
+    threads: int | None,
+    max_batch: int,
+    queue_delay_us: float,
+    credits: int,
+    max_queue: int,
+) -> list[str]:
+    args = [
+        "--backend",
+        backend,
+        "--precision",
+        precision,
+        "--accel",
+        accel,
+        "--max-batch",
+        str(max_batch),
+        "--max-queue-delay-us",
+        str(queue_delay_us),
+        "--credits",
+        str(credits),
+        "--max-queue",
+        str(max_queue),
+    ]
     if device:
         args += ["--device", device]
     if threads:
@@ -49,11 +72,26 @@ def _server_args(backend: str, device: str | None, precision: str, accel: str, t
     return args
 
 
-def bench_server(bundle_path: Path, agent_counts: list[int], *, backend: str = "ort", device: str | None = None,
-                 precision: str = "fp32", accel: str = "none", threads: int | None = 2, seconds: float = 5.0,
-                 warmup_s: float = 2.0, window: int = 2, max_batch: int = 32, queue_delay_us: float = 2000.0,
-                 images: int = 64, engine_seconds: float = 2.0, bare_torch: bool = False, tolerance: float = 1e-3,
-                 pairs: int = 3) -> dict:
+def bench_server(
+    bundle_path: Path,
+    agent_counts: list[int],
+    *,
+    backend: str = "ort",
+    device: str | None = None,
+    precision: str = "fp32",
+    accel: str = "none",
+    threads: int | None = 2,
+    seconds: float = 5.0,
+    warmup_s: float = 2.0,
+    window: int = 2,
+    max_batch: int = 32,
+    queue_delay_us: float = 2000.0,
+    images: int = 64,
+    engine_seconds: float = 2.0,
+    bare_torch: bool = False,
+    tolerance: float = 1e-3,
+    pairs: int = 3,
+) -> dict:
     from ..engine import EngineOptions, create_engine
     from .engine import measure_bare_torch, measure_engine
     from .loadgen import LoadClient, LoadStats, head_workload
@@ -70,8 +108,20 @@ def bench_server(bundle_path: Path, agent_counts: list[int], *, backend: str = "
     points: dict[str, list[dict]] = {}
     exit_codes = {}
     for name, (mb, delay) in configs.items():
-        server = ServerProcess([str(bundle_path)], _server_args(backend, device, precision, accel, threads, mb, delay,
-                                                                credits=max(64, window), max_queue=max(1024, 2 * most))).start()
+        server = ServerProcess(
+            [str(bundle_path)],
+            _server_args(
+                backend,
+                device,
+                precision,
+                accel,
+                threads,
+                mb,
+                delay,
+                credits=max(64, window),
+                max_queue=max(1024, 2 * most),
+            ),
+        ).start()
         rows = []
         try:
             for n in agent_counts:
@@ -85,14 +135,25 @@ def bench_server(bundle_path: Path, agent_counts: list[int], *, backend: str = "
                         alone.append(e)
                         ratios.append(part.results_in_window / part.window_s / e)
                 s = st.summary()
-                rows.append({"agents": n, "frames_per_s": s["frames_per_s"], "latency_ms_p50": s["latency_ms_p50"],
-                             "latency_ms_p99": s["latency_ms_p99"], "server_ms_p50": s["server_ms_p50"],
-                             "batch_size_mean": s["batch_size_mean"], "batch_size_p50": s["batch_size_p50"],
-                             "requests": st.sent, "errors": s["errors"], "unanswered": st.unanswered,
-                             "wrong_results": st.wrong, "engine_batch": b,
-                             "engine_frames_per_s_at_batch": round(float(np.median(alone)), 1),
-                             "efficiency": round(float(np.median(ratios)), 3),
-                             "efficiency_per_turn": [round(x, 3) for x in ratios]})
+                rows.append(
+                    {
+                        "agents": n,
+                        "frames_per_s": s["frames_per_s"],
+                        "latency_ms_p50": s["latency_ms_p50"],
+                        "latency_ms_p99": s["latency_ms_p99"],
+                        "server_ms_p50": s["server_ms_p50"],
+                        "batch_size_mean": s["batch_size_mean"],
+                        "batch_size_p50": s["batch_size_p50"],
+                        "requests": st.sent,
+                        "errors": s["errors"],
+                        "unanswered": st.unanswered,
+                        "wrong_results": st.wrong,
+                        "engine_batch": b,
+                        "engine_frames_per_s_at_batch": round(float(np.median(alone)), 1),
+                        "efficiency": round(float(np.median(ratios)), 3),
+                        "efficiency_per_turn": [round(x, 3) for x in ratios],
+                    }
+                )
         finally:
             exit_codes[name] = server.stop()
         points[name] = rows
@@ -107,24 +168,43 @@ def bench_server(bundle_path: Path, agent_counts: list[int], *, backend: str = "
         for r in rows:
             r["efficiency_vs_engine_best"] = round(r["frames_per_s"] / best, 3) if r["frames_per_s"] else None
     res = {
-        "bench": "server", "bundle": bundle.name, "backend": backend, "device": device or str(getattr(engine, "device", "cpu")),
-        "precision": precision, "accel": accel, "threads": threads, "window": window, "seconds_per_point": seconds,
-        "max_batch": max_batch, "max_queue_delay_us": queue_delay_us,
-        "batched": points["batched"], "unbatched": points["unbatched"],
-        "engine": engine_rows, "engine_best_frames_per_s": round(best, 1),
+        "bench": "server",
+        "bundle": bundle.name,
+        "backend": backend,
+        "device": device or str(getattr(engine, "device", "cpu")),
+        "precision": precision,
+        "accel": accel,
+        "threads": threads,
+        "window": window,
+        "seconds_per_point": seconds,
+        "max_batch": max_batch,
+        "max_queue_delay_us": queue_delay_us,
+        "batched": points["batched"],
+        "unbatched": points["unbatched"],
+        "engine": engine_rows,
+        "engine_best_frames_per_s": round(best, 1),
         "server_exit_codes": exit_codes,
     }
     top = max(agent_counts)
     tb = next(r for r in points["batched"] if r["agents"] == top)
     tu = next(r for r in points["unbatched"] if r["agents"] == top)
-    res["at_max_agents"] = {"agents": top, "batched_frames_per_s": tb["frames_per_s"], "unbatched_frames_per_s": tu["frames_per_s"],
-                            "batched_over_unbatched": round(tb["frames_per_s"] / tu["frames_per_s"], 3) if tu["frames_per_s"] else None,
-                            "efficiency": tb["efficiency"], "batch_size_p50": tb["batch_size_p50"]}
+    res["at_max_agents"] = {
+        "agents": top,
+        "batched_frames_per_s": tb["frames_per_s"],
+        "unbatched_frames_per_s": tu["frames_per_s"],
+        "batched_over_unbatched": round(tb["frames_per_s"] / tu["frames_per_s"], 3) if tu["frames_per_s"] else None,
+        "efficiency": tb["efficiency"],
+        "batch_size_p50": tb["batch_size_p50"],
+    }
     if bare_torch:
         if not bundle.has("tail_torch"):
-            raise SystemExit(f"--bare-torch needs the bundle's tail_torch file; '{bundle.name}' has none "
-                             "(edgesplit export STUDENT --out DIR --torch-tail)")
-        res["bare_torch"] = measure_bare_torch(bundle.file("tail_torch"), frame, sizes, res["device"], precision, engine_seconds)
+            raise SystemExit(
+                f"--bare-torch needs the bundle's tail_torch file; '{bundle.name}' has none "
+                "(edgesplit export STUDENT --out DIR --torch-tail)"
+            )
+        res["bare_torch"] = measure_bare_torch(
+            bundle.file("tail_torch"), frame, sizes, res["device"], precision, engine_seconds
+        )
         bare = {r["batch"]: r["frames_per_s"] for r in res["bare_torch"]}
         res["engine_over_bare_torch"] = {b: round(engine_fps[b] / bare[b], 3) for b in sizes}
         res["daemon_over_bare_torch_at_max_agents"] = round(tb["frames_per_s"] / bare[tb["batch_size_p50"] or 1], 3)
@@ -145,8 +225,12 @@ def _int_list(text: str) -> list[int]:
 def add_arguments(p) -> None:
     from ..engine import ACCELERATIONS, BACKENDS, PRECISIONS
 
-    p.add_argument("--bundle", default=None, help="bundle (default: the shipped Imagenette ResNet-18 bundle, the issue's "
-                   "reference tail; the torch backend needs a tail_torch file)")
+    p.add_argument(
+        "--bundle",
+        default=None,
+        help="bundle (default: the shipped Imagenette ResNet-18 bundle, the issue's "
+        "reference tail; the torch backend needs a tail_torch file)",
+    )
     p.add_argument("--agents", default="1,4,16,32", help="comma-separated agent (session) counts")
     p.add_argument("--backend", default="ort", choices=BACKENDS)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's own choice)")
@@ -159,18 +243,41 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="the batched server's max batch")
     p.add_argument("--max-queue-delay-us", type=float, default=2000.0, help="the batched server's queue delay")
     p.add_argument("--images", type=int, default=64, help="distinct real frames cycled through")
-    p.add_argument("--engine-seconds", type=float, default=2.0, help="engine-alone seconds per point (split over the turns) and per batch size in the final table")
+    p.add_argument(
+        "--engine-seconds",
+        type=float,
+        default=2.0,
+        help="engine-alone seconds per point (split over the turns) and per batch size in the final table",
+    )
     p.add_argument("--bare-torch", action="store_true", help="also time the bare torch program at the same batch sizes")
     p.add_argument("--pairs", type=int, default=3, help="turns of daemon and engine-alone timing per point")
-    p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest logit difference (relative to the largest logit) still counted as a correct result")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="largest logit difference (relative to the largest logit) still counted as a correct result",
+    )
 
 
 def run(a) -> dict:
     from ..loopback import MODELS_DIR
 
-    return bench_server(Path(a.bundle or MODELS_DIR / "imagenette-resnet18-bottlefit"), _int_list(a.agents),
-                        backend=a.backend, device=a.device, precision=a.precision, accel=a.accel, threads=a.threads,
-                        seconds=a.seconds, warmup_s=a.warmup_s, window=a.window, max_batch=a.max_batch,
-                        queue_delay_us=a.max_queue_delay_us, images=a.images, engine_seconds=a.engine_seconds,
-                        bare_torch=a.bare_torch, tolerance=a.tolerance, pairs=a.pairs)
+    return bench_server(
+        Path(a.bundle or MODELS_DIR / "imagenette-resnet18-bottlefit"),
+        _int_list(a.agents),
+        backend=a.backend,
+        device=a.device,
+        precision=a.precision,
+        accel=a.accel,
+        threads=a.threads,
+        seconds=a.seconds,
+        warmup_s=a.warmup_s,
+        window=a.window,
+        max_batch=a.max_batch,
+        queue_delay_us=a.max_queue_delay_us,
+        images=a.images,
+        engine_seconds=a.engine_seconds,
+        bare_torch=a.bare_torch,
+        tolerance=a.tolerance,
+        pairs=a.pairs,
+    )

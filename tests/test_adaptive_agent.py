@@ -24,9 +24,9 @@ from edgesplit.control.modes import FALLBACK
 from edgesplit.control.netns import shaping_available
 from edgesplit.control.traces import Trace
 from edgesplit.data.sources import open_source, take
-from edgesplit.loopback import free_port
 from edgesplit.edge.adaptive import POLICY, make_policy
 from edgesplit.edge.agent import Agent, agent_main, summarize
+from edgesplit.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "cifar10-resnet20-bottlefit"  # modes 0/1/2: 8/4/2 bits, 768/384/192 bytes
@@ -69,7 +69,10 @@ def test_deadline_policy_picks_modes_from_real_results(bundle, modes, samples, s
     assert Counter(r.mode for r in results[-20:]) == {modes.ranked[0].id: 20}
     # every server answer fed the estimator, as link time = round trip - server time
     served = sum(r.source == "server" for r in results)
-    assert policy.estimator.samples == agent.controller.observed and served - agent.inflight <= agent.controller.observed <= served
+    assert (
+        policy.estimator.samples == agent.controller.observed
+        and served - agent.inflight <= agent.controller.observed <= served
+    )
     assert policy.server.n > 0 and policy.bandwidth_bps() > 0
     ad = summary["adapt"]
     # switching modes reloads nothing: measured for the switches and for the frames that kept their mode
@@ -95,8 +98,9 @@ def test_nothing_fits_answers_locally_with_probes_never_as_frames(bundle, modes,
 def test_policy_frames_end_once_when_the_server_dies(bundle, modes, samples):
     srv = ServerProcess([SHIPPED], SERVER_ARGS, port=free_port()).start()
     policy = make_policy("deadline", modes, local_ms=5.0)
-    agent = Agent(bundle, srv.endpoint, fallback="auto", threads=1, policy=policy, policy_deadline_ms=100.0,
-                  timeout_s=2.0).connect()
+    agent = Agent(
+        bundle, srv.endpoint, fallback="auto", threads=1, policy=policy, policy_deadline_ms=100.0, timeout_s=2.0
+    ).connect()
     results = []
     try:
         for i, r in enumerate(agent.run(samples[:100], fps=100.0)):
@@ -115,8 +119,26 @@ def test_policy_frames_end_once_when_the_server_dies(bundle, modes, samples):
 
 def test_agent_cli_adapt_writes_modes_and_switch_times(server, tmp_path):
     out = tmp_path / "frames.jsonl"
-    rc = agent_main(["--bundle", str(SHIPPED), "--server", server.endpoint, "--adapt", "deadline", "--deadline-ms", "80",
-                     "--fps", "200", "--frames", "40", "--threads", "1", "--json-lines", str(out)])
+    rc = agent_main(
+        [
+            "--bundle",
+            str(SHIPPED),
+            "--server",
+            server.endpoint,
+            "--adapt",
+            "deadline",
+            "--deadline-ms",
+            "80",
+            "--fps",
+            "200",
+            "--frames",
+            "40",
+            "--threads",
+            "1",
+            "--json-lines",
+            str(out),
+        ]
+    )
     assert rc == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     frames, summary = lines[:-1], lines[-1]["summary"]
@@ -124,7 +146,9 @@ def test_agent_cli_adapt_writes_modes_and_switch_times(server, tmp_path):
     assert summary["adapt"]["policy"].startswith("deadline") and summary["adapt"]["decisions"] == 40
     with pytest.raises(SystemExit):
         agent_main(["--bundle", str(SHIPPED), "--adapt", "nope"])
-    assert agent_main(["--bundle", str(SHIPPED), "--server", server.endpoint, "--adapt", "deadline"]) == 1  # no deadline
+    assert (
+        agent_main(["--bundle", str(SHIPPED), "--server", server.endpoint, "--adapt", "deadline"]) == 1
+    )  # no deadline
 
 
 def test_fixed_policy_needs_no_fallback_but_the_others_do(bundle, modes):
@@ -134,17 +158,48 @@ def test_fixed_policy_needs_no_fallback_but_the_others_do(bundle, modes):
 
 
 def test_live_metrics_are_the_simulator_metrics(modes):
-    recs = [{"id": 1, "mode": 0, "source": "server", "bytes_sent": 768, "header_bytes": 30, "pred": 3, "label": 3,
-             "t_capture_s": 0.0, "t_answer_s": 0.010},
-            {"id": 2, "mode": FALLBACK, "source": "local", "bytes_sent": 0, "header_bytes": 0, "pred": 1, "label": 2,
-             "t_capture_s": 0.05, "t_answer_s": 0.052},
-            {"id": 3, "mode": 2, "source": "server", "bytes_sent": 192, "header_bytes": 30, "pred": 5, "label": 5,
-             "t_capture_s": 0.10, "t_answer_s": 0.30},
-            {"id": 4, "mode": 2, "error": "UNANSWERED", "t_capture_s": 0.15, "t_answer_s": None}]
+    recs = [
+        {
+            "id": 1,
+            "mode": 0,
+            "source": "server",
+            "bytes_sent": 768,
+            "header_bytes": 30,
+            "pred": 3,
+            "label": 3,
+            "t_capture_s": 0.0,
+            "t_answer_s": 0.010,
+        },
+        {
+            "id": 2,
+            "mode": FALLBACK,
+            "source": "local",
+            "bytes_sent": 0,
+            "header_bytes": 0,
+            "pred": 1,
+            "label": 2,
+            "t_capture_s": 0.05,
+            "t_answer_s": 0.052,
+        },
+        {
+            "id": 3,
+            "mode": 2,
+            "source": "server",
+            "bytes_sent": 192,
+            "header_bytes": 30,
+            "pred": 5,
+            "label": 5,
+            "t_capture_s": 0.10,
+            "t_answer_s": 0.30,
+        },
+        {"id": 4, "mode": 2, "error": "UNANSWERED", "t_capture_s": 0.15, "t_answer_s": None},
+    ]
     m = frames_metrics("p", recs, modes, 50.0, 20.0)
     assert m["hit_rate"] == 0.5 and m["fallbacks"] == 1 and m["switches"] == 2 and m["unanswered"] == 1
     assert m["accuracy_measured"] == pytest.approx(2 / 3)
-    assert m["accuracy"] == pytest.approx((modes.by_id[0].accuracy + modes.teacher_accuracy + 2 * modes.by_id[2].accuracy) / 4)
+    assert m["accuracy"] == pytest.approx(
+        (modes.by_id[0].accuracy + modes.teacher_accuracy + 2 * modes.by_id[2].accuracy) / 4
+    )
     assert m["bytes_per_frame"] == pytest.approx((798 + 222) / 4)
 
 
@@ -162,11 +217,29 @@ def test_link_cost_is_measured_on_frames_that_found_the_link_idle():
     for i in range(12):
         size = 300 if i % 2 else 800
         lat_ms = (100 + 1.5 * size) / 12.5 + 1.0  # + 1 ms of server time
-        recs.append({"mode": i % 2, "source": "server", "bytes_sent": size - 30, "header_bytes": 30, "server_ms": 1.0,
-                     "t_capture_s": t, "t_answer_s": t + lat_ms / 1e3})
+        recs.append(
+            {
+                "mode": i % 2,
+                "source": "server",
+                "bytes_sent": size - 30,
+                "header_bytes": 30,
+                "server_ms": 1.0,
+                "t_capture_s": t,
+                "t_answer_s": t + lat_ms / 1e3,
+            }
+        )
         t += 1.0
-    recs.append({"mode": 0, "source": "server", "bytes_sent": 770, "header_bytes": 30, "server_ms": 1.0,
-                 "t_capture_s": recs[-1]["t_answer_s"] - 0.01, "t_answer_s": recs[-1]["t_answer_s"] + 5.0})
+    recs.append(
+        {
+            "mode": 0,
+            "source": "server",
+            "bytes_sent": 770,
+            "header_bytes": 30,
+            "server_ms": 1.0,
+            "t_capture_s": recs[-1]["t_answer_s"] - 0.01,
+            "t_answer_s": recs[-1]["t_answer_s"] + 5.0,
+        }
+    )
     fixed, per_byte = link_cost([{"records": recs}], tr)
     assert fixed == pytest.approx(100, abs=1) and per_byte == pytest.approx(0.5, abs=0.01)
 
@@ -177,9 +250,18 @@ def test_live_step_trace_moves_from_8_bits_to_2_and_back(modes):
     # an 8-bit frame takes about 17 ms; at 0.07 Mbit/s the 4-bit one takes about 70 ms and the
     # 2-bit one about 35 ms, so with a 60 ms deadline (51 ms with the margin) only 2 bits fit.
     tr = Trace.from_rates([0, 4, 8], [0.6, 0.07, 0.6], period_s=12)
-    res = run_live(SHIPPED, tr, 60.0, 10.0, policies=["deadline"], duration_s=12.0, fallback_ms=None,
-                   port=free_port(), keep_frames=True)
-    (name, m), = res.items()
+    res = run_live(
+        SHIPPED,
+        tr,
+        60.0,
+        10.0,
+        policies=["deadline"],
+        duration_s=12.0,
+        fallback_ms=None,
+        port=free_port(),
+        keep_frames=True,
+    )
+    ((name, m),) = res.items()
     frames = m["records"]
     assert name.startswith("deadline") and m["frames"] == len(frames) == 120 and m["unanswered"] == 0
 
@@ -206,8 +288,9 @@ def test_frames_on_the_link_when_the_server_stalls_are_rescued_locally(bundle, m
     policy = make_policy("deadline", modes, local_ms=5.0)
     deadline = 150.0
     assert policy.rescue_after_ms(deadline) == pytest.approx(deadline - 1.5 * 5.0 - 2.0)
-    agent = Agent(bundle, srv.endpoint, fallback="auto", threads=1, policy=policy, policy_deadline_ms=deadline,
-                  timeout_s=10.0).connect()
+    agent = Agent(
+        bundle, srv.endpoint, fallback="auto", threads=1, policy=policy, policy_deadline_ms=deadline, timeout_s=10.0
+    ).connect()
     results, t_sub = [], {}
     try:
         for i, s in enumerate(samples[:60]):
@@ -234,7 +317,7 @@ def test_frames_on_the_link_when_the_server_stalls_are_rescued_locally(bundle, m
     assert len(results) == 61 and len({r.id for r, _ in results}) == 61 and all(r.ok for r, _ in results)
     rescued = [(r, t) for r, t in results if r.fallback_reason == "DEADLINE_RESCUE"]
     assert rescued and agent.rescues == len(rescued)
-    for r, t in rescued:
+    for r, _t in rescued:
         # sent around the stall, answered locally
         assert r.source == "local" and r.pred is not None and t_sub[r.id] >= t_stop - 0.2
     # the rescue did not wait for the server: frames sent during the stall (0.75 s, five times the

@@ -24,11 +24,11 @@ from edgesplit.bench.serverproc import ServerProcess
 from edgesplit.bundle import Bundle
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
-from edgesplit.loopback import free_port
 from edgesplit.edge.agent import DISCONNECTED, TIMEOUT, Agent, AgentError, agent_main
 from edgesplit.edge.fallback import RTT_OVER_DEADLINE, UNREACHABLE
 from edgesplit.edge.link import Backoff
 from edgesplit.engine import create_engine
+from edgesplit.loopback import free_port
 from edgesplit.server.daemon import Server
 from edgesplit.wire import codec
 from edgesplit.wire import protocol as P
@@ -200,9 +200,21 @@ class ScriptedServer:
                 ident, *parts = self.router.recv_multipart()
                 m = P.parse(parts)
                 if m.kind == "hello":
-                    self.router.send_multipart([ident, *P.pack(P.welcome(self.bundle.hash, "scripted", credits=8,
-                                                                         limits=P.DEFAULT_LIMITS, heartbeat_ms=0,
-                                                                         codecs=["raw"]))])
+                    self.router.send_multipart(
+                        [
+                            ident,
+                            *P.pack(
+                                P.welcome(
+                                    self.bundle.hash,
+                                    "scripted",
+                                    credits=8,
+                                    limits=P.DEFAULT_LIMITS,
+                                    heartbeat_ms=0,
+                                    codecs=["raw"],
+                                )
+                            ),
+                        ]
+                    )
                 elif m.kind == "request":
                     rid = m.header["id"]
                     self.requests.append(rid)
@@ -214,8 +226,12 @@ class ScriptedServer:
             for item in [h for h in held if h[0] <= time.monotonic()]:
                 held.remove(item)
                 _, ident, rid = item
-                self.router.send_multipart([ident, *P.pack(P.result(rid, [desc], queue_us=0, compute_us=0, batch_size=1,
-                                                                    server_us=0), [payload])])
+                self.router.send_multipart(
+                    [
+                        ident,
+                        *P.pack(P.result(rid, [desc], queue_us=0, compute_us=0, batch_size=1, server_us=0), [payload]),
+                    ]
+                )
         self.router.close(0)
 
     def close(self) -> None:
@@ -286,8 +302,18 @@ def test_backoff_doubles_with_jitter_up_to_its_cap():
 
 
 def test_agent_cli_fallback_flag_and_json_fields(bundle, tmp_path):
-    args = ["--bundle", str(SHIPPED), "--source", "cifar10:test", "--frames", "12", "--threads", "1",
-            "--timeout-s", "0.3"]
+    args = [
+        "--bundle",
+        str(SHIPPED),
+        "--source",
+        "cifar10:test",
+        "--frames",
+        "12",
+        "--threads",
+        "1",
+        "--timeout-s",
+        "0.3",
+    ]
     nobody = f"tcp://127.0.0.1:{free_port()}"
     # no server, fallback auto (the default): every frame answered locally, exit 0
     out = tmp_path / "local.jsonl"
@@ -295,8 +321,14 @@ def test_agent_cli_fallback_flag_and_json_fields(bundle, tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     frames, summary = lines[:-1], lines[-1]["summary"]
     assert len(frames) == 12
-    assert all(f["source"] == "local" and f["fallback_reason"] == UNREACHABLE and f["pred"] is not None
-               and f["local_ms"] > 0 and "error" not in f for f in frames)
+    assert all(
+        f["source"] == "local"
+        and f["fallback_reason"] == UNREACHABLE
+        and f["pred"] is not None
+        and f["local_ms"] > 0
+        and "error" not in f
+        for f in frames
+    )
     assert (summary["server"], summary["local"], summary["error_frames"]) == (0, 12, 0)
     assert summary["fallback_reasons"] == {UNREACHABLE: 12} and summary["reconnects"] == 0
     # no server, fallback off: the agent cannot run (exit 1), as before
@@ -306,8 +338,13 @@ def test_agent_cli_fallback_flag_and_json_fields(bundle, tmp_path):
     # a server: server results, no fallback fields
     with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_queue_delay_us=0) as srv:
         out = tmp_path / "server.jsonl"
-        assert agent_main(args + ["--server", srv.endpoint, "--fallback", "auto", "--reconnect-max-s", "0.2",
-                                  "--json-lines", str(out)]) == 0
+        assert (
+            agent_main(
+                args
+                + ["--server", srv.endpoint, "--fallback", "auto", "--reconnect-max-s", "0.2", "--json-lines", str(out)]
+            )
+            == 0
+        )
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert all(f["source"] == "server" and f["fallback_reason"] is None and f["local_ms"] is None for f in lines[:-1])
     assert lines[-1]["summary"]["server"] == 12 and lines[-1]["summary"]["link_losses"] == 0

@@ -10,8 +10,16 @@ from edgesplit.server.batcher import Batcher, Item
 
 
 def _item(key, rows=1, t=None):
-    return Item(key=key, identity=b"x", req_id=0, desc={}, payload=b"", rows=rows, single=rows == 1,
-                t_recv_ns=time.perf_counter_ns() if t is None else t)
+    return Item(
+        key=key,
+        identity=b"x",
+        req_id=0,
+        desc={},
+        payload=b"",
+        rows=rows,
+        single=rows == 1,
+        t_recv_ns=time.perf_counter_ns() if t is None else t,
+    )
 
 
 def test_largest_preferred_size_that_can_be_formed_runs_at_once():

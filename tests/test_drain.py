@@ -29,10 +29,20 @@ from edgesplit.wire.errors import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_BUNDLE = ROOT / "models" / "cifar10-resnet20-bottlefit"
-WINDOW = 6     # the agent's frames in flight (its bundle's default mode)
-BURST = 1000   # the raw session's requests queued before SIGTERM (another mode)
-SERVER_ARGS = ["--threads", "1", "--max-batch", "1024", "--max-queue-delay-us", "60000000", "--credits", "1024",
-               "--max-queue", "1024"]
+WINDOW = 6  # the agent's frames in flight (its bundle's default mode)
+BURST = 1000  # the raw session's requests queued before SIGTERM (another mode)
+SERVER_ARGS = [
+    "--threads",
+    "1",
+    "--max-batch",
+    "1024",
+    "--max-queue-delay-us",
+    "60000000",
+    "--credits",
+    "1024",
+    "--max-queue",
+    "1024",
+]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +153,7 @@ def test_sigterm_drains_with_frames_in_flight_and_arriving(bundle, cifar_samples
     late = [raw.answers[rid][0] for rid in after if rid in raw.answers]
     assert "SHUTTING_DOWN" in late, late[:20]
     first = late.index("SHUTTING_DOWN")
-    assert set(late[first:]) == {"SHUTTING_DOWN"}, late[first:first + 20]  # a drain never takes new work
+    assert set(late[first:]) == {"SHUTTING_DOWN"}, late[first : first + 20]  # a drain never takes new work
     assert raw.bye == "server shutting down"
 
     # the agent: bye reached it, every frame ended exactly once, the ones queued at SIGTERM were computed
@@ -151,16 +161,19 @@ def test_sigterm_drains_with_frames_in_flight_and_arriving(bundle, cifar_samples
     ids = [r.id for r in results]
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(submitted) and agent.in_flight == 0
     by_id = {r.id: r for r in results}
-    assert all(by_id[i].ok and by_id[i].source == "server" for i in in_flight_at_sigterm), \
-        [by_id[i].to_json() for i in in_flight_at_sigterm]
+    assert all(by_id[i].ok and by_id[i].source == "server" for i in in_flight_at_sigterm), [
+        by_id[i].to_json() for i in in_flight_at_sigterm
+    ]
     new = [by_id[i] for i in submitted if i not in in_flight_at_sigterm]
     assert new, "the agent sent nothing while the server drained"
     if fallback == "off":
-        assert all(r.error == "SHUTTING_DOWN" and r.error_code == ErrorCode.SHUTTING_DOWN for r in new), \
-            [r.to_json() for r in new]
+        assert all(r.error == "SHUTTING_DOWN" and r.error_code == ErrorCode.SHUTTING_DOWN for r in new), [
+            r.to_json() for r in new
+        ]
         # refused by the draining server itself (not only lost to the bye)
         assert any(r.error_message == "server is shutting down" for r in new)
     else:  # each refused frame answered locally instead, none lost
-        assert all(r.ok and r.source == "local" and r.fallback_reason == "SHUTTING_DOWN" for r in new), \
-            [r.to_json() for r in new]
+        assert all(r.ok and r.source == "local" and r.fallback_reason == "SHUTTING_DOWN" for r in new), [
+            r.to_json() for r in new
+        ]
         assert all(r.pred is not None for r in results)

@@ -32,9 +32,13 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-needs_cuda = pytest.mark.skipif(not _cuda(), reason="no CUDA device on this machine (torch.cuda.is_available() is False)")
-needs_trt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not _cuda(),
-                               reason="TensorRT 10 Python package and a CUDA device are not both present here")
+needs_cuda = pytest.mark.skipif(
+    not _cuda(), reason="no CUDA device on this machine (torch.cuda.is_available() is False)"
+)
+needs_trt = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None or not _cuda(),
+    reason="TensorRT 10 Python package and a CUDA device are not both present here",
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +84,34 @@ def teacher_tail(tmp_path_factory):
         _export_onnx(tail, torch.from_numpy(z[:2]), root / "tail.onnx", "z", "logits")
         store_weights_fp16(root / "tail.onnx")
         export_torch_tail(tail, torch.from_numpy(z[:2]), root / "tail.pt2")
-        torch.onnx.export(head, (torch.from_numpy(x[:2]),), str(root / "head.onnx"), dynamo=False, opset_version=17,
-                          input_names=["image"], output_names=["z"], dynamic_axes={"image": {0: "batch"}, "z": {0: "batch"}})
+        torch.onnx.export(
+            head,
+            (torch.from_numpy(x[:2]),),
+            str(root / "head.onnx"),
+            dynamo=False,
+            opset_version=17,
+            input_names=["image"],
+            output_names=["z"],
+            dynamic_axes={"image": {0: "batch"}, "z": {0: "batch"}},
+        )
     manifest = {
-        "name": "teacher-tail-test", "family": "bottlefit",
+        "name": "teacher-tail-test",
+        "family": "bottlefit",
         "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-        "input": spec, "wire": {"name": "z", "shape": list(z.shape[1:]), "dtype": "float32"},
-        "modes": [{"id": 0, "name": "full-b8", "channels": int(z.shape[1]), "bits": 8,
-                   "quant": {"scale": float(z.max()) / 255, "zero_point": 0}, "bytes_per_frame": int(z[0].size),
-                   "accuracy": None, "head_ms": {}}],
+        "input": spec,
+        "wire": {"name": "z", "shape": list(z.shape[1:]), "dtype": "float32"},
+        "modes": [
+            {
+                "id": 0,
+                "name": "full-b8",
+                "channels": int(z.shape[1]),
+                "bits": 8,
+                "quant": {"scale": float(z.max()) / 255, "zero_point": 0},
+                "bytes_per_frame": int(z[0].size),
+                "accuracy": None,
+                "head_ms": {},
+            }
+        ],
         "files": {"head": {"path": "head.onnx"}, "tail": {"path": "tail.onnx"}, "tail_torch": {"path": "tail.pt2"}},
     }
     write_manifest(root, manifest)
@@ -111,8 +134,13 @@ CASES = [
     pytest.param("torch", {"device": "cuda"}, FP16, id="torch-cuda-fp32", marks=needs_cuda),
     pytest.param("torch", {"device": "cuda", "precision": "fp16"}, FP16, id="torch-cuda-fp16", marks=needs_cuda),
     pytest.param("torch", {"device": "cuda", "precision": "bf16"}, BF16, id="torch-cuda-bf16", marks=needs_cuda),
-    pytest.param("torch", {"device": "cuda", "precision": "fp16", "accel": "cudagraphs"}, FP16,
-                 id="torch-cuda-fp16-cudagraphs", marks=needs_cuda),
+    pytest.param(
+        "torch",
+        {"device": "cuda", "precision": "fp16", "accel": "cudagraphs"},
+        FP16,
+        id="torch-cuda-fp16-cudagraphs",
+        marks=needs_cuda,
+    ),
     pytest.param("torch", {"device": "cuda", "accel": "compile"}, FP16, id="torch-cuda-fp32-compile", marks=needs_cuda),
     pytest.param("tensorrt", {}, FP16, id="tensorrt-fp32", marks=needs_trt),
     pytest.param("tensorrt", {"precision": "fp16"}, FP16, id="tensorrt-fp16", marks=needs_trt),
@@ -147,21 +175,24 @@ def test_engine_accepts_options_object_and_keywords(teacher_tail):
     assert not np.array_equal(a, b)  # the keyword really changed the precision
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"backend": "tpu"}, "unknown engine backend 'tpu'"),
-    ({"precision": "int4"}, "unknown precision 'int4'"),
-    ({"device": "gpu0"}, "unknown device 'gpu0'"),
-    ({"accel": "turbo"}, "unknown acceleration 'turbo'"),
-    ({"max_batch": 0}, "max_batch must be at least 1"),
-    ({"max_batch": 8, "opt_batch": 16}, "opt_batch must lie in"),
-    ({"bogus": 1}, "unknown engine option"),
-    ({"backend": "ort", "precision": "fp16"}, "graph's own precision"),
-    ({"backend": "ort", "device": "cuda"}, "runs on cpu only"),
-    ({"backend": "ort", "accel": "compile"}, "is a torch option"),
-    ({"backend": "tensorrt", "precision": "bf16"}, "cannot carry bf16"),
-    ({"backend": "tensorrt", "device": "cpu"}, "runs on cuda only"),
-    ({"backend": "torch", "device": "cpu", "accel": "cudagraphs"}, "CUDA graphs need a cuda device"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"backend": "tpu"}, "unknown engine backend 'tpu'"),
+        ({"precision": "int4"}, "unknown precision 'int4'"),
+        ({"device": "gpu0"}, "unknown device 'gpu0'"),
+        ({"accel": "turbo"}, "unknown acceleration 'turbo'"),
+        ({"max_batch": 0}, "max_batch must be at least 1"),
+        ({"max_batch": 8, "opt_batch": 16}, "opt_batch must lie in"),
+        ({"bogus": 1}, "unknown engine option"),
+        ({"backend": "ort", "precision": "fp16"}, "graph's own precision"),
+        ({"backend": "ort", "device": "cuda"}, "runs on cpu only"),
+        ({"backend": "ort", "accel": "compile"}, "is a torch option"),
+        ({"backend": "tensorrt", "precision": "bf16"}, "cannot carry bf16"),
+        ({"backend": "tensorrt", "device": "cpu"}, "runs on cuda only"),
+        ({"backend": "torch", "device": "cpu", "accel": "cudagraphs"}, "CUDA graphs need a cuda device"),
+    ],
+)
 def test_bad_engine_options_are_clear_errors(teacher_tail, kwargs, match):
     bundle = teacher_tail[0]
     kwargs = dict(kwargs)
@@ -217,9 +248,9 @@ def test_fp16_graph_rewrite_matches_fp32_tail_on_ort(teacher_tail, tmp_path):
 def test_fp16_rewrite_on_shipped_bundle_tail(tmp_path):
     """The shipped CIFAR-10 bundle's own tail (BottleFit decoder: ConvTranspose, pad shortcuts) on
     256 real frames through its real head."""
-    from edgesplit.engine.onnx_precision import lower_precision_file
     from edgesplit.data.sources import open_source, take
     from edgesplit.data.transforms import preprocess
+    from edgesplit.engine.onnx_precision import lower_precision_file
 
     require_cifar()
     b = Bundle.load(Path(__file__).resolve().parents[1] / "models" / "cifar10-resnet20-bottlefit")
@@ -239,9 +270,12 @@ def test_fp16_rewrite_refuses_what_it_cannot_lower():
 
     from edgesplit.engine.onnx_precision import lower_precision
 
-    g = helper.make_graph([helper.make_node("RandomNormalLike", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    g = helper.make_graph(
+        [helper.make_node("RandomNormalLike", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     with pytest.raises(ValueError, match="RandomNormalLike"):
         lower_precision(helper.make_model(g))
     with pytest.raises(ValueError, match="offered: fp16"):
@@ -253,8 +287,25 @@ def test_bench_engine_scenario_with_bare_torch(teacher_tail, capsys):
     from edgesplit.bench import bench_main
 
     bundle = teacher_tail[0]
-    rc = bench_main(["engine", "--bundle", str(bundle.root), "--backend", "torch", "--device", "cpu",
-                     "--batch-sizes", "1,4", "--seconds", "0.2", "--threads", "1", "--bare-torch", "--json"])
+    rc = bench_main(
+        [
+            "engine",
+            "--bundle",
+            str(bundle.root),
+            "--backend",
+            "torch",
+            "--device",
+            "cpu",
+            "--batch-sizes",
+            "1,4",
+            "--seconds",
+            "0.2",
+            "--threads",
+            "1",
+            "--bare-torch",
+            "--json",
+        ]
+    )
     assert rc == 0
     r = json.loads(capsys.readouterr().out)
     assert r["backend"] == "torch" and r["device"] == "cpu" and r["gpu"] is None
@@ -285,8 +336,13 @@ def test_engine_row_statistics_on_known_latencies():
 
     # five calls of batch 4: median 3 ms; p95 interpolates between the 4th and 5th sorted values
     # (rank 0.95 x 4 = 3.8: 4 + 0.8 x 6 = 8.8 ms); 20 frames in 20 ms = 1000 frames/s
-    assert _row(4, [10.0, 1.0, 3.0, 2.0, 4.0]) == {"batch": 4, "calls": 5, "latency_ms_p50": 3.0,
-                                                   "latency_ms_p95": pytest.approx(8.8), "frames_per_s": pytest.approx(1000.0)}
+    assert _row(4, [10.0, 1.0, 3.0, 2.0, 4.0]) == {
+        "batch": 4,
+        "calls": 5,
+        "latency_ms_p50": 3.0,
+        "latency_ms_p95": pytest.approx(8.8),
+        "frames_per_s": pytest.approx(1000.0),
+    }
 
 
 def test_server_runs_tail_with_engine_options(teacher_tail):
@@ -299,8 +355,15 @@ def test_server_runs_tail_with_engine_options(teacher_tail):
     bundle, z, _, _ = teacher_tail
     mode = bundle.mode(0)
     tail = create_engine(bundle.file("tail"), "ort", threads=1)
-    with Server([bundle], "tcp://127.0.0.1:0", backend="torch", threads=1, max_batch=8, max_queue_delay_us=0,
-                engine_options=EngineOptions(device="cpu", precision="bf16")) as srv:
+    with Server(
+        [bundle],
+        "tcp://127.0.0.1:0",
+        backend="torch",
+        threads=1,
+        max_batch=8,
+        max_queue_delay_us=0,
+        engine_options=EngineOptions(device="cpu", precision="bf16"),
+    ) as srv:
         runner = next(iter(srv.runners.values()))
         assert runner.backend == "torch"
         assert (runner.engine.options.precision, runner.engine.options.max_batch) == ("bf16", 8)
@@ -319,7 +382,17 @@ def test_server_runs_tail_with_engine_options(teacher_tail):
 def test_serve_refuses_an_engine_option_its_backend_cannot_run(teacher_tail, capsys):
     from edgesplit.server.daemon import serve_main
 
-    rc = serve_main(["--bundle", str(teacher_tail[0].root), "--bind", "tcp://127.0.0.1:0", "--backend", "ort",
-                     "--precision", "fp16"])
+    rc = serve_main(
+        [
+            "--bundle",
+            str(teacher_tail[0].root),
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--backend",
+            "ort",
+            "--precision",
+            "fp16",
+        ]
+    )
     assert rc == 1
     assert "graph's own precision" in capsys.readouterr().err

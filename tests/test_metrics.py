@@ -24,7 +24,8 @@ from edgesplit.edge.agent import Agent
 from edgesplit.logs import JsonFormatter
 from edgesplit.server import compute, metrics, stats
 from edgesplit.server.daemon import Server
-from edgesplit.wire import codec, protocol as P
+from edgesplit.wire import codec
+from edgesplit.wire import protocol as P
 from edgesplit.wire.codec import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +62,9 @@ def raw_session(endpoint: str, bundle, name: str) -> zmq.Socket:
 
 def test_metrics_count_what_was_sent(tiny_bundle, cifar_samples, monkeypatch):
     monkeypatch.setattr(compute, "FOLD_EVERY_BATCHES", 4)  # fold often: folded and pending figures add up
-    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=20_000,
-                http_port=0) as srv:
+    with Server(
+        [tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=20_000, http_port=0
+    ) as srv:
         agent = Agent(tiny_bundle, srv.endpoint, inflight=8, threads=1, name="cam-7", timeout_s=30).connect()
         # one at a time (batches of one), then eight in flight (the batcher groups them)
         results = [agent.infer(s) for s in cifar_samples[:6]]
@@ -101,6 +103,7 @@ def test_metrics_count_what_was_sent(tiny_bundle, cifar_samples, monkeypatch):
         assert m[("edgesplit_inference_exec_count_total", lab)] == batches
         assert m[("edgesplit_inference_batch_size_count", lab)] == batches
         assert m[("edgesplit_inference_batch_size_sum", lab)] == 33
+
         # the six one-at-a-time frames ran alone; the three-row request ran in a batch of 3 or 4 rows
         def le(bound):
             return tuple(sorted(lab + (("le", bound),)))
@@ -114,7 +117,9 @@ def test_metrics_count_what_was_sent(tiny_bundle, cifar_samples, monkeypatch):
         queue_us = sum(r.server_queue_ms for r in results) * 1e3 + r3.header["timing"]["queue_us"]
         assert m[("edgesplit_inference_queue_duration_us_total", lab)] == pytest.approx(queue_us, rel=1e-3, abs=30)
         compute_us = sum(r.server_compute_ms for r in results) * 1e3 + r3.header["timing"]["compute_us"]
-        assert m[("edgesplit_inference_compute_infer_duration_us_total", lab)] == pytest.approx(compute_us, rel=1e-3, abs=30)
+        assert m[("edgesplit_inference_compute_infer_duration_us_total", lab)] == pytest.approx(
+            compute_us, rel=1e-3, abs=30
+        )
         assert m[("edgesplit_inference_compute_infer_histogram_us_count", lab)] == batches
 
         fail = "edgesplit_inference_request_failure_total"
@@ -140,9 +145,13 @@ def test_recorded_figures_fold_into_the_same_counts_as_direct_counting():
     rng = np.random.default_rng(0)
     st = stats.ModelStats("m", "v", 0, max_batch=8)
     bounds = stats.DURATION_BUCKETS_US
-    queue = list(rng.choice([*bounds, 0.0, 7.5, 3e6], 150)) + list(rng.uniform(0, 2e6, 150))  # the bounds themselves too
-    batches = [(int(r), int(r) - int(k), float(c)) for r, k, c in
-               zip(rng.integers(1, 9, 300), rng.integers(0, 2, 300), rng.uniform(10, 5e4, 300))]
+    queue = list(rng.choice([*bounds, 0.0, 7.5, 3e6], 150)) + list(
+        rng.uniform(0, 2e6, 150)
+    )  # the bounds themselves too
+    batches = [
+        (int(r), int(r) - int(k), float(c))
+        for r, k, c in zip(rng.integers(1, 9, 300), rng.integers(0, 2, 300), rng.uniform(10, 5e4, 300))
+    ]
     for i, (b, q) in enumerate(zip(batches, queue)):
         st.batches.append(b)
         st.queue_us.append(q)
@@ -215,8 +224,21 @@ def test_json_log_lines_carry_the_structured_fields():
 
 
 def test_serve_cli_json_logs_and_http_endpoints(tiny_bundle, cifar_samples):
-    cmd = [sys.executable, "-m", "edgesplit.server.daemon", "--bundle", str(tiny_bundle.root), "--bind",
-           "tcp://127.0.0.1:0", "--threads", "1", "--http-port", "0", "--log-format", "json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgesplit.server.daemon",
+        "--bundle",
+        str(tiny_bundle.root),
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--threads",
+        "1",
+        "--http-port",
+        "0",
+        "--log-format",
+        "json",
+    ]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         endpoint = p.stdout.readline().split("listening on ")[1].strip()
@@ -226,8 +248,15 @@ def test_serve_cli_json_logs_and_http_endpoints(tiny_bundle, cifar_samples):
         assert agent.infer(cifar_samples[0]).ok
         agent.close()
         m = scrape(url)
-        assert m[("edgesplit_inference_request_success_total",
-                  (("mode", "0"), ("model", "tiny-test"), ("version", tiny_bundle.hash[:12])))] == 1
+        assert (
+            m[
+                (
+                    "edgesplit_inference_request_success_total",
+                    (("mode", "0"), ("model", "tiny-test"), ("version", tiny_bundle.hash[:12])),
+                )
+            ]
+            == 1
+        )
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0
         lines = [json.loads(line) for line in p.stderr.read().splitlines() if line.strip()]

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from edgesplit.control.netns import shaping_available
-from edgesplit.profile.plan_inputs import Timing, bundle_options, scenario
 from edgesplit.control.planner import Link, Machine, Option, PlanError, Scenario, Work, plan, predict
 from edgesplit.profile.devices import load_profile
+from edgesplit.profile.plan_inputs import Timing, bundle_options, scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "models" / "cifar10-resnet20-bottlefit"
@@ -40,7 +40,9 @@ def test_link_counts_segment_headers_acks_reply_and_burst():
     # bucket's 500 bytes; the reply finds what refilled while the server computed (250 bytes a ms here)
     request, reply = 2500 + 150 + 60, 100 + 50
     assert link.transfer_ms(2480, 80) == pytest.approx(((request - 500) + reply) * 8 / 2000 + 10.0)
-    assert link.transfer_ms(2480, 80, server_ms=0.2) == pytest.approx(((request - 500) + (reply - 50)) * 8 / 2000 + 10.0)
+    assert link.transfer_ms(2480, 80, server_ms=0.2) == pytest.approx(
+        ((request - 500) + (reply - 50)) * 8 / 2000 + 10.0
+    )
     assert link.transfer_ms(2480, 80, server_ms=5.0) == pytest.approx((request - 500) * 8 / 2000 + 10.0)
     assert Link(2.0, burst_bytes=10**6).transfer_ms(2480, 80) == 0.0  # all within the bucket
     # no bucket: every byte at the rate
@@ -49,11 +51,21 @@ def test_link_counts_segment_headers_acks_reply_and_burst():
 
 
 def test_energy_of_hand_computed_split_and_local_options():
-    dev = Machine("dev", 10.0, 5.0, active_w=6.4, idle_w=2.7)  # also the measuring host: its times are taken as measured
+    dev = Machine(
+        "dev", 10.0, 5.0, active_w=6.4, idle_w=2.7
+    )  # also the measuring host: its times are taken as measured
     srv = Machine("srv", 1000.0, 100.0)
     link = Link(1.0, rtt_ms=10.0)  # 125 bytes a ms; no bucket, no ACKs on the bottleneck
-    split = Option("s", "split", payload_bytes=1000, header_bytes=40, reply_bytes=80,
-                   preprocess=Work(1.0), head=Work(4.0), encode=Work(1.0))
+    split = Option(
+        "s",
+        "split",
+        payload_bytes=1000,
+        header_bytes=40,
+        reply_bytes=80,
+        preprocess=Work(1.0),
+        head=Work(4.0),
+        encode=Work(1.0),
+    )
     local = Option("l", "local", preprocess=Work(1.0), head=Work(10.0))
     sc = Scenario(dev, srv, dev, link, overhead_ms=0.5)
     # Device: 1 + 4 + 1 = 6 ms at 6.4 W = 38.4 mJ. Link: the request is 1040 + 20 framing + 66 header
@@ -78,11 +90,11 @@ def test_compute_scales_by_roofline_to_other_devices():
     host = Machine.from_profile(load_profile("x86-ci-host"))
     pi4 = Machine.from_profile(load_profile("raspberry-pi-4"))
     h100 = Machine.from_profile(load_profile("h100"))
-    conv = Work(2.0, nodes=((4e8, 1e6),))       # compute-bound on every CPU here
-    copy = Work(2.0, nodes=((1e3, 4e8),))       # memory-bound
+    conv = Work(2.0, nodes=((4e8, 1e6),))  # compute-bound on every CPU here
+    copy = Work(2.0, nodes=((1e3, 4e8),))  # memory-bound
     assert host.time_ms(conv, host) == (2.0, "measured")
-    assert pi4.time_ms(conv, host)[0] == pytest.approx(2.0 * 97.4 / 24)      # GFLOPS ratio
-    assert pi4.time_ms(copy, host)[0] == pytest.approx(2.0 * 22.1 / 12.8)    # bandwidth ratio
+    assert pi4.time_ms(conv, host)[0] == pytest.approx(2.0 * 97.4 / 24)  # GFLOPS ratio
+    assert pi4.time_ms(copy, host)[0] == pytest.approx(2.0 * 22.1 / 12.8)  # bandwidth ratio
     ms, how = h100.time_ms(conv, host)
     assert how.startswith("estimate") and ms < 0.1
     assert h100.time_ms(Work(1.5, cpu_only=True), host)[0] == 1.5  # a numpy step stays on the CPU
@@ -127,27 +139,39 @@ def test_energy_objective_uses_profile_power_and_labels_estimates(imagenette_opt
     assert split.energy_estimate  # no radio figure: idle power while the bytes go out
     local = next(p for p in preds if p.kind == "local")
     assert local.energy_mj > 0 and not local.energy_estimate
-    with_radio = predict(next(o for o in options if o.name == "c8-b4"),
-                         scenario("raspberry-pi-4", "h100", "x86-ci-host", Link(1.0, rtt_ms=20.0), 0.5, 1.2))
+    with_radio = predict(
+        next(o for o in options if o.name == "c8-b4"),
+        scenario("raspberry-pi-4", "h100", "x86-ci-host", Link(1.0, rtt_ms=20.0), 0.5, 1.2),
+    )
     # the same device and link times, the bytes sent at 1.2 W instead of 2.7 W
     assert with_radio.device_ms == pytest.approx(split.device_ms) and with_radio.energy_mj < split.energy_mj
-    assert not with_radio.energy_estimate  # sourced device figures, a given radio power: the server's estimates do not count
+    assert (
+        not with_radio.energy_estimate
+    )  # sourced device figures, a given radio power: the server's estimates do not count
     with pytest.raises(PlanError, match="no power figures"):
         plan(options, scenario("x86-ci-host", "h100", "x86-ci-host", Link(1.0), 0.5, None), "energy")
 
 
 def _plan_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgesplit", "plan", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "edgesplit", "plan", *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bundle", str(CIFAR), "--bandwidth-mbps", "2", "--device", "jetson-nanoo"], "no device profile 'jetson-nanoo' (known: "),
-    (["--bundle", str(CIFAR), "--bandwidth-mbps", "-3"], "--bandwidth-mbps must be a positive number, got '-3'"),
-    (["--bundle", str(CIFAR), "--bandwidth-mbps", "fast"], "--bandwidth-mbps must be a number, got 'fast'"),
-    (["--bundle", "/nonexistent/bundle", "--bandwidth-mbps", "2"], "no bundle at /nonexistent/bundle"),
-    (["--bundle", str(CIFAR), "--bandwidth-mbps", "2", "--objective", "energy"], "has no power figures"),
-    (["--model", "resnet21_cifar", "--bandwidth-mbps", "2"], "unknown zoo model 'resnet21_cifar'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--bundle", str(CIFAR), "--bandwidth-mbps", "2", "--device", "jetson-nanoo"],
+            "no device profile 'jetson-nanoo' (known: ",
+        ),
+        (["--bundle", str(CIFAR), "--bandwidth-mbps", "-3"], "--bandwidth-mbps must be a positive number, got '-3'"),
+        (["--bundle", str(CIFAR), "--bandwidth-mbps", "fast"], "--bandwidth-mbps must be a number, got 'fast'"),
+        (["--bundle", "/nonexistent/bundle", "--bandwidth-mbps", "2"], "no bundle at /nonexistent/bundle"),
+        (["--bundle", str(CIFAR), "--bandwidth-mbps", "2", "--objective", "energy"], "has no power figures"),
+        (["--model", "resnet21_cifar", "--bandwidth-mbps", "2"], "unknown zoo model 'resnet21_cifar'"),
+    ],
+)
 def test_cli_errors_are_clear(args, message):
     out = _plan_cli(*args)
     assert out.returncode == 2, out.stdout
@@ -155,8 +179,23 @@ def test_cli_errors_are_clear(args, message):
 
 
 def test_cli_ranks_a_bundle_as_json():
-    out = _plan_cli("--bundle", str(CIFAR), "--bandwidth-mbps", "0.2", "--rtt-ms", "30", "--device", "raspberry-pi-5",
-                    "--server", "a100", "--runs", "5", "--pace-ms", "0", "--json")
+    out = _plan_cli(
+        "--bundle",
+        str(CIFAR),
+        "--bandwidth-mbps",
+        "0.2",
+        "--rtt-ms",
+        "30",
+        "--device",
+        "raspberry-pi-5",
+        "--server",
+        "a100",
+        "--runs",
+        "5",
+        "--pace-ms",
+        "0",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["device"] == "raspberry-pi-5" and res["link"]["mbps"] == 0.2
@@ -175,8 +214,20 @@ def test_prediction_matches_a_real_shaped_run(tmp_path):
 
     from edgesplit.bench.plan import BURST_BYTES, run_bench
 
-    a = SimpleNamespace(models="resnet20_cifar", bundles="", cuts="relu_18", modes=None, bandwidths="1", frames=5, warmup=2,
-                        runs=10, pace_ms=20.0, burst_bytes=BURST_BYTES, overhead_ms=0.5, cache=str(tmp_path))
+    a = SimpleNamespace(
+        models="resnet20_cifar",
+        bundles="",
+        cuts="relu_18",
+        modes=None,
+        bandwidths="1",
+        frames=5,
+        warmup=2,
+        runs=10,
+        pace_ms=20.0,
+        burst_bytes=BURST_BYTES,
+        overhead_ms=0.5,
+        cache=str(tmp_path),
+    )
     res = run_bench(a)
     assert [(r["option"], r["mbps"]) for r in res["rows"]] == [("cut relu_18", 1.0)]
     r = res["rows"][0]

@@ -23,7 +23,8 @@ from edgesplit.edge.agent import Agent
 from edgesplit.engine import create_engine
 from edgesplit.server.batcher import Batcher
 from edgesplit.server.daemon import Server
-from edgesplit.wire import codec, protocol as P
+from edgesplit.wire import codec
+from edgesplit.wire import protocol as P
 from edgesplit.wire.codec import ErrorCode
 from edgesplit.wire.fuzz import CLASSES, FuzzGenerator, FuzzTarget
 from edgesplit.wire.protocol import DEFAULT_LIMITS
@@ -77,8 +78,9 @@ def test_fuzz_every_class_answered_as_documented_while_an_agent_streams(bundle, 
         agent_thread.start()
         fuzz = FuzzClient(srv.endpoint, bundle, seed=3, window=16).connect()
         # every class about equally often, but only a few real 8 MiB frames
-        fuzz.generator = FuzzGenerator(fuzz.generator.t, seed=3,
-                                       weights={n: 1.0 for n in CLASSES} | {"oversized_frame": 0.05})
+        fuzz.generator = FuzzGenerator(
+            fuzz.generator.t, seed=3, weights={n: 1.0 for n in CLASSES} | {"oversized_frame": 0.05}
+        )
         report = fuzz.run(3000)
         fuzz.close()
         agent_thread.join(60)
@@ -94,8 +96,18 @@ def test_fuzz_every_class_answered_as_documented_while_an_agent_streams(bundle, 
     assert r["unexpected"] == 0 and r["unanswered"] == 0 and r["internal_errors"] == 0
     assert r["chaos_answers"] == r["chaos_sent"] > 0  # bit-flipped requests: one answer each
     assert set(r["by_class"]) == set(CLASSES), set(CLASSES) - set(r["by_class"])
-    for code in ("MALFORMED", "TOO_LARGE", "UNSUPPORTED", "UNSUPPORTED_VERSION", "UNKNOWN_MODE", "UNKNOWN_BUNDLE",
-                 "NOT_READY", "DEADLINE_EXCEEDED", "result", "pong"):
+    for code in (
+        "MALFORMED",
+        "TOO_LARGE",
+        "UNSUPPORTED",
+        "UNSUPPORTED_VERSION",
+        "UNKNOWN_MODE",
+        "UNKNOWN_BUNDLE",
+        "NOT_READY",
+        "DEADLINE_EXCEEDED",
+        "result",
+        "pong",
+    ):
         assert r["answers"].get(code, 0) > 0, code
     assert "error_INTERNAL" not in stats
 
@@ -113,8 +125,9 @@ def test_overload_every_request_answered_once_and_queue_bounded(bundle):
     bound, and every session's in-flight count returns to zero."""
     workload = head_workload(bundle, 16)
     max_queue = 16
-    with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_batch=4, max_queue=max_queue, credits=8,
-                max_queue_delay_us=500) as srv:
+    with Server(
+        [bundle], "tcp://127.0.0.1:0", threads=1, max_batch=4, max_queue=max_queue, credits=8, max_queue_delay_us=500
+    ) as srv:
         peak = [0]
         done = threading.Event()
 
@@ -154,8 +167,9 @@ class _Raw:
         assert self.recv().kind == "welcome"
 
     def request(self, rid: int, deadline_ms=None):
-        self.sock.send_multipart(P.pack(P.request(rid, self.workload.mode, None, deadline_ms=deadline_ms),
-                                        [self.workload.payloads[0]]))
+        self.sock.send_multipart(
+            P.pack(P.request(rid, self.workload.mode, None, deadline_ms=deadline_ms), [self.workload.payloads[0]])
+        )
 
     def recv(self):
         assert self.sock.poll(10_000), "no answer"
@@ -174,7 +188,7 @@ def test_deadline_the_queue_ahead_cannot_meet_is_refused_at_once(bundle):
         srv.batcher.estimate_ttl_ns = 60 * 10**9  # the primed figure below stays in use for the whole test
         srv.batcher.note_compute(key, 10.0, rows=1)  # as if this mode's batches had been taking 10 s
         c = _Raw(srv.endpoint, bundle, workload)
-        c.request(1)                    # no deadline: queued, waits up to 300 ms for company
+        c.request(1)  # no deadline: queued, waits up to 300 ms for company
         c.request(2, deadline_ms=1000)  # behind it: 2 rows, ~10+ s expected
         first = c.recv()
         assert (first.kind, first.id, first.header["code"]) == ("error", 2, ErrorCode.DEADLINE_EXCEEDED)
@@ -193,7 +207,7 @@ def test_deadline_the_batch_cannot_meet_is_not_computed(bundle):
     with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=200_000) as srv:
         srv.batcher.estimate_ttl_ns = 60 * 10**9
         srv.batcher.note_compute(key, 0.001, rows=1)  # one row: fast, so the first request is admitted
-        srv.batcher.note_compute(key, 10.0, rows=2)   # two rows: as if they had been taking 10 s
+        srv.batcher.note_compute(key, 10.0, rows=2)  # two rows: as if they had been taking 10 s
         c = _Raw(srv.endpoint, bundle, workload)
         c.request(1, deadline_ms=5000)
         c.request(2)  # joins the batch: 2 rows
@@ -235,8 +249,26 @@ def _item(key, i):
 
 def test_bench_fuzz_cli_small(tmp_path):
     """The benchmark end to end at CI size: server and fuzz worker as processes."""
-    r = subprocess.run([sys.executable, "-m", "edgesplit", "bench", "fuzz", "--frames", "1500", "--baseline-s", "1",
-                        "--agent-fps", "20", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgesplit",
+            "bench",
+            "fuzz",
+            "--frames",
+            "1500",
+            "--baseline-s",
+            "1",
+            "--agent-fps",
+            "20",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["fuzzed_frames"] == 1500 and out["crashes"] == 0 and out["fuzz"]["mismatches"] == 0

@@ -64,8 +64,14 @@ def test_curve_admits_allowed_agents_and_refuses_and_counts_strangers(tiny_bundl
     k = keys["dir"]
     curve = ServerCurve.load(k / "server.key_secret", keys["allow"])
     with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_queue_delay_us=0, curve=curve) as srv:
-        trusted = Agent(tiny_bundle, srv.endpoint, server_key=k / "server.key", client_key=k / "trusted.key_secret",
-                        threads=1, timeout_s=20)
+        trusted = Agent(
+            tiny_bundle,
+            srv.endpoint,
+            server_key=k / "server.key",
+            client_key=k / "trusted.key_secret",
+            threads=1,
+            timeout_s=20,
+        )
         trusted.connect()
         first = trusted.infer(cifar_samples[0])
         assert first.ok and first.pred is not None
@@ -120,8 +126,11 @@ def test_curve_admits_allowed_agents_and_refuses_and_counts_strangers(tiny_bundl
         # Refusals are counted by reason (read from the ROUTER's monitor by housekeeping).
         def counted():
             s = srv.stats()
-            return (s.get("auth_failed_key_not_allowed", 0) >= 1 and s.get("auth_failed_mechanism_mismatch", 0)
-                    + s.get("auth_failed_no_detail", 0) >= 1 and s.get("auth_failed_bad_crypto", 0) >= 1)
+            return (
+                s.get("auth_failed_key_not_allowed", 0) >= 1
+                and s.get("auth_failed_mechanism_mismatch", 0) + s.get("auth_failed_no_detail", 0) >= 1
+                and s.get("auth_failed_bad_crypto", 0) >= 1
+            )
 
         _wait_for(counted, what=f"refusals to be counted: {srv.stats()}")
         stats = srv.stats()
@@ -137,9 +146,16 @@ def test_allow_list_changes_take_effect_without_a_restart(tiny_bundle, keys, tmp
     curve = ServerCurve.load(k / "server.key_secret", allow)  # empty: nobody yet
     z = np.ones(tiny_bundle.wire_spec["shape"], np.float32)
     with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_queue_delay_us=0, curve=curve) as srv:
+
         def agent():
-            return Agent(tiny_bundle, srv.endpoint, server_key=k / "server.key", client_key=k / "stranger.key_secret",
-                         load_head=False, timeout_s=10)
+            return Agent(
+                tiny_bundle,
+                srv.endpoint,
+                server_key=k / "server.key",
+                client_key=k / "stranger.key_secret",
+                load_head=False,
+                timeout_s=10,
+            )
 
         with pytest.raises(AgentError, match="allow-keys"):
             agent().connect()
@@ -157,14 +173,30 @@ def test_curve_options_are_checked_before_anything_starts(tiny_bundle, keys, cap
     with pytest.raises(SystemExit) as e:  # CURVE without an allow list would admit any key
         serve_main(["--bundle", str(tiny_bundle.root), "--curve-secret", str(k / "server.key_secret")])
     assert e.value.code == 2 and "--allow-keys" in capsys.readouterr().err
-    assert serve_main(["--bundle", str(tiny_bundle.root), "--curve-secret", str(k / "server.key"),
-                       "--allow-keys", str(keys["allow"])]) == 1
+    assert (
+        serve_main(
+            [
+                "--bundle",
+                str(tiny_bundle.root),
+                "--curve-secret",
+                str(k / "server.key"),
+                "--allow-keys",
+                str(keys["allow"]),
+            ]
+        )
+        == 1
+    )
     assert "only a public key" in capsys.readouterr().err
     with pytest.raises(ValueError, match="both"):
         Agent(tiny_bundle, "tcp://127.0.0.1:1", server_key=k / "server.key", load_head=False)
     with pytest.raises(KeyFileError, match="does not exist"):
-        Agent(tiny_bundle, "tcp://127.0.0.1:1", server_key=k / "nope.key", client_key=k / "trusted.key_secret",
-              load_head=False)
+        Agent(
+            tiny_bundle,
+            "tcp://127.0.0.1:1",
+            server_key=k / "nope.key",
+            client_key=k / "trusted.key_secret",
+            load_head=False,
+        )
 
 
 def test_oversized_frames_are_refused_before_allocation_and_serving_goes_on(tiny_bundle):
@@ -172,6 +204,7 @@ def test_oversized_frames_are_refused_before_allocation_and_serving_goes_on(tiny
     # beyond it libzmq drops the connection while reading the length, before allocating the frame.
     limits = P.Limits(max_frame_bytes=64 * 1024)
     with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_queue_delay_us=0, limits=limits) as srv:
+
         def client():
             s = zmq.Context.instance().socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
@@ -190,7 +223,11 @@ def test_oversized_frames_are_refused_before_allocation_and_serving_goes_on(tiny
         b = client()
         b.send_multipart(P.pack(P.request(2, mode.id, None), [b"\0" * (400 * 1024)]))
         assert b.poll(1000) == 0  # dropped by the transport: no reply, nothing parsed
-        a.send_multipart(P.pack(P.request(3, mode.id, None), [b"\0" * (int(np.prod(tiny_bundle.wire_spec["shape"])) * mode.bits // 8)]))
+        a.send_multipart(
+            P.pack(
+                P.request(3, mode.id, None), [b"\0" * (int(np.prod(tiny_bundle.wire_spec["shape"])) * mode.bits // 8)]
+            )
+        )
         assert a.poll(5000)
         assert P.parse(a.recv_multipart()).kind == "result"  # the server kept serving
         a.close(0)

@@ -20,7 +20,8 @@ from edgesplit.data.transforms import preprocess
 from edgesplit.edge.agent import TIMEOUT, Agent, AgentError, summarize
 from edgesplit.engine import create_engine
 from edgesplit.server.daemon import Server
-from edgesplit.wire import codec, protocol as P
+from edgesplit.wire import codec
+from edgesplit.wire import protocol as P
 from edgesplit.wire.codec import ErrorCode
 from edgesplit.wire.transport import bind_router
 
@@ -94,18 +95,47 @@ def variant_bundle(src: Bundle, root: Path, modes: list[dict], name: str) -> Bun
 def multi_bundle(tiny_bundle, tmp_path_factory):
     s = tiny_bundle.default_mode.scale
     modes = [
-        {"id": 0, "name": "c8-b8", "channels": 8, "bits": 8, "quant": {"scale": s, "zero_point": 0}, "bytes_per_frame": 512},
-        {"id": 1, "name": "c4-b4", "channels": 4, "bits": 4, "quant": {"scale": s * 17, "zero_point": 0}, "bytes_per_frame": 128},
-        {"id": 2, "name": "c6-b6", "channels": 6, "bits": 6, "quant": {"scale": s * 4, "zero_point": 0}, "bytes_per_frame": 288},
-        {"id": 3, "name": "c8-b2", "channels": 8, "bits": 2, "quant": {"scale": s * 85, "zero_point": 0}, "bytes_per_frame": 128},
+        {
+            "id": 0,
+            "name": "c8-b8",
+            "channels": 8,
+            "bits": 8,
+            "quant": {"scale": s, "zero_point": 0},
+            "bytes_per_frame": 512,
+        },
+        {
+            "id": 1,
+            "name": "c4-b4",
+            "channels": 4,
+            "bits": 4,
+            "quant": {"scale": s * 17, "zero_point": 0},
+            "bytes_per_frame": 128,
+        },
+        {
+            "id": 2,
+            "name": "c6-b6",
+            "channels": 6,
+            "bits": 6,
+            "quant": {"scale": s * 4, "zero_point": 0},
+            "bytes_per_frame": 288,
+        },
+        {
+            "id": 3,
+            "name": "c8-b2",
+            "channels": 8,
+            "bits": 2,
+            "quant": {"scale": s * 85, "zero_point": 0},
+            "bytes_per_frame": 128,
+        },
     ]
     return variant_bundle(tiny_bundle, tmp_path_factory.mktemp("multi"), modes, "tiny-multi")
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, multi_bundle):
-    with Server([tiny_bundle, multi_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=16,
-                max_queue_delay_us=1000, credits=16) as srv:
+    with Server(
+        [tiny_bundle, multi_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=16, max_queue_delay_us=1000, credits=16
+    ) as srv:
         yield srv
 
 
@@ -127,8 +157,19 @@ def test_agent_end_to_end_matches_local_split(server, tiny_bundle, cifar_samples
     assert [r.label for r in results] == [s.label for s in cifar_samples]
     for r in results:
         j = r.to_json()
-        for k in ("id", "key", "head_ms", "encode_ms", "bytes_sent", "rtt_ms", "server_queue_ms",
-                  "server_compute_ms", "batch_size", "pred", "label"):
+        for k in (
+            "id",
+            "key",
+            "head_ms",
+            "encode_ms",
+            "bytes_sent",
+            "rtt_ms",
+            "server_queue_ms",
+            "server_compute_ms",
+            "batch_size",
+            "pred",
+            "label",
+        ):
             assert k in j
         assert j["bytes_sent"] == 512 and 1 <= j["batch_size"] <= 16
         assert j["header_bytes"] < 40  # compact requests
@@ -182,14 +223,26 @@ def test_server_survives_malformed_input_and_keeps_serving(server, tiny_bundle, 
     c = RawClient(server.endpoint)
     good = P.pack(P.ping(1))
     cases = [
-        ([b"\x93\x01"], ErrorCode.MALFORMED),                                       # truncated msgpack
-        ([os.urandom(64)], None),                                                    # random bytes (some code)
+        ([b"\x93\x01"], ErrorCode.MALFORMED),  # truncated msgpack
+        ([os.urandom(64)], None),  # random bytes (some code)
         ([b"\x00" * (P.DEFAULT_LIMITS.max_header_bytes + 1)], ErrorCode.TOO_LARGE),  # oversized header
         ([P.pack({"v": 9, "kind": "ping", "nonce": 1})[0]], ErrorCode.UNSUPPORTED_VERSION),
         ([P.pack({"v": 1, "kind": "teleport"})[0]], ErrorCode.MALFORMED),
         ([P.pack({"v": 1, "kind": "scatter"})[0]], ErrorCode.UNSUPPORTED),
-        ([P.pack({"v": 1, "kind": "result", "id": 1, "outputs": [],
-                  "timing": {"queue_us": 0, "compute_us": 0, "server_us": 0, "batch_size": 1}})[0]], ErrorCode.MALFORMED),
+        (
+            [
+                P.pack(
+                    {
+                        "v": 1,
+                        "kind": "result",
+                        "id": 1,
+                        "outputs": [],
+                        "timing": {"queue_us": 0, "compute_us": 0, "server_us": 0, "batch_size": 1},
+                    }
+                )[0]
+            ],
+            ErrorCode.MALFORMED,
+        ),
         ([b""], ErrorCode.MALFORMED),
     ]
     for parts, code in cases:
@@ -213,7 +266,9 @@ def test_server_survives_malformed_input_and_keeps_serving(server, tiny_bundle, 
         (P.request(14, 0, [{**d, "dtype": "complex64"}]), [p], ErrorCode.UNSUPPORTED),
         (P.request(15, 0, [d, d]), [p, p], ErrorCode.MALFORMED),
     ]
-    d4, p4 = codec.encode(np.zeros((4, 8, 8), np.float32), type("M", (), dict(channels=4, bits=8, scale=0.1, zero_point=0)), name="z")
+    d4, p4 = codec.encode(
+        np.zeros((4, 8, 8), np.float32), type("M", (), dict(channels=4, bits=8, scale=0.1, zero_point=0)), name="z"
+    )
     bad.append((P.request(16, 0, [d4]), [p4], ErrorCode.UNKNOWN_MODE))  # mode 0 sends 8 channels
     for header, frames, code in bad:
         c.send(P.pack(header, frames))
@@ -229,8 +284,9 @@ def test_server_survives_malformed_input_and_keeps_serving(server, tiny_bundle, 
 
 
 def test_overloaded_when_queue_full(tiny_bundle):
-    with Server([tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=64, max_queue=4,
-                max_queue_delay_us=300_000, credits=64) as srv:
+    with Server(
+        [tiny_bundle], "tcp://127.0.0.1:0", threads=1, max_batch=64, max_queue=4, max_queue_delay_us=300_000, credits=64
+    ) as srv:
         c = RawClient(srv.endpoint)
         c.hello(tiny_bundle)
         for rid in range(1, 11):
@@ -302,8 +358,16 @@ def test_agent_timeouts_do_not_hang(tiny_bundle):
         def fake():
             ident, hdr = router.recv_multipart()
             h = P.parse([hdr]).header
-            router.send_multipart([ident, *P.pack(P.welcome(h["bundle"], "mute", credits=4, limits=P.DEFAULT_LIMITS,
-                                                            heartbeat_ms=0, codecs=["raw"]))])
+            router.send_multipart(
+                [
+                    ident,
+                    *P.pack(
+                        P.welcome(
+                            h["bundle"], "mute", credits=4, limits=P.DEFAULT_LIMITS, heartbeat_ms=0, codecs=["raw"]
+                        )
+                    ),
+                ]
+            )
 
         t = threading.Thread(target=fake)
         t.start()
@@ -327,7 +391,7 @@ def test_agent_rehandshakes_after_server_restart(tiny_bundle):
     srv.stop()
     agent.poll(0.2)  # sees bye
     assert agent.server_bye is not None
-    for attempt in range(40):  # the old listening socket closes asynchronously
+    for _attempt in range(40):  # the old listening socket closes asynchronously
         try:
             srv2 = Server([tiny_bundle], endpoint, threads=1, max_queue_delay_us=0).start()
             break
@@ -358,10 +422,28 @@ def _env():
 
 
 def test_sigterm_drains_and_exits_cleanly(tiny_bundle):
-    p = subprocess.Popen([sys.executable, "-m", "edgesplit.server.daemon", "--bundle", str(tiny_bundle.root),
-                          "--bind", "tcp://127.0.0.1:0", "--threads", "1", "--max-queue-delay-us", "5000000",
-                          "--log-level", "WARNING"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgesplit.server.daemon",
+            "--bundle",
+            str(tiny_bundle.root),
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--threads",
+            "1",
+            "--max-queue-delay-us",
+            "5000000",
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     try:
         line = p.stdout.readline()
         assert "listening on tcp://" in line, (line, p.stderr.read() if p.poll() is not None else "")
@@ -415,8 +497,17 @@ def test_agent_cli_never_imports_torch(server, tiny_bundle, tmp_path):
 def _item(key, t, rows=1, deadline=None):
     from edgesplit.server.batcher import Item
 
-    return Item(key=key, identity=b"x", req_id=0, desc={}, payload=b"", rows=rows, single=True, t_recv_ns=t,
-                deadline_ns=deadline)
+    return Item(
+        key=key,
+        identity=b"x",
+        req_id=0,
+        desc={},
+        payload=b"",
+        rows=rows,
+        single=True,
+        t_recv_ns=t,
+        deadline_ns=deadline,
+    )
 
 
 def test_batcher_rules():
@@ -424,7 +515,7 @@ def test_batcher_rules():
 
     b = Batcher(max_batch=4, max_delay_us=50_000, max_queue=6)
     now = time.perf_counter_ns()
-    for i in range(5):
+    for _i in range(5):
         assert b.put(_item("a", now))
     assert b.put(_item("b", now))
     assert not b.put(_item("a", now))  # queue full
@@ -436,7 +527,9 @@ def test_batcher_rules():
     assert len(b.next_batch(timeout=1)) == 1 and len(b) == 0
     assert b.next_batch(timeout=0.01) is None  # nothing queued
     # a deadline pulls the flush forward
-    b2 = Batcher(max_batch=8, max_delay_us=600_000_000, max_queue=8)  # a 10-minute delay: only the deadline can release it
+    b2 = Batcher(
+        max_batch=8, max_delay_us=600_000_000, max_queue=8
+    )  # a 10-minute delay: only the deadline can release it
     now = time.perf_counter_ns()
     b2.put(_item("k", now, deadline=now + 30_000_000))
     assert len(b2.next_batch(timeout=30) or []) == 1
@@ -525,9 +618,18 @@ def _runner_items(bundle, specs):
         d, p = codec.encode(z, m, name=bundle.wire_spec["name"], codec=codec_name)
         parts = P.pack(P.request(i + 1, m.id, [d]), [p])
         msg = P.parse(parts)
-        items.append(Item(key=(bundle.hash, m.id), identity=b"x", req_id=i + 1, desc=msg.header["tensors"][0],
-                          payload=msg.frames[0], rows=1 if z.ndim == 3 else z.shape[0], single=z.ndim == 3,
-                          t_recv_ns=0))
+        items.append(
+            Item(
+                key=(bundle.hash, m.id),
+                identity=b"x",
+                req_id=i + 1,
+                desc=msg.header["tensors"][0],
+                payload=msg.frames[0],
+                rows=1 if z.ndim == 3 else z.shape[0],
+                single=z.ndim == 3,
+                t_recv_ns=0,
+            )
+        )
     return items
 
 
@@ -547,7 +649,7 @@ def test_tail_runner_single_and_batched_paths_match_the_reference(multi_bundle):
             for k, it in enumerate(_runner_items(multi_bundle, specs)):
                 logits, offsets, errors = runner.run([it])
                 assert not errors and offsets == [0]
-                assert np.array_equal(logits, tail.run1(ref_in[k:k + 1])), (m.name, codec_name)
+                assert np.array_equal(logits, tail.run1(ref_in[k : k + 1])), (m.name, codec_name)
             # all together: one stacked batch
             logits, offsets, errors = runner.run(_runner_items(multi_bundle, specs))
             assert not errors and offsets == [0, 1, 2]
@@ -558,8 +660,9 @@ def test_tail_runner_single_and_batched_paths_match_the_reference(multi_bundle):
     z3 = rng.uniform(0, 1, (C, h, w)).astype(np.float32)
     items = _runner_items(multi_bundle, [(m, z4, "raw"), (m, z3, "raw")])
     logits, offsets, errors = runner.run(items)
-    ref = np.concatenate([codec.decode(*codec.encode(z4, m), full_channels=C),
-                          codec.decode(*codec.encode(z3, m), full_channels=C)[None]])
+    ref = np.concatenate(
+        [codec.decode(*codec.encode(z4, m), full_channels=C), codec.decode(*codec.encode(z3, m), full_channels=C)[None]]
+    )
     assert offsets == [0, 2] and np.array_equal(logits, tail.run1(ref))
     runner.engine.close()
 
@@ -665,7 +768,7 @@ def test_run_reads_the_next_frame_only_when_a_window_slot_is_free(server, tiny_b
         agent = Agent(tiny_bundle, server.endpoint, threads=1, inflight=inflight).connect()
         seen = []
 
-        def source():
+        def source(agent=agent, seen=seen):
             for s in cifar_samples[:10]:
                 seen.append(len(agent._pending))
                 yield s
@@ -740,8 +843,9 @@ def test_compact_and_full_requests_give_identical_logits(server, multi_bundle, c
     with Agent(multi_bundle, server.endpoint, mode=1, threads=1) as agent:
         results = sorted(agent.run(cifar_samples[:3]), key=lambda r: r.id)
     assert all(r.ok and r.header_bytes < 40 for r in results)
-    np.testing.assert_allclose(np.stack([r.logits for r in results]), local_logits(multi_bundle, cifar_samples[:3], 1),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.stack([r.logits for r in results]), local_logits(multi_bundle, cifar_samples[:3], 1), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_compact_request_errors_and_the_server_keeps_serving(server, tiny_bundle, multi_bundle, cifar_samples):
@@ -754,13 +858,13 @@ def test_compact_request_errors_and_the_server_keeps_serving(server, tiny_bundle
     assert (m.kind, m.id, m.header["code"]) == ("error", 1, ErrorCode.NOT_READY)
     c.hello(tiny_bundle)
     bad = [
-        (2, 0, [payload[:-1]], ErrorCode.MALFORMED),          # one byte short
-        (3, 0, [payload + b"\x00"], ErrorCode.MALFORMED),     # one byte long
-        (4, 0, [b""], ErrorCode.MALFORMED),                   # empty frame
-        (5, 0, [payload * 2], ErrorCode.MALFORMED),           # a [2,8,8,8] batch needs a full request
-        (6, 0, [payload, payload], ErrorCode.MALFORMED),      # two frames
-        (7, 42, [payload], ErrorCode.UNKNOWN_MODE),           # no such mode
-        (8, 1, [payload], ErrorCode.UNKNOWN_MODE),            # tiny bundle has only mode 0
+        (2, 0, [payload[:-1]], ErrorCode.MALFORMED),  # one byte short
+        (3, 0, [payload + b"\x00"], ErrorCode.MALFORMED),  # one byte long
+        (4, 0, [b""], ErrorCode.MALFORMED),  # empty frame
+        (5, 0, [payload * 2], ErrorCode.MALFORMED),  # a [2,8,8,8] batch needs a full request
+        (6, 0, [payload, payload], ErrorCode.MALFORMED),  # two frames
+        (7, 42, [payload], ErrorCode.UNKNOWN_MODE),  # no such mode
+        (8, 1, [payload], ErrorCode.UNKNOWN_MODE),  # tiny bundle has only mode 0
     ]
     for rid, mode_id, frames, code in bad:
         c.send(P.pack(P.request(rid, mode_id, None), frames))
@@ -816,8 +920,15 @@ class FakeServer:
             frames = []
             if h["kind"] == "hello":
                 self.sessions.add(ident)
-                reply = P.welcome(h["bundle"], "fake", credits=8, limits=P.DEFAULT_LIMITS, heartbeat_ms=0,
-                                  codecs=["raw"], features=self.features)
+                reply = P.welcome(
+                    h["bundle"],
+                    "fake",
+                    credits=8,
+                    limits=P.DEFAULT_LIMITS,
+                    heartbeat_ms=0,
+                    codecs=["raw"],
+                    features=self.features,
+                )
             elif h["kind"] == "request":
                 self.requests.append(h)
                 if "tensors" not in h and "compact_requests" not in self.features:
@@ -825,8 +936,10 @@ class FakeServer:
                 elif ident not in self.sessions:
                     reply = P.error(h["id"], ErrorCode.NOT_READY, "no session")
                 else:
-                    reply, frames = P.result(h["id"], [logits_desc], queue_us=1, compute_us=1, batch_size=1,
-                                             server_us=2), [logits]
+                    reply, frames = (
+                        P.result(h["id"], [logits_desc], queue_us=1, compute_us=1, batch_size=1, server_us=2),
+                        [logits],
+                    )
             else:
                 continue
             self.router.send_multipart([ident, *P.pack(reply, frames)])

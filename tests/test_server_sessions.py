@@ -11,12 +11,13 @@ from edgesplit.server.batcher import Batcher, Item
 from edgesplit.server.sessions import EXPIRY_INTERVALS, SessionTable
 from edgesplit.server.stats import IoCounters
 from edgesplit.server.tail_runner import RequestCheck
-from edgesplit.wire import codec, protocol as P
+from edgesplit.wire import codec
+from edgesplit.wire import protocol as P
 from edgesplit.wire.errors import ErrorCode, ProtocolError
 from edgesplit.wire.messages import Welcome
 
 MS = 1_000_000  # ns
-T0 = 10**12     # the fake clock's start (ns): any value, the table only compares differences
+T0 = 10**12  # the fake clock's start (ns): any value, the table only compares differences
 AGENT = b"\x00agent-1"
 HB_MS = 100
 
@@ -28,9 +29,17 @@ def parsed(header, frames=()):
 def make(bundle, *, credits=4, max_queue=16, max_batch=8, heartbeat_ms=HB_MS):
     sched = Batcher(max_batch=max_batch, max_delay_us=1000, max_queue=max_queue)
     counters = IoCounters()
-    table = SessionTable({bundle.hash: RequestCheck(bundle)}, sched, counters, server_name="srv", credits=credits,
-                         heartbeat_ms=heartbeat_ms, limits=P.Limits(max_batch=max_batch),
-                         codecs=codec.supported_codecs(), wall_clock_ns=lambda: 1234)
+    table = SessionTable(
+        {bundle.hash: RequestCheck(bundle)},
+        sched,
+        counters,
+        server_name="srv",
+        credits=credits,
+        heartbeat_ms=heartbeat_ms,
+        limits=P.Limits(max_batch=max_batch),
+        codecs=codec.supported_codecs(),
+        wall_clock_ns=lambda: 1234,
+    )
     return table, sched, counters
 
 
@@ -58,8 +67,18 @@ def code_of(reply):
 def test_hello_opens_a_session_with_the_smaller_credit_count(tiny_bundle):
     table, _, counters = make(tiny_bundle, credits=4)
     w = hello(table, tiny_bundle, T0, max_inflight=2)
-    assert w == Welcome(tiny_bundle.hash, "srv", credits=2, limits=P.Limits(max_batch=8), heartbeat_ms=HB_MS,
-                        codecs=tuple(codec.supported_codecs()), features=P.SERVER_FEATURES).to_header()
+    assert (
+        w
+        == Welcome(
+            tiny_bundle.hash,
+            "srv",
+            credits=2,
+            limits=P.Limits(max_batch=8),
+            heartbeat_ms=HB_MS,
+            codecs=tuple(codec.supported_codecs()),
+            features=P.SERVER_FEATURES,
+        ).to_header()
+    )
     assert hello(table, tiny_bundle, T0, max_inflight=64)["credits"] == 4  # the server's cap
     assert list(table.sessions) == [AGENT] and counters.sessions_opened == 2
 
@@ -191,18 +210,34 @@ def test_admission_refuses_a_deadline_the_queue_cannot_meet_and_a_full_queue(tin
 
 
 def _item(rid, key="k", t=T0, deadline=None):
-    return Item(key=key, identity=AGENT, req_id=rid, desc={}, payload=b"", rows=1, single=True, t_recv_ns=t,
-                deadline_ns=deadline)
+    return Item(
+        key=key,
+        identity=AGENT,
+        req_id=rid,
+        desc={},
+        payload=b"",
+        rows=1,
+        single=True,
+        t_recv_ns=t,
+        deadline_ns=deadline,
+    )
 
 
 def test_triage_takes_out_the_requests_a_batch_would_finish_late():
     sched = Batcher(max_batch=8)
     sched.note_compute("k", 0.010, rows=2, now_ns=T0)  # a batch of two: about 10 ms (+ deviations)
-    on_time, late, passed, none = (_item(1, deadline=T0 + 500 * MS), _item(2, deadline=T0 + 5 * MS),
-                                   _item(3, deadline=T0 - 1), _item(4))
+    on_time, late, passed, none = (
+        _item(1, deadline=T0 + 500 * MS),
+        _item(2, deadline=T0 + 5 * MS),
+        _item(3, deadline=T0 - 1),
+        _item(4),
+    )
     live, refused = sched.triage([on_time, late, passed, none], T0)
     assert live == [on_time, none]
-    assert [(it.req_id, r.code) for it, r in refused] == [(2, ErrorCode.DEADLINE_EXCEEDED), (3, ErrorCode.DEADLINE_EXCEEDED)]
+    assert [(it.req_id, r.code) for it, r in refused] == [
+        (2, ErrorCode.DEADLINE_EXCEEDED),
+        (3, ErrorCode.DEADLINE_EXCEEDED),
+    ]
     assert "not computed" in refused[0][1].message and "passed" in refused[1][1].message
     batch = [on_time, none]
     assert sched.triage(batch, T0)[0] is batch  # nothing late: the batch as it is

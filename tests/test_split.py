@@ -50,7 +50,9 @@ def test_resnet20_cut_points_and_sizes(resnet20, cifar_images):
     for c in cuts:
         assert c.bytes_per_frame == int(np.prod(c.shape)) * 4 and c.bytes_per_frame_8bit == int(np.prod(c.shape))
     # Block boundaries are cuts; the end of each stage carries the stage's shape.
-    last_of = {stage: [c for c in cuts if c.module.startswith(stage + ".")][-1] for stage in ("layer1", "layer2", "layer3")}
+    last_of = {
+        stage: [c for c in cuts if c.module.startswith(stage + ".")][-1] for stage in ("layer1", "layer2", "layer3")
+    }
     assert last_of["layer1"].shape == (16, 32, 32)
     assert last_of["layer2"].shape == (32, 16, 16)
     assert last_of["layer3"].shape == (64, 8, 8)
@@ -75,7 +77,9 @@ def test_bad_cut_names_list_the_valid_ones(resnet20):
     with pytest.raises(SplitError, match="no node 'layer9'.*valid cut points: .*relu"):
         split_at(gm, None, "layer9")
     # Inside a residual block the skip connection is a second live tensor.
-    inside = next(n.name for n in gm.graph.nodes if n.op == "call_function" and n.name.startswith("conv2d") and n.name not in cuts)
+    inside = next(
+        n.name for n in gm.graph.nodes if n.op == "call_function" and n.name.startswith("conv2d") and n.name not in cuts
+    )
     with pytest.raises(SplitError, match=f"'{inside}' is not a single-tensor cut .*valid cut points"):
         split_at(gm, None, inside)
 

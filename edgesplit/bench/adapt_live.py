@@ -149,7 +149,7 @@ def run_live(
     (unset: none, the local model is assumed late). ``duration_s`` defaults to 20 s (a live run
     takes real time). ``keep_frames``: add each policy's per-frame records under ``"records"``.
     ``base_rtt_ms``: the fixed round trip the policies assume (on the namespace loopback, ZeroMQ and
-    message handling outside the server's own time: about 0.5 ms measured). ``source``: the
+    message handling outside the server's own time; docs/BENCHMARKS.md). ``source``: the
     labelled frames (default: the bundle's dataset's test split, by the bundle's name).
 
     Each policy's dict also holds ``sim``: the simulator's metrics for the same policy on the same

@@ -7,9 +7,8 @@ agents are one client process driving N DEALER sockets from one thread
 requests outstanding, sending precomputed wire tensors of real images (the head ran once,
 before the clock starts). The default window is 2, as an agent that sends the next frame while
 the last one's answer travels: with one request per agent, the whole batch waits for the slowest
-round trip before the next batch can form and the tail idles meanwhile (measured here at 32
-agents: 0.82 of the engine's frames/s with window 1, 0.92 with window 2), which is the client's
-cadence, not the daemon's overhead. N agent processes running heads would, on a 2-core box, measure the
+round trip before the next batch can form and the tail idles meanwhile (docs/BENCHMARKS.md,
+"Figures behind design choices"), which is the client's cadence, not the daemon's overhead. N agent processes running heads would, on a 2-core box, measure the
 heads and the scheduler; the one-thread client spends a few tens of microseconds per frame, so
 the server is what limits the figure. Every answer is checked (one per request, logits equal
 to the local tail's), so a fast wrong server cannot score.

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Sequence
 
 
-
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     """SIGTERM (the daemon drains and exits), then SIGKILL if it does not within ``timeout``."""
     proc.terminate()
@@ -32,8 +31,9 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 class ServerProcess:
-    def __init__(self, bundles: Sequence[str | Path], args: Sequence[str] = (), *, port: int = 0,
-                 log_level: str = "WARNING"):
+    def __init__(
+        self, bundles: Sequence[str | Path], args: Sequence[str] = (), *, port: int = 0, log_level: str = "WARNING"
+    ):
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self._bundles = [str(b) for b in bundles]
         self._args = list(args)
@@ -70,8 +70,10 @@ class ServerProcess:
 
     def wait_ready(self, timeout_s: float) -> float:
         if not self._ready.wait(timeout_s):
-            raise RuntimeError(f"server at {self.endpoint} did not start listening within {timeout_s} s "
-                               f"(exit {self.proc.poll()}): {self.log_text()[-2000:] or '(no output)'}")
+            raise RuntimeError(
+                f"server at {self.endpoint} did not start listening within {timeout_s} s "
+                f"(exit {self.proc.poll()}): {self.log_text()[-2000:] or '(no output)'}"
+            )
         return self.ready_at
 
     @property

@@ -71,10 +71,10 @@ def export_main(argv: list[str]) -> int:
     )
     a = p.parse_args(argv)
     try:
-        family = family_of(a.student, a.torch_tail)
+        family_of(a.student, a.torch_tail)  # a usage error before any work, not a traceback after
     except (ValueError, UnknownFamilyError) as e:
         p.error(str(e))
-    b = family.entry("exporter")(
+    b = export_bundle(
         a.student,
         a.out,
         name=a.name,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..bundle import Bundle, write_manifest
 from ..data.sources import open_source, take
 from ..data.transforms import preprocess
 from ..engine import create_engine
@@ -115,6 +116,18 @@ def export_torch_tail(tail: torch.nn.Module, example: torch.Tensor, path: Path) 
     torch.export.save(prog, str(path))
 
 
+def open_export(
+    load_student, student_path: str | Path, out_dir: str | Path, teacher_path: str | Path | None
+) -> tuple[Path, torch.nn.Module, dict, torch.nn.Module]:
+    """An exporter's start: the bundle directory (created), the trained split and its ``student.pt``
+    state (read by the family's ``load_student``), and the teacher behind ``full.onnx``."""
+    student_path = Path(student_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, state = load_student(student_path)
+    return out, model, state, load_teacher(model.cfg, student_path, teacher_path)
+
+
 def load_teacher(cfg, student_path: Path, teacher_path: str | Path | None) -> torch.nn.Module:
     """The split's full model (``teacher.pt`` beside the student unless given), strictly loaded."""
     teacher = create_model(cfg.arch, cfg.num_classes)
@@ -133,6 +146,41 @@ def input_spec_for(side: int) -> dict:
         "mean": list(MEAN),
         "std": list(STD),
     }
+
+
+def affine_wire(shape, **notes: str) -> dict:
+    """The manifest's ``wire`` entry of a float tensor ``z`` that the codec quantizes per tensor
+    with each mode's own parameters; ``notes`` add family-specific lines."""
+    return {
+        "name": "z",
+        "shape": list(shape),
+        "dtype": "float32",
+        "quantization": "affine per tensor, parameters per mode",
+        **notes,
+    }
+
+
+def affine_quant(calibration: dict) -> dict:
+    """A mode's ``quant`` entry from the calibration record of its (width, bits)."""
+    return {
+        "scheme": "affine-per-tensor",
+        "scale": calibration["scale"],
+        "zero_point": calibration["zero_point"],
+        "clip_percentile": calibration["clip_percentile"],
+    }
+
+
+def accuracy_source(state: dict) -> str:
+    """Where a mode's accuracy was measured: training's evaluation frames, in torch."""
+    recipe = state["recipe"]
+    return f"torch, {state['results']['eval_frames']} frames of {recipe['dataset']}:{recipe['eval_split']}"
+
+
+def write_bundle(out: Path, **fields) -> Bundle:
+    """Write ``manifest.json`` (:func:`bundle_manifest` of ``fields``) beside the exported files and
+    load the bundle back, which validates it."""
+    write_manifest(out, bundle_manifest(**fields))
+    return Bundle.load(out)
 
 
 def bundle_manifest(

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from ...builder.export_common import (
-    bundle_manifest,
+    accuracy_source,
+    affine_quant,
+    affine_wire,
     check_against_torch,
     eval_images,
     export_onnx,
@@ -26,10 +28,11 @@ from ...builder.export_common import (
     head_latency_ms,
     host_profile_name,
     input_spec_for,
-    load_teacher,
+    open_export,
     store_weights_fp16,
+    write_bundle,
 )
-from ...bundle import Bundle, write_manifest
+from ...bundle import Bundle
 from ...engine import create_engine
 from ...wire.codec import packed_nbytes
 from .model import load_student
@@ -44,14 +47,10 @@ def export_bundle(
     teacher_path: str | Path | None = None,
     torch_tail: bool = False,
 ) -> Bundle:
-    student_path = Path(student_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, state = load_student(student_path)
+    out, model, state, teacher = open_export(load_student, student_path, out_dir, teacher_path)
     recipe, results = state["recipe"], state["results"]
     cfg = model.cfg
     side = cfg.input_size
-    teacher = load_teacher(cfg, student_path, teacher_path)
 
     ex_img = torch.zeros(2, 3, side, side)
     ex_z = torch.zeros(2, *model.wire_shape)
@@ -94,37 +93,25 @@ def export_bundle(
                 "name": f"c{cfg.bottleneck_channels}-b{m['bits']}",
                 "channels": cfg.bottleneck_channels,
                 "bits": m["bits"],
-                "quant": {
-                    "scheme": "affine-per-tensor",
-                    "scale": c["scale"],
-                    "zero_point": c["zero_point"],
-                    "clip_percentile": c["clip_percentile"],
-                },
+                "quant": affine_quant(c),
                 "bytes_per_frame": packed_nbytes(numel, m["bits"]),
                 "accuracy": m["accuracy"],
-                "accuracy_source": f"torch, {results['eval_frames']} frames of {recipe['dataset']}:{recipe['eval_split']}",
+                "accuracy_source": accuracy_source(state),
                 "head_ms": {host_profile_name(): round(head_ms, 4)},
             }
         )
     default = next(m["id"] for m in modes if m["bits"] == recipe["default_bits"])
-    wire = {
-        "name": "z",
-        "shape": list(model.wire_shape),
-        "dtype": "float32",
-        "quantization": "affine per tensor, parameters per mode",
-    }
-    manifest = bundle_manifest(
+    return write_bundle(
+        out,
         family="bottlefit",
         name=name,
         state=state,
         cfg=cfg,
         input_spec=input_spec,
-        wire=wire,
+        wire=affine_wire(model.wire_shape),
         modes=modes,
         default=default,
         files=files,
         checks=checks,
         weights=weights,
     )
-    write_manifest(out, manifest)
-    return Bundle.load(out)

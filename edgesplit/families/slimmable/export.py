@@ -21,17 +21,20 @@ import numpy as np
 import torch
 
 from ...builder.export_common import (
-    bundle_manifest,
+    accuracy_source,
+    affine_quant,
+    affine_wire,
     check_against_torch,
     eval_images,
     export_onnx,
     head_latency_ms,
     host_profile_name,
     input_spec_for,
-    load_teacher,
+    open_export,
     store_weights_fp16,
+    write_bundle,
 )
-from ...bundle import Bundle, write_manifest
+from ...bundle import Bundle
 from ...engine import create_engine
 from ...wire.codec import packed_nbytes
 from .model import load_student
@@ -53,13 +56,9 @@ def export_bundle(
 ) -> Bundle:
     if torch_tail:
         raise ValueError("torch_tail: the slimmable family has no torch tail yet (export the ONNX tail only)")
-    student_path = Path(student_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, state = load_student(student_path)
+    out, model, state, teacher = open_export(load_student, student_path, out_dir, teacher_path)
     recipe, results, cfg = state["recipe"], state["results"], model.cfg
     side, widths, C = cfg.input_size, cfg.widths, cfg.bottleneck_channels
-    teacher = load_teacher(cfg, student_path, teacher_path)
 
     ex_img = torch.zeros(2, 3, side, side)
     files: dict[str, dict] = {}
@@ -104,39 +103,28 @@ def export_bundle(
                     "channels": c,
                     "bits": b,
                     "head": head_file(c, C)[0],
-                    "quant": {
-                        "scheme": "affine-per-tensor",
-                        "scale": k["scale"],
-                        "zero_point": k["zero_point"],
-                        "clip_percentile": k["clip_percentile"],
-                    },
+                    "quant": affine_quant(k),
                     "bytes_per_frame": packed_nbytes(c * hw, b),
                     "accuracy": m["accuracy"],
-                    "accuracy_source": f"torch, {results['eval_frames']} frames of {recipe['dataset']}:{recipe['eval_split']}",
+                    "accuracy_source": accuracy_source(state),
                     "head_ms": {host_profile_name(): round(head_ms[c], 4)},
                     "head_macs": m["head_macs"],
                 }
             )
     default = next(m["id"] for m in modes if m["channels"] == C and m["bits"] == recipe["default_bits"])
-    wire = {
-        "name": "z",
-        "shape": list(model.wire_shape),
-        "dtype": "float32",
-        "quantization": "affine per tensor, parameters per mode",
-        "channels": "a mode sends its first N channels; the server zero-fills the rest",
-    }
-    manifest = bundle_manifest(
+    return write_bundle(
+        out,
         family="slimmable",
         name=name,
         state=state,
         cfg=cfg,
         input_spec=input_spec,
-        wire=wire,
+        wire=affine_wire(
+            model.wire_shape, channels="a mode sends its first N channels; the server zero-fills the rest"
+        ),
         modes=modes,
         default=default,
         files=files,
         checks=checks,
         weights=weights,
     )
-    write_manifest(out, manifest)
-    return Bundle.load(out)

@@ -40,7 +40,8 @@ def test_model_shapes_and_stages(name):
         for s in names:
             h = model.run_stage(s, h)
             if s != "classifier":
-                assert h.dim() == 4 and h.shape[0] == 2, f"{name}.{s} output {tuple(h.shape)}"
+                # CNN stages carry feature maps (4-d); ViT stages carry token sequences (3-d).
+                assert h.dim() in (3, 4) and h.shape[0] == 2, f"{name}.{s} output {tuple(h.shape)}"
                 sides.append(h.shape[-1])
         # Each stage keeps or reduces the spatial side: a split point never upsamples.
         assert all(a >= b for a, b in zip(sides, sides[1:])), sides

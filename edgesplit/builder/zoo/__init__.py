@@ -15,10 +15,16 @@ from torch import nn
 from .mobilenetv2 import MobileNetV2
 from .resnet import ResNet
 from .resnet_cifar import CifarResNet
+from .vit import VIT_CONFIGS, vit
 
 
 def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
     return lambda num_classes=10: CifarResNet(depth, num_classes)
+
+
+def _vit(name: str) -> Callable[..., nn.Module]:
+    default_classes = 10 if name.endswith("_cifar") else 1000
+    return lambda num_classes=default_classes: vit(name, num_classes)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -28,6 +34,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18_w32": lambda num_classes=1000: ResNet((2, 2, 2, 2), num_classes, width=32),
     "resnet18_w24": lambda num_classes=1000: ResNet((2, 2, 2, 2), num_classes, width=24),
     "mobilenetv2": lambda num_classes=1000: MobileNetV2(num_classes),
+    # Vision Transformers (vit.py): DeiT-tiny/small at 224 px, a conv-stem ViT for 32-px CIFAR.
+    **{name: _vit(name) for name in VIT_CONFIGS},
 }
 # Input side each model family is built for (used by tests and by recipes' defaults).
 INPUT_SIZE = {name: (32 if name.endswith("_cifar") else 224) for name in MODELS}

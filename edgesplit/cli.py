@@ -52,9 +52,13 @@ def _train(argv: list[str]) -> int:
     print(
         f"done: teacher {res['teacher_accuracy']:.4f}; "
         + ", ".join(
-            (f"c{m['width']}/" if "width" in m else "") + f"{m['bits']}-bit {m['accuracy']:.4f}" for m in res["modes"]
+            (f"c{m['width']}/" if "width" in m else "") + f"{m['bits']}-bit {m['accuracy']:.4f}"
+            for m in res.get("modes", [])
         )
     )
+    if r.split is None:  # a teacher-only recipe (e.g. a ViT trained from scratch)
+        print(f"teacher: {run_dir / 'teacher.pt'}")
+        return 0
     print(f"student: {run_dir / 'student.pt'}  (next: edgesplit export {run_dir / 'student.pt'} --out models/NAME)")
     return 0
 

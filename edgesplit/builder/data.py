@@ -70,8 +70,9 @@ class DeviceLoader:
     """Iterates normalised float batches from a uint8 NHWC array held on ``device``.
 
     ``augment``: None (eval), ``"crop_flip"`` (CIFAR: 4-pixel translation with zero padding +
-    horizontal flip) or ``"rrc_flip"`` (random-resized crop, scale 0.25-1, + flip), both done
-    with one ``grid_sample`` per batch.
+    horizontal flip), ``"crop_flip_erase"`` (the same, then random erasing, Zhong et al. 2020: with
+    probability 0.5 one rectangle of 2-25 % of the image, aspect 0.3-3.3, set to the mean) or
+    ``"rrc_flip"`` (random-resized crop, scale 0.25-1, + flip), all done on whole batches.
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.gen = torch.Generator(device=device).manual_seed(seed)
-        if augment not in (None, "crop_flip", "rrc_flip"):
+        if augment not in (None, "crop_flip", "crop_flip_erase", "rrc_flip"):
             raise ValueError(f"unknown augmentation '{augment}'")
 
     def __len__(self) -> int:
@@ -112,7 +113,10 @@ class DeviceLoader:
             xb = self.x[idx].permute(0, 3, 1, 2).float()
             if self.augment:
                 xb = self._augment(xb)
-            xb = ((xb - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            xb = (xb - self.mean) / self.std
+            if self.augment == "crop_flip_erase":
+                xb = self._erase(xb)
+            xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, self.y[idx]
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +124,7 @@ class DeviceLoader:
         dev = x.device
         r = lambda *s: torch.rand(*s, device=dev, generator=self.gen)  # noqa: E731
         flip = torch.where(r(b) < 0.5, -1.0, 1.0)
-        if self.augment == "crop_flip":
+        if self.augment in ("crop_flip", "crop_flip_erase"):
             sx = sy = torch.ones(b, device=dev)
             tx = torch.randint(-4, 5, (b,), device=dev, generator=self.gen).float() * 2 / w
             ty = torch.randint(-4, 5, (b,), device=dev, generator=self.gen).float() * 2 / h
@@ -140,3 +144,25 @@ class DeviceLoader:
         grid = F.affine_grid(theta, (b, 3, h, w), align_corners=False)
         # Padding value: 0 in pixel space, as the reference CIFAR recipe pads with zeros.
         return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+    def _erase(self, x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+        """Random erasing on a normalised batch: 0 is the mean colour."""
+        b, _, h, w = x.shape
+        dev = x.device
+        r = lambda *s: torch.rand(*s, device=dev, generator=self.gen)  # noqa: E731
+        area = (0.02 + 0.23 * r(b)) * h * w
+        aspect = torch.exp(math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * r(b))
+        eh = torch.sqrt(area * aspect).clamp(1, h).floor()
+        ew = torch.sqrt(area / aspect).clamp(1, w).floor()
+        top = ((h - eh + 1) * r(b)).floor()
+        left = ((w - ew + 1) * r(b)).floor()
+        rows = torch.arange(h, device=dev).view(1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, w)
+        inside = (
+            (rows >= top.view(b, 1, 1))
+            & (rows < (top + eh).view(b, 1, 1))
+            & (cols >= left.view(b, 1, 1))
+            & (cols < (left + ew).view(b, 1, 1))
+        )
+        erase = inside & (r(b) < p).view(b, 1, 1)
+        return x.masked_fill(erase.unsqueeze(1), 0.0)

@@ -100,6 +100,7 @@ def prepare(
                 run_dir,
                 log,
                 lambda: evaluate(teacher.eval(), eval_loader, dev),
+                eval_loader,
             )
         # Always leave teacher.pt, also for a pretrained teacher used as it is: export reads it.
         torch.save(teacher.state_dict(), teacher_path)
@@ -114,7 +115,17 @@ def prepare(
 def run_recipe(
     r: Recipe, run_dir: Path, device: str | None = None, limit_per_shard: int | None = None, workers: int | None = None
 ) -> dict:
-    """Run a recipe's steps in ``run_dir`` (resuming unfinished ones) and return its results."""
+    """Run a recipe's steps in ``run_dir`` (resuming unfinished ones) and return its results.
+    A recipe without a ``split`` section trains its teacher only (``teacher.pt`` + ``results.json``)."""
+    if r.split is None:
+        results_path = run_dir / "results.json"
+        if results_path.is_file() and (run_dir / "teacher.pt").is_file():
+            write_log(run_dir / "log.jsonl")({"event": "finished_already", "teacher": str(run_dir / "teacher.pt")})
+            return json.loads(results_path.read_text())
+        p = prepare(r, run_dir, device, limit_per_shard, workers)
+        p.results["sec"] = round(time.time() - p.t0, 1)
+        results_path.write_text(json.dumps(p.results, indent=2))
+        return p.results
     family = get_family(r.split.family)
     results_path, student_path = run_dir / "results.json", run_dir / "student.pt"
     if results_path.is_file() and student_path.is_file():

@@ -21,6 +21,16 @@ class RecipeError(ValueError):
 
 
 @dataclass
+class DistillCfg:
+    """Knowledge distillation from a trained bundle's ``full.onnx`` (run with ONNX Runtime on the
+    same augmented batch): loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher/T || student/T)."""
+
+    bundle: str  # a bundle directory; relative paths resolve against the current directory, then the repository
+    alpha: float = 0.5
+    temperature: float = 2.0
+
+
+@dataclass
 class TrainCfg:
     epochs: int
     lr: float
@@ -33,6 +43,7 @@ class TrainCfg:
     freeze_encoder: bool = True
     temperature: float = 1.0
     alpha: float = 0.5
+    distill: DistillCfg | None = None  # teacher training only: distil from a trained bundle
 
 
 @dataclass
@@ -48,6 +59,49 @@ class TeacherCfg:
 SplitCfg = SplitSection  # the recipe's ``split``: at load time, the schema of the family it names
 
 WIRE_BITS = (2, 4, 6, 8)
+AUGMENTATIONS = ("crop_flip", "crop_flip_erase", "rrc_flip")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_bundle_dir(path: str) -> Path:
+    """A bundle directory named in a recipe: absolute, or relative to the current directory, else
+    to the repository (where ``models/`` lives)."""
+    p = Path(path)
+    if p.is_absolute() or p.is_dir():
+        return p
+    return REPO_ROOT / p
+
+
+def check_distill(d: DistillCfg, r: Recipe, where: str) -> None:
+    """The distillation teacher must exist, classify this dataset's classes in the same order,
+    and take this recipe's input (side and normalisation): it sees the student's batch."""
+    import json
+
+    from ..data.sources import CLASSES
+    from .data import MEAN, STD
+
+    if not 0.0 <= d.alpha <= 1.0:
+        raise RecipeError(f"{where}.alpha: must be within [0, 1] (got {d.alpha})")
+    if d.temperature <= 0:
+        raise RecipeError(f"{where}.temperature: must be > 0 (got {d.temperature})")
+    bdir = resolve_bundle_dir(d.bundle)
+    full, manifest = bdir / "full.onnx", bdir / "manifest.json"
+    if not full.is_file() or not manifest.is_file():
+        raise RecipeError(
+            f"{where}.bundle: {d.bundle!r} is not a bundle with full.onnx and manifest.json (looked in {bdir})"
+        )
+    m = json.loads(manifest.read_text())
+    if list(m.get("classes", [])) != list(CLASSES.get(r.dataset, [])):
+        raise RecipeError(
+            f"{where}.bundle: {d.bundle!r} classifies {m.get('classes')}, not the classes of '{r.dataset}'"
+        )
+    spec = m.get("input", {})
+    if spec.get("shape") != [3, r.input_size, r.input_size]:
+        raise RecipeError(
+            f"{where}.bundle: {d.bundle!r} takes input {spec.get('shape')}, the recipe feeds {[3, r.input_size, r.input_size]}"
+        )
+    if tuple(spec.get("mean", ())) != MEAN or tuple(spec.get("std", ())) != STD:
+        raise RecipeError(f"{where}.bundle: {d.bundle!r} normalises with other mean/std than the recipe's batches")
 
 
 @dataclass
@@ -59,9 +113,11 @@ class Recipe:
     input_size: int
     augment: str
     teacher: TeacherCfg
-    split: SplitCfg
-    stage1: TrainCfg
-    stage2: TrainCfg
+    # No ``split``: a teacher-only recipe (train the full model, e.g. a ViT, and stop there);
+    # ``stage1``/``stage2`` are then unused and may be left out.
+    split: SplitCfg | None = None
+    stage1: TrainCfg | None = None
+    stage2: TrainCfg | None = None
     stage3: TrainCfg | None = None  # optional: stage 2 continued at ``stage3_bits`` (low-bit modes)
     stage3_bits: int = 2
     mode_bits: list[int] = field(default_factory=lambda: [8])
@@ -137,18 +193,28 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     r = _build(Recipe, data, "")
-    try:
-        r.split.check_recipe(r)
-    except ValueError as e:  # the family's own rules, each message naming its key
-        raise RecipeError(str(e)) from None
+    if r.split is not None:
+        for key in ("stage1", "stage2"):
+            if getattr(r, key) is None:
+                raise RecipeError(f"{key}: required when the recipe has a split section")
+        try:
+            r.split.check_recipe(r)
+        except ValueError as e:  # the family's own rules, each message naming its key
+            raise RecipeError(str(e)) from None
     if r.teacher.init not in ("scratch", "pretrained", "run"):
         raise RecipeError("teacher.init: must be 'scratch', 'pretrained' or 'run'")
     if r.teacher.init in ("pretrained", "run") and not r.teacher.weights:
         raise RecipeError(f"teacher.weights: required when teacher.init is '{r.teacher.init}'")
     if r.teacher.init == "scratch" and r.teacher.train is None:
         raise RecipeError("teacher.train: required when teacher.init is 'scratch'")
-    if r.augment not in ("crop_flip", "rrc_flip"):
-        raise RecipeError("augment: must be 'crop_flip' or 'rrc_flip'")
+    if r.augment not in AUGMENTATIONS:
+        raise RecipeError(f"augment: must be one of {', '.join(AUGMENTATIONS)}")
+    if r.teacher.train is not None and r.teacher.train.distill is not None:
+        check_distill(r.teacher.train.distill, r, "teacher.train.distill")
+    for key in ("stage1", "stage2", "stage3"):
+        cfg = getattr(r, key)
+        if cfg is not None and cfg.distill is not None:
+            raise RecipeError(f"{key}.distill: only teacher training distils from a bundle")
     bad = [b for b in r.mode_bits if b not in WIRE_BITS]
     if bad or not r.mode_bits:
         raise RecipeError(f"mode_bits: each must be one of 2, 4, 6, 8 (got {r.mode_bits})")

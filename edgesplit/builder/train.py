@@ -132,10 +132,32 @@ class EpochRunner:
             )
 
 
-def train_classifier(model, cfg, loader, device, run_dir, log, eval_fn=None) -> None:
+def train_classifier(model, cfg, loader, device, run_dir, log, eval_fn=None, eval_loader=None) -> None:
+    """Cross-entropy training; with ``cfg["distill"]`` (a :class:`~.recipe.DistillCfg`), knowledge
+    distillation from that bundle's ``full.onnx`` on the same augmented batch (see :mod:`.distill`)."""
     runner = EpochRunner("teacher", model, model.parameters(), cfg, loader, device, run_dir, log)
     ls = cfg.get("label_smoothing", 0.0)
-    runner.run(lambda x, y: F.cross_entropy(model(x), y, label_smoothing=ls), model.train, eval_fn)
+    distill = cfg.get("distill")
+    if distill is None:
+        runner.run(lambda x, y: F.cross_entropy(model(x), y, label_smoothing=ls), model.train, eval_fn)
+        return
+    from .distill import OnnxTeacher, kd_loss
+    from .recipe import resolve_bundle_dir
+
+    kd_teacher = OnnxTeacher(resolve_bundle_dir(distill.bundle))
+    if eval_loader is not None and runner.start_epoch == 0:
+        log(
+            {
+                "event": "distill_teacher",
+                "bundle": str(kd_teacher.path),
+                "accuracy": evaluate(kd_teacher, eval_loader, device),
+            }
+        )
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return kd_loss(model(x), kd_teacher(x), y, distill.alpha, distill.temperature, ls)
+
+    runner.run(step_loss, model.train, eval_fn)
 
 
 def freeze(module: nn.Module, frozen: bool) -> None:

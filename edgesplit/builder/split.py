@@ -273,12 +273,16 @@ def _real_images(source: str, side: int, n: int) -> torch.Tensor:
 
 
 def split_main(argv: list[str]) -> int:
+    if argv and not argv[0].startswith("-") and (argv[0].endswith(".onnx") or Path(argv[0]).is_file()):
+        from .split_onnx_bundle import onnx_split_main  # bring your own model: any ONNX graph
+
+        return onnx_split_main(argv)
     from .zoo import INPUT_SIZE, create_model, load_pretrained
 
     p = argparse.ArgumentParser(
         prog="edgesplit split", description="cut a zoo model at a graph node into head.onnx + tail.onnx"
     )
-    p.add_argument("model", help="zoo model name (edgesplit zoo)")
+    p.add_argument("model", help="zoo model name (edgesplit zoo), or an .onnx file (edgesplit split FILE.onnx --help)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--list", action="store_true", help="list the single-tensor cut points with the size crossing each"

@@ -24,6 +24,7 @@ import torch
 
 from ..bundle import Bundle, BundleError, write_manifest
 from .split import Cut, candidate_cuts, export_split, split_at, trace
+from .split_onnx_bundle import quant_8bit
 
 SEED = 0
 
@@ -75,13 +76,6 @@ def _real_frames(side: int, n: int) -> np.ndarray:
 
     src = f"{_dataset(side)}:{'test' if side == 32 else 'val'}"
     return np.stack([preprocess(s.data, _input_spec(side)) for s in take(open_source(src), n)])
-
-
-def quant_8bit(z: np.ndarray) -> dict[str, Any]:
-    """Per-tensor affine 8-bit parameters covering the values seen."""
-    lo, hi = float(min(0.0, z.min())), float(max(0.0, z.max()))
-    scale = (hi - lo) / 255 if hi > lo else 1.0
-    return {"scheme": "affine-per-tensor", "scale": scale, "zero_point": int(np.clip(round(-lo / scale), 0, 255))}
 
 
 def export_cut_bundle(

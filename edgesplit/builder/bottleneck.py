@@ -1,13 +1,20 @@
-"""What every bottleneck split shares: the wire tensor's fake quantizer, the backbone cut at a
-stage, the tail run over the remaining stages, and the teacher's features (the targets of
-head-network distillation). Used by the BottleFit and slimmable families."""
+"""What every bottleneck split shares: the split's skeleton (:class:`BottleneckSplit`: the backbone
+cut at a stage, the wire tensor's shape, the tail), the wire tensor's fake quantizer, the teacher's
+features (the targets of head-network distillation), the distillation loss, the wire values that
+calibration reads and the ``student.pt`` loader. Used by the BottleFit and slimmable families."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
+
+from .zoo import create_model
+
+SplitT = TypeVar("SplitT", bound=nn.Module)
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -123,3 +130,49 @@ def teacher_features(teacher: nn.Module, x: torch.Tensor, split_at: str) -> tupl
         if start <= i < len(names) - 1:
             feats.append(x)
     return x, feats
+
+
+class BottleneckSplit(nn.Module):
+    """The skeleton of a bottleneck split: the backbone (a fresh ``cfg.arch`` unless given) cut at
+    ``cfg.split_at``, its remaining stages being the tail, and the wire tensor's shape that the
+    encoder's strides give. A family builds its encoder, quantizer and decoder after this and
+    defines ``decode(z)``, which the exported tail runs."""
+
+    def __init__(self, cfg, backbone: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        backbone = backbone if backbone is not None else create_model(cfg.arch, cfg.num_classes)
+        self.tail_stages, self.split_shape = cut_backbone(backbone, cfg.arch, cfg.split_at, cfg.input_size)
+        self.backbone = backbone
+        z_side = cfg.input_size // (math.prod(cfg.encoder_strides) * cfg.bottleneck_stride)
+        self.wire_shape = (cfg.bottleneck_channels, z_side, z_side)
+
+    def upsampling_steps(self) -> int:
+        """How many 2x upsamplings the decoder needs to reach the split tensor's side."""
+        return upsampling_steps(self.wire_shape[-1], self.split_shape[-1])
+
+    def run_tail(self, decoded: torch.Tensor, return_features: bool = False):
+        return run_tail(self.backbone, self.tail_stages, decoded, return_features)
+
+    def tail_module(self) -> nn.Module:
+        """The server's graph: wire tensor -> logits."""
+        return _Tail(self)
+
+
+class _Tail(nn.Module):
+    def __init__(self, split: BottleneckSplit):
+        super().__init__()
+        self.split = split
+
+    def forward(self, z):
+        return self.split.decode(z)
+
+
+def load_split(path: str | Path, device: str | torch.device, build: Callable[[dict], SplitT]) -> tuple[SplitT, dict]:
+    """A trained split from ``student.pt``: ``build(state)`` makes the untrained one from the saved
+    config (raising on a checkpoint it cannot take), then the weights load strictly (every key
+    must match). Returns ``(model in eval mode, saved state)``."""
+    state = torch.load(str(path), map_location=device, weights_only=True)
+    model = build(state)
+    model.load_state_dict(state["model"], strict=True)
+    return model.eval(), state

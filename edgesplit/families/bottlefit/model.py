@@ -8,15 +8,13 @@ before the split point are dropped from the backbone, so the checkpoint holds on
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ...builder.bottleneck import FakeQuant, conv_bn_relu, cut_backbone, run_tail, upsampling_steps
-from ...builder.zoo import create_model
+from ...builder.bottleneck import BottleneckSplit, FakeQuant, conv_bn_relu, load_split
 from ...data.sources import CLASSES
 from .config import BottleneckSpec
 
@@ -33,14 +31,11 @@ class BottleFitConfig(BottleneckSpec):
         return asdict(self)
 
 
-class BottleFitSplit(nn.Module):
-    def __init__(self, cfg: BottleFitConfig, backbone: nn.Module | None = None):
-        super().__init__()
-        self.cfg = cfg
-        backbone = backbone if backbone is not None else create_model(cfg.arch, cfg.num_classes)
-        self.tail_stages, self.split_shape = cut_backbone(backbone, cfg.arch, cfg.split_at, cfg.input_size)
-        self.backbone = backbone
+class BottleFitSplit(BottleneckSplit):
+    cfg: BottleFitConfig
 
+    def __init__(self, cfg: BottleFitConfig, backbone: nn.Module | None = None):
+        super().__init__(cfg, backbone)
         layers, cin = [], 3
         for w, s in zip(cfg.encoder_widths, cfg.encoder_strides):
             layers.append(conv_bn_relu(cin, w, s))
@@ -49,10 +44,7 @@ class BottleFitSplit(nn.Module):
         self.encoder = nn.Sequential(*layers)
         self.quant = FakeQuant(cfg.train_bits)
 
-        stride = math.prod(cfg.encoder_strides) * cfg.bottleneck_stride
-        z_side = cfg.input_size // stride
-        self.wire_shape = (cfg.bottleneck_channels, z_side, z_side)
-        n_up = upsampling_steps(z_side, self.split_shape[-1])
+        n_up = self.upsampling_steps()
         dec, cin = [], cfg.bottleneck_channels
         for i, w in enumerate(cfg.decoder_widths):
             if i < n_up:  # learnable upsampling first, while the tensor is still small
@@ -72,16 +64,13 @@ class BottleFitSplit(nn.Module):
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor, return_features: bool = False):
-        return run_tail(self.backbone, self.tail_stages, self.decoder(z), return_features)
+        return self.run_tail(self.decoder(z), return_features)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         return self.decode(self.quant(self.encode(x)), return_features)
 
     def head_module(self) -> nn.Module:
         return _Head(self)
-
-    def tail_module(self) -> nn.Module:
-        return _Tail(self)
 
 
 class _Head(nn.Module):
@@ -91,15 +80,6 @@ class _Head(nn.Module):
 
     def forward(self, x):
         return self.encoder(x)
-
-
-class _Tail(nn.Module):
-    def __init__(self, split: BottleFitSplit):
-        super().__init__()
-        self.split = split
-
-    def forward(self, z):
-        return self.split.decode(z)
 
 
 def student_config(r) -> BottleFitConfig:
@@ -115,7 +95,4 @@ def build_model(r, backbone: nn.Module | None = None) -> BottleFitSplit:
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[BottleFitSplit, dict]:
     """Rebuild a trained split from ``student.pt`` (config + weights + calibration)."""
-    state = torch.load(str(path), map_location=device, weights_only=True)
-    model = BottleFitSplit(BottleFitConfig(**state["config"]))
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval(), state
+    return load_split(path, device, lambda state: BottleFitSplit(BottleFitConfig(**state["config"])))

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...builder.bottleneck import FakeQuant, cut_backbone, run_tail, upsampling_steps
-from ...builder.zoo import create_model
+from ...builder.bottleneck import BottleneckSplit, FakeQuant, load_split
 from ...data.sources import CLASSES
 
 
@@ -123,20 +122,14 @@ def _affine_block(conv: nn.Module, cout: int, relu: bool = True) -> list[nn.Modu
     return [conv, Affine2d(cout)] + ([nn.ReLU(inplace=True)] if relu else [])
 
 
-class SlimmableSplit(nn.Module):
-    def __init__(self, cfg: SlimmableConfig, backbone: nn.Module | None = None):
-        super().__init__()
-        self.cfg = cfg
-        backbone = backbone if backbone is not None else create_model(cfg.arch, cfg.num_classes)
-        self.tail_stages, self.split_shape = cut_backbone(backbone, cfg.arch, cfg.split_at, cfg.input_size)
-        self.backbone = backbone
+class SlimmableSplit(BottleneckSplit):
+    cfg: SlimmableConfig
 
+    def __init__(self, cfg: SlimmableConfig, backbone: nn.Module | None = None):
+        super().__init__(cfg, backbone)
         self.encoder = SlimmableEncoder(cfg)
         self.quant = nn.ModuleList(FakeQuant(cfg.train_bits) for _ in cfg.widths)
-        stride = math.prod(cfg.encoder_strides) * cfg.bottleneck_stride
-        z_side = cfg.input_size // stride
-        self.wire_shape = (cfg.bottleneck_channels, z_side, z_side)
-        n_up = upsampling_steps(z_side, self.split_shape[-1])
+        n_up = self.upsampling_steps()
         dec, cin = [], cfg.bottleneck_channels
         for i, w in enumerate(cfg.decoder_widths):
             conv = nn.ConvTranspose2d(cin, w, 2, 2, bias=False) if i < n_up else nn.Conv2d(cin, w, 3, 1, 1, bias=False)
@@ -164,7 +157,7 @@ class SlimmableSplit(nn.Module):
         """Wire tensor (any width; narrower ones are zero-filled) -> logits."""
         if z.shape[1] != self.cfg.bottleneck_channels:
             z = self.zero_fill(z)
-        return run_tail(self.backbone, self.tail_stages, self.decoder(z), return_features)
+        return self.run_tail(self.decoder(z), return_features)
 
     def forward(self, x: torch.Tensor, index: int = -1, return_features: bool = False):
         index = index % len(self.cfg.widths)
@@ -182,9 +175,6 @@ class SlimmableSplit(nn.Module):
         layers.append(_sliced_conv(enc.bottleneck, cin, c))
         return nn.Sequential(*layers).eval()
 
-    def tail_module(self) -> nn.Module:
-        return _Tail(self)
-
 
 def _sliced_conv(conv: SlimConv2d, cin: int, cout: int) -> nn.Conv2d:
     out = nn.Conv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
@@ -199,15 +189,6 @@ def _copy_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     out = nn.BatchNorm2d(bn.num_features, eps=bn.eps)
     out.load_state_dict(bn.state_dict(), strict=True)
     return out
-
-
-class _Tail(nn.Module):
-    def __init__(self, split: SlimmableSplit):
-        super().__init__()
-        self.split = split
-
-    def forward(self, z):
-        return self.split.decode(z)
 
 
 def head_macs(cfg: SlimmableConfig, index: int) -> int:
@@ -245,9 +226,10 @@ def build_model(r, backbone: nn.Module | None = None) -> SlimmableSplit:
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[SlimmableSplit, dict]:
     """Rebuild a trained slimmable split from ``student.pt`` (strict: every key must match)."""
-    state = torch.load(str(path), map_location=device, weights_only=True)
-    if state.get("family") != "slimmable":
-        raise ValueError(f"{path}: not a slimmable student (family {state.get('family', 'bottlefit')!r})")
-    model = SlimmableSplit(SlimmableConfig(**state["config"]))
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval(), state
+
+    def build(state: dict) -> SlimmableSplit:
+        if state.get("family") != "slimmable":
+            raise ValueError(f"{path}: not a slimmable student (family {state.get('family', 'bottlefit')!r})")
+        return SlimmableSplit(SlimmableConfig(**state["config"]))
+
+    return load_split(path, device, build)

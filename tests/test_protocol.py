@@ -88,6 +88,7 @@ def test_error_codes_are_fixed():
         "INTERNAL": 9,
         "UNSUPPORTED": 10,
         "SHUTTING_DOWN": 11,
+        "UNKNOWN_SUBMODEL": 12,
     }
 
 

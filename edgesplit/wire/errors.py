@@ -26,6 +26,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 9  # the server failed while computing; the request may be retried
     UNSUPPORTED = 10  # well-formed but not supported here: reserved kind, codec, bits, dtype
     SHUTTING_DOWN = 11  # the server is draining and accepts no new requests
+    UNKNOWN_SUBMODEL = 12  # v1.2: a sub-model id the worker does not hold (or the bundle does not have)
 
 
 class WireError(Exception):

@@ -8,11 +8,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 PROTOCOL_VERSION = 1  # the major version: the "v" of every header
-PROTOCOL_REVISION = (1, 1)  # major.minor of docs/PROTOCOL.md; minor revisions add optional keys only
+PROTOCOL_REVISION = (1, 2)  # major.minor of docs/PROTOCOL.md; minor revisions add optional keys only
 SUPPORTED_VERSIONS = (1,)
 # Features a server may list in welcome.features (v1.1). A peer relies on one only when advertised.
 FEATURE_COMPACT_REQUESTS = "compact_requests"
-SERVER_FEATURES = (FEATURE_COMPACT_REQUESTS,)
+SERVER_FEATURES = (FEATURE_COMPACT_REQUESTS,)  # what `edgesplit serve` offers
+# v1.2 (PROTOCOL.md §13, ED-ViT): a worker offers scatter (and scatter_jpeg when it decodes JPEG
+# inputs); a server that fuses ED-ViT features offers fused_requests. `edgesplit serve` offers none.
+FEATURE_SCATTER = "scatter"
+FEATURE_SCATTER_JPEG = "scatter_jpeg"
+FEATURE_FUSED_REQUESTS = "fused_requests"
 
 
 class Kind:
@@ -24,10 +29,13 @@ class Kind:
     PING = "ping"
     PONG = "pong"
     BYE = "bye"
+    SCATTER = "scatter"  # v1.2, only with feature "scatter"; else one of RESERVED_KINDS
+    GATHER = "gather"
 
 
 KINDS = (Kind.HELLO, Kind.WELCOME, Kind.REQUEST, Kind.RESULT, Kind.ERROR, Kind.PING, Kind.PONG, Kind.BYE)
-# Reserved for later revisions (documented, not implemented): ED-ViT scatter/gather, SFPrompt split training.
+# Kinds outside the v1.0 core: UNSUPPORTED unless the receiver takes part in the feature that
+# defines them (v1.2: scatter and gather, feature "scatter"; SFPrompt's three are not defined yet).
 RESERVED_KINDS = ("scatter", "gather", "train_fwd", "train_bwd", "model_update")
 
 

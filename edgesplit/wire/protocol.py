@@ -1,4 +1,4 @@
-"""Wire protocol v1 (revision 1.1): message kinds, header schemas, validation (docs/PROTOCOL.md is normative).
+"""Wire protocol v1 (revision 1.2): message kinds, header schemas, validation (docs/PROTOCOL.md is normative).
 
 Every message is one ZeroMQ multipart message: frame 0 is a msgpack map (the header), frames
 1..n are raw tensor payloads described, in order, by the header's descriptor list (``tensors`` in
@@ -17,6 +17,10 @@ UNSUPPORTED.
 Revision 1.1 adds **compact requests**: a ``request`` without ``tensors`` carries one frame whose
 descriptor is implied by the bundle mode (:func:`compact_descriptor`); a server that accepts them
 lists ``"compact_requests"`` in ``welcome.features``, and an agent sends one only then.
+
+Revision 1.2 defines ``scatter`` and ``gather`` (ED-ViT, docs/PROTOCOL.md §13) behind features:
+``parse(parts, limits, features=...)`` validates them (:mod:`edgesplit.wire.scatter`), and their
+builders are in :mod:`edgesplit.wire.scatter_messages`. Without ``features``, parse is v1.1's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import msgpack
 
@@ -34,6 +38,9 @@ from .errors import is_int as _is_int
 from .kinds import (
     DEFAULT_LIMITS,
     FEATURE_COMPACT_REQUESTS,
+    FEATURE_FUSED_REQUESTS,
+    FEATURE_SCATTER,
+    FEATURE_SCATTER_JPEG,
     KINDS,
     PROTOCOL_REVISION,
     PROTOCOL_VERSION,
@@ -43,6 +50,7 @@ from .kinds import (
     Kind,
     Limits,
 )
+from .scatter import validators_for
 from .validate import (
     UINT64_MAX,
     VALIDATORS,
@@ -53,6 +61,9 @@ from .validate import (
 __all__ = [
     "DEFAULT_LIMITS",
     "FEATURE_COMPACT_REQUESTS",
+    "FEATURE_FUSED_REQUESTS",
+    "FEATURE_SCATTER",
+    "FEATURE_SCATTER_JPEG",
     "KINDS",
     "PROTOCOL_REVISION",
     "SERVER_FEATURES",
@@ -341,8 +352,10 @@ def bye(reason: str = "") -> dict[str, Any]:
 M = ErrorCode.MALFORMED
 
 
-def parse(parts: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Validate one multipart message (without a ROUTER identity frame) and return it."""
+def parse(parts: Sequence, limits: Limits = DEFAULT_LIMITS, features: Collection[str] = ()) -> Message:
+    """Validate one multipart message (without a ROUTER identity frame) and return it.
+    ``features``: the optional features (v1.2, e.g. ``("scatter",)``) this receiver takes part in,
+    whose kinds and keys are then validated too; without them a reserved kind is UNSUPPORTED."""
     if not parts:
         raise ProtocolError(M, "empty message")
     frames = list(parts[1:])
@@ -367,11 +380,13 @@ def parse(parts: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError(
             ErrorCode.TOO_LARGE, f"{len(frames)} tensor frames, over the limit of {limits.max_frames}", rid
         )
-    validator = VALIDATORS.get(kind)
+    validator = (validators_for(features) if features else VALIDATORS).get(kind)
     if validator is None:
         if kind in RESERVED_KINDS:
             raise ProtocolError(
-                ErrorCode.UNSUPPORTED, f"message kind '{kind}' is reserved and not implemented in v1", rid
+                ErrorCode.UNSUPPORTED,
+                f"message kind '{kind}' is reserved and not accepted here (this peer offers no feature defining it)",
+                rid,
             )
         raise ProtocolError(M, f"unknown message kind {kind[:64]!r}", rid)
     validator(h, frames, limits)

@@ -124,6 +124,9 @@ class BundleGraphs:
 def bundle_graphs(graph: onnx.ModelProto, tensor: str, side: int) -> BundleGraphs:
     """The three graphs of the bundle, with the bundle's input, wire and output conventions."""
     adapter = input_adapter(graph, side)
+    scores = graph.graph.output[0]
+    if scores.type.tensor_type.elem_type != TensorProto.FLOAT or len(scores.type.tensor_type.shape.dim) != 2:
+        raise OnnxSplitError(f"the graph output '{scores.name}' is not float32 scores [N, K]: name them with --output")
     head, tail = split_graph(graph, tensor)
     cut = next(c for c in cut_points(graph) if c.name == tensor)
     frame = cut.frame_shape

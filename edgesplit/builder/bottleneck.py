@@ -1,17 +1,21 @@
 """What every bottleneck split shares: the split's skeleton (:class:`BottleneckSplit`: the backbone
 cut at a stage, the wire tensor's shape, the tail), the wire tensor's fake quantizer, the teacher's
 features (the targets of head-network distillation), the distillation loss, the wire values that
-calibration reads and the ``student.pt`` loader. Used by the BottleFit and slimmable families."""
+calibration reads, and ``student.pt`` (the split started on the teacher's weights, written, loaded). Used by the BottleFit and slimmable families."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..data.sources import CLASSES
 from .zoo import create_model
 
 SplitT = TypeVar("SplitT", bound=nn.Module)
@@ -176,3 +180,64 @@ def load_split(path: str | Path, device: str | torch.device, build: Callable[[di
     model = build(state)
     model.load_state_dict(state["model"], strict=True)
     return model.eval(), state
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Knowledge-distillation term: KL from the teacher's to the student's distribution, both
+    softened by ``temperature``, times its square (so the gradient keeps its size at any T)."""
+    T = temperature
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits.float() / T, 1),
+            F.softmax(teacher_logits.float() / T, 1),
+            reduction="batchmean",
+        )
+        * T
+        * T
+    )
+
+
+@torch.no_grad()
+def wire_values(
+    split: nn.Module, encode: Callable[[torch.Tensor], torch.Tensor], loader, max_batches: int
+) -> np.ndarray:
+    """The wire tensor's values (``encode`` of the first ``max_batches`` batches, flattened, float32),
+    with ``split`` in eval mode: what the wire calibration reads."""
+    split.eval()
+    zs = []
+    for b, (x, _) in enumerate(loader):
+        if b >= max_batches:
+            break
+        zs.append(encode(x).float().flatten().cpu())
+    return torch.cat(zs).numpy()
+
+
+def student_on_teacher(build_model: Callable, r, p) -> nn.Module:
+    """The untrained split of recipe ``r`` on a backbone initialised from the prepared teacher
+    (``p``: :class:`edgesplit.builder.pipeline.Prepared`), so the tail starts as the teacher's;
+    on the run's device, channels-last."""
+    backbone = create_model(r.teacher.arch, p.num_classes)
+    backbone.load_state_dict({k: v.cpu() for k, v in p.teacher.state_dict().items()})
+    return build_model(r, backbone).to(p.dev).to(memory_format=torch.channels_last)
+
+
+def save_student(
+    run_dir: Path, family: str, student: nn.Module, calibration: dict, r, results: dict, log: Callable[[dict], None]
+) -> dict:
+    """A finished run's artefacts: ``student.pt`` (family, config, weights, calibration, classes,
+    results, recipe), ``results.json``, and the ``done`` log event. Returns ``results``."""
+    torch.save(
+        {
+            "family": family,
+            "config": student.cfg.to_dict(),
+            "model": student.state_dict(),
+            "calibration": calibration,
+            "classes": CLASSES[r.dataset],
+            "results": json.loads(json.dumps(results)),
+            "recipe": r.to_dict(),
+        },
+        run_dir / "student.pt",
+    )
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": results["modes"]})
+    return results

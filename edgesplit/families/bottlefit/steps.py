@@ -7,17 +7,15 @@ Artefacts in the run directory: ``stage1.pt``, ``stage2.pt``, optional ``stage3.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ...builder.bottleneck import save_student, student_on_teacher
 from ...builder.data import MEAN, STD, DeviceLoader
 from ...builder.train import calibrate, evaluate
-from ...builder.zoo import create_model
-from ...data.sources import CLASSES
 from .model import build_model
 from .train import collect_wire, distill_stage1, finetune_stage2
 
@@ -27,14 +25,11 @@ if TYPE_CHECKING:
 
 
 def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
-    dev, log, teacher, results, eval_loader, nc = p.dev, p.log, p.teacher, p.results, p.eval_loader, p.num_classes
+    dev, log, teacher, results, eval_loader = p.dev, p.log, p.teacher, p.results, p.eval_loader
     xtr, ytr, t0 = p.xtr, p.ytr, p.t0
 
     # 2. BottleFit student: backbone initialised from the teacher (the tail starts as the teacher's).
-    backbone = create_model(r.teacher.arch, nc)
-    backbone.load_state_dict({k: v.cpu() for k, v in teacher.state_dict().items()})
-    student = build_model(r, backbone).to(dev).to(memory_format=torch.channels_last)
-    cfg = student.cfg
+    student = student_on_teacher(build_model, r, p)
     fwd = lambda x: student(x)  # noqa: E731
     s1_path = run_dir / "stage1.pt"
     if s1_path.exists():
@@ -97,18 +92,4 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
     results["modes"] = modes
     results["eval_frames"] = int(len(eval_loader.x))
     results["wall_sec"] = round(time.time() - t0, 1)
-    torch.save(
-        {
-            "family": "bottlefit",
-            "config": cfg.to_dict(),
-            "model": student.state_dict(),
-            "calibration": calib,
-            "classes": CLASSES[r.dataset],
-            "results": json.loads(json.dumps(results)),
-            "recipe": r.to_dict(),
-        },
-        out_path,
-    )
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": modes})
-    return results
+    return save_student(run_dir, "bottlefit", student, calib, r, results, log)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...builder.bottleneck import teacher_features
+from ...builder.bottleneck import kd_kl, teacher_features, wire_values
 from ...builder.train import EpochRunner, freeze
 from .model import BottleFitSplit
 
@@ -60,22 +60,10 @@ def finetune_stage2(
         with torch.no_grad():
             t_logits = teacher(x)
         s_logits = student(x)
-        kl = (
-            F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1), reduction="batchmean")
-            * T
-            * T
-        )
-        return (1 - alpha) * F.cross_entropy(s_logits, y) + alpha * kl
+        return (1 - alpha) * F.cross_entropy(s_logits, y) + alpha * kd_kl(s_logits, t_logits, T)
 
     EpochRunner(name, student, student.parameters(), cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)
 
 
-@torch.no_grad()
 def collect_wire(student: BottleFitSplit, loader, max_batches: int) -> np.ndarray:
-    student.eval()
-    zs = []
-    for i, (x, _) in enumerate(loader):
-        if i >= max_batches:
-            break
-        zs.append(student.encode(x).float().flatten().cpu())
-    return torch.cat(zs).numpy()
+    return wire_values(student, student.encode, loader, max_batches)

@@ -8,17 +8,15 @@ calibration, results), ``results.json``; a rerun resumes from the last one writt
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ...builder.bottleneck import save_student, student_on_teacher
 from ...builder.data import MEAN, STD, DeviceLoader
 from ...builder.train import evaluate
-from ...builder.zoo import create_model
-from ...data.sources import CLASSES
 from .model import build_model, head_macs
 from .train import calibrate_bn, calibrate_wire, distill_stage1, evaluate_modes, finetune_stage2, hold_wire_ranges
 
@@ -29,9 +27,7 @@ if TYPE_CHECKING:
 
 def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
     dev, log, teacher, results, eval_loader = p.dev, p.log, p.teacher, p.results, p.eval_loader
-    backbone = create_model(r.teacher.arch, p.num_classes)
-    backbone.load_state_dict({k: v.cpu() for k, v in teacher.state_dict().items()})
-    student = build_model(r, backbone).to(dev).to(memory_format=torch.channels_last)
+    student = student_on_teacher(build_model, r, p)
     cfg = student.cfg
     n_random = r.split.sandwich_random
 
@@ -80,18 +76,4 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
     results["modes"] = modes
     results["eval_frames"] = int(len(eval_loader.x))
     results["wall_sec"] = round(time.time() - p.t0, 1)
-    torch.save(
-        {
-            "family": "slimmable",
-            "config": cfg.to_dict(),
-            "model": student.state_dict(),
-            "calibration": calib,
-            "classes": CLASSES[r.dataset],
-            "results": json.loads(json.dumps(results)),
-            "recipe": r.to_dict(),
-        },
-        run_dir / "student.pt",
-    )
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": modes})
-    return results
+    return save_student(run_dir, "slimmable", student, calib, r, results, log)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...builder.bottleneck import teacher_features
+from ...builder.bottleneck import kd_kl, teacher_features, wire_values
 from ...builder.train import EpochRunner, autocast, calibrate
 from .model import SlimmableSplit
 
@@ -129,11 +129,7 @@ def finetune_stage2(
     T, alpha = cfg.get("temperature", 1.0), cfg.get("alpha", 0.5)
 
     def kl(s_logits, t_logits):
-        return (
-            F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1), reduction="batchmean")
-            * T
-            * T
-        )
+        return kd_kl(s_logits, t_logits, T)
 
     def step(x, y):
         order = sandwich(len(student.widths), n_random, rng)
@@ -172,15 +168,8 @@ def calibrate_bn(student: SlimmableSplit, loader, device, max_batches: int = 40)
     student.eval()
 
 
-@torch.no_grad()
 def collect_wire(student: SlimmableSplit, index: int, loader, max_batches: int) -> np.ndarray:
-    student.eval()
-    zs = []
-    for b, (x, _) in enumerate(loader):
-        if b >= max_batches:
-            break
-        zs.append(student.encode(x, index).float().flatten().cpu())
-    return torch.cat(zs).numpy()
+    return wire_values(student, lambda x: student.encode(x, index), loader, max_batches)
 
 
 @torch.no_grad()

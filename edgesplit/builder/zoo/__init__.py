@@ -15,6 +15,7 @@ from torch import nn
 from .mobilenetv2 import MobileNetV2
 from .resnet import ResNet
 from .resnet_cifar import CifarResNet
+from .timm_keys import is_timm_vit, load_timm_state_dict
 from .vit import VIT_CONFIGS, vit
 
 
@@ -50,20 +51,26 @@ def create_model(name: str, num_classes: int) -> nn.Module:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load weights safely (``weights_only=True``), unwrap ``{'state_dict': ...}`` and strip the
-    ``module.`` prefix that DataParallel checkpoints carry."""
+    """Load weights safely (``weights_only=True``), unwrap ``{'state_dict': ...}`` (and DeiT's
+    ``{'model': ...}``) and strip the ``module.`` prefix that DataParallel checkpoints carry."""
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
 def load_pretrained(name: str, path: str | Path, num_classes: int) -> nn.Module:
-    """Create ``name`` and load ``path`` with strict key checking; a mismatch is an error listing keys."""
+    """Create ``name`` and load ``path`` with strict key checking; a mismatch is an error listing keys.
+    A ViT state dict with timm's names goes through the key map (:mod:`.timm_keys`)."""
     model = create_model(name, num_classes)
     sd = load_state_dict_file(path)
+    if is_timm_vit(sd):
+        load_timm_state_dict(model, sd, str(path))
+        return model
     # Checkpoints older than torch 0.4.1 carry no BatchNorm ``num_batches_tracked`` counters: they
     # are bookkeeping, not weights, so fill them in and keep the load strict for everything else.
     for key, value in model.state_dict().items():

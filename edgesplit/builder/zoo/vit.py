@@ -84,12 +84,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(heads * v_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q = self.q(x).reshape(b, n, self.heads, self.qk_dim).transpose(1, 2)  # B,H,N,dqk
-        k = self.k(x).reshape(b, n, self.heads, self.qk_dim).transpose(1, 2)
-        v = self.v(x).reshape(b, n, self.heads, self.v_dim).transpose(1, 2)  # B,H,N,dv
+        # unflatten/flatten instead of reshape(b, n, ...): no batch size is read from the tensor, so
+        # the traced graph carries no size value across blocks and every block boundary stays a
+        # single-tensor cut point for the generic splitter.
+        q = self.q(x).unflatten(-1, (self.heads, self.qk_dim)).transpose(1, 2)  # B,H,N,dqk
+        k = self.k(x).unflatten(-1, (self.heads, self.qk_dim)).transpose(1, 2)
+        v = self.v(x).unflatten(-1, (self.heads, self.v_dim)).transpose(1, 2)  # B,H,N,dv
         attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(b, n, self.heads * self.v_dim)
+        out = (attn @ v).transpose(1, 2).flatten(2)
         return self.proj(out)
 
 
@@ -170,6 +172,7 @@ class VisionTransformer(StagedModel):
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.head = nn.Linear(cfg.dim, num_classes)
         self.stage_names = ("stem", *(f"block{i}" for i in range(cfg.depth)), "classifier")
+        self._block_index = {f"block{i}": i for i in range(cfg.depth)}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -195,8 +198,8 @@ class VisionTransformer(StagedModel):
             return self.embed(x)
         if name == "classifier":
             return self.head(self.norm(x)[:, 0])
-        if name.startswith("block"):
-            return self.blocks[int(name[len("block") :])](x)
+        if name in self._block_index:
+            return self.blocks[self._block_index[name]](x)
         raise KeyError(f"unknown stage '{name}' (known: {', '.join(self.stage_names)})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ COMMANDS = {
     "bench": "benchmarks with --json output (e2e, engine, server, fuzz, overload, restart)",
     "inspect": "verify a bundle and print its manifest summary",
     "zoo": "list the model zoo, or report a checkpoint's accuracy on real data (build plane)",
-    "split": "cut a zoo model at any graph node: list cut points with their sizes, or export head/tail ONNX",
+    "split": "cut a zoo model or any ONNX file at a single-tensor cut: list cut points, or export the halves",
     "profile": "profiling with --json output: per-node and whole-model latency (profile latency)",
     "keys": "CURVE key pairs for encrypted, authenticated agent <-> server links (keys gen NAME --out DIR)",
     "plan": "rank cut points / bundle modes / local / raw JPEG by predicted latency or device energy for a link and devices",

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import pytest
 from build_fixtures import one_torch_thread, require_cifar  # noqa: F401  (pytest fixture by name)
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgesplit.builder.split import split_main
 from edgesplit.builder.split_onnx import OnnxSplitError, cut_points, load_graph, run1, session, split_graph
@@ -223,3 +223,43 @@ def test_bad_inputs_are_named(exported_resnet20, sklearn_mlp, tmp_path, capsys):
     assert "the graph output 'label' is not float32 scores [N, K]" in err
     err = _cli_error([str(sklearn_mlp), "--output", "nope", "--list"], capsys)
     assert "no graph output 'nope' (outputs: label, probabilities)" in err
+
+
+def _nhwc_graph(path: Path, batch: int | str = "N") -> Path:
+    """An NHWC graph written with onnx.helper: Relu, a Reshape whose target shape is a Concat of
+    Constants (shape inference leaves its dims unknown; ONNX Runtime is asked), a MatMul to 10 scores."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 4, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])
+    const = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v))  # noqa: E731
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        const("minus_one", np.array([-1], np.int64)),
+        const("width", np.array([48], np.int64)),
+        helper.make_node("Concat", ["minus_one", "width"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["y"]),
+    ]
+    w = numpy_helper.from_array(rng.standard_normal((48, 10)).astype(np.float32), "w")
+    onnx.save(helper.make_model(helper.make_graph(nodes, "nhwc", [x], [y], initializer=[w])), str(path))
+    return path
+
+
+def test_nhwc_input_and_shapes_only_onnx_runtime_knows(tmp_path):
+    from edgesplit.builder.split_onnx_bundle import bundle_graphs
+
+    graph = load_graph(_nhwc_graph(tmp_path / "nhwc.onnx"))
+    by = {c.name: c for c in cut_points(graph)}
+    assert list(by) == ["r", "flat"] and by["flat"].bytes_per_frame == 48 * 4 and by["flat"].shape[1:] == (48,)
+    g = bundle_graphs(graph, "flat", 4)
+    assert g.adapter == ("Transpose", [0, 2, 3, 1]) and g.wire_shape == (48, 1, 1)
+    image = np.random.default_rng(1).standard_normal((5, 3, 4, 4)).astype(np.float32)
+    whole = run1(session(graph), image.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(run1(session(g.full), image), whole, rtol=1e-6, atol=1e-6)
+    z = run1(session(g.head), image)
+    assert z.shape == (5, 48, 1, 1)
+    np.testing.assert_allclose(run1(session(g.tail), z), whole, rtol=1e-6, atol=1e-6)
+    with pytest.raises(OnnxSplitError, match="'x' has a fixed batch of 1: export it with a symbolic batch axis"):
+        bundle_graphs(load_graph(_nhwc_graph(tmp_path / "fixed.onnx", batch=1)), "flat", 4)
+    with pytest.raises(OnnxSplitError, match=r"'x' is Nx4x4x3: not an image of 32 px"):
+        bundle_graphs(graph, "flat", 32)

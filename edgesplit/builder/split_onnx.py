@@ -12,9 +12,10 @@ cross: the tail recomputes them, so they never block a cut. Only float32 tensors
 since the wire carries float32 quantized to 8 bits.
 
 What is supported: one image input (``[N, 3, S, S]``, ``[N, S, S, 3]`` or the flat ``[N, 3*S*S]``
-in C, H, W order; :func:`adapt_input` puts an ``[N, 3, S, S]`` input named ``image`` in front) and
+in C, H, W order) and
 one output of scores ``[N, K]`` (a graph with several outputs is pruned to the one named, or to its
-only float ``[N, K]`` output). The batch axis should be symbolic: the server batches frames.
+only float ``[N, K]`` output); :mod:`edgesplit.builder.split_onnx_io` puts the bundle's names and
+shapes around the halves. The batch axis should be symbolic: the server batches frames.
 Control flow (``If``/``Loop``/``Scan``) is counted with its outer-scope reads, but onnx's extractor
 does not follow those reads (onnx issue 4090), so a half that misses one fails onnx's checker here.
 
@@ -28,10 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from onnx.utils import Extractor
-
-WIRE_NAME, IMAGE_NAME = "z", "image"
 
 
 class OnnxSplitError(ValueError):
@@ -109,7 +108,7 @@ def _rank(v: onnx.ValueInfoProto) -> int:
     return len(v.type.tensor_type.shape.dim)
 
 
-def _dims(v: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
+def dims_of(v: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
     t = v.type.tensor_type
     if not t.HasField("shape"):
         return None
@@ -177,7 +176,7 @@ def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
 
 
 def _describe(infos: dict[str, onnx.ValueInfoProto], name: str, node: onnx.NodeProto) -> OnnxCut:
-    dims = _dims(infos[name]) if name in infos else None
+    dims = dims_of(infos[name]) if name in infos else None
     frame = dims[1:] if dims else None
     static = frame is not None and all(isinstance(d, int) and d > 0 for d in frame)
     numel = int(np.prod(frame)) if static and frame else (1 if static else None)
@@ -205,7 +204,29 @@ def cut_points(model: onnx.ModelProto) -> list[OnnxCut]:
     """Every single-tensor cut point, in topological order, with its shape and size per frame."""
     lv = _liveness(model)
     infos = _value_infos(model)
-    return [_describe(infos, n, lv.order[lv.producer[n]]) for n in _cut_names(model, lv)]
+    cuts = [_describe(infos, n, lv.order[lv.producer[n]]) for n in _cut_names(model, lv)]
+    unknown = [c.name for c in cuts if c.bytes_per_frame is None]
+    if not unknown:
+        return cuts
+    probed = _probe_frame_shapes(model, unknown)
+    return [
+        _describe({c.name: probed[c.name]}, c.name, lv.order[lv.producer[c.name]]) if c.name in probed else c
+        for c in cuts
+    ]
+
+
+def _probe_frame_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, onnx.ValueInfoProto]:
+    """Shapes that shape inference left symbolic, read from one ONNX Runtime run on a zero frame
+    (the batch axis kept symbolic); empty when the input itself has no static per-frame shape."""
+    inp = graph_input(model)
+    frame = (dims_of(inp) or ("?",))[1:]
+    if not frame or not all(isinstance(d, int) and d > 0 for d in frame):
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    got = session(probe).run(names, {inp.name: np.zeros((1, *frame), np.float32)})
+    return {n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *v.shape[1:]]) for n, v in zip(names, got)}
 
 
 def require_cut_points(model: onnx.ModelProto) -> list[OnnxCut]:
@@ -256,86 +277,6 @@ def split_graph(model: onnx.ModelProto, tensor: str) -> tuple[onnx.ModelProto, o
         except Exception as e:
             raise OnnxSplitError(f"the {name} cut at '{tensor}' is not a valid graph ({e})") from e
     return head, tail
-
-
-# -- adapters: the bundle's fixed names and shapes around any graph ----------------------------------
-
-
-def input_adapter(model: onnx.ModelProto, side: int) -> tuple[str, list[int]] | None:
-    """How an ``[N, 3, S, S]`` image feeds the graph's input: ``("Transpose", perm)``,
-    ``("Reshape", shape)``, or None when it already is one; raises naming the input otherwise."""
-    v = graph_input(model)
-    dims = _dims(v) or ()
-    frame = list(dims[1:])
-    if v.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise OnnxSplitError(f"the graph input '{v.name}' is not float32: edgesplit feeds preprocessed float32 frames")
-    fits = lambda want: len(frame) == len(want) and all(d == w or not isinstance(d, int) for d, w in zip(frame, want))  # noqa: E731
-    if fits([3, side, side]):
-        return None
-    if fits([side, side, 3]):
-        return ("Transpose", [0, 2, 3, 1])
-    if fits([3 * side * side]):
-        return ("Reshape", [-1, 3 * side * side])
-    shape = "x".join(map(str, dims))
-    raise OnnxSplitError(
-        f"the graph input '{v.name}' is {shape}: not an image of {side} px ([N,3,{side},{side}], "
-        f"[N,{side},{side},3] or [N,{3 * side * side}]); give the size it takes with --input-size"
-    )
-
-
-def image_side(model: onnx.ModelProto) -> int | None:
-    """The side S the graph input implies, when it is a static image or flat 3*S*S input."""
-    dims = (_dims(graph_input(model)) or ())[1:]
-    if len(dims) == 3 and dims[0] == 3 and isinstance(dims[1], int) and dims[1] == dims[2]:
-        return dims[1]
-    if len(dims) == 3 and dims[2] == 3 and isinstance(dims[0], int) and dims[0] == dims[1]:
-        return dims[0]
-    if len(dims) == 1 and isinstance(dims[0], int) and dims[0] % 3 == 0:
-        s = int(round((dims[0] // 3) ** 0.5))
-        return s if 3 * s * s == dims[0] else None
-    return None
-
-
-def with_io(
-    model: onnx.ModelProto,
-    *,
-    new_input: tuple[str, list[int | str], tuple[str, list[int]] | None] | None = None,
-    new_output: tuple[str, list[int | str], list[int] | None] | None = None,
-) -> onnx.ModelProto:
-    """A copy of ``model`` whose input and/or output is renamed, through an ``Identity``, a
-    ``Reshape`` or a ``Transpose`` node (no data moves for a reshape): ``(name, shape, adapter)``."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    front, back, consts = [], [], []
-    if new_input is not None:
-        name, shape, adapter = new_input
-        old = graph_input(m)
-        if adapter is None:
-            front.append(helper.make_node("Identity", [name], [old.name]))
-        elif adapter[0] == "Transpose":
-            front.append(helper.make_node("Transpose", [name], [old.name], perm=adapter[1]))
-        else:
-            consts.append(numpy_helper.from_array(np.asarray(adapter[1], np.int64), f"{name}__shape"))
-            front.append(helper.make_node("Reshape", [name, f"{name}__shape"], [old.name]))
-        g.input.remove(old)
-        g.input.insert(0, helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-    if new_output is not None:
-        name, shape, reshape = new_output
-        old_out = g.output[0]
-        if reshape is None:
-            back.append(helper.make_node("Identity", [old_out.name], [name]))
-        else:
-            consts.append(numpy_helper.from_array(np.asarray(reshape, np.int64), f"{name}__shape"))
-            back.append(helper.make_node("Reshape", [old_out.name, f"{name}__shape"], [name]))
-        g.output.remove(old_out)
-        g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-    nodes = [*front, *g.node, *back]
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(consts)
-    onnx.checker.check_model(m, full_check=True)
-    return m
 
 
 # -- checks in ONNX Runtime ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ graph, and the whole graph's own accuracy (``teacher_accuracy``). ``full.onnx`` 
 (pruned to its scores output) for the agent's local fallback.
 
 Around the graph's own tensors every file gets the bundle's names and shapes (see
-:func:`~edgesplit.builder.split_onnx.with_io`): the input is an ``[N, 3, S, S]`` image (a
+:func:`~edgesplit.builder.split_onnx_io.with_io`): the input is an ``[N, 3, S, S]`` image (a
 ``Transpose`` in front for an NHWC graph, a ``Reshape`` for a flat one); the wire tensor is
 ``[C, h, w]``, and a cut tensor of another rank travels as ``[numel, 1, 1]`` (a ``Reshape`` after
 the head and before the tail, which moves no data).
@@ -40,21 +40,17 @@ import onnx
 from onnx import TensorProto
 
 from .split_onnx import (
-    IMAGE_NAME,
-    WIRE_NAME,
     OnnxCut,
     OnnxSplitError,
     cut_points,
-    image_side,
-    input_adapter,
     load_graph,
     require_cut_points,
     run1,
     session,
     split_graph,
     verify_split,
-    with_io,
 )
+from .split_onnx_io import IMAGE_NAME, WIRE_NAME, image_side, input_adapter, with_io
 
 EVAL_SPLIT = {"cifar10": "test", "imagenette": "val"}
 

@@ -39,6 +39,7 @@ from ..control.netns import ShapedNamespace, TraceReplayer, shaping_available
 from ..control.simulator import SimResult, metrics
 from ..control.traces import Trace, read_trace
 from .adapt_fit import calibration_modes, calibration_schedule, link_cost, simulate_schedule
+from .serverproc import start_in_namespace, stop_process
 
 DEFAULT_POLICIES = ("fixed:0", "fixed:1", "fixed:2", "assine", "deadline", "deadline-ewma")
 # A token bucket passes a packet at once when it holds enough tokens, so with the namespace's
@@ -186,27 +187,7 @@ def run_live(
             subprocess.run(
                 ["ip", "-n", ns.name, "link", "set", "lo", "mtu", str(int(mtu))], check=True, capture_output=True
             )
-        server_log = open(Path(tmp) / "server.log", "w")
-        server = ns.popen(
-            [
-                sys.executable,
-                "-m",
-                "edgesplit",
-                "serve",
-                "--bundle",
-                str(bundle_path),
-                "--bind",
-                endpoint,
-                "--threads",
-                "1",
-                "--max-queue-delay-us",
-                "0",
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=server_log,
-        )
+        server, _ = start_in_namespace(ns, [bundle_path], Path(tmp) / "server.log", port)
 
         def run_policy(kind: str, sched: Trace, seconds: float) -> tuple[list[dict], dict, int]:
             ns.set_rate(OPEN_MBPS)
@@ -322,11 +303,5 @@ def run_live(
                     )
                     m["hit_rate_live_minus_sim"] = round(m["hit_rate"] - sim[name]["hit_rate"], 4)
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-            server_log.close()
+            stop_process(server, 20.0)
     return out

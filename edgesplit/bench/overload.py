@@ -80,22 +80,13 @@ def bench_overload(
     send_hwm: int = 100,
 ) -> dict:
     from .loadgen import LoadClient, head_workload
-    from .serverproc import ServerProcess
+    from .serverproc import ServerProcess, daemon_args
 
     bundle = Bundle.load(bundle_path)
     workload = head_workload(bundle, images)
-    args = [
-        "--max-batch",
-        str(max_batch),
-        "--max-queue",
-        str(max_queue),
-        "--credits",
-        str(credits),
-        "--max-queue-delay-us",
-        str(max_queue_delay_us),
-    ]
-    if threads:
-        args += ["--threads", str(threads)]
+    args = daemon_args(
+        max_batch=max_batch, queue_delay_us=max_queue_delay_us, credits=credits, max_queue=max_queue, threads=threads
+    )
     server = ServerProcess([str(bundle_path)], args).start()
     try:
         client = LoadClient(server.endpoint, bundle, sessions, workload, name="overload", send_hwm=send_hwm).connect()

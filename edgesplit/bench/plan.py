@@ -36,7 +36,8 @@ import numpy as np
 from ..control.netns import ShapedNamespace, shaping_available
 from ..control.planner import Link, predict
 from ..profile.plan_inputs import HOST_PROFILE, OVERHEAD_MS, Timing, bundle_options, scenario
-from .plan_measure import measure_agent, overhead_for, probe_overhead, start_server, stop_server
+from .plan_measure import PORT, measure_agent, overhead_for, probe_overhead
+from .serverproc import start_in_namespace, stop_process
 
 DEFAULT_MODELS = ("resnet20_cifar", "resnet18_w24")
 BURST_BYTES = 1600  # one 1514-byte packet (1500 MTU + link header) and a little: the smallest bucket tbf passes
@@ -109,7 +110,7 @@ def run_bench(a) -> dict[str, Any]:
             for mbps in bandwidths:
                 link = Link(mbps, 0.0, ack_bytes=66, burst_bytes=a.burst_bytes)
                 with ShapedNamespace(mbps, burst_bytes=a.burst_bytes, latency_ms=QUEUE_MS) as ns:
-                    server, endpoint = start_server(ns, bundles, Path(tmp) / "server.log")
+                    server, endpoint = start_in_namespace(ns, bundles, Path(tmp) / "server.log", PORT)
                     try:
                         group_probes = []
                         if a.overhead_ms == "probe":
@@ -167,7 +168,7 @@ def run_bench(a) -> dict[str, Any]:
                                 flush=True,
                             )
                     finally:
-                        stop_server(server)
+                        stop_process(server, 30.0)
     errs = [abs(r["rel_error"]) for r in rows]
     groups: dict[str, list[dict]] = {}
     for r in rows:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,45 +15,6 @@ import numpy as np
 from ..control.netns import ShapedNamespace
 
 PORT = 5600  # the daemon's port inside the namespace (its own network: nothing else listens there)
-
-
-def start_server(ns: ShapedNamespace, bundles: list[Path], log_path: Path) -> tuple[subprocess.Popen, str]:
-    endpoint = f"tcp://127.0.0.1:{PORT}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgesplit",
-        "serve",
-        "--bind",
-        endpoint,
-        "--threads",
-        "1",
-        "--max-queue-delay-us",
-        "0",
-        "--log-level",
-        "WARNING",
-    ]
-    for b in bundles:
-        cmd += ["--bundle", str(b)]
-    log = open(log_path, "w")
-    proc = ns.popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log.close()
-    for line in proc.stdout:
-        if "listening on " in line:
-            # keep reading what the daemon prints, so that a full pipe never stalls it
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc, endpoint
-    proc.wait()
-    raise RuntimeError(f"server did not start ({proc.returncode}): {log_path.read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def measure_agent(

@@ -37,40 +37,6 @@ from ..bundle import Bundle
 from .verdicts import server_verdict
 
 
-def _server_args(
-    backend: str,
-    device: str | None,
-    precision: str,
-    accel: str,
-    threads: int | None,
-    max_batch: int,
-    queue_delay_us: float,
-    credits: int,
-    max_queue: int,
-) -> list[str]:
-    args = [
-        "--backend",
-        backend,
-        "--precision",
-        precision,
-        "--accel",
-        accel,
-        "--max-batch",
-        str(max_batch),
-        "--max-queue-delay-us",
-        str(queue_delay_us),
-        "--credits",
-        str(credits),
-        "--max-queue",
-        str(max_queue),
-    ]
-    if device:
-        args += ["--device", device]
-    if threads:
-        args += ["--threads", str(threads)]
-    return args
-
-
 def bench_server(
     bundle_path: Path,
     agent_counts: list[int],
@@ -94,7 +60,7 @@ def bench_server(
     from ..engine import EngineOptions, create_engine
     from .engine import measure_bare_torch, measure_engine
     from .loadgen import LoadClient, LoadStats, head_workload
-    from .serverproc import ServerProcess
+    from .serverproc import ServerProcess, daemon_args
 
     bundle = Bundle.load(bundle_path)
     workload = head_workload(bundle, images)
@@ -109,14 +75,14 @@ def bench_server(
     for name, (mb, delay) in configs.items():
         server = ServerProcess(
             [str(bundle_path)],
-            _server_args(
-                backend,
-                device,
-                precision,
-                accel,
-                threads,
-                mb,
-                delay,
+            daemon_args(
+                backend=backend,
+                precision=precision,
+                accel=accel,
+                device=device,
+                threads=threads,
+                max_batch=mb,
+                queue_delay_us=delay,
                 credits=max(64, window),
                 max_queue=max(1024, 2 * most),
             ),

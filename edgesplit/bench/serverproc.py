@@ -6,10 +6,14 @@ test starts its daemon with.
   a watcher thread, so a caller can keep streaming while a restart is in progress.
 - Its log goes to a file, not a pipe: a pipe nobody reads would stall a chatty daemon.
 - ``kill9()`` then ``start()`` restarts it on the same endpoint (what ``bench restart`` needs).
+- :func:`daemon_args`: the batching, admission and engine options the benchmarks pass it.
+- :func:`start_in_namespace`: the daemon inside a shaped network namespace (``bench plan``,
+  ``bench adapt --live``), with one tail thread and no queue delay.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -28,6 +32,55 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def daemon_args(
+    *,
+    max_batch: int,
+    queue_delay_us: float,
+    credits: int,
+    max_queue: int,
+    threads: int | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
+    accel: str | None = None,
+    device: str | None = None,
+) -> list[str]:
+    """``edgesplit serve`` options: batching and admission always; the engine's backend,
+    precision, accelerator, device and tail threads where given (else the daemon's defaults)."""
+    args: list[str] = []
+    for flag, value in (("--backend", backend), ("--precision", precision), ("--accel", accel)):
+        if value is not None:
+            args += [flag, value]
+    args += ["--max-batch", str(max_batch), "--max-queue-delay-us", str(queue_delay_us)]
+    args += ["--credits", str(credits), "--max-queue", str(max_queue)]
+    if device:
+        args += ["--device", device]
+    if threads:
+        args += ["--threads", str(threads)]
+    return args
+
+
+def start_in_namespace(
+    ns: Any, bundles: Sequence[str | Path], log_path: Path, port: int
+) -> tuple[subprocess.Popen, str]:
+    """Start the daemon inside ``ns`` (a :class:`~edgesplit.control.netns.ShapedNamespace`) on
+    ``port``, one tail thread, no queue delay, its log in ``log_path``; returns once it listens:
+    ``(process, endpoint)``. Stop it with :func:`stop_process`."""
+    endpoint = f"tcp://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "edgesplit", "serve", "--bind", endpoint, "--threads", "1"]
+    cmd += ["--max-queue-delay-us", "0", "--log-level", "WARNING"]
+    for b in bundles:
+        cmd += ["--bundle", str(b)]
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        proc = ns.popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if "listening on " in line:
+            # keep reading what the daemon prints, so that a full pipe never stalls it
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, endpoint
+    proc.wait()
+    raise RuntimeError(f"server did not start ({proc.returncode}): {Path(log_path).read_text()[-2000:]}")
 
 
 class ServerProcess:

@@ -4,11 +4,14 @@
 #   background (setsid, so they outlive this command).
 # Phase "finish": add the Imagenette shards carried in .gpu2/, train Imagenette, wait for all
 #   three, and copy results into $OUT.
+# Phase "vit": lay out the CIFAR-10 shards carried in .gpu1/cifar/, train the ViT GPU recipe
+#   (teacher-only: teacher.pt + results.json), wait for it, and copy results into $OUT.
 set -u
 phase=$1
 D=/tmp/esdata; R=/tmp/esruns
 export EDGESPLIT_DATA=$D PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 mkdir -p $D/cifar10-jpeg $D/teachers $D/imagenette-224 $R
+RUNS="cifar-scratch cifar-shared inet"
 launch() {  # name recipe
   setsid nohup python3 -m edgesplit train models/recipes/$2.yaml --run-dir $R/$1 --workers 8 > $R/$1.log 2>&1 < /dev/null &
 }
@@ -21,6 +24,10 @@ if [ "$phase" = start ]; then
   sleep 45; tail -n 3 $R/*.log
   exit 0
 fi
+if [ "$phase" = vit ]; then
+  cp .gpu1/cifar/* $D/cifar10-jpeg/
+  RUNS=cifar-vit; launch cifar-vit cifar10-vit-gpu
+fi
 if [ "$phase" = finish ]; then  # phase "collect" only waits and copies
   cp .gpu2/* $D/imagenette-224/
   ls $D/imagenette-224 | tr '\n' ' '; echo
@@ -28,15 +35,16 @@ if [ "$phase" = finish ]; then  # phase "collect" only waits and copies
 fi
 deadline=$(( $(date +%s) + ${WAIT_S:-530} ))
 while [ "$(date +%s)" -lt $deadline ]; do
-  done=0; for n in cifar-scratch cifar-shared inet; do [ -f $R/$n/results.json ] && done=$((done+1)); done
-  [ $done -eq 3 ] && break
+  done=0; for n in $RUNS; do [ -f $R/$n/results.json ] && done=$((done+1)); done
+  [ $done -eq $(echo $RUNS | wc -w) ] && break
   sleep 10
 done
-for n in cifar-scratch cifar-shared inet; do
+for n in $RUNS; do
   echo "== $n"; grep -E '"epoch"|event' $R/$n/log.jsonl 2>/dev/null | tail -n 4; tail -c 600 $R/$n.log
   cat $R/$n/log.jsonl > $OUT/$n-log.jsonl 2>/dev/null
 done
 cp $R/cifar-scratch/student.pt $OUT/cifar-scratch-student.pt 2>/dev/null
 cp $R/inet/student.pt $OUT/inet-student.pt 2>/dev/null
-for n in cifar-scratch cifar-shared inet; do cp $R/$n/results.json $OUT/$n-results.json 2>/dev/null; done
+cp $R/cifar-vit/teacher.pt $OUT/cifar-vit-teacher.pt 2>/dev/null
+for n in $RUNS; do cp $R/$n/results.json $OUT/$n-results.json 2>/dev/null; done
 ls -la $OUT

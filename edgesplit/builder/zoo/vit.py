@@ -218,6 +218,11 @@ VIT_CONFIGS: dict[str, ViTConfig] = {
     "vit_tiny_cifar": ViTConfig(
         32, 4, "conv", stem_widths=(32, 64), dim=128, depth=6, heads=4, qk_dim=32, v_dim=32, mlp_hidden=256
     ),
+    # GPU-sized CIFAR ViT: ViT-Lite-7/4's width and depth (Hassani et al. 2021: dim 256, 7 blocks,
+    # 4 heads, MLP 512) with the conv stem; see models/recipes/cifar10-vit-gpu.yaml.
+    "vit_small_cifar": ViTConfig(
+        32, 4, "conv", stem_widths=(64, 128), dim=256, depth=7, heads=4, qk_dim=64, v_dim=64, mlp_hidden=512
+    ),
 }
 
 

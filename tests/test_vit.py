@@ -214,3 +214,21 @@ def test_distillation_step_lowers_the_loss_on_real_cifar(tmp_path):
     assert records[0]["event"] == "distill_teacher" and records[0]["accuracy"] > 0.6  # the shipped ResNet-20
     assert [rec["epoch"] for rec in records[1:]] == list(range(1, 9))
     assert (tmp_path / "teacher.ckpt").is_file()  # resumable like every other stage
+
+
+def test_teacher_only_recipe_runs_end_to_end_and_resumes(tmp_path):
+    # The CPU ViT recipe itself on a tiny real slice: trains the ViT (distilled from the bundle),
+    # leaves teacher.pt + results.json, and a rerun recomputes nothing.
+    from edgesplit.builder.pipeline import run_recipe
+
+    require_cifar()
+    r = load_recipe(CPU_RECIPE)
+    r.teacher.train.epochs, r.teacher.train.batch, r.teacher.train.eval_every = 1, 8, 1
+    results = run_recipe(r, tmp_path / "run", "cpu", limit_per_shard=8, workers=1)
+    assert (tmp_path / "run" / "teacher.pt").is_file() and 0.0 <= results["teacher_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e.get("event") for e in events if "event" in e] == ["data", "distill_teacher", "teacher"]
+    assert run_recipe(r, tmp_path / "run", "cpu", limit_per_shard=8, workers=1) == results
+    last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "finished_already"

@@ -28,7 +28,15 @@ from build_fixtures import one_torch_thread, require_cifar  # noqa: F401  (pytes
 from onnx import TensorProto, helper, numpy_helper
 
 from edgesplit.builder.split import split_main
-from edgesplit.builder.split_onnx import OnnxSplitError, cut_points, load_graph, run1, session, split_graph
+from edgesplit.builder.split_onnx import (
+    OnnxSplitError,
+    cut_points,
+    load_graph,
+    run1,
+    session,
+    split_graph,
+    verify_split,
+)
 from edgesplit.builder.split_onnx_bundle import build_onnx_bundle, real_frames
 from edgesplit.bundle import Bundle
 
@@ -263,3 +271,28 @@ def test_nhwc_input_and_shapes_only_onnx_runtime_knows(tmp_path):
         bundle_graphs(load_graph(_nhwc_graph(tmp_path / "fixed.onnx", batch=1)), "flat", 4)
     with pytest.raises(OnnxSplitError, match=r"'x' is Nx4x4x3: not an image of 32 px"):
         bundle_graphs(graph, "flat", 32)
+
+
+def test_control_flow_reads_from_the_outer_scope_are_followed(tmp_path):
+    """y = If(true, then: Identity(t), else: Neg(t)) with t = Abs(Sigmoid(Relu(x))): t reaches the
+    If only through its branches, which onnx's stock extractor does not follow (onnx issue 4090)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    branch = lambda op, out: helper.make_graph(  # noqa: E731
+        [helper.make_node(op, ["t"], [out])], op, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+    )
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Sigmoid", ["r"], ["s"]),
+        helper.make_node("Abs", ["s"], ["t"]),
+        helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True))),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch("Identity", "a"), else_branch=branch("Neg", "b")),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "cf", [x], [y]), opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(tmp_path / "cf.onnx"))
+    graph = load_graph(tmp_path / "cf.onnx")
+    assert [c.name for c in cut_points(graph)] == ["r", "s", "t"]
+    head, tail = split_graph(graph, "s")
+    assert [n.op_type for n in tail.graph.node] == ["Abs", "Constant", "If"]
+    frames = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    assert verify_split(graph, head, tail, frames)["max_abs_diff"] == 0.0

@@ -16,8 +16,8 @@ in C, H, W order) and
 one output of scores ``[N, K]`` (a graph with several outputs is pruned to the one named, or to its
 only float ``[N, K]`` output); :mod:`edgesplit.builder.split_onnx_io` puts the bundle's names and
 shapes around the halves. The batch axis should be symbolic: the server batches frames.
-Control flow (``If``/``Loop``/``Scan``) is counted with its outer-scope reads, but onnx's extractor
-does not follow those reads (onnx issue 4090), so a half that misses one fails onnx's checker here.
+Control flow (``If``/``Loop``/``Scan``) counts with its outer-scope reads, in the liveness and in
+the cut: :class:`_ScopedExtractor` is onnx's extractor taught to follow them (onnx issue 4090).
 
 Torch-free: onnx, onnxruntime and numpy only.
 """
@@ -75,7 +75,7 @@ def load_graph(path: str | Path, output: str | None = None) -> onnx.ModelProto:
         raise OnnxSplitError(f"{p} is not a valid ONNX model (its graph has no nodes)")
     inp = _only_input(model)
     out = _choose_output(model, output)
-    pruned = Extractor(model).extract_model([inp], [out])  # drops nodes the output does not need
+    pruned = _ScopedExtractor(model).extract_model([inp], [out])  # drops nodes the output does not need
     pruned.graph.name = model.graph.name or p.stem
     return onnx.shape_inference.infer_shapes(pruned)
 
@@ -136,6 +136,29 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
         for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
             reads |= _outer_reads(g)
     return reads
+
+
+class _ScopedExtractor(Extractor):
+    """onnx's :class:`~onnx.utils.Extractor`, also following what control-flow subgraphs read from
+    the enclosing graph: the stock one follows node inputs only (onnx issue 4090), so it would drop
+    the producers and initializers an ``If``/``Loop`` body reads."""
+
+    def _dfs_search_reachable_nodes(self, node_output_name, graph_input_names, reachable) -> None:
+        stack = [node_output_name]
+        while stack:
+            name = stack.pop()
+            if name in graph_input_names or name not in self.outmap or self.outmap[name] in reachable:
+                continue
+            reachable.add(self.outmap[name])
+            node = self.graph.node[self.outmap[name]]
+            stack += [x for x in node.input if x] + sorted(_subgraph_reads(node))
+
+    def _collect_reachable_tensors(self, nodes):
+        initializer, value_info = super()._collect_reachable_tensors(nodes)
+        have = {t.name for t in initializer}
+        reads = sorted(set().union(*(_subgraph_reads(n) for n in nodes)) - have) if nodes else []
+        initializer += [self.initializers[t] for t in reads if t in self.initializers]
+        return initializer, value_info
 
 
 @dataclass(frozen=True)
@@ -242,9 +265,12 @@ def require_cut_points(model: onnx.ModelProto) -> list[OnnxCut]:
         if len(live) == narrowest and live not in seen:
             seen.append(live)
     shown = "; ".join("{" + ", ".join(c) + "}" for c in seen[:3])
-    raise OnnxSplitError(
-        f"no single-tensor cut point: every cut crosses ≥ 2 tensors (the narrowest cross {narrowest}: {shown})"
+    where = (
+        f"the narrowest cross {narrowest}: {shown}"
+        if seen
+        else "the graph has no float tensor between its input and output"
     )
+    raise OnnxSplitError(f"no single-tensor cut point: every cut crosses ≥ 2 tensors ({where})")
 
 
 def split_graph(model: onnx.ModelProto, tensor: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -269,7 +295,7 @@ def split_graph(model: onnx.ModelProto, tensor: str) -> tuple[onnx.ModelProto, o
             else f"crossing there: {', '.join(crossing) or 'nothing the output needs'}"
         )
         raise OnnxSplitError(f"'{tensor}' is not a single-tensor cut ({why}); valid cut points: {valid}")
-    ex = Extractor(model)
+    ex = _ScopedExtractor(model)
     head, tail = ex.extract_model([inp], [tensor]), ex.extract_model([tensor], [out])
     for name, half in (("head", head), ("tail", tail)):
         try:

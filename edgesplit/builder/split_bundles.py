@@ -57,17 +57,9 @@ def _dataset(side: int) -> str:
 
 
 def _input_spec(side: int) -> dict[str, Any]:
-    from .data import MEAN, STD
+    from .export_common import input_spec_for  # imports torch: only when a bundle is built
 
-    return {
-        "shape": [3, side, side],
-        "layout": "NCHW",
-        "dtype": "float32",
-        "color": "RGB",
-        "resize": side,
-        "mean": list(MEAN),
-        "std": list(STD),
-    }
+    return input_spec_for(side)
 
 
 def _real_frames(side: int, n: int) -> np.ndarray:

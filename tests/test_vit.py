@@ -232,3 +232,19 @@ def test_teacher_only_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert run_recipe(r, tmp_path / "run", "cpu", limit_per_shard=8, workers=1) == results
     last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "finished_already"
+
+
+def test_random_erasing_blanks_one_rectangle_in_about_half_the_frames():
+    from edgesplit.builder.data import MEAN, STD, DeviceLoader, load_split
+
+    require_cifar()
+    x, y = load_split("cifar10", "test", 32, None, limit_per_shard=200)
+    loader = DeviceLoader(x, y, 200, torch.device("cpu"), MEAN, STD, augment="crop_flip_erase", seed=1)
+    xb, _ = next(iter(loader))
+    # A normalised real pixel is never exactly 0 in all three channels (the mean is not a pixel
+    # value), so those pixels are the erased rectangle.
+    erased = (xb == 0).all(dim=1).flatten(1).sum(1)
+    frac = (erased > 0).float().mean().item()
+    assert 0.35 < frac < 0.65, frac
+    areas = erased[erased > 0].float() / (32 * 32)
+    assert areas.min() >= 0.01 and areas.max() <= 0.3, (areas.min(), areas.max())

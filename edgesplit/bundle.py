@@ -26,16 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .families.registry import Family, UnknownFamilyError, get_family
+from .families.edvit import manifest as scatter
+from .families.edvit.manifest import FeatureMode, Fusion, ScatterManifestError, Submodel
+from .families.registry import HEAD_ROLE, Family, UnknownFamilyError, get_family
 from .wire.codec import PACKED_BITS
 from .wire.errors import is_int, is_num
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-# A family whose modes run their own heads (``Family.head_per_mode``, e.g. one per slimmable width):
-# role "head" is the default mode's, and "head.<tag>" (e.g. "head.c3") the others'; each mode names
-# the head it runs (``Mode.head``).
-HEAD_ROLE = re.compile(r"^head\.[a-z0-9_-]{1,32}$")
+# A family whose modes run their own heads (``Family.head_per_mode``): role "head" is the default
+# mode's, "head.<tag>" (``HEAD_ROLE``, e.g. "head.c3") the others'; each mode names its head
+# (``Mode.head``). ED-ViT (serving shape "scatter", section 7.1): FeatureMode, Submodel, Fusion.
+__all__ = ["HEAD_ROLE", "Bundle", "BundleError", "FeatureMode", "Fusion", "Mode", "Submodel", "validate_manifest"]
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # lowercase only: the hash is compared as a string
 MAX_MODE_ID = (1 << 31) - 1  # a request's ``mode`` is an int32 on the wire
 MAX_SIDE = 1 << 16
@@ -89,19 +91,10 @@ class Mode:
 
 
 def _require(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    if key not in d:
-        raise BundleError(f"manifest: missing '{where}{key}'")
-    if not isinstance(d[key], typ) or (isinstance(d[key], bool) and bool not in _as_tuple(typ)):
-        raise BundleError(f"manifest: '{where}{key}' must be {_type_names(typ)}, got {type(d[key]).__name__}")
-    return d[key]
-
-
-def _as_tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
-    return typ if isinstance(typ, tuple) else (typ,)
-
-
-def _type_names(typ: type | tuple[type, ...]) -> str:
-    return " or ".join(t.__name__ for t in _as_tuple(typ))
+    try:
+        return scatter.require(d, key, typ, where)  # the JSON type check both shapes share
+    except ScatterManifestError as e:
+        raise BundleError(f"manifest: {e}") from None
 
 
 def _require_int(d: dict, key: str, where: str, lo: int, hi: int) -> int:
@@ -172,9 +165,9 @@ def _validate_mode(d: Any, i: int, wire_channels: int) -> None:
 
 
 def _validate_file_entry(family: Family, role: str, entry: Any) -> None:
-    if not _is_head_role(family, role) and role not in (*family.required_files, *family.optional_files):
+    if not family.allows_role(role):
         raise BundleError(
-            f"manifest: unknown file role '{role}' for family {family.name} (known: {', '.join(_file_roles(family))})"
+            f"manifest: unknown file role '{role}' for family {family.name} (known: {', '.join(family.role_names())})"
         )
     if not isinstance(entry, dict):
         raise BundleError(f"manifest: 'files.{role}' must be an object, got {type(entry).__name__}")
@@ -211,6 +204,28 @@ def validate_manifest(m: dict[str, Any]) -> None:
     if not classes or not all(isinstance(c, str) for c in classes):
         raise BundleError("manifest: 'classes' must be a non-empty list of names")
     _validate_input(m)
+    if family.serving != "scatter":
+        _validate_head_tail(m, family)
+        return
+    files = _validate_files(m, family)
+    try:
+        scatter.validate_scatter(m, files)
+    except ScatterManifestError as e:
+        raise BundleError(f"manifest: {e}") from None
+
+
+def _validate_files(m: dict[str, Any], family: Family) -> dict[str, Any]:
+    files = _require(m, "files", dict, "")
+    for role in family.required_files:
+        if role not in files:
+            raise BundleError(f"manifest: 'files' has no '{role}' entry")
+    for role, entry in files.items():
+        _validate_file_entry(family, role, entry)
+    return files
+
+
+def _validate_head_tail(m: dict[str, Any], family: Family) -> None:
+    """The wire tensor, the quantized modes and the heads they run (sections 3.3, 6)."""
     wire = _require(m, "wire", dict, "")
     _require(wire, "name", str, "wire.")
     wire_channels = _require_dims(wire, "shape", "wire.")[0]
@@ -227,28 +242,15 @@ def validate_manifest(m: dict[str, Any]) -> None:
         default = _require(m, "default_mode", int, "")
         if default not in ids:
             raise BundleError(f"manifest: 'default_mode' {default} names no mode (modes: {', '.join(map(str, ids))})")
-    files = _require(m, "files", dict, "")
-    for role in family.required_files:
-        if role not in files:
-            raise BundleError(f"manifest: 'files' has no '{role}' entry")
-    for role, entry in files.items():
-        _validate_file_entry(family, role, entry)
+    files = _validate_files(m, family)
     for x in parsed:
-        if not _is_head_role(family, x.head):
+        if not family.is_head_role(x.head):
             raise BundleError(
                 f"manifest: mode {x.id} names head '{x.head}', which is not a head role of family "
                 f"{family.name} ({'head or head.<tag>' if family.head_per_mode else 'head'})"
             )
         if x.head not in files:
             raise BundleError(f"manifest: mode {x.id} runs head '{x.head}' but 'files' has no such entry")
-
-
-def _is_head_role(family: Family, role: str) -> bool:
-    return role == "head" or (family.head_per_mode and HEAD_ROLE.match(role) is not None)
-
-
-def _file_roles(family: Family) -> list[str]:
-    return [*family.required_files, *family.optional_files] + (["head.<tag>"] if family.head_per_mode else [])
 
 
 class Bundle:
@@ -258,8 +260,12 @@ class Bundle:
         self.root = root
         self.manifest = manifest
         self.hash = hashlib.sha256(manifest_bytes).hexdigest()
-        self.modes = [Mode.from_dict(x) for x in manifest["modes"]]
+        self.serving = get_family(manifest["family"]).serving  # "head-tail" or "scatter"
+        scattered = self.serving == "scatter"
+        self.modes = [] if scattered else [Mode.from_dict(x) for x in manifest["modes"]]  # quantized wire modes
         self._modes_by_id = {m.id: m for m in self.modes}
+        # scatter only: feature modes, sub-models in id order, the fusion graph's role and names
+        self.feature_modes, self.submodels, self.fusion = scatter.parse(manifest) if scattered else ([], [], None)
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -321,7 +327,17 @@ class Bundle:
 
     @property
     def wire_spec(self) -> dict[str, Any]:
+        if "wire" not in self.manifest:
+            raise BundleError(f"bundle '{self.name}' ({self.family}) sends features, not a wire tensor")
         return self.manifest["wire"]
+
+    def feature_mode(self, mode_id: int | None = None) -> FeatureMode:
+        """A scatter bundle's feature mode by id (None: ``default_mode``, else the first listed)."""
+        fm = scatter.pick_mode(self.feature_modes, self.manifest.get("default_mode"), mode_id)
+        if fm is None:
+            known = ", ".join(str(x.id) for x in self.feature_modes) or "none: not a scatter bundle"
+            raise BundleError(f"bundle '{self.name}' has no feature mode {mode_id} (feature modes: {known})")
+        return fm
 
     def has(self, role: str) -> bool:
         return role in self.manifest["files"]

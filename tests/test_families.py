@@ -69,8 +69,8 @@ def test_both_shipped_families_are_registered_and_resolve():
 
 def test_unknown_family_is_refused_by_the_registry():
     with pytest.raises(UnknownFamilyError) as ei:
-        get_family("edvit")
-    assert "'edvit'" in str(ei.value) and f"known: {', '.join(family_names())}" in str(ei.value)
+        get_family("sfprompt")
+    assert "'sfprompt'" in str(ei.value) and f"known: {', '.join(family_names())}" in str(ei.value)
     with pytest.raises(UnknownFamilyError):
         get_family(["bottlefit"])  # not a name at all
 
@@ -83,7 +83,7 @@ def test_registration_is_checked():
     with pytest.raises(ValueError, match="steps must be 'package.module:attribute'"):
         register_family("newfam", **{**record, "steps": "edgesplit.families.newfam.steps.run"})
     with pytest.raises(ValueError, match="serving shape"):
-        register_family("newfam", **record, serving="scatter")
+        register_family("newfam", **record, serving="pipeline")
     with pytest.raises(ValueError, match="family name"):
         register_family("New Family", **record)
     assert "newfam" not in family_names()
@@ -92,7 +92,7 @@ def test_registration_is_checked():
 
 def test_unknown_family_is_refused_by_the_recipe_loader(tmp_path):
     data = yaml.safe_load((RECIPES / "tiny-bottlefit.yaml").read_text())
-    for name in ("edvit", "sfprompt", 7):
+    for name in ("sfprompt", "transformer-magic", 7):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({**data, "split": {**data["split"], "family": name}}))
         with pytest.raises(RecipeError, match=r"split\.family: unknown family") as ei:
             load_recipe(tmp_path / "r.yaml")
@@ -112,7 +112,7 @@ def test_a_family_schema_refuses_another_familys_keys(tmp_path):
         load_recipe(tmp_path / "r.yaml")
 
 
-@pytest.mark.parametrize("name", ["edvit", "sfprompt", "transformer-magic"])
+@pytest.mark.parametrize("name", ["sfprompt", "transformer-magic"])
 def test_unknown_family_is_refused_by_the_bundle_contract(name):
     m = shipped_manifest("bottlefit")
     m["family"] = name

@@ -41,7 +41,12 @@ class Rule:
 
 TORCH = ("torch", "torchvision", "torchaudio")
 # the registry side of the families: torch-free, what the bundle schema may consult
-FAMILY_REGISTRY = ("edgesplit.families", "edgesplit.families.registry", "edgesplit.families.*")
+FAMILY_REGISTRY = (
+    "edgesplit.families",
+    "edgesplit.families.registry",
+    "edgesplit.families.*",
+    "edgesplit.families.edvit.manifest",  # the ED-ViT manifest checks (BUNDLE.md section 7.1)
+)
 RULES = (
     Rule("a", "edge and server never import each other", ("edgesplit.edge.**",), forbidden=("edgesplit.server.**",)),
     Rule("a", "edge and server never import each other", ("edgesplit.server.**",), forbidden=("edgesplit.edge.**",)),

@@ -21,7 +21,14 @@ from typing import Any
 
 # How a bundle of the family is served: the serving shape -> the file roles its bundle must hold.
 # "head-tail": the device runs a head, sends one wire tensor, the server runs the tail.
-SERVING_SHAPES: dict[str, tuple[str, ...]] = {"head-tail": ("head", "tail")}
+# "scatter": every device runs a whole sub-model on the same input; a fusion head combines their
+# features (ED-ViT, docs/BUNDLE.md section 7.1); one "submodel.<id>" role per sub-model besides.
+SERVING_SHAPES: dict[str, tuple[str, ...]] = {"head-tail": ("head", "tail"), "scatter": ("fusion",)}
+# File roles numbered per part, by serving shape: (how a message names them, the pattern).
+NUMBERED_ROLES: dict[str, tuple[str, re.Pattern[str]]] = {
+    "scatter": ("submodel.<id>", re.compile(r"^submodel\.(0|[1-9][0-9]?)$")),
+}
+HEAD_ROLE = re.compile(r"^head\.[a-z0-9_-]{1,32}$")  # a per-mode head ("head.c3"), head_per_mode families
 # The lazy entry points every family names, as "package.module:attribute".
 ENTRY_POINTS = ("split_schema", "model", "load_student", "steps", "exporter")
 _ENTRY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -77,6 +84,31 @@ class Family:
     @property
     def required_files(self) -> tuple[str, ...]:
         return SERVING_SHAPES[self.serving]
+
+    def is_head_role(self, role: str) -> bool:
+        """``head``, or ``head.<tag>`` for a family whose modes run their own heads."""
+        return self.serving == "head-tail" and (
+            role == "head" or (self.head_per_mode and HEAD_ROLE.match(role) is not None)
+        )
+
+    def allows_role(self, role: str) -> bool:
+        """Whether a bundle of this family may hold a file under ``role``."""
+        numbered = NUMBERED_ROLES.get(self.serving)
+        return (
+            role in (*self.required_files, *self.optional_files)
+            or self.is_head_role(role)
+            or (numbered is not None and numbered[1].match(role) is not None)
+        )
+
+    def role_names(self) -> list[str]:
+        """The file roles this family allows, as an error message lists them."""
+        numbered = NUMBERED_ROLES.get(self.serving)
+        return [
+            *self.required_files,
+            *self.optional_files,
+            *(["head.<tag>"] if self.head_per_mode else []),
+            *([numbered[0]] if numbered else []),
+        ]
 
     def entry(self, point: str) -> Any:
         """Import and return an entry point (``split_schema``, ``model``, ``steps``...)."""

@@ -62,6 +62,11 @@ class ServerConnection:
     def is_open(self) -> bool:
         return self._sock is not None
 
+    @property
+    def socket(self) -> zmq.Socket | None:
+        """The DEALER (to poll several connections at once), or None while closed."""
+        return self._sock
+
     def open(self) -> None:
         """Open the socket (libzmq connects, and reconnects, by itself) unless it is open."""
         if self._sock is None:

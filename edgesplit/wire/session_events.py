@@ -119,7 +119,69 @@ class Ponged:
     nonce: int
 
 
-Event = Union[Send, Welcomed, Answered, Refused, TimedOut, Lost, LateAnswer, BadMessage, Ponged]
+# -- scatter/gather (PROTOCOL.md §13): what a ScatterSession adds -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """A valid ``gather``: sub-model ``submodel``'s features for frame ``frame_id`` (float32 [D]).
+    ``done``: every sub-model scattered to this worker for the frame is now answered."""
+
+    frame_id: int
+    submodel: int
+    features: Any
+    timings: Any  # edgesplit.wire.scatter_messages.GatherTimings
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ScatterRefused:
+    """An ``error`` about a scatter: one sub-model (``submodel``) or, with ``submodel`` None, every
+    sub-model of the frame still pending on this worker (``submodels``)."""
+
+    frame_id: int
+    submodel: int | None
+    submodels: tuple[int, ...]
+    code: ErrorCode
+    message: str
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BadGather:
+    """A ``gather`` the camera cannot use (invalid, not scattered, a duplicate, or not the bundle's
+    feature tensor), with the reason; the sub-model (when known) is missing from the frame."""
+
+    frame_id: int | None
+    submodel: int | None
+    kind: str  # invalid | not_scattered | duplicate | wrong_features | undecodable
+    reason: str
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LateGather:
+    """A ``gather`` or ``error`` for a frame no longer outstanding (already fused): counted, dropped."""
+
+    frame_id: int
+    submodel: int | None
+
+
+Event = Union[
+    Send,
+    Welcomed,
+    Answered,
+    Refused,
+    TimedOut,
+    Lost,
+    LateAnswer,
+    BadMessage,
+    Ponged,
+    Gathered,
+    ScatterRefused,
+    BadGather,
+    LateGather,
+]
 
 
 class Backoff:

@@ -14,6 +14,7 @@ from .adaptive import POLICY_KINDS, bundle_modes, make_policy, measure_local_ms
 from .agent_core import Agent
 from .fallback import load_fallback
 from .results import AgentError, FrameResult, summarize
+from .scatter_run import add_edvit_arguments, edvit_main
 
 
 def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
@@ -118,12 +119,15 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
         metavar="FILE|-",
         help='write one JSON line per frame and a final {"summary": ...} line to FILE or stdout',
     )
+    add_edvit_arguments(p)
     return p
 
 
 def agent_main(args_list: list[str] | None = None) -> int:
     """Run the agent CLI. Exit codes: 0 done, 1 could not run (bundle, server, source), 3 every frame failed."""
     args = build_parser().parse_args(args_list)
+    if args.edvit:
+        return edvit_main(args)
     out = None
     try:
         bundle = Bundle.load(args.bundle)

@@ -40,6 +40,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "edgesplit.bench.switch",
         "what a mode switch costs in the live agent: codec and (slimmable) head, switching vs steady",
     ),
+    "edvit": (
+        "edgesplit.bench.edvit",
+        "ED-ViT: N worker processes on loopback, per-stage latency, tensor vs JPEG input, kill -9 of one worker",
+    ),
     "plan": (
         "edgesplit.bench.plan",
         "the split planner's predicted end-to-end latency vs measured, every cut point, kernel-shaped links",

@@ -332,7 +332,7 @@ class ScatterCamera:
             fallback=fallback,
             inputs=inputs,
             bytes_out=bytes_out,
-            bytes_in=sum(4 * f.size for f in feats.values()),
+            bytes_in=sum(f.size for f in feats.values()) * (2 if self.bundle.features_dtype == "float16" else 4),
             stages_ms={
                 "scatter": (t_scattered - t0) / 1e6,
                 "gather": (cur.get("t_gathered", t_fuse) - t_scattered) / 1e6,

@@ -50,13 +50,14 @@ from ..wire.session_events import (
 SCATTER_FEATURES = frozenset({FEATURE_SCATTER})
 
 
-def _peek_kind(parts: list) -> tuple[Any, Any]:
-    """The ``kind`` and ``id`` of a message that did not validate (to tell a bad gather apart)."""
+def _peek(parts: list) -> tuple[Any, Any, Any]:
+    """The ``kind``, ``id`` and ``submodel`` of a message that did not validate (to tell a bad
+    gather apart, and free its sub-model when it names one)."""
     try:
         h = msgpack.unpackb(parts[0], raw=False, strict_map_key=False)
-        return (h.get("kind"), h.get("id")) if isinstance(h, dict) else (None, None)
     except Exception:
-        return None, None
+        return None, None, None
+    return (h.get("kind"), h.get("id"), h.get("submodel")) if isinstance(h, dict) else (None, None, None)
 
 
 class ScatterSession(ClientSession):
@@ -127,11 +128,13 @@ class ScatterSession(ClientSession):
         try:
             msg = P.parse(parts, self.limits, SCATTER_FEATURES)
         except ProtocolError as e:
-            kind, fid = _peek_kind(parts)
+            kind, fid, sid = _peek(parts)
             if kind != Kind.GATHER:
                 return super().receive(parts, now_ns)  # reported as the client session does
             self.last_recv_ns = now_ns
-            return [self._bad(fid if isinstance(fid, int) else None, None, "invalid", f"invalid gather: {e.message}")]
+            fid = fid if type(fid) is int else None
+            sid = sid if type(sid) is int and fid in self._scattered and sid in self._scattered[fid] else None
+            return [self._bad(fid, sid, "invalid", f"invalid gather: {e.message}")]
         kind, h = msg.kind, msg.header
         if kind == Kind.GATHER:
             self.last_recv_ns = now_ns

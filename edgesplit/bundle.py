@@ -352,7 +352,7 @@ class Bundle:
         try:
             return self._modes_by_id[mode_id]
         except KeyError:
-            known = ", ".join(str(i) for i in self._modes_by_id)
+            known = ", ".join(str(i) for i in self._modes_by_id) or "none: a scatter bundle, see feature_mode()"
             raise BundleError(f"bundle '{self.name}' has no mode {mode_id} (modes: {known})") from None
 
     @property
@@ -362,7 +362,7 @@ class Bundle:
 
     @property
     def default_mode(self) -> Mode:
-        return self.mode(self.manifest.get("default_mode", self.modes[0].id))
+        return self.mode(self.manifest.get("default_mode", self.modes[0].id if self.modes else -1))
 
     def __repr__(self) -> str:
         return f"Bundle({self.name!r}, family={self.family}, hash={self.hash[:12]}, modes={len(self.modes)})"

@@ -23,6 +23,8 @@ def summarize(b: Bundle) -> dict[str, Any]:
     for role, entry in m["files"].items():
         path = b.root / entry["path"]
         files.append({"role": role, "path": entry["path"], "bytes": path.stat().st_size, "sha256": entry["sha256"]})
+    if b.serving == "scatter":
+        return _summarize_scatter(b, files)
     modes = []
     default_id = b.default_mode.id
     for mode, raw in zip(b.modes, m["modes"]):
@@ -62,6 +64,64 @@ def summarize(b: Bundle) -> dict[str, Any]:
     }
 
 
+def _summarize_scatter(b: Bundle, files: list[dict]) -> dict[str, Any]:
+    """An ED-ViT bundle (BUNDLE.md section 7.1): feature modes, sub-models, fused accuracies."""
+    m, default = b.manifest, b.feature_mode()
+    return {
+        "bundle": str(b.root),
+        "verified": True,
+        "name": b.name,
+        "family": b.family,
+        "hash": b.hash,
+        "schema_version": m["schema_version"],
+        "classes": len(b.classes),
+        "input": b.input_spec,
+        "default_mode": default.id,
+        "modes": [{**vars(fm), "default": fm.id == default.id} for fm in b.feature_modes],
+        "submodels": [
+            {"id": s.id, "classes": list(s.classes), "features_dim": s.features_dim, "params": s.params, "macs": s.macs}
+            for s in b.submodels
+        ],
+        "accuracy": m["edvit"]["accuracy"],
+        "files": files,
+        "total_bytes": sum(f["bytes"] for f in files),
+        "export_checks": m.get("export", {}).get("checks", {}),
+        "tools": m.get("tools", {}),
+    }
+
+
+def _render_scatter(s: dict[str, Any]) -> str:
+    acc = s["accuracy"]
+    lines = [
+        f"bundle   {s['bundle']}  (verified: every file matches its sha256)",
+        f"name     {s['name']}",
+        f"family   {s['family']}",
+        f"hash     {s['hash']}",
+        f"classes  {s['classes']}",
+        f"input    shape {s['input'].get('shape')}  resize {s['input'].get('resize')}",
+        f"accuracy full {_fmt(acc.get('full'), '.4f')}  fused {_fmt(acc.get('fused'), '.4f')}  "
+        f"one missing (mean) {_fmt(acc.get('missing_mean'), '.4f')}",
+        "",
+        "sub-models",
+    ]
+    for sm in s["submodels"]:
+        lines.append(
+            f"  {sm['id']:>3}  classes {sm['classes']}  features {sm['features_dim']}  "
+            f"params {sm['params']}  MACs {sm['macs']}"
+        )
+    lines += ["", "feature modes"]
+    for md in s["modes"]:
+        mark = " *" if md["default"] else ""
+        lines.append(
+            f"  {md['id']:>3}  {md['features_dtype'] + mark:<10} {md['bytes_per_frame']:>6} B/frame  "
+            f"accuracy {_fmt(md['accuracy'], '.4f')}"
+        )
+    lines += ["", "files"]
+    for f in s["files"]:
+        lines.append(f"  {f['role']:<12} {f['path']:<18} {f['bytes']:>10} B  ({_size(f['bytes'])})")
+    return "\n".join(lines)
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -75,6 +135,8 @@ def _size(n: int) -> str:
 
 
 def render(s: dict[str, Any]) -> str:
+    if "submodels" in s:
+        return _render_scatter(s)
     inp, wire = s["input"], s["wire"]
     lines = [
         f"bundle   {s['bundle']}  (verified: every file matches its sha256)",

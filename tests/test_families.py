@@ -2,9 +2,11 @@
 
 For each family in ``family_names()``: ``edgesplit train tests/recipes/tiny-<family>.yaml`` on a
 slice of the real CIFAR-10 shards, ``edgesplit export runs/<name>/student.pt --out DIR`` and
-``edgesplit inspect DIR`` as subprocesses; then the bundle is served by the real server on loopback
-to the real agent (every mode, logits checked against the bundle's own head -> codec -> tail run
-here) and evaluated by ``edgesplit eval``'s code, whose per-mode accuracy must equal the served one.
+``edgesplit inspect DIR`` as subprocesses; then a head-tail bundle is served by the real server on
+loopback to the real agent (every mode, logits checked against the bundle's own head -> codec ->
+tail run here) and evaluated by ``edgesplit eval``'s code, whose per-mode accuracy must equal the
+served one. A scatter bundle (ED-ViT) is fused here in ONNX Runtime from its own files, with all
+sub-models and with each one missing, and the accuracies must equal the manifest's.
 
 Registry: unknown families are refused by the registry, the recipe loader and the bundle contract,
 each naming the known ones; the registry and the families' ``__init__`` modules import no torch;
@@ -61,7 +63,7 @@ def test_both_shipped_families_are_registered_and_resolve():
     for name in family_names():
         fam = get_family(name)
         assert fam.name == name and fam.module == f"edgesplit.families.{name}"
-        assert set(fam.required_files) == {"head", "tail"}
+        assert set(fam.required_files) == {"head-tail": {"head", "tail"}, "scatter": {"fusion"}}[fam.serving]
         for point in ("split_schema", "model", "load_student", "steps", "exporter"):
             assert callable(fam.entry(point)), (name, point)
         assert (RECIPES / f"tiny-{name}.yaml").is_file(), f"every family ships a test recipe: tiny-{name}.yaml"
@@ -281,6 +283,9 @@ def test_cli_trains_exports_and_inspects(built):
     r, run_dir, b = built.recipe, built.run_dir, built.bundle
     results = json.loads((run_dir / "results.json").read_text())
     assert results["recipe"] == r.name and results["eval_frames"] == LIMIT_PER_SHARD
+    if get_family(built.family).serving == "scatter":
+        check_scatter_bundle(built, results)
+        return
     assert {m["bits"] for m in results["modes"]} == set(r.mode_bits)
     assert f"next: edgesplit export {Path('runs') / r.name / 'student.pt'}" in built.train_out
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -303,6 +308,64 @@ def test_cli_trains_exports_and_inspects(built):
         assert 1 <= m.channels <= C and m.bytes_per_frame == m.channels * h * w * m.bits / 8
     for graph, check in b.manifest["export"]["checks"].items():
         assert check["frames"] == FRAMES and check["max_rel_diff"] < 1e-2, (graph, check)
+
+
+def check_scatter_bundle(built: Built, results: dict) -> None:
+    """A scatter family's run and bundle (BUNDLE.md section 7.1): what training logged and wrote,
+    what export printed and inspect showed, one sub-model file per class subset."""
+    r, run_dir, b = built.recipe, built.run_dir, built.bundle
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert next(x for x in log if x.get("event") == "data")["train"] == 5 * LIMIT_PER_SHARD
+    stages = {x["stage"] for x in log if "epoch" in x and "event" not in x}
+    assert stages >= {"teacher", "stage2_fusion", *(f"stage1_sub{i}" for i in range(r.split.submodels))}
+    assert log[-1]["event"] == "done"
+    assert built.export_out["bundle"] == str(b.root) and built.export_out["hash"] == b.hash
+    assert f"family   {built.family}\n" in built.inspect_out and f"hash     {b.hash}\n" in built.inspect_out
+    assert b.serving == "scatter" and b.modes == [] and len(b.submodels) == r.split.submodels
+    assert sorted(c for s in b.submodels for c in s.classes) == list(range(len(b.classes)))
+    assert [s.role for s in b.submodels] == [f"submodel.{i}" for i in range(r.split.submodels)]
+    assert b.fusion is not None and b.has("fusion") and b.has("full")
+    assert {fm.features_dtype for fm in b.feature_modes} == {"float32", "float16"}
+    for graph, check in b.manifest["export"]["checks"].items():
+        assert check["frames"] == FRAMES and check["max_rel_diff"] < 1e-2, (graph, check)
+
+
+def scatter_fused_logits(b: Bundle, samples, mask) -> np.ndarray:
+    """The fused answer computed here from the bundle's own files in ONNX Runtime: every sub-model
+    on the preprocessed frames, features concatenated in id order with zeros where mask is 0."""
+    import onnxruntime as ort
+
+    from edgesplit.data.transforms import preprocess
+
+    x = np.stack([preprocess(s.data, b.input_spec) for s in samples])
+    parts = []
+    for i, sm in enumerate(b.submodels):
+        sess = ort.InferenceSession(str(b.file(sm.role)), providers=["CPUExecutionProvider"])
+        feats = sess.run([sm.features], {"input": x})[0]
+        assert feats.shape == (len(x), sm.features_dim)
+        parts.append(feats * mask[:, i : i + 1])
+    fusion = ort.InferenceSession(str(b.file(b.fusion.role)), providers=["CPUExecutionProvider"])
+    feed = {b.fusion.features: np.concatenate(parts, 1).astype(np.float32), b.fusion.mask: mask}
+    return fusion.run([b.fusion.output], feed)[0]
+
+
+def check_scatter_evaluated(b: Bundle) -> None:
+    """Fused accuracy, all present and each sub-model missing, recomputed here equals the manifest's."""
+    from edgesplit.data.sources import open_source, take
+
+    samples = list(take(open_source("cifar10:test"), FRAMES))
+    labels = np.asarray([s.label for s in samples])
+    n = len(b.submodels)
+    ones = np.ones((FRAMES, n), np.float32)
+    fused = scatter_fused_logits(b, samples, ones)
+    assert fused.shape == (FRAMES, len(b.classes)) and np.isfinite(fused).all()
+    acc = b.manifest["edvit"]["accuracy"]
+    assert float(np.mean(fused.argmax(1) == labels)) == acc["fused"] == b.feature_mode(0).accuracy
+    for i in range(n):
+        mask = ones.copy()
+        mask[:, i] = 0  # a dead device: its sub-model is left out, the frame is still answered
+        got = scatter_fused_logits(b, samples, mask)
+        assert np.isfinite(got).all() and float(np.mean(got.argmax(1) == labels)) == acc["missing_one"][str(i)]
 
 
 def local_logits(bundle: Bundle, mode_id: int, samples) -> np.ndarray:
@@ -329,6 +392,9 @@ def test_bundle_is_served_and_evaluated(built):
     from edgesplit.server.daemon import Server
 
     b = built.bundle
+    if b.serving == "scatter":  # served by workers and the camera: R1's tests; here, fused locally
+        check_scatter_evaluated(b)
+        return
     samples = list(take(open_source("cifar10:test"), FRAMES))
     labels = np.asarray([s.label for s in samples])
     served = {}

@@ -28,6 +28,9 @@ def test_every_shipped_recipe_loads(path):
         assert r.teacher.init == "scratch" and r.teacher.train is not None
         return
     assert isinstance(r.stage1, TrainCfg) and isinstance(r.stage2, TrainCfg)
+    if get_family(r.split.family).serving == "scatter":  # ED-ViT: sub-models at the budget's size
+        assert len(get_family(r.split.family).entry("model")(r).submodels) == r.split.submodels
+        return
     assert r.default_bits in r.mode_bits
     assert r.split.family in ("bottlefit", "slimmable")
     assert all(isinstance(w, int) for w in r.split.encoder_widths)

@@ -47,6 +47,9 @@ FAMILY_REGISTRY = (
     "edgesplit.families.*",
     "edgesplit.families.edvit.manifest",  # the ED-ViT manifest checks (BUNDLE.md section 7.1)
 )
+# Device profiles are data (stdlib + yaml, rule b2 below): a plane of their own, so the build plane
+# may size models from them (ED-ViT's budgets) while profile's measuring tools import the build plane.
+PROFILE_DATA = "edgesplit.profile.devices"
 RULES = (
     Rule("a", "edge and server never import each other", ("edgesplit.edge.**",), forbidden=("edgesplit.server.**",)),
     Rule("a", "edge and server never import each other", ("edgesplit.server.**",), forbidden=("edgesplit.edge.**",)),
@@ -56,6 +59,7 @@ RULES = (
         ("edgesplit.control.**",),
         allowed=("stdlib", "numpy", "yaml", "edgesplit.control.**"),
     ),
+    Rule("b2", "device profiles are data: the stdlib and yaml only", (PROFILE_DATA,), allowed=("stdlib", "yaml")),
     Rule(
         "c",
         "the engine does not import the build plane",
@@ -276,6 +280,8 @@ def plane(name: str, graph: dict[str, Module]) -> str | None:
     parts = name.split(".")
     if len(parts) == 1:
         return None
+    if name == PROFILE_DATA:
+        return "edgesplit.profile[devices]"
     if parts[1] in ("builder", "families"):
         registry = any(matches(p, name, graph) for p in FAMILY_REGISTRY)
         return "edgesplit.families[registry]" if registry else "edgesplit.builder+families"

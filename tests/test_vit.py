@@ -15,7 +15,7 @@ from build_fixtures import one_torch_thread, require_cifar  # noqa: F401  (autou
 
 from edgesplit.builder.export_common import check_against_torch, export_onnx, store_weights_fp16
 from edgesplit.builder.recipe import RecipeError, load_recipe
-from edgesplit.builder.split import _real_images, candidate_cuts, trace
+from edgesplit.builder.split import _real_images, candidate_cuts, split_at, trace, verify_split
 from edgesplit.builder.zoo import INPUT_SIZE, create_model, load_pretrained
 from edgesplit.builder.zoo.timm_keys import TimmKeyError, load_timm_state_dict, zoo_to_timm
 from edgesplit.builder.zoo.vit import VIT_CONFIGS, VisionTransformer, ViTConfig
@@ -153,11 +153,16 @@ def test_deit_tiny_onnx_matches_torch_at_224(deit_tiny, tmp_path):
 
 def test_every_block_boundary_is_a_single_tensor_cut(cifar_frames):
     model = create_model("vit_tiny_cifar", 10).eval()
-    cuts = candidate_cuts(trace(model, torch.zeros(2, 3, 32, 32)))
+    gm = trace(model, torch.zeros(2, 3, 32, 32))
+    cuts = candidate_cuts(gm)
     per_block = {f"blocks.{i}": [c for c in cuts if c.module == f"blocks.{i}"] for i in range(model.cfg.depth)}
     for block, found in per_block.items():
         assert found, f"no cut point in {block}"
         assert found[-1].shape == (65, 128) and found[-1].bytes_per_frame == 65 * 128 * 4
+    # Cut after block 2: head-then-tail is the whole model on real frames.
+    head, tail = split_at(gm, None, per_block["blocks.2"][-1].name)
+    check = verify_split(model, head, tail, cifar_frames)
+    assert check["max_abs_diff"] < 1e-4 and check["top1_agreement"] == 1.0, check
 
 
 def test_distill_recipe_is_validated(tmp_path):

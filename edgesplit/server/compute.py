@@ -18,9 +18,11 @@ from collections import deque
 from typing import Mapping
 
 from ..wire import protocol as P
+from ..wire import scatter_messages as S
 from ..wire.errors import ErrorCode
 from ..wire.messages import ErrorReply
 from .batcher import Batcher, Item
+from .fusion_runner import FusionRunner
 from .stats import FOLD_EVERY_BATCHES, ServerStats
 from .tail_runner import TailRunner
 
@@ -33,7 +35,7 @@ class ComputeWorker:
     def __init__(
         self,
         scheduler: Batcher,
-        runners: Mapping[str, TailRunner],
+        runners: Mapping[str, TailRunner | FusionRunner],
         stats: ServerStats,
         replies: deque,
         wake: socket.socket | None,
@@ -112,6 +114,7 @@ class ComputeWorker:
         model = self.stats.models[live[0].key]
         model.batches.append((rows, len(live) - len(errors), compute_us))
         record_queue, record_request = model.queue_us.append, model.request_us.append
+        fused = runner.fused
         for i, it in enumerate(live):
             if errors and i in errors:
                 self._push_error(it, errors[i].code, errors[i].message)
@@ -120,17 +123,37 @@ class ComputeWorker:
             out = logits[r] if it.single else logits[r : r + it.rows]
             t_reply = time.perf_counter_ns()
             queue_us, server_us = (t0 - it.t_recv_ns) / 1e3, (t_reply - it.t_recv_ns) / 1e3
-            header = pack(
-                it.req_id,
-                runner.outputs_for(out.shape),
-                queue_us=queue_us,
-                compute_us=compute_us,
-                batch_size=rows,
-                server_us=server_us,
-                t_send_ns=it.t_send_ns,
-            )
+            if fused:  # a fused request's result also says which sub-models it used (§13.5)
+                header = self._fused_header(it, runner.outputs_for(out.shape), queue_us, compute_us, rows, server_us)
+            else:
+                header = pack(
+                    it.req_id,
+                    runner.outputs_for(out.shape),
+                    queue_us=queue_us,
+                    compute_us=compute_us,
+                    batch_size=rows,
+                    server_us=server_us,
+                    t_send_ns=it.t_send_ns,
+                )
             record_queue(queue_us)
             record_request(server_us)
             replies.append([it.identity, header, out.tobytes()])
             it.answered = True
         cc.results += len(live) - len(errors)
+
+    @staticmethod
+    def _fused_header(
+        it: Item, outputs: list, queue_us: float, compute_us: float, rows: int, server_us: float
+    ) -> bytes:
+        h = S.fused_result(
+            it.req_id,
+            outputs,
+            it.desc["submodels"],
+            queue_us=queue_us,
+            compute_us=compute_us,
+            batch_size=rows,
+            server_us=server_us,
+        )
+        if it.t_send_ns is not None:
+            h["t_send_ns"] = it.t_send_ns
+        return P.pack_header(h)

@@ -8,7 +8,8 @@ part                        what it does
 ==========================  =====================================================================
 ``SessionTable``            sessions, credits, heartbeats, every refusal (:mod:`.sessions`)
 ``Batcher``                 the scheduler: admission, deadline triage, batches (:mod:`.batcher`)
-``TailRunner``              one per bundle: requests -> batch buffer -> tail (:mod:`.tail_runner`)
+``TailRunner``              one per bundle: requests -> batch buffer -> tail (:mod:`.tail_runner`);
+                            an ED-ViT bundle's fusion head instead (:mod:`.fusion_runner`)
 ``IoLoop``                  I/O thread: the ROUTER, parse, answer, forward replies (:mod:`.io_loop`)
 ``ComputeWorker``           compute thread: due batches -> tail runs -> replies (:mod:`.compute`)
 ``ServerStats``             what both threads count, read by /metrics (:mod:`.stats`, :mod:`.metrics`)
@@ -48,10 +49,11 @@ from ..wire.protocol import Limits
 from .batcher import Batcher
 from .cli import build_parser, serve  # build_parser: re-exported (edgesplit.server.daemon.build_parser)
 from .compute import ComputeWorker
+from .fusion_runner import FusionRunner, check_for, runner_for
 from .io_loop import IoLoop
 from .sessions import Session, SessionTable
 from .stats import ServerStats
-from .tail_runner import RequestCheck, TailRunner
+from .tail_runner import TailRunner
 
 if TYPE_CHECKING:  # both are imported when first used: an HTTP port or a scrape
     from prometheus_client import CollectorRegistry
@@ -100,7 +102,7 @@ class Server:
         self.engine_options = EngineOptions.make(engine_options, max_batch=int(max_batch))
         self.name = name or f"{_socket.gethostname()}:{os.getpid()}"
         self.batcher = Batcher(max_batch, max_queue_delay_us, max_queue, preferred=preferred_batch_sizes)
-        self.runners: dict[str, TailRunner] = {}  # loaded by start()
+        self.runners: dict[str, TailRunner | FusionRunner] = {}  # loaded by start(); ED-ViT: the fusion head
         # The advertised per-request row limit is the server's batch size: a request never splits.
         limits = replace(limits or Limits(), max_batch=int(max_batch))
         # What both threads count (typed), read by /metrics and stats()
@@ -108,7 +110,7 @@ class Server:
             self.bundles, self.batcher.max_batch, sessions={}, queue_depth=self.batcher.__len__
         )
         self.table = SessionTable(
-            {h: RequestCheck(b) for h, b in self.bundles.items()},
+            {h: check_for(b) for h, b in self.bundles.items()},
             self.batcher,
             self.figures.io,
             server_name=self.name,
@@ -155,7 +157,7 @@ class Server:
         try:
             for h, b in self.bundles.items():
                 if h not in self.runners:
-                    r = TailRunner(b, self.backend, self.threads, self.engine_options)
+                    r = runner_for(b, self.backend, self.threads, self.engine_options)
                     r.warmup()
                     self.runners[h] = r
             self._io_thread = threading.Thread(target=self.io.run, name="edgesplit-io", daemon=True)

@@ -169,8 +169,9 @@ class IoLoop:
             return
         identity = parts[0]
         reply: Header | None
-        try:
-            msg = P.parse(parts[1:], self.table.limits)
+        session = self.table.sessions.get(identity)
+        try:  # a session on an ED-ViT bundle takes part in "fused_requests" (its parse checks them)
+            msg = P.parse(parts[1:], self.table.limits, session.parse_features if session is not None else ())
         except ProtocolError as e:
             reply = self.table.refuse(identity, e)
         except Exception as e:  # a bug: answer INTERNAL and keep serving

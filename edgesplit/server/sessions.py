@@ -12,7 +12,10 @@ scheduler's deadlines and estimates use too.
 Checks on a request, in order (docs/PROTOCOL.md): a session (NOT_READY), not draining
 (SHUTTING_DOWN), the tensor against the session's bundle and mode (MALFORMED, UNKNOWN_MODE,
 UNSUPPORTED codec, TOO_LARGE rows), credits (OVERLOADED), then the scheduler's admission
-(DEADLINE_EXCEEDED, OVERLOADED).
+(DEADLINE_EXCEEDED, OVERLOADED). A session on an ED-ViT bundle is offered ``"fused_requests"``
+(and nothing else): its messages are parsed with that feature (:attr:`Session.parse_features`,
+read by the I/O thread) and its requests checked as fused requests (§13.5,
+:class:`~edgesplit.server.fusion_runner.FusionCheck`) in place of the tensor checks.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.messages import ErrorReply, Welcome
 from ..wire.protocol import Kind, Limits, Message
 from .batcher import Batcher, Item
+from .fusion_runner import FUSED_FEATURES, FusionCheck
 from .stats import IoCounters
 from .tail_runner import RequestCheck
 
@@ -52,6 +56,7 @@ class Session:
     bytes_in: int = 0  # message bytes received since the session started
     errors: int = 0  # error replies sent
     rtt_us: float | None = None  # last server ping -> pong round trip
+    parse_features: frozenset[str] = frozenset()  # v1.2 features its messages are parsed with
 
 
 class SessionTable:
@@ -60,7 +65,7 @@ class SessionTable:
 
     def __init__(
         self,
-        checks: Mapping[str, RequestCheck],
+        checks: Mapping[str, RequestCheck | FusionCheck],
         scheduler: Batcher,
         counters: IoCounters,
         *,
@@ -145,11 +150,29 @@ class SessionTable:
             )
         bundle = check.bundle
         credits = max(1, min(self.credits, h["caps"]["max_inflight"]))
+        features = FUSED_FEATURES if check.fused else self.features
+        parse_features = frozenset(FUSED_FEATURES) if check.fused else frozenset()
         old = self.sessions.get(identity)
         if old is not None:  # a re-handshake on the same connection keeps in-flight work and figures
-            s = replace(old, bundle=bundle.hash, agent=h["agent"], credits=credits, last_seen=now_ns, last_ping=now_ns)
+            s = replace(
+                old,
+                bundle=bundle.hash,
+                agent=h["agent"],
+                credits=credits,
+                last_seen=now_ns,
+                last_ping=now_ns,
+                parse_features=parse_features,
+            )
         else:
-            s = Session(identity, bundle.hash, h["agent"], credits, last_seen=now_ns, last_ping=now_ns)
+            s = Session(
+                identity,
+                bundle.hash,
+                h["agent"],
+                credits,
+                last_seen=now_ns,
+                last_ping=now_ns,
+                parse_features=parse_features,
+            )
         self.sessions[identity] = s
         self.counters.sessions_opened += 1
         log.info(
@@ -173,7 +196,7 @@ class SessionTable:
             limits=self.limits,
             heartbeat_ms=self.heartbeat_ms,
             codecs=self.codecs,
-            features=self.features,
+            features=features,
         ).to_header()
 
     def _request(self, identity: bytes, session: Session | None, msg: Message, now_ns: int, draining: bool) -> None:
@@ -185,7 +208,11 @@ class SessionTable:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down", rid)
         check = self.checks[session.bundle]
         tensors = h.get("tensors")
-        if tensors is None:  # v1.1 compact request: parse() saw exactly one frame; one row, raw
+        payload = msg.frames[0]
+        if isinstance(check, FusionCheck):  # §13.5: steps 6-7 become the fused request's checks; one row each
+            d = check.check_fused(h, rid)
+            rows, single, payload = 1, True, msg.frames
+        elif tensors is None:  # v1.1 compact request: parse() saw exactly one frame; one row, raw
             d = check.check_compact(h["mode"], msg.frames[0], rid)
             rows, single = 1, True
         else:
@@ -213,7 +240,7 @@ class SessionTable:
             identity=identity,
             req_id=rid,
             desc=d,
-            payload=msg.frames[0],
+            payload=payload,
             rows=rows,
             single=single,
             t_recv_ns=now_ns,

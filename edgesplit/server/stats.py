@@ -217,9 +217,14 @@ class ServerStats:
 
     @classmethod
     def for_bundles(cls, bundles: Mapping[str, "Bundle"], max_batch: int, **kw) -> ServerStats:
-        """One :class:`ModelStats` per (bundle, mode) served; labels from the bundle names."""
+        """One :class:`ModelStats` per (bundle, mode) served (an ED-ViT bundle's feature modes);
+        labels from the bundle names."""
         labels = {h: (b.name, h[:12]) for h, b in bundles.items()}
-        models = {(h, m.id): ModelStats(b.name, h[:12], m.id, max_batch) for h, b in bundles.items() for m in b.modes}
+        models = {
+            (h, m): ModelStats(b.name, h[:12], m, max_batch)
+            for h, b in bundles.items()
+            for m in [*(x.id for x in b.modes), *(x.id for x in b.feature_modes)]
+        }
         return cls(models=models, bundle_labels=labels, **kw)
 
     def fold(self) -> None:

@@ -31,6 +31,8 @@ class RequestCheck:
     """What a request tensor must look like to run a bundle's tail: its wire tensor's name and
     shape, each mode's bits and channels, and each mode's implied compact descriptor."""
 
+    fused = False  # an ED-ViT bundle's checks (FusionCheck) take fused requests instead
+
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         spec = bundle.wire_spec
@@ -104,6 +106,8 @@ class RequestCheck:
 
 class TailRunner:
     """A bundle's tail engine plus what is needed to turn requests into its input batch."""
+
+    fused = False  # results carry logits only (FusionRunner's also carry ``used``)
 
     def __init__(
         self, bundle: Bundle, backend: str = "ort", threads: int | None = None, options: EngineOptions | None = None

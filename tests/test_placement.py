@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,108 @@ def test_scatter_latency_on_a_hand_computed_case():
     assert sorted(p.device_finish_ms) == pytest.approx([34.0, 43.0])
     assert p.input_ms == pytest.approx(20.0)
     assert p.latency_ms == pytest.approx(43.5)
+
+
+# -- edgesplit plan --devices on a real ED-ViT bundle --------------------------------------------
+@pytest.fixture(scope="module")
+def heavy_full_bundle(tmp_path_factory):
+    """The fixture ED-ViT bundle (two small sub-models) with a full ViT much larger than either, as
+    ED-ViT's pruned sub-models are against their teacher: real ONNX files throughout."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from edgesplit.builder.zoo.vit import VisionTransformer
+    from edgesplit.bundle import sha256_file
+    from edvit_fixtures import SIDE, TINY, _export, build_edvit_bundle
+
+    root = build_edvit_bundle(tmp_path_factory.mktemp("edvit") / "b", n=2)
+    big = dataclasses.replace(TINY, dim=64, depth=6, heads=4, mlp_hidden=256, qk_dim=16, v_dim=16)
+    torch.manual_seed(1)
+    full = root / "full.onnx"
+    _export(VisionTransformer(big, 10), (torch.randn(2, 3, SIDE, SIDE),), full, ["input"], ["logits"])
+    m = json.loads((root / "manifest.json").read_text())
+    m["files"]["full"] = {"path": "full.onnx", "sha256": sha256_file(full), "bytes": full.stat().st_size}
+    (root / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    return root
+
+
+def _wire_bytes(message: int) -> int:
+    # 20 bytes of ZeroMQ framing, then 66 bytes of TCP/IP/link headers per 1448-byte segment
+    m = message + 20
+    return m + 66 * -(-m // 1448)
+
+
+def test_scatter_plan_flips_from_local_on_a_slow_lan_to_edvit_on_a_fast_one(heavy_full_bundle):
+    from edgesplit.profile.plan_inputs import Timing
+    from edgesplit.profile.plan_scatter import device_set, plan_scatter, scatter_inputs
+
+    inputs = scatter_inputs(heavy_full_bundle, timing=Timing(runs=5, pace_ms=0.0, warmup=1), frames=4)
+    host = Machine.from_profile(load_profile("x86-ci-host"))
+    pi4 = device_set(["raspberry-pi-4", "raspberry-pi-4"])
+    slow, fast = Link(1.0, rtt_ms=1.0), Link(1000.0, rtt_ms=1.0)
+    by_lan = {}
+    for name, lan in (("slow", slow), ("fast", fast)):
+        ranked = plan_scatter(inputs, pi4, host, lan)
+        by_lan[name] = {v.name.split(" (")[0] + (" jpeg" if "JPEG" in v.name else ""): v for v in ranked}
+        by_lan[name]["_first"] = ranked[0]
+    # the full model is many times one sub-model's work: what a split has to win
+    assert inputs.local.head.flops > 5 * max(s.work.flops for s in inputs.subs)
+    assert inputs.jpeg_bytes < inputs.tensor_bytes  # a 32-px JPEG is smaller than its float32 tensor
+
+    # local does not touch the LAN: the same figure on both, the Pi's preprocess + full model
+    pi = pi4[0].machine
+    local = pi.time_ms(inputs.local.preprocess, host)[0] + pi.time_ms(inputs.local.head, host)[0]
+    for lan in ("slow", "fast"):
+        assert by_lan[lan]["local"].latency_ms == pytest.approx(local)
+    # 1 Mbit/s: local wins; ED-ViT waits at least for its one input over the LAN (the camera runs
+    # the other sub-model itself): bytes x 8 / 1000 ms
+    assert by_lan["slow"]["_first"].kind == "local"
+    assert by_lan["slow"]["edvit jpeg"].latency_ms > inputs.jpeg_bytes * 8 / 1000
+    assert by_lan["slow"]["edvit jpeg"].latency_ms < by_lan["slow"]["edvit"].latency_ms  # fewer bytes
+    # 1000 Mbit/s: ED-ViT wins, sub-models in parallel on the two Pis
+    assert by_lan["fast"]["_first"].kind == "edvit"
+    assert by_lan["fast"]["_first"].latency_ms < local
+    # the only difference between the two LANs is the remote device's input and features on the wire
+    feature = max(s.feature_bytes for s in inputs.subs)
+    on_wire = _wire_bytes(inputs.jpeg_bytes) + _wire_bytes(feature)
+    gap = by_lan["slow"]["edvit jpeg"].latency_ms - by_lan["fast"]["edvit jpeg"].latency_ms
+    assert gap == pytest.approx(on_wire * 8 * (1 / 1000 - 1 / 1e6))
+    # two equal sub-models on two equal devices: one each, and the greedy rule is the optimum
+    v = by_lan["fast"]["edvit jpeg"]
+    assert sorted(v.detail["placement"].values()) == ["raspberry-pi-4#0", "raspberry-pi-4#1"]
+    assert v.detail["optimal"]["latency_ms"] == pytest.approx(v.latency_ms)
+
+
+def test_plan_cli_devices_json_and_refusals(heavy_full_bundle, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def plan(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "edgesplit", "plan", "--runs", "3", "--pace-ms", "0", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    lan = ["--bandwidth-mbps", "1000", "--rtt-ms", "1"]
+    r = plan("--bundle", str(heavy_full_bundle), "--devices", "raspberry-pi-4,raspberry-pi-4", *lan, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["camera"] == "raspberry-pi-4" and out["uplink"] is None
+    assert {o["kind"] for o in out["options"]} == {"edvit", "local"}  # no uplink: raw not ranked
+    assert out["best"] == out["options"][0]["name"]
+    r = plan("--bundle", str(heavy_full_bundle), "--devices", "raspberry-pi-4", *lan)
+    r2 = plan(
+        "--bundle", str(heavy_full_bundle), "--devices", "raspberry-pi-4", *lan, "--uplink-mbps", "10",
+        "--server", "a100", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0 and "local (full.onnx on raspberry-pi-4)" in r.stdout
+    assert "raw" in {o["kind"] for o in json.loads(r2.stdout)["options"]}
+    # refusals: a scatter bundle without devices, an unknown device, devices for a head-tail bundle
+    r = plan("--bundle", str(heavy_full_bundle), *lan)
+    assert r.returncode == 2 and "scatter (ED-ViT) bundle" in r.stderr and "--devices" in r.stderr
+    r = plan("--bundle", str(heavy_full_bundle), "--devices", "raspberry-pi-4,no-such-device", *lan)
+    assert r.returncode == 2 and "no-such-device" in r.stderr
+    cnn = Path(__file__).resolve().parents[1] / "models" / "cifar10-resnet20-bottlefit"
+    r = plan("--bundle", str(cnn), "--devices", "raspberry-pi-4", *lan)
+    assert r.returncode == 2 and "not a scatter bundle" in r.stderr

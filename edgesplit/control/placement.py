@@ -153,6 +153,7 @@ class ScatterPrediction:
     input_ms: float  # time the camera's link spends sending the inputs, one after another
     device_finish_ms: tuple[float, ...]  # when each used device's features have arrived
     fusion_ms: float
+    camera_ms: float = 0.0  # the camera's own work before the first send (preprocess)
 
 
 def _serialize_ms(link: Link, nbytes: int) -> float:
@@ -166,14 +167,93 @@ def predict_scatter(
     input_bytes: int,
     link: Link,
     fusion_ms: float = 0.0,
+    *,
+    camera_ms: float = 0.0,
+    setup_ms: Sequence[float] = (),
+    camera_device: int | None = None,
 ) -> ScatterPrediction:
-    """Latency of one frame: inputs sent over one shared link, one device after another (the
-    slowest first, so its compute overlaps the later sends), each device's sub-models in a row,
-    features back over the other direction, then fusion. Propagation is half the RTT each way."""
-    used = sorted(set(placement.assignment), key=lambda d: -placement.device_ms[d])
+    """Latency of one frame: the camera's own work (``camera_ms``), then the inputs sent over one
+    shared link, one device after another (the slowest first, so its compute overlaps the later
+    sends), each device's ``setup_ms`` (a JPEG decode) and sub-models in a row, features back over
+    the other direction, then fusion. Propagation is half the RTT each way. ``camera_device``: the
+    device that is also the camera; its sub-models get their input and give their features
+    in-process, without the link."""
+    setup = list(setup_ms) + [0.0] * (len(placement.device_ms) - len(setup_ms))
+    busy = {d: setup[d] + placement.device_ms[d] for d in set(placement.assignment)}
     sent, finish = 0.0, []
-    for d in used:
+    for d in sorted(busy, key=lambda d: -busy[d]):
+        if d == camera_device:
+            finish.append(busy[d])
+            continue
         sent += _serialize_ms(link, input_bytes)
         back = sum(subs[i].feature_bytes for i in placement.on_device(d))
-        finish.append(sent + link.rtt_ms / 2 + placement.device_ms[d] + _serialize_ms(link, back) + link.rtt_ms / 2)
-    return ScatterPrediction(max(finish) + fusion_ms, sent, tuple(finish), fusion_ms)
+        finish.append(sent + link.rtt_ms / 2 + busy[d] + _serialize_ms(link, back) + link.rtt_ms / 2)
+    return ScatterPrediction(camera_ms + max(finish) + fusion_ms, sent, tuple(finish), fusion_ms, camera_ms)
+
+
+@dataclass
+class Verdict:
+    """One way to answer a frame in a scatter plan (``edvit``, ``local`` or ``raw``), predicted."""
+
+    name: str
+    kind: str
+    latency_ms: float
+    parts_ms: dict[str, float]
+    detail: dict
+    rank: int = 0
+    reason: str = ""
+
+
+def edvit_verdict(
+    name: str,
+    subs: Sequence[SubModel],
+    devices: Sequence[Device],
+    host: Machine,
+    link: Link,
+    input_bytes: int,
+    *,
+    camera_pre: Work,
+    worker_pre: Work | None,
+    fusion: Work,
+) -> Verdict:
+    """ED-ViT on ``devices`` (the first is the camera, which also runs what is placed on it): the
+    greedy placement ranked, the exact optimum (where small enough to search) alongside. With
+    ``worker_pre`` the input is the JPEG and each worker decodes it, else the camera preprocesses
+    once and sends the tensor."""
+    times = time_table(subs, devices, host)
+    camera = devices[0].machine
+    camera_ms = camera.time_ms(camera_pre, host)[0] if worker_pre is None else 0.0
+    setup = [d.machine.time_ms(worker_pre, host)[0] if worker_pre else 0.0 for d in devices]
+    fusion_ms = camera.time_ms(fusion, host)[0]
+
+    def latency(p: Placement) -> ScatterPrediction:
+        return predict_scatter(
+            p, subs, input_bytes, link, fusion_ms, camera_ms=camera_ms, setup_ms=setup, camera_device=0
+        )
+
+    greedy = greedy_placement(subs, devices, times)
+    g = latency(greedy)
+    detail: dict = {
+        "placement": {subs[i].name: devices[d].name + f"#{d}" for i, d in enumerate(greedy.assignment)},
+        "makespan_ms": greedy.makespan_ms,
+        "input_bytes": input_bytes,
+        "input_ms": g.input_ms,
+    }
+    try:
+        best = best_placement(subs, devices, times)
+        detail["optimal"] = {"latency_ms": latency(best).latency_ms, "makespan_ms": best.makespan_ms}
+    except PlacementError as e:  # too many cases to search: say so instead of a figure
+        detail["optimal"] = {"error": str(e)}
+    parts = {"camera": camera_ms, "scatter+compute+gather": max(g.device_finish_ms), "fusion": fusion_ms}
+    return Verdict(name, "edvit", g.latency_ms, parts, detail)
+
+
+def rank_verdicts(verdicts: Sequence[Verdict]) -> list[Verdict]:
+    """By predicted latency; each one's reason says how far it is from the best and where it spends."""
+    ranked = sorted(verdicts, key=lambda v: v.latency_ms)
+    for i, v in enumerate(ranked, 1):
+        v.rank = i
+        where = " + ".join(f"{k} {ms:.2f}" for k, ms in v.parts_ms.items() if ms)
+        gap = "best" if i == 1 else f"+{v.latency_ms - ranked[0].latency_ms:.2f} ms vs best"
+        v.reason = f"{where} = {v.latency_ms:.2f} ms; {gap}"
+    return ranked

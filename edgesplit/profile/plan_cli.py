@@ -2,7 +2,10 @@
 the ranked options (:mod:`edgesplit.control.planner`).
 
 Inputs: ``--bundle DIR`` (its modes, ``local`` and ``raw``) or ``--model ZOO_NAME`` (every
-single-tensor cut point of the generic split, plus ``local`` and ``raw``).
+single-tensor cut point of the generic split, plus ``local`` and ``raw``). A scatter bundle (ED-ViT)
+with ``--devices A,B,...``: its sub-models placed on those devices sharing a LAN
+(:mod:`.plan_scatter`), against its full model on the first device and, with ``--uplink-mbps``,
+the JPEG to ``--server``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from ..control.planner import OBJECTIVES, Link, PlanError, format_plan, plan
@@ -66,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default=HOST_PROFILE, help=f"profile of the machine measuring now (default {HOST_PROFILE})"
     )
+    p.add_argument(
+        "--devices",
+        help="comma-separated device profiles sharing a LAN, the first being the camera: plan a scatter "
+        "(ED-ViT) bundle's sub-models on them (--bandwidth-mbps and --rtt-ms are then the LAN's)",
+    )
+    p.add_argument(
+        "--uplink-mbps",
+        type=positive("--uplink-mbps"),
+        default=None,
+        help="with --devices: the camera's uplink to --server, to rank sending the JPEG there (default: not ranked)",
+    )
+    p.add_argument(
+        "--uplink-rtt-ms", type=non_negative("--uplink-rtt-ms"), default=40.0, help="the uplink's RTT (default 40)"
+    )
     p.add_argument("--objective", default="latency", choices=OBJECTIVES)
     p.add_argument(
         "--overhead-ms",
@@ -92,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_main(argv: list[str] | None = None) -> int:
-    from ..bundle import BundleError
+    from ..bundle import Bundle, BundleError
     from .devices import ProfileError
 
     a = build_parser().parse_args(argv)
@@ -109,9 +127,16 @@ def plan_main(argv: list[str] | None = None) -> int:
                 f"device profile '{sc.device.name}' has no power figures (power_idle_w and "
                 "power_active_w/power_max_w): plan for --objective latency, or give a device with them"
             )
+        if a.devices is not None:
+            return _scatter_main(a, timing, link, sc)
         if a.bundle:
             if not Path(a.bundle).exists():
                 raise BundleError(f"no bundle at {a.bundle}")
+            if Bundle.load(a.bundle, verify=False).serving == "scatter":
+                raise PlanError(
+                    f"bundle {a.bundle} is a scatter (ED-ViT) bundle: give the devices its sub-models run on, "
+                    "--devices A,B,... (the first is the camera)"
+                )
             options, meta = bundle_options(a.bundle, timing=timing, source=a.data, host=sc.host.name)
         else:
             cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
@@ -152,4 +177,48 @@ def plan_main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(preds, sc, a.objective))
+    return 0
+
+
+def _scatter_main(a: argparse.Namespace, timing: Timing, lan: Link, sc) -> int:
+    """``--devices``: rank ED-ViT on those devices against local and raw (see :mod:`.plan_scatter`)."""
+    from .plan_scatter import device_set, format_scatter, plan_scatter, scatter_inputs
+
+    if not a.bundle:
+        raise PlanError("--devices plans a scatter (ED-ViT) bundle: give it with --bundle")
+    if a.objective != "latency":
+        raise PlanError("--devices ranks by latency only (no energy model for a set of devices yet)")
+    names = [n.strip() for n in a.devices.split(",") if n.strip()]
+    if not names:
+        raise PlanError("--devices lists no device")
+    devices = device_set(names)  # profiles first: fail before measuring
+    uplink = Link(a.uplink_mbps, a.uplink_rtt_ms) if a.uplink_mbps else None
+    inputs = scatter_inputs(a.bundle, timing=timing, source=a.data, host=sc.host.name)
+    ranked = plan_scatter(inputs, devices, sc.host, lan, server=sc.server, uplink=uplink, overhead_ms=sc.overhead_ms)
+    if a.json:
+        out = {
+            "objective": "latency",
+            "devices": names,
+            "camera": names[0],
+            "host": sc.host.name,
+            "lan": {"mbps": lan.mbps, "rtt_ms": lan.rtt_ms},
+            "server": sc.server.name if uplink else None,
+            "uplink": {"mbps": uplink.mbps, "rtt_ms": uplink.rtt_ms} if uplink else None,
+            "inputs": {
+                **inputs.meta,
+                "tensor_message_bytes": inputs.tensor_bytes,
+                "jpeg_message_bytes": inputs.jpeg_bytes,
+                "submodels": [
+                    {"name": s.name, "host_ms": s.work.host_ms, "gflops": s.work.flops / 1e9, "memory_mb": s.memory_mb}
+                    for s in inputs.subs
+                ],
+                "full_host_ms": inputs.local.head.host_ms,
+                "full_gflops": inputs.local.head.flops / 1e9,
+            },
+            "best": ranked[0].name,
+            "options": [asdict(v) for v in ranked],
+        }
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        print(format_scatter(ranked, devices, lan, sc.host))
     return 0

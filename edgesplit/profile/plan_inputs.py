@@ -159,11 +159,12 @@ def _cycle(items: list):
 
 def wire_sizes(bundle, mode, logits: np.ndarray) -> tuple[int, int]:
     """``(request header bytes, reply bytes)`` as the agent and the server build them (a compact
-    request without a deadline; a result header with the logits as float32)."""
+    request without a deadline; a result header with the logits as float32). ``mode`` None: a
+    bundle without wire modes (a scatter bundle's full model), mode id 0."""
     from ..wire import codec
     from ..wire import protocol as P
 
-    header = len(P.pack_header(P.request(1000, mode.id, None)))
+    header = len(P.pack_header(P.request(1000, mode.id if mode is not None else 0, None)))
     desc, payload = codec.encode_float(logits[0], name="logits")
     reply = len(P.pack_header(P.result(1000, [desc], queue_us=12.5, compute_us=1234.5, batch_size=1, server_us=1300.5)))
     return header, reply + len(payload)
@@ -279,7 +280,7 @@ def full_options(
         pre_ms, int(np.prod(spec["shape"])), f"JPEG decode + resize + normalise, {timing.describe()}", host
     )
     full = graph_work(full_path, full_ms, timing, host)
-    header, reply = wire_sizes(bundle, bundle.modes[0], logits)
+    header, reply = wire_sizes(bundle, bundle.modes[0] if bundle.modes else None, logits)
     jpeg = float(np.median([len(j) for j in jpegs]))
     return [
         Option(

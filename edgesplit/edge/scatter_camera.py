@@ -19,6 +19,12 @@ The input of each scatter is chosen per frame (``scatter_input``): ``tensor`` (t
 tensor, float32 or float16), ``jpeg`` (the camera's encoded frame as it came, to workers that offer
 ``scatter_jpeg``; others get the tensor), or ``auto`` (the JPEG when it is at most a quarter of
 the tensor's bytes: then the link, not the worker's decode, is what the JPEG saves).
+
+With ``server`` (fusion on the server, §13.5), the gather cut-off is ``T`` less the estimated round
+trip of a fused request; the features present then go to the server as one fused request
+(:class:`~edgesplit.edge.server_fusion.ServerFusion`), and its logits and ``used`` answer the
+frame. A fused request that fails or has no answer by ``T`` leaves the frame to the camera's own
+fusion head (§13.6 item 3): still exactly one answer per frame.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from ..wire.transport import context, default_agent_name
 from .connection import HandshakeFailed, ServerConnection
 from .scatter_bundle import EdvitBundle, Fusion, ort_session
 from .scatter_session import ScatterSession
+from .server_fusion import ServerFusion
 
 SCATTER_INPUTS = ("tensor", "jpeg", "auto")
 AUTO_JPEG_RATIO = 4  # auto: send the JPEG when the tensor is at least this many times larger
@@ -83,6 +90,7 @@ class EdvitAnswer:
     used: list[int]
     missing: list[int]
     fallback: str | None  # None (fused), "local" (full.onnx, nothing present) or "none" (no logits)
+    fused_on: str | None  # "server", "camera" (fused here: no server fusion, or it failed), None
     inputs: dict[str, str]  # worker -> "tensor" | "jpeg"
     bytes_out: int
     bytes_in: int
@@ -102,6 +110,7 @@ class EdvitAnswer:
             "used": self.used,
             "missing": self.missing,
             "fallback": self.fallback,
+            "fused_on": self.fused_on,
             "inputs": self.inputs,
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
@@ -140,6 +149,8 @@ class ScatterCamera:
         inflight: int = 4,
         timeout_s: float = 10.0,
         reconnect_max_s: float = 0.5,
+        server: str | None = None,
+        curve: Any = None,
     ):
         if scatter_input not in SCATTER_INPUTS:
             raise ValueError(f"scatter_input must be one of {SCATTER_INPUTS}, got {scatter_input!r}")
@@ -170,6 +181,11 @@ class ScatterCamera:
                 peer=f"worker {ep}",
             )
             self.links.append(WorkerLink(ep, sess, ServerConnection(sess, ep, ctx, reconnect_max_s=reconnect_max_s)))
+        self.server = (
+            None
+            if server is None
+            else ServerFusion(bundle, server, camera, timeout_s=timeout_s, reconnect_max_s=reconnect_max_s, curve=curve)
+        )
         self._next_frame = 1
         self.refusals: list[dict[str, str]] = []  # every handshake refusal, as reported
         self.late_gathers = 0
@@ -183,14 +199,21 @@ class ScatterCamera:
         for link in self.links:
             link.conn.open()
             link.conn.hello()
+        if self.server is not None:
+            self.server.open()
         end = time.perf_counter() + wait_s
-        while time.perf_counter() < end and any(link.state == "handshaking" for link in self.links):
+        while time.perf_counter() < end and (
+            any(link.state == "handshaking" for link in self.links)
+            or (self.server is not None and self.server.session.handshaking and self.server.refusal is None)
+        ):
             self._pump(0.01)
         return self
 
     def close(self) -> None:
         for link in self.links:
             link.conn.close()
+        if self.server is not None:
+            self.server.close()
 
     def _pump(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for any worker's message, then let every connection read what is
@@ -199,7 +222,11 @@ class ScatterCamera:
         for link in self.links:
             if link.conn.socket is not None:
                 poller.register(link.conn.socket, zmq.POLLIN)
+        if self.server is not None and self.server.socket is not None:
+            poller.register(self.server.socket, zmq.POLLIN)
         poller.poll(max(0, int(timeout_s * 1000)))
+        if self.server is not None:
+            self.server.pump(0)  # its pings answered and its session kept while frames gather
         for link in self.links:
             if link.conn.socket is not None:
                 for ev in link.conn.pump(0):
@@ -272,7 +299,10 @@ class ScatterCamera:
     def infer(self, sample: Sample) -> EdvitAnswer:
         """Scatter one frame, gather until done or its cut-off, fuse, answer."""
         t0 = time.perf_counter_ns()
-        cutoff = t0 + int(self.budget_ms * 1e6)
+        deadline = t0 + int(self.budget_ms * 1e6)  # T
+        # the gather cut-off: T, less the fused request's round trip when the server fuses
+        fused_rtt_ms = 0.0 if self.server is None or not self.server.live else self.server.rtt_ms
+        cutoff = deadline - int(min(fused_rtt_ms, self.budget_ms / 2) * 1e6)
         fid = self._next_frame
         self._next_frame += 1
         data = sample.data
@@ -314,9 +344,13 @@ class ScatterCamera:
         t_fuse = time.perf_counter_ns()
         feats = cur["features"]
         used = sorted(feats)
-        fallback = None
-        if feats:
-            logits: np.ndarray | None = self.fusion(feats)
+        fallback, fused_on = None, None
+        by_server = self.server.fuse(feats, deadline) if feats and self.server is not None else None
+        logits: np.ndarray | None
+        if by_server is not None:
+            (logits, used), fused_on = by_server, "server"
+        elif feats:
+            logits, fused_on = self.fusion(feats), "camera"
         elif self.local is not None:
             logits, fallback = np.asarray(self.local.run(None, {"input": self._tensor(frame)[None]})[0][0]), "local"
         else:
@@ -328,8 +362,9 @@ class ScatterCamera:
             label=sample.label,
             logits=logits,
             used=used,
-            missing=[s for s in sorted(self.bundle.submodels) if s not in feats],
+            missing=[s for s in sorted(self.bundle.submodels) if s not in used],
             fallback=fallback,
+            fused_on=fused_on,
             inputs=inputs,
             bytes_out=bytes_out,
             bytes_in=sum(f.size for f in feats.values()) * (2 if self.bundle.features_dtype == "float16" else 4),

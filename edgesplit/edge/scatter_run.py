@@ -14,6 +14,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..data.sources import SourceError, open_source, take
+from .connection import load_curve
 from .scatter_bundle import EdvitBundle
 from .scatter_camera import SCATTER_INPUTS, EdvitAnswer, ScatterCamera
 
@@ -26,7 +27,8 @@ def add_edvit_arguments(p: argparse.ArgumentParser) -> None:
         "--fusion",
         default="camera",
         choices=("camera", "server"),
-        help="where the fusion head runs; 'server' (a fused request, PROTOCOL.md §13.5) is not implemented yet",
+        help="where the fusion head runs: on this camera, or on --server (one fused request per frame, PROTOCOL.md "
+        "§13.5; a frame whose fused request fails or is late is fused here)",
     )
     g.add_argument(
         "--scatter-input",
@@ -70,6 +72,7 @@ def summarize(answers: list[EdvitAnswer], camera: ScatterCamera, wall_s: float) 
         "accuracy_local": acc(a for a in answers if a.fallback == "local"),
         "frames_by_used": dict(Counter(",".join(map(str, a.used)) or "none" for a in answers)),
         "fallbacks": dict(Counter(a.fallback for a in answers if a.fallback)),
+        "fused_on": dict(Counter(a.fused_on for a in answers if a.fused_on)),
         "inputs": dict(Counter(v for a in answers for v in a.inputs.values())),
         "latency_ms": {
             **{f"{k}_p50": _pct(v, 50) for k, v in stages.items()},
@@ -83,15 +86,13 @@ def summarize(answers: list[EdvitAnswer], camera: ScatterCamera, wall_s: float) 
         "bad_gathers": camera.bad_gathers[:20],
         "refusals": camera.refusals,
         "workers": camera.worker_report(),
+        "server": None if camera.server is None else camera.server.report(),
         "frames_per_s": round(len(answers) / wall_s, 2) if wall_s > 0 else None,
     }
 
 
 def edvit_main(args: argparse.Namespace) -> int:
     """Exit codes as the agent's: 0 done, 1 could not run."""
-    if args.fusion == "server":
-        print("edgesplit agent --edvit: --fusion server is not implemented yet; use --fusion camera", file=sys.stderr)
-        return 1
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
     try:
         bundle = EdvitBundle.load(args.bundle)
@@ -107,6 +108,8 @@ def edvit_main(args: argparse.Namespace) -> int:
             inflight=args.inflight,
             timeout_s=args.timeout_s,
             reconnect_max_s=args.reconnect_max_s,
+            server=args.server if args.fusion == "server" else None,
+            curve=load_curve(args.server_key, args.client_key) if args.fusion == "server" else None,
         ).connect()
         source = take(open_source(args.source, bundle.classes), args.frames or None)
     except (BundleError, OSError, ValueError, SourceError) as e:
@@ -114,6 +117,8 @@ def edvit_main(args: argparse.Namespace) -> int:
         return 1
     for r in camera.refusals:
         print(f"edgesplit agent --edvit: worker {r['worker']} refused: {r['message']}", file=sys.stderr)
+    if camera.server is not None and camera.server.refusal is not None:
+        print(f"edgesplit agent --edvit: server {args.server} refused: {camera.server.refusal}", file=sys.stderr)
     out = sys.stdout if args.json_lines == "-" else (open(args.json_lines, "w") if args.json_lines else None)
     answers: list[EdvitAnswer] = []
     t0 = time.perf_counter()

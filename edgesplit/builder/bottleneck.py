@@ -1,7 +1,12 @@
 """What every bottleneck split shares: the split's skeleton (:class:`BottleneckSplit`: the backbone
 cut at a stage, the wire tensor's shape, the tail), the wire tensor's fake quantizer, the teacher's
 features (the targets of head-network distillation), the distillation loss, the wire values that
-calibration reads, and ``student.pt`` (the split started on the teacher's weights, written, loaded). Used by the BottleFit and slimmable families."""
+calibration reads, and ``student.pt`` (the split started on the teacher's weights, written, loaded). Used by the BottleFit and slimmable families.
+
+Token bottlenecks (ViT teachers): :func:`take_vit_head` moves a ViT's stages up to the split off
+the backbone into a module of their own (the device's head runs them), and the token sequence
+``(B, N, c)`` travels as the wire tensor ``[c, N, 1]`` (:func:`tokens_to_wire`): channels first, as
+for a CNN, one token per row, the class token first (BUNDLE.md section 7)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from torch import nn
 
 from ..data.sources import CLASSES
 from .zoo import create_model
+from .zoo.vit import VisionTransformer
 
 SplitT = TypeVar("SplitT", bound=nn.Module)
 
@@ -241,3 +247,71 @@ def save_student(
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": results["modes"]})
     return results
+
+
+# -- token bottlenecks (ViT teachers) -------------------------------------------------------------
+
+
+class ViTHeadStages(nn.Module):
+    """A ViT's stages up to and including the split point, taken off the backbone: the patch
+    embedding with the class and position tokens (``stem``), then ``blocks``: image -> tokens."""
+
+    def __init__(self, vit: nn.Module, n_blocks: int):
+        super().__init__()
+        self.patch_embed, self.cls_token, self.pos_embed = vit.patch_embed, vit.cls_token, vit.pos_embed
+        self.blocks = nn.ModuleList(vit.blocks[i] for i in range(n_blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = VisionTransformer.embed(self, x)  # type: ignore[arg-type]  (it reads these three attributes only)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+def take_vit_head(vit: nn.Module, split_at: str, arch: str) -> tuple[ViTHeadStages, list[str], int, int]:
+    """Move a zoo ViT's stages up to ``split_at`` into a :class:`ViTHeadStages` and leave the
+    backbone holding only the stages after it (so a checkpoint holds each weight once). Returns
+    ``(head, tail stage names, token grid side, token width)``."""
+    names = list(getattr(vit, "stage_names", ()))
+    if not (hasattr(vit, "blocks") and hasattr(vit, "pos_embed")):
+        raise ValueError(f"{arch} is not a ViT: a token bottleneck needs a ViT teacher")
+    if split_at not in names[:-1]:
+        raise ValueError(f"split point '{split_at}' is not a stage of {arch} (stages: {names[:-1]})")
+    n_blocks = names.index(split_at)  # stem is stage 0, so blockK is preceded by K+1 stages
+    head = ViTHeadStages(vit, n_blocks)
+    vit.patch_embed = nn.Identity()
+    vit.cls_token = None  # type: ignore[assignment]  (a registered parameter set to None leaves the state dict)
+    vit.pos_embed = None  # type: ignore[assignment]
+    for i in range(n_blocks):
+        vit.blocks[i] = nn.Identity()
+    return head, names[n_blocks + 1 :], int(vit.grid), int(vit.cfg.dim)
+
+
+def tokens_to_wire(tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens ``(B, N, c)`` -> the wire tensor ``(B, c, N, 1)``: channels first, one token per row."""
+    return tokens.transpose(1, 2).unsqueeze(-1)
+
+
+def wire_to_tokens(z: torch.Tensor) -> torch.Tensor:
+    """The wire tensor ``(B, c, N, 1)`` -> tokens ``(B, N, c)``."""
+    return z.squeeze(-1).transpose(1, 2)
+
+
+def pool_tokens(tokens: torch.Tensor, grid: int, k: int) -> torch.Tensor:
+    """Average each ``k x k`` square of the ``grid x grid`` patch tokens into one token; the class
+    token (first) passes unchanged: ``(B, 1 + grid^2, d)`` -> ``(B, 1 + (grid/k)^2, d)``."""
+    patches = tokens[:, 1:].transpose(1, 2).unflatten(2, (grid, grid))
+    pooled = F.avg_pool2d(patches, k).flatten(2).transpose(1, 2)
+    return torch.cat([tokens[:, :1], pooled], 1)
+
+
+def unpool_tokens(patches: torch.Tensor, grid: int, k: int) -> torch.Tensor:
+    """``(B, grid^2, d * k^2)`` pooled-grid tokens, each holding its ``k x k`` square's tokens as
+    ``d * k^2`` channels (pixel-shuffle order) -> ``(B, (grid * k)^2, d)`` tokens, row-major."""
+    x = patches.transpose(1, 2).unflatten(2, (grid, grid))
+    return F.pixel_shuffle(x, k).flatten(2).transpose(1, 2)
+
+
+def split_tail(split: nn.Module) -> nn.Module:
+    """The server's graph of any split that defines ``decode(z)``: wire tensor -> logits."""
+    return _Tail(split)

@@ -1,20 +1,49 @@
-"""The BottleFit recipe's ``split`` section (torch-free: the recipe loader reads it)."""
+"""The BottleFit recipe's ``split`` section (torch-free: the recipe loader reads it).
+
+On a CNN teacher the split is a convolutional encoder/decoder (``encoder_strides`` and
+``bottleneck_stride`` give the wire tensor's side). On a ViT teacher it is a token bottleneck
+(``tokens.py``): the ViT's own stages up to ``split_at``, then a per-token projection to
+``bottleneck_channels``; there are no strides, and ``token_pool`` optionally pools the patch-token
+grid before the projection. The keys that only one kind takes are refused on the other."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..registry import SplitSection
 
 WIRE_BITS = (2, 4, 6, 8)  # bit depths a recipe may train and ship modes at
+TOKEN_POOLS = (1, 2, 4)  # token bottleneck: side of the patch-token squares pooled into one token
+# CNN encoder keys and their values when a recipe leaves them out (the recipe schema keeps them
+# None so that a ViT recipe which sets one can be told it has no meaning there).
+CNN_DEFAULTS: dict[str, Any] = {
+    "encoder_widths": [32, 64],
+    "encoder_strides": [1, 2],
+    "bottleneck_stride": 2,
+    "decoder_widths": [64, 64],
+    "decoder_final_relu": True,
+}
+CNN_ONLY_KEYS = ("encoder_strides", "bottleneck_stride", "decoder_final_relu")
+_VIT_SPLIT = re.compile(r"^(stem|block\d+)$")
+
+
+def is_vit_arch(arch: str) -> bool:
+    """Whether a zoo architecture name is a Vision Transformer (``edgesplit/builder/zoo/vit.py``)."""
+    return arch.startswith(("vit", "deit"))
 
 
 @dataclass(kw_only=True)
 class BottleneckSpec:
-    """A bottleneck's architecture: the recipe's ``split`` section less ``family``."""
+    """A bottleneck's architecture: the recipe's ``split`` section less ``family``.
 
-    split_at: str  # name of the last stage that the encoder/decoder replaces
+    CNN: ``encoder_widths``/``encoder_strides`` are 3x3 conv layers, ``decoder_widths`` the
+    decoder's. ViT (token bottleneck): ``encoder_widths`` and ``decoder_widths`` are the hidden
+    widths of the per-token MLPs (empty: one linear layer), ``token_pool`` the pooling of the
+    patch-token grid; the strides and ``decoder_final_relu`` are not used."""
+
+    split_at: str  # name of the last stage that the encoder/decoder replaces (ViT: that the head runs)
     bottleneck_channels: int
     encoder_widths: list[int] = field(default_factory=lambda: [32, 64])
     encoder_strides: list[int] = field(default_factory=lambda: [1, 2])
@@ -22,6 +51,7 @@ class BottleneckSpec:
     decoder_widths: list[int] = field(default_factory=lambda: [64, 64])
     decoder_final_relu: bool = True
     train_bits: int = 8
+    token_pool: int = 1
 
 
 def check_train_bits(bits: int) -> None:
@@ -30,8 +60,62 @@ def check_train_bits(bits: int) -> None:
 
 
 @dataclass(kw_only=True)
-class BottleFitSplitCfg(BottleneckSpec, SplitSection):
-    """``split:`` of a BottleFit recipe."""
+class BottleFitSplitCfg(SplitSection):
+    """``split:`` of a BottleFit recipe (the keys of :class:`BottleneckSpec`; None: the default for
+    the teacher's kind, see :func:`resolve_spec`)."""
+
+    split_at: str
+    bottleneck_channels: int
+    encoder_widths: list[int] | None = None
+    encoder_strides: list[int] | None = None
+    bottleneck_stride: int | None = None
+    decoder_widths: list[int] | None = None
+    decoder_final_relu: bool | None = None
+    train_bits: int = 8
+    token_pool: int | None = None
 
     def check_recipe(self, recipe: Any) -> None:
         check_train_bits(self.train_bits)
+        if self.bottleneck_channels < 1:
+            raise ValueError(f"split.bottleneck_channels: must be >= 1 (got {self.bottleneck_channels})")
+        if not is_vit_arch(recipe.teacher.arch):
+            if self.token_pool not in (None, 1):
+                raise ValueError(
+                    f"split.token_pool: only a ViT teacher's token bottleneck pools tokens "
+                    f"(teacher.arch is '{recipe.teacher.arch}')"
+                )
+            return
+        for key in CNN_ONLY_KEYS:
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"split.{key}: a CNN encoder key; the token bottleneck of a ViT teacher "
+                    f"('{recipe.teacher.arch}') has no strides or final ReLU: leave it out"
+                )
+        if not _VIT_SPLIT.match(self.split_at):
+            raise ValueError(f"split.split_at: a ViT splits after 'stem' or 'block<i>', got '{self.split_at}'")
+        if self.token_pool is not None and self.token_pool not in TOKEN_POOLS:
+            raise ValueError(
+                f"split.token_pool: must be one of {', '.join(map(str, TOKEN_POOLS))} (got {self.token_pool})"
+            )
+        for key in ("encoder_widths", "decoder_widths"):
+            widths = getattr(self, key)
+            if widths is not None and any(w < 1 for w in widths):
+                raise ValueError(f"split.{key}: widths must be >= 1 (got {widths})")
+
+
+def resolve_spec(split: BottleFitSplitCfg, arch: str) -> dict[str, Any]:
+    """The :class:`BottleneckSpec` keys of a recipe's ``split``, defaults filled for the teacher's
+    kind: a CNN gets :data:`CNN_DEFAULTS`; a ViT gets one-layer token projections, no pooling."""
+    spec = {
+        "split_at": split.split_at,
+        "bottleneck_channels": split.bottleneck_channels,
+        "train_bits": split.train_bits,
+        "token_pool": split.token_pool or 1,
+    }
+    defaults = dict(CNN_DEFAULTS)
+    if is_vit_arch(arch):
+        defaults.update(encoder_widths=[], decoder_widths=[])
+    for key, default in defaults.items():
+        value = getattr(split, key)
+        spec[key] = default if value is None else value
+    return spec

@@ -8,7 +8,7 @@ before the split point are dropped from the backbone, so the checkpoint holds on
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +16,8 @@ from torch import nn
 
 from ...builder.bottleneck import BottleneckSplit, FakeQuant, conv_bn_relu, load_split
 from ...data.sources import CLASSES
-from .config import BottleneckSpec
+from .config import CNN_ONLY_KEYS, BottleneckSpec, is_vit_arch, resolve_spec
+from .tokens import TokenBottleFitSplit
 
 
 @dataclass(kw_only=True)
@@ -28,7 +29,11 @@ class BottleFitConfig(BottleneckSpec):
     input_size: int
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        # Each kind saves only the keys it uses (a CNN split's config stays what it was before token bottlenecks).
+        for key in CNN_ONLY_KEYS if is_vit_arch(self.arch) else ("token_pool",):
+            del d[key]
+        return d
 
 
 class BottleFitSplit(BottleneckSplit):
@@ -84,15 +89,22 @@ class _Head(nn.Module):
 
 def student_config(r) -> BottleFitConfig:
     """The model config a recipe (``edgesplit.builder.recipe.Recipe``) describes."""
-    spec = {f.name: getattr(r.split, f.name) for f in fields(BottleneckSpec)}
+    spec = resolve_spec(r.split, r.teacher.arch)
     return BottleFitConfig(arch=r.teacher.arch, num_classes=len(CLASSES[r.dataset]), input_size=r.input_size, **spec)
 
 
-def build_model(r, backbone: nn.Module | None = None) -> BottleFitSplit:
+def split_for(cfg: BottleFitConfig, backbone: nn.Module | None = None) -> BottleFitSplit | TokenBottleFitSplit:
+    """A ViT's split is a token bottleneck (``tokens.py``), a CNN's the convolutional one."""
+    return TokenBottleFitSplit(cfg, backbone) if is_vit_arch(cfg.arch) else BottleFitSplit(cfg, backbone)
+
+
+def build_model(r, backbone: nn.Module | None = None) -> BottleFitSplit | TokenBottleFitSplit:
     """The untrained split a recipe describes (on ``backbone``, else a fresh one)."""
-    return BottleFitSplit(student_config(r), backbone)
+    return split_for(student_config(r), backbone)
 
 
-def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[BottleFitSplit, dict]:
+def load_student(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[BottleFitSplit | TokenBottleFitSplit, dict]:
     """Rebuild a trained split from ``student.pt`` (config + weights + calibration)."""
-    return load_split(path, device, lambda state: BottleFitSplit(BottleFitConfig(**state["config"])))
+    return load_split(path, device, lambda state: split_for(BottleFitConfig(**state["config"])))

@@ -40,7 +40,8 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="PATH",
-        help="bundle directory or tar (repeat to serve several bundles; agents pick one by hash)",
+        help="bundle directory or tar (repeat to serve several bundles; agents pick one by hash); an ED-ViT "
+        "bundle serves its fusion head to cameras' fused requests (PROTOCOL.md §13.5)",
     )
     p.add_argument(
         "--bind",

@@ -144,10 +144,10 @@ def heavy_full_bundle(tmp_path_factory):
     import json
 
     import torch
+    from edvit_fixtures import SIDE, TINY, _export, build_edvit_bundle
 
     from edgesplit.builder.zoo.vit import VisionTransformer
     from edgesplit.bundle import sha256_file
-    from edvit_fixtures import SIDE, TINY, _export, build_edvit_bundle
 
     root = build_edvit_bundle(tmp_path_factory.mktemp("edvit") / "b", n=2)
     big = dataclasses.replace(TINY, dim=64, depth=6, heads=4, mlp_hidden=256, qk_dim=16, v_dim=16)

@@ -167,9 +167,12 @@ def test_stopped_worker_frames_answered_by_the_cutoff(bundle_dir, bundle, frames
         os.kill(w1.pid, signal.SIGCONT)
         assert all(a.used == [0] and a.missing == [1] and a.logits is not None for a in stopped)
         # the resumed worker answers the frames already fused (DEADLINE_EXCEEDED, never computed):
-        # late, counted and dropped, while new frames use it again
-        after = [cam.infer(s) for s in frames[5:12]]
-        assert after[-1].used == [0, 1]
+        # late, counted and dropped, while new frames use it again once it has caught up (and, if
+        # its session expired while stopped, re-handshaken): a bounded number of frames, any speed
+        after = [cam.infer(frames[5 + i % 7]) for i in range(7)]
+        while after[-1].used != [0, 1] and len(after) < 60:
+            after.append(cam.infer(frames[5 + len(after) % 7]))
+        assert after[-1].used == [0, 1], [a.used for a in after]
         assert cam.late_gathers > 0
     finally:
         cam.close()

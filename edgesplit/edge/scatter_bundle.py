@@ -1,25 +1,22 @@
 """An ED-ViT bundle (docs/BUNDLE.md section 7.1) as the scatter runtime reads it: the sub-models
 with their feature tensors, the fusion head, and ONNX Runtime sessions for them.
 
-The bundle contract (:mod:`edgesplit.bundle`) validates an ED-ViT manifest once the ``edvit``
-family is registered; until then this reader checks what the runtime relies on itself (the
-family, the ``edvit`` object, the file roles) and re-hashes every file, so an altered bundle is
-refused either way. The bundle's identity is the SHA-256 of its manifest bytes (section 2), what a
-camera names in ``hello.bundle`` and a worker matches.
+Loading goes through the bundle contract (:meth:`edgesplit.bundle.Bundle.load`: the manifest
+validated, including the ``edvit`` object, and every file re-hashed); this module only turns what
+the contract parsed into the paths and names the worker and the camera use. The bundle's identity
+is the SHA-256 of its manifest bytes (section 2), what a camera names in ``hello.bundle`` and a
+worker matches.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..bundle import MANIFEST, Bundle, BundleError, sha256_file
-from ..families.registry import UnknownFamilyError, get_family
+from ..bundle import Bundle, BundleError
 
 FAMILY = "edvit"
 
@@ -36,111 +33,35 @@ class SubModel:
     classes: tuple[int, ...]
 
 
-def _need(d: Any, key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(d, dict) or key not in d:
-        raise BundleError(f"manifest: missing '{where}{key}'")
-    v = d[key]
-    if not isinstance(v, typ) or isinstance(v, bool):
-        raise BundleError(f"manifest: '{where}{key}' has the wrong type ({type(v).__name__})")
-    return v
-
-
-def _edvit_registered() -> bool:
-    try:
-        get_family(FAMILY)
-    except UnknownFamilyError:
-        return False
-    return True
-
-
-def _read_manifest(root: Path, verify: bool) -> tuple[dict[str, Any], str]:
-    """The manifest and the bundle hash: through the bundle contract when it knows the family,
-    else read here (the files re-hashed all the same)."""
-    if _edvit_registered():
-        b = Bundle.load(root, verify=verify)
-        return b.manifest, b.hash
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise BundleError(f"{root}: not a bundle (no {MANIFEST})")
-    raw = mpath.read_bytes()
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{mpath}: not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != 1:
-        raise BundleError(f"{mpath}: schema_version must be 1")
-    files = _need(manifest, "files", dict, "")
-    if verify:
-        for role, entry in files.items():
-            f = root / _need(entry, "path", str, f"files.{role}.")
-            if not f.is_file():
-                raise BundleError(f"bundle {root}: {role} file '{f.name}' is missing")
-            if sha256_file(f) != _need(entry, "sha256", str, f"files.{role}."):
-                raise BundleError(
-                    f"bundle {root}: '{f.name}' does not match its manifest hash; the file was altered or "
-                    "belongs to another bundle"
-                )
-    return manifest, hashlib.sha256(raw).hexdigest()
-
-
 class EdvitBundle:
     """A verified ED-ViT bundle directory."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], bundle_hash: str):
-        if manifest.get("family") != FAMILY:
-            raise BundleError(f"bundle {root}: family '{manifest.get('family')}' is not '{FAMILY}' (ED-ViT)")
-        self.root = root
-        self.manifest = manifest
-        self.hash = bundle_hash
-        self.name = str(manifest.get("name", root.name))
-        self.classes: list[str] = list(_need(manifest, "classes", list, ""))
-        self.input_spec: dict[str, Any] = _need(manifest, "input", dict, "")
-        self.input_shape = tuple(int(s) for s in _need(self.input_spec, "shape", list, "input."))
-        files = _need(manifest, "files", dict, "")
-        ed = _need(manifest, "edvit", dict, "")
-        subs: dict[int, SubModel] = {}
-        for i, s in enumerate(_need(ed, "submodels", list, "edvit.")):
-            where = f"edvit.submodels[{i}]."
-            sid = _need(s, "id", int, where)
-            if sid != i:
-                raise BundleError(f"manifest: '{where}id' is {sid}; sub-model ids are 0..N-1 in order")
-            role = _need(s, "role", str, where)
-            feats = _need(s, "features", dict, where)
-            subs[sid] = SubModel(
-                sid,
-                role,
-                self._file(files, role),
-                _need(feats, "name", str, where + "features."),
-                _need(feats, "dim", int, where + "features."),
-                tuple(_need(s, "classes", list, where)),
-            )
-        if not 1 <= len(subs) <= 16:
-            raise BundleError(f"manifest: 'edvit.submodels' lists {len(subs)} sub-models; 1 to 16 allowed")
-        covered = sorted(c for s in subs.values() for c in s.classes)
-        if covered != list(range(len(self.classes))):
-            raise BundleError(
-                f"manifest: the sub-models' 'classes' must cover every class of the bundle exactly once, got {covered}"
-            )
-        self.submodels = subs
-        fusion = _need(ed, "fusion", dict, "edvit.")
-        self.fusion_path = self._file(files, _need(fusion, "role", str, "edvit.fusion."))
-        self.fusion_names = tuple(_need(fusion, k, str, "edvit.fusion.") for k in ("features", "mask", "output"))
-        self.full_path = self._file(files, "full") if "full" in files else None
-        modes = _need(manifest, "modes", list, "")
-        self.features_dtype = str(_need(modes[0], "features_dtype", str, "modes[0].")) if modes else "float32"
-        self.mode_id = int(manifest.get("default_mode", modes[0]["id"] if modes else 0))
-        self.accuracy: dict[str, Any] = dict(ed.get("accuracy") or {})
-
-    def _file(self, files: dict, role: str) -> Path:
-        if role not in files:
-            raise BundleError(f"manifest: 'files' has no role '{role}'")
-        return self.root / files[role]["path"]
+    def __init__(self, bundle: Bundle):
+        if bundle.family != FAMILY or bundle.fusion is None:
+            raise BundleError(f"bundle {bundle.root}: family '{bundle.family}' is not '{FAMILY}' (ED-ViT)")
+        self.bundle = bundle
+        self.root = bundle.root
+        self.manifest: dict[str, Any] = bundle.manifest
+        self.hash = bundle.hash
+        self.name = bundle.name
+        self.classes: list[str] = bundle.classes
+        self.input_spec: dict[str, Any] = bundle.input_spec
+        self.input_shape = tuple(int(s) for s in self.input_spec["shape"])
+        self.submodels = {
+            s.id: SubModel(s.id, s.role, bundle.file(s.role), s.features, s.features_dim, s.classes)
+            for s in bundle.submodels
+        }
+        self.fusion_path = bundle.file(bundle.fusion.role)
+        self.fusion_names = (bundle.fusion.features, bundle.fusion.mask, bundle.fusion.output)
+        self.full_path = bundle.file("full") if bundle.has("full") else None
+        mode = bundle.feature_mode()  # the default one; validation guarantees at least one
+        self.features_dtype = mode.features_dtype
+        self.mode_id = mode.id
+        self.accuracy: dict[str, Any] = dict(self.manifest["edvit"].get("accuracy") or {})
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> EdvitBundle:
-        root = Path(path)
-        manifest, bundle_hash = _read_manifest(root, verify)
-        return cls(root, manifest, bundle_hash)
+        return cls(Bundle.load(path, verify=verify))
 
     @property
     def feature_dims(self) -> list[int]:

@@ -6,7 +6,7 @@ with random weights: the planner needs the graphs' work (timed here with ONNX Ru
 bytes from the graph), not their accuracy. Classes are split into contiguous blocks (the partition
 does not change the cost). full.onnx is the unpruned teacher.
 
-    python docs/bench/planner_edvit_sizes.py OUT_DIR   # writes OUT_DIR/edvit-n{2,3,4}
+    python tools/planner_edvit_sizes.py OUT_DIR   # writes OUT_DIR/edvit-n{2,3,4}
 """
 
 from __future__ import annotations

@@ -92,7 +92,10 @@ def test_trace_replay_changes_the_rate_second_by_second():
     per_second = [(rates[2 * k] + rates[2 * k + 1]) / 2 for k in range(3)]
     # the fast second carries several times the slow ones (TCP needs a moment to open up)
     assert per_second[1] > 2.5 * max(per_second[0], per_second[2]), per_second
-    assert 0.6 <= per_second[0] <= 1.2 and 0.6 <= per_second[2] <= 1.6, per_second
+    # the stream's half-second slots run on its own clock, the replayer's steps on another: on a
+    # loaded machine the stream starts late and its first second catches the start of the fast one
+    # (the exact rate at one setting is test_shaped_loopback_delivers_the_configured_rate's check)
+    assert 0.6 <= per_second[0] <= 1.6 and 0.6 <= per_second[2] <= 1.6, per_second
 
 
 @needs_netns

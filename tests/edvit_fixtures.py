@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgesplit.builder.export_common import OPSET, input_spec_for
+from edgesplit.builder.export_common import input_spec_for
 from edgesplit.builder.zoo.vit import VIT_CONFIGS, VisionTransformer
 from edgesplit.bundle import sha256_file
 from edgesplit.data.sources import CLASSES
+from edgesplit.families.edvit.export import export_graph
 
 SIDE = 32
 TINY = dataclasses.replace(
@@ -55,25 +56,6 @@ class FusionNet(nn.Module):
         return self.mlp(torch.cat([features, mask], dim=1))
 
 
-def _export(module: nn.Module, examples: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
-    """The settings of :func:`edgesplit.builder.export_common.export_onnx`, with several inputs and
-    outputs (a sub-model has two outputs, the fusion head two inputs)."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad():
-        prog = torch.onnx.export(
-            module.eval(),
-            examples,
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_shapes=tuple({0: batch} for _ in examples),
-            optimize=True,
-            verbose=False,
-        )
-    prog.save(str(path))
-
-
 def partition(n_classes: int, n: int) -> list[list[int]]:
     """Contiguous class blocks, as even as possible."""
     bounds = [round(i * n_classes / n) for i in range(n + 1)]
@@ -94,7 +76,7 @@ def build_edvit_bundle(out: Path, n: int = 2, seed: int = 0, with_full: bool = T
     subs = []
     for sid, cls in enumerate(partition(len(classes), n)):
         path = out / f"submodel_{sid}.onnx"
-        _export(SubModelNet(len(cls) + 1), (x,), path, ["input"], ["features", "logits"])
+        export_graph(SubModelNet(len(cls) + 1), (x,), path, ["input"], ["features", "logits"])
         files[f"submodel.{sid}"] = _entry(path)
         subs.append(
             {
@@ -110,7 +92,7 @@ def build_edvit_bundle(out: Path, n: int = 2, seed: int = 0, with_full: bool = T
             }
         )
     fusion = out / "fusion.onnx"
-    _export(
+    export_graph(
         FusionNet(n * TINY.dim, n, len(classes)),
         (torch.randn(2, n * TINY.dim), torch.ones(2, n)),
         fusion,
@@ -120,7 +102,7 @@ def build_edvit_bundle(out: Path, n: int = 2, seed: int = 0, with_full: bool = T
     files["fusion"] = _entry(fusion)
     if with_full:
         full = out / "full.onnx"
-        _export(VisionTransformer(TINY, len(classes)), (x,), full, ["input"], ["logits"])
+        export_graph(VisionTransformer(TINY, len(classes)), (x,), full, ["input"], ["logits"])
         files["full"] = _entry(full)
     manifest = {
         "schema_version": 1,

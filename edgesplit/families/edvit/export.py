@@ -42,7 +42,7 @@ class _TeacherRef:
         self.arch, self.num_classes = arch, num_classes
 
 
-def _export(module: torch.nn.Module, examples: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+def export_graph(module: torch.nn.Module, examples: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         prog = torch.onnx.export(
@@ -110,10 +110,10 @@ def export_bundle(
     n = len(ens.submodels)
     files: dict = {"full": {"path": "full.onnx", "model": "teacher"}, "fusion": {"path": "fusion.onnx"}}
     for i, sub in enumerate(ens.submodels):
-        _export(sub, (ex,), out / f"submodel_{i}.onnx", ["input"], ["features", "logits"])
+        export_graph(sub, (ex,), out / f"submodel_{i}.onnx", ["input"], ["features", "logits"])
         files[f"submodel.{i}"] = {"path": f"submodel_{i}.onnx"}
     dims = [s.dim for s in ens.submodels]
-    _export(
+    export_graph(
         ens.fusion, (torch.zeros(2, sum(dims)), torch.ones(2, n)), out / "fusion.onnx", ["features", "mask"], ["logits"]
     )
     export_onnx(teacher, ex, out / "full.onnx", "image", "logits")

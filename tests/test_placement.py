@@ -144,16 +144,17 @@ def heavy_full_bundle(tmp_path_factory):
     import json
 
     import torch
-    from edvit_fixtures import SIDE, TINY, _export, build_edvit_bundle
+    from edvit_fixtures import SIDE, TINY, build_edvit_bundle
 
     from edgesplit.builder.zoo.vit import VisionTransformer
     from edgesplit.bundle import sha256_file
+    from edgesplit.families.edvit.export import export_graph
 
     root = build_edvit_bundle(tmp_path_factory.mktemp("edvit") / "b", n=2)
     big = dataclasses.replace(TINY, dim=64, depth=6, heads=4, mlp_hidden=256, qk_dim=16, v_dim=16)
     torch.manual_seed(1)
     full = root / "full.onnx"
-    _export(VisionTransformer(big, 10), (torch.randn(2, 3, SIDE, SIDE),), full, ["input"], ["logits"])
+    export_graph(VisionTransformer(big, 10), (torch.randn(2, 3, SIDE, SIDE),), full, ["input"], ["logits"])
     m = json.loads((root / "manifest.json").read_text())
     m["files"]["full"] = {"path": "full.onnx", "sha256": sha256_file(full), "bytes": full.stat().st_size}
     (root / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")

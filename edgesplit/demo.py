@@ -3,19 +3,21 @@
 Starts the server daemon (its own process, as in production) with a bundle the project ships,
 streams N real frames through the agent (head on ONNX Runtime, quantize, ZeroMQ, tail on the
 server), and prints what a split buys: accuracy, bytes on the wire against the input JPEG, and
-where the time goes (p50/p95).
+where the time goes (p50/p95). An ED-ViT bundle (serving shape "scatter") runs as one worker process
+per sub-model and a camera that fuses their features instead (``demo_edvit.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import Bundle, BundleError
 from .data.sources import SourceError, open_source, take
 from .loopback import DEFAULT_BUNDLE, DEFAULT_SOURCES
 
@@ -25,17 +27,21 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return (float(np.percentile(a, 50)), float(np.percentile(a, 95))) if a.size else (float("nan"), float("nan"))
 
 
+def default_source(bundle_name: str) -> str:
+    """The test split of the dataset a bundle's name starts with."""
+    dataset = next((d for d in DEFAULT_SOURCES if bundle_name.startswith(d)), None)
+    if dataset is None:
+        raise SourceError(f"no default frame source for bundle '{bundle_name}': pass --source")
+    return DEFAULT_SOURCES[dataset]
+
+
 def run_demo(
     bundle_path: Path, source: str | None, frames: int, mode: int | None, inflight: int, threads: int | None
 ) -> dict:
     from .edge.agent import Agent
 
     bundle = Bundle.load(bundle_path)
-    if source is None:
-        dataset = next((d for d in DEFAULT_SOURCES if bundle.name.startswith(d)), None)
-        if dataset is None:
-            raise SourceError(f"no default frame source for bundle '{bundle.name}': pass --source")
-        source = DEFAULT_SOURCES[dataset]
+    source = source or default_source(bundle.name)
     samples = list(take(open_source(source, bundle.classes), frames))
     from .bench.serverproc import ServerProcess
 
@@ -121,7 +127,22 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--inflight", type=int, default=4, help="requests outstanding at once")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the head")
     p.add_argument("--json", action="store_true")
+    g = p.add_argument_group("ED-ViT bundles (one worker process per sub-model)")
+    g.add_argument("--budget-ms", type=float, default=200.0, help="per-frame deadline, capture to answer")
+    g.add_argument("--kill-one", action="store_true", help="kill -9 the last worker halfway through")
     a = p.parse_args(argv)
-    r = run_demo(Path(a.bundle), a.source, a.frames, a.mode, a.inflight, a.threads)
-    print(json.dumps(r, indent=2) if a.json else format_table(r))
+    try:
+        bundle = Bundle.load(a.bundle, verify=False)
+        source = a.source or default_source(bundle.name)
+    except (BundleError, SourceError) as e:
+        print(f"edgesplit demo: {e}", file=sys.stderr)
+        return 2
+    if bundle.serving == "scatter":
+        from .demo_edvit import format_edvit_table, run_edvit_demo
+
+        r = run_edvit_demo(Path(a.bundle), source, a.frames, a.threads, a.budget_ms, a.kill_one)
+        print(json.dumps(r, indent=2) if a.json else format_edvit_table(r))
+    else:
+        r = run_demo(Path(a.bundle), source, a.frames, a.mode, a.inflight, a.threads)
+        print(json.dumps(r, indent=2) if a.json else format_table(r))
     return 0 if r["ok"] == r["frames"] else 1

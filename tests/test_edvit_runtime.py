@@ -314,3 +314,22 @@ def test_worker_table_checks_in_order(bundle):
     m = P.parse(P.pack(S.scatter(11, 100, [0], jpeg), [b"\xff\xd8\xff"]), P.DEFAULT_LIMITS, SCATTER_FEATURES)
     t.settle(me)
     assert code(t.receive(me, m, 0, False)) == ErrorCode.UNSUPPORTED  # no scatter_jpeg offered
+
+
+def test_demo_runs_an_edvit_bundle_and_survives_a_killed_worker(bundle_dir):
+    """`edgesplit demo --bundle <ED-ViT>`: one worker process per sub-model, the camera fuses; the
+    last worker killed -9 halfway: every frame still answered, the later ones from sub-model 0 only."""
+    cmd = [sys.executable, "-m", "edgesplit", "demo", "--bundle", str(bundle_dir), "--source", "cifar10:test"]
+    out = subprocess.run(cmd + ["--frames", "16", "--kill-one", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["family"] == "edvit" and r["submodels"] == 2 and len(r["workers"]) == 2
+    assert r["frames"] == r["ok"] == r["with_logits"] == 16
+    assert r["killed_worker_at_frame"] == 8
+    assert r["frames_by_used"].get("0,1", 0) >= 7 and r["frames_by_used"].get("0", 0) >= 7
+    assert 0.0 <= r["full_model_accuracy"] <= 1.0 and r["bytes_out_per_frame"] > 0
+    table = subprocess.run(cmd + ["--frames", "4"], capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr
+    assert "ED-ViT, 2 sub-models on 2 worker processes" in table.stdout and "fusion" in table.stdout
+    bad = subprocess.run(cmd[:4] + [str(bundle_dir / "nope")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "nope" in bad.stderr

@@ -17,10 +17,7 @@ process. Three phases over the same frames of the source:
 from __future__ import annotations
 
 import argparse
-import json
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -31,6 +28,7 @@ from ..data.transforms import preprocess
 from ..edge.scatter_bundle import EdvitBundle, ort_session
 from ..edge.scatter_camera import ScatterCamera
 from ..edge.scatter_run import summarize as summarize_answers
+from ..loopback import start_workers, stop_workers
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,20 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per worker and the camera")
 
 
-def _start_workers(bundle: str, n: int, n_sub: int, threads: int) -> list[tuple[subprocess.Popen, str, list[int]]]:
-    out = []
-    for w in range(n):
-        subs = [s for s in range(n_sub) if s % n == w]
-        cmd = [sys.executable, "-m", "edgesplit", "worker", "--bundle", bundle, "--bind", "tcp://127.0.0.1:0"]
-        cmd += ["--submodels", ",".join(map(str, subs)), "--threads", str(threads)]
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        line = json.loads(p.stdout.readline()) if p.stdout else {}
-        if line.get("event") != "listening":
-            raise RuntimeError(f"worker {w} did not start: {line}")
-        out.append((p, line["endpoint"], subs))
-    return out
-
-
 def _camera(bundle: EdvitBundle, eps: list[str], args: argparse.Namespace, how: str) -> ScatterCamera:
     return ScatterCamera(bundle, eps, budget_ms=args.budget_ms, scatter_input=how, threads=args.threads).connect()
 
@@ -67,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_sub = len(bundle.submodels)
     n = args.workers or n_sub
     frames = list(take(open_source(args.source, bundle.classes), args.frames))
-    workers = _start_workers(args.bundle, n, n_sub, args.threads)
+    workers = start_workers(args.bundle, n, n_sub, args.threads)
     eps = [ep for _, ep, _ in workers]
     result: dict[str, Any] = {
         "scenario": "edvit",
@@ -137,11 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "workers_report": cam.worker_report(),
         }
     finally:
-        for p, _, _ in workers:
-            if p.poll() is None:
-                p.terminate()
-        for p, _, _ in workers:
-            p.wait(timeout=10)
+        stop_workers(workers)
     if bundle.full_path is not None:
         full = ort_session(bundle.full_path, args.threads)
         correct, times = 0, []

@@ -43,7 +43,13 @@ def _train(argv: list[str]) -> int:
     from .builder.pipeline import run_recipe
     from .builder.recipe import load_recipe
 
-    r = load_recipe(a.recipe)
+    from .builder.recipe import RecipeError
+
+    try:
+        r = load_recipe(a.recipe)
+    except (RecipeError, OSError) as e:
+        print(f"edgesplit train: {e}", file=sys.stderr)
+        return 2
     if a.epochs_scale != 1.0:
         for c in (r.stage1, r.stage2, r.teacher.train):
             if c is not None:

@@ -182,11 +182,29 @@ def test_distill_recipe_is_validated(tmp_path):
     refused(("alpha", 1.5), r"teacher\.train\.distill\.alpha")
     refused(("temperature", 0), r"teacher\.train\.distill\.temperature")
     refused(("teacher", "x"), r"unknown key\(s\) \['teacher'\]")
-    wrong_size = json.loads(json.dumps(data))
-    wrong_size["input_size"] = 64
-    (tmp_path / "size.yaml").write_text(yaml.safe_dump(wrong_size))
-    with pytest.raises(RecipeError, match=r"takes input \[3, 32, 32\]"):
-        load_recipe(tmp_path / "size.yaml")
+    other_size = json.loads(json.dumps(data))
+    other_size["input_size"] = 64  # accepted: the teacher bundle sees batches resized to its 32 px
+    (tmp_path / "size.yaml").write_text(yaml.safe_dump(other_size))
+    assert load_recipe(tmp_path / "size.yaml").input_size == 64
+
+
+def test_distillation_teacher_resizes_batches_of_another_size():
+    """A 32-px bundle distilling a 64-px student: the batch is resized (antialiased) to the bundle's
+    input, so 2x-upsampled frames get the predictions of the frames themselves, up to resampling."""
+    from edgesplit.builder.data import MEAN, STD, DeviceLoader, load_split
+    from edgesplit.builder.distill import OnnxTeacher
+
+    require_cifar()
+    x, y = load_split("cifar10", "test", 32, None, limit_per_shard=128)
+    teacher = OnnxTeacher(KD_BUNDLE, threads=1)
+    assert teacher.size == (32, 32)
+    xb, _ = next(iter(DeviceLoader(x, y, 128, torch.device("cpu"), MEAN, STD)))
+    big = torch.nn.functional.interpolate(xb, scale_factor=2, mode="bilinear", align_corners=False)
+    down = torch.nn.functional.interpolate(big, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.equal(teacher(big), teacher(down))
+    # up- then down-sampling blurs a 32-px frame: most predictions survive it (chance is 0.1)
+    same = (teacher(big).argmax(1) == teacher(xb).argmax(1)).float().mean().item()
+    assert same >= 0.7, same
 
 
 def test_distillation_step_lowers_the_loss_on_real_cifar(tmp_path):

@@ -5,7 +5,9 @@ student's own augmented batch (Hinton et al. 2015).
 
 The ``T^2`` factor keeps the soft term's gradient scale independent of ``T``. The teacher runs
 in ONNX Runtime, not torch: a bundle is what the project ships (its CNN teacher's weights need
-not be around as a checkpoint), and inference only needs no autograd graph.
+not be around as a checkpoint), and inference only needs no autograd graph. A bundle trained at
+another resolution (the shipped 112-px Imagenette CNN for a 224-px ViT) sees the batch resized to
+its input size: the labels it knows do not depend on the resolution it was trained at.
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ class OnnxTeacher:
         so.intra_op_num_threads = threads or torch.get_num_threads()
         so.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        spec = self.session.get_inputs()[0]
+        self.input_name = spec.name
+        dims = spec.shape[-2:]
+        # a fixed spatial size: the batch is resized to it (a dynamic one takes the batch as it is)
+        self.size = tuple(dims) if all(isinstance(d, int) for d in dims) else None
         self.path = path
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x.float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
         arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
         (logits,) = self.session.run(None, {self.input_name: arr})
         return torch.from_numpy(logits).to(x.device)

@@ -96,9 +96,12 @@ def check_distill(d: DistillCfg, r: Recipe, where: str) -> None:
             f"{where}.bundle: {d.bundle!r} classifies {m.get('classes')}, not the classes of '{r.dataset}'"
         )
     spec = m.get("input", {})
-    if spec.get("shape") != [3, r.input_size, r.input_size]:
+    shape = spec.get("shape")
+    # another square size is fine: the teacher sees the batch resized to its own (builder/distill.py)
+    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3 and shape[1] == shape[2]):
         raise RecipeError(
-            f"{where}.bundle: {d.bundle!r} takes input {spec.get('shape')}, the recipe feeds {[3, r.input_size, r.input_size]}"
+            f"{where}.bundle: {d.bundle!r} takes input {shape}, not a square RGB image (the recipe feeds "
+            f"{[3, r.input_size, r.input_size]})"
         )
     if tuple(spec.get("mean", ())) != MEAN or tuple(spec.get("std", ())) != STD:
         raise RecipeError(f"{where}.bundle: {d.bundle!r} normalises with other mean/std than the recipe's batches")

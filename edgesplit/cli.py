@@ -41,9 +41,7 @@ def _train(argv: list[str]) -> int:
     from pathlib import Path
 
     from .builder.pipeline import run_recipe
-    from .builder.recipe import load_recipe
-
-    from .builder.recipe import RecipeError
+    from .builder.recipe import RecipeError, load_recipe
 
     try:
         r = load_recipe(a.recipe)

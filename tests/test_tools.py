@@ -128,3 +128,13 @@ def test_zoo_list_and_eval_shared_teacher():
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["frames"] == 200 and 0.7 < r["accuracy"] < 0.95  # the data README: about 83% on this shard
+
+
+def test_train_refuses_a_bad_recipe_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndataset: cifar10\nfrobnicate: 1\n")
+    out = run_cli("train", str(bad), timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("edgesplit train: ") and "frobnicate" in out.stderr
+    missing = run_cli("train", str(tmp_path / "nope.yaml"), timeout=120)
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr and "Traceback" not in missing.stderr

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from typing import Any
 
 from ..bundle import Bundle, BundleError
 from ..control.policy import Policy
+from ..data.sources import open_source, take
 from .adaptive import POLICY_KINDS, bundle_modes, make_policy, measure_local_ms
 from .agent_core import Agent
+from .delivery import Deliverer
 from .fallback import load_fallback
 from .results import AgentError, FrameResult, summarize
 from .scatter_run import add_edvit_arguments, edvit_main
+from .sdnotify import Notifier
+from .service_config import ConfigError, parse_with_config, spool_dir
+from .service_run import Reporter, StopSignal, add_service_arguments, run_frames
+from .service_unit import install_service_main
 
 
 def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
@@ -120,14 +127,33 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
         help='write one JSON line per frame and a final {"summary": ...} line to FILE or stdout',
     )
     add_edvit_arguments(p)
+    add_service_arguments(p)
     return p
 
 
 def agent_main(args_list: list[str] | None = None) -> int:
-    """Run the agent CLI. Exit codes: 0 done, 1 could not run (bundle, server, source), 3 every frame failed."""
-    args = build_parser().parse_args(args_list)
+    """Run the agent CLI. Exit codes: 0 done (also after SIGTERM), 1 could not run (bundle, server,
+    source), 2 invalid flags or config, 3 every frame failed. ``install-service`` writes a unit."""
+    argv = sys.argv[1:] if args_list is None else list(args_list)
+    if argv[:1] == ["install-service"]:
+        return install_service_main(argv[1:], build_parser())
+    try:
+        args = parse_with_config(build_parser(), argv)
+    except ConfigError as e:
+        print(f"edgesplit agent: {e}", file=sys.stderr)
+        return 2
     if args.edvit:
         return edvit_main(args)
+    rep = Reporter(args.log_format)
+    notifier = Notifier()
+    with StopSignal() as stop:
+        try:
+            return _run(args, rep, notifier, stop)
+        finally:
+            notifier.close()
+
+
+def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: StopSignal) -> int:
     out = None
     try:
         bundle = Bundle.load(args.bundle)
@@ -151,16 +177,35 @@ def agent_main(args_list: list[str] | None = None) -> int:
         )
         agent.connect()
     except (AgentError, BundleError, OSError, ValueError) as e:
-        print(f"edgesplit agent: {e}", file=sys.stderr)
+        rep.say(str(e), logging.ERROR, event="start_failed")
         return 1
     if args.fallback == "auto" and agent.fallback is None:
-        print(f"edgesplit agent: bundle {agent.bundle.name} has no full model: no local fallback", file=sys.stderr)
+        rep.say(f"bundle {agent.bundle.name} has no full model: no local fallback", event="no_fallback")
     if agent.welcome is None:
-        print(
-            f"edgesplit agent: no welcome from {args.server} within {args.timeout_s:.1f} s: answering frames "
+        rep.say(
+            f"no welcome from {args.server} within {args.timeout_s:.1f} s: answering frames "
             "locally (full.onnx) and retrying in the background",
-            file=sys.stderr,
+            event="unreachable",
         )
+    notifier.ready(
+        f"streaming to {args.server}" if agent.welcome is not None else f"{args.server} unreachable: local fallback"
+    )
+    deliver = None
+    if args.deliver:
+        deliver = Deliverer(
+            args.deliver,
+            spool_dir(vars(args)),  # type: ignore[arg-type]  # validate() made sure there is one
+            agent=agent.name,
+            batch=args.deliver_batch,
+            **{k: v for k, v in (("max_bytes", args.spool_max_bytes), ("max_records", args.spool_max_records)) if v},
+        )
+        if deliver.replayed_from_start:
+            rep.say(
+                f"{deliver.replayed_from_start} undelivered results from an earlier run: sending them first",
+                logging.INFO,
+                event="spool_replay",
+                records=deliver.replayed_from_start,
+            )
     if args.json_lines == "-":
         out = sys.stdout
     elif args.json_lines:
@@ -168,27 +213,44 @@ def agent_main(args_list: list[str] | None = None) -> int:
     results: list[FrameResult] = []
     t0 = time.perf_counter()
     try:
-        for r in agent.run(args.source, args.frames or None, fps=args.fps):
+        frames = iter(take(open_source(args.source, agent.bundle.classes), args.frames or None))
+        for r in run_frames(agent, frames, fps=args.fps, stop=stop, grace_s=args.stop_grace_s, notifier=notifier):
             results.append(r)
-            if out is not None:
-                out.write(json.dumps(r.to_json()) + "\n")
+            if out is not None or deliver is not None:
+                line = r.to_json()
+                if out is not None:
+                    out.write(json.dumps(line) + "\n")
+                if deliver is not None:
+                    deliver.put(line)
     except KeyboardInterrupt:
-        print("edgesplit agent: interrupted", file=sys.stderr)
+        rep.say("interrupted", event="interrupted")
     except Exception as e:
-        print(f"edgesplit agent: {type(e).__name__}: {e}", file=sys.stderr)
+        rep.say(f"{type(e).__name__}: {e}", logging.ERROR, event="failed")
+        notifier.stopping(f"failed: {type(e).__name__}")
         agent.close()
+        if deliver is not None:
+            deliver.close()
         return 1
+    notifier.stopping("SIGTERM: frames in flight answered" if stop.requested else "frame source ended")
+    if stop.requested:
+        rep.say(f"SIGTERM: stopped after {len(results)} frames", logging.INFO, event="stopped", frames=len(results))
     wall = time.perf_counter() - t0
     agent.close()
     summary = summarize(results, wall, agent)
     # the edge plane must not pull torch in: report it, so benchmarks and CI can check
     summary["torch_loaded"] = any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+    if deliver is not None:
+        deliver.close()
+        summary["delivery"] = deliver.summary()
     if out is not None:
         out.write(json.dumps({"summary": summary}) + "\n")
         if out is not sys.stdout:
             out.close()
-    human = sys.stderr if out is sys.stdout else sys.stdout
-    print(_format_summary(summary, agent), file=human)
+    if rep.json:
+        rep.say("summary", logging.INFO, event="summary", summary=summary)
+    else:
+        human = sys.stderr if out is sys.stdout else sys.stdout
+        print(_format_summary(summary, agent), file=human)
     return 3 if results and not summary["ok"] else 0
 
 

@@ -121,15 +121,17 @@ class Spool:
 
     # -- out -----------------------------------------------------------------------------------
     def peek(self, n: int) -> list[dict[str, Any]]:
-        """Up to ``n`` of the oldest records (from the head segment), without removing them."""
-        if not self._segs:
-            return []
-        head = self._segs[0]
+        """Up to ``n`` of the oldest records, in order, without removing them."""
         out: list[dict[str, Any]] = []
-        with open(self._path(head[0]), "rb") as f:
-            f.seek(self._offset)
-            for _ in range(min(n, head[1])):
-                out.append(json.loads(f.readline()))
+        offset = self._offset
+        for seg in self._segs:
+            if len(out) >= n:
+                break
+            with open(self._path(seg[0]), "rb") as f:
+                f.seek(offset)
+                for _ in range(min(n - len(out), seg[1])):
+                    out.append(json.loads(f.readline()))
+            offset = 0
         return out
 
     def commit(self, n: int) -> None:

@@ -6,6 +6,11 @@
 #   three, and copy results into $OUT.
 # Phase "vit": lay out the CIFAR-10 shards carried in .gpu1/cifar/, train the ViT GPU recipe
 #   (teacher-only: teacher.pt + results.json), wait for it, and copy results into $OUT.
+# Phase "inet": only lay out the Imagenette shards carried in .gpu1/inet/ (the first half: the
+#   working tree that travels is limited to 64 MiB), for phase "deit" in the next call.
+# Phase "deit": add the rest carried in .gpu2/, check all 14 shards are there, train DeiT-tiny
+#   (224 px) and its two token-bottleneck splits (block1, then the stem recipe on the same
+#   teacher), wait, and copy results, students and the teacher into $OUT.
 set -u
 phase=$1
 D=/tmp/esdata; R=/tmp/esruns
@@ -23,6 +28,17 @@ if [ "$phase" = start ]; then
   launch cifar-shared cifar10-sharedteacher-bottlefit
   sleep 45; tail -n 3 $R/*.log
   exit 0
+fi
+if [ "$phase" = inet ]; then
+  cp .gpu1/inet/* $D/imagenette-224/; ls $D/imagenette-224 | wc -l; exit 0
+fi
+if [ "$phase" = deit ]; then
+  cp .gpu2/* $D/imagenette-224/ 2>/dev/null
+  n=$(ls $D/imagenette-224/*.tar.gz 2>/dev/null | wc -l)
+  [ "$n" -eq 14 ] || { echo "phase deit: $n of 14 Imagenette shards in $D/imagenette-224 (run phase inet first)"; exit 1; }
+  RUNS="imagenette-deit-tiny-bottlefit-gpu imagenette-deit-tiny-bottlefit-stem-gpu"
+  # the stem recipe reads the first run's teacher.pt (beside its run dir): one chain, in the background
+  setsid nohup bash -c "python3 -m edgesplit train models/recipes/imagenette-deit-tiny-bottlefit-gpu.yaml --run-dir $R/imagenette-deit-tiny-bottlefit-gpu --workers 12 > $R/imagenette-deit-tiny-bottlefit-gpu.log 2>&1 && python3 -m edgesplit train models/recipes/imagenette-deit-tiny-bottlefit-stem-gpu.yaml --run-dir $R/imagenette-deit-tiny-bottlefit-stem-gpu --workers 12 > $R/imagenette-deit-tiny-bottlefit-stem-gpu.log 2>&1" < /dev/null > /dev/null 2>&1 &
 fi
 if [ "$phase" = vit ]; then
   cp .gpu1/cifar/* $D/cifar10-jpeg/
@@ -46,5 +62,9 @@ done
 cp $R/cifar-scratch/student.pt $OUT/cifar-scratch-student.pt 2>/dev/null
 cp $R/inet/student.pt $OUT/inet-student.pt 2>/dev/null
 cp $R/cifar-vit/teacher.pt $OUT/cifar-vit-teacher.pt 2>/dev/null
+for n in imagenette-deit-tiny-bottlefit-gpu imagenette-deit-tiny-bottlefit-stem-gpu; do
+  cp $R/$n/student.pt $OUT/$n-student.pt 2>/dev/null
+done
+cp $R/imagenette-deit-tiny-bottlefit-gpu/teacher.pt $OUT/deit-tiny-teacher.pt 2>/dev/null
 for n in $RUNS; do cp $R/$n/results.json $OUT/$n-results.json 2>/dev/null; done
 ls -la $OUT

@@ -52,6 +52,9 @@ class BottleneckSpec:
     decoder_final_relu: bool = True
     train_bits: int = 8
     token_pool: int = 1
+    # Issue 14: a learned entropy bottleneck (``entropy.py``) instead of the uniform quantizer, its
+    # rate weighted by this many loss units per bit per frame. None: the uniform quantizer.
+    entropy_lambda: float | None = None
 
 
 def check_train_bits(bits: int) -> None:
@@ -73,9 +76,16 @@ class BottleFitSplitCfg(SplitSection):
     decoder_final_relu: bool | None = None
     train_bits: int = 8
     token_pool: int | None = None
+    entropy_lambda: float | None = None
 
     def check_recipe(self, recipe: Any) -> None:
         check_train_bits(self.train_bits)
+        if self.entropy_lambda is not None:
+            lam = self.entropy_lambda
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < 1e3:
+                raise ValueError(f"split.entropy_lambda: a number of loss units per bit in (0, 1000) (got {lam!r})")
+            if is_vit_arch(recipe.teacher.arch):
+                raise ValueError("split.entropy_lambda: the entropy bottleneck is built for CNN splits only so far")
         if self.bottleneck_channels < 1:
             raise ValueError(f"split.bottleneck_channels: must be >= 1 (got {self.bottleneck_channels})")
         if not is_vit_arch(recipe.teacher.arch):
@@ -111,6 +121,7 @@ def resolve_spec(split: BottleFitSplitCfg, arch: str) -> dict[str, Any]:
         "bottleneck_channels": split.bottleneck_channels,
         "train_bits": split.train_bits,
         "token_pool": split.token_pool or 1,
+        "entropy_lambda": None if split.entropy_lambda is None else float(split.entropy_lambda),
     }
     defaults = dict(CNN_DEFAULTS)
     if is_vit_arch(arch):

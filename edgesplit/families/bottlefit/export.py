@@ -50,6 +50,11 @@ def export_bundle(
     out, model, state, teacher = open_export(load_student, student_path, out_dir, teacher_path)
     recipe, results = state["recipe"], state["results"]
     cfg = model.cfg
+    if getattr(cfg, "entropy_lambda", None) is not None:
+        raise ValueError(
+            f"{student_path}: an entropy-bottleneck student (split.entropy_lambda): the bundle schema has no "
+            "'ans' modes yet (issue 14); its tables and measured bytes are in results.entropy of student.pt"
+        )
     side = cfg.input_size
 
     ex_img = torch.zeros(2, 3, side, side)

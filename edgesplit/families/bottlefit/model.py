@@ -17,6 +17,7 @@ from torch import nn
 from ...builder.bottleneck import BottleneckSplit, FakeQuant, conv_bn_relu, load_split
 from ...data.sources import CLASSES
 from .config import CNN_ONLY_KEYS, BottleneckSpec, is_vit_arch, resolve_spec
+from .entropy import EntropyQuant
 from .tokens import TokenBottleFitSplit
 
 
@@ -33,6 +34,8 @@ class BottleFitConfig(BottleneckSpec):
         # Each kind saves only the keys it uses (a CNN split's config stays what it was before token bottlenecks).
         for key in CNN_ONLY_KEYS if is_vit_arch(self.arch) else ("token_pool",):
             del d[key]
+        if d["entropy_lambda"] is None:  # a uniform split's config stays what it was before issue 14
+            del d["entropy_lambda"]
         return d
 
 
@@ -47,7 +50,9 @@ class BottleFitSplit(BottleneckSplit):
             cin = w
         layers.append(nn.Conv2d(cin, cfg.bottleneck_channels, 3, cfg.bottleneck_stride, 1))
         self.encoder = nn.Sequential(*layers)
-        self.quant = FakeQuant(cfg.train_bits)
+        self.quant: FakeQuant | EntropyQuant = (
+            FakeQuant(cfg.train_bits) if cfg.entropy_lambda is None else EntropyQuant(cfg.bottleneck_channels)
+        )
 
         n_up = self.upsampling_steps()
         dec, cin = [], cfg.bottleneck_channels

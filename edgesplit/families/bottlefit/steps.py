@@ -77,6 +77,11 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
             )
             torch.save(student.state_dict(), art)
 
+    if student.cfg.entropy_lambda is not None:  # issue 14: tables instead of a calibrated range
+        from .entropy_steps import finish
+
+        return finish(r, run_dir, p, student, results)
+
     # 3. Calibrate the wire quantization on training data, then evaluate every mode with it applied.
     z = collect_wire(student, DeviceLoader(xtr, ytr, 500, dev, MEAN, STD), max_batches=20)
     calib = {str(b): calibrate(z, b) for b in r.mode_bits}

@@ -10,6 +10,7 @@ from torch import nn
 
 from ...builder.bottleneck import kd_kl, teacher_features, wire_values
 from ...builder.train import EpochRunner, freeze
+from .entropy import rate_loss
 from .model import BottleFitSplit
 
 
@@ -22,6 +23,7 @@ def distill_stage1(
     freeze(student, True)
     freeze(student.encoder, False)
     freeze(student.decoder, False)
+    freeze(student.quant, False)  # an entropy bottleneck's density learns with them
     q_bits, student.quant.bits = student.quant.bits, 0  # observe the range, do not quantize yet
 
     def set_mode():
@@ -32,9 +34,11 @@ def distill_stage1(
         with torch.no_grad():
             _, t_feats = teacher_features(teacher, x, student.cfg.split_at)
         _, s_feats = student(x, return_features=True)
-        return sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_feats, t_feats))
+        distortion = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_feats, t_feats))
+        return distortion + rate_loss(student.quant, student.cfg.entropy_lambda)
 
-    params = list(student.encoder.parameters()) + list(student.decoder.parameters())
+    # The quantizer's own parameters: the entropy bottleneck's density (none for the uniform one).
+    params = [*student.encoder.parameters(), *student.decoder.parameters(), *student.quant.parameters()]
     EpochRunner("stage1", student, params, cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)
     student.quant.bits = q_bits
     freeze(student, False)
@@ -60,7 +64,8 @@ def finetune_stage2(
         with torch.no_grad():
             t_logits = teacher(x)
         s_logits = student(x)
-        return (1 - alpha) * F.cross_entropy(s_logits, y) + alpha * kd_kl(s_logits, t_logits, T)
+        task = (1 - alpha) * F.cross_entropy(s_logits, y) + alpha * kd_kl(s_logits, t_logits, T)
+        return task + rate_loss(student.quant, student.cfg.entropy_lambda)
 
     EpochRunner(name, student, student.parameters(), cfg, loader, device, run_dir, log).run(step, set_mode, eval_fn)
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "split": "cut a zoo model or any ONNX file at a single-tensor cut: list cut points, or export the halves",
     "profile": "profiling with --json output: per-node and whole-model latency (profile latency)",
     "keys": "CURVE key pairs for encrypted, authenticated agent <-> server links (keys gen NAME --out DIR)",
+    "bundle": "bundle signatures: keygen, sign BUNDLE --key KEY, verify BUNDLE --pubkey PUB (Ed25519)",
     "collect": "receive the results agents deliver (agent --deliver URL) into a JSON-lines file",
     "plan": "rank cut points / bundle modes / local / raw JPEG by predicted latency or device energy for a link and devices",
 }
@@ -92,6 +93,7 @@ HANDLERS = {
     "split": _delegate("edgesplit.builder.split", "split_main"),
     "profile": _delegate("edgesplit.profile.cli", "profile_main"),
     "keys": _delegate("edgesplit.keys_cli", "keys_main"),
+    "bundle": _delegate("edgesplit.bundle_sign", "bundle_main"),
     "collect": _delegate("edgesplit.collector", "collect_main"),
     "plan": _delegate("edgesplit.profile.plan_cli", "plan_main"),
 }

@@ -308,3 +308,34 @@ def test_sigterm_with_a_silent_server_hands_frames_in_flight_to_the_fallback(tmp
     assert 1 <= len(handed) <= 8  # at most the window; each answered by full.onnx here
     assert all(f["source"] == "local" and f["bytes_sent"] > 0 for f in handed)
     assert summary["fallback_reasons"].get(SHUTDOWN) == len(handed)
+
+
+# -- the notification protocol on its own --------------------------------------------------------
+
+
+def test_notifier_abstract_socket_watchdog_pid_and_a_full_queue(tmp_path):
+    from edgesplit.edge.sdnotify import Notifier
+
+    assert not Notifier({}).active and Notifier({}).notify(READY=1) is False  # not under systemd: no-op
+    name = f"edgesplit-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(b"\0" + name.encode())  # an abstract address, as systemd may pass with '@'
+    sock.settimeout(5)
+    n = Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "4000000"})
+    assert n.watchdog_interval_s == 2.0  # half the timeout
+    n.ready("up")
+    assert sock.recv(4096) == b"READY=1\nSTATUS=up"
+    n.watchdog()
+    n.watchdog()  # within the interval: not sent again
+    assert sock.recv(4096) == b"WATCHDOG=1" and n.sent == 2
+    # the watchdog belongs to another process: no pings from this one
+    assert (
+        Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).watchdog_interval_s
+        is None
+    )
+    # nobody reads the socket: notifications are dropped, never waited on
+    for _ in range(5000):
+        n.notify(STATUS="x" * 100)
+    assert n.dropped > 0
+    n.close()
+    sock.close()

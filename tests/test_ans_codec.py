@@ -263,3 +263,23 @@ def test_missing_constriction_names_the_package(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", no_constriction)
     e = expect(ErrorCode.UNSUPPORTED, T.constriction_module)
     assert "edgesplit[entropy]" in e.message and "aarch64" in e.message
+
+
+def test_protocol_worked_example():
+    # PROTOCOL.md §4.4 and BUNDLE.md §7.2, byte for byte.
+    ts = T.make_table_set("example", [-1, 0], [[16384, 32768, 16384], [61440, 4096]])
+    assert ts.digest == "01b228719a17d5a6c46c373923209deb0d27981451a5748495a3537274aebd7d"
+    assert ts.tag == bytes([0x01, 0xB2])
+    assert [T.coder_cdf(f).tolist() for f in ts.freqs] == [[0, 4194304, 12582911, 16777216], [0, 15728639, 16777216]]
+    values = np.array([[[0, 1, -1]], [[0, 0, 1]]], np.int32)
+    frame = A.encode_values(values, ts)
+    assert frame == bytes.fromhex("01b211009021")
+    assert np.array_equal(A.decode_values(frame, ts, values.shape), values)
+    x = np.array([[[0.2, 1.6, -0.7]], [[0.49, -3.0, 0.5]]], np.float32)
+    assert A.quantize_values(x, ts).tolist() == [[[0, 1, -1]], [[0, 0, 0]]]
+    doc = json.loads(
+        '{"format": "edgesplit-ans-tables", "version": 1, "precision": 16, "sets": {"example": {"channels": '
+        '[{"offset": -1, "freqs": [16384, 32768, 16384]}, {"offset": 0, "freqs": [61440, 4096]}], '
+        '"sha256": "01b228719a17d5a6c46c373923209deb0d27981451a5748495a3537274aebd7d"}}}'
+    )
+    assert T.parse_tables(doc)["example"].digest == ts.digest == T.tables_document([ts])["sets"]["example"]["sha256"]

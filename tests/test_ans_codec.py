@@ -283,3 +283,28 @@ def test_protocol_worked_example():
         '"sha256": "01b228719a17d5a6c46c373923209deb0d27981451a5748495a3537274aebd7d"}}}'
     )
     assert T.parse_tables(doc)["example"].digest == ts.digest == T.tables_document([ts])["sets"]["example"]["sha256"]
+
+
+def test_fuzz_cases_of_every_class_get_their_answer():
+    from edgesplit.wire.fuzz_ans import ANS_CLASSES, DECODES, malformed_ans_frames
+
+    rng = np.random.default_rng(21)
+    seen, decoded, total = set(), 0, 0
+    for seed in range(30):
+        ts, other = laplace_tables("a", 4, rng), laplace_tables("b", 4, rng)
+        lo = np.maximum(ts.offsets, other.offsets)
+        hi = np.minimum(np.array(ts.offsets) + ts.sizes(), np.array(other.offsets) + other.sizes()) - 1
+        values = np.stack([rng.integers(a, b + 1, (5, 5)) for a, b in zip(lo, hi)]).astype(np.int32)
+        for case in malformed_ans_frames(ts, values, other, seed=seed):
+            seen.add(case.cls)
+            total += 1
+            try:
+                x = A.decode(case.descriptor, case.payload, ts)
+            except WireError as e:
+                assert e.code in case.expect, (case.cls, case.what, e)
+                continue
+            assert DECODES in case.expect, (case.cls, case.what)
+            decoded += 1
+            assert np.all(x >= np.array(ts.offsets)[:, None, None])
+    assert seen == set(ANS_CLASSES)
+    assert decoded <= 0.05 * total, (decoded, total)

@@ -267,7 +267,8 @@ def test_sigterm_mid_stream_answers_every_frame_and_notifies_systemd(tmp_path):
     server = ServerProcess([SHIPPED], SERVER_ARGS, port=free_port()).start()
     out = tmp_path / "frames.jsonl"
     try:
-        agent = start_agent(tmp_path, server.endpoint, out, notify)
+        # a long grace: the server is there, so every frame in flight must get the server's answer
+        agent = start_agent(tmp_path, server.endpoint, out, notify, stop_grace_s=20.0)
         wait_lines(out, 40, agent)
         agent.send_signal(signal.SIGTERM)
         _, err = agent.communicate(timeout=60)

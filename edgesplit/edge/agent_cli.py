@@ -28,7 +28,8 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Run the edge agent: read frames, run the bundle's head with ONNX Runtime, quantize and "
-        "send the wire tensor to a server daemon, and report one JSON line per frame plus a summary.",
+        "send the wire tensor to a server daemon, and report one JSON line per frame plus a summary. "
+        "Every flag is also a --config key; 'edgesplit agent install-service --help': a systemd unit.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(

@@ -25,7 +25,7 @@ from .model import EdvitEnsemble, Fusion, Keep, SubModel, prune_vit
 from .partition import confusion_partition, contiguous_partition, soft_confusion
 from .prune import choose_keep, taylor_importance
 from .sizing import Cost, device_machine, predict_ms, size_for_budget, vit_cost
-from .train import accuracies, features_of, finetune_submodel, subset_images, teacher_probs, train_fusion
+from .train import accuracies, features_of, finetune_submodels, subset_images, teacher_probs, train_fusion
 
 if TYPE_CHECKING:
     from ...builder.pipeline import Prepared
@@ -90,7 +90,9 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
     groups = part["groups"]
     size = size_for_budget(teacher.cfg, s, nc)
     log({"event": "size", "device": s.device, "ratio": size.ratio, "width": size.width, "cost": vars(size.cost)})
-    subs, sub_cfgs = [], []
+    subs: list[SubModel] = []
+    keeps: list[Keep] = []
+    todo: list[int] = []  # sub-models without a stage-1 artefact: trained together below
     for i, classes in enumerate(groups):
         art = run_dir / f"stage1_sub{i}.pt"
         if art.is_file():
@@ -101,19 +103,33 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
             x = _normalise(p.xtr[idx], dev)
             scores = taylor_importance(teacher, x, torch.as_tensor(p.ytr[idx], device=dev), classes)
             keep = choose_keep(scores, size.width, s.prune_embedding)
+            todo.append(i)
         sub = SubModel(prune_vit(teacher, keep, classes)).to(dev)
+        keeps.append(keep)
         if art.is_file():
             sub.load_state_dict(saved["model"])
-        else:
-            c1 = vars(r.stage1)
-            finetune_submodel(
-                sub, teacher, classes, c1, p.train_loader(c1["batch"]), dev, run_dir, log, f"stage1_sub{i}"
-            )
-            torch.save({"keep": keep.to_dict(), "model": sub.state_dict()}, art)
+        subs.append(sub)
+    if todo:
+        c1 = vars(r.stage1)
+        name = "stage1_" + "_".join(f"sub{i}" for i in todo)
+        finetune_submodels(
+            [subs[i] for i in todo],
+            teacher,
+            [groups[i] for i in todo],
+            c1,
+            p.train_loader(c1["batch"]),
+            dev,
+            run_dir,
+            log,
+            name,
+        )
+        for i in todo:
+            torch.save({"keep": keeps[i].to_dict(), "model": subs[i].state_dict()}, run_dir / f"stage1_sub{i}.pt")
+    sub_cfgs = []
+    for sub, keep, classes in zip(subs, keeps, groups):
         sub.eval()
         for q in sub.parameters():
             q.requires_grad_(False)
-        subs.append(sub)
         cost = vit_cost(sub.vit.cfg, len(classes) + 1)
         sub_cfgs.append(
             {

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...builder.bottleneck import kd_kl
 from ...builder.data import MEAN, STD, DeviceLoader
@@ -48,23 +49,31 @@ def subset_labels(y: torch.Tensor, classes: list[int], num_classes: int) -> torc
     return remap[y]
 
 
-def finetune_submodel(
-    sub: SubModel, teacher, classes: list[int], cfg: dict, loader, dev, run_dir: Path, log, name: str
+def finetune_submodels(
+    subs: list[SubModel], teacher, groups: list[list[int]], cfg: dict, loader, dev, run_dir: Path, log, name: str
 ):
-    """Distil the teacher into ``sub`` on every training image: soft targets = the teacher's
-    subset probabilities + pooled "other"; loss = (1 - alpha) CE + alpha T^2 KL."""
+    """Distil the teacher into every sub-model of ``subs`` (classes ``groups[i]``) on every training
+    image: soft targets = the teacher's subset probabilities + pooled "other"; loss per sub-model =
+    (1 - alpha) CE + alpha T^2 KL, summed. The sub-models share no parameter, so the sum trains each
+    exactly as alone on the same batches; what they share is the teacher's forward pass, once per
+    batch instead of once per sub-model (the larger part of a step: the teacher is several times
+    each sub-model's size)."""
     T, alpha = float(cfg.get("temperature", 1.0)), float(cfg.get("alpha", 0.5))
-    runner = EpochRunner(name, sub, sub.parameters(), cfg, loader, dev, run_dir, log)
+    joint = nn.ModuleList(subs)
+    runner = EpochRunner(name, joint, joint.parameters(), cfg, loader, dev, run_dir, log)
 
     def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = teacher(x)
-        soft, hard = subset_targets(t, y, classes, T)
-        logits = sub(x)[1].float()
-        kd = F.kl_div(F.log_softmax(logits / T, 1), soft, reduction="batchmean") * T * T
-        return (1 - alpha) * F.cross_entropy(logits, hard) + alpha * kd
+        total = torch.zeros((), device=x.device)
+        for sub, classes in zip(subs, groups):
+            soft, hard = subset_targets(t, y, classes, T)
+            logits = sub(x)[1].float()
+            kd = F.kl_div(F.log_softmax(logits / T, 1), soft, reduction="batchmean") * T * T
+            total = total + (1 - alpha) * F.cross_entropy(logits, hard) + alpha * kd
+        return total
 
-    runner.run(step_loss, sub.train)
+    runner.run(step_loss, joint.train)
 
 
 @torch.no_grad()

@@ -337,7 +337,7 @@ def test_protocol_doc_section_13_names_what_the_code_builds(jpeg):
     for name in (P.FEATURE_SCATTER, P.FEATURE_SCATTER_JPEG, P.FEATURE_FUSED_REQUESTS, "jpeg"):
         assert f'`"{name}"`' in section
     assert f"| {int(E.UNKNOWN_SUBMODEL)} | `UNKNOWN_SUBMODEL` |" in text
-    assert f"N ≤ {MAX_SUBMODELS}" in section and "revision v1.2" in text
+    assert f"N ≤ {MAX_SUBMODELS}" in section and "**v1.2** the kinds `scatter` and" in text
     assert jpeg[0]["shape"] == [32, 32, 3] and "`[H, W, 3]`" in section
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 PROTOCOL_VERSION = 1  # the major version: the "v" of every header
-PROTOCOL_REVISION = (1, 2)  # major.minor of docs/PROTOCOL.md; minor revisions add optional keys only
+PROTOCOL_REVISION = (1, 3)  # major.minor of docs/PROTOCOL.md; minor revisions add optional keys only
 SUPPORTED_VERSIONS = (1,)
 # Features a server may list in welcome.features (v1.1). A peer relies on one only when advertised.
 FEATURE_COMPACT_REQUESTS = "compact_requests"

@@ -10,12 +10,15 @@ import time
 from typing import Any
 
 from ..bundle import Bundle, BundleError
+from ..bundle_sign import SignatureError
 from ..control.policy import Policy
 from ..data.sources import open_source, take
 from .adaptive import POLICY_KINDS, bundle_modes, make_policy, measure_local_ms
 from .agent_core import Agent
 from .delivery import Deliverer
 from .fallback import load_fallback
+from .ota_cli import add_ota_arguments, start_bundle
+from .ota_loop import UpdateManager
 from .results import AgentError, FrameResult, summarize
 from .scatter_run import add_edvit_arguments, edvit_main
 from .sdnotify import Notifier
@@ -129,6 +132,7 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
     )
     add_edvit_arguments(p)
     add_service_arguments(p)
+    add_ota_arguments(p)
     return p
 
 
@@ -154,30 +158,41 @@ def agent_main(args_list: list[str] | None = None) -> int:
             notifier.close()
 
 
+def _make_agent(args: argparse.Namespace, bundle: Bundle) -> Agent:
+    """The agent the flags describe, for ``bundle`` (not connected yet)."""
+    policy = _cli_policy(args, bundle)
+    return Agent(
+        bundle,
+        args.server,
+        mode=args.mode,
+        codec=args.codec,
+        inflight=args.inflight,
+        deadline_ms=args.deadline_ms,
+        threads=args.threads,
+        name=args.name,
+        timeout_s=args.timeout_s,
+        fallback=args.fallback,
+        reconnect_max_s=args.reconnect_max_s,
+        server_key=args.server_key,
+        client_key=args.client_key,
+        policy=policy,
+        policy_deadline_ms=args.deadline_ms if policy is not None else None,
+    )
+
+
 def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: StopSignal) -> int:
     out = None
+    ota: UpdateManager | None = None
     try:
-        bundle = Bundle.load(args.bundle)
-        policy = _cli_policy(args, bundle)
-        agent = Agent(
-            bundle,
-            args.server,
-            mode=args.mode,
-            codec=args.codec,
-            inflight=args.inflight,
-            deadline_ms=args.deadline_ms,
-            threads=args.threads,
-            name=args.name,
-            timeout_s=args.timeout_s,
-            fallback=args.fallback,
-            reconnect_max_s=args.reconnect_max_s,
-            server_key=args.server_key,
-            client_key=args.client_key,
-            policy=policy,
-            policy_deadline_ms=args.deadline_ms if policy is not None else None,
-        )
+        if args.ota_group:  # the bundle that last passed its health check, else --bundle
+            bundle, ota_settings, store = start_bundle(args, rep.say)
+        else:
+            bundle = Bundle.load(args.bundle)
+        agent = _make_agent(args, bundle)
         agent.connect()
-    except (AgentError, BundleError, OSError, ValueError) as e:
+        if args.ota_group:
+            ota = UpdateManager(agent, lambda b: _make_agent(args, b), ota_settings, store, rep.say)
+    except (AgentError, BundleError, SignatureError, OSError, ValueError) as e:
         rep.say(str(e), logging.ERROR, event="start_failed")
         return 1
     if args.fallback == "auto" and agent.fallback is None:
@@ -215,10 +230,13 @@ def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: Stop
     t0 = time.perf_counter()
     try:
         frames = iter(take(open_source(args.source, agent.bundle.classes), args.frames or None))
-        for r in run_frames(agent, frames, fps=args.fps, stop=stop, grace_s=args.stop_grace_s, notifier=notifier):
+        loop = run_frames if ota is None else ota.run_frames
+        for r in loop(agent, frames, fps=args.fps, stop=stop, grace_s=args.stop_grace_s, notifier=notifier):
             results.append(r)
             if out is not None or deliver is not None:
                 line = r.to_json()
+                if ota is not None:  # which bundle answered it (frames in flight at a switch: the old one)
+                    line["bundle"] = ota.bundle_of.pop(r.id, None)
                 if out is not None:
                     out.write(json.dumps(line) + "\n")
                 if deliver is not None:
@@ -228,6 +246,9 @@ def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: Stop
     except Exception as e:
         rep.say(f"{type(e).__name__}: {e}", logging.ERROR, event="failed")
         notifier.stopping(f"failed: {type(e).__name__}")
+        if ota is not None:
+            ota.close_others()
+            agent = ota.agent
         agent.close()
         if deliver is not None:
             deliver.close()
@@ -236,8 +257,11 @@ def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: Stop
     if stop.requested:
         rep.say(f"SIGTERM: stopped after {len(results)} frames", logging.INFO, event="stopped", frames=len(results))
     wall = time.perf_counter() - t0
+    agent = agent if ota is None else ota.agent  # after updates: the bundle it ended on
     agent.close()
     summary = summarize(results, wall, agent)
+    if ota is not None:
+        summary["ota"] = ota.summary()
     # the edge plane must not pull torch in: report it, so benchmarks and CI can check
     summary["torch_loaded"] = any(m == "torch" or m.startswith("torch.") for m in sys.modules)
     if deliver is not None:

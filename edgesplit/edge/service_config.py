@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # no stubs installed; only safe_load is used
 
+from .ota_config import OTA_RANGES, check_ota
+
 # Parser destinations that are not config keys: help, and the file itself.
 _NOT_KEYS = frozenset({"help", "config"})
 
@@ -44,6 +46,7 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     # a spool smaller than one record is no spool
     "spool_max_bytes": (4096, True, None),
     "spool_max_records": (1, True, None),
+    **OTA_RANGES,
 }
 
 
@@ -137,6 +140,9 @@ def validate(values: dict[str, Any], where: str = "agent configuration") -> None
             raise ConfigError(f"{where}: '{key}' must not be empty")
     if (values.get("server_key") is None) != (values.get("client_key") is None):
         raise ConfigError(f"{where}: CURVE needs both 'server_key' and 'client_key' (or neither)")
+    problem = check_ota(values, where)
+    if problem is not None:
+        raise ConfigError(problem)
     deliver = values.get("deliver")
     if deliver is None:
         for key in ("spool_dir", "spool_max_bytes", "spool_max_records"):

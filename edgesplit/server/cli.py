@@ -16,6 +16,7 @@ from ..logs import LOG_FORMATS, setup_logging
 from ..wire import protocol as P
 from ..wire.curve import ServerCurve
 from ..wire.protocol import Limits
+from .ota import add_ota_arguments, parse_group_specs
 
 log = logging.getLogger("edgesplit.server")
 
@@ -149,6 +150,7 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
         "(0: any free port, printed at start; unset: no HTTP)",
     )
     obs.add_argument("--http-host", default="127.0.0.1", help="address the HTTP endpoints listen on (0.0.0.0: all)")
+    add_ota_arguments(p)
     return p
 
 
@@ -192,6 +194,10 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
             http_port=args.http_port,
             http_host=args.http_host,
             engine_options=engine_options,
+            ota_groups=parse_group_specs(args.ota_group),
+            ota_chunk_bytes=args.ota_chunk_bytes,
+            ota_cache_dir=args.ota_cache_dir,
+            ota_fault=args.ota_fault,
         )
         server.start()
     except (BundleError, OSError, ValueError, RuntimeError) as e:

@@ -14,6 +14,7 @@ part                        what it does
 ``ComputeWorker``           compute thread: due batches -> tail runs -> replies (:mod:`.compute`)
 ``ServerStats``             what both threads count, read by /metrics (:mod:`.stats`, :mod:`.metrics`)
 ``HttpEndpoints``           /metrics, /health/live, /health/ready when asked for (:mod:`.httpd`)
+``BundleDistributor``      fleet groups' signed bundles offered and sent in chunks (:mod:`.ota`)
 ==========================  =====================================================================
 
 Every failure is answered with an error message carrying a code; nothing a peer sends can stop
@@ -39,18 +40,20 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..bundle import Bundle
 from ..engine import EngineOptions  # numpy only: backends load lazily
 from ..wire import codec
 from ..wire.curve import ServerCurve
-from ..wire.protocol import Limits
+from ..wire.ota import FEATURE_BUNDLE_UPDATES
+from ..wire.protocol import SERVER_FEATURES, Limits
 from .batcher import Batcher
 from .cli import build_parser, serve  # build_parser: re-exported (edgesplit.server.daemon.build_parser)
 from .compute import ComputeWorker
 from .fusion_runner import FusionRunner, check_for, runner_for
 from .io_loop import IoLoop
+from .ota import DEFAULT_CHUNK_BYTES, BundleDistributor
 from .sessions import Session, SessionTable
 from .stats import ServerStats
 from .tail_runner import TailRunner
@@ -90,6 +93,10 @@ class Server:
         http_port: int | None = None,
         http_host: str = "127.0.0.1",
         engine_options: EngineOptions | None = None,
+        ota_groups: Mapping[str, str | Path] | None = None,
+        ota_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        ota_cache_dir: str | Path | None = None,
+        ota_fault: str = "",
     ):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:
@@ -97,6 +104,13 @@ class Server:
             self.bundles[b.hash] = b
         if not self.bundles:
             raise ValueError("the server needs at least one bundle")
+        # v1.3 bundle updates: each group's signed bundle is offered and served (PROTOCOL.md §14)
+        self.ota: BundleDistributor | None = None
+        if ota_groups:
+            self.ota, extra = BundleDistributor.prepare(
+                ota_groups, self.bundles, ota_cache_dir, chunk_bytes=ota_chunk_bytes, fault=ota_fault
+            )
+            self.bundles.update((b.hash, b) for b in extra)
         self.backend, self.threads = backend, threads
         # The tail engines are sized for the batches this server makes (TensorRT profile, CUDA graphs).
         self.engine_options = EngineOptions.make(engine_options, max_batch=int(max_batch))
@@ -118,6 +132,7 @@ class Server:
             heartbeat_ms=heartbeat_ms,
             limits=limits,
             codecs=codec.supported_codecs(),
+            features=SERVER_FEATURES + ((FEATURE_BUNDLE_UPDATES,) if self.ota is not None else ()),
         )
         # the live sessions (read-only outside the I/O thread)
         self.sessions: dict[bytes, Session] = self.table.sessions
@@ -125,7 +140,9 @@ class Server:
         replies: deque[list] = deque()  # compute thread appends, I/O thread pops
         self.compute = ComputeWorker(self.batcher, self.runners, self.figures, replies, wake=None)
         self._stop = threading.Event()
-        self.io = IoLoop(bind, self.table, self.batcher, self.compute, self.figures, replies, self._stop, curve=curve)
+        self.io = IoLoop(
+            bind, self.table, self.batcher, self.compute, self.figures, replies, self._stop, curve=curve, ota=self.ota
+        )
         self._io_thread: threading.Thread | None = None
         self.http_port, self.http_host = http_port, http_host  # None: no HTTP endpoints
         self.http: HttpEndpoints | None = None  # once started
@@ -242,7 +259,10 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         """A flat summary: sessions and queue now, every counter above zero (ServerStats.as_dict)."""
-        return self.figures.as_dict()
+        out: dict[str, Any] = dict(self.figures.as_dict())
+        if self.ota is not None:
+            out["ota"] = self.ota.figures.as_dict()
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

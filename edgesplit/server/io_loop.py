@@ -28,9 +28,13 @@ import zmq
 from ..wire import protocol as P
 from ..wire.curve import HANDSHAKE_EVENTS, ServerCurve, handshake_failure, read_monitor
 from ..wire.errors import ErrorCode, ProtocolError
+from ..wire.messages import ErrorReply
+from ..wire.ota import AGENT_KINDS as OTA_AGENT_KINDS
+from ..wire.ota import FEATURE_BUNDLE_UPDATES
 from ..wire.transport import bind_router, context, recv_parts, send_parts
 from .batcher import Batcher
 from .compute import ComputeWorker
+from .ota import BundleDistributor
 from .sessions import Header, SessionTable
 from .stats import ServerStats
 
@@ -54,8 +58,13 @@ class IoLoop:
         stop: threading.Event,
         *,
         curve: ServerCurve | None = None,
+        ota: BundleDistributor | None = None,
     ):
         self.bind, self.table, self.scheduler, self.compute = bind, table, scheduler, compute
+        self.ota = ota  # v1.3 bundle updates (PROTOCOL.md §14), None: not offered
+        # what a message from a routing id without a session is parsed with: with updates on, a
+        # bundle_get before hello is NOT_READY rather than an unknown kind
+        self._no_session_features = frozenset((FEATURE_BUNDLE_UPDATES,)) if ota is not None else frozenset()
         self.stats, self.counters = stats, stats.io
         self.replies = replies  # the compute thread appends, this thread pops
         self.stop = stop
@@ -171,18 +180,42 @@ class IoLoop:
         reply: Header | None
         session = self.table.sessions.get(identity)
         try:  # a session on an ED-ViT bundle takes part in "fused_requests" (its parse checks them)
-            msg = P.parse(parts[1:], self.table.limits, session.parse_features if session is not None else ())
+            msg = P.parse(
+                parts[1:],
+                self.table.limits,
+                session.parse_features if session is not None else self._no_session_features,
+            )
         except ProtocolError as e:
             reply = self.table.refuse(identity, e)
         except Exception as e:  # a bug: answer INTERNAL and keep serving
             log.exception("failed to parse a message")
             reply = self.table.refuse(identity, ProtocolError(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
         else:
+            if self.ota is not None and msg.kind in OTA_AGENT_KINDS:
+                self._on_update(router, identity, session, msg, t_recv, draining)
+                return
             # a request is [identity, header, tensor]; anything else is rare enough to sum
             nbytes = len(parts[1]) + len(parts[2]) if len(parts) == 3 else sum(map(len, parts[1:]))
             reply = self.table.receive(identity, msg, t_recv, nbytes, draining)
         if reply is not None:
             self._send(router, identity, reply)
+
+    def _on_update(self, router: zmq.Socket, identity: bytes, session, msg, now_ns: int, draining: bool) -> None:
+        """A bundle_query or bundle_get: answered here, after the results ready now (inference first)."""
+        assert self.ota is not None
+        if session is not None:
+            session.last_seen = now_ns  # traffic, for the heartbeats (PROTOCOL.md §8)
+        try:
+            header, *frames = self.ota.handle(session, msg, draining)
+        except ProtocolError as e:
+            self.ota.figures.refused += 1  # not an inference error: counted apart from the request errors
+            header, frames = ErrorReply(e.req_id, e.code, e.message).to_header(), []
+        if self.replies:
+            self._forward_replies(router)
+        try:
+            send_parts(router, [identity, P.pack_header(header), *frames], _NOBLOCK)
+        except zmq.ZMQError as e:
+            self._peer_unreachable(identity, e)
 
     def _send(self, router: zmq.Socket, identity: bytes, header: dict) -> None:
         try:

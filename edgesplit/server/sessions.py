@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 from ..wire import protocol as P
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.messages import ErrorReply, Welcome
+from ..wire.ota import FEATURE_BUNDLE_UPDATES
 from ..wire.protocol import Kind, Limits, Message
 from .batcher import Batcher, Item
 from .fusion_runner import FUSED_FEATURES, FusionCheck
@@ -87,6 +88,8 @@ class SessionTable:
         self.limits = limits
         self.codecs = tuple(codecs)
         self.features = tuple(features)
+        # the optional kinds a session's messages are parsed with (v1.3: bundle updates, when offered)
+        self.parse_features = frozenset(f for f in self.features if f == FEATURE_BUNDLE_UPDATES)
         self.wall_clock_ns = wall_clock_ns  # the t_ns of pings and pongs (informative only)
         self.sessions: dict[bytes, Session] = {}  # never rebound: ServerStats holds this very dict
 
@@ -151,7 +154,7 @@ class SessionTable:
         bundle = check.bundle
         credits = max(1, min(self.credits, h["caps"]["max_inflight"]))
         features = FUSED_FEATURES if check.fused else self.features
-        parse_features = frozenset(FUSED_FEATURES) if check.fused else frozenset()
+        parse_features = frozenset(FUSED_FEATURES) if check.fused else self.parse_features
         old = self.sessions.get(identity)
         if old is not None:  # a re-handshake on the same connection keeps in-flight work and figures
             s = replace(

@@ -22,6 +22,7 @@ from .codec import FLOAT_DTYPES
 from .errors import ErrorCode, ProtocolError, WireError
 from .errors import is_int as _is_int
 from .kinds import FEATURE_FUSED_REQUESTS, FEATURE_SCATTER, FEATURE_SCATTER_JPEG, Kind, Limits
+from .ota import FEATURE_BUNDLE_UPDATES, OTA_CHECKS
 from .validate import VALIDATORS, _descriptors, _get, _int, _map, _num
 
 Validator = Callable[[dict, list, Limits], None]
@@ -201,6 +202,7 @@ FEATURE_CHECKS: dict[str, dict[str, Validator]] = {
     },
     FEATURE_SCATTER_JPEG: {},  # the jpeg input is checked with scatter; this feature only advertises it
     FEATURE_FUSED_REQUESTS: {Kind.REQUEST: check_fused_request, Kind.RESULT: check_fused_result},
+    FEATURE_BUNDLE_UPDATES: OTA_CHECKS,  # v1.3, PROTOCOL.md §14 (edgesplit.wire.ota)
 }
 
 

@@ -18,34 +18,33 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .bundle_schema import CDF_ROLE, SCHEMA_VERSION, BundleError, Mode, validate_manifest
 from .families.edvit import manifest as scatter
-from .families.edvit.manifest import FeatureMode, Fusion, ScatterManifestError, Submodel
-from .families.registry import HEAD_ROLE, Family, UnknownFamilyError, get_family
-from .wire.codec import PACKED_BITS
-from .wire.errors import is_int, is_num
+from .families.edvit.manifest import FeatureMode, Fusion, Submodel
+from .families.registry import HEAD_ROLE, get_family
+from .wire.ans_tables import TableSet, parse_tables
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 # A family whose modes run their own heads (``Family.head_per_mode``): role "head" is the default
 # mode's, "head.<tag>" (``HEAD_ROLE``, e.g. "head.c3") the others'; each mode names its head
 # (``Mode.head``). ED-ViT (serving shape "scatter", section 7.1): FeatureMode, Submodel, Fusion.
-__all__ = ["HEAD_ROLE", "Bundle", "BundleError", "FeatureMode", "Fusion", "Mode", "Submodel", "validate_manifest"]
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # lowercase only: the hash is compared as a string
-MAX_MODE_ID = (1 << 31) - 1  # a request's ``mode`` is an int32 on the wire
-MAX_SIDE = 1 << 16
-MAX_FILE_BYTES = 1 << 40
-
-
-class BundleError(Exception):
-    """A bundle that cannot be used as it is: missing, malformed, or altered."""
+# The manifest schema (Mode, validate_manifest, BundleError) lives in bundle_schema and is re-exported.
+__all__ = [
+    "HEAD_ROLE",
+    "SCHEMA_VERSION",
+    "Bundle",
+    "BundleError",
+    "FeatureMode",
+    "Fusion",
+    "Mode",
+    "Submodel",
+    "validate_manifest",
+]
 
 
 def sha256_file(path: Path) -> str:
@@ -54,203 +53,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Mode:
-    """One operating point of a bundle: which wire tensor variant is sent and what it costs."""
-
-    id: int
-    name: str
-    channels: int
-    bits: int
-    scale: float
-    zero_point: int
-    bytes_per_frame: float
-    accuracy: float | None
-    head_ms: dict[str, float]
-    head: str = "head"  # the file role of the head this mode runs (slimmable: one per width)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Mode":
-        try:
-            return cls(
-                id=int(d["id"]),
-                name=str(d["name"]),
-                channels=int(d["channels"]),
-                bits=int(d["bits"]),
-                scale=float(d["quant"]["scale"]),
-                zero_point=int(d["quant"]["zero_point"]),
-                bytes_per_frame=float(d.get("bytes_per_frame", 0.0)),
-                accuracy=None if d.get("accuracy") is None else float(d["accuracy"]),
-                head_ms={str(k): float(v) for k, v in d.get("head_ms", {}).items()},
-                head=str(d.get("head", "head")),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"manifest: malformed mode entry {d!r}: {e}") from None
-
-
-def _require(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    try:
-        return scatter.require(d, key, typ, where)  # the JSON type check both shapes share
-    except ScatterManifestError as e:
-        raise BundleError(f"manifest: {e}") from None
-
-
-def _require_int(d: dict, key: str, where: str, lo: int, hi: int) -> int:
-    """An integer (JSON ``8``; not ``8.0``, ``"8"`` or ``true``) in ``[lo, hi]``."""
-    v = _require(d, key, int, where)
-    if not lo <= v <= hi:
-        raise BundleError(f"manifest: '{where}{key}' must be in [{lo}, {hi}], got {v}")
-    return v
-
-
-def _require_number(d: dict, key: str, where: str, positive: bool = False) -> float:
-    v = _require(d, key, (int, float), where)
-    if not math.isfinite(v) or (positive and v <= 0):
-        raise BundleError(f"manifest: '{where}{key}' must be a finite number{' > 0' if positive else ''}, got {v}")
-    return float(v)
-
-
-def _require_numbers(d: dict, key: str, where: str, n: int, positive: bool = False) -> None:
-    v = _require(d, key, list, where)
-    if len(v) != n or not all(is_num(x) and (not positive or x > 0) for x in v):
-        what = "positive finite numbers" if positive else "finite numbers"
-        raise BundleError(f"manifest: '{where}{key}' must be a list of {n} {what}, got {v!r}")
-
-
-def _require_dims(d: dict, key: str, where: str) -> list[int]:
-    v = _require(d, key, list, where)
-    if len(v) != 3 or not all(is_int(x) and x > 0 for x in v):
-        raise BundleError(f"manifest: '{where}{key}' must be a list of 3 positive integers, got {v!r}")
-    return v
-
-
-def _validate_input(m: dict[str, Any]) -> None:
-    inp = _require(m, "input", dict, "")
-    shape = _require_dims(inp, "shape", "input.")
-    if shape[0] != 3 or shape[1] != shape[2]:
-        raise BundleError(f"manifest: 'input.shape' must be [3, S, S] (RGB, square), got {shape}")
-    _require_numbers(inp, "mean", "input.", 3)
-    _require_numbers(inp, "std", "input.", 3, positive=True)
-    _require_int(inp, "resize", "input.", 1, MAX_SIDE)
-
-
-def _validate_mode(d: Any, i: int, wire_channels: int) -> None:
-    """Every key of one mode entry, with the ranges the codec and the wire tensor allow."""
-    if not isinstance(d, dict):
-        raise BundleError(f"manifest: 'modes[{i}]' must be an object, got {type(d).__name__}")
-    mode_id = _require_int(d, "id", f"modes[{i}].", 0, MAX_MODE_ID)
-    where = f"modes[{i}] (id {mode_id})."
-    _require(d, "name", str, where)
-    _require_int(d, "channels", where, 1, wire_channels)
-    bits = _require(d, "bits", int, where)
-    if bits not in PACKED_BITS:
-        raise BundleError(
-            f"manifest: '{where}bits' must be one of {list(PACKED_BITS)} (the wire's bit depths), got {bits}"
-        )
-    quant = _require(d, "quant", dict, where)
-    _require_number(quant, "scale", where + "quant.", positive=True)
-    _require_int(quant, "zero_point", where + "quant.", 0, (1 << bits) - 1)
-    if "head" in d:
-        _require(d, "head", str, where)
-    if "bytes_per_frame" in d and not (is_num(d["bytes_per_frame"]) and d["bytes_per_frame"] >= 0):
-        raise BundleError(f"manifest: '{where}bytes_per_frame' must be a number >= 0, got {d['bytes_per_frame']!r}")
-    acc = d.get("accuracy")
-    if acc is not None and not (is_num(acc) and 0 <= acc <= 1):
-        raise BundleError(f"manifest: '{where}accuracy' must be null or a number in [0, 1], got {acc!r}")
-    head_ms = d.get("head_ms", {})
-    if not isinstance(head_ms, dict) or not all(is_num(v) for v in head_ms.values()):
-        raise BundleError(f"manifest: '{where}head_ms' must map device profile names to numbers, got {head_ms!r}")
-
-
-def _validate_file_entry(family: Family, role: str, entry: Any) -> None:
-    if not family.allows_role(role):
-        raise BundleError(
-            f"manifest: unknown file role '{role}' for family {family.name} (known: {', '.join(family.role_names())})"
-        )
-    if not isinstance(entry, dict):
-        raise BundleError(f"manifest: 'files.{role}' must be an object, got {type(entry).__name__}")
-    path = _require(entry, "path", str, f"files.{role}.")
-    if not path or "/" in path or "\\" in path or path.startswith("."):
-        raise BundleError(f"manifest: 'files.{role}.path' must be a plain file name, got {path!r}")
-    digest = _require(entry, "sha256", str, f"files.{role}.")
-    if not SHA256_HEX.match(digest):
-        raise BundleError(
-            f"manifest: 'files.{role}.sha256' must be 64 lowercase hex characters (docs/BUNDLE.md section 2), "
-            f"got {digest!r}"
-        )
-    if "bytes" in entry:
-        _require_int(entry, "bytes", f"files.{role}.", 0, MAX_FILE_BYTES)
-
-
-def validate_manifest(m: dict[str, Any]) -> None:
-    """Check the manifest against docs/BUNDLE.md section 3: required keys, their JSON types and
-    ranges; raise :class:`BundleError` naming the first problem found (the key, and the mode id or
-    file role it belongs to)."""
-    if not isinstance(m, dict):
-        raise BundleError("manifest: top level must be a JSON object")
-    version = _require(m, "schema_version", int, "")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"manifest: schema_version {version} is not supported (this edgesplit reads {SCHEMA_VERSION})"
-        )
-    try:
-        family = get_family(_require(m, "family", str, ""))
-    except UnknownFamilyError as e:
-        raise BundleError(f"manifest: {e}") from None
-    _require(m, "name", str, "")
-    classes = _require(m, "classes", list, "")
-    if not classes or not all(isinstance(c, str) for c in classes):
-        raise BundleError("manifest: 'classes' must be a non-empty list of names")
-    _validate_input(m)
-    if family.serving != "scatter":
-        _validate_head_tail(m, family)
-        return
-    files = _validate_files(m, family)
-    try:
-        scatter.validate_scatter(m, files)
-    except ScatterManifestError as e:
-        raise BundleError(f"manifest: {e}") from None
-
-
-def _validate_files(m: dict[str, Any], family: Family) -> dict[str, Any]:
-    files = _require(m, "files", dict, "")
-    for role in family.required_files:
-        if role not in files:
-            raise BundleError(f"manifest: 'files' has no '{role}' entry")
-    for role, entry in files.items():
-        _validate_file_entry(family, role, entry)
-    return files
-
-
-def _validate_head_tail(m: dict[str, Any], family: Family) -> None:
-    """The wire tensor, the quantized modes and the heads they run (sections 3.3, 6)."""
-    wire = _require(m, "wire", dict, "")
-    _require(wire, "name", str, "wire.")
-    wire_channels = _require_dims(wire, "shape", "wire.")[0]
-    modes = _require(m, "modes", list, "")
-    if not modes:
-        raise BundleError("manifest: 'modes' must list at least one mode")
-    for i, x in enumerate(modes):
-        _validate_mode(x, i, wire_channels)
-    parsed = [Mode.from_dict(x) for x in modes]
-    ids = [x.id for x in parsed]
-    if len(set(ids)) != len(ids):
-        raise BundleError(f"manifest: mode ids must be unique, got {ids}")
-    if "default_mode" in m:
-        default = _require(m, "default_mode", int, "")
-        if default not in ids:
-            raise BundleError(f"manifest: 'default_mode' {default} names no mode (modes: {', '.join(map(str, ids))})")
-    files = _validate_files(m, family)
-    for x in parsed:
-        if not family.is_head_role(x.head):
-            raise BundleError(
-                f"manifest: mode {x.id} names head '{x.head}', which is not a head role of family "
-                f"{family.name} ({'head or head.<tag>' if family.head_per_mode else 'head'})"
-            )
-        if x.head not in files:
-            raise BundleError(f"manifest: mode {x.id} runs head '{x.head}' but 'files' has no such entry")
 
 
 class Bundle:
@@ -266,6 +68,7 @@ class Bundle:
         self._modes_by_id = {m.id: m for m in self.modes}
         # scatter only: feature modes, sub-models in id order, the fusion graph's role and names
         self.feature_modes, self.submodels, self.fusion = scatter.parse(manifest) if scattered else ([], [], None)
+        self.tables: dict[str, TableSet] = {}  # the cdf file's table sets, by name (ans modes only)
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -286,7 +89,44 @@ class Bundle:
         bundle = cls(path, manifest, raw)
         if verify:
             bundle.verify()
+        bundle._load_tables()
         return bundle
+
+    def _load_tables(self) -> None:
+        """Parse the ``cdf`` file and check each ans mode against it (BUNDLE.md 7.2): its table set
+        exists, has the manifest's digest and one table per channel the mode sends."""
+        coded = [m for m in self.modes if m.entropy_coded]
+        if not coded:
+            return
+        f = self.file(CDF_ROLE)
+        try:
+            self.tables = parse_tables(f.read_bytes())
+        except (OSError, ValueError) as e:
+            raise BundleError(f"bundle {self.root}: '{f.name}' (role {CDF_ROLE}): {e}") from None
+        for m in coded:
+            ts = self.tables.get(str(m.tables))
+            if ts is None:
+                raise BundleError(
+                    f"bundle {self.root}: mode {m.id} codes with table set '{m.tables}', which '{f.name}' does not "
+                    f"hold (sets: {', '.join(sorted(self.tables))})"
+                )
+            if ts.digest != m.tables_sha256:
+                raise BundleError(
+                    f"bundle {self.root}: mode {m.id}: table set '{m.tables}' has digest {ts.digest[:16]}..., the "
+                    f"manifest's entropy.sha256 says {str(m.tables_sha256)[:16]}..."
+                )
+            if ts.channels != m.channels:
+                raise BundleError(
+                    f"bundle {self.root}: mode {m.id} sends {m.channels} channels, table set '{m.tables}' has "
+                    f"{ts.channels} tables"
+                )
+
+    def tables_for(self, mode: Mode) -> TableSet:
+        """The table set an ans mode codes with (checked at load)."""
+        try:
+            return self.tables[str(mode.tables)]
+        except KeyError:
+            raise BundleError(f"bundle '{self.name}': mode {mode.id} is not entropy-coded") from None
 
     def verify(self) -> None:
         """Re-hash every file the manifest names; raise on the first missing or altered one."""

@@ -77,6 +77,13 @@ RULES = (
         "d",
         "contract bundle imports only wire and the torch-free family registry",
         ("edgesplit.bundle",),
+        allowed=("edgesplit.wire.**", "edgesplit.bundle_schema", *FAMILY_REGISTRY),
+        internal_only=True,
+    ),
+    Rule(
+        "d",
+        "contract bundle's manifest schema imports only wire and the torch-free family registry",
+        ("edgesplit.bundle_schema",),
         allowed=("edgesplit.wire.**", *FAMILY_REGISTRY),
         internal_only=True,
     ),

@@ -11,6 +11,6 @@ register_family(
     load_student="edgesplit.families.bottlefit.model:load_student",
     steps="edgesplit.families.bottlefit.steps:run",
     exporter="edgesplit.families.bottlefit.export:export_bundle",
-    optional_files=("full", "tail_torch"),
+    optional_files=("full", "tail_torch", "cdf"),  # cdf: the ans modes' tables (BUNDLE.md 7.2)
     module=__name__,
 )

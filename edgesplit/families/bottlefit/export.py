@@ -7,7 +7,9 @@
 - tail.pt2 (``torch_tail``): the tail as a torch.export program for the server's torch backend.
 
 Each graph is checked against torch on real images (max abs diff and top-1 agreement go into the
-manifest); one mode per calibrated bit depth.
+manifest); one mode per calibrated bit depth, or, for a student with a learned entropy bottleneck
+(``split.entropy_lambda``), one codec ``"ans"`` mode per table set and the tables in ``cdf.json``
+(docs/BUNDLE.md section 7.2).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ...builder.export_common import (
 from ...bundle import Bundle
 from ...engine import create_engine
 from ...wire.codec import packed_nbytes
+from .entropy_steps import CDF_FILE, ans_modes
 from .model import load_student
 
 
@@ -50,11 +53,7 @@ def export_bundle(
     out, model, state, teacher = open_export(load_student, student_path, out_dir, teacher_path)
     recipe, results = state["recipe"], state["results"]
     cfg = model.cfg
-    if getattr(cfg, "entropy_lambda", None) is not None:
-        raise ValueError(
-            f"{student_path}: an entropy-bottleneck student (split.entropy_lambda): the bundle schema has no "
-            "'ans' modes yet (issue 14); its tables and measured bytes are in results.entropy of student.pt"
-        )
+    entropy = getattr(cfg, "entropy_lambda", None) is not None  # issue 14: ans modes and a cdf file
     side = cfg.input_size
 
     ex_img = torch.zeros(2, 3, side, side)
@@ -87,6 +86,23 @@ def export_bundle(
     threads = 1  # one core: the figure an edge device's profile scales from
     head_ms = head_latency_ms(out / "head.onnx", x[:1], threads)
 
+    if entropy:
+        modes = ans_modes(out, state, cfg, z, accuracy_source(state), {host_profile_name(): round(head_ms, 4)})
+        files["cdf"] = {"path": CDF_FILE}
+        return write_bundle(
+            out,
+            family="bottlefit",
+            name=name,
+            state=state,
+            cfg=cfg,
+            input_spec=input_spec,
+            wire=affine_wire(model.wire_shape, quantization="rounded to integers, entropy-coded (codec ans)"),
+            modes=modes,
+            default=modes[0]["id"],
+            files=files,
+            checks=checks,
+            weights=weights,
+        )
     numel = int(np.prod(model.wire_shape))
     cal = state["calibration"]
     modes = []

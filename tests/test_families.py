@@ -63,7 +63,14 @@ def test_both_shipped_families_are_registered_and_resolve():
     for name in family_names():
         fam = get_family(name)
         assert fam.name == name and fam.module == f"edgesplit.families.{name}"
-        assert set(fam.required_files) == {"head-tail": {"head", "tail"}, "scatter": {"fusion"}}[fam.serving]
+        assert (
+            set(fam.required_files)
+            == {
+                "head-tail": {"head", "tail"},
+                "scatter": {"fusion"},
+                "u-shaped": {"head", "body", "tail"},
+            }[fam.serving]
+        )
         for point in ("split_schema", "model", "load_student", "steps", "exporter"):
             assert callable(fam.entry(point)), (name, point)
         assert (RECIPES / f"tiny-{name}.yaml").is_file(), f"every family ships a test recipe: tiny-{name}.yaml"
@@ -71,8 +78,8 @@ def test_both_shipped_families_are_registered_and_resolve():
 
 def test_unknown_family_is_refused_by_the_registry():
     with pytest.raises(UnknownFamilyError) as ei:
-        get_family("sfprompt")
-    assert "'sfprompt'" in str(ei.value) and f"known: {', '.join(family_names())}" in str(ei.value)
+        get_family("nosuchfamily")
+    assert "'nosuchfamily'" in str(ei.value) and f"known: {', '.join(family_names())}" in str(ei.value)
     with pytest.raises(UnknownFamilyError):
         get_family(["bottlefit"])  # not a name at all
 
@@ -94,7 +101,7 @@ def test_registration_is_checked():
 
 def test_unknown_family_is_refused_by_the_recipe_loader(tmp_path):
     data = yaml.safe_load((RECIPES / "tiny-bottlefit.yaml").read_text())
-    for name in ("sfprompt", "transformer-magic", 7):
+    for name in ("nosuchfamily", "transformer-magic", 7):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({**data, "split": {**data["split"], "family": name}}))
         with pytest.raises(RecipeError, match=r"split\.family: unknown family") as ei:
             load_recipe(tmp_path / "r.yaml")
@@ -114,7 +121,7 @@ def test_a_family_schema_refuses_another_familys_keys(tmp_path):
         load_recipe(tmp_path / "r.yaml")
 
 
-@pytest.mark.parametrize("name", ["sfprompt", "transformer-magic"])
+@pytest.mark.parametrize("name", ["nosuchfamily", "transformer-magic"])
 def test_unknown_family_is_refused_by_the_bundle_contract(name):
     m = shipped_manifest("bottlefit")
     m["family"] = name
@@ -255,7 +262,9 @@ class Built:
     bundle: Bundle
 
 
-@pytest.fixture(scope="module", params=family_names())
+# A U-shaped family (SFPrompt) exports a body package for the body server, not a bundle yet: its
+# train -> export path is checked in tests/test_sfprompt_family.py.
+@pytest.fixture(scope="module", params=[f for f in family_names() if get_family(f).serving != "u-shaped"])
 def built(request, tmp_path_factory) -> Built:
     require_cifar()
     family = request.param

@@ -23,7 +23,13 @@ from typing import Any
 # "head-tail": the device runs a head, sends one wire tensor, the server runs the tail.
 # "scatter": every device runs a whole sub-model on the same input; a fusion head combines their
 # features (ED-ViT, docs/BUNDLE.md section 7.1); one "submodel.<id>" role per sub-model besides.
-SERVING_SHAPES: dict[str, tuple[str, ...]] = {"head-tail": ("head", "tail"), "scatter": ("fusion",)}
+# "u-shaped": the device runs a head, the server a body, the device the tail again (SFPrompt: labels
+# and logits never leave the device; docs/PROTOCOL.md section 15).
+SERVING_SHAPES: dict[str, tuple[str, ...]] = {
+    "head-tail": ("head", "tail"),
+    "scatter": ("fusion",),
+    "u-shaped": ("head", "body", "tail"),
+}
 # File roles numbered per part, by serving shape: (how a message names them, the pattern).
 NUMBERED_ROLES: dict[str, tuple[str, re.Pattern[str]]] = {
     "scatter": ("submodel.<id>", re.compile(r"^submodel\.(0|[1-9][0-9]?)$")),

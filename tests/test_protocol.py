@@ -89,6 +89,7 @@ def test_error_codes_are_fixed():
         "UNSUPPORTED": 10,
         "SHUTTING_DOWN": 11,
         "UNKNOWN_SUBMODEL": 12,
+        "UNKNOWN_STEP": 13,
     }
 
 

@@ -27,6 +27,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED = 10  # well-formed but not supported here: reserved kind, codec, bits, dtype
     SHUTTING_DOWN = 11  # the server is draining and accepts no new requests
     UNKNOWN_SUBMODEL = 12  # v1.2: a sub-model id the worker does not hold (or the bundle does not have)
+    UNKNOWN_STEP = 13  # v1.4: a train_bwd for a training step the server does not hold (redo it from train_fwd)
 
 
 class WireError(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 PROTOCOL_VERSION = 1  # the major version: the "v" of every header
-PROTOCOL_REVISION = (1, 3)  # major.minor of docs/PROTOCOL.md; minor revisions add optional keys only
+PROTOCOL_REVISION = (1, 4)  # major.minor of docs/PROTOCOL.md; minor revisions add optional keys only
 SUPPORTED_VERSIONS = (1,)
 # Features a server may list in welcome.features (v1.1). A peer relies on one only when advertised.
 FEATURE_COMPACT_REQUESTS = "compact_requests"
@@ -35,7 +35,8 @@ class Kind:
 
 KINDS = (Kind.HELLO, Kind.WELCOME, Kind.REQUEST, Kind.RESULT, Kind.ERROR, Kind.PING, Kind.PONG, Kind.BYE)
 # Kinds outside the v1.0 core: UNSUPPORTED unless the receiver takes part in the feature that
-# defines them (v1.2: scatter and gather, feature "scatter"; SFPrompt's three are not defined yet).
+# defines them (v1.2: scatter and gather, feature "scatter"; v1.4: train_fwd and train_bwd, feature
+# "split_training", edgesplit.wire.split_train; model_update stays undefined).
 RESERVED_KINDS = ("scatter", "gather", "train_fwd", "train_bwd", "model_update")
 
 

@@ -147,8 +147,6 @@ def agent_cmd(world: OtaWorld, endpoint: str, ota_dir: Path, out: Path, *extra: 
         "cifar10:test",
         "--frames",
         str(frames),
-        "--fps",
-        str(fps),
         "--threads",
         "1",
         "--ota-group",
@@ -163,6 +161,7 @@ def agent_cmd(world: OtaWorld, endpoint: str, ota_dir: Path, out: Path, *extra: 
         "json",
         "--json-lines",
         str(out),
+        *(["--fps", str(fps)] if fps else []),
         *extra,
     ]
 

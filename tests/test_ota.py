@@ -66,14 +66,19 @@ def check_run(world: OtaWorld, out: Path, n: int = FRAMES) -> tuple[list[dict], 
 
 
 def test_update_switches_between_frames(world, tmp_path):
-    with serve(world, world.b.root) as srv:
+    # the server holds each request up to 20 ms to batch it: frames are in flight on A at the switch
+    with serve(world, world.b.root, "--max-queue-delay-us", "20000") as srv:
         out, log = tmp_path / "out.jsonl", tmp_path / "agent.log"
-        assert run_agent(agent_cmd(world, srv.endpoint, tmp_path / "ota", out), log) == 0
-    frames, summary = check_run(world, out)
-    # frames before the switch ran on A, after it on B; never back
+        cmd = agent_cmd(world, srv.endpoint, tmp_path / "ota", out, "--inflight", "8", frames=400, fps=0)
+        assert run_agent(cmd, log) == 0
+    frames, summary = check_run(world, out, 400)
+    # frames read before the switch ran on A (those in flight too, answered by the server on A's
+    # session), every frame after it on B; never back
     order = [f["bundle"] for f in sorted(frames, key=lambda f: f["id"])]
     first_b = order.index(world.b.hash)
     assert set(order[:first_b]) == {world.a.hash} and set(order[first_b:]) == {world.b.hash}
+    (switched,) = named(log, "ota_switched")
+    assert switched["in_flight"] >= 1
     assert all(f["source"] == "server" and f.get("error") is None for f in frames)
     assert summary["ota"]["bundle"] == world.b.hash and summary["ota"]["commits"] == 1
     for event in ("ota_download", "ota_downloaded", "ota_staged", "ota_switched", "ota_committed"):

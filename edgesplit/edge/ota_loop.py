@@ -156,7 +156,7 @@ class UpdateManager:
         c = self.candidate
         if c is not None:
             if c.session.welcome is not None:
-                self._switch()
+                pass  # welcomed: submit() switches before the next frame
             elif c.outcomes.connection_errors_total:
                 name, message = list(c.outcomes.connection_errors)[-1]
                 self._drop_candidate(f"the server refused its hello: {name}: {message}")
@@ -195,6 +195,7 @@ class UpdateManager:
             event="ota_switched",
             bundle=new.bundle.hash,
             previous=old.bundle.hash,
+            in_flight=len(old.session.outstanding),
         )
 
     def _judge(self, r: FrameResult) -> None:
@@ -266,6 +267,9 @@ class UpdateManager:
         self._step()
 
     def submit(self, sample: Any) -> None:
+        c = self.candidate
+        if c is not None and c.session.welcome is not None:
+            self._switch()  # between two frames: this one is the first on the new bundle
         try:
             self.agent.submit(sample)
         except Exception as e:

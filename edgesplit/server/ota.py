@@ -150,7 +150,7 @@ class BundleDistributor:
             src = Path(src)
             if src.is_dir():
                 b = served.get(_manifest_hash_dir(src)) or extra.get(_manifest_hash_dir(src)) or Bundle.load(src)
-                if not (b.root / SIGNATURE_FILE).is_file():
+                if not (src / SIGNATURE_FILE).is_file():  # the directory offered, not a served copy
                     raise BundleError(f"--ota-group {group}: {src} is not signed (edgesplit bundle sign)")
                 if b.hash not in served:
                     extra[b.hash] = b

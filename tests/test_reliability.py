@@ -26,7 +26,8 @@ from edgesplit.server.daemon import Server
 from edgesplit.wire import codec
 from edgesplit.wire import protocol as P
 from edgesplit.wire.codec import ErrorCode
-from edgesplit.wire.fuzz import CLASSES, FuzzGenerator, FuzzTarget
+from edgesplit.wire.fuzz import CLASSES, FuzzGenerator, FuzzTarget, default_classes
+from edgesplit.wire.fuzz_ans import ANS_CLASSES
 from edgesplit.wire.protocol import DEFAULT_LIMITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,10 @@ def test_generator_is_deterministic_and_covers_every_class(bundle):
     c = [FuzzGenerator(target, seed=8, weights=light).next() for _ in range(400)]
     assert [x.parts for x in a] == [x.parts for x in b]
     assert [x.parts for x in a] != [x.parts for x in c]
-    for name in CLASSES:  # every class builds, with a non-empty expectation and bytes frames
+    # every class of a uniform bundle builds, with a non-empty expectation and bytes frames (the
+    # ans classes need an ans mode: tests/test_entropy_serving.py runs them)
+    assert default_classes(target) == [n for n in CLASSES if n not in ANS_CLASSES]
+    for name in default_classes(target):
         case = FuzzGenerator(target, seed=1).case(name)
         assert case.cls == name and case.expect and all(isinstance(p, bytes) for p in case.parts)
 
@@ -95,7 +99,8 @@ def test_fuzz_every_class_answered_as_documented_while_an_agent_streams(bundle, 
     assert r["mismatches"] == 0, json.dumps(r["mismatch_examples"], indent=1)
     assert r["unexpected"] == 0 and r["unanswered"] == 0 and r["internal_errors"] == 0
     assert r["chaos_answers"] == r["chaos_sent"] > 0  # bit-flipped requests: one answer each
-    assert set(r["by_class"]) == set(CLASSES), set(CLASSES) - set(r["by_class"])
+    uniform = set(CLASSES) - set(ANS_CLASSES)  # a uniform bundle: every class but the ans ones
+    assert set(r["by_class"]) == uniform, uniform - set(r["by_class"])
     for code in (
         "MALFORMED",
         "TOO_LARGE",

@@ -24,10 +24,10 @@ import zmq
 
 from ..bundle import Bundle, Mode
 from ..control.policy import FixedPolicy, Policy, RoundRobinPolicy
-from ..wire import codec
 from ..wire import protocol as P
 from ..wire.client_session import ClientSession
 from ..wire.errors import ErrorCode
+from ..wire.mode_codec import encode_mode
 from ..wire.transport import context, default_agent_name
 from .adaptive import ModeController
 from .connection import ServerConnection, load_curve
@@ -94,6 +94,7 @@ class Agent:
         self._full_extra = {
             mid: len(P.pack_header({"tensors": [dict(d, codec="zstd")]})) - 1 for mid, d in implicit.items()
         }
+        self._tables = {m.id: self.bundle.tables_for(m) for m in self.bundle.modes if m.entropy_coded}
         self.reconnect_max_s = float(reconnect_max_s)
         self.session = ClientSession(
             self.bundle.hash,
@@ -228,7 +229,8 @@ class Agent:
         m = self.mode if mode is None else self.bundle.mode(mode)
         t0 = time.perf_counter()
         margin = self._full_extra.get(m.id, 0) if self.session.compact_requests and self.codec == "auto" else 0
-        desc, payload = codec.encode(z, m, codec=self.codec, name=self.wire_name, auto_margin=margin)
+        tables = self._tables.get(m.id)  # an ans mode's table set (PROTOCOL.md §4.4), else None
+        desc, payload = encode_mode(z, m, tables=tables, codec=self.codec, name=self.wire_name, auto_margin=margin)
         encode_ms = (time.perf_counter() - t0) * 1e3
         # No t_send_ns in the header: the session keeps the send time, the echo would carry nothing.
         req, parts = self.session.request(

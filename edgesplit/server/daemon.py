@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..bundle import Bundle
 from ..engine import EngineOptions  # numpy only: backends load lazily
-from ..wire import codec
 from ..wire.curve import ServerCurve
+from ..wire.mode_codec import tail_codecs
 from ..wire.ota import FEATURE_BUNDLE_UPDATES
 from ..wire.protocol import SERVER_FEATURES, Limits
 from .batcher import Batcher
@@ -131,7 +131,7 @@ class Server:
             credits=credits,
             heartbeat_ms=heartbeat_ms,
             limits=limits,
-            codecs=codec.supported_codecs(),
+            codecs=tail_codecs(),  # with the entropy extra: 'ans' too (PROTOCOL.md §4.4)
             features=SERVER_FEATURES + ((FEATURE_BUNDLE_UPDATES,) if self.ota is not None else ()),
         )
         # the live sessions (read-only outside the I/O thread)

@@ -7,6 +7,11 @@ Requests arrive full (with their tensor descriptor) or, from agents that saw
 whose descriptor the bundle mode implies. :meth:`RequestCheck.check_compact` checks such a frame's
 length against that descriptor before anything is decoded; from then on both kinds are the same
 queued item.
+
+Modes of codec ``"ans"`` (PROTOCOL.md §4.4, a bundle's ``cdf`` file) carry variable-length frames:
+their compact form implies the descriptor with ``nbytes`` = the frame's length (§3.3.1), checked
+against the §4.4 bounds of the mode's shape before anything is allocated; the frame is decoded with
+the mode's table set at its batch. The uint8 ``raw`` path is untouched by them.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..engine import EngineOptions  # numpy only: backends load lazily
-from ..wire import codec
+from ..wire import ans_codec, codec
 from ..wire import protocol as P
+from ..wire.ans_tables import TableSet, ans_available
 from ..wire.errors import ErrorCode, ProtocolError, WireError
 from .batcher import Item
 
@@ -43,6 +49,9 @@ class RequestCheck:
         # v1.1 compact requests: each mode's implied descriptor, built once and shared (never
         # mutated) by every compact request of that mode.
         self._compact = {m.id: P.compact_descriptor(self.wire_name, self.wire_shape, m) for m in bundle.modes}
+        # ans modes: the table set each codes with; a server without the entropy extra refuses them.
+        self.tables: dict[int, TableSet] = {m.id: bundle.tables_for(m) for m in bundle.modes if m.entropy_coded}
+        self._ans_ok = ans_available()
 
     def check(self, mode_id: int, d: dict[str, Any], rid: int) -> tuple[int, bool]:
         """Validate a request tensor against the bundle; return (rows, single)."""
@@ -94,6 +103,8 @@ class RequestCheck:
             )
         n = len(frame) if type(frame) is bytes else memoryview(frame).nbytes
         if n != d["nbytes"]:
+            if d["nbytes"] is None:  # an ans mode (its implied nbytes is the frame's): off the raw path
+                return self._check_compact_ans(mode_id, d, n, rid)
             c, h, w = d["shape"]
             raise ProtocolError(
                 ErrorCode.MALFORMED,
@@ -102,6 +113,20 @@ class RequestCheck:
                 rid,
             )
         return d
+
+    def _check_compact_ans(self, mode_id: int, d: dict[str, Any], n: int, rid: int) -> dict[str, Any]:
+        """An ans mode's compact frame: the codec is decoded here [UNSUPPORTED], and its length fits
+        the §4.4 bounds of the mode's shape [MALFORMED]; the implied descriptor takes ``nbytes = n``."""
+        if not self._ans_ok:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED, f"mode {mode_id} is 'ans'-coded and this server lacks the entropy extra", rid
+            )
+        c, h, w = d["shape"]
+        try:
+            ans_codec.check_payload_len(n, c * h * w)
+        except WireError as e:
+            raise ProtocolError(e.code, f"compact request: {e.message}", rid) from None
+        return dict(d, nbytes=n)
 
 
 class TailRunner:
@@ -159,10 +184,13 @@ class TailRunner:
             buf = self._bufs[c] = np.zeros((n, *self.wire_shape), np.float32)
         return buf
 
-    def _decode(self, d: dict[str, Any], payload, dst: np.ndarray) -> None:
+    def _decode(self, d: dict[str, Any], payload, dst: np.ndarray, mode_id: int) -> None:
         """One validated request tensor -> float32 values in ``dst`` (a view of the batch buffer)."""
         if d["dtype"] != "uint8" or d["codec"] != "raw":
-            codec.decode(d, payload, out=dst, validate=False)
+            if d["codec"] == "ans":  # variable-length: decoded with the mode's tables (§4.4)
+                ans_codec.decode(d, payload, self.requests.tables[mode_id], out=dst, validate=False)
+            else:
+                codec.decode(d, payload, out=dst, validate=False)
             return
         codec.dequantize_packed(payload, dst.size, d["bits"], d["scale"], d["zero_point"], dst)
 
@@ -175,7 +203,7 @@ class TailRunner:
             c = d["shape"][-3]
             x = self._buffer(c, it.rows)
             try:
-                self._decode(d, it.payload, x[0, :c] if it.single else x[: it.rows, :c])
+                self._decode(d, it.payload, x[0, :c] if it.single else x[: it.rows, :c], it.key[1])
             except WireError as e:
                 return _EMPTY_LOGITS, [-1], {0: e}
             out = self.engine.run({self.input_name: x[: it.rows]})[self.output_name]
@@ -188,7 +216,7 @@ class TailRunner:
             d = it.desc
             dst = x[r, :c] if it.single else x[r : r + it.rows, :c]
             try:
-                self._decode(d, it.payload, dst)
+                self._decode(d, it.payload, dst, it.key[1])
             except WireError as e:
                 errors[i] = e
                 offsets.append(-1)

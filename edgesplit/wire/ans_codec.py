@@ -37,7 +37,9 @@ def max_payload_bytes(numel: int) -> int:
     return TAG_BYTES + 4 * (-(-numel * CODER_PRECISION // 32) + 2)
 
 
-def _check_payload_len(nbytes: int, numel: int) -> None:
+def check_payload_len(nbytes: int, numel: int) -> None:
+    """A frame of ``nbytes`` for ``numel`` values: ``2 + 4k`` bytes, at most :func:`max_payload_bytes`
+    (PROTOCOL.md §4.4) [MALFORMED]. Needs only the length: run it before anything is allocated."""
     if nbytes < TAG_BYTES or (nbytes - TAG_BYTES) % 4:
         raise WireError(_M, f"an 'ans' frame is {TAG_BYTES} + 4k bytes, got {nbytes}")
     bound = max_payload_bytes(numel)
@@ -83,7 +85,7 @@ def check_ans_descriptor(
         raise WireError(
             ErrorCode.TOO_LARGE, f"tensor {list(shape)} decodes to {numel * 4} bytes, over the limit of {max_bytes}"
         )
-    _check_payload_len(nbytes, numel)
+    check_payload_len(nbytes, numel)
     return numel, numel * 4
 
 
@@ -99,6 +101,12 @@ def descriptor(name: str, shape, scale: float, nbytes: int) -> dict[str, Any]:
         "codec": ANS_CODEC,
         "nbytes": int(nbytes),
     }
+
+
+def implied_ans(implied: dict[str, Any] | None, d: dict[str, Any]) -> bool:
+    """Whether ``d`` is what a compact request of an ans mode implies: ``implied`` is that mode's
+    descriptor with ``nbytes`` None (the frame's length, PROTOCOL.md §3.3.1)."""
+    return implied is not None and implied["nbytes"] is None and d == dict(implied, nbytes=d["nbytes"])
 
 
 def _blocks(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -165,7 +173,7 @@ def decode_values(payload, tables: TableSet, shape) -> np.ndarray:
     _check_tables(tables, shape)
     view = memoryview(payload).cast("B")
     numel = math.prod(shape)
-    _check_payload_len(view.nbytes, numel)
+    check_payload_len(view.nbytes, numel)
     if bytes(view[:TAG_BYTES]) != tables.tag:
         raise WireError(
             _M,

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import protocol as P
+from .ans_codec import implied_ans
 from .codec import supported_codecs
 from .errors import ErrorCode, ProtocolError
 from .messages import ErrorReply, ResultTimings, Welcome
@@ -123,7 +124,7 @@ class ClientSession:
         self.welcome: Welcome | None = None
         self.credits = 0
         self.heartbeat_ms = 0
-        self.compact_requests = False  # the latest welcome listed "compact_requests"
+        self.compact_requests = self.compact_ans = False  # the latest welcome listed "compact_requests"
         self.handshaking = False
         self.server_bye: str | None = None
         self.outstanding: dict[int, Outstanding] = {}  # by id, oldest first
@@ -185,7 +186,8 @@ class ClientSession:
         rid = self._next_id
         self._next_id += 1
         deadline = P.wire_number(deadline_ms)
-        compact = self.compact_requests and desc == self._implicit.get(mode)
+        imp = self._implicit.get(mode)
+        compact = self.compact_requests and (desc == imp or (self.compact_ans and implied_ans(imp, desc)))
         parts = [P.pack_header(P.request(rid, mode, None if compact else [desc], deadline_ms=deadline)), payload]
         req = Outstanding(rid, mode, parts, now_ns, compact, desc, deadline, tag=tag)
         self.outstanding[rid] = req
@@ -319,6 +321,7 @@ class ClientSession:
             return [Refused(None, ErrorCode.UNKNOWN_BUNDLE, f"welcome names bundle {w.bundle[:16]}...", None)]
         self.welcome = w
         self.compact_requests = w.compact_requests
+        self.compact_ans = w.compact_requests and "ans" in w.codecs  # §4.4: ans modes may go compact too
         self.credits = w.credits
         self.heartbeat_ms = w.heartbeat_ms
         d, lim = P.DEFAULT_LIMITS, w.limits  # accept at least the defaults, whatever the server takes

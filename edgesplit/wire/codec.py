@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .ans_codec import ANS_CODEC, ANS_DTYPE, check_ans_descriptor
 from .errors import ErrorCode, WireError
 from .errors import is_int as _is_int
 from .errors import is_num as _is_num
@@ -163,6 +164,8 @@ def check_descriptor(
         raise WireError(M, "descriptor 'bits' must be an integer")
     allowed = _DTYPE_BITS.get(dtype)
     if allowed is None:
+        if dtype == ANS_DTYPE and codec == ANS_CODEC:  # §4.4: its own rules (off the uint8 hot path)
+            return check_ans_descriptor(d, nbytes_actual, max_bytes=max_bytes)
         raise WireError(ErrorCode.UNSUPPORTED, f"dtype '{dtype}' is not supported (supported: {', '.join(DTYPES)})")
     packed = dtype == "uint8"
     if bits not in allowed:

@@ -19,6 +19,8 @@ Classes (:data:`CLASSES`), each with several variants:
   the frame length; huge declared sizes (and one real frame over ``max_frame_bytes``); unknown
   codecs; zstd frames that do not decode to the declared size;
 - v1.1 compact requests of the wrong length, frame count or mode;
+- codec ``ans`` (§4.4, bundles with ans modes; :mod:`edgesplit.wire.fuzz_ans`): truncated, garbage,
+  oversized and CDF-mismatched frames, a trailing zero word, sent full or compact;
 - session: valid requests without a session (NOT_READY), ``deadline_ms: 0``, replays of other
   agents' ids, valid messages with unknown keys;
 - other kinds: bad ``hello`` (unknown bundle, bad caps), ``ping``, ``bye`` and ``error``;
@@ -38,6 +40,7 @@ from typing import Callable, Sequence
 import msgpack
 import numpy as np
 
+from .fuzz_ans import ANS_CLASSES, ANS_FUZZ_WEIGHT, AnsFaults
 from .fuzz_cases import (
     ANY_ERROR,
     ANYTHING,
@@ -63,7 +66,7 @@ from .quantize import pack_bits
 __all__ = ["ANY_ERROR", "CHAOS", "NO_SESSION", "PONG", "RESULT", "SESSION", "FuzzCase", "FuzzTarget", "ModeSpec"]
 
 
-class FuzzGenerator(RequestFaults):
+class FuzzGenerator(RequestFaults, AnsFaults):
     """Deterministic stream of :class:`FuzzCase` for one target. ``next()`` draws a class by
     weight; ``case(cls)`` makes one of a given class. The framing, header and session faults are
     here; the faults inside a request (its fields, tensors and descriptors) come from
@@ -82,7 +85,7 @@ class FuzzGenerator(RequestFaults):
         self.rng = np.random.default_rng(seed)
         self.replay_ids = int(replay_ids)
         self._next_id = FUZZ_ID_BASE
-        names = list(classes) if classes is not None else list(CLASSES)
+        names = list(classes) if classes is not None else default_classes(target)
         unknown = [n for n in names if n not in CLASSES]
         if unknown:
             raise ValueError(f"unknown fuzz classes {unknown} (known: {', '.join(CLASSES)})")
@@ -97,8 +100,10 @@ class FuzzGenerator(RequestFaults):
                 for _ in range(4)
             ]
             for m in target.modes
+            if m.codec == "raw"
         }
         self._descs = {m.id: compact_descriptor(target.wire_name, target.wire_shape, m) for m in target.modes}
+        self._init_ans()
 
     # -- drawing ---------------------------------------------------------------------------
     def next(self) -> FuzzCase:
@@ -380,4 +385,12 @@ CLASSES: dict[str, tuple[Callable[[FuzzGenerator], FuzzCase], float]] = {
     "bad_hello": (FuzzGenerator.bad_hello, 2),
     "bad_control": (FuzzGenerator.bad_control, 2),
     "bitflip": (FuzzGenerator.bitflip, 2),
+    **{n: (getattr(FuzzGenerator, n), ANS_FUZZ_WEIGHT) for n in ANS_CLASSES},  # PROTOCOL.md §4.4: ans modes only
 }
+
+
+def default_classes(target: FuzzTarget) -> list[str]:
+    """The classes a target's modes can build: the uniform ones with a uniform mode, the ans ones
+    with an ans mode."""
+    uniform, ans = (any(m.codec == k for m in target.modes) for k in ("raw", "ans"))
+    return [n for n in CLASSES if (ans if n in ANS_CLASSES else uniform)]

@@ -42,6 +42,8 @@ class ModeSpec:
     bits: int
     scale: float
     zero_point: int
+    codec: str = "raw"  # "ans": entropy-coded (PROTOCOL.md §4.4) with ``tables``
+    tables: Any = None  # an ans mode's TableSet
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,16 @@ class FuzzTarget:
     def from_bundle(cls, bundle: Any, limits: Limits) -> "FuzzTarget":
         spec = bundle.wire_spec
         modes = tuple(
-            ModeSpec(int(m.id), int(m.channels), int(m.bits), float(m.scale), int(m.zero_point)) for m in bundle.modes
+            ModeSpec(
+                int(m.id),
+                int(m.channels),
+                int(m.bits),
+                float(m.scale),
+                int(m.zero_point),
+                str(getattr(m, "codec", "raw")),
+                bundle.tables_for(m) if getattr(m, "codec", "raw") == "ans" else None,
+            )
+            for m in bundle.modes
         )
         c, h, w = (int(s) for s in spec["shape"])  # the wire tensor is [C, h, w]
         return cls(bundle.hash, spec["name"], (c, h, w), modes, limits)
@@ -112,7 +123,11 @@ class CaseBuilder:
         return seq[int(self.rng.integers(len(seq)))]
 
     def _mode(self) -> ModeSpec:
-        return self._choice(self.t.modes)
+        """A uniform mode: the classes built on packed codes (ans modes have classes of their own)."""
+        modes = [m for m in self.t.modes if m.codec == "raw"]
+        if not modes:
+            raise ValueError("this fuzz class needs a uniform mode; the bundle has only 'ans' modes")
+        return self._choice(modes)
 
     def _payload(self, m: ModeSpec) -> bytes:
         return self._choice(self._payloads[m.id])

@@ -32,6 +32,8 @@ from typing import Any, Collection, Iterable, Sequence
 
 import msgpack
 
+from .ans_codec import ANS_CODEC
+from .ans_codec import descriptor as ans_descriptor
 from .codec import CODECS, PACKED_BITS, descriptor, packed_nbytes
 from .errors import ErrorCode, ProtocolError
 from .errors import is_int as _is_int
@@ -184,6 +186,8 @@ def compact_descriptor(name: str, wire_shape: Sequence[int], mode: Any) -> dict[
     ``zero_point``, codec ``raw``, ``nbytes = ceil(channels*h*w*bits/8)``. ``mode`` has the
     attributes of :class:`edgesplit.bundle.Mode` (channels, bits, scale, zero_point)."""
     c, h, w = int(mode.channels), int(wire_shape[-2]), int(wire_shape[-1])
+    if getattr(mode, "codec", "raw") == ANS_CODEC:  # §4.4: variable length; nbytes is the frame's, None here
+        return dict(ans_descriptor(name, (c, h, w), float(mode.scale), 0), nbytes=None)
     bits = int(mode.bits)
     return descriptor(
         name,

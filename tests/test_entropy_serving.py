@@ -1,0 +1,293 @@
+"""Issue 14 end to end with real components: a BottleFit split with a learned entropy bottleneck
+(tests/recipes/tiny-bottlefit-entropy.yaml) trained by ``edgesplit train`` on a slice of the real
+CIFAR-10 shards, exported by ``edgesplit export`` (cdf.json + one codec "ans" mode), read back by
+the bundle reader (and refused when its ans keys or tables are broken), served by a real
+``edgesplit serve`` process and streamed by the real agent over ZeroMQ on loopback: answers equal
+head -> ans coder -> tail run here, compact ans requests when the welcome allows them, the ans fuzz
+classes answered as PROTOCOL.md §4.4 says while good frames are still answered, and a server
+without the entropy extra answering UNSUPPORTED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from build_fixtures import one_torch_thread, require_cifar  # noqa: F401  (pytest fixture by name)
+
+from edgesplit.bundle import Bundle, BundleError, validate_manifest, write_manifest
+from edgesplit.wire import ans_codec as A
+
+pytest.importorskip("constriction", reason="codec 'ans' needs the entropy extra")
+RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny-bottlefit-entropy.yaml"
+LIMIT_PER_SHARD = 16  # 5 train shards x 16 = 80 training images, 16 test images
+FRAMES = 16
+
+
+def edgesplit_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "edgesplit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Bundle:
+    require_cifar()
+    work = tmp_path_factory.mktemp("entropy")
+    train = edgesplit_cli(
+        ["train", str(RECIPE), "--device", "cpu", "--workers", "1", "--limit-per-shard", str(LIMIT_PER_SHARD)], work
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    export = edgesplit_cli(
+        ["export", "runs/tiny-bottlefit-entropy/student.pt", "--out", "bundle", "--check-frames", str(FRAMES)], work
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    return Bundle.load(work / "bundle")
+
+
+def samples(n: int = FRAMES):
+    from edgesplit.data.sources import open_source, take
+
+    return list(take(open_source("cifar10:test"), n))
+
+
+def local_run(b: Bundle, frames) -> tuple[np.ndarray, list[int]]:
+    """What the server must answer, computed here: head -> ans values -> coded frame -> decoded ->
+    tail, each in its own real component; and each frame's coded size."""
+    from edgesplit.data.transforms import preprocess
+    from edgesplit.engine import create_engine
+
+    m = b.default_mode
+    tables = b.tables_for(m)
+    head, tail = create_engine(b.file("head"), threads=1), create_engine(b.file("tail"), threads=1)
+    logits, sizes = [], []
+    for s in frames:
+        z = head.run1(preprocess(s.data, b.input_spec)[None])[0]
+        d, payload = A.encode(z, tables, scale=m.scale, name=b.wire_spec["name"])
+        sizes.append(len(payload))
+        logits.append(tail.run1(A.decode(d, payload, tables)[None])[0])
+    return np.stack(logits), sizes
+
+
+# -- the bundle -----------------------------------------------------------------------------------
+
+
+def test_export_writes_the_tables_and_an_ans_mode_with_measured_sizes(bundle):
+    from edgesplit.data.transforms import preprocess
+    from edgesplit.engine import create_engine
+
+    b = bundle
+    assert b.has("cdf") and [m.codec for m in b.modes] == ["ans"]
+    m = b.default_mode
+    tables = b.tables_for(m)
+    assert m.bits == 32 and m.zero_point == 0 and m.scale == 1.0 and m.channels == b.wire_spec["shape"][0]
+    assert tables.digest == m.tables_sha256 and tables.channels == m.channels
+    assert "tables" not in b.manifest["training"]["results"]["entropy"]  # the tables live in cdf.json only
+    # bytes_per_frame and bytes_p95: the exported head on the check images, coded, measured again here
+    x = np.stack([preprocess(s.data, b.input_spec) for s in samples(FRAMES)])
+    z = create_engine(b.file("head"), threads=1).run1(x)
+    sizes = np.array([len(A.encode(f, tables)[1]) for f in z], dtype=np.float64)
+    assert m.bytes_per_frame == round(float(sizes.mean()), 2) and m.bytes_p95 == float(np.percentile(sizes, 95))
+    assert len(set(sizes.tolist())) > 1  # frames really differ in length: the values are not all one
+    assert 0.0 <= m.accuracy <= 1.0
+
+
+def _edited(bundle: Bundle, tmp_path: Path, edit_manifest=None, edit_tables=None) -> Path:
+    out = tmp_path / "b"
+    shutil.copytree(bundle.root, out)
+    m = json.loads((out / "manifest.json").read_text())
+    if edit_tables is not None:
+        doc = json.loads((out / "cdf.json").read_text())
+        edit_tables(doc)
+        (out / "cdf.json").write_text(json.dumps(doc))
+    if edit_manifest is not None:
+        edit_manifest(m)
+    write_manifest(out, m)  # re-hashes every file: only the edit is wrong
+    return out
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["modes"][0]["entropy"].update(sha256="0" * 64), "entropy.sha256 says"),
+        (lambda m: m["modes"][0]["entropy"].update(tables="other"), "does not hold"),
+    ],
+)
+def test_reader_refuses_a_mode_that_does_not_match_its_tables(bundle, tmp_path, edit, message):
+    with pytest.raises(BundleError, match=message):
+        Bundle.load(_edited(bundle, tmp_path, edit_manifest=edit))
+
+
+def test_reader_refuses_altered_or_mismatched_tables(bundle, tmp_path):
+    def bump(doc):  # move one unit of frequency: the set's recorded digest no longer matches
+        f = doc["sets"]["main"]["channels"][0]["freqs"]
+        i = int(np.argmax(f))
+        f[i] -= 1
+        f[i - 1] += 1
+
+    with pytest.raises(BundleError, match=r"cdf.*sha256 does not match"):
+        Bundle.load(_edited(bundle, tmp_path / "a", edit_tables=bump))
+
+    def narrow(m):  # the mode sends fewer channels than its table set has tables
+        m["modes"][0]["channels"] -= 1
+
+    with pytest.raises(BundleError, match="tables"):
+        Bundle.load(_edited(bundle, tmp_path / "b", edit_manifest=narrow))
+    # an unaltered copy loads, and the file is pinned by the manifest like any other
+    copy = _edited(bundle, tmp_path / "c")
+    Bundle.load(copy)
+    (copy / "cdf.json").write_text((copy / "cdf.json").read_text().replace('"version":1', '"version": 1'))
+    with pytest.raises(BundleError, match="cdf.json"):
+        Bundle.load(copy)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("codec", "zstd", r"codec' must be 'ans'"),
+        ("bits", 8, r"bits' of an 'ans' mode must be 32"),
+        ("entropy", None, r"entropy"),
+        ("bytes_p95", -1, r"bytes_p95"),
+    ],
+)
+def test_schema_checks_every_ans_mode_key(bundle, key, value, message):
+    m = json.loads(json.dumps(bundle.manifest))
+    if value is None:
+        del m["modes"][0][key]
+    else:
+        m["modes"][0][key] = value
+    with pytest.raises(BundleError, match=message):
+        validate_manifest(m)
+    m = json.loads(json.dumps(bundle.manifest))
+    m["modes"][0]["quant"]["zero_point"] = 1
+    with pytest.raises(BundleError, match="zero_point"):
+        validate_manifest(m)
+    m = json.loads(json.dumps(bundle.manifest))
+    del m["files"]["cdf"]
+    with pytest.raises(BundleError, match="no 'cdf' entry"):
+        validate_manifest(m)
+
+
+# -- serving ----------------------------------------------------------------------------------------
+
+
+def test_served_by_a_server_process_equals_head_coder_tail_here(bundle):
+    from edgesplit.bench.serverproc import ServerProcess
+    from edgesplit.edge.agent import Agent
+
+    frames = samples()
+    ref, sizes = local_run(bundle, frames)
+    with ServerProcess([str(bundle.root)], ["--threads", "1"]) as srv:
+        with Agent(bundle, srv.endpoint, threads=1) as agent:
+            got = [agent.infer(s) for s in frames]
+            assert "ans" in agent.welcome.codecs and agent.compact_requests
+        assert srv.alive()
+    assert all(g.error is None for g in got), [g.to_json() for g in got if g.error][:3]
+    assert [g.bytes_sent for g in got] == sizes  # variable-length frames, each exactly the coder's
+    assert all(g.header_bytes < 40 for g in got)  # compact: the frame's length stands for nbytes
+    np.testing.assert_allclose(np.stack([g.logits for g in got]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_full_ans_requests_are_answered_the_same(bundle):
+    """A client that sends the §4.4 descriptor (no compact form) gets the same logits, batched too."""
+    from edgesplit.data.transforms import preprocess
+    from edgesplit.engine import create_engine
+    from edgesplit.server.daemon import Server
+    from edgesplit.wire import protocol as P
+    from edgesplit.wire.transport import connect_dealer, recv_parts, send_parts
+
+    frames = samples(4)
+    ref, _ = local_run(bundle, frames)
+    m = bundle.default_mode
+    tables = bundle.tables_for(m)
+    head = create_engine(bundle.file("head"), threads=1)
+    z = np.stack([head.run1(preprocess(s.data, bundle.input_spec)[None])[0] for s in frames])
+    with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=500) as srv:
+        sock = connect_dealer(srv.endpoint)
+        try:
+            send_parts(sock, P.pack(P.hello(bundle.hash, "t")))
+            assert P.parse(recv_parts(sock)).kind == "welcome"
+            d, payload = A.encode(z, tables, name=bundle.wire_spec["name"])  # one [4,C,h,w] request
+            send_parts(sock, P.pack(P.request(1, m.id, [d]), [payload]))
+            msg = P.parse(recv_parts(sock))
+            assert msg.kind == "result", msg.header
+            logits = np.frombuffer(msg.frames[0], "<f4").reshape(4, -1)
+        finally:
+            sock.close(linger=0)
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fuzz_ans_classes_get_malformed_and_good_frames_are_still_answered(bundle):
+    """Every ans fuzz class (fuzz_ans.ANS_CLASSES) against a server process, each case answered
+    with a code PROTOCOL.md §4.4 allows (MALFORMED, TOO_LARGE for a shape over the limit; a result
+    only for a garbage frame that is a valid coding); nothing INTERNAL, the server alive, and a
+    real agent's good frames answered right after."""
+    from edgesplit.bench.fuzz import FuzzClient
+    from edgesplit.bench.serverproc import ServerProcess
+    from edgesplit.edge.agent import Agent
+    from edgesplit.wire.fuzz_ans import ANS_CLASSES
+
+    frames = samples(4)
+    ref, _ = local_run(bundle, frames)
+    with ServerProcess([str(bundle.root)], ["--threads", "1", "--credits", "64"]) as srv:
+        fuzz = FuzzClient(srv.endpoint, bundle, seed=14, window=8).connect()
+        assert fuzz.generator is not None and set(fuzz.generator._names) == set(ANS_CLASSES)  # ans-only bundle
+        report = fuzz.run(400).to_json()
+        fuzz.close()
+        with Agent(bundle, srv.endpoint, threads=1) as agent:
+            after = [agent.infer(s) for s in frames]
+        assert srv.alive()
+        log = srv.log_text()
+    assert report["mismatches"] == 0, json.dumps(report["mismatch_examples"], indent=1)
+    assert report["unexpected"] == 0 and report["unanswered"] == 0 and report["internal_errors"] == 0
+    assert set(report["by_class"]) == set(ANS_CLASSES)
+    assert report["answers"].get("MALFORMED", 0) > 0 and report["answers"].get("TOO_LARGE", 0) > 0
+    assert "Traceback" not in log
+    assert all(g.error is None for g in after)
+    np.testing.assert_allclose(np.stack([g.logits for g in after]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_server_without_the_entropy_extra_answers_unsupported(bundle, tmp_path):
+    """The daemon run where constriction cannot be imported: it still loads the bundle (the tables
+    are plain JSON), does not list "ans" in its welcome, and answers an ans request UNSUPPORTED,
+    full or compact; the agent then never sends one compact."""
+    from edgesplit.edge.agent import Agent
+    from edgesplit.wire import protocol as P
+    from edgesplit.wire.transport import connect_dealer, free_tcp_endpoint, recv_parts, send_parts
+
+    stub = tmp_path / "stub" / "constriction"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('constriction hidden by the test')\n")
+    endpoint = free_tcp_endpoint()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), *sys.path]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "edgesplit", "serve", "--bind", endpoint, "--bundle", str(bundle.root)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "listening on " in line:
+                break
+        m = bundle.default_mode
+        with Agent(bundle, endpoint, threads=1) as agent:
+            assert "ans" not in agent.welcome.codecs and agent.compact_requests
+            r = agent.infer(samples(1)[0])
+        assert r.error == "UNSUPPORTED" and r.header_bytes > 100  # sent in full: no compact ans here
+        sock = connect_dealer(endpoint)
+        try:
+            send_parts(sock, P.pack(P.hello(bundle.hash, "t")))
+            assert P.parse(recv_parts(sock)).kind == "welcome"
+            frame = bundle.tables_for(m).tag  # the coding of all-lowest values: a valid ans frame
+            send_parts(sock, P.pack(P.request(7, m.id, None), [frame]))  # compact, as a newer agent might
+            err = P.parse(recv_parts(sock))
+            assert err.kind == "error" and err.header["name"] == "UNSUPPORTED" and err.header["id"] == 7
+        finally:
+            sock.close(linger=0)
+    finally:
+        proc.terminate()
+        proc.wait(30)

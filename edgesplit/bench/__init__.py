@@ -48,6 +48,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "edgesplit.bench.plan",
         "the split planner's predicted end-to-end latency vs measured, every cut point, kernel-shaped links",
     ),
+    "ota": (
+        "edgesplit.bench.ota",
+        "a fleet update over one kernel-shaped link: N agents fetch, verify and switch to a signed bundle",
+    ),
 }
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -238,3 +239,29 @@ def test_kill9_mid_switch_restarts_on_a_verified_bundle(world, tmp_path):
     assert frames[0]["bundle"] == world.a.hash and summary["ota"]["bundle"] == world.b.hash
     assert final_state(world, ota_dir) == world.b.hash
     assert all(r.get("level") != "ERROR" for r in events(log))
+
+
+def test_server_kill9_mid_download_resumes_on_the_same_connection(world, tmp_path):
+    """A dropped link (the server killed and restarted): the agent re-handshakes, gets the same
+    offer (the archive is deterministic, so the restarted server's has the same hash) and asks on
+    from the bytes it has; no byte is fetched twice."""
+    ota_dir = tmp_path / "ota"
+    out, log = tmp_path / "out.jsonl", tmp_path / "agent.log"
+    srv = serve(world, world.b.root)
+    try:
+        cmd = agent_cmd(world, srv.endpoint, ota_dir, out, "--ota-kbps", "24", "--ota-chunk-bytes", "1024", fps=10)
+        cmd[cmd.index("--frames") + 1] = "150"
+        proc = start_agent(cmd, log)
+        part = lambda: [p.stat().st_size for p in (ota_dir / "download").glob("*.part")]  # noqa: E731
+        wait_for(lambda: (ota_dir / "download").is_dir() and any(s >= 4096 for s in part()), 60, "a partial download")
+        srv.kill9()
+        time.sleep(1.0)
+        srv.start()
+        assert proc.wait(120) == 0
+    finally:
+        srv.stop()
+    frames, summary = check_run(world, out, 150)
+    assert summary["local"] >= 1 and summary["ota"]["downloads"] == 1  # the outage was real: frames answered locally
+    (dl,) = named(log, "ota_download")  # one offer accepted: the second one was the same
+    assert summary["ota"]["bytes_received"] == dl["size"]  # nothing fetched twice
+    assert summary["ota"]["bundle"] == world.b.hash and final_state(world, ota_dir) == world.b.hash

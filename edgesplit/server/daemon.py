@@ -119,6 +119,10 @@ class Server:
         self.runners: dict[str, TailRunner | FusionRunner] = {}  # loaded by start(); ED-ViT: the fusion head
         # The advertised per-request row limit is the server's batch size: a request never splits.
         limits = replace(limits or Limits(), max_batch=int(max_batch))
+        if self.ota is not None and self.ota.chunk_bytes > limits.max_frame_bytes:
+            raise ValueError(
+                f"--ota-chunk-bytes {self.ota.chunk_bytes} is over --max-frame-bytes {limits.max_frame_bytes}"
+            )
         # What both threads count (typed), read by /metrics and stats()
         self.figures = ServerStats.for_bundles(
             self.bundles, self.batcher.max_batch, sessions={}, queue_depth=self.batcher.__len__

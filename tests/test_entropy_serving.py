@@ -291,3 +291,36 @@ def test_a_server_without_the_entropy_extra_answers_unsupported(bundle, tmp_path
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# -- measuring ----------------------------------------------------------------------------------------
+
+
+def test_eval_reports_bits_measured_on_the_coded_frames_next_to_jpeg(bundle):
+    """``edgesplit eval``'s code: an ans mode's bytes are its real coded frames (mean, p95, bits
+    per frame), its accuracy is what head -> coder -> tail gives here, and it sits next to the best
+    JPEG at its bytes."""
+    from edgesplit.bench.evaluate import evaluate_bundle
+
+    frames = samples()
+    ref, sizes = local_run(bundle, frames)
+    labels = np.asarray([s.label for s in frames])
+    ev = evaluate_bundle(bundle, "cifar10:test", frames=FRAMES, jpeg_frames=8, threads=1, jpeg_grid=True)
+    (m,) = ev["modes"]
+    assert m["codec"] == "ans" and m["bits"] == 32
+    assert m["bytes_per_frame"] == float(np.mean(sizes)) == ev["bytes_per_frame"]
+    assert m["bits_per_frame"] == 8 * float(np.mean(sizes)) and m["bytes_p95"] == float(np.percentile(sizes, 95))
+    assert m["bytes_per_frame_zstd"] is None
+    assert m["accuracy"] == float(np.mean(ref.argmax(1) == labels))
+    assert "jpeg_accuracy_at_bytes" in m and ev["jpeg_min_bytes"] > 0
+
+
+def test_bench_e2e_codec_stage_times_the_ans_coder_on_real_frames(bundle):
+    from edgesplit.bench.e2e import codec_stage_ms
+
+    _, sizes = local_run(bundle, samples())
+    st = codec_stage_ms(bundle, None, "cifar10:test", frames=FRAMES)
+    assert st["codec"] == "ans" and st["codec_frames"] == FRAMES
+    assert st["codec_bytes_mean"] == float(np.mean(sizes))
+    for k in ("codec_encode_ms_p50", "codec_encode_ms_p95", "codec_decode_ms_p50", "codec_decode_ms_p95"):
+        assert st[k] > 0, k

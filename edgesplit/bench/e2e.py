@@ -5,6 +5,11 @@ The server daemon and the agent each run in their own process, as deployed; the 
 is read from the kernel (``RUSAGE_CHILDREN``) once it exits, and the agent reports whether torch
 was ever imported. ``overhead_ratio`` = (e2e - head - tail) / raw_rtt on p50s: what the runtime
 adds beyond the model halves, in units of the bare transport.
+
+The codec's own stages are measured beside the run, in this process with one thread, on the first
+frames of the same source through the bundle's head: encode and decode p50/p95 of the mode's codec
+(the uniform codes, or an ``"ans"`` mode's entropy coder with its tables), so the per-stage table
+shows what entropy coding costs each end. The run's ``encode_ms_p50`` is the agent's own.
 """
 
 from __future__ import annotations
@@ -57,6 +62,43 @@ def raw_rtt_ms(payload_bytes: int, rounds: int = 2000, warmup: int = 200) -> dic
         s.close(0)
         echo.wait(10)
     return {"p50": float(np.median(ts)), "p95": float(np.percentile(ts, 95)), "rounds": rounds}
+
+
+def codec_stage_ms(bundle: Bundle, mode: int | None, source: str, frames: int = 200) -> dict:
+    """Encode and decode time of the mode's codec on real frames (one thread, this process)."""
+    from ..data.sources import open_source, take
+    from ..data.transforms import preprocess
+    from ..engine import create_engine
+    from ..wire.mode_codec import decode_any, encode_mode
+
+    m = bundle.default_mode if mode is None else bundle.mode(mode)
+    tables = bundle.tables_for(m) if m.entropy_coded else None
+    head = create_engine(bundle.file(m.head), "ort", threads=1)
+    C, name = int(bundle.wire_spec["shape"][0]), bundle.wire_spec["name"]
+    enc, dec, sizes = [], [], []
+    for s in take(open_source(source, bundle.classes), frames):
+        z = head.run1(preprocess(s.data, bundle.input_spec)[None])[0]
+        t0 = time.perf_counter()
+        d, payload = encode_mode(z, m, tables=tables, name=name)
+        t1 = time.perf_counter()
+        decode_any(d, payload, tables=tables, full_channels=C)
+        t2 = time.perf_counter()
+        enc.append((t1 - t0) * 1e3)
+        dec.append((t2 - t1) * 1e3)
+        sizes.append(len(payload))
+    warm = slice(min(10, len(enc) // 10), None)  # the first calls build the coder's models
+    pct = lambda a, q: float(np.percentile(a[warm], q))  # noqa: E731
+    e, d_ = np.asarray(enc), np.asarray(dec)
+    return {
+        "codec": m.codec,
+        "codec_frames": len(enc),
+        "codec_encode_ms_p50": pct(e, 50),
+        "codec_encode_ms_p95": pct(e, 95),
+        "codec_decode_ms_p50": pct(d_, 50),
+        "codec_decode_ms_p95": pct(d_, 95),
+        "codec_bytes_mean": float(np.mean(sizes)),
+        "codec_bytes_p95": float(np.percentile(sizes, 95)),
+    }
 
 
 def bench_e2e(
@@ -137,6 +179,9 @@ def bench_e2e(
         "agent_rss_mb": round(agent_rss_mb, 1),
         "agent_torch_loaded": summary.get("torch_loaded"),
         "threads": threads,
+        "bytes_mean": float(np.mean([r["bytes_sent"] for r in rows])),  # ans frames vary in length
+        "bytes_p95": float(np.percentile([r["bytes_sent"] for r in rows], 95)),
+        **codec_stage_ms(bundle, mode, source),
     }
 
 

@@ -2,6 +2,10 @@
 (ONNX Runtime head -> wire codec -> ONNX Runtime tail), against the "send the JPEG instead"
 baseline: the reference model (full.onnx) on the input re-encoded over a grid of sizes and qualities.
 
+Every mode's bytes are those of the real frames it sends: uniform modes' packed codes (and zstd),
+entropy-coded (``"ans"``) modes' variable-length frames, whose mean, 95th percentile and bits per
+frame are reported; each mode sits next to the best JPEG at its bytes.
+
 No torch: this runs wherever the agent runs.
 """
 
@@ -19,6 +23,7 @@ from ..data.sources import Sample, open_source, take
 from ..data.transforms import preprocess, reencode_jpeg
 from ..engine import Engine, create_engine
 from ..wire import codec
+from ..wire.mode_codec import decode_any, encode_mode
 
 # Default re-encoding grids: sides (px) and JPEG qualities. Sides above the input are pointless.
 SIDES = (16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224)
@@ -41,8 +46,9 @@ def classify(engine: Engine, images: list[bytes], input_spec: dict, batch: int =
 def split_accuracy(
     bundle: Bundle, heads: dict[str, Engine], tail: Engine, samples: list[Sample], batch: int = 64
 ) -> dict:
-    """Per-mode accuracy and encoded bytes, through the real codec (raw and zstd): each mode's head
-    (``heads`` by file role), its quantization, the server's zero-fill of channels not sent, the tail."""
+    """Per-mode accuracy and encoded bytes, through the real codec (raw and zstd; an ans mode's own
+    coder and tables): each mode's head (``heads`` by file role), its quantization, the server's
+    zero-fill of channels not sent, the tail."""
     per_mode = {m.id: {"correct": 0, "raw": [], "zstd": []} for m in bundle.modes}
     C = int(bundle.wire_spec["shape"][0])
     for chunk in _batches(samples, batch):
@@ -52,24 +58,30 @@ def split_accuracy(
         for m in bundle.modes:
             z = zs[m.head]
             zhat = np.empty((len(z), C, *z.shape[2:]), np.float32)
+            tables = bundle.tables_for(m) if m.entropy_coded else None
             for i in range(len(z)):  # frame by frame: the wire carries one frame per request
-                desc, payload = codec.encode(z[i], m, codec="raw")
+                desc, payload = encode_mode(z[i], m, tables=tables, codec="raw")
                 per_mode[m.id]["raw"].append(len(payload))
-                if codec.zstd_available():
+                if tables is None and codec.zstd_available():
                     per_mode[m.id]["zstd"].append(len(codec.encode(z[i], m, codec="zstd")[1]))
-                zhat[i] = codec.decode(desc, payload, full_channels=C)
+                zhat[i] = decode_any(desc, payload, tables=tables, full_channels=C)
             per_mode[m.id]["correct"] += int((tail.run1(zhat).argmax(1) == y).sum())
     out = []
     for m in bundle.modes:
         r = per_mode[m.id]
+        sizes = np.asarray(r["raw"], dtype=np.float64)
         out.append(
             {
                 "id": m.id,
                 "name": m.name,
+                "codec": m.codec,
                 "channels": m.channels,
                 "bits": m.bits,
                 "accuracy": r["correct"] / max(1, len(samples)),
-                "bytes_per_frame": float(np.median(r["raw"])),
+                # uniform: every frame the same; ans: the mean, as the manifest's bytes_per_frame
+                "bytes_per_frame": float(sizes.mean() if m.entropy_coded else np.median(sizes)),
+                "bytes_p95": float(np.percentile(sizes, 95)),
+                "bits_per_frame": float(8 * sizes.mean()),
                 "bytes_per_frame_zstd": float(np.median(r["zstd"])) if r["zstd"] else None,
             }
         )
@@ -132,6 +144,9 @@ def evaluate_bundle(
         jsamples = samples[:jpeg_frames] if jpeg_frames else samples
         grid = jpeg_baseline(full, jsamples, bundle.input_spec)
         best = best_at_bytes(grid, default["bytes_per_frame"])
+        for m in result["modes"]:  # every mode next to the best JPEG at its bytes
+            at = best_at_bytes(grid, m["bytes_per_frame"])
+            m["jpeg_accuracy_at_bytes"] = None if at is None else at["accuracy"]
         result.update(
             {
                 "jpeg_frames": len(jsamples),
@@ -171,7 +186,11 @@ def eval_main(argv: list[str]) -> int:
     print(f"  reference model (full.onnx): {res['teacher_accuracy']:.4f}")
     for m in res["modes"]:
         z = f", zstd {m['bytes_per_frame_zstd']:.0f}" if m["bytes_per_frame_zstd"] else ""
-        print(f"  mode {m['name']:<8} accuracy {m['accuracy']:.4f}  bytes/frame {m['bytes_per_frame']:.0f}{z}")
+        if m["codec"] == "ans":
+            z = f" (mean; p95 {m['bytes_p95']:.0f}, {m['bits_per_frame']:.0f} bits/frame, codec ans)"
+        j = m.get("jpeg_accuracy_at_bytes", "-")
+        j = f"  JPEG at its bytes {j:.4f}" if isinstance(j, float) else ("  no JPEG fits" if j is None else "")
+        print(f"  mode {m['name']:<8} accuracy {m['accuracy']:.4f}  bytes/frame {m['bytes_per_frame']:.0f}{z}{j}")
     print(f"  input JPEG median {res['input_jpeg_bytes_median']:.0f} B")
     if "jpeg_baseline" in res:
         best = res["jpeg_best_at_bytes"]

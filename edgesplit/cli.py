@@ -26,6 +26,8 @@ COMMANDS = {
     "bundle": "bundle signatures: keygen, sign BUNDLE --key KEY, verify BUNDLE --pubkey PUB (Ed25519)",
     "collect": "receive the results agents deliver (agent --deliver URL) into a JSON-lines file",
     "plan": "rank cut points / bundle modes / local / raw JPEG by predicted latency or device energy for a link and devices",
+    "body-serve": "serve an SFPrompt body package: split training steps and U-shaped inference (PROTOCOL.md section 15)",
+    "federate": "run an SFPrompt federation here: body server, Flower SuperLink and one SuperNode per client",
 }
 
 
@@ -96,6 +98,8 @@ HANDLERS = {
     "bundle": _delegate("edgesplit.bundle_sign", "bundle_main"),
     "collect": _delegate("edgesplit.collector", "collect_main"),
     "plan": _delegate("edgesplit.profile.plan_cli", "plan_main"),
+    "body-serve": _delegate("edgesplit.server.body_server", "main"),
+    "federate": _delegate("edgesplit.families.sfprompt.federate", "main"),
 }
 
 

@@ -91,6 +91,14 @@ def test_update_switches_between_frames(world, tmp_path):
         assert run_agent(agent_cmd(world, srv.endpoint, tmp_path / "ota", out2, frames=10), tmp_path / "2.log") == 0
     frames2, summary2 = check_run(world, out2, 10)
     assert {f["bundle"] for f in frames2} == {world.b.hash} and summary2["ota"]["downloads"] == 0
+    # the operator moves the group back to A and stops serving B: the agent starts on --bundle
+    out3, log3 = tmp_path / "out3.jsonl", tmp_path / "3.log"
+    with serve(world, world.a.root) as srv:
+        assert run_agent(agent_cmd(world, srv.endpoint, tmp_path / "ota", out3, frames=10), log3) == 0
+    frames3, _ = check_run(world, out3, 10)
+    assert {f["bundle"] for f in frames3} == {world.a.hash}
+    (fell_back,) = named(log3, "ota_start_fallback")
+    assert fell_back["bundle"] == world.b.hash
 
 
 def test_corrupted_chunk_is_discarded_and_fetched_again(world, tmp_path):

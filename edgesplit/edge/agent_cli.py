@@ -17,7 +17,7 @@ from .adaptive import POLICY_KINDS, bundle_modes, make_policy, measure_local_ms
 from .agent_core import Agent
 from .delivery import Deliverer
 from .fallback import load_fallback
-from .ota_cli import add_ota_arguments, start_bundle
+from .ota_cli import add_ota_arguments, connect_agent, start_bundle
 from .ota_loop import UpdateManager
 from .results import AgentError, FrameResult, summarize
 from .scatter_run import add_edvit_arguments, edvit_main
@@ -188,8 +188,7 @@ def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: Stop
             bundle, ota_settings, store = start_bundle(args, rep.say)
         else:
             bundle = Bundle.load(args.bundle)
-        agent = _make_agent(args, bundle)
-        agent.connect()
+        agent = connect_agent(args, lambda b: _make_agent(args, b), bundle, rep.say)
         if args.ota_group:
             ota = UpdateManager(agent, lambda b: _make_agent(args, b), ota_settings, store, rep.say)
     except (AgentError, BundleError, SignatureError, OSError, ValueError) as e:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 from ..bundle import Bundle, BundleError
 from ..bundle_sign import SignatureError, load_public, verify_bundle
+from ..wire.errors import ErrorCode
 from .ota_config import ota_dir
 from .ota_loop import OtaSettings
 from .ota_stage import BundleStore
+from .results import AgentError
 
 
 def add_ota_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,3 +90,25 @@ def start_bundle(args: argparse.Namespace, say: Callable[..., None]) -> tuple[Bu
         except (BundleError, SignatureError) as e:
             say(f"update: the current bundle {cur[:16]} does not verify ({e}): starting on --bundle", logging.WARNING)
     return Bundle.load(args.bundle), s, store
+
+
+def connect_agent(args: argparse.Namespace, make_agent: Callable[[Bundle], Any], bundle: Bundle, say) -> Any:
+    """The agent on ``bundle``, connected. With updates on, a server that no longer serves the
+    bundle the agent committed (the operator moved the group back, say) is not a dead end: the
+    agent starts on ``--bundle`` instead, and its group's offer takes it from there."""
+    agent = make_agent(bundle)
+    try:
+        return agent.connect()
+    except AgentError as e:
+        if not args.ota_group or e.code != ErrorCode.UNKNOWN_BUNDLE:
+            raise
+        base = Bundle.load(args.bundle)
+        if base.hash == bundle.hash:
+            raise
+        say(
+            f"update: the server does not serve bundle {bundle.hash[:16]}: starting on --bundle {base.hash[:16]}",
+            logging.WARNING,
+            event="ota_start_fallback",
+            bundle=bundle.hash,
+        )
+        return make_agent(base).connect()

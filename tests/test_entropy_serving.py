@@ -324,3 +324,30 @@ def test_bench_e2e_codec_stage_times_the_ans_coder_on_real_frames(bundle):
     assert st["codec_bytes_mean"] == float(np.mean(sizes))
     for k in ("codec_encode_ms_p50", "codec_encode_ms_p95", "codec_decode_ms_p50", "codec_decode_ms_p95"):
         assert st[k] > 0, k
+
+
+# -- the control plane ----------------------------------------------------------------------------------
+
+
+def test_policy_plans_with_the_tail_size_and_predicts_with_the_coded_size(bundle):
+    """The modes table of the ans bundle carries the expected size and the tail percentile; the
+    deadline policy budgets the tail percentile before a frame is coded, and its prediction for a
+    coded frame uses that frame's real size (frames coded here from real images)."""
+    from edgesplit.control.policy import DeadlinePolicy, FrameState
+    from edgesplit.edge.adaptive import bundle_modes
+
+    table = bundle_modes(bundle)
+    (spec,) = table.modes
+    m = bundle.default_mode
+    assert spec.bytes_per_frame == m.bytes_per_frame and spec.bytes_p95 == m.bytes_p95
+    assert spec.plan_bytes == max(m.bytes_p95, m.bytes_per_frame)
+    bps = 2e5  # a slow uplink, where a frame's bytes are most of its latency
+    policy = DeadlinePolicy(table, initial_bps=bps, overhead_bytes=30, local_ms=None)
+    d = policy.choose(FrameState(now_s=0.0, deadline_ms=1e4))
+    assert d.mode == m.id
+    assert d.predicted_ms == pytest.approx(policy.predict_ms(spec, bps, nbytes=spec.plan_bytes))
+    _, sizes = local_run(bundle, samples())
+    for n in sizes:
+        got = policy.coded_ms(d, n + 30)  # the request as sent: frame + header
+        assert got == pytest.approx(policy.predict_ms(spec, bps, nbytes=n))
+    assert len({round(policy.coded_ms(d, n + 30), 9) for n in sizes}) == len(set(sizes))

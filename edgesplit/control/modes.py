@@ -1,7 +1,9 @@
 """The control plane's view of a bundle's modes table.
 
 The controller needs four numbers per mode: its id, the bytes it puts on the wire, its measured
-accuracy and the head's latency on *this* device. :func:`modes_table` reads them from anything
+accuracy and the head's latency on *this* device. An entropy-coded mode's frames vary in length:
+``bytes_per_frame`` is then their expected (mean) size and ``bytes_p95`` their 95th percentile,
+which the latency predictions budget for (:attr:`ModeSpec.plan_bytes`). :func:`modes_table` reads them from anything
 shaped like :class:`edgesplit.bundle.Mode` (attributes ``id``, ``name``, ``bytes_per_frame``,
 ``accuracy``, ``head_ms`` as a per-device-profile dict) or from a manifest's ``modes`` entries,
 so the control code never imports the bundle class (nor torch, nor ONNX Runtime).
@@ -26,6 +28,13 @@ class ModeSpec:
     bytes_per_frame: float
     accuracy: float  # expected top-1 (measured, from the manifest)
     head_ms: float  # head latency on the device profile in use
+    bytes_p95: float | None = None  # variable-length (ans) modes: the frames' 95th percentile
+
+    @property
+    def plan_bytes(self) -> float:
+        """The size a latency prediction budgets before the frame is coded: the tail percentile of
+        a variable-length mode (most frames fit in it), the fixed size of any other."""
+        return self.bytes_per_frame if self.bytes_p95 is None else max(self.bytes_p95, self.bytes_per_frame)
 
 
 class ModesTable:
@@ -42,6 +51,8 @@ class ModesTable:
         for m in self.modes:
             if not (m.bytes_per_frame > 0 and math.isfinite(m.accuracy) and m.head_ms >= 0):
                 raise ValueError(f"mode {m.id}: needs bytes_per_frame > 0, a finite accuracy and head_ms >= 0: {m}")
+            if m.bytes_p95 is not None and not (math.isfinite(m.bytes_p95) and m.bytes_p95 > 0):
+                raise ValueError(f"mode {m.id}: bytes_p95 must be a positive number or None: {m}")
         if not math.isfinite(teacher_accuracy):
             raise ValueError("teacher_accuracy must be a number (the manifest's 'teacher_accuracy')")
         self.teacher_accuracy = float(teacher_accuracy)
@@ -73,8 +84,10 @@ class ModesTable:
         )
 
 
-def _get(m: Any, key: str) -> Any:
-    return m[key] if isinstance(m, Mapping) else getattr(m, key)
+def _get(m: Any, key: str, *default: Any) -> Any:
+    if isinstance(m, Mapping):
+        return m.get(key, *default) if default else m[key]
+    return getattr(m, key, *default)
 
 
 def _head_ms(m: Any, device: str | None, default: float | None) -> tuple[float, str]:
@@ -120,6 +133,7 @@ def modes_table(
                 bytes_per_frame=float(_get(m, "bytes_per_frame")),
                 accuracy=float(acc),
                 head_ms=h,
+                bytes_p95=None if _get(m, "bytes_p95", None) is None else float(_get(m, "bytes_p95")),
             )
         )
     return ModesTable(specs, teacher_accuracy, device=dev, name=name)

@@ -112,6 +112,7 @@ class EstimatingPolicy(Policy):
         self.sampler = LinkSampler()
         self.initial_base_rtt_ms = float(base_rtt_ms)
         self.base_rtt_ms = self.initial_base_rtt_ms
+        self._decision_bps: float | None = None  # the bandwidth behind the latest choice's prediction
 
     def link_bytes(self, nbytes: float) -> float:
         """What ``nbytes`` costs the link: rounded up to whole packets on a packet link."""
@@ -131,15 +132,28 @@ class EstimatingPolicy(Policy):
         est = self.estimator.estimate_bps()
         return self.initial_bps if est is None else est
 
-    def predict_ms(self, mode: ModeSpec, bps: float, backlog_ms: float = 0.0) -> float:
+    def predict_ms(self, mode: ModeSpec, bps: float, backlog_ms: float = 0.0, nbytes: float | None = None) -> float:
+        """End-to-end latency of a frame in ``mode``: ``nbytes`` on the wire when known (the frame
+        is coded), else what the mode plans for (:attr:`ModeSpec.plan_bytes`)."""
+        size = mode.plan_bytes if nbytes is None else nbytes
         return (
             mode.head_ms
             + self.encode.value
             + backlog_ms
-            + 8.0 * self.link_bytes(mode.bytes_per_frame + self.overhead_bytes) / bps * 1000.0
+            + 8.0 * self.link_bytes(size + self.overhead_bytes) / bps * 1000.0
             + self.server.value
             + self.base_rtt_ms
         )
+
+    def coded_ms(self, d: Decision, nbytes: float) -> float:
+        """The decision's prediction redone with the frame's actual size once coded (bytes of the
+        request on the wire) in place of the planned one, at the bandwidth the decision used."""
+        m, bps = self.modes.by_id.get(d.mode), self._decision_bps
+        if m is None or bps is None or not math.isfinite(d.predicted_ms):
+            return d.predicted_ms
+        planned = self.link_bytes(m.plan_bytes + self.overhead_bytes)
+        actual = self.link_bytes(float(nbytes))  # the request as sent: header included
+        return d.predicted_ms + 8.0 * (actual - planned) / bps * 1000.0
 
     def reset(self) -> None:
         self.estimator.reset()
@@ -147,6 +161,7 @@ class EstimatingPolicy(Policy):
         self.encode.reset()
         self.sampler.reset()
         self.base_rtt_ms = self.initial_base_rtt_ms
+        self._decision_bps = None
 
     def _update_base_rtt(self, state: FrameState) -> None:
         if state.base_rtt_ms is not None:
@@ -292,7 +307,7 @@ class DeadlinePolicy(EstimatingPolicy):
             m = self.modes.smallest
             self.current = m.id
             return Decision(m.id, math.nan, "no estimate yet: smallest mode")
-        bps = self._effective_bps(state, bps)
+        bps = self._decision_bps = self._effective_bps(state, bps)
         pred = self.predictions(state, bps)
         limit = (1.0 - self.margin) * state.deadline_ms
         up_limit = (1.0 - self.margin - self.up_margin) * state.deadline_ms

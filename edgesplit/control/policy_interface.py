@@ -106,6 +106,11 @@ class Policy(ABC):
     def reset(self) -> None:
         return None
 
+    def coded_ms(self, d: Decision, nbytes: float) -> float:
+        """``d``'s prediction once the frame is coded and ``nbytes`` (the request as sent) is
+        known; a policy that does not model the link keeps its prediction."""
+        return d.predicted_ms
+
     def rescue_after_ms(self, deadline_ms: float) -> float | None:
         """When a sent frame still has no answer this long after capture, the device answers it
         with the local model (a **rescue**: recorded as a fallback, the request's late answer

@@ -75,7 +75,9 @@ def submit_with_policy(
     )
     req = agent.session.outstanding[rid]
     frame: Frame = req.tag
-    frame.result.policy_reason, frame.result.predicted_ms = d.reason, d.predicted_ms
+    # The prediction with the frame's actual size: an entropy-coded mode's frames vary in length.
+    sent_bytes = frame.result.bytes_sent + frame.result.header_bytes
+    frame.result.policy_reason, frame.result.predicted_ms = d.reason, ctl.policy.coded_ms(d, sent_bytes)
     after = None if agent.fallback is None else ctl.policy.rescue_after_ms(float(deadline))
     if after is not None:
         agent.outcomes.schedule_rescue(frame, int(t0 * 1e9) + int(after * 1e6))

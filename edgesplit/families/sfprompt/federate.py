@@ -1,0 +1,203 @@
+"""``edgesplit federate RECIPE --out DIR``: an SFPrompt federation on this machine, every party a
+real process on loopback: the body server (``edgesplit.server.body_server``), a Flower SuperLink,
+K Flower SuperNodes (one per client, ``partition-id`` i), and ``flwr run`` of the app in
+:mod:`.flower_apps`, which the SuperLink runs as ``flwr-serverapp`` and each SuperNode as
+``flwr-clientapp`` per message. Waits for the run, then stops what it started (each child in its
+own process group, ended by group id) and prints the results.
+
+Flower's links here are plaintext on loopback (``--insecure``); across machines give the SuperLink
+its TLS certificate and the SuperNodes the CA (Flower's own options), and the body server CURVE keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .job import prepare_job
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Procs:
+    """Children started in their own sessions, so each is ended with everything it started."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.children = logs, {}  # name -> Popen
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], stdout=None) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        p = subprocess.Popen(argv, stdout=stdout or log, stderr=log, env=env, start_new_session=True)
+        self.children[name] = p
+        return p
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        p = self.children.pop(name, None)
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.children)):
+            self.stop(name)
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def run_federation(job_dir: Path, clients: int, *, nice: int = 0, timeout_s: float = 3600.0) -> dict:
+    """Start the processes for the prepared job in ``job_dir``, run it, stop them; the results."""
+    from .job import Job
+
+    job = Job.load(job_dir / "job.json")
+    bin_dir = Path(sys.executable).parent
+    home = job_dir / "flwr-home"
+    home.mkdir(exist_ok=True)
+    link_port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    app = job_dir / "flower-app"
+    app.mkdir(exist_ok=True)
+    from .flower_apps import flower_app_pyproject
+
+    (app / "pyproject.toml").write_text(flower_app_pyproject(job_dir / "job.json"))
+    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    pre = ["nice", "-n", str(nice)] if nice else []
+    procs = Procs(job_dir / "logs")
+    try:
+        body = procs.start(
+            "body-server",
+            [
+                *pre,
+                sys.executable,
+                "-m",
+                "edgesplit.server.body_server",
+                str(job_dir / "body"),
+                "--bind",
+                job.body_endpoint,
+            ],
+            env,
+            stdout=subprocess.PIPE,
+        )
+        assert body.stdout is not None
+        line = body.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the body server did not start (see {job_dir / 'logs' / 'body-server.log'})")
+        procs.start(
+            "superlink",
+            [
+                *pre,
+                str(bin_dir / "flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--port",
+                str(link_port),
+            ],
+            env,
+        )
+        _wait_port(link_port, 60)
+        for i in range(clients):
+            procs.start(
+                f"supernode-{i}",
+                [
+                    *pre,
+                    str(bin_dir / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={clients}",
+                ],
+                env,
+            )
+        run = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(app), "local", "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        (job_dir / "logs" / "flwr-run.log").write_text(run.stdout + run.stderr)
+        results = job_dir / "results.json"
+        if run.returncode != 0 or not results.is_file():
+            raise RuntimeError(f"the Flower run failed (rc {run.returncode}): {(run.stdout + run.stderr)[-2000:]}")
+        return json.loads(results.read_text())
+    finally:
+        procs.stop_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="edgesplit federate",
+        description="Run an SFPrompt federation on this machine: body server, Flower SuperLink, one SuperNode "
+        "per client, and the rounds (every party a process on loopback).",
+    )
+    p.add_argument("recipe", help="an SFPrompt recipe (split.family: sfprompt)")
+    p.add_argument("--out", required=True, help="the job directory (data, partitions, checkpoints, logs, results)")
+    p.add_argument("--teacher", default=None, help="pretrained ViT weights (default: the recipe's teacher)")
+    p.add_argument("--limit-per-shard", type=int, default=None, help="use only the first N frames of each shard")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--clients", type=int, default=None, help="K (default: the recipe's split.clients)")
+    p.add_argument("--per-round", type=int, default=None)
+    p.add_argument("--round-timeout-s", type=float, default=600.0, help="a round's deadline for the replies")
+    p.add_argument("--nice", type=int, default=0, help="run every process at this niceness")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    job_file = out / "job.json"
+    if job_file.is_file():  # a stopped run resumes from its checkpoint with the same data and partition
+        from .job import Job
+
+        job = Job.load(job_file)
+    else:
+        job = prepare_job(
+            a.recipe,
+            out,
+            teacher=a.teacher,
+            limit_per_shard=a.limit_per_shard,
+            rounds=a.rounds,
+            clients=a.clients,
+            per_round=a.per_round,
+            round_timeout_s=a.round_timeout_s,
+            body_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        )
+    res = run_federation(out, job.clients, nice=a.nice)
+    print(
+        json.dumps(
+            {"accuracy": res["accuracy"], "rounds": [(r["round"], r["accuracy"], r["averaged"]) for r in res["rounds"]]}
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

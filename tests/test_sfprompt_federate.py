@@ -1,0 +1,117 @@
+"""``edgesplit federate`` end to end, every party a real process on loopback: the body server, a
+Flower SuperLink, 3 SuperNodes (one per client, Dirichlet(0.5) partitions of real Imagenette
+frames at 32 px), 2 rounds of 2 sampled clients, split training over edgesplit's wire at 8 bits.
+
+The federated global prompts and tail must equal the same rounds simulated in this process (same
+partition, sampled clients, seeds, 8-bit tensors; the body here instead of on the body server):
+Flower's sampling, message passing and FedAvg, and the wire, change nothing but where things run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from build_fixtures import one_torch_thread  # noqa: F401  (pytest fixture by name)
+
+pytest.importorskip("flwr", reason="the federate extra (flwr) is not installed")
+
+from edgesplit.builder.recipe import load_recipe  # noqa: E402
+from edgesplit.builder.zoo import create_model  # noqa: E402
+from edgesplit.families.sfprompt.federation import fedavg, sample_clients  # noqa: E402
+from edgesplit.families.sfprompt.job import Job, load_arrays, partition  # noqa: E402
+from edgesplit.families.sfprompt.model import load_student  # noqa: E402
+from edgesplit.families.sfprompt.steps import client_seed, numpy_state, torch_state  # noqa: E402
+from edgesplit.families.sfprompt.train import LocalBody, client_round  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "tests" / "recipes" / "tiny-sfprompt-imagenette.yaml"
+
+
+def simulate(job: Job) -> dict[str, np.ndarray]:
+    """The job's rounds in this process (what steps.run does, on the job's own files)."""
+    r = load_recipe(job.recipe)
+    model, _ = load_student(job.path("student.pt"))
+    state = numpy_state(model)
+    parts = partition(job)
+    for rnd in range(job.rounds):
+        ups, weights = [], []
+        for c in sample_clients(job.clients, job.per_round, rnd, job.seed):
+            x, y = load_arrays(job, "train", parts[c])
+            model.load_client_state(torch_state(state))
+            rep = client_round(
+                model,
+                x,
+                y,
+                LocalBody(model.body, r.split.act_bits, r.split.grad_bits),
+                vars(r.stage1),
+                vars(r.stage2),
+                gamma=r.split.gamma,
+                local_loss=r.split.local_loss,
+                augment=r.augment,
+                seed=client_seed(job.seed, rnd, c),
+            )
+            ups.append(numpy_state(model))
+            weights.append(rep.samples)
+        state = fedavg(ups, weights)
+    return state
+
+
+def test_federate_runs_clients_as_processes_and_equals_the_simulation(tmp_path):
+    torch.manual_seed(0)
+    teacher = tmp_path / "vit.pt"
+    torch.save(create_model("vit_tiny_cifar", 10).state_dict(), teacher)
+    out = tmp_path / "job"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgesplit",
+            "federate",
+            str(RECIPE),
+            "--out",
+            str(out),
+            "--teacher",
+            str(teacher),
+            "--limit-per-shard",
+            "6",
+            "--round-timeout-s",
+            "300",
+            "--nice",
+            "10",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    job = Job.load(out / "job.json")
+    assert (job.clients, job.per_round, job.rounds) == (3, 2, 2)
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    parts = partition(job)
+    assert sorted(i for p in parts for i in p) == list(range(60))  # 10 shards x 6 frames, each in one part
+    for r in res["rounds"]:
+        assert r["averaged"] == 2 and r["dropped"] == 0 and r["refused"] == []
+        assert sorted(c["client"] for c in r["clients"]) == r["sampled"]
+        for c in r["clients"]:
+            assert c["samples"] == len(parts[int(c["client"])]) and c["kept"] == -(-c["samples"] // 2)
+            # 8-bit tokens of 4 + 1 + 64 tokens x 128 channels, both ways, per split step
+            assert c["bytes_up"] > c["split_steps"] * 2 * 8 * 69 * 128 * 0.5
+        assert 0.0 <= r["accuracy"] <= 1.0
+    meta = json.loads((out / "federated.json").read_text())
+    assert meta["round"] == 2
+    with np.load(out / meta["global"]) as z:
+        federated = {k: z[k] for k in z.files}
+    want = simulate(job)
+    assert set(federated) == set(want)
+    for k in want:
+        assert np.allclose(federated[k], want[k], atol=1e-5), k

@@ -202,3 +202,29 @@ def test_protocol_document_defines_section_14():
     for code in ("NOT_READY", "SHUTTING_DOWN", "UNKNOWN_BUNDLE", "MALFORMED", "OVERLOADED"):
         assert code in section
     assert "2^63" in section and "[1024, `max_frame_bytes`]" in section and "**v1.3** the feature" in text
+
+
+def test_update_keys_are_checked_with_the_config(tmp_path, monkeypatch):
+    import yaml
+
+    from edgesplit.edge.agent import agent_main
+    from edgesplit.edge.service_config import ConfigError, validate
+
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    base = {"bundle": "b", "server": "tcp://x:1", "source": "s"}
+    with pytest.raises(ConfigError, match="'ota_group' needs 'ota_pubkey'"):
+        validate(base | {"ota_group": "cams"})
+    with pytest.raises(ConfigError, match="'ota_kbps' is for bundle updates"):
+        validate(base | {"ota_kbps": 64.0})
+    with pytest.raises(ConfigError, match="needs 'ota_dir'"):
+        validate(base | {"ota_group": "cams", "ota_pubkey": "p"})
+    with pytest.raises(ConfigError, match="'ota_max_error_rate' must be"):
+        validate(base | {"ota_group": "cams", "ota_pubkey": "p", "ota_dir": "d", "ota_max_error_rate": 1.5})
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/edgesplit-agent")
+    validate(base | {"ota_group": "cams", "ota_pubkey": "p"})  # systemd gives the directory
+    # install-service: the unit's StateDirectory stands in for ota_dir (and for spool_dir only with deliver)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(yaml.safe_dump({"bundle": "/opt/b", "ota_group": "cams", "ota_pubkey": "/etc/p.pub"}))
+    assert agent_main(["install-service", "--config", str(cfg), "--out", str(tmp_path / "u.service")]) == 0
+    assert "StateDirectory=edgesplit-agent" in (tmp_path / "u.service").read_text()

@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .ota_config import ota_dir
 from .service_config import ConfigError, key_specs, load_config, spool_dir, validate
 
 UNIT_NAME = "edgesplit-agent.service"
@@ -174,10 +175,13 @@ def install_service_main(argv: list[str], parser: argparse.ArgumentParser) -> in
         values = {s.dest: s.default for s in parser._actions} | file_values
         if not values.get("bundle"):
             raise ConfigError(f"{config}: 'bundle' is required")
-        # under the unit, systemd's STATE_DIRECTORY gives a spool directory when the file names none
-        validate(
-            values | ({"spool_dir": "/var/lib/edgesplit-agent/spool"} if spool_dir(values) is None else {}), str(config)
+        # under the unit, systemd's STATE_DIRECTORY gives a spool (and update) directory when the file names none
+        state = (
+            {"spool_dir": "/var/lib/edgesplit-agent/spool"} if values.get("deliver") and not spool_dir(values) else {}
         )
+        if values.get("ota_group") and ota_dir(values) is None:
+            state["ota_dir"] = "/var/lib/edgesplit-agent/ota"
+        validate(values | state, str(config))
     except ConfigError as e:
         print(f"edgesplit agent install-service: {e}", file=sys.stderr)
         return 2

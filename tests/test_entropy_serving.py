@@ -351,3 +351,22 @@ def test_policy_plans_with_the_tail_size_and_predicts_with_the_coded_size(bundle
         got = policy.coded_ms(d, n + 30)  # the request as sent: frame + header
         assert got == pytest.approx(policy.predict_ms(spec, bps, nbytes=n))
     assert len({round(policy.coded_ms(d, n + 30), 9) for n in sizes}) == len(set(sizes))
+
+
+def test_planner_ranks_by_the_expected_size_and_reports_the_tail(bundle):
+    """The planner's option for an ans mode, measured on real frames through its real coder: the
+    expected payload is the mode's mean, the tail its 95th percentile, and a tail-sized frame's
+    latency is predicted beside the expected one (more bytes on a slow link: later)."""
+    from edgesplit.control.planner import Link, Machine, Scenario, predict
+    from edgesplit.profile.plan_inputs import Timing, bundle_options
+
+    m = bundle.default_mode
+    options, _ = bundle_options(bundle.root, timing=Timing(runs=3, pace_ms=0, warmup=1), frames=4, extras=False)
+    (opt,) = options
+    assert opt.payload_bytes == m.bytes_per_frame and opt.payload_bytes_p95 == m.bytes_p95
+    cpu = Machine("cpu", 10.0, 5.0)
+    p = predict(opt, Scenario(cpu, cpu, cpu, Link(0.1, rtt_ms=5.0)))  # 100 kbit/s: bytes dominate
+    assert p.request_bytes == opt.payload_bytes + opt.header_bytes
+    if m.bytes_p95 > m.bytes_per_frame:
+        assert p.latency_p95_ms > p.latency_ms
+    assert p.latency_p95_ms >= p.latency_ms and p.to_json()["latency_p95_ms"] == round(p.latency_p95_ms, 4)

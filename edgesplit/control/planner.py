@@ -9,6 +9,10 @@ encoded frame sent as it is and everything run on the server (``raw``). Its pred
     link:    request + reply bytes on the wire / bandwidth, minus a token bucket's burst, + RTT
     server:  decode + tail + runtime overhead          (server profile)
 
+An entropy-coded mode's frames vary in length: its option carries the expected (mean) payload,
+which the ranking uses, and the 95th percentile, whose latency is reported beside it
+(``latency_p95_ms``: the same prediction with the tail-sized request).
+
 **Compute.** Every part of the model is a :class:`Work`: its time measured on a reference host
 (ONNX Runtime, 1 thread, batch 1) and its FLOPs and memory bytes counted node by node from its ONNX
 graph. On the reference host itself the measured time is used as it is. On another CPU the
@@ -176,9 +180,10 @@ class Option:
 
     name: str
     kind: str
-    payload_bytes: float = 0.0
+    payload_bytes: float = 0.0  # a variable-length (ans) mode: the expected (mean) payload
     header_bytes: float = 0.0
     reply_bytes: float = 0.0
+    payload_bytes_p95: float | None = None  # a variable-length mode: the payloads' 95th percentile
     preprocess: Work = ZERO
     head: Work = ZERO
     encode: Work = ZERO
@@ -210,10 +215,11 @@ class Prediction:
     detail: dict[str, Any]
     reason: str = ""
     rank: int = 0
+    latency_p95_ms: float | None = None  # variable-length payloads: the latency of a tail-sized frame
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("latency_ms", "device_ms", "link_ms", "server_ms", "energy_mj"):
+        for k in ("latency_ms", "device_ms", "link_ms", "server_ms", "energy_mj", "latency_p95_ms"):
             if d[k] is not None:
                 d[k] = round(d[k], 4)
         d["parts_ms"] = {k: round(v, 4) for k, v in self.parts_ms.items()}
@@ -276,6 +282,10 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
                 or (remote and sc.radio_w is None)
                 or any(sources[k].split(": ", 1)[1].startswith("estimate") for k in on_device if k in sources)
             )
+    p95 = None
+    if remote and opt.payload_bytes_p95 is not None:
+        tail_req = opt.payload_bytes_p95 + opt.header_bytes
+        p95 = device_ms + sc.link.transfer_ms(tail_req, opt.reply_bytes, server_ms) + server_ms
     shares = {"device": device_ms, "link": link_ms, "server": server_ms}
     bound = max(shares, key=shares.get)
     return Prediction(
@@ -293,6 +303,7 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
         opt.accuracy,
         sources,
         dict(opt.detail),
+        latency_p95_ms=p95,
     )
 
 

@@ -185,7 +185,7 @@ def bundle_options(
     from ..bundle import Bundle
     from ..data.transforms import preprocess
     from ..engine import create_engine
-    from ..wire import codec
+    from ..wire.mode_codec import decode_any, encode_mode
 
     bundle = Bundle.load(bundle_path)
     jpegs, x, src = bundle_frames(bundle, source, frames)
@@ -201,18 +201,19 @@ def bundle_options(
         role = getattr(m, "head", "head")
         head_e, frames_it = engines[role], _cycle(jpegs)
         z = head_e.run1(x[:1])
-        desc, payload = codec.encode(z[0], m, name=wire)
+        tables = bundle.tables_for(m) if getattr(m, "entropy_coded", False) else None  # an ans mode's
+        desc, payload = encode_mode(z[0], m, tables=tables, name=wire)
         buf = np.zeros((1, full_channels, *desc["shape"][1:]), np.float32)  # the server zero-fills channels not sent
 
-        def decode(_, desc=desc, payload=payload, buf=buf):
-            codec.decode(desc, payload, out=buf[0, : desc["shape"][0]])
+        def decode(_, desc=desc, payload=payload, buf=buf, tables=tables):
+            buf[0, : desc["shape"][0]] = decode_any(desc, payload, tables=tables)
             return buf
 
         pre_ms, head_ms, enc_ms = time_chain(
             [
                 lambda _, it=frames_it: preprocess(next(it), spec)[None],
                 head_e.run1,
-                lambda zz, m=m: codec.encode(zz[0], m, name=wire),
+                lambda zz, m=m, tables=tables: encode_mode(zz[0], m, tables=tables, name=wire),
             ],
             timing,
         )
@@ -226,7 +227,9 @@ def bundle_options(
             Option(
                 f"{m.name}",
                 "split",
-                payload_bytes=len(payload),
+                # ans: the mode's measured mean and 95th percentile (frames vary); else this frame's
+                payload_bytes=m.bytes_per_frame if tables is not None else len(payload),
+                payload_bytes_p95=m.bytes_p95 if tables is not None else None,
                 header_bytes=header,
                 reply_bytes=reply,
                 preprocess=_elementwise(pre_ms, int(x[0].size), f"JPEG decode + resize + normalise, {what}", host),

@@ -114,6 +114,20 @@ def test_corrupted_chunk_is_discarded_and_fetched_again(world, tmp_path):
     assert final_state(world, tmp_path / "ota") == world.b.hash
 
 
+def test_archive_not_matching_the_offer_is_fetched_again(world, tmp_path):
+    # a relay that alters chunk 2 and hashes what it sends: every chunk passes its own check, the
+    # whole archive fails the offer's hash, and the agent fetches it again (not refused for good)
+    with serve(world, world.b.root, "--ota-fault", "rehash:2:1") as srv:
+        out, log = tmp_path / "out.jsonl", tmp_path / "agent.log"
+        cmd = agent_cmd(world, srv.endpoint, tmp_path / "ota", out, "--ota-chunk-bytes", "1024", "--ota-poll-s", "1")
+        assert run_agent(cmd, log) == 0
+    _, summary = check_run(world, out)
+    (abandoned,) = named(log, "ota_abandoned")
+    assert "does not match the offer's SHA-256" in abandoned["reason"] and not named(log, "ota_rejected")
+    assert len(named(log, "ota_downloaded")) == 2 and summary["ota"]["bundle"] == world.b.hash
+    assert final_state(world, tmp_path / "ota") == world.b.hash
+
+
 def test_a_chunk_corrupted_every_time_abandons_the_download(world, tmp_path):
     with serve(world, world.b.root, "--ota-fault", "corrupt:2:1000") as srv:
         out, log = tmp_path / "out.jsonl", tmp_path / "agent.log"

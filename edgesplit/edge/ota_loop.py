@@ -117,7 +117,7 @@ class UpdateManager:
                     path = stage_archive(ready[1], ready[0], self.store, self.s.pubkey, self.s.max_bytes)
                 box["agent"] = load_candidate(path, self.s.pubkey, self.make_agent)
             except StageError as e:
-                box["error"] = str(e)
+                box["error"], box["retry"] = str(e), e.retry
             except Exception as e:  # a bug or an engine crash: still refuse, with the reason
                 box["error"] = f"{type(e).__name__}: {e}"
             box["done"] = True
@@ -134,7 +134,16 @@ class UpdateManager:
             self.fetcher.clear_downloads()
             if "error" in box:
                 self._working_on = None
-                self._refuse(h, box["error"])
+                if box.get("retry"):  # the download's fault, not the bundle's: fetched again at the next query
+                    self.say(
+                        f"update to bundle {h[:16]} abandoned: {box['error']}; running bundle {self.agent.bundle.hash[:16]}",
+                        logging.WARNING,
+                        event="ota_abandoned",
+                        bundle=h,
+                        reason=box["error"],
+                    )
+                else:
+                    self._refuse(h, box["error"])
             else:
                 try:
                     attempt = self.store.mark_trying(h)

@@ -39,7 +39,13 @@ MAX_REJECTED = 32  # refused hashes remembered (the oldest are forgotten)
 
 
 class StageError(Exception):
-    """The archive or the bundle in it is refused; the message says which check failed."""
+    """The archive or the bundle in it is refused; the message says which check failed.
+    ``retry``: the download, not the bundle, was at fault (a damaged archive, a full disk): the
+    agent fetches it again at its next query instead of refusing the bundle hash for good."""
+
+    def __init__(self, message: str, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
 
 
 class BundleStore:
@@ -153,7 +159,7 @@ def _unpack(archive: Path, dest: Path, max_bytes: int) -> None:
                     shutil.copyfileobj(src, out, _BLOCK)
     except (tarfile.TarError, EOFError, OSError) as e:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise StageError(f"no space left on the device while unpacking into {dest.parent}") from None
+            raise StageError(f"no space left on the device while unpacking into {dest.parent}", retry=True) from None
         raise StageError(f"the archive does not unpack: {type(e).__name__}: {e}") from None
 
 
@@ -162,6 +168,13 @@ def stage_archive(archive: Path, offer: Offer, store: BundleStore, pubkey: Any, 
     into ``bundles/HASH`` and return that path. StageError names the failed check; nothing
     half-made stays behind."""
     assert offer.bundle is not None
+    h = hashlib.sha256()
+    with open(archive, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            h.update(block)
+    if h.hexdigest() != offer.sha256:  # check 1
+        archive.unlink(missing_ok=True)
+        raise StageError("the archive does not match the offer's SHA-256: fetching it again", retry=True)
     tmp = store.staging / f"{offer.bundle}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -184,8 +197,9 @@ def stage_archive(archive: Path, offer: Offer, store: BundleStore, pubkey: Any, 
         os.replace(tmp, final)
         return final
     except OSError as e:
-        reason = "no space left on the device" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-        raise StageError(f"staging failed: {reason}") from None
+        full = e.errno == errno.ENOSPC
+        reason = "no space left on the device" if full else f"{type(e).__name__}: {e}"
+        raise StageError(f"staging failed: {reason}", retry=full) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -125,15 +125,16 @@ class BundleDistributor:
         self.by_bundle = {a.bundle: a for a in self.archives.values()}
         self.chunk_bytes = int(chunk_bytes)
         self.figures = OtaFigures()
-        # Test hook (hidden flag --ota-fault corrupt:K:N): the K-th chunk of an archive goes out with
-        # one byte flipped after hashing, the first N times it is asked for, as a damaged link would.
-        self._corrupt: tuple[int, int] | None = None
+        # Test hook (hidden flag --ota-fault KIND:K:N): the K-th chunk of an archive goes out with one
+        # byte flipped, the first N times it is asked for: after hashing ("corrupt", as a damaged
+        # link would) or before ("rehash", as a relay that hashes what it sends would).
+        self._fault: tuple[str, int, int] | None = None
         if fault:
             kind, _, rest = fault.partition(":")
             k, _, n = rest.partition(":")
-            if kind != "corrupt" or not k.isdigit():
-                raise ValueError(f"--ota-fault: expected corrupt:K[:N], got {fault!r}")
-            self._corrupt = (int(k), int(n or 1))
+            if kind not in ("corrupt", "rehash") or not k.isdigit():
+                raise ValueError(f"--ota-fault: expected corrupt:K[:N] or rehash:K[:N], got {fault!r}")
+            self._fault = (kind, int(k), int(n or 1))
 
     @classmethod
     def prepare(
@@ -221,10 +222,16 @@ class BundleDistributor:
         with open(a.path, "rb") as f:
             f.seek(offset)
             data = f.read(min(length, a.size - offset))
-        header = O.bundle_chunk(rid, a.bundle, offset, a.size, data)
-        if self._corrupt is not None and offset == self._corrupt[0] * length and self._corrupt[1] > 0:
-            self._corrupt = (self._corrupt[0], self._corrupt[1] - 1)
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        fault = self._fault
+        if fault is not None and offset == fault[1] * length and fault[2] > 0:
+            self._fault = (fault[0], fault[1], fault[2] - 1)
+            flipped = bytes([data[0] ^ 0xFF]) + data[1:]
+            if fault[0] == "rehash":
+                data = flipped
+            header = O.bundle_chunk(rid, a.bundle, offset, a.size, data)
+            data = flipped
+        else:
+            header = O.bundle_chunk(rid, a.bundle, offset, a.size, data)
         self.figures.chunks += 1
         self.figures.chunk_bytes_sent += len(data)
         return [header, data]

@@ -157,15 +157,23 @@ trap 'exit 130' INT TERM
 rm -rf "$W"
 mkdir -p "$W/src" "$W/out"
 if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  # what the repository holds (tracked and new files, not what git ignores), as pip would see a checkout
-  git -C "$REPO" ls-files -z -co --exclude-standard | (cd "$REPO" && tar --null -T - -cf - 2>/dev/null) | tar -C "$W/src" -xf -
+  # what the repository holds (tracked and new files, not what git ignores), as pip would see a
+  # checkout; a tracked file deleted in the working tree is left out
+  git -C "$REPO" ls-files -z -co --exclude-standard | (cd "$REPO" && tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -C "$W/src" -xf -
 else
   tar -C "$REPO" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude='*.egg-info' --exclude=__pycache__ \
     --exclude=./build -cf - . | tar -C "$W/src" -xf -
 fi
+# The host's resolver and CA bundle (the host may reach PyPI through a proxy with its own CA). rm
+# first: were either a symlink in the rootfs, cp would write through it, possibly onto the host.
+rm -f "$ROOT/etc/resolv.conf" "$ROOT/etc/ssl/certs/ca-certificates.crt"
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
-mkdir -p "$ROOT/etc/ssl/certs"
-cp -L /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
+CERT_ENV=()
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+  mkdir -p "$ROOT/etc/ssl/certs"
+  cp -L /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
+  CERT_ENV=(SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
+fi # else pip uses the CA bundle it carries
 # An aarch64 /proc/cpuinfo, one Cortex-A72 (Raspberry Pi 4) entry per CPU the host's /sys lists:
 # ONNX Runtime's CPU detection crashes when it reads the host's x86 cpuinfo under emulation.
 CPUINFO=$W/cpuinfo
@@ -180,8 +188,7 @@ mount --bind /dev "$ROOT/dev"
 # A clean environment inside: the host's pip settings (its x86 wheel folders, constraints) must not
 # leak in, and pip keeps no cache in the cached rootfs.
 IN=(chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 OMP_NUM_THREADS=1
-  SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt
-  PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_INDEX_URL=$INDEX_URL
+  "${CERT_ENV[@]}" PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_INDEX_URL=$INDEX_URL
   ${http_proxy:+http_proxy=$http_proxy} ${https_proxy:+https_proxy=$https_proxy} ${no_proxy:+no_proxy=$no_proxy})
 [ "$("${IN[@]}" /usr/bin/uname -m)" = aarch64 ] || die "the chroot does not run as aarch64"
 

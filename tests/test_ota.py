@@ -128,6 +128,17 @@ def test_archive_not_matching_the_offer_is_fetched_again(world, tmp_path):
     assert final_state(world, tmp_path / "ota") == world.b.hash
 
 
+def test_server_update_budget_slows_the_download_but_it_completes(world, tmp_path):
+    # 16 kbit/s for all agents' chunks (a 1 KiB bucket): the agent, asking back to back, is refused
+    # OVERLOADED and retries
+    with serve(world, world.b.root, "--ota-max-kbps", "16") as srv:
+        out, log = tmp_path / "out.jsonl", tmp_path / "agent.log"
+        cmd = agent_cmd(world, srv.endpoint, tmp_path / "ota", out, "--ota-chunk-bytes", "1024", frames=300)
+        assert run_agent(cmd, log) == 0
+    _, summary = check_run(world, out, 300)
+    assert summary["ota"]["overloaded"] >= 1 and summary["ota"]["bundle"] == world.b.hash
+
+
 def test_a_chunk_corrupted_every_time_abandons_the_download(world, tmp_path):
     with serve(world, world.b.root, "--ota-fault", "corrupt:2:1000") as srv:
         out, log = tmp_path / "out.jsonl", tmp_path / "agent.log"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,27 @@ def test_server_offers_serves_and_refuses(signed, tiny_bundle, tmp_path):
             # the offered bundle is served for inference too
             assert offer.bundle in srv.bundles
             assert srv.stats()["ota"]["chunks"] == i - 3
+        finally:
+            s.close(0)
+
+
+def test_server_update_budget_refuses_overloaded_then_serves(signed, tiny_bundle):
+    b, _ = signed
+    ctx = zmq.Context.instance()
+    # 8 kbit/s for every agent together: one 1 KiB chunk per second
+    with Server(
+        [tiny_bundle], "tcp://127.0.0.1:0", threads=1, ota_groups={"cams": b}, ota_chunk_bytes=1024, ota_max_kbps=8
+    ) as srv:
+        s = ctx.socket(zmq.DEALER)
+        s.connect(srv.endpoint)
+        try:
+            _ask(s, P.hello(tiny_bundle.hash, "t"))
+            offer = O.Offer.from_header(_ask(s, O.bundle_query(O.OTA_ID_BASE, "cams", tiny_bundle.hash)).header)
+            assert _ask(s, O.bundle_get(O.OTA_ID_BASE + 1, offer.bundle, 0, 1024)).kind == O.OtaKind.CHUNK
+            e = _ask(s, O.bundle_get(O.OTA_ID_BASE + 2, offer.bundle, 1024, 1024))
+            assert (e.kind, e.header["code"], e.id) == ("error", ErrorCode.OVERLOADED, O.OTA_ID_BASE + 2)
+            time.sleep(1.1)
+            assert _ask(s, O.bundle_get(O.OTA_ID_BASE + 3, offer.bundle, 1024, 1024)).kind == O.OtaKind.CHUNK
         finally:
             s.close(0)
 

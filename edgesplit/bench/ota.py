@@ -42,6 +42,7 @@ def add_arguments(p) -> None:
     p.add_argument("--fps", type=float, default=1.0, help="frames per second each agent streams meanwhile")
     p.add_argument("--chunk-bytes", type=int, default=16384, help="the agents' --ota-chunk-bytes")
     p.add_argument("--ota-kbps", type=float, default=None, help="the agents' --ota-kbps (unset: no pace)")
+    p.add_argument("--server-ota-kbps", type=float, default=None, help="the server's --ota-max-kbps (unset: no cap)")
     p.add_argument("--health-frames", type=int, default=5, help="the agents' --ota-health-frames")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="give up when the fleet has not committed by then")
     p.add_argument("--nice", type=int, default=None, help="run this process and its children at this niceness")
@@ -113,6 +114,8 @@ def _run(a, ns: ShapedNamespace, tmp: Path, old: Path, new: Path, pub: Path) -> 
     cmd = [sys.executable, "-m", "edgesplit", "serve", "--bind", endpoint, "--threads", "1"]
     cmd += ["--max-queue-delay-us", "0", "--log-level", "WARNING", "--bundle", str(old)]
     cmd += ["--ota-group", f"fleet={new}", "--ota-cache-dir", str(tmp / "cache")]
+    if a.server_ota_kbps:
+        cmd += ["--ota-max-kbps", str(a.server_ota_kbps)]
     with open(tmp / "server.log", "w") as log:
         server = ns.popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     assert server.stdout is not None
@@ -217,6 +220,7 @@ def _report(a, tmp: Path, archive: Path, before: dict, after: dict, t_start: flo
         "fps_per_agent": a.fps,
         "chunk_bytes": a.chunk_bytes,
         "ota_kbps": a.ota_kbps,
+        "server_ota_kbps": a.server_ota_kbps,
         "archive_bytes": size,
         "agents_switched": len(switched),
         "agents_committed": len(committed),

@@ -41,7 +41,8 @@ class FetchFigures:
     bytes_received: int = 0  # chunk payload bytes accepted
     bad_chunks: int = 0
     resumed_from: int = 0  # bytes already on disk when the last download (re)started
-    downloads: int = 0  # archives completed and matching their offer
+    downloads: int = 0  # archives completed (their hash is checked when staged)
+    overloaded: int = 0  # gets the server refused OVERLOADED (its update budget), retried
 
 
 class UpdateFetcher:
@@ -167,8 +168,9 @@ class UpdateFetcher:
             self.offer, self._next_query_ns = None, now_ns
         elif e.code == ErrorCode.MALFORMED:
             self._abandon(f"the server refused a bundle_get: {e.message}", now_ns)
-        else:  # NOT_READY, OVERLOADED, SHUTTING_DOWN: the server may take it later
-            self._next_get_ns = now_ns + int(1e9)
+        else:  # OVERLOADED (the server's update budget), NOT_READY, SHUTTING_DOWN: later
+            self.figures.overloaded += e.code == ErrorCode.OVERLOADED
+            self._next_get_ns = now_ns + int((0.25 if e.code == ErrorCode.OVERLOADED else 1.0) * 1e9)
 
     def _on_offer(self, offer: O.Offer, now_ns: int) -> None:
         if offer.bundle is None or offer.bundle == self.current or self.skip(offer.bundle):

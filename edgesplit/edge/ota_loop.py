@@ -334,6 +334,7 @@ class UpdateManager:
             "chunks": f.chunks,
             "bytes_received": f.bytes_received,
             "bad_chunks": f.bad_chunks,
+            "overloaded": f.overloaded,
             "resumed_from": f.resumed_from,
             "queries": f.queries,
         }

@@ -196,6 +196,7 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
             engine_options=engine_options,
             ota_groups=parse_group_specs(args.ota_group),
             ota_chunk_bytes=args.ota_chunk_bytes,
+            ota_max_kbps=args.ota_max_kbps,
             ota_cache_dir=args.ota_cache_dir,
             ota_fault=args.ota_fault,
         )

@@ -95,6 +95,7 @@ class Server:
         engine_options: EngineOptions | None = None,
         ota_groups: Mapping[str, str | Path] | None = None,
         ota_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        ota_max_kbps: float | None = None,
         ota_cache_dir: str | Path | None = None,
         ota_fault: str = "",
     ):
@@ -108,7 +109,12 @@ class Server:
         self.ota: BundleDistributor | None = None
         if ota_groups:
             self.ota, extra = BundleDistributor.prepare(
-                ota_groups, self.bundles, ota_cache_dir, chunk_bytes=ota_chunk_bytes, fault=ota_fault
+                ota_groups,
+                self.bundles,
+                ota_cache_dir,
+                chunk_bytes=ota_chunk_bytes,
+                max_kbps=ota_max_kbps,
+                fault=ota_fault,
             )
             self.bundles.update((b.hash, b) for b in extra)
         self.backend, self.threads = backend, threads

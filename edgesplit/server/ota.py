@@ -22,6 +22,7 @@ import json
 import logging
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -118,9 +119,25 @@ def _sha256_file(path: Path) -> str:
 class BundleDistributor:
     """Group -> archive, and the answers to ``bundle_query`` / ``bundle_get`` (I/O thread only)."""
 
-    def __init__(self, archives: Mapping[str, Archive], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, fault: str = ""):
+    def __init__(
+        self,
+        archives: Mapping[str, Archive],
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_kbps: float | None = None,
+        fault: str = "",
+    ):
         if not O.MIN_CHUNK_BYTES <= chunk_bytes:
             raise ValueError(f"--ota-chunk-bytes must be >= {O.MIN_CHUNK_BYTES}, got {chunk_bytes}")
+        if max_kbps is not None and not max_kbps > 0:
+            raise ValueError(f"--ota-max-kbps must be > 0, got {max_kbps}")
+        # All agents' chunks together at most max_kbps: a token bucket of bytes, a quarter second
+        # deep (at least the smallest chunk), that may go into debt by one chunk, so a chunk larger
+        # than the bucket is still served once the bucket is full. The rest of the link stays for
+        # frames. A get over the budget is refused OVERLOADED, retried by the agent (PROTOCOL.md §14.4).
+        self.rate_bps = None if max_kbps is None else max_kbps * 1000 / 8
+        self._depth = 0.0 if self.rate_bps is None else max(float(O.MIN_CHUNK_BYTES), self.rate_bps / 4)
+        self._tokens, self._refilled = self._depth, time.monotonic()
         self.archives = dict(archives)
         self.by_bundle = {a.bundle: a for a in self.archives.values()}
         self.chunk_bytes = int(chunk_bytes)
@@ -219,6 +236,19 @@ class BundleDistributor:
                 f"most {self.chunk_bytes})",
                 rid,
             )
+        n = min(length, a.size - offset)
+        if self.rate_bps is not None:
+            now = time.monotonic()
+            self._tokens = min(self._depth, self._tokens + (now - self._refilled) * self.rate_bps)
+            self._refilled = now
+            if self._tokens < min(n, self._depth):
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    f"bundle_get: the server's update budget ({self.rate_bps * 8 / 1000:g} kbit/s for all agents) "
+                    "is spent: ask again shortly",
+                    rid,
+                )
+            self._tokens -= n
         with open(a.path, "rb") as f:
             f.seek(offset)
             data = f.read(min(length, a.size - offset))
@@ -256,6 +286,13 @@ def add_ota_arguments(p: Any) -> None:
     )
     g.add_argument(
         "--ota-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="most bytes of an archive per chunk"
+    )
+    g.add_argument(
+        "--ota-max-kbps",
+        type=float,
+        default=None,
+        help="all agents' update chunks together at most this many kbit/s (unset: no cap); over it a "
+        "bundle_get is refused OVERLOADED and retried by the agent",
     )
     g.add_argument("--ota-cache-dir", default=None, metavar="DIR", help="where archives are packed (unset: a temp dir)")
     g.add_argument("--ota-fault", default="", help=argparse.SUPPRESS)  # tests: damage a chunk

@@ -22,45 +22,12 @@ from build_fixtures import one_torch_thread  # noqa: F401  (pytest fixture by na
 
 pytest.importorskip("flwr", reason="the federate extra (flwr) is not installed")
 
-from edgesplit.builder.recipe import load_recipe  # noqa: E402
 from edgesplit.builder.zoo import create_model  # noqa: E402
-from edgesplit.families.sfprompt.federation import fedavg, sample_clients  # noqa: E402
-from edgesplit.families.sfprompt.job import Job, load_arrays, partition  # noqa: E402
-from edgesplit.families.sfprompt.model import load_student  # noqa: E402
-from edgesplit.families.sfprompt.steps import client_seed, numpy_state, torch_state  # noqa: E402
-from edgesplit.families.sfprompt.train import LocalBody, client_round  # noqa: E402
+from edgesplit.families.sfprompt.job import Job, partition  # noqa: E402
+from edgesplit.families.sfprompt.steps import simulate_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "tests" / "recipes" / "tiny-sfprompt-imagenette.yaml"
-
-
-def simulate(job: Job) -> dict[str, np.ndarray]:
-    """The job's rounds in this process (what steps.run does, on the job's own files)."""
-    r = load_recipe(job.recipe)
-    model, _ = load_student(job.path("student.pt"))
-    state = numpy_state(model)
-    parts = partition(job)
-    for rnd in range(job.rounds):
-        ups, weights = [], []
-        for c in sample_clients(job.clients, job.per_round, rnd, job.seed):
-            x, y = load_arrays(job, "train", parts[c])
-            model.load_client_state(torch_state(state))
-            rep = client_round(
-                model,
-                x,
-                y,
-                LocalBody(model.body, r.split.act_bits, r.split.grad_bits),
-                vars(r.stage1),
-                vars(r.stage2),
-                gamma=r.split.gamma,
-                local_loss=r.split.local_loss,
-                augment=r.augment,
-                seed=client_seed(job.seed, rnd, c),
-            )
-            ups.append(numpy_state(model))
-            weights.append(rep.samples)
-        state = fedavg(ups, weights)
-    return state
 
 
 def test_federate_runs_clients_as_processes_and_equals_the_simulation(tmp_path):
@@ -111,7 +78,7 @@ def test_federate_runs_clients_as_processes_and_equals_the_simulation(tmp_path):
     assert meta["round"] == 2
     with np.load(out / meta["global"]) as z:
         federated = {k: z[k] for k in z.files}
-    want = simulate(job)
+    want = simulate_job(job)
     assert set(federated) == set(want)
     for k in want:
         assert np.allclose(federated[k], want[k], atol=1e-5), k

@@ -72,8 +72,11 @@ def _wait_port(port: int, timeout: float) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-def run_federation(job_dir: Path, clients: int, *, nice: int = 0, timeout_s: float = 3600.0) -> dict:
-    """Start the processes for the prepared job in ``job_dir``, run it, stop them; the results."""
+def run_federation(
+    job_dir: Path, clients: int, *, nice: int = 0, timeout_s: float = 3600.0, faults: dict[int, str] | None = None
+) -> dict:
+    """Start the processes for the prepared job in ``job_dir``, run it, stop them; the results.
+    ``faults``: client -> fault kind injected in round 0 (:data:`.flower_apps.FAULTS`)."""
     from .job import Job
 
     job = Job.load(job_dir / "job.json")
@@ -86,7 +89,7 @@ def run_federation(job_dir: Path, clients: int, *, nice: int = 0, timeout_s: flo
     )
     app = job_dir / "flower-app"
     app.mkdir(exist_ok=True)
-    from .flower_apps import flower_app_pyproject
+    from .flower_apps import FAULT_ENV, flower_app_pyproject
 
     (app / "pyproject.toml").write_text(flower_app_pyproject(job_dir / "job.json"))
     env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -138,7 +141,7 @@ def run_federation(job_dir: Path, clients: int, *, nice: int = 0, timeout_s: flo
                     "--node-config",
                     f"partition-id={i} num-partitions={clients}",
                 ],
-                env,
+                {**env, FAULT_ENV: faults[i]} if faults and i in faults else env,
             )
         run = subprocess.run(
             [str(bin_dir / "flwr"), "run", str(app), "local", "--stream"],
@@ -171,7 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-round", type=int, default=None)
     p.add_argument("--round-timeout-s", type=float, default=600.0, help="a round's deadline for the replies")
     p.add_argument("--nice", type=int, default=0, help="run every process at this niceness")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="I:KIND",
+        help="fault injection in round 0 for tests and benchmarks: client I sends NaNs (nan), a mis-shaped "
+        "update (shape), answers after the deadline (hang) or dies mid-round (exit)",
+    )
     a = p.parse_args(argv)
+    faults = {}
+    for f in a.fault:
+        i, _, kind = f.partition(":")
+        if not i.isdigit() or kind not in ("nan", "shape", "hang", "exit"):
+            p.error(f"--fault {f!r}: expected I:KIND with KIND one of nan, shape, hang, exit")
+        faults[int(i)] = kind
     out = Path(a.out)
     job_file = out / "job.json"
     if job_file.is_file():  # a stopped run resumes from its checkpoint with the same data and partition
@@ -190,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             round_timeout_s=a.round_timeout_s,
             body_endpoint=f"tcp://127.0.0.1:{free_port()}",
         )
-    res = run_federation(out, job.clients, nice=a.nice)
+    try:
+        res = run_federation(out, job.clients, nice=a.nice, faults=faults)
+    except (RuntimeError, TimeoutError) as e:
+        done = json.loads((out / "federated.json").read_text())["round"] if (out / "federated.json").is_file() else 0
+        print(f"edgesplit federate: {e}\n(rounds done: {done}; the same command resumes after it)", file=sys.stderr)
+        return 1
     print(
         json.dumps(
             {"accuracy": res["accuracy"], "rounds": [(r["round"], r["accuracy"], r["averaged"]) for r in res["rounds"]]}

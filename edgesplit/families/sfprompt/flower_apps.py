@@ -89,6 +89,7 @@ def server_main(grid: Grid, context: Context) -> None:
     from .train import accuracy
 
     job = Job.load(str(context.run_config["job"]))
+    job.path("serverapp.pid").write_text(str(os.getpid()))  # who to kill -9 in the resume test
     model = _model(job)
     initial = {k: v.detach().numpy().astype(np.float32) for k, v in model.client_state().items()}
     start, state, history = _load_checkpoint(job, initial)
@@ -176,6 +177,7 @@ def client_train(msg: Message, context: Context) -> Message:
     x, y = load_arrays(job, "train", partition(job)[pid])
     model = _model(job)
     model.load_client_state(torch_state(_state(msg.content["global"])))
+    fault = _fault(pid, rnd, job)
     link = WireBody(job.body_endpoint, job.body_hash, act_bits=r.split.act_bits, grad_bits=r.split.grad_bits)
     t0 = time.process_time()
     try:
@@ -193,6 +195,12 @@ def client_train(msg: Message, context: Context) -> Message:
         )
     finally:
         link.close()
+    update = numpy_state(model)
+    if fault == "nan":
+        update[next(iter(update))][...] = np.nan
+    elif fault == "shape":
+        k = next(iter(update))
+        update[k] = np.zeros((*update[k].shape, 2), np.float32)
     figures = MetricRecord(
         {
             "client": pid,
@@ -206,8 +214,28 @@ def client_train(msg: Message, context: Context) -> Message:
             "loss": rep.split_losses[-1] if rep.split_losses else 0.0,
         }
     )
-    content = RecordDict({"update": _arrays(numpy_state(model)), "figures": figures})
+    content = RecordDict({"update": _arrays(update), "figures": figures})
     return Message(content, reply_to=msg)
+
+
+FAULT_ENV = "EDGESPLIT_SFPROMPT_FAULT"
+FAULTS = ("nan", "shape", "hang", "exit")
+
+
+def _fault(pid: int, rnd: int, job: Job) -> str | None:
+    """Fault injection for the fault tests and benchmarks, set per SuperNode by ``edgesplit
+    federate --fault I:KIND`` (in round 0 only): ``nan`` and ``shape`` send a bad update, ``hang``
+    answers after the round's deadline, ``exit`` dies before answering (kill -9 of its own process)."""
+    kind = os.environ.get(FAULT_ENV)
+    if not kind or rnd != 0:
+        return None
+    if kind not in FAULTS:
+        raise ValueError(f"{FAULT_ENV}={kind!r}: one of {FAULTS}")
+    if kind == "hang":
+        time.sleep(job.round_timeout_s + 5)
+    if kind == "exit":
+        os.kill(os.getpid(), 9)
+    return kind
 
 
 def flower_app_pyproject(job_path: str | Path) -> str:

@@ -125,7 +125,7 @@ def load_arrays(job: Job, split: str, indices: Any = None) -> tuple[Any, Any]:
     if indices is not None:
         idx = np.asarray(indices, dtype=np.int64)
         return np.ascontiguousarray(x[idx]), y[idx]
-    return np.ascontiguousarray(x), y
+    return np.array(x), y  # a writable copy (torch wraps it)
 
 
 def partition(job: Job) -> list[list[int]]:

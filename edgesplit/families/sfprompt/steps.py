@@ -105,3 +105,41 @@ def run(recipe: Any, run_dir: Path, prepared: Any) -> dict[str, Any]:
         f"next: edgesplit export {run_dir / 'student.pt'} --out <dir> (writes the body package the body server loads)"
     )
     return results
+
+
+def simulate_job(job: Any, exclude: set[tuple[int, int]] = frozenset()) -> dict[str, np.ndarray]:  # type: ignore[assignment]
+    """A prepared federate job (:class:`~.job.Job`) run in this process: the same partition,
+    sampled clients, seeds and wire bits, the body here. ``exclude``: (round, client) pairs left
+    out of the average (what the faults should amount to). The global state after the last round."""
+    from ...builder.recipe import load_recipe
+    from .job import load_arrays, partition
+    from .model import load_student
+
+    r = load_recipe(job.recipe)
+    model, _ = load_student(job.path("student.pt"))
+    state = numpy_state(model)
+    parts = partition(job)
+    for rnd in range(job.rounds):
+        ups, weights = [], []
+        for c in sample_clients(job.clients, job.per_round, rnd, job.seed):
+            if (rnd, c) in exclude:
+                continue
+            x, y = load_arrays(job, "train", parts[c])
+            model.load_client_state(torch_state(state))
+            rep = client_round(
+                model,
+                x,
+                y,
+                LocalBody(model.body, r.split.act_bits, r.split.grad_bits),
+                vars(r.stage1),
+                vars(r.stage2),
+                gamma=r.split.gamma,
+                local_loss=r.split.local_loss,
+                augment=r.augment,
+                seed=client_seed(job.seed, rnd, c),
+            )
+            ups.append(numpy_state(model))
+            weights.append(rep.samples)
+        if ups:
+            state = fedavg(ups, weights)
+    return state

@@ -112,9 +112,15 @@ KEY=$(
 ENTRY=$CACHE/$KEY
 ROOT=$ENTRY/rootfs
 mounts_under() { awk -v r="$1" '$2 == r || index($2, r "/") == 1 { print $2 }' /proc/self/mounts | sort -r; }
-unmount_all() {
+unmount_all() { # everything under this key: its rootfs and a half-built rootfs.tmp (mmdebstrap mounts too)
   local m
-  for m in $(mounts_under "$ROOT"); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
+  for m in $(mounts_under "$ENTRY"); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
+}
+# Deleting never crosses into a mount (a bind of /dev or /proc left by a killed run): check, and
+# --one-file-system as well.
+rm_tree() {
+  [ -z "$(mounts_under "$1")" ] || die "mounts remain under $1: not deleting it"
+  rm -rf --one-file-system "$1"
 }
 unmount_all # left by a run that was killed (we hold the lock: nobody else uses them)
 T0=$(now)
@@ -122,7 +128,7 @@ if [ -f "$ENTRY/ok" ]; then
   say "rootfs cache hit: $ROOT"
 else
   say "building the arm64 $SUITE rootfs into $ENTRY (mmdebstrap, a few minutes)"
-  rm -rf "$ENTRY"
+  rm_tree "$ENTRY"
   mkdir -p "$ENTRY"
   mirrors=()
   for f in "${SOURCES[@]}"; do mirrors+=("$f"); done
@@ -135,7 +141,7 @@ else
   touch "$ENTRY/ok"
   say "timing rootfs_build_s=$(since "$T0") size_mb=$(du -sm "$ROOT" | cut -f1)"
   for old in "$CACHE"/????????????????; do # other keys are stale recipes: free their space
-    if [ -d "$old" ] && [ "$old" != "$ENTRY" ] && [ -z "$(mounts_under "$old")" ]; then rm -rf "$old"; fi
+    if [ -d "$old" ] && [ "$old" != "$ENTRY" ] && [ -z "$(mounts_under "$old")" ]; then rm_tree "$old"; fi
   done
 fi
 [ -x "$ROOT/usr/bin/python3" ] || die "the cached rootfs at $ROOT has no python3: delete $ENTRY"
@@ -148,13 +154,13 @@ cleanup() {
   if [ -n "$(mounts_under "$ROOT")" ]; then
     echo "arm64_check: mounts remain under $ROOT; not deleting $W" >&2
   else
-    rm -rf "$W"
+    rm -rf --one-file-system "$W"
   fi
   exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-rm -rf "$W"
+rm -rf --one-file-system "$W"
 mkdir -p "$W/src" "$W/out"
 if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   # what the repository holds (tracked and new files, not what git ignores), as pip would see a

@@ -252,3 +252,63 @@ def test_cli_trains_federated_and_exports_the_body_package(tmp_path):
     assert out["hash"] == hashlib.sha256((tmp_path / "body" / "manifest.json").read_bytes()).hexdigest()
     assert m["blocks"] == [1, 4] and m["tokens"] == [1 + 4 + 64, 128] and m["checks"]["max_abs_diff"] == 0.0
     assert m["files"]["body"]["sha256"] == hashlib.sha256((tmp_path / "body" / "body.pt").read_bytes()).hexdigest()
+
+
+def test_baselines_train_and_exchange_their_parts(frames):
+    m = SFPromptModel(vit(7), 1, 4, prompts=2, reset_classifier=False).unfreeze("head")
+    keys = set(m.client_state())
+    assert "prompts" in keys and any(k.startswith("head.blocks.0.") for k in keys)
+    assert not any(k.startswith("body.") or k.endswith("num_batches_tracked") for k in keys)
+    state = {k: v.clone() + 1 for k, v in m.client_state().items()}
+    m.load_client_state(state)
+    assert all(torch.equal(v, state[k]) for k, v in m.client_state().items())
+    full = SFPromptModel(vit(7), 1, 4, prompts=0).unfreeze("head", "body")
+    n_all = sum(p.numel() for p in full.parameters())
+    assert sum(p.numel() for p in full.client_parameters()) == n_all
+    # SplitFed's head trains through the split: the body output's gradient goes back
+    x, y = normalised(frames[0][:4]), torch.from_numpy(frames[1][:4])
+    before = m.head.blocks[0].mlp.fc1.weight.clone()
+    split_step(m, torch.optim.SGD(m.client_parameters(), lr=0.1), x, y, LocalBody(m.body), 1)
+    assert not torch.equal(before, m.head.blocks[0].mlp.fc1.weight)
+
+
+def test_bench_sfprompt_json(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    torch.save(create_model("vit_tiny_cifar", 10).state_dict(), tmp_path / "vit.pt")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgesplit",
+            "bench",
+            "sfprompt",
+            "--json",
+            "--teacher",
+            str(tmp_path / "vit.pt"),
+            "--recipe",
+            "tests/recipes/tiny-sfprompt-imagenette.yaml",
+            "--limit-per-shard",
+            "3",
+            "--rounds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    m = res["methods"]
+    assert set(m) == {"sfprompt", "splitfed", "prompt_fl", "fedft", "local"}
+    for name, r in m.items():
+        assert len(r["accuracy"]) == 2 and all(0 <= a <= 1 for a in r["accuracy"]), name
+    assert m["local"]["bytes_up"] == [0, 0] and m["prompt_fl"]["server_macs"] == [0, 0]
+    assert m["fedft"]["exchanged_params"] > m["splitfed"]["exchanged_params"] > m["sfprompt"]["exchanged_params"]
+    assert m["sfprompt"]["bytes_up"][0] > 4 * m["sfprompt"]["exchanged_params"]  # plus the split traffic
+    assert m["sfprompt"]["server_macs"][0] > 0 and m["fedft"]["client_macs"][0] > m["sfprompt"]["client_macs"][0] / 10

@@ -48,6 +48,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "edgesplit.bench.plan",
         "the split planner's predicted end-to-end latency vs measured, every cut point, kernel-shaped links",
     ),
+    "sfprompt": (
+        "edgesplit.bench.sfprompt",
+        "SFPrompt vs SplitFed, prompt-only FL, federated full fine-tuning and local-only: accuracy, compute, bytes",
+    ),
     "ota": (
         "edgesplit.bench.ota",
         "a fleet update over one kernel-shaped link: N agents fetch, verify and switch to a signed bundle",

@@ -105,6 +105,18 @@ class SFPromptModel(nn.Module):
         for p in self.tail.parameters():  # a loaded teacher arrives frozen
             p.requires_grad_(True)
         self.tokens = 1 + prompts + vit.grid**2  # T: tokens between every two blocks
+        self.also_trained: tuple[str, ...] = ()  # baselines only: "head" and/or "body" train too
+
+    def unfreeze(self, *parts: str) -> SFPromptModel:
+        """Train ``"head"`` and/or ``"body"`` too (the baselines: SplitFed trains the head, federated
+        full fine-tuning everything); they then join :meth:`client_state`."""
+        for part in parts:
+            if part not in ("head", "body"):
+                raise ValueError(f"unfreeze: 'head' or 'body', got {part!r}")
+            for p in getattr(self, part).parameters():
+                p.requires_grad_(True)
+        self.also_trained = tuple(sorted(set(self.also_trained) | set(parts)))
+        return self
 
     def train(self, mode: bool = True) -> SFPromptModel:
         # The frozen parts always run as in inference (BatchNorm statistics of the stem stay the
@@ -123,13 +135,19 @@ class SFPromptModel(nn.Module):
 
     def client_parameters(self) -> list[nn.Parameter]:
         """What a client trains and uploads: the prompts (if any) and the whole tail."""
-        return ([self.head.prompts] if self.head.n_prompts else []) + list(self.tail.parameters())
+        extra = [p for part in self.also_trained for n, p in getattr(self, part).named_parameters() if n != "prompts"]
+        return ([self.head.prompts] if self.head.n_prompts else []) + list(self.tail.parameters()) + extra
 
     def client_state(self) -> dict[str, torch.Tensor]:
         """The federated state (FedAvg averages exactly these): ``prompts`` and ``tail.*``."""
         out = {f"tail.{k}": v for k, v in self.tail.state_dict().items()}
         if self.head.n_prompts:
             out["prompts"] = self.head.prompts.detach()
+        for part in self.also_trained:
+            sd = getattr(self, part).state_dict()  # BatchNorm's counters are bookkeeping, not averaged
+            out.update(
+                (f"{part}.{k}", v) for k, v in sd.items() if k != "prompts" and not k.endswith("num_batches_tracked")
+            )
         return out
 
     @torch.no_grad()
@@ -144,6 +162,9 @@ class SFPromptModel(nn.Module):
             if tuple(v.shape) != tuple(own[k].shape):
                 raise ValueError(f"client state '{k}': shape {list(v.shape)}, expected {list(own[k].shape)}")
         self.tail.load_state_dict({k[len("tail.") :]: v for k, v in state.items() if k.startswith("tail.")})
+        for part in self.also_trained:
+            sub = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
+            getattr(self, part).load_state_dict(sub, strict=False)  # the keys were checked above
         if self.head.n_prompts:
             self.head.prompts.copy_(state["prompts"])
 

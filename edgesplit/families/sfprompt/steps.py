@@ -31,7 +31,7 @@ def numpy_state(model: SFPromptModel) -> dict[str, np.ndarray]:
 
 
 def torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in state.items()}
+    return {k: torch.from_numpy(np.require(v, np.float32, "C")) for k, v in state.items()}  # 0-d stays 0-d
 
 
 def client_seed(seed: int, round_no: int, client: int) -> int:

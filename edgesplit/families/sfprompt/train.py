@@ -73,9 +73,9 @@ def split_step(
     model: SFPromptModel, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, link: BodyLink, step: int
 ) -> float:
     """One split-training step through ``link``; returns the loss. The body output's gradient goes
-    back only when there are prompts to train (without them the head has nothing to learn)."""
+    back only when the head has something to train (prompts; the whole head in SplitFed)."""
     model.train()
-    wants_grad = model.head.n_prompts > 0
+    wants_grad = any(p.requires_grad for p in model.head.parameters())
     h = model.head(x)
     b = link.forward(step, np.ascontiguousarray(h.detach().cpu().numpy(), np.float32), wants_grad)
     bt = torch.from_numpy(b).to(x.device).requires_grad_(True)

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Container
+from typing import Any, Callable, Container
 
 import numpy as np
 
 from ..control.estimator import EwmaEstimator, HarmonicMeanEstimator
-from ..control.modes import ModesTable, modes_from_manifest
+from ..control.modes import ModesTable, modes_from_manifest, modes_table
 from ..control.policy import AssinePolicy, DeadlinePolicy, Decision, Feedback, FixedPolicy, FrameState, Policy
 
 # Policy kinds by their command-line names (``edgesplit agent --adapt``, ``bench adapt --live``).
@@ -182,6 +182,48 @@ def make_policy(
 def bundle_modes(bundle: Any, device: str | None = None) -> ModesTable:
     """The control plane's modes table of a loaded :class:`edgesplit.bundle.Bundle`."""
     return modes_from_manifest(bundle.manifest, device)
+
+
+def device_modes(
+    bundle: Any, device: str | None, measure_heads: Callable[[], dict[str, float]]
+) -> tuple[ModesTable, str]:
+    """The modes table the policy plans with on ``device`` (a device profile name), and where its
+    head latencies come from. Without a profile: the bundle's table as it is (its one row). With
+    one: the bundle's row for that profile when every mode has it (measured there, BUNDLE.md
+    section 3.3); else each head is timed here, on this device with the agent's providers and
+    threads (``measure_heads``: file role -> ms), rather than planning with another machine's row."""
+    if device is None:
+        return bundle_modes(bundle), "bundle"
+    if all(device in m.head_ms for m in bundle.modes):
+        return bundle_modes(bundle, device), f"bundle head_ms[{device}]"
+    ms = measure_heads()
+    rows = [
+        {
+            "id": m.id,
+            "name": m.name,
+            "bytes_per_frame": m.bytes_per_frame,
+            "accuracy": m.accuracy,
+            "head_ms": ms[m.head],
+            "bytes_p95": m.bytes_p95,
+        }
+        for m in bundle.modes
+    ]
+    ta = float(bundle.manifest["teacher_accuracy"])
+    return modes_table(rows, ta, device, name=bundle.name), "measured here"
+
+
+def measure_heads_ms(runner: Any, runs: int = 20) -> dict[str, float]:
+    """Median latency of each head of a :class:`~edgesplit.edge.heads.HeadRunner` on this device."""
+    x = np.zeros((1, *runner.bundle.input_spec["shape"]), np.float32)
+    return {role: measure_local_ms(_Logits(e), x.shape[1:], runs) for role, e in runner.heads.items()}
+
+
+class _Logits:
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.engine.run1(x)[0]
 
 
 def measure_local_ms(local_model: Any, input_shape: tuple[int, ...], runs: int = 20) -> float:

@@ -13,10 +13,14 @@ from ..bundle import Bundle, BundleError
 from ..bundle_sign import SignatureError
 from ..control.policy import Policy
 from ..data.sources import open_source, take
-from .adaptive import POLICY_KINDS, bundle_modes, make_policy, measure_local_ms
+from ..engine.providers import ProviderError
+from ..profile.devices import ProfileError
+from .adaptive import POLICY_KINDS, device_modes, make_policy, measure_heads_ms, measure_local_ms
 from .agent_core import Agent
 from .delivery import Deliverer
+from .device_config import DeviceSetup, add_device_arguments, record_sessions, start_device
 from .fallback import load_fallback
+from .heads import HeadRunner
 from .ota_cli import add_ota_arguments, connect_agent, start_bundle
 from .ota_loop import UpdateManager
 from .results import AgentError, FrameResult, summarize
@@ -131,6 +135,7 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
         help='write one JSON line per frame and a final {"summary": ...} line to FILE or stdout',
     )
     add_edvit_arguments(p)
+    add_device_arguments(p)
     add_service_arguments(p)
     add_ota_arguments(p)
     return p
@@ -147,20 +152,25 @@ def agent_main(args_list: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"edgesplit agent: {e}", file=sys.stderr)
         return 2
-    if args.edvit:
-        return edvit_main(args)
     rep = Reporter(args.log_format)
+    try:  # first: pin before ORT and ZeroMQ start threads; refuse missing providers before loading
+        device = start_device(vars(args), rep.say)
+    except (ProviderError, ProfileError) as e:
+        rep.say(str(e), logging.ERROR, event="start_failed")
+        return 1
+    if args.edvit:
+        return edvit_main(args, device.execution)
     notifier = Notifier()
     with StopSignal() as stop:
         try:
-            return _run(args, rep, notifier, stop)
+            return _run(args, device, rep, notifier, stop)
         finally:
             notifier.close()
 
 
-def _make_agent(args: argparse.Namespace, bundle: Bundle) -> Agent:
+def _make_agent(args: argparse.Namespace, bundle: Bundle, device: DeviceSetup) -> Agent:
     """The agent the flags describe, for ``bundle`` (not connected yet)."""
-    policy = _cli_policy(args, bundle)
+    policy = _cli_policy(args, bundle, device)
     return Agent(
         bundle,
         args.server,
@@ -168,7 +178,7 @@ def _make_agent(args: argparse.Namespace, bundle: Bundle) -> Agent:
         codec=args.codec,
         inflight=args.inflight,
         deadline_ms=args.deadline_ms,
-        threads=args.threads,
+        threads=device.execution,  # every session: the providers and threads chosen at start
         name=args.name,
         timeout_s=args.timeout_s,
         fallback=args.fallback,
@@ -180,7 +190,7 @@ def _make_agent(args: argparse.Namespace, bundle: Bundle) -> Agent:
     )
 
 
-def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: StopSignal) -> int:
+def _run(args: argparse.Namespace, device: DeviceSetup, rep: Reporter, notifier: Notifier, stop: StopSignal) -> int:
     out = None
     ota: UpdateManager | None = None
     try:
@@ -188,12 +198,13 @@ def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: Stop
             bundle, ota_settings, store = start_bundle(args, rep.say)
         else:
             bundle = Bundle.load(args.bundle)
-        agent = connect_agent(args, lambda b: _make_agent(args, b), bundle, rep.say)
+        agent = connect_agent(args, lambda b: _make_agent(args, b, device), bundle, rep.say)
         if args.ota_group:
-            ota = UpdateManager(agent, lambda b: _make_agent(args, b), ota_settings, store, rep.say)
+            ota = UpdateManager(agent, lambda b: _make_agent(args, b, device), ota_settings, store, rep.say)
     except (AgentError, BundleError, SignatureError, OSError, ValueError) as e:
         rep.say(str(e), logging.ERROR, event="start_failed")
         return 1
+    record_sessions(device, agent, rep.say)
     if args.fallback == "auto" and agent.fallback is None:
         rep.say(f"bundle {agent.bundle.name} has no full model: no local fallback", event="no_fallback")
     if agent.welcome is None:
@@ -262,6 +273,7 @@ def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: Stop
     if ota is not None:
         summary["ota"] = ota.summary()
     # the edge plane must not pull torch in: report it, so benchmarks and CI can check
+    summary["device"] = device.summary()
     summary["torch_loaded"] = any(m == "torch" or m.startswith("torch.") for m in sys.modules)
     if deliver is not None:
         deliver.close()
@@ -278,18 +290,28 @@ def _run(args: argparse.Namespace, rep: Reporter, notifier: Notifier, stop: Stop
     return 3 if results and not summary["ok"] else 0
 
 
-def _cli_policy(args: argparse.Namespace, bundle: Bundle) -> Policy | None:
-    """The --adapt policy, from the bundle's modes table; full.onnx is timed here unless --local-ms."""
+def _cli_policy(args: argparse.Namespace, bundle: Bundle, device: DeviceSetup) -> Policy | None:
+    """The --adapt policy, from the bundle's modes table on this device (--device-profile: its row,
+    or the heads timed here); full.onnx is timed here unless --local-ms."""
     if args.adapt is None:
         return None
     if args.deadline_ms is None:
         raise ValueError("--adapt needs --deadline-ms")
+    ex = device.execution
     local_ms = args.local_ms
     if local_ms is None and args.fallback == "auto" and bundle.has("full"):
-        local_ms = measure_local_ms(load_fallback(bundle, "auto", args.threads), tuple(bundle.input_spec["shape"]))
+        local_ms = measure_local_ms(load_fallback(bundle, "auto", ex), tuple(bundle.input_spec["shape"]))
+    name = None if device.profile is None else device.profile.name
+    modes, source = device_modes(bundle, name, lambda: measure_heads_ms(HeadRunner(bundle, ex)))
+    device.policy = {
+        "local_ms": local_ms,
+        "local_ms_source": "local_ms" if args.local_ms is not None else "measured here" if local_ms else None,
+        "head_ms": {m.name: m.head_ms for m in modes},
+        "head_ms_source": source,
+    }
     return make_policy(
         args.adapt,
-        bundle_modes(bundle),
+        modes,
         local_ms=local_ms,
         base_rtt_ms=args.base_rtt_ms,
         mode_id=args.mode,

@@ -32,7 +32,7 @@ from ..wire.transport import context, default_agent_name
 from .adaptive import ModeController
 from .connection import ServerConnection, load_curve
 from .fallback import RTT_OVER_DEADLINE, UNREACHABLE, load_fallback
-from .heads import HeadRunner, preprocess_image
+from .heads import HeadRunner, OrtExecution, preprocess_image
 from .outcomes import Frame, Outcomes
 from .policy_frames import submit_with_policy
 from .results import DISCONNECTED, FALLBACK_FAILED, TIMEOUT, AgentError, FrameResult
@@ -59,7 +59,7 @@ class Agent:
         codec: str = "raw",
         inflight: int = 8,
         deadline_ms: float | None = None,
-        threads: int | None = None,
+        threads: int | OrtExecution | None = None,  # OrtExecution: providers and threads of every session
         name: str | None = None,
         timeout_s: float = 10.0,
         load_head: bool = True,

@@ -15,6 +15,7 @@ from collections import deque
 import numpy as np
 
 from ..bundle import Bundle
+from ..engine.providers import OrtExecution, as_execution
 from ..wire.codec import ErrorCode
 
 FALLBACK_CHOICES = ("auto", "off")
@@ -40,16 +41,16 @@ FALLBACK_ERROR_CODES = frozenset(
 class LocalModel:
     """The bundle's ``full`` model on ONNX Runtime: preprocessed image ``[1,C,H,W]`` -> logits."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | OrtExecution | None = None):
         from ..engine import create_engine
 
-        self.engine = create_engine(bundle.file("full"), backend="ort", threads=threads)
+        self.engine = create_engine(bundle.file("full"), backend="ort", execution=as_execution(threads))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.engine.run1(x)[0]
 
 
-def load_fallback(bundle: Bundle, fallback: str, threads: int | None = None) -> LocalModel | None:
+def load_fallback(bundle: Bundle, fallback: str, threads: int | OrtExecution | None = None) -> LocalModel | None:
     """``"auto"``: the bundle's full model when it ships one, else no fallback; ``"off"``: none."""
     if fallback not in FALLBACK_CHOICES:
         raise ValueError(f"fallback must be one of {', '.join(FALLBACK_CHOICES)}, got {fallback!r}")

@@ -11,19 +11,21 @@ import time
 import numpy as np
 
 from ..bundle import Bundle, Mode
+from ..engine.providers import OrtExecution, as_execution
 
 
 class HeadRunner:
     """Preprocessing and the heads of one bundle (ONNX Runtime)."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | OrtExecution | None = None):
         from ..engine import create_engine
 
+        execution = as_execution(threads)  # providers, threads: the agent's execution settings
         self.bundle = bundle
         self.heads: dict = {}  # file role -> engine
         x0 = np.zeros((1, *bundle.input_spec["shape"]), np.float32)
         for role in dict.fromkeys(["head", *bundle.head_roles]):
-            self.heads[role] = create_engine(bundle.file(role), backend="ort", threads=threads)
+            self.heads[role] = create_engine(bundle.file(role), backend="ort", execution=execution)
             # One run now: ORT's first run allocates and plans, which must not land on the first
             # frame after a switch to this width.
             self.heads[role].run1(x0)

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle, BundleError
+from ..engine.providers import OrtExecution
+from ..engine.providers import ort_session as _ort_session
 
 FAMILY = "edvit"
 
@@ -68,21 +70,18 @@ class EdvitBundle:
         return [self.submodels[i].dim for i in sorted(self.submodels)]
 
 
-def ort_session(path: Path, threads: int = 1):
-    """An ONNX Runtime CPU session of one graph (``threads`` intra-op threads)."""
-    import onnxruntime as ort  # type: ignore[import-untyped]
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, int(threads))
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def ort_session(path: Path, threads: int | OrtExecution = 1):
+    """An ONNX Runtime session of one graph: ``threads`` intra-op threads on CPU, or the agent's
+    execution settings (providers, threads), through the engine's one session maker."""
+    ex = threads if isinstance(threads, OrtExecution) else OrtExecution(intra_op_threads=max(1, int(threads)))
+    return _ort_session(path, ex)[0]
 
 
 class Fusion:
     """The fusion head: features of the present sub-models (zeros for the missing) and the mask
     -> logits over every class."""
 
-    def __init__(self, bundle: EdvitBundle, threads: int = 1):
+    def __init__(self, bundle: EdvitBundle, threads: int | OrtExecution = 1):
         self.bundle = bundle
         self.session = ort_session(bundle.fusion_path, threads)
         self.dims = bundle.feature_dims
@@ -104,7 +103,7 @@ class Fusion:
 class SubModelRunner:
     """The sub-models of a bundle a process holds, each one ONNX Runtime session."""
 
-    def __init__(self, bundle: EdvitBundle, ids: list[int] | None = None, threads: int = 1):
+    def __init__(self, bundle: EdvitBundle, ids: list[int] | None = None, threads: int | OrtExecution = 1):
         self.bundle = bundle
         ids = sorted(bundle.submodels) if ids is None else sorted(ids)
         unknown = [i for i in ids if i not in bundle.submodels]

@@ -55,7 +55,7 @@ from ..wire.session_events import (
 )
 from ..wire.transport import context, default_agent_name
 from .connection import HandshakeFailed, ServerConnection
-from .scatter_bundle import EdvitBundle, Fusion, ort_session
+from .scatter_bundle import EdvitBundle, Fusion, OrtExecution, ort_session
 from .scatter_session import ScatterSession
 from .server_fusion import ServerFusion
 
@@ -145,7 +145,7 @@ class ScatterCamera:
         tensor_dtype: str = "float32",
         fallback: str = "local",
         name: str | None = None,
-        threads: int = 1,
+        threads: int | OrtExecution = 1,
         inflight: int = 4,
         timeout_s: float = 10.0,
         reconnect_max_s: float = 0.5,

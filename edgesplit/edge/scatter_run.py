@@ -14,6 +14,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..data.sources import SourceError, open_source, take
+from ..engine.providers import OrtExecution
 from .connection import load_curve
 from .scatter_bundle import EdvitBundle
 from .scatter_camera import SCATTER_INPUTS, EdvitAnswer, ScatterCamera
@@ -91,8 +92,9 @@ def summarize(answers: list[EdvitAnswer], camera: ScatterCamera, wall_s: float) 
     }
 
 
-def edvit_main(args: argparse.Namespace) -> int:
-    """Exit codes as the agent's: 0 done, 1 could not run."""
+def edvit_main(args: argparse.Namespace, execution: OrtExecution | None = None) -> int:
+    """Exit codes as the agent's: 0 done, 1 could not run. ``execution``: the agent's providers and
+    threads (default: CPU, ``--threads``)."""
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
     try:
         bundle = EdvitBundle.load(args.bundle)
@@ -104,7 +106,7 @@ def edvit_main(args: argparse.Namespace) -> int:
             tensor_dtype=args.tensor_dtype,
             fallback=args.edvit_fallback,
             name=args.name,
-            threads=args.threads or 1,
+            threads=execution or args.threads or 1,
             inflight=args.inflight,
             timeout_s=args.timeout_s,
             reconnect_max_s=args.reconnect_max_s,

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # no stubs installed; only safe_load is used
 
+from .device_config import check_device
 from .ota_config import OTA_RANGES, check_ota
 
 # Parser destinations that are not config keys: help, and the file itself.
@@ -46,6 +47,7 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     # a spool smaller than one record is no spool
     "spool_max_bytes": (4096, True, None),
     "spool_max_records": (1, True, None),
+    "inter_op_threads": (1, True, 1024),
     **OTA_RANGES,
 }
 
@@ -60,6 +62,7 @@ class KeySpec:
     kind: type  # bool, int, float or str
     choices: tuple | None
     nullable: bool  # the flag's default is None: null in the file means "unset"
+    many: bool = False  # a flag of one or more values (nargs "+"): a YAML list in the file
 
 
 def key_specs(parser: argparse.ArgumentParser) -> dict[str, KeySpec]:
@@ -74,7 +77,8 @@ def key_specs(parser: argparse.ArgumentParser) -> dict[str, KeySpec]:
             kind = a.type
         else:
             kind = str
-        out[a.dest] = KeySpec(a.dest, kind, tuple(a.choices) if a.choices else None, a.default is None)
+        choices = tuple(a.choices) if a.choices else None
+        out[a.dest] = KeySpec(a.dest, kind, choices, a.default is None, a.nargs in ("+", "*"))
     return out
 
 
@@ -83,6 +87,11 @@ def _check_type(spec: KeySpec, value: Any, where: str) -> Any:
         if spec.nullable:
             return None
         raise ConfigError(f"{where}: '{spec.name}' may not be null")
+    if spec.many:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{where}: '{spec.name}' must be a non-empty list, got {value!r}")
+        one = KeySpec(spec.name, spec.kind, spec.choices, False)
+        return [_check_type(one, v, where) for v in value]
     ok = (
         isinstance(value, bool)
         if spec.kind is bool
@@ -140,9 +149,9 @@ def validate(values: dict[str, Any], where: str = "agent configuration") -> None
             raise ConfigError(f"{where}: '{key}' must not be empty")
     if (values.get("server_key") is None) != (values.get("client_key") is None):
         raise ConfigError(f"{where}: CURVE needs both 'server_key' and 'client_key' (or neither)")
-    problem = check_ota(values, where)
-    if problem is not None:
-        raise ConfigError(problem)
+    for problem in (check_ota(values, where), check_device(values, where)):
+        if problem is not None:
+            raise ConfigError(problem)
     deliver = values.get("deliver")
     if deliver is None:
         for key in ("spool_dir", "spool_max_bytes", "spool_max_records"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .base import Engine, EngineError, TensorSpec
 from .options import ACCELERATIONS, PRECISIONS, EngineOptions
+from .providers import PROVIDERS, OrtExecution, ProviderError
 
 BACKENDS = ("ort", "torch", "tensorrt")
 
@@ -28,7 +29,7 @@ def create_engine(path: str | Path, backend: str = "ort", options: EngineOptions
     if backend == "ort":
         from .ort import OrtEngine
 
-        return OrtEngine(path, threads=opts.threads)
+        return OrtEngine(path, threads=opts.threads, execution=opts.execution)
     if backend == "torch":
         from .torch_engine import TorchEngine
 
@@ -45,6 +46,9 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineOptions",
+    "OrtExecution",
+    "PROVIDERS",
+    "ProviderError",
     "TensorSpec",
     "create_engine",
 ]

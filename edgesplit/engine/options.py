@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, fields, replace
 
 from .base import EngineError
+from .providers import OrtExecution
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 ACCELERATIONS = ("none", "compile", "cudagraphs")
@@ -34,6 +35,9 @@ class EngineOptions:
     ``threads``: intra-op CPU threads (ONNX Runtime, torch on CPU).
     ``cache_dir``: where TensorRT plans are cached (default: $EDGESPLIT_CACHE/tensorrt, else
     ~/.cache/edgesplit/tensorrt); never inside a bundle, which is read-only and hashed.
+    ``execution``: ONNX Runtime only: execution providers, threads and provider options
+    (:class:`edgesplit.engine.providers.OrtExecution`; ``threads`` fills its intra-op threads
+    where it sets none). ``device`` stays "cpu" for this backend: the providers place the graph.
     """
 
     device: str | None = None
@@ -43,6 +47,7 @@ class EngineOptions:
     opt_batch: int | None = None
     threads: int | None = None
     cache_dir: str | None = None
+    execution: OrtExecution | None = None
 
     def __post_init__(self) -> None:
         if self.device is not None and not _DEVICE.match(self.device):
@@ -86,6 +91,8 @@ class EngineOptions:
                     "the TensorRT backend takes its precision from the ONNX graph, and the bundles' "
                     "opset-18 graphs cannot carry bf16 convolutions; use fp16 or fp32 (or torch for bf16)"
                 )
+        if backend != "ort" and self.execution is not None:
+            raise EngineError(f"execution providers are ONNX Runtime options, not {backend}'s")
         if backend != "torch" and self.accel != "none":
             raise EngineError(f"acceleration '{self.accel}' is a torch option; the {backend} backend does its own")
         if backend == "torch" and self.accel == "cudagraphs" and self.device == "cpu":

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import Engine, EngineError, TensorSpec
+from .providers import OrtExecution, ort_session
 
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -22,20 +23,11 @@ _ORT_TYPES = {
 class OrtEngine(Engine):
     backend = "ort"
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
-        import onnxruntime as ort  # imported here so that importing edgesplit.engine stays cheap
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        available = ort.get_available_providers()
-        providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
-        try:
-            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise EngineError(f"ONNX Runtime could not load {path}: {e}") from None
+    def __init__(self, path: str | Path, threads: int | None = None, execution: OrtExecution | None = None):
+        # threads: intra-op threads where ``execution`` sets none (callers that only pass a count)
+        ex = (execution or OrtExecution()).with_threads(threads)
+        self._sess, self.choice = ort_session(path, ex)
+        self.providers = self.choice.providers  # what the session runs on, as ORT reports it
         self._inputs = [
             TensorSpec(i.name, tuple(i.shape), _ORT_TYPES.get(i.type, i.type)) for i in self._sess.get_inputs()
         ]

@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
             "raw JPEG) by predicted end-to-end latency or device energy."
         ),
     )
-    what = p.add_mutually_exclusive_group(required=True)
+    p.add_argument(
+        "--agent-config",
+        metavar="FILE",
+        help="an agent config (edgesplit agent --config): plan for its bundle, its device_profile and its "
+        "base_rtt_ms; --bundle/--model, --device and --rtt-ms given here override them",
+    )
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--bundle", help="bundle directory: plan over its modes, full.onnx locally and the raw JPEG")
     what.add_argument("--model", help="zoo model name: plan over every cut point of the generic split")
     p.add_argument("--checkpoint", help="state dict for --model (weights_only); default: random init (timing only)")
@@ -61,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="where --model's cut bundles are exported (default runs/cache/plan)")
     p.add_argument("--bandwidth-mbps", type=positive("--bandwidth-mbps"), required=True, help="uplink rate, Mbit/s")
     p.add_argument(
-        "--rtt-ms", type=non_negative("--rtt-ms"), default=0.0, help="propagation round trip of the link (default 0)"
+        "--rtt-ms", type=non_negative("--rtt-ms"), default=None, help="propagation round trip of the link (default 0)"
     )
     p.add_argument("--burst-bytes", type=int, default=0, help="token-bucket depth of a shaped link (default 0: none)")
     p.add_argument("--acks-on-link", action="store_true", help="TCP ACKs share the bottleneck (a shaped loopback)")
-    p.add_argument("--device", default=HOST_PROFILE, help=f"device profile running the head (default {HOST_PROFILE})")
+    p.add_argument("--device", default=None, help=f"device profile running the head (default {HOST_PROFILE})")
     p.add_argument("--server", default=HOST_PROFILE, help=f"server profile running the tail (default {HOST_PROFILE})")
     p.add_argument(
         "--host", default=HOST_PROFILE, help=f"profile of the machine measuring now (default {HOST_PROFILE})"
@@ -113,8 +119,12 @@ def plan_main(argv: list[str] | None = None) -> int:
     from ..bundle import Bundle, BundleError
     from .devices import ProfileError
 
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
     try:
+        from_agent_config(a)
+        if not (a.bundle or a.model):
+            p.error("one of --bundle, --model or --agent-config (with a bundle) is required")
         timing = Timing(a.runs, a.pace_ms)
         if a.burst_bytes < 0:
             raise PlanError("--burst-bytes must be >= 0")
@@ -159,6 +169,7 @@ def plan_main(argv: list[str] | None = None) -> int:
     if a.json:
         out = {
             "objective": a.objective,
+            "agent_config": a.agent_config,
             "device": sc.device.name,
             "server": sc.server.name,
             "host": sc.host.name,
@@ -178,6 +189,26 @@ def plan_main(argv: list[str] | None = None) -> int:
     else:
         print(format_plan(preds, sc, a.objective))
     return 0
+
+
+def from_agent_config(a: argparse.Namespace) -> None:
+    """Fill ``a``'s bundle, device and RTT from ``--agent-config`` where the command line left them
+    unset; then the defaults. The file is read by the agent's own loader (unknown keys, wrong types
+    refused); its rules about this machine (pinning) are the agent's business at start, not the plan's.
+    Relative paths are taken as the agent takes them: from the working directory."""
+    cfg: dict = {}
+    if a.agent_config:
+        from ..edge.agent_cli import build_parser as agent_parser
+        from ..edge.service_config import ConfigError, key_specs, load_config
+
+        try:
+            cfg = load_config(a.agent_config, key_specs(agent_parser()))
+        except ConfigError as e:
+            raise PlanError(str(e)) from None
+        if not (a.bundle or a.model):
+            a.bundle = cfg.get("bundle")
+    a.device = a.device or cfg.get("device_profile") or HOST_PROFILE
+    a.rtt_ms = a.rtt_ms if a.rtt_ms is not None else float(cfg.get("base_rtt_ms") or 0.0)
 
 
 def _scatter_main(a: argparse.Namespace, timing: Timing, lan: Link, sc) -> int:

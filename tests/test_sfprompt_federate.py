@@ -1,6 +1,7 @@
 """``edgesplit federate`` end to end, every party a real process on loopback: the body server, a
 Flower SuperLink, 3 SuperNodes (one per client, Dirichlet(0.5) partitions of real Imagenette
-frames at 32 px), 2 rounds of 2 sampled clients, split training over edgesplit's wire at 8 bits.
+frames at 32 px), 2 rounds of 2 sampled clients, split training over edgesplit's wire at 8 bits,
+CURVE on the body link.
 
 The federated global prompts and tail must equal the same rounds simulated in this process (same
 partition, sampled clients, seeds, 8-bit tensors; the body here instead of on the body server):
@@ -53,6 +54,7 @@ def test_federate_runs_clients_as_processes_and_equals_the_simulation(tmp_path):
             "300",
             "--nice",
             "10",
+            "--curve",
         ],
         env=env,
         capture_output=True,

@@ -283,3 +283,54 @@ def test_step_lost_after_the_server_restarts(tmp_path, frames):
     link2.close()
     proc.kill()
     proc.wait()
+
+
+def test_curve_on_the_body_link(tmp_path, frames):
+    """With CURVE keys, an allowed client trains; a plaintext client and a client whose key is
+    not on the allow-list get no session (the ZMTP handshake fails; no protocol message)."""
+    from edgesplit.families.sfprompt.job import make_curve_keys
+    from edgesplit.wire.curve import ClientCurve, generate
+
+    save_student(make_model(), tmp_path / "student.pt")
+    pkg = export_body(tmp_path / "student.pt", tmp_path / "pkg")
+    keys = tmp_path / "curve"
+    make_curve_keys(keys, 1)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgesplit.server.body_server",
+            str(pkg.root),
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--curve-secret",
+            str(keys / "server.key_secret"),
+            "--allow-keys",
+            str(keys / "allow"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        endpoint = json.loads(proc.stdout.readline())["endpoint"]
+        ok = WireBody(
+            endpoint, pkg.hash, curve=ClientCurve.load(keys / "server.key", keys / "clients" / "client-0.key_secret")
+        )
+        m = make_model()
+        x, y = frames[0][:4], frames[1][:4]
+        a = split_step(m, torch.optim.SGD(m.client_parameters(), lr=0.0), x, y, ok, 1)
+        ref = make_model()
+        b = split_step(ref, torch.optim.SGD(ref.client_parameters(), lr=0.0), x, y, LocalBody(ref.body), 1)
+        assert abs(a - b) < 1e-6
+        ok.close()
+        with pytest.raises(WireError, match="no welcome"):
+            WireBody(endpoint, pkg.hash, timeout_s=3)
+        generate("stranger", tmp_path / "other")
+        stranger = ClientCurve.load(keys / "server.key", tmp_path / "other" / "stranger.key_secret")
+        with pytest.raises(WireError, match="no welcome"):
+            WireBody(endpoint, pkg.hash, timeout_s=3, curve=stranger)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

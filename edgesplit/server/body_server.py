@@ -27,6 +27,7 @@ import zmq
 from ..wire import protocol as P
 from ..wire import split_train as S
 from ..wire import transport
+from ..wire.curve import ServerCurve
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.messages import ErrorReply
 from .body_runner import BodyPackage, BodyRunner, Reply
@@ -49,6 +50,7 @@ class BodyServer:
         replay: int = 32,
         ttl_ms: int = 60_000,
         name: str = "edgesplit-body",
+        curve: ServerCurve | None = None,
     ):
         self.runner = BodyRunner(package, max_pending=max_pending, replay=replay, ttl_ms=ttl_ms)
         self.package, self.credits, self.heartbeat_ms, self.limits, self.name = (
@@ -58,7 +60,10 @@ class BodyServer:
             limits,
             name,
         )
-        self.sock, self.endpoint = transport.bind_router(bind, limits=limits)
+        # CURVE: its own context, with the ZAP handler started before the bind (PROTOCOL.md §1)
+        self.ctx = zmq.Context() if curve is not None else None
+        self.auth = curve.start_authenticator(self.ctx) if curve is not None and self.ctx is not None else None
+        self.sock, self.endpoint = transport.bind_router(bind, limits=limits, ctx=self.ctx, curve=curve)
         self.sessions: dict[bytes, dict[str, Any]] = {}
         self.stop_event = threading.Event()
         self.errors = 0
@@ -165,6 +170,10 @@ class BodyServer:
                 self.tick(now)
                 last_tick = now
         self.sock.close(linger=1000)
+        if self.auth is not None:
+            self.auth.stop()
+        if self.ctx is not None:
+            self.ctx.term()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=int, default=32)
     p.add_argument("--ttl-ms", type=int, default=60_000)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--curve-secret", default=None, help="the server's CURVE secret key file (edgesplit keys gen)")
+    p.add_argument("--allow-keys", default=None, help="directory of the clients' public keys allowed to connect")
     a = p.parse_args(argv)
+    if (a.curve_secret is None) != (a.allow_keys is None):
+        p.error("--curve-secret and --allow-keys go together (CURVE without an allow-list would admit any key)")
     import torch
 
     torch.set_num_threads(a.threads)
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         max_pending=a.max_pending,
         replay=a.replay,
         ttl_ms=a.ttl_ms,
+        curve=None if a.curve_secret is None else ServerCurve.load(a.curve_secret, a.allow_keys),
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop_event.set())

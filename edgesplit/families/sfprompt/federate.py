@@ -5,8 +5,10 @@ K Flower SuperNodes (one per client, ``partition-id`` i), and ``flwr run`` of th
 ``flwr-clientapp`` per message. Waits for the run, then stops what it started (each child in its
 own process group, ended by group id) and prints the results.
 
-Flower's links here are plaintext on loopback (``--insecure``); across machines give the SuperLink
-its TLS certificate and the SuperNodes the CA (Flower's own options), and the body server CURVE keys.
+``--curve`` encrypts and authenticates the body link (CURVE keys made per job: the server's, one
+per client, the clients' public keys as the server's allow-list). Flower's own links here are
+plaintext on loopback (``--insecure``); across machines give the SuperLink its TLS certificate and
+key and the SuperNodes the CA (Flower's ``--ssl-*`` and ``--root-certificates`` options).
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ def run_federation(
                 str(job_dir / "body"),
                 "--bind",
                 job.body_endpoint,
+                *(
+                    ["--curve-secret", f"{job.curve_dir}/server.key_secret", "--allow-keys", f"{job.curve_dir}/allow"]
+                    if job.curve_dir
+                    else []
+                ),
             ],
             env,
             stdout=subprocess.PIPE,
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-round", type=int, default=None)
     p.add_argument("--round-timeout-s", type=float, default=600.0, help="a round's deadline for the replies")
     p.add_argument("--nice", type=int, default=0, help="run every process at this niceness")
+    p.add_argument("--curve", action="store_true", help="CURVE on the body link (keys made in OUT/curve)")
     p.add_argument(
         "--fault",
         action="append",
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             per_round=a.per_round,
             round_timeout_s=a.round_timeout_s,
             body_endpoint=f"tcp://127.0.0.1:{free_port()}",
+            curve=a.curve,
         )
     try:
         res = run_federation(out, job.clients, nice=a.nice, faults=faults)

@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from .federation import check_state, fedavg, sample_clients
-from .job import Job, load_arrays, partition
+from .job import Job, client_curve, load_arrays, partition
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -178,7 +178,13 @@ def client_train(msg: Message, context: Context) -> Message:
     model = _model(job)
     model.load_client_state(torch_state(_state(msg.content["global"])))
     fault = _fault(pid, rnd, job)
-    link = WireBody(job.body_endpoint, job.body_hash, act_bits=r.split.act_bits, grad_bits=r.split.grad_bits)
+    link = WireBody(
+        job.body_endpoint,
+        job.body_hash,
+        act_bits=r.split.act_bits,
+        grad_bits=r.split.grad_bits,
+        curve=client_curve(job, pid),
+    )
     t0 = time.process_time()
     try:
         rep = client_round(

@@ -31,6 +31,7 @@ class Job:
     round_timeout_s: float = 600.0  # a round's deadline: replies not in by then are dropped from it
     wait_nodes_s: float = 120.0  # how long the ServerApp waits for the clients' SuperNodes
     eval_every: int = 1
+    curve_dir: str = ""  # CURVE keys of the body link (server.key*, allow/, clients/client-<i>.key*); "": plaintext
 
     def path(self, name: str) -> Path:
         return Path(self.dir) / name
@@ -73,6 +74,7 @@ def prepare_job(
     per_round: int | None = None,
     round_timeout_s: float = 600.0,
     body_endpoint: str = "",
+    curve: bool = False,
 ) -> Job:
     """Decode the data, partition it, cut the pretrained ViT and write the body package."""
     import numpy as np
@@ -112,8 +114,35 @@ def prepare_job(
         seed=r.seed,
         round_timeout_s=float(round_timeout_s),
     )
+    if curve:
+        make_curve_keys(out / "curve", k)
+        job.curve_dir = str((out / "curve").resolve())
     job.save()
     return job
+
+
+def make_curve_keys(d: Path, clients: int) -> None:
+    """The body link's CURVE keys: the server's pair, one pair per client, the clients' public
+    keys in ``allow/`` (the server's allow-list)."""
+    import shutil
+
+    from ...wire.curve import generate
+
+    generate("server", d)
+    for i in range(clients):
+        pub, _ = generate(f"client-{i}", d / "clients")
+        (d / "allow").mkdir(parents=True, exist_ok=True)
+        shutil.copy(pub, d / "allow" / pub.name)
+
+
+def client_curve(job: Job, client: int) -> Any:
+    """A client's CURVE settings for the body link, or None without CURVE."""
+    if not job.curve_dir:
+        return None
+    from ...wire.curve import ClientCurve
+
+    d = Path(job.curve_dir)
+    return ClientCurve.load(d / "server.key", d / "clients" / f"client-{client}.key_secret")
 
 
 def load_arrays(job: Job, split: str, indices: Any = None) -> tuple[Any, Any]:

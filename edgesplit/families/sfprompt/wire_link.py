@@ -20,6 +20,7 @@ import numpy as np
 from ...wire import protocol as P
 from ...wire import split_train as S
 from ...wire import transport
+from ...wire.curve import ClientCurve
 from ...wire.errors import ErrorCode, ProtocolError
 from ...wire.messages import ErrorReply
 
@@ -47,12 +48,13 @@ class WireBody:
         timeout_s: float = 30.0,
         retries: int = 2,
         agent: str | None = None,
+        curve: ClientCurve | None = None,
     ):
         self.endpoint, self.package_hash = endpoint, package_hash
         self.act_bits, self.grad_bits = act_bits, grad_bits
         self.timeout_s, self.retries = timeout_s, retries
         self.agent = agent or f"{socket.gethostname()}:{os.getpid()}"
-        self.sock = transport.connect_dealer(endpoint)
+        self.sock = transport.connect_dealer(endpoint, curve=curve)
         self.bytes_up = self.bytes_down = 0
         self.resends = 0
         self.server_us = 0.0

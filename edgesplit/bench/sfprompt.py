@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="sfprompt,splitfed,prompt_fl,fedft,local")
     p.add_argument("--gamma", type=float, default=None, help="override split.gamma (EL2N pruning)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--act-bits", type=int, choices=(8, 16, 32), default=None, help="override split.act_bits")
+    p.add_argument("--grad-bits", type=int, choices=(8, 16, 32), default=None, help="override split.grad_bits")
 
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -213,6 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     r = load_recipe(args.recipe)
     s = r.split
+    s.act_bits = args.act_bits or s.act_bits
+    s.grad_bits = args.grad_bits or s.grad_bits
     vit = load_pretrained(r.teacher.arch, args.teacher, len(CLASSES[r.dataset]))
     xtr, ytr = load_split(r.dataset, r.train_split, r.input_size, limit_per_shard=args.limit_per_shard)
     xev, yev = load_split(r.dataset, r.eval_split, r.input_size, limit_per_shard=args.limit_per_shard)

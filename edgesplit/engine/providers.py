@@ -10,8 +10,8 @@ has the CPU provider only, NVIDIA's JetPack wheels add CUDA and TensorRT, and XN
 builds that enable it. :func:`choose_providers` keeps the requested providers the wheel has, in the
 requested order; one it lacks is an error naming what is missing and what the wheel has, unless
 ``fallback_to_cpu`` is set, in which case the session runs on what is left (and on CPU). Refusing
-is the default: a Jetson told to use TensorRT that quietly runs on its CPU is an order of magnitude
-slower and misses every deadline, and the operator learns why only from the latency.
+is the default: a Jetson told to use TensorRT that quietly runs on its CPU is far slower and
+misses every deadline, and the operator learns why only from the latency.
 
 A provider the wheel lists can still fail to start (a CUDA library missing): ONNX Runtime then
 drops it and goes on with CPU with a warning. :func:`ort_session` compares what the session reports

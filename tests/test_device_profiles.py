@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -78,3 +79,23 @@ def test_unknown_profile_and_missing_figure_name_what_exists():
         load_profile("jetson-tx2")
     with pytest.raises(ProfileError, match="has no figure 'gpu_fp32_tflops'"):
         load_profile("raspberry-pi-4").value("gpu_fp32_tflops")
+
+
+def test_a_wheel_carries_every_device_profile(tmp_path):
+    """A device installs edgesplit from a wheel, not a checkout: the profiles must travel with it
+    (pyproject data-files), where profiles_dir() looks when no checkout is beside the package."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    import importlib.util
+
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(root), "-w", str(tmp_path)]
+    if importlib.util.find_spec("setuptools") is not None:  # else pip fetches it into an isolated build
+        cmd.append("--no-build-isolation")
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("edgesplit-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(n).stem for n in names if "/data/share/edgesplit/device_profiles/" in n and n.endswith(".yaml")}
+    assert shipped == {p.stem for p in (root / "device_profiles").glob("*.yaml")} and "raspberry-pi-4" in shipped

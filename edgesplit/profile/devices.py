@@ -12,6 +12,7 @@ errors: a planner is only as honest as its inputs.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,12 @@ class DeviceProfile:
 
 
 def profiles_dir() -> Path:
-    """The project's ``device_profiles/`` folder."""
-    return Path(__file__).resolve().parents[2] / "device_profiles"
+    """The project's ``device_profiles/`` folder: the checkout's (an editable install, the tests), else
+    the copy a wheel installs under ``<prefix>/share/edgesplit/`` (pyproject's data-files)."""
+    checkout = Path(__file__).resolve().parents[2] / "device_profiles"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "edgesplit" / "device_profiles"
 
 
 def list_profiles(root: str | Path | None = None) -> list[str]:

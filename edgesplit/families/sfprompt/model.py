@@ -36,8 +36,8 @@ class Head(nn.Module):
         self.blocks = nn.ModuleList(vit.blocks[:head_blocks])
         self.n_prompts = prompts
         self.prompts = nn.Parameter(torch.zeros(1, prompts, vit.cfg.dim))
-        if prompts:
-            nn.init.trunc_normal_(self.prompts, std=prompt_std)
+        if prompts:  # seeded: the same cut of the same ViT always starts from the same prompts
+            nn.init.trunc_normal_(self.prompts, std=prompt_std, generator=torch.Generator().manual_seed(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.patch_embed(x).flatten(2).transpose(1, 2)

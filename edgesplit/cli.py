@@ -28,6 +28,7 @@ COMMANDS = {
     "plan": "rank cut points / bundle modes / local / raw JPEG by predicted latency or device energy for a link and devices",
     "body-serve": "serve an SFPrompt body package: split training steps and U-shaped inference (PROTOCOL.md section 15)",
     "federate": "run an SFPrompt federation here: body server, Flower SuperLink and one SuperNode per client",
+    "triton-export": "write a bundle's tail (and full model) as a Triton model repository mirroring serve's batching flags",
 }
 
 
@@ -100,6 +101,7 @@ HANDLERS = {
     "plan": _delegate("edgesplit.profile.plan_cli", "plan_main"),
     "body-serve": _delegate("edgesplit.server.body_server", "main"),
     "federate": _delegate("edgesplit.families.sfprompt.federate", "main"),
+    "triton-export": _delegate("edgesplit.server.triton_repo", "triton_export_main"),
 }
 
 

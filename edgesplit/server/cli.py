@@ -52,9 +52,23 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default="ort",
-        choices=BACKENDS,
-        help="tail engine: ONNX Runtime (CPU), torch (the bundle's tail_torch file; CPU or CUDA), or "
-        "TensorRT 10 (the ONNX tail on CUDA; plans cached under --engine-cache)",
+        choices=(*BACKENDS, "triton"),
+        help="tail engine: ONNX Runtime (CPU), torch (the bundle's tail_torch file; CPU or CUDA), "
+        "TensorRT 10 (the ONNX tail on CUDA; plans cached under --engine-cache), or triton (this daemon is "
+        "a gateway: each formed batch goes to the tail on a Triton server, see --triton-url)",
+    )
+    p.add_argument(
+        "--triton-url",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --backend triton: the Triton server's gRPC endpoint, holding the models 'edgesplit "
+        "triton-export' wrote for the bundles",
+    )
+    p.add_argument(
+        "--triton-model-prefix",
+        default=None,
+        metavar="NAME",
+        help="with --backend triton: the model is NAME-tail (unset: the bundle's name), as triton-export --prefix",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (unset: ort cpu, torch cuda when present, tensorrt cuda)"
@@ -170,6 +184,8 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
     sys.setswitchinterval(args.switch_interval_us / 1e6)
     if (args.curve_secret is None) != (args.allow_keys is None):
         parser.error("--curve-secret and --allow-keys go together (CURVE without an allow-list would admit any key)")
+    if (args.backend == "triton") != (args.triton_url is not None):
+        parser.error("--backend triton and --triton-url go together")
     setup_logging(args.log_level, args.log_format)
     try:
         curve = None if args.curve_secret is None else ServerCurve.load(args.curve_secret, args.allow_keys)
@@ -199,6 +215,8 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
             ota_max_kbps=args.ota_max_kbps,
             ota_cache_dir=args.ota_cache_dir,
             ota_fault=args.ota_fault,
+            triton_url=args.triton_url,
+            triton_prefix=args.triton_model_prefix,
         )
         server.start()
     except (BundleError, OSError, ValueError, RuntimeError) as e:

@@ -102,7 +102,8 @@ class ComputeWorker:
             return
         t1 = time.perf_counter_ns()
         rows = sum(it.rows for i, it in enumerate(live) if i not in errors) if errors else sum(it.rows for it in live)
-        self.scheduler.note_compute(live[0].key, (t1 - t0) / 1e9, rows, t1)
+        if rows:  # a batch refused whole (a remote tail's OVERLOADED) teaches no compute time
+            self.scheduler.note_compute(live[0].key, (t1 - t0) / 1e9, rows, t1)
         compute_us = (t1 - t0) / 1e3
         cc = self.stats.compute
         cc.batches += 1

@@ -56,6 +56,7 @@ from .io_loop import IoLoop
 from .ota import DEFAULT_CHUNK_BYTES, BundleDistributor
 from .sessions import Session, SessionTable
 from .stats import ServerStats
+from .tail_backend import health_of
 from .tail_runner import TailRunner
 
 if TYPE_CHECKING:  # both are imported when first used: an HTTP port or a scrape
@@ -98,6 +99,8 @@ class Server:
         ota_max_kbps: float | None = None,
         ota_cache_dir: str | Path | None = None,
         ota_fault: str = "",
+        triton_url: str | None = None,
+        triton_prefix: str | None = None,
     ):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:
@@ -118,6 +121,9 @@ class Server:
             )
             self.bundles.update((b.hash, b) for b in extra)
         self.backend, self.threads = backend, threads
+        if (backend == "triton") != (triton_url is not None):
+            raise ValueError("--backend triton and --triton-url go together")
+        self.triton_url, self.triton_prefix = triton_url, triton_prefix  # the gateway's remote tails
         # The tail engines are sized for the batches this server makes (TensorRT profile, CUDA graphs).
         self.engine_options = EngineOptions.make(engine_options, max_batch=int(max_batch))
         self.name = name or f"{_socket.gethostname()}:{os.getpid()}"
@@ -184,7 +190,7 @@ class Server:
         try:
             for h, b in self.bundles.items():
                 if h not in self.runners:
-                    r = runner_for(b, self.backend, self.threads, self.engine_options)
+                    r = self._runner(b)
                     r.warmup()
                     self.runners[h] = r
             self._io_thread = threading.Thread(target=self.io.run, name="edgesplit-io", daemon=True)
@@ -198,6 +204,14 @@ class Server:
             raise
         log.info("serving %s on %s", ", ".join(f"{b.name}@{h[:12]}" for h, b in self.bundles.items()), self.endpoint)
         return self
+
+    def _runner(self, b: Bundle) -> TailRunner | FusionRunner:
+        """The tail backend for a bundle (server/tail_backend.py): in-process, or on Triton."""
+        if self.triton_url is not None:
+            from .triton_tail import TritonTail
+
+            return TritonTail(b, self.triton_url, self.engine_options, prefix=self.triton_prefix)
+        return runner_for(b, self.backend, self.threads, self.engine_options)
 
     def request_stop(self) -> None:
         """Ask for a drain and exit; safe from a signal handler; returns at once."""
@@ -244,7 +258,13 @@ class Server:
         if self._stop.is_set():
             return False, "draining: finishing queued requests before exit"
         ok, why = self.live()
-        return (True, "") if ok else (False, why)
+        if not ok:
+            return False, why
+        for r in list(self.runners.values()):  # a remote tail (Triton) that is down: not ready
+            ok, why = health_of(r)
+            if not ok:
+                return False, why
+        return True, ""
 
     def metrics_text(self) -> bytes:
         """The Prometheus text exposition of this server (what GET /metrics returns)."""

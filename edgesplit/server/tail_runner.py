@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..engine import EngineOptions  # numpy only: backends load lazily
+from ..engine import Engine, EngineOptions  # numpy only: backends load lazily
 from ..wire import ans_codec, codec
 from ..wire import protocol as P
 from ..wire.ans_tables import TableSet, ans_available
 from ..wire.errors import ErrorCode, ProtocolError, WireError
 from .batcher import Item
+from .tail_backend import Capacity
 
 log = logging.getLogger("edgesplit.server")
 
@@ -130,19 +131,28 @@ class RequestCheck:
 
 
 class TailRunner:
-    """A bundle's tail engine plus what is needed to turn requests into its input batch."""
+    """A bundle's tail engine plus what is needed to turn requests into its input batch: the
+    in-process :class:`~.tail_backend.TailBackend` (``engine``: one made elsewhere, such as a
+    remote one, instead of the bundle's tail file on ``backend``)."""
 
     fused = False  # results carry logits only (FusionRunner's also carry ``used``)
 
     def __init__(
-        self, bundle: Bundle, backend: str = "ort", threads: int | None = None, options: EngineOptions | None = None
+        self,
+        bundle: Bundle,
+        backend: str = "ort",
+        threads: int | None = None,
+        options: EngineOptions | None = None,
+        *,
+        engine: Engine | None = None,
     ):
         from ..engine import EngineError, create_engine
 
         self.bundle = bundle
         opts = EngineOptions.make(options, **({"threads": threads} if threads is not None else {}))
+        self.max_batch = opts.max_batch
         path, used = bundle.file("tail"), backend  # ort and tensorrt both run the ONNX tail
-        if backend == "torch":
+        if engine is None and backend == "torch":
             if bundle.has("tail_torch"):
                 path = bundle.file("tail_torch")
             else:
@@ -158,7 +168,7 @@ class TailRunner:
                 log.warning("bundle '%s' has no tail_torch file; running its ONNX tail with ONNX Runtime", bundle.name)
                 used = "ort"
         self.backend = used
-        self.engine = create_engine(path, used, opts)
+        self.engine = create_engine(path, used, opts) if engine is None else engine
         self.requests = RequestCheck(bundle)
         self.wire_shape = self.requests.wire_shape
         self.modes = self.requests.modes
@@ -170,6 +180,13 @@ class TailRunner:
 
     def warmup(self) -> None:
         self.engine.run({self.input_name: np.zeros((1, *self.wire_shape), np.float32)})
+
+    def health(self) -> tuple[bool, str]:
+        """An in-process engine is as healthy as the daemon (a failing batch is answered INTERNAL)."""
+        return True, ""
+
+    def capacity(self) -> Capacity:
+        return Capacity(self.max_batch, 1, f"in-process {self.backend}")
 
     def _buffer(self, c: int, rows: int) -> np.ndarray:
         """The reusable input batch for requests that send ``c`` channels: ``[n >= rows, C, h, w]``

@@ -18,4 +18,4 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[build,server,edge,profile,dev,entropy]'
+python -m pip install -q -e '.[build,server,edge,profile,dev,entropy,federate]'

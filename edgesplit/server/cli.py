@@ -52,10 +52,11 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default="ort",
-        choices=(*BACKENDS, "triton"),
+        choices=(*BACKENDS, "triton", "ray"),
         help="tail engine: ONNX Runtime (CPU), torch (the bundle's tail_torch file; CPU or CUDA), "
-        "TensorRT 10 (the ONNX tail on CUDA; plans cached under --engine-cache), or triton (this daemon is "
-        "a gateway: each formed batch goes to the tail on a Triton server, see --triton-url)",
+        "TensorRT 10 (the ONNX tail on CUDA; plans cached under --engine-cache); or this daemon is a gateway "
+        "and each formed batch goes to the tail on a Triton server (triton, --triton-url) or to tail replicas "
+        "of a Ray Serve application (ray, --ray-app)",
     )
     p.add_argument(
         "--triton-url",
@@ -70,6 +71,13 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
         metavar="NAME",
         help="with --backend triton: the model is NAME-tail (unset: the bundle's name), as triton-export --prefix",
     )
+    p.add_argument(
+        "--ray-app",
+        default=None,
+        metavar="NAME",
+        help="with --backend ray: the Ray Serve application running edgesplit.server.ray_app for the bundle",
+    )
+    p.add_argument("--ray-address", default=None, help="with --backend ray: the Ray cluster (unset: auto)")
     p.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (unset: ort cpu, torch cuda when present, tensorrt cuda)"
     )
@@ -186,6 +194,8 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
         parser.error("--curve-secret and --allow-keys go together (CURVE without an allow-list would admit any key)")
     if (args.backend == "triton") != (args.triton_url is not None):
         parser.error("--backend triton and --triton-url go together")
+    if (args.backend == "ray") != (args.ray_app is not None):
+        parser.error("--backend ray and --ray-app go together")
     setup_logging(args.log_level, args.log_format)
     try:
         curve = None if args.curve_secret is None else ServerCurve.load(args.curve_secret, args.allow_keys)
@@ -217,6 +227,8 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
             ota_fault=args.ota_fault,
             triton_url=args.triton_url,
             triton_prefix=args.triton_model_prefix,
+            ray_app=args.ray_app,
+            ray_address=args.ray_address,
         )
         server.start()
     except (BundleError, OSError, ValueError, RuntimeError) as e:

@@ -24,7 +24,7 @@ from ..wire.messages import ErrorReply
 from .batcher import Batcher, Item
 from .fusion_runner import FusionRunner
 from .stats import FOLD_EVERY_BATCHES, ServerStats
-from .tail_runner import TailRunner
+from .tail_backend import TailBackend
 
 log = logging.getLogger("edgesplit.server")
 
@@ -35,7 +35,7 @@ class ComputeWorker:
     def __init__(
         self,
         scheduler: Batcher,
-        runners: Mapping[str, TailRunner | FusionRunner],
+        runners: Mapping[str, TailBackend | FusionRunner],
         stats: ServerStats,
         replies: deque,
         wake: socket.socket | None,

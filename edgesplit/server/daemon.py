@@ -56,7 +56,7 @@ from .io_loop import IoLoop
 from .ota import DEFAULT_CHUNK_BYTES, BundleDistributor
 from .sessions import Session, SessionTable
 from .stats import ServerStats
-from .tail_backend import health_of
+from .tail_backend import TailBackend, close_backend, health_of
 from .tail_runner import TailRunner
 
 if TYPE_CHECKING:  # both are imported when first used: an HTTP port or a scrape
@@ -101,6 +101,8 @@ class Server:
         ota_fault: str = "",
         triton_url: str | None = None,
         triton_prefix: str | None = None,
+        ray_app: str | None = None,
+        ray_address: str | None = None,
     ):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:
@@ -123,12 +125,16 @@ class Server:
         self.backend, self.threads = backend, threads
         if (backend == "triton") != (triton_url is not None):
             raise ValueError("--backend triton and --triton-url go together")
-        self.triton_url, self.triton_prefix = triton_url, triton_prefix  # the gateway's remote tails
+        if (backend == "ray") != (ray_app is not None):
+            raise ValueError("--backend ray and --ray-app go together")
+        # the gateway's remote tails (server/tail_backend.py)
+        self.triton_url, self.triton_prefix = triton_url, triton_prefix
+        self.ray_app, self.ray_address = ray_app, ray_address
         # The tail engines are sized for the batches this server makes (TensorRT profile, CUDA graphs).
         self.engine_options = EngineOptions.make(engine_options, max_batch=int(max_batch))
         self.name = name or f"{_socket.gethostname()}:{os.getpid()}"
         self.batcher = Batcher(max_batch, max_queue_delay_us, max_queue, preferred=preferred_batch_sizes)
-        self.runners: dict[str, TailRunner | FusionRunner] = {}  # loaded by start(); ED-ViT: the fusion head
+        self.runners: dict[str, TailBackend | FusionRunner] = {}  # loaded by start(); ED-ViT: the fusion head
         # The advertised per-request row limit is the server's batch size: a request never splits.
         limits = replace(limits or Limits(), max_batch=int(max_batch))
         if self.ota is not None and self.ota.chunk_bytes > limits.max_frame_bytes:
@@ -205,12 +211,16 @@ class Server:
         log.info("serving %s on %s", ", ".join(f"{b.name}@{h[:12]}" for h, b in self.bundles.items()), self.endpoint)
         return self
 
-    def _runner(self, b: Bundle) -> TailRunner | FusionRunner:
-        """The tail backend for a bundle (server/tail_backend.py): in-process, or on Triton."""
+    def _runner(self, b: Bundle) -> TailBackend | FusionRunner:
+        """The tail backend for a bundle (server/tail_backend.py): in-process, on Triton or on Ray."""
         if self.triton_url is not None:
             from .triton_tail import TritonTail
 
             return TritonTail(b, self.triton_url, self.engine_options, prefix=self.triton_prefix)
+        if self.ray_app is not None:
+            from .ray_tail import RayTail
+
+            return RayTail(b, self.ray_app, address=self.ray_address, max_batch=self.engine_options.max_batch)
         return runner_for(b, self.backend, self.threads, self.engine_options)
 
     def request_stop(self) -> None:
@@ -230,7 +240,7 @@ class Server:
         if not self.wait(timeout):
             log.error("server did not stop within %.0f s", timeout)
         for r in self.runners.values():
-            r.engine.close()
+            close_backend(r)
         self._stop_http()
 
     def _stop_http(self) -> None:

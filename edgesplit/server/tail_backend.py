@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..engine import Engine
     from ..wire.errors import WireError
     from .batcher import Item
 
@@ -40,7 +39,6 @@ class Capacity:
 @runtime_checkable
 class TailBackend(Protocol):
     fused: bool  # results carry sub-model use (ED-ViT fusion) as well as logits
-    engine: Engine  # closed by the daemon at stop
 
     def warmup(self) -> None: ...
 
@@ -52,9 +50,17 @@ class TailBackend(Protocol):
 
     def capacity(self) -> Capacity: ...
 
+    def close(self) -> None: ...
+
 
 def health_of(backend: Any) -> tuple[bool, str]:
     """A backend's health; one without a health check (the ED-ViT fusion runner) is as healthy as
     the daemon."""
     check = getattr(backend, "health", None)
     return (True, "") if check is None else check()
+
+
+def close_backend(backend: Any) -> None:
+    """Close a backend at the daemon's stop (the fusion runner: its engine)."""
+    close = getattr(backend, "close", None)
+    (close or backend.engine.close)()

@@ -188,6 +188,9 @@ class TailRunner:
     def capacity(self) -> Capacity:
         return Capacity(self.max_batch, 1, f"in-process {self.backend}")
 
+    def close(self) -> None:
+        self.engine.close()
+
     def _buffer(self, c: int, rows: int) -> np.ndarray:
         """The reusable input batch for requests that send ``c`` channels: ``[n >= rows, C, h, w]``
         float32 whose channels ``c..C-1`` are zero and stay zero (decoding writes ``:c`` only).

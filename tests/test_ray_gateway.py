@@ -1,0 +1,177 @@
+"""edgesplit serve --backend ray: the daemon as a ZeroMQ gateway whose formed batches run on tail
+replicas of a real Ray Serve application (a one-node local Ray cluster, one CPU), with real
+agents sending real CIFAR-10 frames; a replica killed with SIGKILL mid-stream."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgesplit.bundle import Bundle
+from edgesplit.edge.agent import Agent
+from edgesplit.engine import EngineError
+from edgesplit.server.batcher import Item
+from edgesplit.server.daemon import Server
+from edgesplit.server.tail_runner import TailRunner
+from edgesplit.wire import codec
+
+ray = pytest.importorskip("ray", reason="the 'ray' extra (ray[serve]) is not installed")
+serve = pytest.importorskip("ray.serve")
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT / "models" / "cifar10-resnet20-bottlefit"
+OTHER = ROOT / "models" / "imagenette-resnet18-bottlefit"
+APP = "edgesplit-cifar"
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Bundle:
+    return Bundle.load(CIFAR)
+
+
+@pytest.fixture(scope="module")
+def ray_app(bundle):
+    """A local Ray cluster of one CPU, Serve without its HTTP proxy, and the tail application with
+    two replicas (no CPU reserved each, so both fit)."""
+    from edgesplit.server.ray_app import build
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        serve.run(
+            build({"bundle": str(CIFAR), "threads": 1, "num_replicas": 2, "num_cpus": 0}), name=APP, route_prefix=None
+        )
+        yield APP
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def items_of(bundle: Bundle, zs: np.ndarray) -> list[Item]:
+    """Queued requests as the I/O thread makes them (validated descriptor, frame)."""
+    m = bundle.default_mode
+    out = []
+    for i, z in enumerate(zs):
+        d, p = codec.encode(z, m, name=bundle.wire_spec["name"])
+        out.append(Item((bundle.hash, m.id), b"", i, d, p, 1, True, 0))
+    return out
+
+
+def test_build_refuses_unknown_arguments():
+    from edgesplit.server.ray_app import build
+
+    with pytest.raises(ValueError, match="unknown argument"):
+        build({"bundle": str(CIFAR), "replicas": 2})
+    with pytest.raises(ValueError, match="'bundle' argument is required"):
+        build({})
+
+
+def test_a_batch_through_ray_is_bit_identical(bundle, ray_app):
+    """The same formed batch through a replica and through the in-process tail runner."""
+    from edgesplit.server.ray_tail import RayTail
+
+    rng = np.random.default_rng(0)
+    m = bundle.default_mode
+    zs = rng.uniform(0, 100 * m.scale, (13, *bundle.wire_spec["shape"])).astype(np.float32)
+    local = TailRunner(bundle, threads=1)
+    remote = RayTail(bundle, ray_app)
+    for lo, hi in ((0, 1), (1, 13)):
+        items = items_of(bundle, zs[lo:hi])
+        a, b = local.run(items), remote.run(items)
+        assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2] == {}
+    assert remote.health() == (True, "")
+    assert remote.capacity().instances == 2
+
+
+def test_gateway_serves_agents_and_refuses_another_bundle(bundle, ray_app, cifar_samples):
+    with Server([bundle], "tcp://127.0.0.1:0", threads=1) as local:
+        with Agent(bundle, local.endpoint, inflight=8, threads=1) as agent:
+            ref = sorted(agent.run(cifar_samples), key=lambda r: r.id)
+    with Server([bundle], "tcp://127.0.0.1:0", backend="ray", ray_app=ray_app) as gw:
+        assert gw.ready() == (True, "")
+        with Agent(bundle, gw.endpoint, inflight=8, threads=1) as agent:
+            got = sorted(agent.run(cifar_samples), key=lambda r: r.id)
+    assert all(r.ok and r.source == "server" for r in got), [r.to_json() for r in got if not r.ok]
+    np.testing.assert_allclose(np.stack([r.logits for r in got]), np.stack([r.logits for r in ref]), atol=1e-5)
+    assert [r.pred for r in got] == [r.pred for r in ref]
+    with pytest.raises(EngineError, match=f"serves bundle {bundle.hash[:12]}"):
+        Server([OTHER], "tcp://127.0.0.1:0", backend="ray", ray_app=ray_app).start()
+
+
+def test_replica_killed_mid_stream_no_frame_lost(bundle, ray_app, cifar_samples):
+    """SIGKILL one of the two replicas, with a batch in flight on it, while an agent streams (no
+    local fallback): every frame is still answered by the server, once; Ray Serve brings the
+    replica count back."""
+    from edgesplit.server.ray_app import DEPLOYMENT
+
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=ray_app)
+    pids = set()
+    t_end = time.monotonic() + 30
+    while len(pids) < 2 and time.monotonic() < t_end:
+        pids.add(handle.describe.remote().result(timeout_s=30)["pid"])
+    assert len(pids) == 2
+    victim = min(pids)
+    samples = cifar_samples * 4
+    with Server([bundle], "tcp://127.0.0.1:0", backend="ray", ray_app=ray_app) as gw:
+        results = []
+        with Agent(bundle, gw.endpoint, inflight=8, threads=1, timeout_s=60) as agent:
+            for r in agent.run(samples):
+                results.append(r)
+                if len(results) == 8:
+                    # Frozen first, so that a batch is routed to it and stays in flight there;
+                    # then killed with that batch (the gateway's compute thread waits on it).
+                    os.kill(victim, signal.SIGSTOP)
+                    threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
+        ids = [r.id for r in results]
+        assert len(ids) == len(set(ids)) == len(samples)
+        assert all(r.ok and r.source == "server" for r in results), [r.to_json() for r in results if not r.ok]
+        runner = gw.runners[bundle.hash]
+        assert runner.remote_failures == 0
+        # a batch was in flight on the frozen replica when it was killed (held for the 1 s freeze),
+        # and was answered all the same (Ray Serve's handle sent it on; runner.retried counts the
+        # gateway's own second tries, for failures that reach it)
+        assert max(r.rtt_ms for r in results) > 900
+        t_end = time.monotonic() + 90
+        while runner.capacity().instances < 2 and time.monotonic() < t_end:
+            time.sleep(0.5)
+        assert runner.capacity().instances == 2
+        pids_after = {handle.describe.remote().result(timeout_s=30)["pid"] for _ in range(8)}
+        assert victim not in pids_after
+
+
+def test_serve_command_as_gateway_to_the_cluster(bundle, ray_app, cifar_samples):
+    """`edgesplit serve --backend ray --ray-app NAME --ray-address GCS` as its own process (a
+    gateway joins the cluster as a driver): agents are served through it; SIGTERM drains it."""
+    cmd = [sys.executable, "-m", "edgesplit.server.daemon", "--bundle", str(CIFAR), "--bind", "tcp://127.0.0.1:0"]
+    bad = subprocess.run([*cmd, "--backend", "ray"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--backend ray and --ray-app go together" in bad.stderr
+    gcs = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [*cmd, "--backend", "ray", "--ray-app", ray_app, "--ray-address", gcs],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = ""
+        while "listening on" not in line:
+            line = proc.stdout.readline()
+            assert line, f"serve exited {proc.wait()}"
+        with Agent(bundle, line.rsplit(" ", 1)[1].strip(), inflight=8, threads=1) as agent:
+            got = list(agent.run(cifar_samples[:8]))
+        assert all(r.ok and r.source == "server" for r in got), [r.to_json() for r in got]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

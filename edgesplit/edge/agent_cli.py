@@ -42,7 +42,12 @@ def build_parser(prog: str = "edgesplit agent") -> argparse.ArgumentParser:
     p.add_argument(
         "--bundle", required=True, metavar="PATH", help="bundle directory or tar (the same one the server loads)"
     )
-    p.add_argument("--server", default="tcp://127.0.0.1:5555", help="server endpoint")
+    p.add_argument(
+        "--server",
+        default="tcp://127.0.0.1:5555",
+        help="server endpoint, or several comma-separated (gateways of one cluster): the agent fails over to "
+        "the next when the session is lost or no welcome comes",
+    )
     p.add_argument(
         "--source",
         default="cifar10:test",

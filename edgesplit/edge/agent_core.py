@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import zmq
@@ -30,7 +30,7 @@ from ..wire.errors import ErrorCode
 from ..wire.mode_codec import encode_mode
 from ..wire.transport import context, default_agent_name
 from .adaptive import ModeController
-from .connection import ServerConnection, load_curve
+from .connection import ServerConnection, endpoints, load_curve
 from .fallback import RTT_OVER_DEADLINE, UNREACHABLE, load_fallback
 from .heads import HeadRunner, OrtExecution, preprocess_image
 from .outcomes import Frame, Outcomes
@@ -48,12 +48,13 @@ _TRANSIENT_REFUSALS = {ErrorCode.SHUTTING_DOWN.name, ErrorCode.OVERLOADED.name}
 
 
 class Agent:
-    """One agent session with one server for one bundle."""
+    """One agent session with one server for one bundle (``server``: an endpoint, or several to
+    fail over between, as a list or comma-separated: see :mod:`.connection`)."""
 
     def __init__(
         self,
         bundle: Bundle | str | Path,
-        server: str = "tcp://127.0.0.1:5555",
+        server: str | Sequence[str] = "tcp://127.0.0.1:5555",
         *,
         mode: int | None = None,
         codec: str = "raw",
@@ -104,7 +105,7 @@ class Agent:
             reconnect_max_s=reconnect_max_s,
             implicit=implicit,
             link_up=False,
-            peer=server,
+            peer=endpoints(server)[0],
         )
         self.runner = HeadRunner(self.bundle, threads) if load_head else None
         self.heads: dict = {} if self.runner is None else self.runner.heads  # file role -> engine

@@ -1,6 +1,14 @@
 """The agent's link to its server: one DEALER socket, its link monitor, and the
 :class:`~edgesplit.wire.client_session.ClientSession` they drive.
 
+Given several endpoints (gateways in front of one cluster, or daemons serving the same bundle),
+the connection fails over: when the session is lost (the connection dropped, the server went
+silent, or it said bye while draining) or no welcome has come from the current endpoint for
+``failover_s``, it closes the socket and says hello to the next endpoint in the list (round
+robin). The session carries on as after any loss: frames in flight were already answered
+(locally, with fallback), credits come from the new welcome, request ids keep counting. OVERLOADED
+is not a failure: an overloaded gateway's refusal is answered as always and the agent stays.
+
 The session decides everything the protocol asks of a client; this class only moves bytes and
 time into it: it sends what the session hands out, feeds it every message received and every
 connection event the monitor reports, and lets it check its deadlines (at most every few ms:
@@ -13,12 +21,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import zmq
 
 from ..wire.client_session import ClientSession, Event, Outstanding, Send
 from ..wire.curve import ClientCurve, explain_handshake_failure
+from ..wire.errors import ErrorCode
+from ..wire.session_events import Lost, Refused
 from ..wire.transport import connect_dealer, pending_in, recv_parts, send_parts
 from . import link
 from .link import LinkMonitor
@@ -28,6 +38,7 @@ from .results import AgentError
 _NOBLOCK, _RCVTIMEO = int(zmq.NOBLOCK), int(zmq.RCVTIMEO)
 # The session's deadlines and heartbeats are checked at most this often (they are seconds long).
 _CHECK_EVERY_NS = 5_000_000
+_SHUTTING_DOWN = ErrorCode.SHUTTING_DOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,20 +48,38 @@ class HandshakeFailed:
     message: str
 
 
+def endpoints(server: str | Sequence[str]) -> list[str]:
+    """``"tcp://a:5555,tcp://b:5555"`` or a list of endpoints -> the list (failover order)."""
+    items = server.split(",") if isinstance(server, str) else list(server)
+    out = [e.strip() for e in items if e.strip()]
+    if not out:
+        raise ValueError("no server endpoint given")
+    return out
+
+
 class ServerConnection:
-    """One socket to ``server`` for one session. Not thread-safe (one DEALER, one thread)."""
+    """One socket to ``server`` (or to one of several endpoints, failing over) for one session.
+    Not thread-safe (one DEALER, one thread)."""
 
     def __init__(
         self,
         session: ClientSession,
-        server: str,
+        server: str | Sequence[str],
         ctx: zmq.Context,
         *,
         curve: ClientCurve | None = None,
         reconnect_max_s: float = 0.5,
+        failover_s: float | None = None,
     ):
         self.session = session
-        self.server = server
+        self.servers = endpoints(server)
+        self.server = self.servers[0]
+        # no welcome from an endpoint for this long: the next one (several endpoints only)
+        self._failover_ns = int(1e9 * (max(0.5, 2 * reconnect_max_s) if failover_s is None else failover_s))
+        self._opened_ns = 0
+        self._multi = len(self.servers) > 1
+        self._switch_due = False
+        self.failovers = 0  # endpoint switches
         self.curve = curve
         self._ctx = ctx
         self._reconnect_ivl_max_ms = max(1, round(reconnect_max_s * 1000))
@@ -81,6 +110,7 @@ class ServerConnection:
             self._rcvtimeo = -1
             self._monitor = LinkMonitor(self._sock)
             self.session.link_up = False  # until the monitor (or a welcome) says otherwise
+            self._opened_ns = time.perf_counter_ns()
 
     def send(self, parts: list) -> None:
         if self._sock is None:
@@ -102,12 +132,26 @@ class ServerConnection:
             except zmq.ZMQError:
                 pass
         reqs = self.session.close()
+        self._close_socket(200 if bye else 0)
+        return reqs
+
+    def _close_socket(self, linger_ms: int) -> None:
         if self._monitor is not None:
             self._monitor.close()
             self._monitor = None
-        self._sock.close(linger=200 if bye else 0)
-        self._sock = None
-        return reqs
+        if self._sock is not None:
+            self._sock.close(linger=linger_ms)
+            self._sock = None
+
+    def _fail_over(self) -> None:
+        """The next endpoint: a new socket, and the hello the session's handshake needs."""
+        self._close_socket(0)  # what is queued for the old endpoint is void with its session
+        i = (self.servers.index(self.server) + 1) % len(self.servers)
+        self.server = self.session.peer = self.servers[i]
+        self.failovers += 1
+        self.open()
+        if self.session.handshaking:  # queued by libzmq until the connection is up
+            self.send(self.session.hello(time.perf_counter_ns()))
 
     def pump(self, timeout_s: float) -> list[Event | HandshakeFailed]:
         """Wait up to ``timeout_s`` for messages, feed all that are there to the session, then let
@@ -155,6 +199,8 @@ class ServerConnection:
                 self.send(ev.parts)
             else:
                 out.append(ev)
+                if self._multi and (type(ev) is Lost or (type(ev) is Refused and ev.code == _SHUTTING_DOWN)):
+                    self._switch_due = True  # this endpoint lost the session, or is draining
 
     def _check(self, out: list) -> None:
         """Connection events from the monitor, then the session's deadlines, hellos and heartbeats."""
@@ -176,6 +222,12 @@ class ServerConnection:
                     )
                 )
         self._take(s.tick(now_ns), out)
+        if self._multi:
+            if s.welcome is not None:
+                self._switch_due = False
+            elif s.handshaking and (self._switch_due or now_ns - self._opened_ns > self._failover_ns):
+                self._switch_due = False
+                self._fail_over()
 
 
 def load_curve(server_key: str | Path | None, client_key: str | Path | None) -> ClientCurve | None:

@@ -56,6 +56,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "edgesplit.bench.ota",
         "a fleet update over one kernel-shaped link: N agents fetch, verify and switch to a signed bundle",
     ),
+    "gateway": (
+        "edgesplit.bench.gateway",
+        "the daemon's tail in-process vs behind it on Triton (--triton-url) and on Ray Serve replicas (--ray-replicas)",
+    ),
 }
 
 

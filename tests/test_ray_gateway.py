@@ -175,3 +175,61 @@ def test_serve_command_as_gateway_to_the_cluster(bundle, ray_app, cifar_samples)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def broken_bundle(src: Bundle, root: Path) -> Bundle:
+    """The same bundle whose tail takes one row only: a batch of two makes its engine fail."""
+    import json
+    import shutil
+
+    import onnx
+
+    from edgesplit.bundle import write_manifest
+
+    root.mkdir(parents=True)
+    for role in ("head", "tail", "full"):
+        shutil.copy(src.file(role), root / src.file(role).name)
+    model = onnx.load(str(root / src.file("tail").name))
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(root / src.file("tail").name))
+    manifest = json.loads(json.dumps(src.manifest))
+    manifest["name"] = "fixed-batch"
+    for entry in manifest["files"].values():
+        entry.pop("sha256", None)
+    write_manifest(root, manifest)
+    return Bundle.load(root)
+
+
+def test_a_replica_whose_engine_fails_is_replaced(bundle, ray_app, tmp_path):
+    """A batch the replica's engine fails on is sent again (to whichever replica Ray picks), then
+    answered INTERNAL per request; the replica's health check fails from then on, and Ray Serve
+    replaces it with a new process."""
+    from edgesplit.server.ray_app import DEPLOYMENT, build
+    from edgesplit.server.ray_tail import RayTail
+    from edgesplit.wire.errors import ErrorCode
+
+    broken = broken_bundle(bundle, tmp_path / "fixed-batch")
+    serve.run(build({"bundle": str(broken.root), "threads": 1, "num_cpus": 0}), name="broken", route_prefix=None)
+    try:
+        remote = RayTail(broken, "broken")
+        handle = serve.get_deployment_handle(DEPLOYMENT, app_name="broken")
+        pid = handle.describe.remote().result(timeout_s=30)["pid"]
+        z = np.zeros((2, *broken.wire_spec["shape"]), np.float32)
+        _, offsets, errors = remote.run(items_of(broken, z))
+        assert offsets == [-1, -1] and sorted(errors) == [0, 1]
+        assert {e.code for e in errors.values()} == {ErrorCode.INTERNAL}
+        assert (remote.retried, remote.remote_failures) == (1, 1)
+        t_end = time.monotonic() + 120
+        new = pid
+        while new == pid and time.monotonic() < t_end:
+            time.sleep(1.0)
+            try:
+                new = handle.describe.remote().result(timeout_s=30)["pid"]
+            except ray.exceptions.RayError:  # the replaced replica, while it goes
+                pass
+        assert new != pid
+        logits, offsets, errors = remote.run(items_of(broken, z[:1]))
+        assert offsets == [0] and errors == {} and logits.shape == (1, len(broken.classes))
+    finally:
+        serve.delete("broken")

@@ -63,3 +63,41 @@ def test_rayservice_carries_the_config_and_a_gateway_per_worker():
     assert svc["kind"] == "Service" and svc["spec"]["selector"] == group["template"]["metadata"]["labels"]
     assert svc["spec"]["ports"][0]["targetPort"] == int(args.bind.rsplit(":", 1)[1])
     assert (ROOT / "docker" / "ray.Dockerfile").read_text().count("'.[server,ray]'") == 1
+
+
+COMPOSE = yaml.safe_load((ROOT / "deploy" / "ray" / "compose-cluster.yml").read_text())
+
+
+def test_compose_cluster_is_consistent():
+    """deploy/ray/compose-cluster.yml: images build from files that exist, the mounted config is
+    serve-config.yaml, the gateway's and agent's commands parse with the real parsers and meet on
+    the worker's network, the gateway shares Ray's session folder with the worker."""
+    from edgesplit.edge.agent import build_parser as agent_parser
+
+    here = ROOT / "deploy" / "ray"
+    svc = COMPOSE["services"]
+    assert set(svc) == {"ray-head", "ray-worker", "serve-deploy", "gateway", "agent"}
+    for s in svc.values():
+        assert ((here / s["build"]["context"]).resolve() / s["build"]["dockerfile"]).is_file()
+        for v in s.get("volumes", []):
+            src = v.split(":")[0]
+            if src.startswith("."):
+                assert (here / src).exists(), src
+            elif not src.startswith("$"):
+                assert src in COMPOSE["volumes"], src
+    deploy = svc["serve-deploy"]
+    cfg_src, cfg_dst = deploy["volumes"][0].split(":")[:2]
+    assert (here / cfg_src).resolve() == here / "serve-config.yaml" and deploy["command"][:3] == [
+        "serve",
+        "deploy",
+        cfg_dst,
+    ]
+    gw = build_parser().parse_args(svc["gateway"]["command"])
+    app = CONFIG["applications"][0]
+    assert svc["gateway"]["entrypoint"] == ["edgesplit", "serve"]
+    assert (gw.backend, gw.ray_app, gw.bundle) == ("ray", app["name"], [app["args"]["bundle"]])
+    assert svc["gateway"]["network_mode"] == "service:ray-worker"
+    assert "ray-tmp:/tmp/ray" in svc["gateway"]["volumes"] and "ray-tmp:/tmp/ray" in svc["ray-worker"]["volumes"]
+    a = agent_parser().parse_args(svc["agent"]["command"])
+    assert a.server == f"tcp://ray-worker:{gw.bind.rsplit(':', 1)[1]}"
+    assert a.bundle == app["args"]["bundle"]

@@ -103,6 +103,7 @@ class Server:
         triton_prefix: str | None = None,
         ray_app: str | None = None,
         ray_address: str | None = None,
+        ray_inflight: int = 2,
     ):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:
@@ -160,7 +161,15 @@ class Server:
         self.sessions: dict[bytes, Session] = self.table.sessions
         self.figures.sessions = self.sessions
         replies: deque[list] = deque()  # compute thread appends, I/O thread pops
-        self.compute = ComputeWorker(self.batcher, self.runners, self.figures, replies, wake=None)
+        self.compute: ComputeWorker
+        if ray_app is not None and ray_inflight > 1:  # batches in flight to the replicas at once
+            from .pipelined import PipelinedCompute
+
+            self.compute = PipelinedCompute(
+                self.batcher, self.runners, self.figures, replies, wake=None, inflight=ray_inflight
+            )
+        else:
+            self.compute = ComputeWorker(self.batcher, self.runners, self.figures, replies, wake=None)
         self._stop = threading.Event()
         self.io = IoLoop(
             bind, self.table, self.batcher, self.compute, self.figures, replies, self._stop, curve=curve, ota=self.ota

@@ -88,22 +88,13 @@ class RayTail:
         """The replicas warmed up when they were made; describe() above reached one."""
 
     def run(self, items: list[Item]) -> tuple[np.ndarray, list[int], dict[int, WireError]]:
+        return self.submit(items).result()
+
+    def submit(self, items: list[Item]) -> _Pending:
+        """Send the batch now; its result (with the retries above) when ``result()`` is called.
+        The pipelined compute thread (:mod:`.pipelined`) keeps several batches in flight so."""
         frames = pack_batch(items)
-        deadlines = [it.deadline_ns for it in items if it.deadline_ns is not None]
-        last = min(deadlines) if deadlines else None
-        attempt = 0
-        while True:
-            try:
-                return unpack_result(self.handle.run_batch.remote(frames).result(timeout_s=self.timeout_s))
-            except self._ray_errors as e:
-                attempt += 1
-                if attempt <= self.retries and (last is None or time.perf_counter_ns() < last):
-                    self.retried += 1
-                    continue
-                self._warn(e)
-                self.remote_failures += 1
-                msg = f"tail unavailable: Ray Serve application '{self.app}': {type(e).__name__}"
-                return _EMPTY, [-1] * len(items), {i: WireError(ErrorCode.INTERNAL, msg) for i in range(len(items))}
+        return _Pending(self, items, frames, self.handle.run_batch.remote(frames))
 
     def _warn(self, e: BaseException) -> None:
         now = time.monotonic()
@@ -148,6 +139,35 @@ class RayTail:
 
     def close(self) -> None:
         """The replicas belong to Ray Serve; the gateway leaves them running."""
+
+
+class _Pending:
+    """One submitted batch: its result, sent again while its earliest deadline allows."""
+
+    __slots__ = ("tail", "items", "frames", "response")
+
+    def __init__(self, tail: RayTail, items: list[Item], frames: list[bytes], response: Any):
+        self.tail, self.items, self.frames, self.response = tail, items, frames, response
+
+    def result(self) -> tuple[np.ndarray, list[int], dict[int, WireError]]:
+        t = self.tail
+        deadlines = [it.deadline_ns for it in self.items if it.deadline_ns is not None]
+        last = min(deadlines) if deadlines else None
+        attempt, response = 0, self.response
+        while True:
+            try:
+                return unpack_result(response.result(timeout_s=t.timeout_s))
+            except t._ray_errors as e:
+                attempt += 1
+                if attempt <= t.retries and (last is None or time.perf_counter_ns() < last):
+                    t.retried += 1
+                    response = t.handle.run_batch.remote(self.frames)
+                    continue
+                t._warn(e)
+                t.remote_failures += 1
+                msg = f"tail unavailable: Ray Serve application '{t.app}': {type(e).__name__}"
+                n = len(self.items)
+                return _EMPTY, [-1] * n, {i: WireError(ErrorCode.INTERNAL, msg) for i in range(n)}
 
 
 _EMPTY = np.empty((0,), np.float32)

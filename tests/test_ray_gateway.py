@@ -236,12 +236,12 @@ def test_a_replica_whose_engine_fails_is_replaced(bundle, ray_app, tmp_path):
 
 
 def test_several_batches_in_flight_to_the_replicas(bundle, ray_app):
-    """Many sessions (the load generator, real frames through the head): with --ray-inflight 2 a
+    """Many sessions (the load generator, real frames through the head): with --remote-inflight 2 a
     batch goes out while another is at a replica, and every result is the tail's."""
     from edgesplit.bench.loadgen import LoadClient, head_workload
 
     workload = head_workload(bundle, 32)
-    with Server([bundle], "tcp://127.0.0.1:0", backend="ray", ray_app=ray_app, ray_inflight=2) as gw:
+    with Server([bundle], "tcp://127.0.0.1:0", backend="ray", ray_app=ray_app, remote_inflight=2) as gw:
         with LoadClient(gw.endpoint, bundle, 16, workload, name="pipelined") as client:
             st = client.closed_loop(requests=400, window=2)
         assert gw.compute.max_pending == 2

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--triton-model-prefix", default=None)
     p.add_argument("--ray-replicas", type=int, default=0, help="start a local Ray cluster with this many replicas")
     p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of that local Ray cluster")
-    p.add_argument("--ray-inflight", default="2", help="gateway's --ray-inflight values to measure (comma-separated)")
+    p.add_argument("--inflight", default="2", help="gateway's --remote-inflight values to measure (comma-separated)")
 
 
 def _measure(endpoint_args: list[str], bundle_path: str, bundle, workload, a) -> list[dict]:
@@ -112,9 +112,11 @@ def _run(a) -> dict:
         )
         serve.run(app, name="edgesplit-bench", route_prefix=None)
         gcs = ray.get_runtime_context().gcs_address
-        for k in (int(v) for v in a.ray_inflight.split(",") if v.strip()):
-            backends[f"ray-inflight-{k}"] = ["--backend", "ray", "--ray-app", "edgesplit-bench", "--ray-address", gcs]
-            backends[f"ray-inflight-{k}"] += ["--ray-inflight", str(k)]
+        backends["ray"] = ["--backend", "ray", "--ray-app", "edgesplit-bench", "--ray-address", gcs]
+    for name in [n for n in backends if n != "in-process"]:
+        extra = backends.pop(name)
+        for k in (int(v) for v in a.inflight.split(",") if v.strip()):
+            backends[f"{name}-inflight-{k}"] = [*extra, "--remote-inflight", str(k)]
     points: dict[str, list[dict]] = {}
     try:
         for name, extra in backends.items():

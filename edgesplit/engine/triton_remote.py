@@ -89,19 +89,32 @@ class TritonEngine(Engine):
         """The model config's ``parameters`` as plain strings."""
         return {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _input(self, feeds: dict[str, np.ndarray]):
         spec = self._inputs[0]
         x = float32_batch(feeds, spec)
         inp = self._grpc.InferInput(spec.name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
+        inp.set_data_from_numpy(x)  # copied into the request: the caller may reuse its buffer
+        return inp
+
+    def _error(self, e) -> EngineError:
+        msg = f"Triton at {self.url}, model '{self.model}': {e.message()}"
+        return RemoteOverloaded(msg) if _QUEUE_FULL in (e.message() or "") else EngineError(msg)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inp = self._input(feeds)
         try:
             res = self._client.infer(self.model, [inp], outputs=self._requested, client_timeout=self.timeout_s)
         except self._exc as e:
-            msg = f"Triton at {self.url}, model '{self.model}': {e.message()}"
-            if _QUEUE_FULL in (e.message() or ""):
-                raise RemoteOverloaded(msg) from None
-            raise EngineError(msg) from None
+            raise self._error(e) from None
         return {t.name: res.as_numpy(t.name) for t in self._outputs}
+
+    def submit(self, feeds: dict[str, np.ndarray]) -> "TritonPending":
+        """Send one batch without waiting (gRPC async); ``result()`` waits for its outputs."""
+        p = TritonPending(self)
+        self._client.async_infer(
+            self.model, [self._input(feeds)], p._done, outputs=self._requested, client_timeout=self.timeout_s
+        )
+        return p
 
     def health(self, timeout_s: float = 1.0) -> tuple[bool, str]:
         """(True, "") when the server is live and the model ready; else (False, why). Safe to call
@@ -119,3 +132,27 @@ class TritonEngine(Engine):
         for c in (self._client, self._probe):
             if c is not None:
                 c.close()
+
+
+class TritonPending:
+    """One batch sent with :meth:`TritonEngine.submit`."""
+
+    def __init__(self, engine: TritonEngine):
+        import threading
+
+        self._engine = engine
+        self._event = threading.Event()
+        self._result: Any = None
+        self._exc: Any = None
+
+    def _done(self, result, error) -> None:  # gRPC's thread
+        self._result, self._exc = result, error
+        self._event.set()
+
+    def result(self) -> dict[str, np.ndarray]:
+        e = self._engine
+        if not self._event.wait(e.timeout_s + 1.0):
+            raise EngineError(f"Triton at {e.url}, model '{e.model}': no answer within {e.timeout_s:.0f} s")
+        if self._exc is not None:
+            raise e._error(self._exc)
+        return {t.name: self._result.as_numpy(t.name) for t in e._outputs}

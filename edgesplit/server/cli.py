@@ -79,11 +79,11 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     )
     p.add_argument("--ray-address", default=None, help="with --backend ray: the Ray cluster (unset: auto)")
     p.add_argument(
-        "--ray-inflight",
+        "--remote-inflight",
         type=int,
         default=2,
         metavar="K",
-        help="with --backend ray: formed batches in flight to the replicas at once (1: one at a time)",
+        help="with --backend triton or ray: formed batches in flight to the remote tail at once (1: one at a time)",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (unset: ort cpu, torch cuda when present, tensorrt cuda)"
@@ -236,7 +236,7 @@ def serve(args_list: list[str] | None, server_class: Callable[..., Any]) -> int:
             triton_prefix=args.triton_model_prefix,
             ray_app=args.ray_app,
             ray_address=args.ray_address,
-            ray_inflight=args.ray_inflight,
+            remote_inflight=args.remote_inflight,
         )
         server.start()
     except (BundleError, OSError, ValueError, RuntimeError) as e:

@@ -103,7 +103,7 @@ class Server:
         triton_prefix: str | None = None,
         ray_app: str | None = None,
         ray_address: str | None = None,
-        ray_inflight: int = 2,
+        remote_inflight: int = 2,
     ):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:
@@ -162,11 +162,11 @@ class Server:
         self.figures.sessions = self.sessions
         replies: deque[list] = deque()  # compute thread appends, I/O thread pops
         self.compute: ComputeWorker
-        if ray_app is not None and ray_inflight > 1:  # batches in flight to the replicas at once
+        if (ray_app is not None or triton_url is not None) and remote_inflight > 1:  # batches out at once
             from .pipelined import PipelinedCompute
 
             self.compute = PipelinedCompute(
-                self.batcher, self.runners, self.figures, replies, wake=None, inflight=ray_inflight
+                self.batcher, self.runners, self.figures, replies, wake=None, inflight=remote_inflight
             )
         else:
             self.compute = ComputeWorker(self.batcher, self.runners, self.figures, replies, wake=None)

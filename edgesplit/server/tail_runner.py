@@ -217,6 +217,16 @@ class TailRunner:
     def run(self, items: list[Item]) -> tuple[np.ndarray, list[int], dict[int, WireError]]:
         """Decode the items into one batch and run the tail. Returns (logits, row offsets, per-item
         decode errors by index); items that failed to decode get no rows."""
+        x, offsets, errors = self.prepare(items)
+        if x is None:
+            return _EMPTY_LOGITS, offsets, errors
+        out = self.engine.run({self.input_name: x})[self.output_name]
+        return _as_f32(out), offsets, errors
+
+    def prepare(self, items: list[Item]) -> tuple[np.ndarray | None, list[int], dict[int, WireError]]:
+        """Decode the items into the batch buffer: (the batch, or None when no item decoded; row
+        offsets; per-item decode errors by index). The batch is a view of a buffer the next
+        call reuses."""
         if len(items) == 1:  # the common case when idle: no offsets bookkeeping, no stacking
             it = items[0]
             d = it.desc
@@ -225,9 +235,8 @@ class TailRunner:
             try:
                 self._decode(d, it.payload, x[0, :c] if it.single else x[: it.rows, :c], it.key[1])
             except WireError as e:
-                return _EMPTY_LOGITS, [-1], {0: e}
-            out = self.engine.run({self.input_name: x[: it.rows]})[self.output_name]
-            return _as_f32(out), [0], _NO_ERRORS
+                return None, [-1], {0: e}
+            return x[: it.rows], [0], _NO_ERRORS
         rows = sum(it.rows for it in items)
         c = items[0].desc["shape"][-3]
         x = self._buffer(c, rows)
@@ -243,10 +252,7 @@ class TailRunner:
                 continue
             offsets.append(r)
             r += it.rows
-        if r == 0:
-            return _EMPTY_LOGITS, offsets, errors
-        out = self.engine.run({self.input_name: x[:r]})[self.output_name]
-        return _as_f32(out), offsets, errors
+        return (x[:r] if r else None), offsets, errors
 
     def outputs_for(self, shape: tuple) -> list[dict[str, Any]]:
         """The (constant) ``outputs`` list of a result carrying logits of ``shape``: cached per

@@ -96,14 +96,27 @@ class TritonTail(TailRunner):
     def run(self, items: list[Item]) -> tuple[np.ndarray, list[int], dict[int, WireError]]:
         try:
             return super().run(items)
-        except RemoteOverloaded as e:
-            return self._all_failed(items, ErrorCode.OVERLOADED, str(e))
         except EngineError as e:
-            now = time.monotonic()
-            if now - self._logged_at >= LOG_EVERY_S:
-                self._logged_at = now
-                log.warning("remote tail failed: %s", e, extra={"event": "remote_tail_failed"})
-            return self._all_failed(items, ErrorCode.INTERNAL, f"tail unavailable: {e}")
+            return self._failed(items, e)
+
+    def submit(self, items: list[Item]) -> _Pending:
+        """Decode and send the batch now (the pipelined compute thread keeps several out);
+        ``result()`` gives what :meth:`run` would have."""
+        x, offsets, errors = self.prepare(items)
+        try:
+            pending = None if x is None else self.remote.submit({self.input_name: x})
+        except EngineError as e:
+            return _Pending(self, items, None, offsets, errors, e)
+        return _Pending(self, items, pending, offsets, errors, None)
+
+    def _failed(self, items: list[Item], e: EngineError):
+        if isinstance(e, RemoteOverloaded):
+            return self._all_failed(items, ErrorCode.OVERLOADED, str(e))
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_S:
+            self._logged_at = now
+            log.warning("remote tail failed: %s", e, extra={"event": "remote_tail_failed"})
+        return self._all_failed(items, ErrorCode.INTERNAL, f"tail unavailable: {e}")
 
     def _all_failed(self, items: list[Item], code: ErrorCode, message: str):
         self.remote_failures += 1
@@ -114,6 +127,26 @@ class TritonTail(TailRunner):
 
     def capacity(self) -> Capacity:
         return Capacity(self.remote.max_batch, self.remote.instances, f"triton {self.remote.url} {self.remote.model}")
+
+
+class _Pending:
+    __slots__ = ("tail", "items", "pending", "offsets", "errors", "failure")
+
+    def __init__(self, tail: TritonTail, items, pending, offsets, errors, failure):
+        self.tail, self.items, self.pending = tail, items, pending
+        self.offsets, self.errors, self.failure = offsets, errors, failure
+
+    def result(self) -> tuple[np.ndarray, list[int], dict[int, WireError]]:
+        t = self.tail
+        if self.failure is not None:
+            return t._failed(self.items, self.failure)
+        if self.pending is None:  # nothing decoded: no request was sent
+            return _EMPTY, self.offsets, self.errors
+        try:
+            out = self.pending.result()[t.output_name]
+        except EngineError as e:
+            return t._failed(self.items, e)
+        return np.ascontiguousarray(out, dtype="<f4"), self.offsets, self.errors
 
 
 _EMPTY = np.empty((0,), np.float32)

@@ -231,27 +231,31 @@ def triton_export_main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("bundle", help="bundle directory or tar")
-    p.add_argument("--out", required=True, metavar="DIR", help="model repository to write (created; models replaced)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="model repository to write (created; its models replaced)"
+    )
     p.add_argument("--models", default="tail,full", help="which of the bundle's files: tail, full (comma-separated)")
-    p.add_argument("--prefix", default=None, help="model names are PREFIX-tail, PREFIX-full (default: bundle name)")
+    p.add_argument("--prefix", default=None, help="model names are PREFIX-tail, PREFIX-full (unset: the bundle's name)")
     p.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES, help="Triton backend running model.onnx")
-    # serve's scheduling flags, by the same names; unset: serve's defaults
-    p.add_argument("--max-batch", type=int, default=None, help="max_batch_size (serve --max-batch)")
-    p.add_argument("--max-queue-delay-us", type=float, default=None, help="max_queue_delay_microseconds")
-    p.add_argument("--max-queue", type=int, default=None, help="default_queue_policy.max_queue_size")
+    # serve's scheduling flags, by the same names and with its defaults
+    serve = serve_parser().parse_args(["--bundle", "-"])
+    p.add_argument("--max-batch", type=int, default=serve.max_batch, help="max_batch_size")
+    p.add_argument(
+        "--max-queue-delay-us", type=float, default=serve.max_queue_delay_us, help="max_queue_delay_microseconds"
+    )
+    p.add_argument("--max-queue", type=int, default=serve.max_queue, help="default_queue_policy.max_queue_size")
     p.add_argument("--preferred-batch-sizes", default="", metavar="N,N,...", help="preferred_batch_size")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra_op_thread_count (unset: its own)")
     p.add_argument("--device", default=None, help="cpu (KIND_CPU), cuda or cuda:N (KIND_GPU)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="fp16: TensorRT accelerator (cuda)")
     p.add_argument("--instances", type=int, default=1, help="instance_group count (the daemon runs one compute thread)")
     a = p.parse_args(argv)
-    serve = serve_parser().parse_args(["--bundle", a.bundle])  # its defaults
     try:
         s = TritonSettings(
-            max_batch=serve.max_batch if a.max_batch is None else a.max_batch,
+            max_batch=a.max_batch,
             preferred_batch_sizes=tuple(int(v) for v in a.preferred_batch_sizes.split(",") if v.strip()),
-            max_queue_delay_us=serve.max_queue_delay_us if a.max_queue_delay_us is None else a.max_queue_delay_us,
-            max_queue=serve.max_queue if a.max_queue is None else a.max_queue,
+            max_queue_delay_us=a.max_queue_delay_us,
+            max_queue=a.max_queue,
             device=a.device,
             instances=a.instances,
             threads=a.threads,

@@ -92,28 +92,47 @@ def test_gateway_killed_agent_moves_on(daemons, cifar_samples):
 
 def test_draining_gateway_loses_no_frame(daemons, cifar_samples):
     """SIGTERM: the gateway answers what it had queued, refuses what arrives while it drains
-    (SHUTTING_DOWN, answered locally) and says bye; the agent moves to the next gateway, which
-    serves the rest of the stream. Every frame is answered once."""
+    (SHUTTING_DOWN) and says bye; the agent (no local fallback) sends the refused frames and the
+    rest of the stream to the next gateway: every frame is answered by a server, once."""
     a, b = daemons(free_endpoint()), daemons(free_endpoint())
     bundle = Bundle.load(CIFAR)
     samples = cifar_samples * 2
     results = []
-    with Agent(bundle, f"{a.endpoint},{b.endpoint}", inflight=4, threads=1, fallback="auto") as agent:
+    with Agent(bundle, f"{a.endpoint},{b.endpoint}", inflight=4, threads=1) as agent:
         for r in agent.run(samples, fps=200):
             results.append(r)
             if len(results) == 8:
                 a.proc.send_signal(signal.SIGTERM)
         assert agent.conn.server == b.endpoint and agent.conn.failovers == 1
-    assert a.stop() == 0  # drained cleanly
+    assert a.proc.wait(30) == 0  # drained cleanly
     assert sorted(r.id for r in results) == sorted({r.id for r in results}) and len(results) == len(samples)
-    assert all(r.ok for r in results), [(r.id, r.error, r.error_message) for r in results if not r.ok]
-    # refused while draining, in flight when it closed, or sent before the next welcome
-    assert {r.fallback_reason for r in results if r.source == "local"} <= {
-        "SHUTTING_DOWN",
-        "DISCONNECTED",
-        "UNREACHABLE",
-    }
-    assert all(r.source == "server" for r in results[-16:])
+    assert all(r.ok and r.source == "server" for r in results), [(r.id, r.error) for r in results if not r.ok]
+
+
+def test_failover_session_resends_a_draining_servers_refusals():
+    """The session alone (no sockets, its own clock): a request refused SHUTTING_DOWN is kept
+    through the bye and sent again after the next welcome; a second refusal ends it."""
+    from edgesplit.edge.connection import FailoverSession
+    from edgesplit.wire import protocol as P
+    from edgesplit.wire.errors import ErrorCode
+    from edgesplit.wire.session_events import Lost, Refused, Send
+
+    bundle = Bundle.load(CIFAR)
+    s = FailoverSession(bundle.hash, "t", max_inflight=4)
+    s.hello(0)
+    welcome = P.pack(P.welcome(bundle.hash, "srv", credits=4, limits=P.DEFAULT_LIMITS, heartbeat_ms=0, codecs=["raw"]))
+    s.receive(welcome, 1)
+    m = bundle.default_mode
+    desc = P.compact_descriptor(bundle.wire_spec["name"], bundle.wire_spec["shape"], m)
+    r1, _ = s.request(m.id, desc, b"\0" * desc["nbytes"], 2)
+    r2, _ = s.request(m.id, desc, b"\0" * desc["nbytes"], 2)
+    assert s.receive(P.pack(P.error(r1.rid, ErrorCode.SHUTTING_DOWN, "draining")), 3) == []
+    (lost,) = s.receive(P.pack(P.bye("draining")), 4)
+    assert type(lost) is Lost and [q.rid for q in lost.requests] == [r2.rid]  # r1 is kept
+    events = s.receive(welcome, 5)
+    assert [e.parts for e in events if type(e) is Send] == [r1.parts]
+    (refused,) = s.receive(P.pack(P.error(r1.rid, ErrorCode.SHUTTING_DOWN, "draining too")), 6)
+    assert type(refused) is Refused and refused.rid == r1.rid
 
 
 def test_first_gateway_down_at_start(daemons, cifar_samples):

@@ -25,12 +25,11 @@ import zmq
 from ..bundle import Bundle, Mode
 from ..control.policy import FixedPolicy, Policy, RoundRobinPolicy
 from ..wire import protocol as P
-from ..wire.client_session import ClientSession
 from ..wire.errors import ErrorCode
 from ..wire.mode_codec import encode_mode
 from ..wire.transport import context, default_agent_name
 from .adaptive import ModeController
-from .connection import ServerConnection, endpoints, load_curve
+from .connection import ServerConnection, endpoints, load_curve, session_class
 from .fallback import RTT_OVER_DEADLINE, UNREACHABLE, load_fallback
 from .heads import HeadRunner, OrtExecution, preprocess_image
 from .outcomes import Frame, Outcomes
@@ -97,7 +96,7 @@ class Agent:
         }
         self._tables = {m.id: self.bundle.tables_for(m) for m in self.bundle.modes if m.entropy_coded}
         self.reconnect_max_s = float(reconnect_max_s)
-        self.session = ClientSession(
+        self.session = session_class(server)(
             self.bundle.hash,
             self.name,
             max_inflight=self.inflight,

@@ -21,13 +21,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import zmq
 
 from ..wire.client_session import ClientSession, Event, Outstanding, Send
 from ..wire.curve import ClientCurve, explain_handshake_failure
 from ..wire.errors import ErrorCode
+from ..wire.messages import ErrorReply
 from ..wire.session_events import Lost, Refused
 from ..wire.transport import connect_dealer, pending_in, recv_parts, send_parts
 from . import link
@@ -46,6 +47,43 @@ class HandshakeFailed:
     """The transport's own handshake (ZMTP, CURVE) failed: no protocol session can start."""
 
     message: str
+
+
+class FailoverSession(ClientSession):
+    """The session of an agent with several servers to go to: a request refused SHUTTING_DOWN
+    (its server drains, and its bye will end the session) is kept through the session's loss and
+    sent again after the next welcome, from whichever server that comes; once only. With one
+    server such a refusal ends the frame, as it always did."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self._elsewhere: list[int] = []
+
+    def _on_error(self, e: ErrorReply, now_ns: int) -> list[Event]:
+        req = None if e.rid is None or e.code != _SHUTTING_DOWN else self.outstanding.get(e.rid)
+        if req is not None and not req.resent:
+            req.resent = True
+            self._elsewhere.append(req.rid)
+            return []
+        return super()._on_error(e, now_ns)
+
+    def _lose(self, reason: str, code: ErrorCode | None, message: str, now_ns: int) -> Lost:
+        keep = {rid: self.outstanding.pop(rid) for rid in self._elsewhere if rid in self.outstanding}
+        self._elsewhere = []
+        lost = super()._lose(reason, code, message, now_ns)
+        if keep:
+            self.outstanding.update(keep)
+            self._resend_after_welcome = list(keep)
+        return lost
+
+    def close(self) -> list[Outstanding]:
+        self._elsewhere = []
+        return super().close()
+
+
+def session_class(server: str | Sequence[str]) -> type[ClientSession]:
+    """The session an agent for ``server`` (one endpoint or several) needs."""
+    return FailoverSession if len(endpoints(server)) > 1 else ClientSession
 
 
 def endpoints(server: str | Sequence[str]) -> list[str]:

@@ -4,10 +4,13 @@
 Given several endpoints (gateways in front of one cluster, or daemons serving the same bundle),
 the connection fails over: when the session is lost (the connection dropped, the server went
 silent, or it said bye while draining) or no welcome has come from the current endpoint for
-``failover_s``, it closes the socket and says hello to the next endpoint in the list (round
-robin). The session carries on as after any loss: frames in flight were already answered
-(locally, with fallback), credits come from the new welcome, request ids keep counting. OVERLOADED
-is not a failure: an overloaded gateway's refusal is answered as always and the agent stays.
+``failover_s``, or it refused the handshake SHUTTING_DOWN, it closes the socket and says hello to
+the next endpoint in the list (round robin). The session carries on as after any loss: frames in
+flight on a lost connection end as they always did (locally, with fallback), except those a
+draining gateway refused SHUTTING_DOWN, which :class:`FailoverSession` sends to the next one;
+credits come from the new welcome (they are per session, so per gateway), request ids keep
+counting. OVERLOADED is not a failure: an overloaded gateway's refusal is answered as always and
+the agent stays (moving would only carry the load elsewhere).
 
 The session decides everything the protocol asks of a client; this class only moves bytes and
 time into it: it sends what the session hands out, feeds it every message received and every

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--triton-model-prefix", default=None)
     p.add_argument("--ray-replicas", type=int, default=0, help="start a local Ray cluster with this many replicas")
     p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of that local Ray cluster")
-    p.add_argument("--inflight", default="2", help="gateway's --remote-inflight values to measure (comma-separated)")
+    p.add_argument("--inflight", default="1,2", help="gateway's --remote-inflight values to measure (comma-separated)")
 
 
 def _measure(endpoint_args: list[str], bundle_path: str, bundle, workload, a) -> list[dict]:

@@ -81,9 +81,11 @@ def build_parser(prog: str = "edgesplit serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--remote-inflight",
         type=int,
-        default=2,
+        default=1,
         metavar="K",
-        help="with --backend triton or ray: formed batches in flight to the remote tail at once (1: one at a time)",
+        help="with --backend triton or ray: formed batches in flight to the remote tail at once; more than 1 pays "
+        "where the remote side has parallel capacity the gateway leaves idle (replicas or Triton instances on other "
+        "machines), not on a CPU shared with the gateway ('edgesplit bench gateway --inflight 1,2' measures it)",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (unset: ort cpu, torch cuda when present, tensorrt cuda)"

@@ -103,7 +103,7 @@ class Server:
         triton_prefix: str | None = None,
         ray_app: str | None = None,
         ray_address: str | None = None,
-        remote_inflight: int = 2,
+        remote_inflight: int = 1,
     ):
         self.bundles: dict[str, Bundle] = {}
         for b in bundles:

@@ -1,7 +1,9 @@
-"""The compute thread for remote tails that take several batches at once (``serve --backend ray
---remote-inflight K``): up to K formed batches are in flight to the replicas while the next ones
-form, so the hop to a replica is not paid once per batch in series and several replicas work at
-once for one gateway.
+"""The compute thread for remote tails that take several batches at once (``serve --backend
+triton|ray --remote-inflight K``): up to K formed batches are in flight to the remote tail while
+the next ones form, so the hop is not paid once per batch in series and several replicas (or
+Triton instances) work at once for one gateway. That pays only where the remote side has
+capacity the gateway would leave idle; on a CPU it shares with the gateway it does not (bench
+gateway), hence the default of one.
 
 Everything stays on the one compute thread, as in :class:`~.compute.ComputeWorker`: a due batch
 is triaged and *submitted* (the backend's ``submit(items)`` returns a handle at once); when K are

@@ -31,6 +31,12 @@ def test_every_shipped_recipe_loads(path):
     if get_family(r.split.family).serving == "scatter":  # ED-ViT: sub-models at the budget's size
         assert len(get_family(r.split.family).entry("model")(r).submodels) == r.split.submodels
         return
+    if get_family(r.split.family).serving == "u-shaped":  # SFPrompt: the cut builds, head + body + tail = the 6 blocks
+        model = get_family(r.split.family).entry("model")(r)
+        cuts = [len(part.blocks) for part in (model.head, model.body, model.tail)]
+        assert cuts == [r.split.head_blocks, r.split.body_end - r.split.head_blocks, 6 - r.split.body_end]
+        assert r.teacher.arch == "vit_tiny_cifar" and r.teacher.init == "run" and r.teacher.weights
+        return
     assert r.default_bits in r.mode_bits
     assert r.split.family in ("bottlefit", "slimmable")
     assert all(isinstance(w, int) for w in r.split.encoder_widths)

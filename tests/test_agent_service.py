@@ -22,8 +22,8 @@ import yaml
 
 from edgesplit.bench.serverproc import ServerProcess
 from edgesplit.edge.agent import agent_main, build_parser
+from edgesplit.edge.fallback import SHUTDOWN
 from edgesplit.edge.service_config import ConfigError, key_specs, load_config, validate
-from edgesplit.edge.service_run import SHUTDOWN
 from edgesplit.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

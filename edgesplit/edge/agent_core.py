@@ -30,7 +30,8 @@ from ..wire.mode_codec import encode_mode
 from ..wire.transport import context, default_agent_name
 from .adaptive import ModeController
 from .connection import ServerConnection, endpoints, load_curve, session_class
-from .fallback import RTT_OVER_DEADLINE, UNREACHABLE, load_fallback
+from .fallback import RTT_OVER_DEADLINE, SHUTDOWN, UNREACHABLE, load_fallback
+from .frame_loop import stream_frames
 from .heads import HeadRunner, OrtExecution, preprocess_image
 from .outcomes import Frame, Outcomes
 from .policy_frames import submit_with_policy
@@ -38,7 +39,6 @@ from .results import DISCONNECTED, FALLBACK_FAILED, TIMEOUT, AgentError, FrameRe
 
 __all__ = ["Agent", "AgentError", "FrameResult", "TIMEOUT", "DISCONNECTED", "FALLBACK_FAILED"]
 
-_END = object()  # end of a frame source
 # Longest blocking wait before the link, timeouts and heartbeats are looked at again: it bounds
 # how late a dropped connection is noticed while the agent waits for answers.
 _LINK_CHECK_S = 0.05
@@ -166,7 +166,7 @@ class Agent:
                 raise AgentError(
                     f"no welcome from {self.server} within {wait_s:.1f} s (is the server running and reachable?)"
                 )
-            self._pump(min(left, self._wait_budget()))
+            self._pump(min(left, self.wait_budget()))
             new = self.outcomes.connection_errors_total - seen
             for name, message in list(self.connection_errors)[-new:] if new else ():
                 if name not in _TRANSIENT_REFUSALS:
@@ -225,7 +225,7 @@ class Agent:
         if not self.conn.is_open:
             raise AgentError("not connected: call connect() first")
         while len(self.session.outstanding) >= self.session.window:
-            self._pump(self._wait_budget())
+            self._pump(self.wait_budget())
         m = self.mode if mode is None else self.bundle.mode(mode)
         t0 = time.perf_counter()
         margin = self._full_extra.get(m.id, 0) if self.session.compact_requests and self.codec == "auto" else 0
@@ -265,7 +265,7 @@ class Agent:
         if not self.conn.is_open:
             raise AgentError("not connected: call connect() first")
         while len(self.session.outstanding) >= self.session.window:  # waiting may change the link: route after it
-            self._pump(self._wait_budget())
+            self._pump(self.wait_budget())
         t0 = time.perf_counter()
         x = self.preprocess(data)
         reason = None if self.fallback is None else self._local_reason(deadline_ms)
@@ -316,7 +316,7 @@ class Agent:
                     return r
             if rid not in self.session.outstanding:
                 raise KeyError(f"request {rid} is not outstanding")
-            self._pump(self._wait_budget())
+            self._pump(self.wait_budget())
 
     def poll(self, timeout_s: float = 0.0) -> list[FrameResult]:
         """Process what has arrived (waiting up to ``timeout_s`` for something) and return the
@@ -335,8 +335,8 @@ class Agent:
 
     def drain(self) -> Iterator[FrameResult]:
         """Yield results until nothing is outstanding."""
-        while self.session.outstanding or self.outcomes.done:
-            yield from self.poll(self._wait_budget())
+        while self.busy():
+            yield from self.poll(self.wait_budget())
 
     def run(
         self,
@@ -348,38 +348,33 @@ class Agent:
         fps: float | None = None,
     ) -> Iterator[FrameResult]:
         """Stream frames from ``source`` (a source spec such as ``cifar10:test``, or an iterable of
-        samples) with up to :attr:`window` requests outstanding; yields results as they complete.
-
-        The next frame is read and its head run only once a window slot is free: a result is then
-        taken off the socket (and yielded) as soon as it arrives instead of after a head computed
-        in the meantime, so ``rtt_ms`` is the round trip rather than round trip plus the agent's
-        own busy time (what link estimation needs), and each frame is as fresh as it can be when
-        sent (what a live camera needs).
-
-        ``fps``: pace the frames like a camera, frame *i* no earlier than ``i / fps`` after the
-        first (answers are taken in while waiting); unset: as fast as the window allows."""
+        samples) with up to :attr:`window` requests outstanding; yields results as they complete
+        (:func:`~edgesplit.edge.frame_loop.stream_frames`: when frames are read, and ``fps`` pacing)."""
         from ..data.sources import open_source, take
 
         it = open_source(source, self.bundle.classes) if isinstance(source, str) else iter(source)
-        frames = iter(take(it, n))
-        t_start, i = time.perf_counter(), 0
-        outstanding = self.session.outstanding
-        while True:
-            yield from self.poll(0.0)
-            while len(outstanding) >= self.session.window:
-                yield from self.poll(self._wait_budget())
-            if fps:
-                while (wait := t_start + i / fps - time.perf_counter()) > 0:
-                    yield from self.poll(min(wait, self._wait_budget()))
-                i += 1
-            sample = next(frames, _END)
-            if sample is _END:
-                break
-            self.submit(sample, mode=mode, deadline_ms=deadline_ms)
-        yield from self.drain()
+        yield from stream_frames(
+            self, iter(take(it, n)), fps=fps, submit=lambda s: self.submit(s, mode=mode, deadline_ms=deadline_ms)
+        )
+
+    # -- the frame loop's view (edgesplit.edge.frame_loop.FrameTarget) ----------------------------
+    def window_full(self) -> bool:
+        return len(self.session.outstanding) >= self.session.window
+
+    def busy(self) -> bool:
+        return bool(self.session.outstanding or self.outcomes.done)
+
+    def hand_off(self) -> int:
+        """Stop waiting for the server: each frame in flight is answered locally (or ends as a
+        ``SHUTDOWN`` error without fallback). Returns how many there were."""
+        reqs = list(self.session.outstanding.items())
+        for rid, req in reqs:
+            self.session.abandon(rid)
+            self.outcomes.give_up(req, SHUTDOWN, None, "agent stopping: no server answer within stop_grace_s")
+        return len(reqs)
 
     # -- receiving -----------------------------------------------------------------------------
-    def _wait_budget(self) -> float:
+    def wait_budget(self) -> float:
         """How long one blocking wait may last before the link, timeouts and heartbeats are re-checked."""
         hb = self.session.heartbeat_ms / 1000.0 if self.session.heartbeat_ms else 1.0
         return max(0.001, min(hb, self.timeout_s, _LINK_CHECK_S))

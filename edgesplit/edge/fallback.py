@@ -23,6 +23,7 @@ FALLBACK_CHOICES = ("auto", "off")
 # Why a frame ended locally, beyond the agent's TIMEOUT / DISCONNECTED and the server's error names.
 UNREACHABLE = "UNREACHABLE"  # no session with the server when the frame was submitted
 RTT_OVER_DEADLINE = "RTT_OVER_DEADLINE"  # recent round trips are longer than the frame's deadline
+SHUTDOWN = "SHUTDOWN"  # in flight when the agent was told to stop (an error instead, with fallback off)
 
 # Server refusals that mean "not now" rather than "this request is wrong": a local answer is the
 # right outcome for them. The others (MALFORMED, UNKNOWN_MODE, TOO_LARGE, UNSUPPORTED, ...) point

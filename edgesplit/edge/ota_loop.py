@@ -32,14 +32,13 @@ from typing import Any, Callable, Iterator
 
 from ..bundle import Bundle
 from .fallback import RTT_OVER_DEADLINE
+from .frame_loop import stream_frames
 from .ota_fetch import UpdateFetcher
 from .ota_stage import BundleStore, StageError, load_candidate, stage_archive
 from .results import FrameResult
-from .service_run import hand_off_in_flight
 
 MAX_ATTEMPTS = 3  # trials that ended with the agent dying before the verdict, before a bundle is refused
 _BY_CHOICE = {"POLICY", RTT_OVER_DEADLINE}  # local answers the agent chose: not failures of the bundle
-_END = object()
 
 
 @dataclass(frozen=True)
@@ -287,34 +286,24 @@ class UpdateManager:
             self._rollback(f"the new bundle failed on a frame: {type(e).__name__}: {e}")
             self.agent.submit(sample)  # the same frame, answered by the old bundle
 
+    # The frame loop's view (edgesplit.edge.frame_loop.FrameTarget): the active agent's window and
+    # wait budget; every agent's frames in flight.
+    def window_full(self) -> bool:
+        return self.agent.window_full()
+
+    def wait_budget(self) -> float:
+        return self.agent.wait_budget()
+
+    def busy(self) -> bool:
+        return any(a.busy() for a in (self.agent, *self._agents()))
+
+    def hand_off(self) -> int:
+        return sum(a.hand_off() for a in (self.agent, *self._agents()))
+
     def run_frames(self, agent: Any, frames: Iterator, *, fps: float | None, stop: Any, grace_s: float, notifier: Any):
         """:func:`edgesplit.edge.service_run.run_frames` across bundle switches (``agent``: the one
         it started with, :attr:`agent` from then on)."""
-        t_start, i = time.perf_counter(), 0
-        while not stop.requested:
-            notifier.watchdog()
-            yield from self.poll(0.0)
-            while len(self.agent.session.outstanding) >= self.agent.session.window and not stop.requested:
-                notifier.watchdog()
-                yield from self.poll(self.agent._wait_budget())
-            if fps:
-                while not stop.requested and (wait := t_start + i / fps - time.perf_counter()) > 0:
-                    yield from self.poll(min(wait, self.agent._wait_budget()))
-                i += 1
-            if stop.requested:
-                break
-            sample = next(frames, _END)
-            if sample is _END:
-                break
-            self.submit(sample)
-        handed = False
-        while any(a.session.outstanding or a.outcomes.done for a in (self.agent, *self._agents())):
-            notifier.watchdog()
-            if stop.at is not None and not handed and time.monotonic() >= stop.at + grace_s:
-                for a in (self.agent, *self._agents()):
-                    hand_off_in_flight(a)
-                handed = True
-            yield from self.poll(self.agent._wait_budget())
+        yield from stream_frames(self, frames, fps=fps, stop=stop, grace_s=grace_s, each_turn=notifier.watchdog)
         self.close_others()
 
     def close_others(self) -> None:

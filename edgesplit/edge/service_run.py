@@ -18,11 +18,10 @@ from typing import Any, Iterator
 
 from ..logs import LOG_FORMATS, setup_logging
 from .agent_core import Agent
+from .frame_loop import stream_frames
 from .results import FrameResult
 from .sdnotify import Notifier
 
-SHUTDOWN = "SHUTDOWN"  # fallback_reason / error of a frame in flight when the agent was told to stop
-_END = object()
 log = logging.getLogger("edgesplit.agent")
 
 
@@ -107,16 +106,6 @@ class StopSignal:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def hand_off_in_flight(agent: Agent) -> int:
-    """Stop waiting for the server: each frame in flight is answered locally (or ends as an error
-    without fallback). Returns how many there were."""
-    reqs = list(agent.session.outstanding.items())
-    for rid, req in reqs:
-        agent.session.abandon(rid)
-        agent.outcomes.give_up(req, SHUTDOWN, None, "agent stopping: no server answer within stop_grace_s")
-    return len(reqs)
-
-
 def run_frames(
     agent: Agent,
     frames: Iterator,
@@ -129,29 +118,4 @@ def run_frames(
     """:meth:`Agent.run` over ``frames``, and it stops reading frames on SIGTERM, waits for the
     frames in flight at most ``grace_s`` and hands what is left to the fallback; pings the systemd
     watchdog each turn of the loop (a stuck source or engine stops the pings)."""
-    t_start, i = time.perf_counter(), 0
-    outstanding = agent.session.outstanding
-    budget = agent._wait_budget
-    while not stop.requested:
-        notifier.watchdog()
-        yield from agent.poll(0.0)
-        while len(outstanding) >= agent.session.window and not stop.requested:
-            notifier.watchdog()
-            yield from agent.poll(budget())
-        if fps:
-            while not stop.requested and (wait := t_start + i / fps - time.perf_counter()) > 0:
-                yield from agent.poll(min(wait, budget()))
-            i += 1
-        if stop.requested:
-            break
-        sample = next(frames, _END)
-        if sample is _END:
-            break
-        agent.submit(sample)
-    handed = False
-    while outstanding or agent.outcomes.done:
-        notifier.watchdog()
-        if stop.at is not None and not handed and time.monotonic() >= stop.at + grace_s:
-            hand_off_in_flight(agent)
-            handed = True
-        yield from agent.poll(budget())
+    return stream_frames(agent, frames, fps=fps, stop=stop, grace_s=grace_s, each_turn=notifier.watchdog)

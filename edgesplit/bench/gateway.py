@@ -50,22 +50,7 @@ def _measure(endpoint_args: list[str], bundle_path: str, bundle, workload, a) ->
             with LoadClient(server.endpoint, bundle, n, workload, name=f"gateway-{n}") as client:
                 client.closed_loop(a.warmup_s, window=a.window)
                 st: LoadStats = client.closed_loop(a.seconds, window=a.window)
-            s = st.summary()
-            rows.append(
-                {
-                    "agents": n,
-                    "frames_per_s": s["frames_per_s"],
-                    "latency_ms_p50": s["latency_ms_p50"],
-                    "latency_ms_p99": s["latency_ms_p99"],
-                    "server_ms_p50": s["server_ms_p50"],
-                    "batch_size_mean": s["batch_size_mean"],
-                    "requests": st.sent,
-                    "errors": s["errors"],
-                    "unanswered": st.unanswered,
-                    "wrong_results": st.wrong,
-                    "max_abs_err": st.max_abs_err,
-                }
-            )
+            rows.append(st.row(n))
     finally:
         rows.append({"exit_code": server.stop()})
     return rows

@@ -88,3 +88,21 @@ class LoadStats:
             s["deadline_ms"] = self.deadline_ms
             s["late_results"] = int((srv > self.deadline_ms).sum())
         return s
+
+    def row(self, agents: int) -> dict:
+        """One row of the per-agent-count tables of ``bench server`` and ``bench gateway``."""
+        s = self.summary()
+        return {
+            "agents": agents,
+            "frames_per_s": s["frames_per_s"],
+            "latency_ms_p50": s["latency_ms_p50"],
+            "latency_ms_p99": s["latency_ms_p99"],
+            "server_ms_p50": s["server_ms_p50"],
+            "batch_size_mean": s["batch_size_mean"],
+            "batch_size_p50": s["batch_size_p50"],
+            "requests": self.sent,
+            "errors": s["errors"],
+            "unanswered": self.unanswered,
+            "wrong_results": self.wrong,
+            "max_abs_err": self.max_abs_err,
+        }

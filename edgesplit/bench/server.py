@@ -99,20 +99,9 @@ def bench_server(
                         e = measure_engine(engine, frame, [b], engine_seconds / pairs)[0]["frames_per_s"]
                         alone.append(e)
                         ratios.append(part.results_in_window / part.window_s / e)
-                s = st.summary()
                 rows.append(
                     {
-                        "agents": n,
-                        "frames_per_s": s["frames_per_s"],
-                        "latency_ms_p50": s["latency_ms_p50"],
-                        "latency_ms_p99": s["latency_ms_p99"],
-                        "server_ms_p50": s["server_ms_p50"],
-                        "batch_size_mean": s["batch_size_mean"],
-                        "batch_size_p50": s["batch_size_p50"],
-                        "requests": st.sent,
-                        "errors": s["errors"],
-                        "unanswered": st.unanswered,
-                        "wrong_results": st.wrong,
+                        **st.row(n),
                         "engine_batch": b,
                         "engine_frames_per_s_at_batch": round(float(np.median(alone)), 1),
                         "efficiency": round(float(np.median(ratios)), 3),

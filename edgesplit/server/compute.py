@@ -56,20 +56,25 @@ class ComputeWorker:
                 batch = self.scheduler.next_batch()  # None: closed and drained
                 if batch is None:
                     return
-                try:
-                    self.run_batch(batch)
-                except Exception as e:  # never let one batch kill the daemon
-                    log.exception("batch failed")
-                    for it in batch:
-                        if not it.answered:
-                            self._push_error(it, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
-                self.wake_io()  # this batch's replies are in the deque
+                self.run_batch_guarded(batch)
                 fold_in -= 1
                 if not fold_in:  # metrics: recorded figures -> histogram counts, off the reply path
                     fold_in = self.fold_every
                     self.stats.fold()
         finally:
             self.wake_io()  # so that the I/O thread sees at once that this thread ended
+
+    def run_batch_guarded(self, batch: list[Item]) -> None:
+        """:meth:`run_batch`, a failure answered INTERNAL to each frame of the batch not answered
+        yet (never let one batch kill the daemon); then wake the I/O thread for the replies."""
+        try:
+            self.run_batch(batch)
+        except Exception as e:
+            log.exception("batch failed")
+            for it in batch:
+                if not it.answered:
+                    self._push_error(it, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+        self.wake_io()
 
     def wake_io(self) -> None:
         assert self.wake is not None, "the I/O loop opens the wake-up line before it starts this thread"

@@ -69,7 +69,7 @@ class PipelinedCompute(ComputeWorker):
                     submit = getattr(self._real[h], "submit", None)
                     if submit is None:
                         self.runners = self._real
-                        self._guarded(batch)
+                        self.run_batch_guarded(batch)
                     else:
                         live, late = sched.triage(batch, _now())
                         for it, refusal in late:
@@ -96,22 +96,9 @@ class PipelinedCompute(ComputeWorker):
         stand_in.pending = result
         self.runners = handed
         try:
-            self._guarded(live)
+            self.run_batch_guarded(live)
         finally:
             self.runners = self._real
-
-    def _guarded(self, batch: list) -> None:
-        from ..wire.errors import ErrorCode
-        from .compute import log
-
-        try:
-            self.run_batch(batch)
-        except Exception as e:  # never let one batch kill the daemon
-            log.exception("batch failed")
-            for it in batch:
-                if not it.answered:
-                    self._push_error(it, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
-        self.wake_io()
 
 
 def _now() -> int:

@@ -3,7 +3,10 @@ section 3), and the modes table parsed into :class:`Mode`.
 
 Split from :mod:`edgesplit.bundle` (which loads and verifies bundles on disk and re-exports these
 names), so that each stays readable. Like it, this module imports neither torch nor onnxruntime:
-only the wire library and the torch-free family registry.
+only the wire library and the torch-free family registry. It names no family: the manifest's
+``family`` is looked up in the registry, which says which file roles and serving shape apply, and
+the family's own section (``"edvit"`` for ED-ViT, docs/BUNDLE.md section 7) is checked by the
+family's ``manifest_check``, run through :meth:`~edgesplit.families.registry.Family.check_manifest`.
 
 Modes are uniform (packed codes, PROTOCOL.md §4.1-4.2) unless they name ``"codec": "ans"``: then
 the wire tensor travels entropy-coded with a table set of the bundle's ``cdf`` file (PROTOCOL.md
@@ -18,9 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .families.edvit import manifest as scatter
-from .families.edvit.manifest import ScatterManifestError
-from .families.registry import Family, UnknownFamilyError, get_family
+from .families.registry import FAMILY_DEFINED_SHAPES, Family, UnknownFamilyError, get_family
 from .wire.ans_codec import ANS_BITS, ANS_CODEC
 from .wire.codec import PACKED_BITS
 from .wire.errors import is_int, is_num
@@ -91,10 +92,15 @@ class Mode:
 
 
 def _require(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    try:
-        return scatter.require(d, key, typ, where)  # the JSON type check both shapes share
-    except ScatterManifestError as e:
-        raise BundleError(f"manifest: {e}") from None
+    """``d[key]`` of JSON type ``typ`` (a bool is no int), else an error naming ``where + key``."""
+    if key not in d:
+        raise BundleError(f"manifest: missing '{where}{key}'")
+    v = d[key]
+    types = typ if isinstance(typ, tuple) else (typ,)
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+        names = " or ".join(t.__name__ for t in types)
+        raise BundleError(f"manifest: '{where}{key}' must be {names}, got {type(v).__name__}")
+    return v
 
 
 def _require_int(d: dict, key: str, where: str, lo: int, hi: int) -> int:
@@ -228,13 +234,13 @@ def validate_manifest(m: dict[str, Any]) -> None:
     if not classes or not all(isinstance(c, str) for c in classes):
         raise BundleError("manifest: 'classes' must be a non-empty list of names")
     _validate_input(m)
-    if family.serving != "scatter":
-        _validate_head_tail(m, family)
-        return
-    files = _validate_files(m, family)
+    if family.serving in FAMILY_DEFINED_SHAPES:  # modes and parts: the family's manifest_check alone
+        files = _validate_files(m, family)
+    else:
+        files = _validate_head_tail(m, family)
     try:
-        scatter.validate_scatter(m, files)
-    except ScatterManifestError as e:
+        family.check_manifest(m, files)
+    except ValueError as e:  # the family's own section (docs/BUNDLE.md section 7), key named
         raise BundleError(f"manifest: {e}") from None
 
 
@@ -248,8 +254,8 @@ def _validate_files(m: dict[str, Any], family: Family) -> dict[str, Any]:
     return files
 
 
-def _validate_head_tail(m: dict[str, Any], family: Family) -> None:
-    """The wire tensor, the quantized modes and the heads they run (sections 3.3, 6)."""
+def _validate_head_tail(m: dict[str, Any], family: Family) -> dict[str, Any]:
+    """The wire tensor, the quantized modes and the heads they run (sections 3.3, 6); the files."""
     wire = _require(m, "wire", dict, "")
     _require(wire, "name", str, "wire.")
     wire_channels = _require_dims(wire, "shape", "wire.")[0]
@@ -279,3 +285,4 @@ def _validate_head_tail(m: dict[str, Any], family: Family) -> None:
             raise BundleError(
                 f"manifest: mode {x.id} is '{ANS_CODEC}'-coded but 'files' has no '{CDF_ROLE}' entry (BUNDLE.md 7.2)"
             )
+    return files

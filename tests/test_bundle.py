@@ -21,10 +21,11 @@ import pytest
 import torch
 from build_fixtures import CHECK_FRAMES, one_torch_thread, short_build  # noqa: F401  (fixtures)
 
-from edgesplit.bundle import MANIFEST, Bundle, BundleError, sha256_file, write_manifest
+from edgesplit.bundle import MANIFEST, Bundle, BundleError, sha256_file, validate_manifest, write_manifest
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
 from edgesplit.engine import create_engine
+from edgesplit.families.registry import family_names, get_family
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,6 +217,46 @@ def test_shipped_bundle_with_one_contract_break_is_refused_naming_the_key(tmp_pa
         with pytest.raises(BundleError):
             write_manifest(root, m)
         assert not (root / MANIFEST).exists()
+
+
+SHIPPED_SCATTER = ROOT / "models" / "cifar10-edvit-n2"
+
+
+def test_a_registered_familys_own_section_is_checked_through_the_registry(tmp_path):
+    """The bundle schema names no family: a family's own section (ED-ViT's ``edvit``, BUNDLE.md
+    section 7.1) is refused by the ``manifest_check`` the family registers, run through the registry,
+    with the key named; a family nothing registers is refused with the known ones listed."""
+    root = tmp_path / "bundle"
+    shutil.copytree(SHIPPED_SCATTER, root)
+    m = json.loads((root / MANIFEST).read_text())
+    family = get_family(m["family"])
+    assert family.serving == "scatter" and family.manifest_check  # the shape whose modes the family defines
+    Bundle.load(root)  # the shipped one is sound
+    m["edvit"]["fusion"]["role"] = "fuse"
+    why = "'edvit.fusion.role' must be 'fusion', got 'fuse'"
+    with pytest.raises(ValueError, match=f"^{why}$"):
+        family.check_manifest(m, m["files"])  # the registry's path, as the schema takes it
+    (root / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(BundleError) as ei:
+        Bundle.load(root)
+    assert str(ei.value) == f"manifest: {why}"
+    del m["edvit"]
+    with pytest.raises(BundleError, match="^manifest: missing 'edvit'$"):
+        validate_manifest(m)
+    m["family"] = "edvit-next"  # one that nothing registers
+    with pytest.raises(BundleError) as ei:
+        validate_manifest(m)
+    assert str(ei.value) == f"manifest: unknown family 'edvit-next' (known: {', '.join(family_names())})"
+    assert "edvit" in family_names()
+
+
+def test_the_scatter_runtime_goes_by_serving_shape():
+    from edgesplit.edge.scatter_bundle import EdvitBundle
+
+    scatter = EdvitBundle.load(SHIPPED_SCATTER)
+    assert scatter.bundle.serving == "scatter" and len(scatter.submodels) == 2
+    with pytest.raises(BundleError, match="family 'bottlefit' is served 'head-tail', not 'scatter'"):
+        EdvitBundle.load(SHIPPED)
 
 
 def test_manifest_edit_changes_the_bundle_identity(short_build, tmp_path):

@@ -11,7 +11,7 @@ sub-models and with each one missing, and the accuracies must equal the manifest
 Registry: unknown families are refused by the registry, the recipe loader and the bundle contract,
 each naming the known ones; the registry and the families' ``__init__`` modules import no torch;
 and a family added as one subpackage (in a temporary folder) is known to the recipe loader and the
-bundle contract with no other edit.
+bundle contract, which runs its own manifest check, with no other edit.
 """
 
 from __future__ import annotations
@@ -93,6 +93,12 @@ def test_registration_is_checked():
         register_family("newfam", **{**record, "steps": "edgesplit.families.newfam.steps.run"})
     with pytest.raises(ValueError, match="serving shape"):
         register_family("newfam", **record, serving="pipeline")
+    with pytest.raises(ValueError, match="serving shape 'scatter' leaves the modes to the family.*manifest_check"):
+        register_family("newfam", **record, serving="scatter")  # nothing would check its modes
+    with pytest.raises(ValueError, match="manifest_check must be 'package.module:attribute'"):
+        register_family("newfam", **record, manifest_check="edgesplit.families.newfam.manifest")
+    with pytest.raises(LookupError, match="family bottlefit has no manifest_check"):
+        fam.entry("manifest_check")
     with pytest.raises(ValueError, match="family name"):
         register_family("New Family", **record)
     assert "newfam" not in family_names()
@@ -156,6 +162,8 @@ def test_registry_and_family_inits_import_no_torch():
         inits = sorted(m for m in sys.modules if m.startswith("edgesplit.families."))
         for n in names:
             get_family(n).entry("split_schema")  # the recipe schemas are torch-free too
+            if get_family(n).manifest_check:
+                get_family(n).entry("manifest_check")  # and the manifest checks every reader runs
         import edgesplit.bundle
         edgesplit.bundle.Bundle.load(sys.argv[1])
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnxruntime", "onnx"))
@@ -183,7 +191,7 @@ def test_a_new_family_is_one_subpackage(tmp_path):
         register_family("toyfam", summary="test family", split_schema="edgesplit.families.toyfam.config:ToyCfg",
                         model="edgesplit.families.toyfam.config:unused", load_student="edgesplit.families.toyfam.config:unused",
                         steps="edgesplit.families.toyfam.config:unused", exporter="edgesplit.families.toyfam.config:unused",
-                        module=__name__)
+                        manifest_check="edgesplit.families.toyfam.config:check_manifest", module=__name__)
     """)
     )
     (pkg / "config.py").write_text(
@@ -202,6 +210,10 @@ def test_a_new_family_is_one_subpackage(tmp_path):
 
         def unused():
             raise NotImplementedError
+
+        def check_manifest(m, files):
+            if not isinstance(m.get("toyfam"), dict) or m["toyfam"].get("channels") not in (1, 2, 4, 8):
+                raise ValueError(f"'toyfam.channels' must be 1, 2, 4 or 8, got {m.get('toyfam')!r}")
     """)
     )
     data = yaml.safe_load((RECIPES / "tiny-bottlefit.yaml").read_text())
@@ -211,6 +223,7 @@ def test_a_new_family_is_one_subpackage(tmp_path):
         )
     manifest = shipped_manifest("bottlefit")
     manifest["family"] = "toyfam"
+    manifest["toyfam"] = {"channels": 4}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     code = textwrap.dedent("""
         import json, sys
@@ -218,7 +231,7 @@ def test_a_new_family_is_one_subpackage(tmp_path):
         import edgesplit.families
         edgesplit.families.__path__.append(sys.argv[1])
         from edgesplit.builder.recipe import RecipeError, load_recipe
-        from edgesplit.bundle import validate_manifest
+        from edgesplit.bundle import BundleError, validate_manifest
         from edgesplit.families.registry import family_names
         tmp = Path(sys.argv[2])
         r = load_recipe(tmp / "toy4.yaml")
@@ -227,9 +240,16 @@ def test_a_new_family_is_one_subpackage(tmp_path):
             refused = None
         except RecipeError as e:
             refused = str(e)
-        validate_manifest(json.loads((tmp / "manifest.json").read_text()))
+        m = json.loads((tmp / "manifest.json").read_text())
+        validate_manifest(m)
+        m["toyfam"]["channels"] = 3
+        try:
+            validate_manifest(m)  # the toy's own manifest_check, found through the registry
+            bad_section = None
+        except BundleError as e:
+            bad_section = str(e)
         print(json.dumps({"names": family_names(), "schema": type(r.split).__name__, "channels": r.split.channels,
-                          "refused": refused}))
+                          "refused": refused, "bad_section": bad_section}))
     """)
     out = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "families"), str(tmp_path)],
@@ -244,6 +264,7 @@ def test_a_new_family_is_one_subpackage(tmp_path):
         "schema": "ToyCfg",
         "channels": 4,
         "refused": "split.channels: at most 8, got 9",
+        "bad_section": "manifest: 'toyfam.channels' must be 1, 2, 4 or 8, got {'channels': 3}",
     }
     assert "toyfam" not in family_names()  # this process never saw it
 

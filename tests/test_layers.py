@@ -40,13 +40,40 @@ class Rule:
 
 
 TORCH = ("torch", "torchvision", "torchaudio")
-# the registry side of the families: torch-free, what the bundle schema may consult
-FAMILY_REGISTRY = (
-    "edgesplit.families",
-    "edgesplit.families.registry",
-    "edgesplit.families.*",
-    "edgesplit.families.edvit.manifest",  # the ED-ViT manifest checks (BUNDLE.md section 7.1)
-)
+
+
+def registered_manifest_checks(root: Path = PACKAGE_DIR) -> tuple[str, ...]:
+    """The modules the families name as ``manifest_check`` in their ``register_family`` call (read
+    from each family's ``__init__``: a literal ``"module:attribute"``, or this table cannot know it)."""
+    found = []
+    for init in sorted((root / "families").glob("*/__init__.py")):
+        for node in ast.walk(ast.parse(init.read_text(), str(init))):
+            called = getattr(node, "func", None)
+            if (
+                not isinstance(node, ast.Call)
+                or getattr(called, "id", getattr(called, "attr", "")) != "register_family"
+            ):
+                continue
+            for kw in node.keywords:
+                if kw.arg == "manifest_check":
+                    if not (isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)):
+                        raise ValueError(
+                            f"{init}: manifest_check must be a string literal (tests/test_layers.py reads it)"
+                        )
+                    found.append(kw.value.value.split(":")[0])
+    return tuple(found)
+
+
+# The one families module a contract may import: a torch-free stdlib-only leaf (rule below) holding
+# names, serving shapes and lazy "module:attribute" entry points, a family's manifest check included.
+REGISTRY = "edgesplit.families.registry"
+# Modules the registry loads for the contracts (a family's own manifest section): contract-level.
+MANIFEST_CHECKS = registered_manifest_checks()
+# The registry side of the families, a plane of its own (plane() below): torch-free, read on devices.
+FAMILY_REGISTRY = ("edgesplit.families", REGISTRY, "edgesplit.families.*", *MANIFEST_CHECKS)
+# Pending, issue 10: edgesplit/bundle.py still imports ED-ViT's section by name to parse it (types
+# and parse); it goes once Bundle asks the family's entry point instead. bundle_schema may not.
+BUNDLE_PARSES_BY_NAME = ("edgesplit.families.edvit.manifest",)
 # Device profiles are data (stdlib + yaml, rule b2 below): a plane of their own, so the build plane
 # may size models from them (ED-ViT's budgets) while profile's measuring tools import the build plane.
 PROFILE_DATA = "edgesplit.profile.devices"
@@ -77,15 +104,33 @@ RULES = (
         "d",
         "contract bundle imports only wire and the torch-free family registry",
         ("edgesplit.bundle",),
-        allowed=("edgesplit.wire.**", "edgesplit.bundle_schema", *FAMILY_REGISTRY),
+        allowed=("edgesplit.wire.**", "edgesplit.bundle_schema", REGISTRY, *BUNDLE_PARSES_BY_NAME),
         internal_only=True,
     ),
     Rule(
         "d",
         "contract bundle's manifest schema imports only wire and the torch-free family registry",
         ("edgesplit.bundle_schema",),
-        allowed=("edgesplit.wire.**", *FAMILY_REGISTRY),
+        allowed=("edgesplit.wire.**", REGISTRY),
         internal_only=True,
+    ),
+    Rule(
+        "d",
+        "the family registry is a leaf the contracts may import: the stdlib and its package (to find families)",
+        (REGISTRY,),
+        allowed=("stdlib", "edgesplit.families"),
+    ),
+    Rule(
+        "d",
+        "a family's __init__ only registers it (discovery imports it on every device): the stdlib and the registry",
+        ("edgesplit.families.*",),
+        allowed=("stdlib", REGISTRY),
+    ),
+    Rule(
+        "d",
+        "a family's manifest check is contract-level (every bundle reader runs it): the stdlib and wire only",
+        MANIFEST_CHECKS,
+        allowed=("stdlib", "edgesplit.wire.**"),
     ),
     Rule(
         "d",
@@ -459,7 +504,17 @@ def test_checker_rules_name_module_line_and_rule(tmp_path):
     assert [v.split(": ")[-1] for v in violations(wire, g)] == [
         "edgesplit.wire.codec imports edgesplit.families.bottlefit"
     ]
-    # a family's __init__ is the registry's side; its training module is not
+    # a contract names no family, not even its registering __init__: it asks the registry
     assert [v.split(": ")[-1] for v in violations(bundle, g)] == [
-        "edgesplit.bundle imports edgesplit.families.bottlefit.train"
+        "edgesplit.bundle imports edgesplit.families.bottlefit",
+        "edgesplit.bundle imports edgesplit.families.bottlefit.train",
     ]
+
+
+def test_the_rule_table_reads_every_manifest_check():
+    """The table's static reading of ``manifest_check`` matches what the running registry holds."""
+    from edgesplit.families.registry import family_names, get_family
+
+    running = [get_family(n).manifest_check.split(":")[0] for n in family_names() if get_family(n).manifest_check]
+    assert sorted(running) == sorted(MANIFEST_CHECKS)
+    assert "edgesplit.families.edvit.manifest" in MANIFEST_CHECKS  # ED-ViT's section is checked this way

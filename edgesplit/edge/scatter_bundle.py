@@ -20,7 +20,7 @@ from ..bundle import Bundle, BundleError
 from ..engine.providers import OrtExecution
 from ..engine.providers import ort_session as _ort_session
 
-FAMILY = "edvit"
+SERVING = "scatter"  # the serving shape this runtime runs (edgesplit.families.registry.SERVING_SHAPES)
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,12 @@ class EdvitBundle:
     """A verified ED-ViT bundle directory."""
 
     def __init__(self, bundle: Bundle):
-        if bundle.family != FAMILY or bundle.fusion is None:
-            raise BundleError(f"bundle {bundle.root}: family '{bundle.family}' is not '{FAMILY}' (ED-ViT)")
+        # The serving shape, not the family's name: any family registered as "scatter" runs here.
+        if bundle.serving != SERVING or bundle.fusion is None:
+            raise BundleError(
+                f"bundle {bundle.root}: family '{bundle.family}' is served '{bundle.serving}', not '{SERVING}' "
+                "(whole sub-models on several devices, fused), so the scatter runtime cannot run it"
+            )
         self.bundle = bundle
         self.root = bundle.root
         self.manifest: dict[str, Any] = bundle.manifest
@@ -59,7 +63,8 @@ class EdvitBundle:
         mode = bundle.feature_mode()  # the default one; validation guarantees at least one
         self.features_dtype = mode.features_dtype
         self.mode_id = mode.id
-        self.accuracy: dict[str, Any] = dict(self.manifest["edvit"].get("accuracy") or {})
+        # the family's own section is keyed by its name (docs/BUNDLE.md section 7; "edvit" for ED-ViT)
+        self.accuracy: dict[str, Any] = dict(self.manifest[bundle.family].get("accuracy") or {})
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> EdvitBundle:

@@ -3,11 +3,15 @@
 Each family subpackage of :mod:`edgesplit.families` calls :func:`register_family` in its
 ``__init__``; :func:`get_family` finds every subpackage with :mod:`pkgutil` the first time it is
 asked, so a new family needs no edit anywhere else. The pipeline, the exporter, the recipe loader
-and the bundle contract look families up here and never branch on a family's name.
+and the bundle contract look families up here and never branch on a family's name: a family's own
+manifest section is checked by its ``manifest_check``, which the bundle schema runs through
+:meth:`Family.check_manifest` without naming the family.
 
-Torch-free on purpose: the bundle contract (read on every device) imports this module. The torch
-parts of a family (model, training steps, exporter) are registered as ``"module:attribute"``
-paths and imported only when :meth:`Family.entry` resolves them.
+Torch-free on purpose, and a leaf (the stdlib only): the bundle contract (read on every device)
+imports this module, and tests/test_layers.py holds it to that. The torch parts of a family (model,
+training steps, exporter) are registered as ``"module:attribute"`` paths and imported only when
+:meth:`Family.entry` resolves them; a ``manifest_check`` is torch-free (contract-level, stdlib and
+wire only), since every reader of a bundle of that family runs it.
 """
 
 from __future__ import annotations
@@ -34,9 +38,13 @@ SERVING_SHAPES: dict[str, tuple[str, ...]] = {
 NUMBERED_ROLES: dict[str, tuple[str, re.Pattern[str]]] = {
     "scatter": ("submodel.<id>", re.compile(r"^submodel\.(0|[1-9][0-9]?)$")),
 }
+# Serving shapes whose modes and parts only the family knows: the bundle schema checks the common
+# keys and the files, the family's manifest_check (required for these) everything else.
+FAMILY_DEFINED_SHAPES = frozenset({"scatter"})
 HEAD_ROLE = re.compile(r"^head\.[a-z0-9_-]{1,32}$")  # a per-mode head ("head.c3"), head_per_mode families
 # The lazy entry points every family names, as "package.module:attribute".
 ENTRY_POINTS = ("split_schema", "model", "load_student", "steps", "exporter")
+OPTIONAL_ENTRY_POINTS = ("manifest_check",)  # "" when the family has none
 _ENTRY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -71,6 +79,10 @@ class Family:
       :func:`edgesplit.builder.pipeline.prepare`; they leave ``student.pt`` and ``results.json``.
     - ``exporter``: ``(student_path, out_dir, name=None, check_frames=256, weights="fp16",
       teacher_path=None, torch_tail=False) -> Bundle``.
+    - ``manifest_check`` (optional, required for a shape in :data:`FAMILY_DEFINED_SHAPES`):
+      ``(manifest, files) -> None``, torch-free; the rules of the family's own manifest section
+      (keyed by the family's name, docs/BUNDLE.md section 7), run after the common ones passed.
+      Raises ``ValueError`` naming the key; the bundle schema reports it as ``"manifest: <why>"``.
     """
 
     name: str
@@ -85,6 +97,7 @@ class Family:
     optional_files: tuple[str, ...] = ("full",)
     # Whether modes may run their own head file (role "head.<tag>", e.g. one per slimmable width).
     head_per_mode: bool = False
+    manifest_check: str = ""
     module: str = field(default="", compare=False)  # the subpackage that registered it
 
     @property
@@ -118,10 +131,19 @@ class Family:
 
     def entry(self, point: str) -> Any:
         """Import and return an entry point (``split_schema``, ``model``, ``steps``...)."""
-        if point not in ENTRY_POINTS:
-            raise ValueError(f"family entry point must be one of {', '.join(ENTRY_POINTS)}, got {point!r}")
+        points = (*ENTRY_POINTS, *OPTIONAL_ENTRY_POINTS)
+        if point not in points:
+            raise ValueError(f"family entry point must be one of {', '.join(points)}, got {point!r}")
+        if not getattr(self, point):
+            raise LookupError(f"family {self.name} has no {point}")
         module, attr = getattr(self, point).split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def check_manifest(self, manifest: dict[str, Any], files: dict[str, Any]) -> None:
+        """Run the family's ``manifest_check`` (if it has one) on a manifest whose common keys and
+        files the bundle schema has checked; ``ValueError`` naming the key when it is refused."""
+        if self.manifest_check:
+            self.entry("manifest_check")(manifest, files)
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -134,11 +156,16 @@ def register_family(name: str, **record: Any) -> Family:
     fam = Family(name=name, **record)
     if not _NAME.match(name):
         raise ValueError(f"family name {name!r}: lowercase letters, digits, '-' or '_', at most 32")
-    for point in ENTRY_POINTS:
+    for point in (*ENTRY_POINTS, *(p for p in OPTIONAL_ENTRY_POINTS if getattr(fam, p))):
         if not _ENTRY.match(getattr(fam, point)):
             raise ValueError(f"family {name}: {point} must be 'package.module:attribute', got {getattr(fam, point)!r}")
     if fam.serving not in SERVING_SHAPES:
         raise ValueError(f"family {name}: serving shape {fam.serving!r} is not one of {', '.join(SERVING_SHAPES)}")
+    if fam.serving in FAMILY_DEFINED_SHAPES and not fam.manifest_check:
+        raise ValueError(
+            f"family {name}: serving shape {fam.serving!r} leaves the modes to the family, so it must name a "
+            "manifest_check"
+        )
     with _LOCK:
         known = _FAMILIES.get(name)
         if known is not None:  # the same record again (a module imported twice) is harmless

@@ -16,5 +16,6 @@ register_family(
     exporter="edgesplit.families.edvit.export:export_bundle",
     serving="scatter",
     optional_files=("full",),
+    manifest_check="edgesplit.families.edvit.manifest:validate_scatter",  # BUNDLE.md section 7.1
     module=__name__,
 )

@@ -1,8 +1,10 @@
 """The ED-ViT part of a bundle manifest (docs/BUNDLE.md section 7.1), checked and parsed.
 
-Torch-free and free of the rest of the bundle contract: :mod:`edgesplit.bundle` imports it for a
-family whose serving shape is ``scatter`` and turns :class:`ScatterManifestError` into its own
-``BundleError`` ("manifest: <message>"). The checks here are the ones section 7.1 adds: feature
+Torch-free and free of the rest of the bundle contract (the stdlib and the wire library only,
+tests/test_layers.py): ED-ViT registers :func:`validate_scatter` as its ``manifest_check``, which
+the bundle schema runs through the family registry and whose :class:`ScatterManifestError` (a
+``ValueError``) it reports as ``BundleError("manifest: <message>")``; :mod:`edgesplit.bundle`
+parses the validated section with :func:`parse`. The checks here are the ones section 7.1 adds: feature
 modes instead of ``wire``; the ``edvit`` object (sub-models with ids 0..N-1 in order, N at most 16,
 every class of the bundle in exactly one sub-model's list; the fusion graph's names; the measured
 accuracies); one ``submodel.<id>`` file per sub-model and none for an id that does not exist.

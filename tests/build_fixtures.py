@@ -7,7 +7,8 @@ Test modules that need a trained split or a real exported bundle import the fixt
 
 The build runs once per test session (``scope="session"``) whichever modules use it, and costs
 about half a minute on two busy CPU cores. It needs the shared data (``edgesplit.data.sources.
-data_root()``); without it the dependent tests are skipped with the reason.
+data_root()``); without it the dependent tests fail, naming the folder they looked in
+(``require_cifar``): the data is part of the install, not optional hardware.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from build_fixtures import require_cifar
 from edvit_fixtures import build_edvit_bundle, renamed_copy
 
-from edgesplit.data.sources import data_root, open_source, take
+from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
 from edgesplit.edge.scatter_bundle import EdvitBundle, Fusion, SubModelRunner
 from edgesplit.edge.scatter_camera import ScatterCamera
@@ -31,11 +32,6 @@ from edgesplit.wire import scatter_messages as S
 from edgesplit.wire.codec import encode_float
 from edgesplit.wire.errors import ErrorCode
 from edgesplit.wire.transport import bind_router, recv_parts, send_parts
-
-pytestmark = pytest.mark.skipif(
-    not list((data_root() / "cifar10-jpeg").glob("test-*")),
-    reason="needs the CIFAR-10 test shard",
-)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +46,7 @@ def bundle(bundle_dir) -> EdvitBundle:
 
 @pytest.fixture(scope="module")
 def frames():
+    require_cifar()  # the shared shards are part of the install: missing, the tests fail naming them
     return list(take(open_source("cifar10:test"), 24))
 
 
@@ -319,6 +316,7 @@ def test_worker_table_checks_in_order(bundle):
 def test_demo_runs_an_edvit_bundle_and_survives_a_killed_worker(bundle_dir):
     """`edgesplit demo --bundle <ED-ViT>`: one worker process per sub-model, the camera fuses; the
     last worker killed -9 halfway: every frame still answered, the later ones from sub-model 0 only."""
+    require_cifar()
     cmd = [sys.executable, "-m", "edgesplit", "demo", "--bundle", str(bundle_dir), "--source", "cifar10:test"]
     out = subprocess.run(cmd + ["--frames", "16", "--kill-one", "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import constriction  # noqa: F401  (codec 'ans' needs the entropy extra, which tools/setup.sh installs)
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,6 @@ from edgesplit.families.bottlefit.train import distill_stage1
 from edgesplit.wire import ans_codec as A
 from edgesplit.wire.ans_tables import TAG_BYTES, parse_tables, tables_document
 
-pytest.importorskip("constriction", reason="codec 'ans' needs the entropy extra")
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 

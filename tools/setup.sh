@@ -3,13 +3,18 @@
 # wheel first: a bare 'torch' requirement would otherwise pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The bandwidth-shaping tests need `ip` and `tc` (iproute2) when run as root, as CI is: install
-# them there rather than let those tests fail.
-if [ "$(id -u)" = 0 ] && ! { command -v ip && command -v tc; } >/dev/null 2>&1; then
+# Tools some tests need when run as root, as CI is: the bandwidth-shaping tests use `ip` and `tc`
+# (iproute2), the agent's unit test checks its systemd unit with `systemd-analyze verify` (systemd).
+# Install whichever is missing there rather than let those tests fail; nothing to do (no apt-get
+# update) when all are present.
+missing=()
+{ command -v ip && command -v tc; } >/dev/null 2>&1 || missing+=(iproute2)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+if [ "$(id -u)" = 0 ] && [ "${#missing[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
   else
-    echo "setup.sh: install iproute2 (ip, tc) with this system's package manager" >&2
+    echo "setup.sh: install ${missing[*]} with this system's package manager" >&2
   fi
 fi
 if [ ! -x .venv/bin/python ]; then

@@ -285,7 +285,16 @@ def test_bench_switch_measures_codec_and_head_switches(slim_bundle):
     assert set(out["heads"]) == {"head", "head.c4", "head.c2"}
     for h in out["heads"].values():
         assert h["after_switch_n"] >= 5 and h["steady_ms_p50"] > 0 and h["switch_cost_ms"] is not None
-    assert out["codec"]["same_mode_ms_p50"] > 0 and out["met"] in (True, False)
+    assert out["codec"]["same_mode_ms_p50"] > 0
+    # the verdict, recomputed from the reported timings: each cost is after-switch minus steady, the
+    # worst of them (heads and codec) is compared with the 1 ms target
+    codec = out["codec"]
+    assert codec["switch_cost_ms"] == round(codec["switch_ms_p50"] - codec["same_mode_ms_p50"], 4)
+    for h in out["heads"].values():
+        assert h["switch_cost_ms"] == round(h["after_switch_ms_p50"] - h["steady_ms_p50"], 4)
+    worst = max([codec["switch_cost_ms"]] + [h["switch_cost_ms"] for h in out["heads"].values()])
+    assert out["switch_cost_ms_max"] == worst and out["target_ms"] == 1.0
+    assert out["met"] is (worst <= 1.0)
 
 
 def test_round_robin_policy_refuses_unknown_modes(slim_bundle):

@@ -80,7 +80,7 @@ class _Pending:
     digest: bytes
     fwd: Reply
     bits: int
-    born: float
+    born_ns: int  # the caller's monotonic clock when its train_fwd ran
 
 
 @dataclass
@@ -129,7 +129,7 @@ class BodyRunner:
         us = (time.perf_counter() - t0) * 1e6  # computed in place: no queue
         return P.result(rid, [d], queue_us=0.0, compute_us=us, batch_size=int(y.shape[0]), server_us=us), [payload]
 
-    def train_fwd(self, sid: bytes, h: dict[str, Any], frame, now: float) -> Reply:
+    def train_fwd(self, sid: bytes, h: dict[str, Any], frame, now_ns: int) -> Reply:
         rid, d, grad = h["id"], h["tensors"][0], h["grad"]
         st = self.steps.setdefault(sid, Steps())
         digest = _digest(d, frame)
@@ -153,13 +153,13 @@ class BodyRunner:
             out = self.body(t_in)
         reply = self._answer(rid, S.REPLY_NAMES[S.TRAIN_FWD], out.detach().numpy(), S.bits_of(d), t0)
         if grad:
-            st.pending[rid] = _Pending(t_in, out, digest, reply, S.bits_of(d), now)
+            st.pending[rid] = _Pending(t_in, out, digest, reply, S.bits_of(d), now_ns)
         else:
             self._finish(st, rid, _Finished(digest, reply, None))
         self.counters["train_fwd"] += 1
         return reply
 
-    def train_bwd(self, sid: bytes, h: dict[str, Any], frame, now: float) -> Reply:
+    def train_bwd(self, sid: bytes, h: dict[str, Any], frame, now_ns: int) -> Reply:
         rid, d = h["id"], h["tensors"][0]
         st = self.steps.setdefault(sid, Steps())
         done = st.finished.get(rid)
@@ -213,10 +213,11 @@ class BodyRunner:
         self.counters["requests"] += 1
         return self._answer(rid, S.REPLY_NAMES[S.TRAIN_FWD], y[0] if single else y, 32, t0)
 
-    def expire(self, now: float) -> None:
+    def expire(self, now_ns: int) -> None:
         """Drop pending steps older than ``ttl_ms`` (their train_bwd would get UNKNOWN_STEP)."""
+        ttl_ns = self.ttl_ms * 1_000_000
         for st in self.steps.values():
-            for rid in [r for r, p in st.pending.items() if (now - p.born) * 1e3 > self.ttl_ms]:
+            for rid in [r for r, p in st.pending.items() if now_ns - p.born_ns > ttl_ns]:
                 del st.pending[rid]
                 self.counters["expired"] += 1
 

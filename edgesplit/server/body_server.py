@@ -1,14 +1,16 @@
 """The body server (``edgesplit body-serve``): serves one SFPrompt body package for split training
 and U-shaped inference over the wire protocol (docs/PROTOCOL.md §15).
 
-One ROUTER socket, one thread: every message is validated (:func:`edgesplit.wire.split_train.parse`
-with the features ``"split_training"`` and ``"u_shaped"``), answered, and a training step computed
-in place (:class:`~edgesplit.server.body_runner.BodyRunner`). Sessions as §6-§8: ``hello``
-(refused UNKNOWN_BUNDLE for another package, UNSUPPORTED for an agent that is not U-shaped),
-``ping``/``pong``, ``bye``, expiry after three silent heartbeat intervals with no pending step.
-Single-threaded on purpose for now: a client's steps are sequential (each waits for its answer),
-so there is nothing to batch within a session; batching steps across clients is what moving this
-runner into :class:`~edgesplit.server.daemon.Server`'s compute thread would add.
+One ROUTER socket, one thread: the socket and the loop are here; every message goes to a
+:class:`~edgesplit.server.body_sessions.BodySessionTable` (the protocol's session lifecycle, shared
+with the daemon, plus the body's hello, welcome and work), which validates it, answers it and
+computes a training step in place (:class:`~edgesplit.server.body_runner.BodyRunner`). Sessions as
+§6-§8: ``hello`` (refused UNKNOWN_BUNDLE for another package, UNSUPPORTED for an agent that is not
+U-shaped), ``ping``/``pong``, a server ping per heartbeat interval, ``bye``, expiry after three
+silent heartbeat intervals with no pending step. Single-threaded on purpose for now: a client's
+steps are sequential (each waits for its answer), so there is nothing to batch within a session;
+batching steps across clients is what moving this runner into
+:class:`~edgesplit.server.daemon.Server`'s compute thread would add.
 """
 
 from __future__ import annotations
@@ -20,21 +22,17 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
 
 import zmq
 
 from ..wire import protocol as P
-from ..wire import split_train as S
 from ..wire import transport
 from ..wire.curve import ServerCurve
-from ..wire.errors import ErrorCode, ProtocolError
-from ..wire.messages import ErrorReply
-from .body_runner import BodyPackage, BodyRunner, Reply
+from .body_runner import BodyPackage, BodyRunner
+from .body_sessions import BodySessionTable
+from .stats import IoCounters
 
 log = logging.getLogger("edgesplit.server")
-FEATURES = (S.FEATURE_SPLIT_TRAINING, S.FEATURE_U_SHAPED)
-EXPIRY_INTERVALS = 3
 
 
 class BodyServer:
@@ -52,122 +50,41 @@ class BodyServer:
         name: str = "edgesplit-body",
         curve: ServerCurve | None = None,
     ):
+        self.package = package
         self.runner = BodyRunner(package, max_pending=max_pending, replay=replay, ttl_ms=ttl_ms)
-        self.package, self.credits, self.heartbeat_ms, self.limits, self.name = (
-            package,
-            credits,
-            heartbeat_ms,
-            limits,
-            name,
+        self.counters = IoCounters()
+        self.table = BodySessionTable(
+            self.runner, self.counters, server_name=name, credits=credits, heartbeat_ms=heartbeat_ms, limits=limits
         )
+        # looked at every min(0.5 s, heartbeat / 4), as PROTOCOL.md §8 says of the reference server
+        self.tick_s = min(0.5, heartbeat_ms / 4e3) if heartbeat_ms > 0 else 0.5
         # CURVE: its own context, with the ZAP handler started before the bind (PROTOCOL.md §1)
         self.ctx = zmq.Context() if curve is not None else None
         self.auth = curve.start_authenticator(self.ctx) if curve is not None and self.ctx is not None else None
         self.sock, self.endpoint = transport.bind_router(bind, limits=limits, ctx=self.ctx, curve=curve)
-        self.sessions: dict[bytes, dict[str, Any]] = {}
         self.stop_event = threading.Event()
-        self.errors = 0
 
-    # -- one message ---------------------------------------------------------------------------------
-    def handle(self, identity: bytes, parts: list, now: float) -> Reply | None:
+    def _send(self, identity: bytes, header: dict, frames: list) -> None:
         try:
-            msg = S.parse(parts, self.limits, FEATURES)
-        except ProtocolError as e:
-            return self._refuse(e)
-        s = self.sessions.get(identity)
-        if s is not None:
-            s["last_seen"] = now
-        h, kind = msg.header, msg.kind
-        try:
-            if kind == P.Kind.HELLO:
-                return self._hello(identity, h, now), []
-            if kind == P.Kind.PING:
-                return P.pong(h["nonce"], time.time_ns()), []
-            if kind in (P.Kind.PONG, P.Kind.ERROR):
-                return None
-            if kind == P.Kind.BYE:
-                self.sessions.pop(identity, None)
-                self.runner.forget(identity)
-                return None
-            if kind not in (S.TRAIN_FWD, S.TRAIN_BWD, P.Kind.REQUEST):
-                raise ProtocolError(ErrorCode.MALFORMED, f"'{kind}' is not a message a client sends", msg.id)
-            if s is None:
-                raise ProtocolError(ErrorCode.NOT_READY, "no session: send hello first", h["id"])
-            frame = msg.frames[0]
-            if kind == S.TRAIN_FWD:
-                return self.runner.train_fwd(identity, h, frame, now)
-            if kind == S.TRAIN_BWD:
-                return self.runner.train_bwd(identity, h, frame, now)
-            return self.runner.infer(h, frame)
-        except ProtocolError as e:
-            return self._refuse(e)
-        except Exception as e:  # a bug: answer INTERNAL and keep serving
-            log.exception("failed to handle a message")
-            rid = h.get("id") if kind in (S.TRAIN_FWD, S.TRAIN_BWD, P.Kind.REQUEST) else None
-            return self._refuse(ProtocolError(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}", rid))
-
-    def _refuse(self, e: ProtocolError) -> Reply:
-        self.errors += 1
-        return ErrorReply(e.req_id, e.code, e.message).to_header(), []
-
-    def _hello(self, identity: bytes, h: dict[str, Any], now: float) -> dict[str, Any]:
-        if h["bundle"] != self.package.hash:
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_BUNDLE,
-                f"body package {h['bundle'][:16]}... is not loaded here (loaded: {self.package.name}="
-                f"{self.package.hash[:16]}...)",
-            )
-        serving = h.get("serving") or "head-tail"
-        if serving != "u-shaped":
-            raise ProtocolError(
-                ErrorCode.UNSUPPORTED,
-                f"'{self.package.name}' is served U-shaped (the server answers with the body's output, the agent "
-                f"runs the tail); this agent's model is '{serving}'",
-            )
-        credits = max(1, min(self.credits, h["caps"]["max_inflight"]))
-        self.sessions[identity] = {"agent": h["agent"], "last_seen": now}
-        w = P.welcome(
-            self.package.hash,
-            self.name,
-            credits=credits,
-            limits=self.limits,
-            heartbeat_ms=self.heartbeat_ms,
-            codecs=["raw"],
-            bits=[8],
-            features=FEATURES,
-        )
-        w["train"] = self.runner.train_terms()
-        return w
-
-    # -- the loop ------------------------------------------------------------------------------------
-    def tick(self, now: float) -> None:
-        self.runner.expire(now)
-        if self.heartbeat_ms <= 0:
-            return
-        limit = EXPIRY_INTERVALS * self.heartbeat_ms / 1e3
-        for ident in [i for i, s in self.sessions.items() if now - s["last_seen"] > limit]:
-            if self.runner.pending(ident) == 0:
-                del self.sessions[ident]
-                self.runner.forget(ident)
+            transport.send(self.sock, header, frames, identity=identity)
+        except zmq.ZMQError:  # the peer is gone (ROUTER_MANDATORY): its session and steps go too
+            self.table.drop(identity)
 
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        last_tick = time.monotonic()
+        last_tick = time.monotonic_ns()
         while not self.stop_event.is_set():
             if poller.poll(100):
                 parts = self.sock.recv_multipart(copy=True)
                 ident, body = parts[0], parts[1:]
-                out = self.handle(ident, body, time.monotonic())
+                out = self.table.handle(ident, body, time.monotonic_ns())
                 if out is not None:
-                    try:
-                        transport.send(self.sock, out[0], out[1], identity=ident)
-                    except zmq.ZMQError:  # the peer is gone (ROUTER_MANDATORY)
-                        self.sessions.pop(ident, None)
-                        self.runner.forget(ident)
-            now = time.monotonic()
-            if now - last_tick > 0.5:
-                self.tick(now)
+                    self._send(ident, *out)
+            now = time.monotonic_ns()
+            if now - last_tick > self.tick_s * 1e9:
+                for ident, ping in self.table.tick(now):
+                    self._send(ident, ping, [])
                 last_tick = now
         self.sock.close(linger=1000)
         if self.auth is not None:

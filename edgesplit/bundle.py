@@ -24,25 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from .bundle_schema import CDF_ROLE, SCHEMA_VERSION, BundleError, Mode, validate_manifest
-from .families.edvit import manifest as scatter
-from .families.edvit.manifest import FeatureMode, Fusion, Submodel
 from .families.registry import HEAD_ROLE, get_family
 from .wire.ans_tables import TableSet, parse_tables
 
 MANIFEST = "manifest.json"
 # A family whose modes run their own heads (``Family.head_per_mode``): role "head" is the default
 # mode's, "head.<tag>" (``HEAD_ROLE``, e.g. "head.c3") the others'; each mode names its head
-# (``Mode.head``). ED-ViT (serving shape "scatter", section 7.1): FeatureMode, Submodel, Fusion.
+# (``Mode.head``). A family-defined shape (ED-ViT's "scatter", section 7.1) is parsed by the family's
+# torch-free ``manifest_parse`` into feature modes, sub-models and the fusion (its own types).
 # The manifest schema (Mode, validate_manifest, BundleError) lives in bundle_schema and is re-exported.
 __all__ = [
     "HEAD_ROLE",
     "SCHEMA_VERSION",
     "Bundle",
     "BundleError",
-    "FeatureMode",
-    "Fusion",
     "Mode",
-    "Submodel",
     "validate_manifest",
 ]
 
@@ -62,12 +58,16 @@ class Bundle:
         self.root = root
         self.manifest = manifest
         self.hash = hashlib.sha256(manifest_bytes).hexdigest()
-        self.serving = get_family(manifest["family"]).serving  # "head-tail" or "scatter"
-        scattered = self.serving == "scatter"
+        family = get_family(manifest["family"])
+        self.serving = family.serving  # "head-tail", "scatter" or "u-shaped"
+        scattered = family.manifest_parse != ""
         self.modes = [] if scattered else [Mode.from_dict(x) for x in manifest["modes"]]  # quantized wire modes
         self._modes_by_id = {m.id: m for m in self.modes}
         # scatter only: feature modes, sub-models in id order, the fusion graph's role and names
-        self.feature_modes, self.submodels, self.fusion = scatter.parse(manifest) if scattered else ([], [], None)
+        self.feature_modes: list[Any]
+        self.feature_modes, self.submodels, self.fusion = (
+            family.entry("manifest_parse")(manifest) if scattered else ([], [], None)
+        )
         self.tables: dict[str, TableSet] = {}  # the cdf file's table sets, by name (ans modes only)
 
     # -- loading ---------------------------------------------------------------------------
@@ -171,9 +171,13 @@ class Bundle:
             raise BundleError(f"bundle '{self.name}' ({self.family}) sends features, not a wire tensor")
         return self.manifest["wire"]
 
-    def feature_mode(self, mode_id: int | None = None) -> FeatureMode:
+    def feature_mode(self, mode_id: int | None = None) -> Any:
         """A scatter bundle's feature mode by id (None: ``default_mode``, else the first listed)."""
-        fm = scatter.pick_mode(self.feature_modes, self.manifest.get("default_mode"), mode_id)
+        want = mode_id
+        if want is None:
+            default = self.manifest.get("default_mode")
+            want = default if default is not None else (self.feature_modes[0].id if self.feature_modes else None)
+        fm = next((x for x in self.feature_modes if x.id == want), None)
         if fm is None:
             known = ", ".join(str(x.id) for x in self.feature_modes) or "none: not a scatter bundle"
             raise BundleError(f"bundle '{self.name}' has no feature mode {mode_id} (feature modes: {known})")

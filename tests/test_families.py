@@ -93,8 +93,10 @@ def test_registration_is_checked():
         register_family("newfam", **{**record, "steps": "edgesplit.families.newfam.steps.run"})
     with pytest.raises(ValueError, match="serving shape"):
         register_family("newfam", **record, serving="pipeline")
-    with pytest.raises(ValueError, match="serving shape 'scatter' leaves the modes to the family.*manifest_check"):
-        register_family("newfam", **record, serving="scatter")  # nothing would check its modes
+    with pytest.raises(ValueError, match="serving shape 'scatter' leaves the modes to the family.*manifest_parse"):
+        register_family("newfam", **record, serving="scatter")  # nothing would check or parse its modes
+    with pytest.raises(ValueError, match="must name a manifest_check and a manifest_parse"):
+        register_family("newfam", **record, serving="scatter", manifest_check="edgesplit.families.newfam.m:check")
     with pytest.raises(ValueError, match="manifest_check must be 'package.module:attribute'"):
         register_family("newfam", **record, manifest_check="edgesplit.families.newfam.manifest")
     with pytest.raises(LookupError, match="family bottlefit has no manifest_check"):

@@ -43,8 +43,9 @@ TORCH = ("torch", "torchvision", "torchaudio")
 
 
 def registered_manifest_checks(root: Path = PACKAGE_DIR) -> tuple[str, ...]:
-    """The modules the families name as ``manifest_check`` in their ``register_family`` call (read
-    from each family's ``__init__``: a literal ``"module:attribute"``, or this table cannot know it)."""
+    """The modules the families name as ``manifest_check`` or ``manifest_parse`` in their
+    ``register_family`` call (read from each family's ``__init__``: a literal ``"module:attribute"``,
+    or this table cannot know it)."""
     found = []
     for init in sorted((root / "families").glob("*/__init__.py")):
         for node in ast.walk(ast.parse(init.read_text(), str(init))):
@@ -55,13 +56,11 @@ def registered_manifest_checks(root: Path = PACKAGE_DIR) -> tuple[str, ...]:
             ):
                 continue
             for kw in node.keywords:
-                if kw.arg == "manifest_check":
+                if kw.arg in ("manifest_check", "manifest_parse"):
                     if not (isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)):
-                        raise ValueError(
-                            f"{init}: manifest_check must be a string literal (tests/test_layers.py reads it)"
-                        )
+                        raise ValueError(f"{init}: {kw.arg} must be a string literal (tests/test_layers.py reads it)")
                     found.append(kw.value.value.split(":")[0])
-    return tuple(found)
+    return tuple(sorted(set(found)))
 
 
 # The one families module a contract may import: a torch-free stdlib-only leaf (rule below) holding
@@ -71,9 +70,6 @@ REGISTRY = "edgesplit.families.registry"
 MANIFEST_CHECKS = registered_manifest_checks()
 # The registry side of the families, a plane of its own (plane() below): torch-free, read on devices.
 FAMILY_REGISTRY = ("edgesplit.families", REGISTRY, "edgesplit.families.*", *MANIFEST_CHECKS)
-# Pending, issue 10: edgesplit/bundle.py still imports ED-ViT's section by name to parse it (types
-# and parse); it goes once Bundle asks the family's entry point instead. bundle_schema may not.
-BUNDLE_PARSES_BY_NAME = ("edgesplit.families.edvit.manifest",)
 # Device profiles are data (stdlib + yaml, rule b2 below): a plane of their own, so the build plane
 # may size models from them (ED-ViT's budgets) while profile's measuring tools import the build plane.
 PROFILE_DATA = "edgesplit.profile.devices"
@@ -104,7 +100,7 @@ RULES = (
         "d",
         "contract bundle imports only wire and the torch-free family registry",
         ("edgesplit.bundle",),
-        allowed=("edgesplit.wire.**", "edgesplit.bundle_schema", REGISTRY, *BUNDLE_PARSES_BY_NAME),
+        allowed=("edgesplit.wire.**", "edgesplit.bundle_schema", REGISTRY),
         internal_only=True,
     ),
     Rule(
@@ -512,9 +508,10 @@ def test_checker_rules_name_module_line_and_rule(tmp_path):
 
 
 def test_the_rule_table_reads_every_manifest_check():
-    """The table's static reading of ``manifest_check`` matches what the running registry holds."""
+    """The table's static reading of ``manifest_check``/``manifest_parse`` matches the running registry."""
     from edgesplit.families.registry import family_names, get_family
 
-    running = [get_family(n).manifest_check.split(":")[0] for n in family_names() if get_family(n).manifest_check]
-    assert sorted(running) == sorted(MANIFEST_CHECKS)
+    fams = [get_family(n) for n in family_names()]
+    running = {e.split(":")[0] for f in fams for e in (f.manifest_check, f.manifest_parse) if e}
+    assert sorted(running) == list(MANIFEST_CHECKS)
     assert "edgesplit.families.edvit.manifest" in MANIFEST_CHECKS  # ED-ViT's section is checked this way

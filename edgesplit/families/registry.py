@@ -44,7 +44,7 @@ FAMILY_DEFINED_SHAPES = frozenset({"scatter"})
 HEAD_ROLE = re.compile(r"^head\.[a-z0-9_-]{1,32}$")  # a per-mode head ("head.c3"), head_per_mode families
 # The lazy entry points every family names, as "package.module:attribute".
 ENTRY_POINTS = ("split_schema", "model", "load_student", "steps", "exporter")
-OPTIONAL_ENTRY_POINTS = ("manifest_check",)  # "" when the family has none
+OPTIONAL_ENTRY_POINTS = ("manifest_check", "manifest_parse")  # "" when the family has none
 _ENTRY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -83,6 +83,9 @@ class Family:
       ``(manifest, files) -> None``, torch-free; the rules of the family's own manifest section
       (keyed by the family's name, docs/BUNDLE.md section 7), run after the common ones passed.
       Raises ``ValueError`` naming the key; the bundle schema reports it as ``"manifest: <why>"``.
+    - ``manifest_parse`` (optional, required with ``manifest_check``'s shapes): ``manifest -> (feature
+      modes, sub-models, fusion)``, torch-free, on a manifest the check passed; what
+      :class:`edgesplit.bundle.Bundle` holds for a bundle of a family-defined shape.
     """
 
     name: str
@@ -98,6 +101,7 @@ class Family:
     # Whether modes may run their own head file (role "head.<tag>", e.g. one per slimmable width).
     head_per_mode: bool = False
     manifest_check: str = ""
+    manifest_parse: str = ""
     module: str = field(default="", compare=False)  # the subpackage that registered it
 
     @property
@@ -161,10 +165,10 @@ def register_family(name: str, **record: Any) -> Family:
             raise ValueError(f"family {name}: {point} must be 'package.module:attribute', got {getattr(fam, point)!r}")
     if fam.serving not in SERVING_SHAPES:
         raise ValueError(f"family {name}: serving shape {fam.serving!r} is not one of {', '.join(SERVING_SHAPES)}")
-    if fam.serving in FAMILY_DEFINED_SHAPES and not fam.manifest_check:
+    if fam.serving in FAMILY_DEFINED_SHAPES and not (fam.manifest_check and fam.manifest_parse):
         raise ValueError(
             f"family {name}: serving shape {fam.serving!r} leaves the modes to the family, so it must name a "
-            "manifest_check"
+            "manifest_check and a manifest_parse"
         )
     with _LOCK:
         known = _FAMILIES.get(name)

@@ -17,5 +17,6 @@ register_family(
     serving="scatter",
     optional_files=("full",),
     manifest_check="edgesplit.families.edvit.manifest:validate_scatter",  # BUNDLE.md section 7.1
+    manifest_parse="edgesplit.families.edvit.manifest:parse",
     module=__name__,
 )

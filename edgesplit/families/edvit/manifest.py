@@ -261,10 +261,3 @@ def fusion(m: dict[str, Any]) -> Fusion:
 def parse(m: dict[str, Any]) -> tuple[list[FeatureMode], list[Submodel], Fusion | None]:
     """Feature modes, sub-models and fusion of a validated manifest (what ``Bundle`` holds)."""
     return feature_modes(m), submodels(m), fusion(m)
-
-
-def pick_mode(modes: list[FeatureMode], default: int | None, want: int | None) -> FeatureMode | None:
-    """The mode ``want``; None: ``default`` (the manifest's ``default_mode``), else the first."""
-    if want is None:
-        want = default if default is not None else (modes[0].id if modes else None)
-    return next((x for x in modes if x.id == want), None)

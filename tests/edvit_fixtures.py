@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -133,3 +137,31 @@ def renamed_copy(src: Path, dst: Path, name: str) -> Path:
     m["name"] = name
     (dst / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
     return dst
+
+
+class Workers:
+    """`edgesplit worker` subprocesses on free loopback ports."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, bundle_dir: Path, submodels: str | None = None, *extra: str) -> tuple[subprocess.Popen, str]:
+        cmd = [sys.executable, "-m", "edgesplit", "worker", "--bundle", str(bundle_dir), "--bind", "tcp://127.0.0.1:0"]
+        if submodels:
+            cmd += ["--submodels", submodels]
+        p = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        line = json.loads(p.stdout.readline())
+        assert line["event"] == "listening"
+        return p, line["endpoint"]
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zmq
 from build_fixtures import require_cifar
-from edvit_fixtures import build_edvit_bundle, renamed_copy
+from edvit_fixtures import Workers, build_edvit_bundle, renamed_copy
 
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
@@ -59,34 +59,6 @@ def local(bundle):
         return fusion({i: runner.run(i, x) for i in present})
 
     return fused
-
-
-class Workers:
-    """`edgesplit worker` subprocesses on free loopback ports."""
-
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, bundle_dir: Path, submodels: str | None = None, *extra: str) -> tuple[subprocess.Popen, str]:
-        cmd = [sys.executable, "-m", "edgesplit", "worker", "--bundle", str(bundle_dir), "--bind", "tcp://127.0.0.1:0"]
-        if submodels:
-            cmd += ["--submodels", submodels]
-        p = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, text=True)
-        self.procs.append(p)
-        line = json.loads(p.stdout.readline())
-        assert line["event"] == "listening"
-        return p, line["endpoint"]
-
-    def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 @pytest.fixture

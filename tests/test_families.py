@@ -385,6 +385,31 @@ def scatter_fused_logits(b: Bundle, samples, mask) -> np.ndarray:
     return fusion.run([b.fusion.output], feed)[0]
 
 
+def check_scatter_served(b: Bundle) -> None:
+    """Served: one `edgesplit worker` process per sub-model and the camera on loopback; every frame
+    fused from all of them, equal to the fused answer computed here from the bundle's files."""
+    from edvit_fixtures import Workers
+
+    from edgesplit.data.sources import open_source, take
+    from edgesplit.edge.scatter_bundle import EdvitBundle
+    from edgesplit.edge.scatter_camera import ScatterCamera
+
+    samples = list(take(open_source("cifar10:test"), FRAMES))
+    workers = Workers()
+    try:
+        endpoints = [workers.start(b.root, str(i))[1] for i in range(len(b.submodels))]
+        cam = ScatterCamera(EdvitBundle.load(b.root), endpoints, budget_ms=5000).connect()
+        try:
+            got = [cam.infer(s) for s in samples]
+        finally:
+            cam.close()
+    finally:
+        workers.stop()
+    assert all(a.used == list(range(len(b.submodels))) and a.missing == [] and a.fallback is None for a in got)
+    want = scatter_fused_logits(b, samples, np.ones((FRAMES, len(b.submodels)), np.float32))
+    np.testing.assert_allclose(np.stack([a.logits for a in got]), want, rtol=1e-4, atol=1e-4)
+
+
 def check_scatter_evaluated(b: Bundle) -> None:
     """Fused accuracy, all present and each sub-model missing, recomputed here equals the manifest's."""
     from edgesplit.data.sources import open_source, take
@@ -428,7 +453,8 @@ def test_bundle_is_served_and_evaluated(built):
     from edgesplit.server.daemon import Server
 
     b = built.bundle
-    if b.serving == "scatter":  # served by workers and the camera: R1's tests; here, fused locally
+    if b.serving == "scatter":
+        check_scatter_served(b)
         check_scatter_evaluated(b)
         return
     samples = list(take(open_source("cifar10:test"), FRAMES))

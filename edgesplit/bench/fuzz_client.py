@@ -1,6 +1,12 @@
 """The fuzz worker's client of ``edgesplit bench fuzz``: sends :mod:`edgesplit.wire.fuzz` cases
 over three DEALER sockets and checks every answer against what docs/PROTOCOL.md says is due
-(:class:`FuzzClient`), tallied in a :class:`FuzzReport`."""
+(:class:`FuzzClient`), tallied in a :class:`FuzzReport`.
+
+The one client that does not drive :class:`~edgesplit.wire.client_session.ClientSession`, on
+purpose: the session refuses to send what the fuzzer must send (malformed frames, duplicate and
+foreign ids, requests on no session, credits overrun) and would resend or reconnect where the fuzzer
+must see the server's raw answer. It speaks the handshake itself and nothing else of the session's
+logic (no credits, resends or heartbeats), and checks each answer against PROTOCOL.md."""
 
 from __future__ import annotations
 

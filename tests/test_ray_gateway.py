@@ -74,6 +74,90 @@ def test_build_refuses_unknown_arguments():
         build({})
 
 
+def bench_args(module, argv: list[str]):
+    """A bench scenario's arguments as `edgesplit bench NAME ARGV` parses them."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_recovery_times_from_the_answer_stream():
+    """The kill bench's recovery figures, on a stream whose shape is known: 1000 results/s, the
+    kill, 300 ms of silence, 1000 results/s again."""
+    from edgesplit.bench.gateway_kill import recovery
+
+    ms = 1_000_000
+    res = list(range(0, 1000 * ms, ms)) + list(range(1300 * ms, 2300 * ms, ms))
+    sent = [t - 5 * ms for t in res]
+    r = recovery(res, sent, 1000 * ms, 0.5)
+    assert r["frames_per_s_before"] == 1000.0
+    assert r["first_result_sent_after_kill_ms"] == 300.0
+    assert r["longest_silence_after_kill_ms"] == 300.0
+    assert r["back_to_90pct_ms"] == 250.0  # [1250, 1750) ms holds 450 results: 900/s
+    assert r["min_window_frames_per_s_after"] == 400.0  # [1000, 1500) ms holds 200
+    # with a freeze from 800 ms on, "before" is the second before the freeze
+    assert recovery(res, sent, 1000 * ms, 0.5, before_end_ns=800 * ms)["frames_per_s_before"] == 1000.0
+
+
+# The two bench tests start (and shut down) their own local Ray cluster in this process: they run
+# before the tests that use the module's `ray_app` cluster.
+def test_bench_gateway_scales_replicas_and_projects_nodes():
+    """`bench gateway --ray-replicas 1,2 --inflight replicas`, tiny: one scaling row per replica
+    count under the same load, every frame answered and correct; one batch trip per count; the
+    projection labelled as such, with its formula, one row per node count, consistent with it."""
+    from edgesplit.bench import gateway
+
+    argv = ["--agents", "2", "--seconds", "1", "--warmup-s", "0.3", "--ray-replicas", "1,2"]
+    out = gateway.run(bench_args(gateway, [*argv, "--inflight", "replicas", "--ray-cpus", "1", "--hop-repeats", "5"]))
+    assert not ray.is_initialized()
+    rows = out["scaling"]
+    assert [(r["replicas"], r["inflight"], r["agents"]) for r in rows] == [(1, "replicas", 2), (2, "replicas", 2)], rows
+    for r in rows:
+        assert r["frames_per_s"] > 0 and r["unanswered"] == 0 and not r["errors"], r
+        assert r["per_replica_frames_per_s"] == pytest.approx(r["frames_per_s"] / r["replicas"], abs=0.1)
+        assert r["gateway_cpu_ms_per_frame"] > 0
+    assert rows[0]["speedup"] == 1.0
+    assert sorted(out["points"]) == ["in-process", "ray-r1-inflight-1", "ray-r2-inflight-2"]
+    for p in out["points"]["ray-r2-inflight-2"][:-1]:
+        assert p["wrong_results"] == 0 and p["requests"] > 0
+    trips = out["batch_trip"]
+    assert [t["replicas"] for t in trips] == [1, 2]
+    assert all(t["ray_batch_ms_p50"] > 0 and t["engine_batch_ms_p50"] > 0 and t["batch"] >= 1 for t in trips), trips
+    proj = out["projection"]
+    assert proj["kind"] == "projection" and "min(N * per_node, G * per_gateway)" in proj["model"], proj
+    inputs = proj["inputs"]
+    assert inputs["tail_ms_per_batch"] == 0.3 and "DESIGN.md" in inputs["tail_ms_source"]
+    per_node = 1000 * inputs["batch"] / (inputs["tail_ms_per_batch"] + inputs["overhead_ms_per_batch"])
+    per_gateway = 1000 / inputs["gateway_cpu_ms_per_frame"]
+    assert [r["nodes"] for r in proj["rows"]] == [1, 2, 4, 8]
+    for r in proj["rows"]:
+        assert r["frames_per_s_one_gateway"] == pytest.approx(min(r["nodes"] * per_node, per_gateway), rel=1e-3)
+        assert r["gateways_needed"] >= 1
+
+
+def test_bench_gateway_kill_accounts_for_every_frame():
+    """`bench gateway-kill`, tiny: a replica frozen then killed with batches in flight while four
+    agents stream 600 frames: each answered once, none lost; recovery and replacement reported."""
+    from edgesplit.bench import gateway_kill
+
+    argv = ["--frames", "600", "--kill-at", "150", "--agents", "4", "--freeze-ms", "1000", "--ray-cpus", "1"]
+    out = gateway_kill.run(bench_args(gateway_kill, [*argv, "--replace-timeout-s", "90"]))
+    assert not ray.is_initialized()
+    assert out["killed_mid_stream"] and out["frozen_ms"] >= 1000
+    assert out["frames_sent"] == 600 and out["lost"] == 0 and out["duplicates"] == 0
+    assert out["answered_by_server"] + out["answered_by_fallback"] == 600
+    assert out["errors"] == {} and out["wrong_results"] == 0
+    assert out["latency_ms_max"] > 500  # a batch was held by the frozen replica, and answered all the same
+    verdict = out["verdict"]
+    assert verdict["zero_lost"] and verdict["zero_duplicates"] and verdict["recovery_reported"]
+    assert not verdict["frames_ge_10k"] and not verdict["met"]
+    rec = out["recovery"]
+    assert rec["frames_per_s_before"] > 0 and rec["first_result_sent_after_kill_ms"] >= 0
+    assert rec["replica_replaced_ms"] > rec["replica_down_seen_ms"] >= 0
+
+
 def test_a_batch_through_ray_is_bit_identical(bundle, ray_app):
     """The same formed batch through a replica and through the in-process tail runner."""
     from edgesplit.server.ray_tail import RayTail

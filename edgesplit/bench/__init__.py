@@ -58,7 +58,11 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     ),
     "gateway": (
         "edgesplit.bench.gateway",
-        "the daemon's tail in-process vs behind it on Triton (--triton-url) and on Ray Serve replicas (--ray-replicas)",
+        "the daemon's tail in-process vs behind it on Triton (--triton-url) and on Ray Serve replicas (--ray-replicas 1,2,4)",
+    ),
+    "gateway-kill": (
+        "edgesplit.bench.gateway_kill",
+        "kill -9 a Ray Serve tail replica mid-stream behind the gateway: every frame accounted for, recovery time",
     ),
 }
 

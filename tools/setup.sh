@@ -23,4 +23,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[build,server,edge,profile,dev,entropy,federate]'
+python -m pip install -q -e '.[build,server,edge,profile,dev,entropy,federate,ray,triton]'
+# The Triton server binary (PyTriton's wheel, python backend, runs on CPU) that the tests of
+# triton-export and `serve --backend triton` start; cached, so a second run costs nothing.
+bash tools/fetch_tritonserver.sh >/dev/null ||
+  echo "setup.sh: no Triton server for this Python (tools/fetch_tritonserver.sh failed): the Triton tests will skip" >&2

@@ -25,6 +25,18 @@ from edgesplit.wire import protocol as P
 from edgesplit.wire import split_train as S
 from edgesplit.wire.errors import ErrorCode
 from edgesplit.wire.messages import Welcome
+from edgesplit.wire.session_events import (
+    DISCONNECTED,
+    Answered,
+    Backoff,
+    Lost,
+    Ponged,
+    Refused,
+    Send,
+    TimedOut,
+    Welcomed,
+)
+from edgesplit.wire.split_train_session import SplitTrainSession
 
 MS = 1_000_000  # ns
 T0 = 10**12  # the fake clock's start (ns): only differences matter
@@ -228,3 +240,220 @@ def test_too_many_pending_steps_are_overloaded_but_credits_never_bite_in_place(p
     code, rid, message = error_of(table.handle(CLIENT, fwd(3, x), T0))
     assert (code, rid) == (ErrorCode.OVERLOADED, 3) and "max_pending" in message
     assert table.handle(CLIENT, fwd(4, x, grad=False), T0)[0]["kind"] == "result"  # one credit, reused
+
+
+# -- client: the SplitTrainSession that WireBody drives, against the server table above -------------
+
+
+class _Top:
+    """An rng at the top of its range: every backoff delay is its full step."""
+
+    def random(self) -> float:
+        return 1.0
+
+
+TIMEOUT_S = 0.5  # over three heartbeats (the silence deadline), under the ttl of a pending step
+
+
+def client(package) -> SplitTrainSession:
+    return SplitTrainSession(
+        package.hash, "client", timeout_s=TIMEOUT_S, backoff=Backoff(0.05, 0.4, rng=_Top()), wall_clock=lambda: 99
+    )
+
+
+def deliver(session, table, parts, now) -> list:
+    """``parts`` sent by the client reach the server table; its reply (if any) reaches the client."""
+    reply = table.handle(CLIENT, parts, now)
+    return [] if reply is None else session.receive(P.pack(*reply), now)
+
+
+def sent(events) -> list:
+    return [ev.parts for ev in events if isinstance(ev, Send)]
+
+
+def connect(session, table, now) -> list:
+    events = deliver(session, table, session.hello(now), now)
+    assert isinstance(events[0], Welcomed), events
+    return events
+
+
+def heartbeats(session, table, start_ns, end_ns) -> list:
+    """Both ends tick every half interval from ``start_ns`` to ``end_ns`` and every ping and pong
+    is delivered; returns the client's events."""
+    events = []
+    for t in range(start_ns, end_ns + 1, HB_MS // 2 * MS):
+        for _, ping in table.tick(t):
+            for parts in sent(session.receive(P.pack(ping), t)):
+                deliver(session, table, parts, t)
+        for ev in session.tick(t):
+            events.append(ev)
+            if isinstance(ev, Send):
+                events += deliver(session, table, ev.parts, t)
+    return events
+
+
+def fwd_step(session, step, x, now, grad=True):
+    d, payload = S.encode(x, 32, "tokens")
+    return session.step(S.TRAIN_FWD, step, d, payload, now, grad=grad)
+
+
+def test_the_client_says_hello_u_shaped_and_keeps_the_train_terms(package):
+    table, _, _ = make(package)
+    session = client(package)
+    h = P.parse(session.hello(T0)).header
+    assert (h["kind"], h["serving"], h["bundle"]) == ("hello", "u-shaped", package.hash)
+    (welcomed,) = deliver(session, table, session.hello(T0), T0)
+    assert isinstance(welcomed, Welcomed) and not welcomed.reconnected
+    assert session.train_terms == {"tokens": list(TOKENS), "max_pending": 2, "replay": 4, "ttl_ms": TTL_MS}
+    assert S.FEATURE_SPLIT_TRAINING in session.welcome.features and session.credits == 4
+
+
+def test_a_step_goes_out_under_its_own_id_and_its_answer_and_refusal_come_back_by_it(package):
+    table, runner, _ = make(package)
+    session = client(package)
+    connect(session, table, T0)
+    x = tokens(7)
+    req, parts = fwd_step(session, 41, x, T0)
+    assert parts is not None and P.pack_header(S.train_fwd(41, S.encode(x, 32, "tokens")[0], True)) == parts[0]
+    (answered,) = deliver(session, table, parts, T0 + MS)
+    assert isinstance(answered, Answered) and answered.rid == 41 and answered.request is req
+    body_out = S.decode(answered.header["outputs"][0], answered.frames[0])
+    d, payload = S.encode(np.ones_like(body_out), 32, "grad_out")
+    _, parts = session.step(S.TRAIN_BWD, 41, d, payload, T0 + 2 * MS)
+    (answered,) = deliver(session, table, parts, T0 + 2 * MS)
+    assert answered.header["outputs"][0]["name"] == "grad_in" and not session.outstanding
+    _, parts = session.step(S.TRAIN_BWD, 42, d, payload, T0 + 3 * MS)  # never sent forward
+    (refused,) = deliver(session, table, parts, T0 + 3 * MS)
+    assert isinstance(refused, Refused) and (refused.rid, refused.code) == (42, ErrorCode.UNKNOWN_STEP)
+    assert runner.counters["train_fwd"] == 1 and runner.counters["train_bwd"] == 1
+
+
+def test_a_step_made_before_the_welcome_is_held_and_sent_after_it(package):
+    table, _, _ = make(package)
+    session = client(package)
+    hello_parts = session.hello(T0)
+    _, parts = fwd_step(session, 1, tokens(8), T0)
+    assert parts is None and 1 in session.outstanding
+    events = deliver(session, table, hello_parts, T0 + MS)
+    assert isinstance(events[0], Welcomed) and len(sent(events)) == 1
+    (answered,) = deliver(session, table, sent(events)[0], T0 + MS)
+    assert isinstance(answered, Answered) and answered.rid == 1
+
+
+def test_a_step_that_times_out_is_resent_with_its_id_and_answered_again_without_running_twice(package):
+    table, runner, _ = make(package)
+    session = client(package)
+    connect(session, table, T0)
+    req, parts = fwd_step(session, 5, tokens(9), T0)
+    first = table.handle(CLIENT, parts, T0)  # the server answered; the answer was lost on the way
+    late = T0 + int(TIMEOUT_S * 1e9) + 1
+    events = heartbeats(session, table, T0, late - MS)  # the server is there: it pings, it is answered
+    assert not [ev for ev in events if isinstance(ev, (Lost, TimedOut))] and 5 in session.outstanding
+    timed_out = [ev for ev in session.tick(late) if isinstance(ev, TimedOut)]
+    assert [ev.rid for ev in timed_out] == [5] and not session.outstanding
+    again = session.resend(req, late)
+    assert again == parts
+    (answered,) = deliver(session, table, again, late)
+    assert isinstance(answered, Answered) and answered.rid == 5
+    assert table.handle(CLIENT, parts, late) == first and runner.counters["train_fwd"] == 1
+
+
+def test_a_silent_server_loses_the_session_and_the_step_goes_again_after_the_next_welcome(package):
+    table, runner, _ = make(package)
+    session = client(package)
+    connect(session, table, T0)
+    assert session.silence_limit() == (EXPIRY_INTERVALS * HB_MS * MS, DISCONNECTED)
+    req, parts = fwd_step(session, 3, tokens(10), T0)
+    table.handle(CLIENT, parts, T0)  # computed, but the answer never arrives: silence from here on
+    pinged = sent(session.tick(T0 + HB_MS * MS + 1))  # a quiet interval: the client pings
+    assert [P.parse(p).kind for p in pinged] == ["ping"]
+    (lost,) = session.tick(T0 + 3 * HB_MS * MS + 1)
+    assert isinstance(lost, Lost) and lost.reason == DISCONNECTED and lost.requests == (req,)
+    assert session.resend(req, T0 + 3 * HB_MS * MS + 1) is None  # no session: held
+    assert sent(session.tick(T0 + 3 * HB_MS * MS + 2)) == []  # the hello waits one backoff step
+    now = T0 + 3 * HB_MS * MS + 60 * MS
+    (hello_again,) = sent(session.tick(now))
+    events = deliver(session, table, hello_again, now)
+    assert isinstance(events[0], Welcomed) and events[0].reconnected and session.reconnects == 1
+    (answered,) = deliver(session, table, sent(events)[0], now)
+    assert isinstance(answered, Answered) and answered.rid == 3
+    assert runner.counters["train_fwd"] == 1 and runner.counters["retransmits"] == 1  # answered again, not rerun
+
+
+def test_a_session_the_server_expired_is_re_handshaken_and_the_step_resent_once(package):
+    table, _, _ = make(package)
+    session = client(package)
+    connect(session, table, T0)
+    table.tick(T0 + (EXPIRY_INTERVALS * HB_MS + 1) * MS)  # the client said nothing for three intervals
+    assert not table.sessions
+    now = T0 + 4 * HB_MS * MS
+    _, parts = fwd_step(session, 9, tokens(11), now)
+    events = deliver(session, table, parts, now)  # NOT_READY: the session says hello again by itself
+    (hello_again,) = sent(events)
+    events = deliver(session, table, hello_again, now)
+    assert isinstance(events[0], Welcomed)
+    (answered,) = deliver(session, table, sent(events)[0], now)
+    assert isinstance(answered, Answered) and answered.rid == 9
+
+
+def test_heartbeats_both_ways(package):
+    table, _, _ = make(package)
+    session = client(package)
+    connect(session, table, T0)
+    (ping,) = [h for _, h in table.tick(T0 + HB_MS * MS + 1)]
+    (pong,) = sent(session.receive(P.pack(ping), T0 + HB_MS * MS + 1))
+    assert table.handle(CLIENT, pong, T0 + HB_MS * MS + 2 * MS) is None
+    assert table.sessions[CLIENT].rtt_us == pytest.approx(2000, abs=1)
+    (own,) = sent(session.tick(T0 + 2 * HB_MS * MS + 2))  # a quiet interval since the pong it sent
+    (ponged,) = deliver(session, table, own, T0 + 2 * HB_MS * MS + 2)
+    assert isinstance(ponged, Ponged)
+
+
+def test_a_welcome_without_split_training_is_refused_and_the_session_closed(package):
+    session = client(package)
+    session.hello(T0)
+    w = P.welcome(package.hash, "old", credits=4, limits=P.DEFAULT_LIMITS, heartbeat_ms=HB_MS, codecs=["raw"])
+    refused, bye = session.receive(P.pack(w), T0)
+    assert isinstance(refused, Refused) and (refused.rid, refused.code) == (None, ErrorCode.UNSUPPORTED)
+    assert "does not offer split training" in refused.message
+    assert isinstance(bye, Send) and P.parse(bye.parts).kind == "bye"
+    assert session.welcome is None and not session.handshaking and sent(session.tick(T0 + 10**9)) == []
+
+
+# -- the driver: WireBody on a real socket, its server losing one answer --------------------------------
+
+
+def test_wire_body_resends_a_step_whose_answer_was_lost_and_gets_the_same_answer(package):
+    """One real-socket check of the driver's loop: a body server (in a thread) that drops its first
+    answer; WireBody's session gives up on the silent session, says hello again, resends the step
+    under its id, and the server answers the retransmit without running the step again."""
+    import threading
+
+    from edgesplit.families.sfprompt.wire_link import WireBody
+    from edgesplit.server.body_server import BodyServer
+
+    class LosesFirstAnswer(BodyServer):
+        dropped = 0
+
+        def _send(self, identity, header, frames):
+            if header["kind"] == "result" and not self.dropped:
+                self.dropped += 1
+                return
+            super()._send(identity, header, frames)
+
+    server = LosesFirstAnswer(package, max_pending=2, replay=4, ttl_ms=60_000)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        link = WireBody(server.endpoint, package.hash, timeout_s=2.0, retries=1)  # ample for a loaded CPU
+        x = tokens(12)
+        out = link.forward(1, x, True)
+        assert link.resends == 1 and server.dropped == 1 and link.session.reconnects == 1
+        assert server.runner.counters["train_fwd"] == 1 and server.runner.counters["retransmits"] == 1
+        with torch.no_grad():
+            assert np.allclose(out, package.body(torch.from_numpy(x)).numpy(), atol=1e-6)
+        assert link.backward(1, np.ones_like(out)).shape == x.shape and link.resends == 1
+        link.close()
+    finally:
+        server.stop_event.set()
+        thread.join(timeout=10)

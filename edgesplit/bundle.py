@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .bundle_schema import CDF_ROLE, SCHEMA_VERSION, BundleError, Mode, validate_manifest
+from .bundle_schema import CDF_ROLE, SCHEMA_VERSION, U_SHAPED, BundleError, Mode, validate_manifest
 from .families.registry import HEAD_ROLE, get_family
 from .wire.ans_tables import TableSet, parse_tables
 
@@ -61,7 +61,13 @@ class Bundle:
         family = get_family(manifest["family"])
         self.serving = family.serving  # "head-tail", "scatter" or "u-shaped"
         scattered = family.manifest_parse != ""
-        self.modes = [] if scattered else [Mode.from_dict(x) for x in manifest["modes"]]  # quantized wire modes
+        self.modes: list[Mode]  # quantized wire modes; a U-shaped bundle's: the token tensor's dtypes
+        if scattered:
+            self.modes = []
+        elif self.serving == U_SHAPED:
+            self.modes = [Mode.from_token_dict(x, manifest["wire"]["shape"][0]) for x in manifest["modes"]]
+        else:
+            self.modes = [Mode.from_dict(x) for x in manifest["modes"]]
         self._modes_by_id = {m.id: m for m in self.modes}
         # scatter only: feature modes, sub-models in id order, the fusion graph's role and names
         self.feature_modes: list[Any]

@@ -12,6 +12,11 @@ Modes are uniform (packed codes, PROTOCOL.md §4.1-4.2) unless they name ``"code
 the wire tensor travels entropy-coded with a table set of the bundle's ``cdf`` file (PROTOCOL.md
 §4.4, BUNDLE.md §7.2). The file's own contents are checked when the bundle is loaded
 (:meth:`edgesplit.bundle.Bundle.load`), since this schema sees only the manifest.
+
+A U-shaped bundle (serving shape ``"u-shaped"``, SFPrompt, BUNDLE.md §7.3) sends a token tensor
+``[T, D]``: its wire is ``{"name", "shape": [T, D]}`` and each mode names the ``dtype`` the tokens
+travel in (float32, float16, or 8-bit codes whose range the sender measures per tensor) instead of
+channels and fixed quantization parameters (:func:`_validate_u_shaped`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ MAX_SIDE = 1 << 16
 MAX_FILE_BYTES = 1 << 40
 UNIFORM = "raw"  # a mode without "codec": packed uniform codes (zstd on top is the agent's choice)
 CDF_ROLE = "cdf"  # the file of the ans modes' table sets
+# U-shaped bundles (BUNDLE.md §7.3): the dtypes a token tensor travels in and their bits (PROTOCOL.md §15.3)
+TOKEN_DTYPES = {"float32": 32, "float16": 16, "uint8": 8}
+U_SHAPED = "u-shaped"
 
 
 class BundleError(Exception):
@@ -46,7 +54,12 @@ class Mode:
     ``codec`` is ``"raw"`` for the uniform modes and ``"ans"`` for entropy-coded ones; an ans mode
     names its table set (``tables``, with its digest ``tables_sha256``), has ``bits`` 32 and
     zero point 0, and its ``bytes_per_frame`` is the measured mean of its variable-length frames,
-    ``bytes_p95`` their 95th percentile (uniform modes: None, every frame has the same size)."""
+    ``bytes_p95`` their 95th percentile (uniform modes: None, every frame has the same size).
+
+    A U-shaped bundle's mode (:meth:`from_token_dict`) has a ``dtype`` (the token tensor's wire
+    dtype: float32, float16 or uint8 codes, ``bits`` 32, 16 or 8); every token row is sent, so
+    ``channels`` is the tensor's ``T``, and ``scale``/``zero_point`` are unused (8-bit codes carry
+    their own per tensor). ``dtype`` is None for every other mode."""
 
     id: int
     name: str
@@ -62,6 +75,7 @@ class Mode:
     tables: str | None = None
     tables_sha256: str | None = None
     bytes_p95: float | None = field(default=None)
+    dtype: str | None = None  # U-shaped bundles only: the token tensor's wire dtype
 
     @property
     def entropy_coded(self) -> bool:
@@ -89,6 +103,22 @@ class Mode:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"manifest: malformed mode entry {d!r}: {e}") from None
+
+    @classmethod
+    def from_token_dict(cls, d: dict[str, Any], rows: int) -> "Mode":
+        """A U-shaped bundle's mode (validated by :func:`_validate_u_shaped`); ``rows``: the wire's ``T``."""
+        return cls(
+            id=int(d["id"]),
+            name=str(d["name"]),
+            channels=int(rows),
+            bits=int(d["bits"]),
+            scale=1.0,
+            zero_point=0,
+            bytes_per_frame=float(d.get("bytes_per_frame", 0.0)),
+            accuracy=None if d.get("accuracy") is None else float(d["accuracy"]),
+            head_ms={str(k): float(v) for k, v in d.get("head_ms", {}).items()},
+            dtype=str(d["dtype"]),
+        )
 
 
 def _require(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -236,6 +266,8 @@ def validate_manifest(m: dict[str, Any]) -> None:
     _validate_input(m)
     if family.serving in FAMILY_DEFINED_SHAPES:  # modes and parts: the family's manifest_check alone
         files = _validate_files(m, family)
+    elif family.serving == U_SHAPED:
+        files = _validate_u_shaped(m, family)
     else:
         files = _validate_head_tail(m, family)
     try:
@@ -286,3 +318,52 @@ def _validate_head_tail(m: dict[str, Any], family: Family) -> dict[str, Any]:
                 f"manifest: mode {x.id} is '{ANS_CODEC}'-coded but 'files' has no '{CDF_ROLE}' entry (BUNDLE.md 7.2)"
             )
     return files
+
+
+def _validate_u_shaped(m: dict[str, Any], family: Family) -> dict[str, Any]:
+    """A U-shaped bundle (BUNDLE.md §7.3): the token wire ``[T, D]``, modes naming the dtype the
+    tokens travel in (bits to match), their ids and the default; the files (head, body, tail)."""
+    wire = _require(m, "wire", dict, "")
+    _require(wire, "name", str, "wire.")
+    shape = _require(wire, "shape", list, "wire.")
+    if len(shape) != 2 or not all(is_int(x) and 0 < x <= MAX_SIDE for x in shape):
+        raise BundleError(
+            f"manifest: 'wire.shape' of a U-shaped bundle must be [T, D] (2 positive integers), got {shape!r}"
+        )
+    modes = _require(m, "modes", list, "")
+    if not modes:
+        raise BundleError("manifest: 'modes' must list at least one mode")
+    ids = []
+    for i, d in enumerate(modes):
+        if not isinstance(d, dict):
+            raise BundleError(f"manifest: 'modes[{i}]' must be an object, got {type(d).__name__}")
+        mode_id = _require_int(d, "id", f"modes[{i}].", 0, MAX_MODE_ID)
+        where = f"modes[{i}] (id {mode_id})."
+        _require(d, "name", str, where)
+        dtype = _require(d, "dtype", str, where)
+        if dtype not in TOKEN_DTYPES:
+            raise BundleError(f"manifest: '{where}dtype' must be one of {', '.join(TOKEN_DTYPES)}, got {dtype!r}")
+        bits = _require(d, "bits", int, where)
+        if bits != TOKEN_DTYPES[dtype]:
+            raise BundleError(f"manifest: '{where}bits' of a {dtype} mode must be {TOKEN_DTYPES[dtype]}, got {bits}")
+        for key in ("codec", "channels", "quant", "head"):  # head-tail keys that mean nothing here
+            if key in d:
+                raise BundleError(f"manifest: '{where}{key}' is not a key of a U-shaped mode (BUNDLE.md 7.3)")
+        for key in ("bytes_per_frame", "bytes_down_per_frame"):
+            if key in d and not (is_num(d[key]) and d[key] >= 0):
+                raise BundleError(f"manifest: '{where}{key}' must be a number >= 0, got {d[key]!r}")
+        acc = d.get("accuracy")
+        if acc is not None and not (is_num(acc) and 0 <= acc <= 1):
+            raise BundleError(f"manifest: '{where}accuracy' must be null or a number in [0, 1], got {acc!r}")
+        for key in ("head_ms", "tail_ms"):
+            ms = d.get(key, {})
+            if not isinstance(ms, dict) or not all(is_num(v) for v in ms.values()):
+                raise BundleError(f"manifest: '{where}{key}' must map device profile names to numbers, got {ms!r}")
+        ids.append(mode_id)
+    if len(set(ids)) != len(ids):
+        raise BundleError(f"manifest: mode ids must be unique, got {ids}")
+    if "default_mode" in m and _require(m, "default_mode", int, "") not in ids:
+        raise BundleError(
+            f"manifest: 'default_mode' {m['default_mode']} names no mode (modes: {', '.join(map(str, ids))})"
+        )
+    return _validate_files(m, family)

@@ -6,7 +6,10 @@ slice of the real CIFAR-10 shards, ``edgesplit export runs/<name>/student.pt --o
 loopback to the real agent (every mode, logits checked against the bundle's own head -> codec ->
 tail run here) and evaluated by ``edgesplit eval``'s code, whose per-mode accuracy must equal the
 served one. A scatter bundle (ED-ViT) is fused here in ONNX Runtime from its own files, with all
-sub-models and with each one missing, and the accuracies must equal the manifest's.
+sub-models and with each one missing, and the accuracies must equal the manifest's. A U-shaped
+bundle (SFPrompt) is served by the same daemon to the same agent, which runs the tail on the
+body's output: every mode's logits equal the bundle's head -> codec -> body -> tail run here, and
+its served accuracy equals that offline run's and the manifest's.
 
 Registry: unknown families are refused by the registry, the recipe loader and the bundle contract,
 each naming the known ones; the registry and the families' ``__init__`` modules import no torch;
@@ -285,9 +288,7 @@ class Built:
     bundle: Bundle
 
 
-# A U-shaped family (SFPrompt) exports a body package for the body server, not a bundle yet: its
-# train -> export path is checked in tests/test_sfprompt_family.py.
-@pytest.fixture(scope="module", params=[f for f in family_names() if get_family(f).serving != "u-shaped"])
+@pytest.fixture(scope="module", params=family_names())
 def built(request, tmp_path_factory) -> Built:
     require_cifar()
     family = request.param
@@ -317,6 +318,9 @@ def test_cli_trains_exports_and_inspects(built):
     assert results["recipe"] == r.name and results["eval_frames"] == LIMIT_PER_SHARD
     if get_family(built.family).serving == "scatter":
         check_scatter_bundle(built, results)
+        return
+    if get_family(built.family).serving == "u-shaped":
+        check_u_shaped_bundle(built, results)
         return
     assert {m["bits"] for m in results["modes"]} == set(r.mode_bits)
     assert f"next: edgesplit export {Path('runs') / r.name / 'student.pt'}" in built.train_out
@@ -364,6 +368,58 @@ def check_scatter_bundle(built: Built, results: dict) -> None:
     assert {fm.features_dtype for fm in b.feature_modes} == {"float32", "float16"}
     for graph, check in b.manifest["export"]["checks"].items():
         assert check["frames"] == FRAMES and check["max_rel_diff"] < 1e-2, (graph, check)
+
+
+def check_u_shaped_bundle(built: Built, results: dict) -> None:
+    """A U-shaped family's run and bundle (BUNDLE.md section 7.3): the rounds training ran, what export
+    printed and inspect showed, the head/body/tail/full graphs, one mode per token dtype, and the body
+    package for split training written beside the bundle."""
+    from edgesplit.families.sfprompt.bundle_export import body_package_dir
+    from edgesplit.server.body_runner import BodyPackage
+
+    r, b = built.recipe, built.bundle
+    assert [x["round"] for x in results["rounds"]] == list(range(1, r.split.rounds + 1))
+    assert built.export_out["bundle"] == str(b.root) and built.export_out["hash"] == b.hash
+    assert [tuple(x) for x in built.export_out["modes"]] == [(m.name, m.bytes_per_frame, m.accuracy) for m in b.modes]
+    assert f"family   {built.family}\n" in built.inspect_out and f"hash     {b.hash}\n" in built.inspect_out
+    assert b.serving == "u-shaped" and set(b.manifest["files"]) == {"head", "body", "tail", "full"}
+    T, D = b.wire_spec["shape"]
+    assert (T, D) == (1 + r.split.prompts + (r.input_size // 4) ** 2, 128)
+    assert {m.dtype for m in b.modes} == {"float32", "float16", "uint8"}
+    for m in b.modes:
+        assert m.bytes_per_frame == T * D * m.bits // 8 and m.accuracy is not None
+    for graph, check in b.manifest["export"]["checks"].items():
+        assert check["frames"] == FRAMES and check["max_rel_diff"] < 1e-2, (graph, check)
+    assert BodyPackage.load(body_package_dir(b.root)).hash == b.manifest["sfprompt"]["body_package"]
+
+
+def check_u_shaped_served(b: Bundle) -> None:
+    """Served by the daemon to the agent, every mode: logits equal to the bundle's head -> codec ->
+    body -> tail run here (ONNX Runtime), accuracy equal to that run's and the manifest's."""
+    from edgesplit.data.sources import open_source, take
+    from edgesplit.data.transforms import preprocess
+    from edgesplit.edge.agent import Agent
+    from edgesplit.engine import create_engine
+    from edgesplit.server.daemon import Server
+    from edgesplit.wire.split_train import roundtrip
+
+    samples = list(take(open_source("cifar10:test"), FRAMES))
+    labels = np.asarray([s.label for s in samples])
+    head, body, tail = (create_engine(b.file(role), threads=1) for role in ("head", "body", "tail"))
+    tokens = [head.run1(preprocess(s.data, b.input_spec)[None])[0] for s in samples]
+    T, D = b.wire_spec["shape"]
+    with Server([b], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=500) as srv:
+        with Agent(b, srv.endpoint, threads=1) as agent:
+            assert "u_shaped" in agent.welcome.features
+            for m in b.modes:
+                got = [agent.infer(s, mode=m.id) for s in samples]
+                assert all(x.error is None and x.source == "server" for x in got), [x.to_json() for x in got]
+                assert all(x.bytes_sent == m.bytes_per_frame and x.bytes_received == T * D * 4 for x in got)
+                served = np.stack([x.logits for x in got])
+                offline = np.stack([tail.run1(body.run1(roundtrip(z, m.bits)[None]))[0] for z in tokens])
+                np.testing.assert_allclose(served, offline, rtol=1e-4, atol=1e-4)
+                acc = float(np.mean(served.argmax(1) == labels))
+                assert acc == float(np.mean(offline.argmax(1) == labels)) == m.accuracy, (m.name, acc, m.accuracy)
 
 
 def scatter_fused_logits(b: Bundle, samples, mask) -> np.ndarray:
@@ -456,6 +512,9 @@ def test_bundle_is_served_and_evaluated(built):
     if b.serving == "scatter":
         check_scatter_served(b)
         check_scatter_evaluated(b)
+        return
+    if b.serving == "u-shaped":
+        check_u_shaped_served(b)
         return
     samples = list(take(open_source("cifar10:test"), FRAMES))
     labels = np.asarray([s.label for s in samples])

@@ -7,7 +7,8 @@ behaviour; this module is its implementation):
   :class:`~edgesplit.edge.connection.ServerConnection` (the socket and its link monitor);
 - :class:`~edgesplit.edge.heads.HeadRunner` (preprocessing and the bundle's heads);
 - the local fallback (:mod:`edgesplit.edge.fallback`: full.onnx and the round-trip guard);
-- the mode policy (:class:`~edgesplit.edge.adaptive.ModeController`).
+- the mode policy (:class:`~edgesplit.edge.adaptive.ModeController`);
+- a U-shaped bundle's part (:class:`~edgesplit.edge.ushaped.UShapedPart`: tokens out, tail here).
 
 Each frame ends as exactly one :class:`~edgesplit.edge.results.FrameResult`, whatever the session
 reports about it.
@@ -29,13 +30,14 @@ from ..wire.errors import ErrorCode
 from ..wire.mode_codec import encode_mode
 from ..wire.transport import context, default_agent_name
 from .adaptive import ModeController
-from .connection import ServerConnection, endpoints, load_curve, session_class
+from .connection import ServerConnection, endpoints, load_curve
 from .fallback import RTT_OVER_DEADLINE, SHUTDOWN, UNREACHABLE, load_fallback
 from .frame_loop import stream_frames
 from .heads import HeadRunner, OrtExecution, preprocess_image
 from .outcomes import Frame, Outcomes
 from .policy_frames import submit_with_policy
 from .results import DISCONNECTED, FALLBACK_FAILED, TIMEOUT, AgentError, FrameResult
+from .ushaped import session_for, u_shaped_part
 
 __all__ = ["Agent", "AgentError", "FrameResult", "TIMEOUT", "DISCONNECTED", "FALLBACK_FAILED"]
 
@@ -84,11 +86,11 @@ class Agent:
         self.timeout_s = float(timeout_s)
         self.name = name or default_agent_name()
         self.wire_name = self.bundle.wire_spec["name"]
+        self.ushaped = u_shaped_part(self.bundle, threads, policy, codec)  # None unless U-shaped
         # v1.1: the descriptor each mode implies in a compact request; the session sends a frame
         # compact when its descriptor equals it and the server's welcome allows it.
-        implicit = {
-            m.id: P.compact_descriptor(self.wire_name, self.bundle.wire_spec["shape"], m) for m in self.bundle.modes
-        }
+        modes = self.bundle.modes if self.ushaped is None else ()  # a U-shaped request is never compact
+        implicit = {m.id: P.compact_descriptor(self.wire_name, self.bundle.wire_spec["shape"], m) for m in modes}
         # What a full request's header costs over a compact one's: the "tensors" key and its
         # descriptor. With --codec auto and compact requests, zstd must save more than this.
         self._full_extra = {
@@ -96,7 +98,7 @@ class Agent:
         }
         self._tables = {m.id: self.bundle.tables_for(m) for m in self.bundle.modes if m.entropy_coded}
         self.reconnect_max_s = float(reconnect_max_s)
-        self.session = session_class(server)(
+        self.session = session_for(self.bundle, server)(
             self.bundle.hash,
             self.name,
             max_inflight=self.inflight,
@@ -125,7 +127,8 @@ class Agent:
         self.conn = ServerConnection(
             self.session, server, ctx or context(), curve=self.curve, reconnect_max_s=self.reconnect_max_s
         )
-        self.outcomes = Outcomes(self.session, self.fallback, self.controller, self.timeout_s)
+        finish = None if self.ushaped is None else self.ushaped.finish  # U-shaped: the tail runs here
+        self.outcomes = Outcomes(self.session, self.fallback, self.controller, self.timeout_s, finish)
 
     # -- the session's state, as the agent's (see ClientSession) --------------------------------
     welcome = property(lambda self: self.session.welcome)
@@ -230,7 +233,8 @@ class Agent:
         t0 = time.perf_counter()
         margin = self._full_extra.get(m.id, 0) if self.session.compact_requests and self.codec == "auto" else 0
         tables = self._tables.get(m.id)  # an ans mode's table set (PROTOCOL.md §4.4), else None
-        desc, payload = encode_mode(z, m, tables=tables, codec=self.codec, name=self.wire_name, auto_margin=margin)
+        encode = encode_mode if self.ushaped is None else self.ushaped.encode
+        desc, payload = encode(z, m, tables=tables, codec=self.codec, name=self.wire_name, auto_margin=margin)
         encode_ms = (time.perf_counter() - t0) * 1e3
         # No t_send_ns in the header: the session keeps the send time, the echo would carry nothing.
         req, parts = self.session.request(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -40,9 +41,17 @@ class Outcomes:
     """Finishes frames; ``done`` holds the finished ones until the agent hands them out."""
 
     def __init__(
-        self, session: ClientSession, fallback: LocalModel | None, controller: ModeController | None, timeout_s: float
+        self,
+        session: ClientSession,
+        fallback: LocalModel | None,
+        controller: ModeController | None,
+        timeout_s: float,
+        finish: Callable[[FrameResult, np.ndarray], np.ndarray] | None = None,
     ):
+        """``finish``: what turns a result's tensor into the frame's logits (a U-shaped bundle's
+        tail, :meth:`~edgesplit.edge.ushaped.UShapedPart.finish`); None: the tensor is the logits."""
         self.session = session
+        self.finish = finish
         self.fallback = fallback
         self.controller = controller
         self.timeout_ns = int(timeout_s * 1e9)
@@ -124,8 +133,11 @@ class Outcomes:
         r.batch_size = t.batch_size
         try:
             # parse() has checked the descriptor against its frame already
+            r.bytes_received = memoryview(ev.frames[0]).nbytes
             logits = codec.decode(ev.header["outputs"][0], ev.frames[0], validate=False)
-        except (WireError, IndexError, KeyError, TypeError, ValueError) as e:
+            if self.finish is not None:
+                logits = self.finish(r, logits)
+        except (WireError, EngineError, IndexError, KeyError, TypeError, ValueError) as e:
             r.error, r.error_code, r.error_message = "MALFORMED", int(ErrorCode.MALFORMED), f"result undecodable: {e}"
         else:
             r.logits = logits

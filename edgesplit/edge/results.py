@@ -36,6 +36,7 @@ class FrameResult:
     head_ms: float = 0.0
     encode_ms: float = 0.0
     bytes_sent: int = 0  # tensor payload bytes on the wire
+    bytes_received: int | None = None  # the result's tensor payload bytes (logits; U-shaped: the body's output)
     header_bytes: int = 0  # msgpack header bytes of the request
     rtt_ms: float | None = None  # send -> result received (includes server time)
     server_queue_ms: float | None = None
@@ -52,6 +53,7 @@ class FrameResult:
     local_ms: float | None = None  # time of the local fallback model (plus preprocessing for new frames)
     policy_reason: str | None = None  # with a mode policy: why it chose this frame's mode (or FALLBACK, mode -1)
     predicted_ms: float | None = None  # with a mode policy: its predicted end-to-end latency for the choice
+    tail_ms: float | None = None  # U-shaped bundles: decoding the body's output and running the tail here
 
     @property
     def ok(self) -> bool:
@@ -80,6 +82,10 @@ class FrameResult:
             "fallback_reason": self.fallback_reason,
             "local_ms": r(self.local_ms),
         }
+        if self.bytes_received is not None:
+            d["bytes_received"] = self.bytes_received
+        if self.tail_ms is not None:
+            d["tail_ms"] = r(self.tail_ms)
         if self.policy_reason is not None:
             d.update(policy_reason=self.policy_reason, predicted_ms=r(self.predicted_ms))
         if self.error is not None:
@@ -122,6 +128,9 @@ def summarize(results: list[FrameResult], wall_s: float | None = None, agent: An
         "fallback_reasons": dict(Counter(r.fallback_reason for r in local)),
         "errors": dict(Counter(r.error for r in results if not r.ok)),
     }
+    if any(r.tail_ms is not None for r in served):  # U-shaped: the answer came down as the body's output
+        s["bytes_received_median"] = _pct([r.bytes_received for r in served], 50)
+        s["tail_ms_p50"] = _pct([r.tail_ms for r in served], 50)
     if agent is not None:
         s.update(
             link_losses=agent.link_losses,

@@ -9,7 +9,8 @@ part                        what it does
 ``SessionTable``            sessions, credits, heartbeats, every refusal (:mod:`.sessions`)
 ``Batcher``                 the scheduler: admission, deadline triage, batches (:mod:`.batcher`)
 ``TailRunner``              one per bundle: requests -> batch buffer -> tail (:mod:`.tail_runner`);
-                            an ED-ViT bundle's fusion head instead (:mod:`.fusion_runner`)
+                            an ED-ViT bundle's fusion head instead (:mod:`.fusion_runner`), a
+                            U-shaped bundle's body (:mod:`.ushaped_runner`, PROTOCOL.md §15.6)
 ``IoLoop``                  I/O thread: the ROUTER, parse, answer, forward replies (:mod:`.io_loop`)
 ``ComputeWorker``           compute thread: due batches -> tail runs -> replies (:mod:`.compute`)
 ``ServerStats``             what both threads count, read by /metrics (:mod:`.stats`, :mod:`.metrics`)
@@ -58,6 +59,7 @@ from .sessions import Session, SessionTable
 from .stats import ServerStats
 from .tail_backend import TailBackend, close_backend, health_of
 from .tail_runner import TailRunner
+from .ushaped_runner import U_SHAPED, UShapedCheck, UShapedRunner
 
 if TYPE_CHECKING:  # both are imported when first used: an HTTP port or a scrape
     from prometheus_client import CollectorRegistry
@@ -124,6 +126,9 @@ class Server:
             )
             self.bundles.update((b.hash, b) for b in extra)
         self.backend, self.threads = backend, threads
+        u_shaped = [b.name for b in self.bundles.values() if b.serving == U_SHAPED]
+        if u_shaped and (triton_url is not None or ray_app is not None):
+            raise ValueError(f"U-shaped bundles ({', '.join(u_shaped)}) run their body in the daemon, not remotely")
         if (backend == "triton") != (triton_url is not None):
             raise ValueError("--backend triton and --triton-url go together")
         if (backend == "ray") != (ray_app is not None):
@@ -147,7 +152,7 @@ class Server:
             self.bundles, self.batcher.max_batch, sessions={}, queue_depth=self.batcher.__len__
         )
         self.table = SessionTable(
-            {h: check_for(b) for h, b in self.bundles.items()},
+            {h: UShapedCheck(b) if b.serving == U_SHAPED else check_for(b) for h, b in self.bundles.items()},
             self.batcher,
             self.figures.io,
             server_name=self.name,
@@ -221,7 +226,10 @@ class Server:
         return self
 
     def _runner(self, b: Bundle) -> TailBackend | FusionRunner:
-        """The tail backend for a bundle (server/tail_backend.py): in-process, on Triton or on Ray."""
+        """The tail backend for a bundle (server/tail_backend.py): in-process, on Triton or on Ray; a
+        U-shaped bundle's body, in-process."""
+        if b.serving == U_SHAPED:
+            return UShapedRunner(b, self.backend, self.threads, self.engine_options)
         if self.triton_url is not None:
             from .triton_tail import TritonTail
 

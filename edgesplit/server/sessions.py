@@ -17,6 +17,12 @@ UNSUPPORTED codec, TOO_LARGE rows), credits (OVERLOADED), then the scheduler's a
 read by the I/O thread) and its requests checked as fused requests (§13.5,
 :class:`~edgesplit.server.fusion_runner.FusionCheck`) in place of the tensor checks.
 
+A U-shaped bundle (SFPrompt, §15.6) is served the same way, with its own checks
+(:class:`~edgesplit.server.ushaped_runner.UShapedCheck`: a token tensor in its mode's dtype, full
+form only); its sessions are offered ``"u_shaped"`` instead of ``"compact_requests"``. The hello's
+``serving`` (§15.2) must match the bundle's shape both ways, else UNSUPPORTED: an agent expecting
+logits never gets a body's output, and a U-shaped agent never runs its tail on logits.
+
 The session lifecycle itself (hello bookkeeping, ping/pong, bye, expiry, refusals) is
 :class:`~edgesplit.server.session_lifecycle.SessionTableBase`, shared with the SFPrompt body server
 (:mod:`edgesplit.server.body_sessions`); this module adds the daemon's bundles and its requests.
@@ -35,6 +41,7 @@ from .fusion_runner import FUSED_FEATURES, FusionCheck
 from .session_lifecycle import EXPIRY_INTERVALS, Header, HelloTerms, Session, SessionTableBase
 from .stats import IoCounters
 from .tail_runner import RequestCheck
+from .ushaped_runner import U_SHAPED, U_SHAPED_FEATURES, UShapedCheck
 
 __all__ = ["EXPIRY_INTERVALS", "Header", "HelloTerms", "Session", "SessionTable", "SessionTableBase"]
 
@@ -44,7 +51,7 @@ class SessionTable(SessionTableBase):
 
     def __init__(
         self,
-        checks: Mapping[str, RequestCheck | FusionCheck],
+        checks: Mapping[str, RequestCheck | FusionCheck | UShapedCheck],
         scheduler: Batcher,
         counters: IoCounters,
         *,
@@ -78,8 +85,24 @@ class SessionTable(SessionTableBase):
                 f"{', '.join(f'{c.bundle.name}={k[:16]}...' for k, c in self.checks.items())})",
             )
         bundle = check.bundle
+        serving = h.get("serving")  # v1.4 (§15.2): the agent's serving shape; absent: head-tail
+        if serving is not None and (type(serving) is not str or len(serving) > 32):
+            raise ProtocolError(ErrorCode.MALFORMED, "hello: 'serving' must be a string of at most 32 characters")
+        serving = serving or "head-tail"
+        if (serving == U_SHAPED) != (bundle.serving == U_SHAPED):
+            if bundle.serving == U_SHAPED:
+                why = "the server answers with the body's output and the agent runs the tail"
+            else:
+                why = "the server answers with logits, not a body's output"
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED,
+                f"bundle '{bundle.name}' is served {bundle.serving} ({why}); this agent's model is '{serving}'",
+            )
         if check.fused:
             return HelloTerms(bundle.hash, bundle.name, tuple(FUSED_FEATURES), frozenset(FUSED_FEATURES))
+        if bundle.serving == U_SHAPED:  # full requests only: no compact_requests
+            features = (*(f for f in self.features if f != P.FEATURE_COMPACT_REQUESTS), *U_SHAPED_FEATURES)
+            return HelloTerms(bundle.hash, bundle.name, features, self.parse_features)
         return HelloTerms(bundle.hash, bundle.name, self.features, self.parse_features)
 
     def _work(

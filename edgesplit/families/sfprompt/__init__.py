@@ -2,7 +2,9 @@
 ViT. The model is cut in three at block indices: the head (patch embedding, the first blocks and
 the learnable visual prompts) and the tail (the last blocks and the classifier) live on each
 client, the frozen body on the server. Served U-shaped: head on the device, body on the server,
-tail back on the device. Registration only: nothing heavy is imported."""
+tail back on the device. ``edgesplit export`` writes a U-shaped bundle (head, body, tail and the
+whole model as ``full``, the local fallback; docs/BUNDLE.md section 7.3) and, beside it, the body
+package the body server loads for split training. Registration only: nothing heavy is imported."""
 
 from ..registry import register_family
 
@@ -13,8 +15,8 @@ register_family(
     model="edgesplit.families.sfprompt.model:build_model",
     load_student="edgesplit.families.sfprompt.model:load_student",
     steps="edgesplit.families.sfprompt.steps:run",
-    exporter="edgesplit.families.sfprompt.export:export_body",
+    exporter="edgesplit.families.sfprompt.bundle_export:export_bundle",
     serving="u-shaped",
-    optional_files=(),
+    optional_files=("full",),
     module=__name__,
 )

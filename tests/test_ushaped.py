@@ -312,3 +312,19 @@ def test_the_fallback_answers_with_the_whole_model(bundle, samples):
     np.testing.assert_allclose(
         np.stack([r.logits for r in got]), full_logits(bundle, samples[:4]), rtol=1e-5, atol=1e-5
     )
+
+
+# -- bench e2e ---------------------------------------------------------------------------------------------
+
+
+def test_bench_e2e_reports_bytes_each_way_and_the_stages(bundle):
+    from edgesplit.bench.e2e import bench_e2e
+
+    T, D = bundle.wire_spec["shape"]
+    rep = bench_e2e(bundle.root, 24, mode=2)
+    assert (rep["serving"], rep["mode"], rep["frames"], rep["errors"]) == ("u-shaped", "u8", 24, 0)
+    assert (rep["bytes_up_per_frame"], rep["bytes_down_per_frame"]) == (T * D, T * D * 4)
+    for stage in ("head_ms_p50", "encode_ms_p50", "server_body_ms_p50", "tail_ms_p50", "rtt_ms_p50"):
+        assert rep[stage] > 0, stage
+    assert rep["e2e_ms_p50"] >= rep["head_ms_p50"] + rep["tail_ms_p50"]
+    assert rep["agent_torch_loaded"] is False and rep["codec"] == "uint8"

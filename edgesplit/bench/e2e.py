@@ -10,6 +10,9 @@ The codec's own stages are measured beside the run, in this process with one thr
 frames of the same source through the bundle's head: encode and decode p50/p95 of the mode's codec
 (the uniform codes, or an ``"ans"`` mode's entropy coder with its tables), so the per-stage table
 shows what entropy coding costs each end. The run's ``encode_ms_p50`` is the agent's own.
+
+A U-shaped bundle (SFPrompt, PROTOCOL.md §15.6) runs the same way and is reported by
+:mod:`.e2e_ushaped`: bytes each way and the stages head, encode, server body and tail (on the device).
 """
 
 from __future__ import annotations
@@ -27,23 +30,33 @@ import zmq
 
 from ..bundle import Bundle
 from ..loopback import DEFAULT_SOURCES, free_port
+from .e2e_ushaped import u_shaped_report
 from .serverproc import ServerProcess
 
 _ECHO = r"""
 import sys, zmq
 ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1]); print("ready", flush=True)
+reply = bytes(int(sys.argv[2])) if len(sys.argv) > 2 else None  # else the message itself goes back
 while True:
     parts = s.recv_multipart(copy=False)
     if len(parts) == 2 and bytes(parts[1]) == b"stop":
         break
-    s.send_multipart(parts, copy=False)
+    s.send_multipart(parts if reply is None else [parts[0], reply], copy=False)
 """
 
 
-def raw_rtt_ms(payload_bytes: int, rounds: int = 2000, warmup: int = 200) -> dict:
-    """DEALER -> ROUTER echo (another process) -> DEALER, one message at a time."""
+def raw_rtt_ms(payload_bytes: int, rounds: int = 2000, warmup: int = 200, reply_bytes: int | None = None) -> dict:
+    """DEALER -> ROUTER echo (another process) -> DEALER, one message at a time; ``reply_bytes``:
+    the answer's size when it is not the payload's (a U-shaped answer is larger than its request)."""
     port = free_port()
-    echo = subprocess.Popen([sys.executable, "-c", _ECHO, f"tcp://127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
+    argv = [
+        sys.executable,
+        "-c",
+        _ECHO,
+        f"tcp://127.0.0.1:{port}",
+        *([] if reply_bytes is None else [str(reply_bytes)]),
+    ]
+    echo = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     echo.stdout.readline()
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
@@ -101,12 +114,15 @@ def codec_stage_ms(bundle: Bundle, mode: int | None, source: str, frames: int = 
     }
 
 
-def bench_e2e(
-    bundle_path: Path, frames: int, source: str | None = None, mode: int | None = None, threads: int = 1
-) -> dict:
-    bundle = Bundle.load(bundle_path)
-    if source is None:
-        source = next(v for k, v in DEFAULT_SOURCES.items() if bundle.name.startswith(k))
+def default_source(bundle: Bundle) -> str:
+    """The frames a bundle is benchmarked on: its dataset's by name, else the export's check frames."""
+    known = next((v for k, v in DEFAULT_SOURCES.items() if bundle.name.startswith(k)), None)
+    return known or bundle.manifest["export"]["check_source"]
+
+
+def run_agent(bundle_path: Path, frames: int, source: str, mode: int | None, threads: int) -> tuple[list[dict], float]:
+    """The daemon and the agent CLI, each in its own process, one frame at a time: the agent's JSON
+    lines (one per frame, then the summary) and its peak RSS in MB."""
     server = ServerProcess([bundle_path], ["--max-queue-delay-us", "0", "--threads", str(threads)]).start()
     lines_path = Path(tempfile.mkstemp(suffix=".jsonl")[1])
     try:
@@ -146,6 +162,17 @@ def bench_e2e(
         server.stop()
     recs = [json.loads(line) for line in lines_path.read_text().splitlines() if line.strip()]
     lines_path.unlink()
+    return recs, agent_rss_mb
+
+
+def bench_e2e(
+    bundle_path: Path, frames: int, source: str | None = None, mode: int | None = None, threads: int = 1
+) -> dict:
+    bundle = Bundle.load(bundle_path)
+    source = source or default_source(bundle)
+    recs, agent_rss_mb = run_agent(bundle_path, frames, source, mode, threads)
+    if bundle.serving == "u-shaped":
+        return u_shaped_report(bundle, source, mode, threads, recs, agent_rss_mb, raw_rtt_ms)
     summary = next((r["summary"] for r in recs if "summary" in r), {})
     rows = [r for r in recs if "id" in r and r.get("error") is None]
     warm = rows[min(20, len(rows) // 10) :]  # the first frames pay ORT's and the sockets' warm-up

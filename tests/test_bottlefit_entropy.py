@@ -1,6 +1,7 @@
-"""BottleFit with a learned entropy bottleneck (issue 14): the recipe key, a short real training on
+"""BottleFit with a learned entropy bottleneck (issue 14): the recipe keys, a short real training on
 a slice of real CIFAR-10 that lowers the rate, the export of the densities to integer tables, and
-real frames coded by codec "ans": exact, and as long as the tables say within a stated margin."""
+real frames coded by codec "ans": exact, and as long as the tables say within a stated margin; a
+coarser quantization step from the same density (its own tables, fewer bytes), exact as well."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from edgesplit.builder.data import MEAN, STD, DeviceLoader, load_split
 from edgesplit.builder.recipe import RecipeError, load_recipe
 from edgesplit.builder.zoo import create_model
 from edgesplit.families.bottlefit.entropy import EntropyQuant, export_tables
-from edgesplit.families.bottlefit.entropy_steps import measure_rate
+from edgesplit.families.bottlefit.entropy_steps import at_step, measure_rate, tables_name
 from edgesplit.families.bottlefit.model import build_model
 from edgesplit.families.bottlefit.train import distill_stage1
 from edgesplit.wire import ans_codec as A
@@ -46,6 +47,25 @@ def test_recipe_asks_for_the_entropy_bottleneck(tmp_path):
         _recipe(tmp_path, entropy={"lambda": 0.05})  # unknown key
     with pytest.raises(RecipeError, match=r"split\.entropy_lambda: .*CNN"):
         _recipe(tmp_path, "tiny-vit-bottlefit.yaml", entropy_lambda=0.05)
+
+
+def test_recipe_entropy_steps_are_checked():
+    from edgesplit.families.bottlefit.config import check_entropy_steps
+
+    assert check_entropy_steps([2, 1.0, 1.5], "s") == [1.0, 1.5, 2.0]  # sorted, finest (most bytes) first
+    assert [tables_name(s) for s in (1.0, 1.5, 2.0, 0.75)] == ["main", "s1.5", "s2", "s0.75"]
+    for bad in ([], [2.0], [1.0, 1.0], [1.0, 0.1], [1.0, 20], [1.0, 1.0005], [1.0, True], "1,2", None):
+        with pytest.raises(ValueError, match="s: "):
+            check_entropy_steps(bad, "s")
+
+
+def test_recipe_asks_for_entropy_steps(tmp_path):
+    r = _recipe(tmp_path, entropy_lambda=0.05, entropy_steps=[1, 2.5])
+    assert r.split.entropy_steps == [1.0, 2.5]
+    with pytest.raises(RecipeError, match=r"split\.entropy_steps: .*1\.0 among them"):
+        _recipe(tmp_path, entropy_lambda=0.05, entropy_steps=[2.0, 3.0])
+    with pytest.raises(RecipeError, match=r"split\.entropy_steps: only an entropy bottleneck"):
+        _recipe(tmp_path, entropy_steps=[1.0, 2.0])
 
 
 def _mean_bits(student, loader) -> float:
@@ -93,3 +113,23 @@ def test_short_training_lowers_the_rate_and_frames_code_as_estimated(tmp_path):
         for frame, want in zip(y.numpy(), sent):
             d, payload = A.encode(frame, tables, name="z")
             assert np.array_equal(A.decode(d, payload, tables), want)
+
+        # A coarser step from the same density: its own tables, fewer bytes, the same agreement
+        # with the density's estimate, and exact too (the server reconstructs k x step).
+        lo, hi = student.quant.lo.clone(), student.quant.hi.clone()
+        for step in (2.0, 1.5):
+            coarse = export_tables(student.quant, tables_name(step), step=step)
+            assert coarse.name == tables_name(step) and coarse.digest != tables.digest
+            assert coarse.sizes().sum() < tables.sizes().sum()  # wider intervals: fewer values per channel
+            with at_step(student.quant, coarse, step):
+                r2 = measure_rate(student, test, coarse, step=step)
+                with torch.no_grad():
+                    sent2 = student.quant(y).numpy()
+            assert r2["bytes_mean"] < rate["bytes_mean"], (step, r2, rate)
+            assert abs(r2["model_bytes_mean"] - r2["ideal_bytes_mean"]) <= 0.03 * r2["ideal_bytes_mean"] + 2
+            assert not np.array_equal(sent2, sent) and np.allclose(sent2 / step, np.rint(sent2 / step))
+            for frame, want in zip(y.numpy(), sent2):
+                d, payload = A.encode(frame, coarse, scale=step, name="z")
+                assert d["scale"] == step and np.array_equal(A.decode(d, payload, coarse), want)
+        # at_step put back the main tables' clipping and step 1
+        assert torch.equal(student.quant.lo, lo) and torch.equal(student.quant.hi, hi) and student.quant.step == 1.0

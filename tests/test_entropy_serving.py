@@ -1,11 +1,12 @@
 """Issue 14 end to end with real components: a BottleFit split with a learned entropy bottleneck
-(tests/recipes/tiny-bottlefit-entropy.yaml) trained by ``edgesplit train`` on a slice of the real
-CIFAR-10 shards, exported by ``edgesplit export`` (cdf.json + one codec "ans" mode), read back by
-the bundle reader (and refused when its ans keys or tables are broken), served by a real
-``edgesplit serve`` process and streamed by the real agent over ZeroMQ on loopback: answers equal
-head -> ans coder -> tail run here, compact ans requests when the welcome allows them, the ans fuzz
-classes answered as PROTOCOL.md §4.4 says while good frames are still answered, and a server
-without the entropy extra answering UNSUPPORTED.
+(tests/recipes/tiny-bottlefit-entropy.yaml, two quantization steps) trained by ``edgesplit train``
+on a slice of the real CIFAR-10 shards, exported by ``edgesplit export`` (cdf.json + one codec
+"ans" mode per step, each with its own table set and scale), read back by the bundle reader (and
+refused when its ans keys or tables are broken), served by a real ``edgesplit serve`` process and
+streamed by the real agent over ZeroMQ on loopback: answers in every mode equal head -> ans coder
+(at the mode's step) -> tail run here, compact ans requests when the welcome allows them, the ans
+fuzz classes answered as PROTOCOL.md §4.4 says while good frames are still answered, and a server
+without the entropy extra answering UNSUPPORTED. An export asked for other steps measures them again.
 """
 
 from __future__ import annotations
@@ -20,83 +21,64 @@ from pathlib import Path
 import constriction  # noqa: F401  (codec 'ans' needs the entropy extra, which tools/setup.sh installs)
 import numpy as np
 import pytest
-from build_fixtures import one_torch_thread, require_cifar  # noqa: F401  (pytest fixture by name)
+from build_fixtures import one_torch_thread  # noqa: F401  (pytest fixture by name)
+from entropy_fixtures import FRAMES, STEPS, bundle, local_run, samples  # noqa: F401  (pytest fixture by name)
 
 from edgesplit.bundle import Bundle, BundleError, validate_manifest, write_manifest
 from edgesplit.wire import ans_codec as A
 
-RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny-bottlefit-entropy.yaml"
-LIMIT_PER_SHARD = 16  # 5 train shards x 16 = 80 training images, 16 test images
-FRAMES = 16
-
-
-def edgesplit_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "edgesplit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Bundle:
-    require_cifar()
-    work = tmp_path_factory.mktemp("entropy")
-    train = edgesplit_cli(
-        ["train", str(RECIPE), "--device", "cpu", "--workers", "1", "--limit-per-shard", str(LIMIT_PER_SHARD)], work
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    export = edgesplit_cli(
-        ["export", "runs/tiny-bottlefit-entropy/student.pt", "--out", "bundle", "--check-frames", str(FRAMES)], work
-    )
-    assert export.returncode == 0, export.stderr[-3000:]
-    return Bundle.load(work / "bundle")
-
-
-def samples(n: int = FRAMES):
-    from edgesplit.data.sources import open_source, take
-
-    return list(take(open_source("cifar10:test"), n))
-
-
-def local_run(b: Bundle, frames) -> tuple[np.ndarray, list[int]]:
-    """What the server must answer, computed here: head -> ans values -> coded frame -> decoded ->
-    tail, each in its own real component; and each frame's coded size."""
-    from edgesplit.data.transforms import preprocess
-    from edgesplit.engine import create_engine
-
-    m = b.default_mode
-    tables = b.tables_for(m)
-    head, tail = create_engine(b.file("head"), threads=1), create_engine(b.file("tail"), threads=1)
-    logits, sizes = [], []
-    for s in frames:
-        z = head.run1(preprocess(s.data, b.input_spec)[None])[0]
-        d, payload = A.encode(z, tables, scale=m.scale, name=b.wire_spec["name"])
-        sizes.append(len(payload))
-        logits.append(tail.run1(A.decode(d, payload, tables)[None])[0])
-    return np.stack(logits), sizes
-
-
 # -- the bundle -----------------------------------------------------------------------------------
 
 
-def test_export_writes_the_tables_and_an_ans_mode_with_measured_sizes(bundle):
+def test_export_writes_the_tables_and_one_ans_mode_per_step_with_measured_sizes(bundle):
     from edgesplit.data.transforms import preprocess
     from edgesplit.engine import create_engine
 
     b = bundle
-    assert b.has("cdf") and [m.codec for m in b.modes] == ["ans"]
-    m = b.default_mode
-    tables = b.tables_for(m)
-    assert m.bits == 32 and m.zero_point == 0 and m.scale == 1.0 and m.channels == b.wire_spec["shape"][0]
-    assert tables.digest == m.tables_sha256 and tables.channels == m.channels
-    assert "tables" not in b.manifest["training"]["results"]["entropy"]  # the tables live in cdf.json only
-    # bytes_per_frame and bytes_p95: the exported head on the check images, coded, measured again here
+    assert b.has("cdf") and [m.codec for m in b.modes] == ["ans", "ans"]
+    assert [m.scale for m in b.modes] == STEPS and [m.tables for m in b.modes] == ["main", "s2"]
+    assert b.default_mode.scale == 1.0 and set(b.tables) == {"main", "s2"}
+    ent = b.manifest["training"]["results"]["entropy"]
+    assert "tables" not in ent  # the tables live in cdf.json only
     x = np.stack([preprocess(s.data, b.input_spec) for s in samples(FRAMES)])
     z = create_engine(b.file("head"), threads=1).run1(x)
-    sizes = np.array([len(A.encode(f, tables)[1]) for f in z], dtype=np.float64)
-    assert m.bytes_per_frame == round(float(sizes.mean()), 2) and m.bytes_p95 == float(np.percentile(sizes, 95))
-    assert len(set(sizes.tolist())) > 1  # frames really differ in length: the values are not all one
-    assert 0.0 <= m.accuracy <= 1.0
+    means = []
+    for m, fig in zip(b.modes, ent["steps"]):
+        tables = b.tables_for(m)
+        assert m.bits == 32 and m.zero_point == 0 and m.channels == b.wire_spec["shape"][0]
+        assert tables.digest == m.tables_sha256 and tables.channels == m.channels
+        assert m.name == f"c{m.channels}-ans-{m.tables}"
+        # the accuracy the run measured at this step (torch, the wire's step and clipping applied)
+        assert fig["step"] == m.scale and fig["tables"] == m.tables and m.accuracy == fig["accuracy"]
+        # bytes_per_frame and bytes_p95: the exported head on the check images, coded at the mode's
+        # step, measured again here
+        sizes = np.array([len(A.encode(f, tables, scale=m.scale)[1]) for f in z], dtype=np.float64)
+        assert m.bytes_per_frame == round(float(sizes.mean()), 2) and m.bytes_p95 == float(np.percentile(sizes, 95))
+        assert len(set(sizes.tolist())) > 1  # frames really differ in length: the values are not all one
+        assert 0.0 <= m.accuracy <= 1.0
+        means.append(sizes.mean())
+    assert means[1] < means[0]  # the coarser step sends fewer bytes
+    assert ent["accuracy"] == ent["steps"][0]["accuracy"]  # step 1's figures stay at the top level
+
+
+def test_export_for_other_steps_measures_them_again(bundle, tmp_path):
+    """A run trained with steps [1, 2] exported for [1, 3]: every step is measured again on the
+    recipe's evaluation frames (the same slice as training: step 1 gets the run's own accuracy and
+    tables back), the new step gets its own table set and mode, and the bundle loads."""
+    from edgesplit.families.bottlefit.export import export_bundle
+
+    student = bundle.root.parent / "runs" / "tiny-bottlefit-entropy" / "student.pt"
+    b = export_bundle(student, tmp_path / "b3", check_frames=FRAMES, entropy_steps=[3, 1.0], entropy_limit_per_shard=16)
+    assert [m.scale for m in b.modes] == [1.0, 3.0] and [m.tables for m in b.modes] == ["main", "s3"]
+    assert b.default_mode.scale == 1.0
+    assert b.tables["main"].digest == bundle.tables["main"].digest  # the same density, cut the same way
+    ent = b.manifest["training"]["results"]["entropy"]
+    assert ent["measured"] == "at export" and [f["step"] for f in ent["steps"]] == [1.0, 3.0]
+    assert b.modes[0].accuracy == bundle.modes[0].accuracy  # the same frames, the same model
+    assert b.modes[0].bytes_per_frame == bundle.modes[0].bytes_per_frame
+    assert b.modes[1].bytes_per_frame < bundle.modes[1].bytes_per_frame  # step 3 is coarser than step 2
+    with pytest.raises(ValueError, match="1.0 among them"):
+        export_bundle(student, tmp_path / "bad", check_frames=FRAMES, entropy_steps=[2.0])
 
 
 def _edited(bundle: Bundle, tmp_path: Path, edit_manifest=None, edit_tables=None) -> Path:
@@ -179,20 +161,27 @@ def test_schema_checks_every_ans_mode_key(bundle, key, value, message):
 
 
 def test_served_by_a_server_process_equals_head_coder_tail_here(bundle):
+    """Every step's mode, sent by the real agent: the server decodes with the mode's tables and
+    reconstructs at the mode's step (a server that ignored the step would answer other logits)."""
     from edgesplit.bench.serverproc import ServerProcess
     from edgesplit.edge.agent import Agent
 
     frames = samples()
-    ref, sizes = local_run(bundle, frames)
     with ServerProcess([str(bundle.root)], ["--threads", "1"]) as srv:
         with Agent(bundle, srv.endpoint, threads=1) as agent:
-            got = [agent.infer(s) for s in frames]
+            got = {m.id: [agent.infer(s, mode=m.id) for s in frames] for m in bundle.modes}
             assert "ans" in agent.welcome.codecs and agent.compact_requests
         assert srv.alive()
-    assert all(g.error is None for g in got), [g.to_json() for g in got if g.error][:3]
-    assert [g.bytes_sent for g in got] == sizes  # variable-length frames, each exactly the coder's
-    assert all(g.header_bytes < 40 for g in got)  # compact: the frame's length stands for nbytes
-    np.testing.assert_allclose(np.stack([g.logits for g in got]), ref, rtol=1e-4, atol=1e-4)
+    refs = {}
+    for m in bundle.modes:
+        ref, sizes = local_run(bundle, frames, m)
+        g = got[m.id]
+        assert all(r.error is None and r.mode == m.id for r in g), [r.to_json() for r in g if r.error][:3]
+        assert [r.bytes_sent for r in g] == sizes  # variable-length frames, each exactly the coder's
+        assert all(r.header_bytes < 40 for r in g)  # compact: the frame's length stands for nbytes
+        np.testing.assert_allclose(np.stack([r.logits for r in g]), ref, rtol=1e-4, atol=1e-4)
+        refs[m.id] = ref
+    assert not np.allclose(*refs.values(), atol=1e-3)  # the two steps really reach the tail differently
 
 
 def test_full_ans_requests_are_answered_the_same(bundle):
@@ -204,9 +193,6 @@ def test_full_ans_requests_are_answered_the_same(bundle):
     from edgesplit.wire.transport import connect_dealer, recv_parts, send_parts
 
     frames = samples(4)
-    ref, _ = local_run(bundle, frames)
-    m = bundle.default_mode
-    tables = bundle.tables_for(m)
     head = create_engine(bundle.file("head"), threads=1)
     z = np.stack([head.run1(preprocess(s.data, bundle.input_spec)[None])[0] for s in frames])
     with Server([bundle], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=500) as srv:
@@ -214,14 +200,18 @@ def test_full_ans_requests_are_answered_the_same(bundle):
         try:
             send_parts(sock, P.pack(P.hello(bundle.hash, "t")))
             assert P.parse(recv_parts(sock)).kind == "welcome"
-            d, payload = A.encode(z, tables, name=bundle.wire_spec["name"])  # one [4,C,h,w] request
-            send_parts(sock, P.pack(P.request(1, m.id, [d]), [payload]))
-            msg = P.parse(recv_parts(sock))
-            assert msg.kind == "result", msg.header
-            logits = np.frombuffer(msg.frames[0], "<f4").reshape(4, -1)
+            for m in bundle.modes:
+                ref, _ = local_run(bundle, frames, m)
+                # one [4,C,h,w] request, its descriptor carrying the mode's step as its scale
+                d, payload = A.encode(z, bundle.tables_for(m), scale=m.scale, name=bundle.wire_spec["name"])
+                assert d["scale"] == m.scale
+                send_parts(sock, P.pack(P.request(1 + m.id, m.id, [d]), [payload]))
+                msg = P.parse(recv_parts(sock))
+                assert msg.kind == "result", msg.header
+                logits = np.frombuffer(msg.frames[0], "<f4").reshape(4, -1)
+                np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
         finally:
             sock.close(linger=0)
-    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_fuzz_ans_classes_get_malformed_and_good_frames_are_still_answered(bundle):
@@ -303,16 +293,18 @@ def test_eval_reports_bits_measured_on_the_coded_frames_next_to_jpeg(bundle):
     from edgesplit.bench.evaluate import evaluate_bundle
 
     frames = samples()
-    ref, sizes = local_run(bundle, frames)
     labels = np.asarray([s.label for s in frames])
     ev = evaluate_bundle(bundle, "cifar10:test", frames=FRAMES, jpeg_frames=8, threads=1, jpeg_grid=True)
-    (m,) = ev["modes"]
-    assert m["codec"] == "ans" and m["bits"] == 32
-    assert m["bytes_per_frame"] == float(np.mean(sizes)) == ev["bytes_per_frame"]
-    assert m["bits_per_frame"] == 8 * float(np.mean(sizes)) and m["bytes_p95"] == float(np.percentile(sizes, 95))
-    assert m["bytes_per_frame_zstd"] is None
-    assert m["accuracy"] == float(np.mean(ref.argmax(1) == labels))
-    assert "jpeg_accuracy_at_bytes" in m and ev["jpeg_min_bytes"] > 0
+    assert [m["step"] for m in ev["modes"]] == STEPS  # one row per step: the comparison the lead reads
+    for m, mode in zip(ev["modes"], bundle.modes):
+        ref, sizes = local_run(bundle, frames, mode)
+        assert m["codec"] == "ans" and m["bits"] == 32 and m["id"] == mode.id
+        assert m["bytes_per_frame"] == float(np.mean(sizes))
+        assert m["bits_per_frame"] == 8 * float(np.mean(sizes)) and m["bytes_p95"] == float(np.percentile(sizes, 95))
+        assert m["bytes_per_frame_zstd"] is None
+        assert m["accuracy"] == float(np.mean(ref.argmax(1) == labels))
+        assert "jpeg_accuracy_at_bytes" in m and ev["jpeg_min_bytes"] > 0
+    assert ev["bytes_per_frame"] == ev["modes"][0]["bytes_per_frame"]  # the default mode: step 1
 
 
 def test_bench_e2e_codec_stage_times_the_ans_coder_on_real_frames(bundle):
@@ -337,16 +329,26 @@ def test_policy_plans_with_the_tail_size_and_predicts_with_the_coded_size(bundle
     from edgesplit.edge.adaptive import bundle_modes
 
     table = bundle_modes(bundle)
-    (spec,) = table.modes
-    m = bundle.default_mode
-    assert spec.bytes_per_frame == m.bytes_per_frame and spec.bytes_p95 == m.bytes_p95
-    assert spec.plan_bytes == max(m.bytes_p95, m.bytes_per_frame)
+    assert [s.id for s in table.modes] == [m.id for m in bundle.modes]
+    for spec, m in zip(table.modes, bundle.modes):
+        assert spec.bytes_per_frame == m.bytes_per_frame and spec.bytes_p95 == m.bytes_p95
+        assert spec.plan_bytes == max(m.bytes_p95, m.bytes_per_frame)
+    # two steps of one model: the controller picks among them by accuracy and bytes like any modes
+    assert table.smallest.id == bundle.modes[-1].id  # the coarsest step sends the fewest bytes
     bps = 2e5  # a slow uplink, where a frame's bytes are most of its latency
     policy = DeadlinePolicy(table, initial_bps=bps, overhead_bytes=30, local_ms=None)
     d = policy.choose(FrameState(now_s=0.0, deadline_ms=1e4))
-    assert d.mode == m.id
+    assert d.mode == table.ranked[0].id  # every mode fits: the most accurate
+    spec, m = table.by_id[d.mode], bundle.mode(d.mode)
     assert d.predicted_ms == pytest.approx(policy.predict_ms(spec, bps, nbytes=spec.plan_bytes))
-    _, sizes = local_run(bundle, samples())
+    # On a link where bytes are nearly all of the latency, a deadline that only the coarsest step's
+    # tail size meets (with the policy's 15 % margin) picks that step.
+    slow = DeadlinePolicy(table, initial_bps=2e3, overhead_bytes=30, local_ms=None)
+    small = table.smallest
+    tight = slow.predict_ms(small, 2e3) / 0.84
+    assert all(slow.predict_ms(x, 2e3) > tight * 0.85 for x in table.modes if x is not small)
+    assert slow.choose(FrameState(now_s=0.0, deadline_ms=tight)).mode == small.id
+    _, sizes = local_run(bundle, samples(), m)
     for n in sizes:
         got = policy.coded_ms(d, n + 30)  # the request as sent: frame + header
         assert got == pytest.approx(policy.predict_ms(spec, bps, nbytes=n))
@@ -362,7 +364,10 @@ def test_planner_ranks_by_the_expected_size_and_reports_the_tail(bundle):
 
     m = bundle.default_mode
     options, _ = bundle_options(bundle.root, timing=Timing(runs=3, pace_ms=0, warmup=1), frames=4, extras=False)
-    (opt,) = options
+    assert [o.name for o in options] == [x.name for x in bundle.modes]  # one option per step
+    for o, x in zip(options, bundle.modes):
+        assert o.payload_bytes == x.bytes_per_frame and o.payload_bytes_p95 == x.bytes_p95
+    (opt,) = [o for o in options if o.name == m.name]
     assert opt.payload_bytes == m.bytes_per_frame and opt.payload_bytes_p95 == m.bytes_p95
     cpu = Machine("cpu", 10.0, 5.0)
     p = predict(opt, Scenario(cpu, cpu, cpu, Link(0.1, rtt_ms=5.0)))  # 100 kbit/s: bytes dominate

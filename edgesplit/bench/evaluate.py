@@ -4,7 +4,8 @@ baseline: the reference model (full.onnx) on the input re-encoded over a grid of
 
 Every mode's bytes are those of the real frames it sends: uniform modes' packed codes (and zstd),
 entropy-coded (``"ans"``) modes' variable-length frames, whose mean, 95th percentile and bits per
-frame are reported; each mode sits next to the best JPEG at its bytes.
+frame are reported with the mode's quantization step (several steps of one learned model are
+several ans modes); each mode sits next to the best JPEG at its bytes.
 
 No torch: this runs wherever the agent runs.
 """
@@ -77,6 +78,7 @@ def split_accuracy(
                 "codec": m.codec,
                 "channels": m.channels,
                 "bits": m.bits,
+                "step": m.scale if m.entropy_coded else None,  # an ans mode's quantization step (§4.4 scale)
                 "accuracy": r["correct"] / max(1, len(samples)),
                 # uniform: every frame the same; ans: the mean, as the manifest's bytes_per_frame
                 "bytes_per_frame": float(sizes.mean() if m.entropy_coded else np.median(sizes)),
@@ -187,7 +189,7 @@ def eval_main(argv: list[str]) -> int:
     for m in res["modes"]:
         z = f", zstd {m['bytes_per_frame_zstd']:.0f}" if m["bytes_per_frame_zstd"] else ""
         if m["codec"] == "ans":
-            z = f" (mean; p95 {m['bytes_p95']:.0f}, {m['bits_per_frame']:.0f} bits/frame, codec ans)"
+            z = f" (mean; p95 {m['bytes_p95']:.0f}, {m['bits_per_frame']:.0f} bits/frame, codec ans, step {m['step']:g})"
         j = m.get("jpeg_accuracy_at_bytes", "-")
         j = f"  JPEG at its bytes {j:.4f}" if isinstance(j, float) else ("  no JPEG fits" if j is None else "")
         print(f"  mode {m['name']:<8} accuracy {m['accuracy']:.4f}  bytes/frame {m['bytes_per_frame']:.0f}{z}{j}")

@@ -27,6 +27,10 @@ CNN_DEFAULTS: dict[str, Any] = {
 }
 CNN_ONLY_KEYS = ("encoder_strides", "bottleneck_stride", "decoder_final_relu")
 _VIT_SPLIT = re.compile(r"^(stem|block\d+)$")
+# Issue 14: quantization steps of an entropy bottleneck's ans modes (docs/BUNDLE.md §7.2). 1.0 is
+# the step the model trained at; the bounds keep every step's tables inside the coder's alphabet.
+ENTROPY_STEP_RANGE = (0.25, 16.0)
+MAX_ENTROPY_STEPS = 16
 
 
 def is_vit_arch(arch: str) -> bool:
@@ -77,9 +81,16 @@ class BottleFitSplitCfg(SplitSection):
     train_bits: int = 8
     token_pool: int | None = None
     entropy_lambda: float | None = None
+    # One ans mode per quantization step, each with its own tables cut from the one learned density
+    # (None: [1.0], the model's own step). Only with entropy_lambda.
+    entropy_steps: list[float] | None = None
 
     def check_recipe(self, recipe: Any) -> None:
         check_train_bits(self.train_bits)
+        if self.entropy_steps is not None:
+            if self.entropy_lambda is None:
+                raise ValueError("split.entropy_steps: only an entropy bottleneck (split.entropy_lambda) has steps")
+            check_entropy_steps(self.entropy_steps, "split.entropy_steps")
         if self.entropy_lambda is not None:
             lam = self.entropy_lambda
             if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < 1e3:
@@ -111,6 +122,21 @@ class BottleFitSplitCfg(SplitSection):
             widths = getattr(self, key)
             if widths is not None and any(w < 1 for w in widths):
                 raise ValueError(f"split.{key}: widths must be >= 1 (got {widths})")
+
+
+def check_entropy_steps(steps: Any, where: str) -> list[float]:
+    """The steps of an entropy bottleneck's ans modes, sorted: 1 to 16 distinct numbers in
+    [0.25, 16], multiples of 0.001 (their table-set names, ``s<step>``, then differ), 1.0 among
+    them (the step the model trained at, the bundle's default mode). Raises ValueError."""
+    lo, hi = ENTROPY_STEP_RANGE
+    ok = isinstance(steps, (list, tuple)) and 1 <= len(steps) <= MAX_ENTROPY_STEPS
+    ok = ok and all(not isinstance(s, bool) and isinstance(s, (int, float)) and lo <= s <= hi for s in steps)
+    if not ok:
+        raise ValueError(f"{where}: 1 to {MAX_ENTROPY_STEPS} numbers in [{lo:g}, {hi:g}] (got {steps!r})")
+    out = sorted(float(s) for s in steps)
+    if any(round(s, 3) != s for s in out) or len(set(out)) != len(out) or 1.0 not in out:
+        raise ValueError(f"{where}: distinct multiples of 0.001, 1.0 among them (got {steps!r})")
+    return out
 
 
 def resolve_spec(split: BottleFitSplitCfg, arch: str) -> dict[str, Any]:

@@ -16,6 +16,11 @@ is 1). Training uses two proxies at once, one per term:
 - the **task path** (decoder and tail) sees ``rint(y)`` with a straight-through gradient: the tail
   trains on exactly the values the server will decode (additive noise there would train it on
   inputs it never gets, which costs accuracy at these few bits per value).
+
+**Coarser steps from the same model.** The density is continuous, so it gives the probability of
+any interval: tables for step ``s`` take ``[(k - ½)s, (k + ½)s]`` per integer ``k``, the wire sends
+``rint(y / s)`` and the server reconstructs ``k·s`` (the mode's ``scale``, PROTOCOL.md §4.4). A
+coarser step spends fewer bits and costs accuracy, without retraining (``entropy_steps.py``).
 """
 
 from __future__ import annotations
@@ -59,11 +64,11 @@ class FactorizedPrior(nn.Module):
                 v = v + torch.tanh(self.factors[i]) * torch.tanh(v)
         return v
 
-    def likelihood(self, y: torch.Tensor) -> torch.Tensor:
-        """The probability of the unit interval around each value of ``y`` (``[B, C, H, W]``)."""
+    def likelihood(self, y: torch.Tensor, step: float = 1.0) -> torch.Tensor:
+        """The probability of the interval of width ``step`` around each value of ``y`` (``[B, C, H, W]``)."""
         b, c, h, w = y.shape
         v = y.transpose(0, 1).reshape(c, 1, -1)
-        lower, upper = self.logits_cdf(v - 0.5), self.logits_cdf(v + 0.5)
+        lower, upper = self.logits_cdf(v - step / 2), self.logits_cdf(v + step / 2)
         # Subtract on the side of the sigmoid where it is far from 1: no cancellation in the tails.
         sign = -torch.sign(lower + upper).detach()
         lik = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
@@ -80,12 +85,17 @@ class FactorizedPrior(nn.Module):
 
 class EntropyQuant(nn.Module):
     """The wire stage of an entropy-coded BottleFit split: rounds the encoder output (straight-through
-    in training) and records the rate of the batch in bits per frame (``last_bits``, ``[B]``)."""
+    in training) and records the rate of the batch in bits per frame (``last_bits``, ``[B]``).
+
+    In eval it sends what a mode of step ``step`` sends: ``clip(rint(y / step)) · step``. Training
+    always uses step 1 (the step the density and the tail learn at); ``step`` is a plain attribute,
+    not state, so a saved student is the same whatever step it was last evaluated at."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.prior = FactorizedPrior(channels)
         self.bits = 0  # the uniform quantizer's knob, unused here: the training stages set it blindly
+        self.step = 1.0
         self.last_bits: torch.Tensor | None = None
         # The tables' support once exported (``clip_to``): eval then clips as the wire encoder does.
         self.register_buffer("lo", torch.full((channels,), -math.inf))
@@ -95,18 +105,20 @@ class EntropyQuant(nn.Module):
         self.lo.copy_(torch.tensor(tables.offsets, dtype=torch.float32))
         self.hi.copy_(torch.tensor(np.array(tables.offsets) + tables.sizes() - 1, dtype=torch.float32))
 
-    def rate_bits(self, y: torch.Tensor) -> torch.Tensor:
-        lik = self.prior.likelihood(y).clamp_min(_LIK_FLOOR)
+    def rate_bits(self, y: torch.Tensor, step: float = 1.0) -> torch.Tensor:
+        lik = self.prior.likelihood(y, step).clamp_min(_LIK_FLOOR)
         return -torch.log2(lik).sum(dim=(1, 2, 3))
 
     def forward(self, z_in: torch.Tensor) -> torch.Tensor:
         z = z_in.float()  # float32 even under bf16 autocast, as the uniform quantizer does
-        zq = torch.round(z)
         if self.training:
+            zq = torch.round(z)
             self.last_bits = self.rate_bits(z + torch.empty_like(z).uniform_(-0.5, 0.5))
             return z + (zq - z).detach()
-        zq = torch.maximum(torch.minimum(zq, self.hi[:, None, None]), self.lo[:, None, None])
-        self.last_bits = self.rate_bits(zq)
+        # float32 division and round half to even: the integers the wire codec computes (ans_codec)
+        k = torch.round(z / self.step)
+        zq = torch.maximum(torch.minimum(k, self.hi[:, None, None]), self.lo[:, None, None]) * self.step
+        self.last_bits = self.rate_bits(zq, self.step)
         return zq
 
 
@@ -117,13 +129,19 @@ def rate_loss(quant: nn.Module, lam: float | None) -> torch.Tensor | float:
 
 
 def export_tables(
-    quant: EntropyQuant, name: str = "main", tail_mass: float = TAIL_MASS, limit: int = MAX_ALPHABET // 2 - 1
+    quant: EntropyQuant,
+    name: str = "main",
+    tail_mass: float = TAIL_MASS,
+    limit: int = MAX_ALPHABET // 2 - 1,
+    step: float = 1.0,
 ) -> TableSet:
-    """The learned densities as integer tables: per channel, the integers ``lo..hi`` outside of which
-    the density leaves at most ``tail_mass``, each given the probability of its unit interval; the
-    two end entries also take the tails beyond them (the encoder clips values there), and the
+    """The learned densities as integer tables for quantization step ``step``: per channel, the
+    integers ``lo..hi`` (value ``k`` standing for ``k·step``) outside of which the density leaves at
+    most ``tail_mass``, each given the probability of its interval ``[(k - ½)step, (k + ½)step]``;
+    the two end entries also take the tails beyond them (the encoder clips values there), and the
     probabilities are rounded to 16-bit integer frequencies."""
-    grid = np.arange(-limit, limit + 2, dtype=np.float64) - 0.5  # edges k - 0.5 for k = -limit .. limit + 1
+    # edges (k - 0.5)·step for k = -limit .. limit + 1
+    grid = (np.arange(-limit, limit + 2, dtype=np.float64) - 0.5) * step
     cdf = quant.prior.cdf_at(grid)
     offsets, freqs = [], []
     for c in range(cdf.shape[0]):

@@ -8,7 +8,8 @@
 
 Each graph is checked against torch on real images (max abs diff and top-1 agreement go into the
 manifest); one mode per calibrated bit depth, or, for a student with a learned entropy bottleneck
-(``split.entropy_lambda``), one codec ``"ans"`` mode per table set and the tables in ``cdf.json``
+(``split.entropy_lambda``), one codec ``"ans"`` mode per quantization step (``split.entropy_steps``,
+or ``entropy_steps`` here for a run trained without them) and the tables in ``cdf.json``
 (docs/BUNDLE.md section 7.2).
 """
 
@@ -37,7 +38,7 @@ from ...builder.export_common import (
 from ...bundle import Bundle
 from ...engine import create_engine
 from ...wire.codec import packed_nbytes
-from .entropy_steps import CDF_FILE, ans_modes
+from .entropy_steps import CDF_FILE, ans_modes, default_mode_id, remeasure_steps
 from .model import load_student
 
 
@@ -49,11 +50,21 @@ def export_bundle(
     weights: str = "fp16",
     teacher_path: str | Path | None = None,
     torch_tail: bool = False,
+    entropy_steps: list[float] | None = None,
+    entropy_limit_per_shard: int | None = None,
 ) -> Bundle:
+    """``entropy_steps``: the ans modes' steps of an entropy student, when not the ones its run
+    measured (those of its recipe); they are then measured here in torch on the recipe's evaluation
+    split (``entropy_limit_per_shard``: its first images per shard only), which takes a pass over it
+    per step."""
     out, model, state, teacher = open_export(load_student, student_path, out_dir, teacher_path)
     recipe, results = state["recipe"], state["results"]
     cfg = model.cfg
     entropy = getattr(cfg, "entropy_lambda", None) is not None  # issue 14: ans modes and a cdf file
+    if entropy_steps is not None:
+        if not entropy:
+            raise ValueError("entropy_steps: only a student with an entropy bottleneck has steps")
+        remeasure_steps(model, state, entropy_steps, entropy_limit_per_shard)
     side = cfg.input_size
 
     ex_img = torch.zeros(2, 3, side, side)
@@ -98,7 +109,7 @@ def export_bundle(
             input_spec=input_spec,
             wire=affine_wire(model.wire_shape, quantization="rounded to integers, entropy-coded (codec ans)"),
             modes=modes,
-            default=modes[0]["id"],
+            default=default_mode_id(modes),
             files=files,
             checks=checks,
             weights=weights,

@@ -17,8 +17,8 @@ from build_fixtures import torch_threads
 from edgesplit.builder.data import MEAN, STD, DeviceLoader, load_split
 from edgesplit.builder.recipe import RecipeError, load_recipe
 from edgesplit.builder.zoo import create_model
-from edgesplit.families.bottlefit.entropy import EntropyQuant, export_tables
-from edgesplit.families.bottlefit.entropy_steps import at_step, measure_rate, tables_name
+from edgesplit.families.bottlefit.entropy import EntropyQuant
+from edgesplit.families.bottlefit.entropy_steps import at_step, export_tables, measure_rate, tables_name
 from edgesplit.families.bottlefit.model import build_model
 from edgesplit.families.bottlefit.train import distill_stage1
 from edgesplit.wire import ans_codec as A

@@ -1,6 +1,6 @@
-"""A learned entropy bottleneck for BottleFit (issue 14): a factorized prior per channel, a rate
-term in the loss, and the export of the learned densities to the integer tables of codec ``"ans"``
-(:mod:`edgesplit.wire.ans_tables`, docs/PROTOCOL.md §4.4, docs/BUNDLE.md §7.2).
+"""A learned entropy bottleneck for BottleFit (issue 14): a factorized prior per channel and a rate
+term in the loss; its densities become the integer tables of codec ``"ans"``
+(:mod:`edgesplit.wire.ans_tables`, docs/PROTOCOL.md §4.4, docs/BUNDLE.md §7.2) in ``entropy_steps.py``.
 
 The density is the non-parametric one of Ballé et al. 2018 ("Variational image compression with a
 scale hyperprior", appendix 6.1): per channel, a small monotone function whose sigmoid is a
@@ -20,7 +20,8 @@ is 1). Training uses two proxies at once, one per term:
 **Coarser steps from the same model.** The density is continuous, so it gives the probability of
 any interval: tables for step ``s`` take ``[(k - ½)s, (k + ½)s]`` per integer ``k``, the wire sends
 ``rint(y / s)`` and the server reconstructs ``k·s`` (the mode's ``scale``, PROTOCOL.md §4.4). A
-coarser step spends fewer bits and costs accuracy, without retraining (``entropy_steps.py``).
+coarser step spends fewer bits and costs accuracy, without retraining. The tables are cut in
+``entropy_steps.py`` (``export_tables``).
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...wire.ans_tables import MAX_ALPHABET, TableSet, make_table_set, quantize_pmf
+from ...wire.ans_tables import TableSet
 
-TAIL_MASS = 1e-6  # probability left outside a channel's table (values there are clipped to its ends)
 _LIK_FLOOR = 1e-9  # the smallest likelihood the rate counts (about 30 bits): keeps log finite
 
 
@@ -126,33 +126,3 @@ def rate_loss(quant: nn.Module, lam: float | None) -> torch.Tensor | float:
     """``λ · mean bits per frame`` of the last forward pass, or 0 for a uniform quantizer."""
     bits = getattr(quant, "last_bits", None)
     return 0.0 if lam is None or bits is None else lam * bits.mean()
-
-
-def export_tables(
-    quant: EntropyQuant,
-    name: str = "main",
-    tail_mass: float = TAIL_MASS,
-    limit: int = MAX_ALPHABET // 2 - 1,
-    step: float = 1.0,
-) -> TableSet:
-    """The learned densities as integer tables for quantization step ``step``: per channel, the
-    integers ``lo..hi`` (value ``k`` standing for ``k·step``) outside of which the density leaves at
-    most ``tail_mass``, each given the probability of its interval ``[(k - ½)step, (k + ½)step]``;
-    the two end entries also take the tails beyond them (the encoder clips values there), and the
-    probabilities are rounded to 16-bit integer frequencies."""
-    # edges (k - 0.5)·step for k = -limit .. limit + 1
-    grid = (np.arange(-limit, limit + 2, dtype=np.float64) - 0.5) * step
-    cdf = quant.prior.cdf_at(grid)
-    offsets, freqs = [], []
-    for c in range(cdf.shape[0]):
-        edges = np.maximum.accumulate(cdf[c])  # monotone by construction; guards rounding
-        # lowest lo with P(v <= lo) > tail/2, highest hi with P(v >= hi) > tail/2 (at least 2 entries)
-        lo_i = int(np.argmax(edges[1:] > tail_mass / 2))
-        above = np.nonzero(edges[:-1] < 1.0 - tail_mass / 2)[0]
-        hi_i = int(above[-1]) if above.size else lo_i + 1
-        hi_i = max(hi_i, lo_i + 1)
-        cut = edges[lo_i + 1 : hi_i + 1]  # interior edges between lo and hi
-        pmf = np.diff(np.concatenate([[0.0], cut, [1.0]]))
-        offsets.append(lo_i - limit)
-        freqs.append(quantize_pmf(np.maximum(pmf, 0.0)))
-    return make_table_set(name, offsets, freqs)

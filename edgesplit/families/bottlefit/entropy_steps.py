@@ -4,7 +4,7 @@ applied, and bytes per frame measured by coding real evaluation frames with code
 
 **Several rates from one model.** ``split.entropy_steps`` (default ``[1.0]``) lists quantization
 steps; each gets its own table set, cut from the same learned density over intervals of that width
-(:func:`~.entropy.export_tables`), and its own accuracy and coded bytes, measured with the wire's
+(:func:`export_tables`), and its own accuracy and coded bytes, measured with the wire's
 ``rint(y / step)``, clipping and reconstruction ``k·step`` applied (PROTOCOL.md §4.4's ``scale``).
 A coarser step saves bytes and costs accuracy; nothing is retrained. The set of step 1 is ``main``,
 the others ``s<step>`` (``s1.5``, ``s2``).
@@ -30,12 +30,12 @@ import torch
 from ...builder.bottleneck import save_student
 from ...builder.train import evaluate
 from ...wire.ans_codec import ANS_BITS, ANS_CODEC, encode_values, quantize_values
-from ...wire.ans_tables import TableSet, parse_tables, tables_document
-from .config import check_entropy_steps
-from .entropy import EntropyQuant, export_tables
+from ...wire.ans_tables import MAX_ALPHABET, TableSet, make_table_set, parse_tables, quantize_pmf, tables_document
+from .entropy import EntropyQuant
 
 CDF_FILE = "cdf.json"
 MAIN_TABLES = "main"  # the table set of step 1, the step the model trained at
+TAIL_MASS = 1e-6  # probability left outside a channel's table (values there are clipped to its ends)
 
 if TYPE_CHECKING:
     from ...builder.pipeline import Prepared
@@ -50,8 +50,8 @@ def tables_name(step: float) -> str:
 @contextmanager
 def at_step(quant: EntropyQuant, tables: TableSet, step: float) -> Iterator[None]:
     """Evaluate ``quant`` as a mode of ``step`` with ``tables`` sends (its clipping and step), then
-    put back what it had (the saved student stays clipped to the ``main`` tables)."""
-    lo, hi, old = quant.lo.clone(), quant.hi.clone(), quant.step
+    put back its clipping and step 1, the step it trains and is saved at."""
+    lo, hi = quant.lo.clone(), quant.hi.clone()
     quant.clip_to(tables)
     quant.step = step
     try:
@@ -59,7 +59,37 @@ def at_step(quant: EntropyQuant, tables: TableSet, step: float) -> Iterator[None
     finally:
         quant.lo.copy_(lo)
         quant.hi.copy_(hi)
-        quant.step = old
+        quant.step = 1.0
+
+
+def export_tables(
+    quant: EntropyQuant,
+    name: str = "main",
+    tail_mass: float = TAIL_MASS,
+    limit: int = MAX_ALPHABET // 2 - 1,
+    step: float = 1.0,
+) -> TableSet:
+    """The learned densities as integer tables for quantization step ``step``: per channel, the
+    integers ``lo..hi`` (value ``k`` standing for ``k·step``) outside of which the density leaves at
+    most ``tail_mass``, each given the probability of its interval ``[(k - ½)step, (k + ½)step]``;
+    the two end entries also take the tails beyond them (the encoder clips values there), and the
+    probabilities are rounded to 16-bit integer frequencies."""
+    # edges (k - 0.5)·step for k = -limit .. limit + 1
+    grid = (np.arange(-limit, limit + 2, dtype=np.float64) - 0.5) * step
+    cdf = quant.prior.cdf_at(grid)
+    offsets, freqs = [], []
+    for c in range(cdf.shape[0]):
+        edges = np.maximum.accumulate(cdf[c])  # monotone by construction; guards rounding
+        # lowest lo with P(v <= lo) > tail/2, highest hi with P(v >= hi) > tail/2 (at least 2 entries)
+        lo_i = int(np.argmax(edges[1:] > tail_mass / 2))
+        above = np.nonzero(edges[:-1] < 1.0 - tail_mass / 2)[0]
+        hi_i = int(above[-1]) if above.size else lo_i + 1
+        hi_i = max(hi_i, lo_i + 1)
+        cut = edges[lo_i + 1 : hi_i + 1]  # interior edges between lo and hi
+        pmf = np.diff(np.concatenate([[0.0], cut, [1.0]]))
+        offsets.append(lo_i - limit)
+        freqs.append(quantize_pmf(np.maximum(pmf, 0.0)))
+    return make_table_set(name, offsets, freqs)
 
 
 @torch.no_grad()
@@ -118,7 +148,9 @@ def entropy_results(lam: float | None, figures: list[dict], sets: list[TableSet]
 def finish(r: Recipe, run_dir: Path, p: Prepared, student, results: dict) -> dict:
     quant = student.quant
     assert isinstance(quant, EntropyQuant)
-    steps = check_entropy_steps(r.split.entropy_steps or [1.0], "split.entropy_steps")
+    # Checked when the recipe was loaded. getattr: a recipe object from before the key existed (a
+    # run already under way when it was added) finishes with step 1 alone.
+    steps = sorted(float(s) for s in getattr(r.split, "entropy_steps", None) or [1.0])
     figures, sets = measure_steps(student, p.eval_loader, p.dev, steps)
     quant.clip_to(sets[steps.index(1.0)])  # the saved student sends what the main mode sends
     results["entropy"] = entropy_results(student.cfg.entropy_lambda, figures, sets)
@@ -135,6 +167,7 @@ def remeasure_steps(student, state: dict, steps: list[float], limit_per_shard: i
     shard only, as ``edgesplit train --limit-per-shard``), and put the figures and tables into
     ``state["results"]`` as the run would have (``eval_frames`` updated)."""
     from ...builder.data import MEAN, STD, DeviceLoader, load_split
+    from .config import check_entropy_steps
 
     steps = check_entropy_steps(steps, "entropy steps")
     results = state["results"]

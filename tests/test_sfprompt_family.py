@@ -247,11 +247,15 @@ def test_cli_trains_federated_and_exports_the_body_package(tmp_path):
     from edgesplit.families.sfprompt.train import accuracy
 
     assert accuracy(model, *ev) == res["accuracy"]
-    out = json.loads(cli("export", str(run / "student.pt"), "--out", str(tmp_path / "body")).stdout)
-    m = json.loads((tmp_path / "body" / "manifest.json").read_text())
-    assert out["hash"] == hashlib.sha256((tmp_path / "body" / "manifest.json").read_bytes()).hexdigest()
+    # export: the U-shaped bundle at --out, the body package for split training beside it (<out>-body)
+    out = json.loads(cli("export", str(run / "student.pt"), "--out", str(tmp_path / "bundle")).stdout)
+    bundle_manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert out["hash"] == hashlib.sha256((tmp_path / "bundle" / "manifest.json").read_bytes()).hexdigest()
+    assert bundle_manifest["family"] == "sfprompt"
+    pkg = tmp_path / "bundle-body"
+    m = json.loads((pkg / "manifest.json").read_text())
     assert m["blocks"] == [1, 4] and m["tokens"] == [1 + 4 + 64, 128] and m["checks"]["max_abs_diff"] == 0.0
-    assert m["files"]["body"]["sha256"] == hashlib.sha256((tmp_path / "body" / "body.pt").read_bytes()).hexdigest()
+    assert m["files"]["body"]["sha256"] == hashlib.sha256((pkg / "body.pt").read_bytes()).hexdigest()
 
 
 def test_baselines_train_and_exchange_their_parts(frames):

@@ -102,7 +102,7 @@ def run(recipe: Any, run_dir: Path, prepared: Any) -> dict[str, Any]:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     p.log({"event": "done", "accuracy": results["accuracy"]})
     print(
-        f"next: edgesplit export {run_dir / 'student.pt'} --out <dir> (writes the body package the body server loads)"
+        f"next: edgesplit export {run_dir / 'student.pt'} --out <dir> (writes the U-shaped bundle at <dir> and, beside it at <dir>-body, the body package split training loads)"
     )
     return results
 

@@ -7,7 +7,9 @@ pretrained ViT, cut, data, Dirichlet partition, sampled clients, rounds and epoc
   (SplitFed with the server part frozen);
 - ``prompt_fl``: prompts + tail trained with the whole model on the client (no split);
 - ``fedft``: federated full fine-tuning (every weight trained on the client, FedAvg of all);
-- ``local``: prompts + tail per client, never averaged (mean accuracy of the clients' models).
+- ``local``: prompts + tail per client, never averaged (mean accuracy of the clients' models);
+- ``sfprompt_no_local_loss`` (ask for it with ``--methods``): SFPrompt without the local-loss
+  update, whose tail is trained on the head's tokens with the body skipped.
 
 Per method: accuracy after each round (the global model on the evaluation frames), client compute
 (MACs counted by torch's FLOP counter per part and sample, x3 where a part is trained, and
@@ -34,7 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--clients", type=int, default=None)
     p.add_argument("--per-round", type=int, default=None)
-    p.add_argument("--methods", default="sfprompt,splitfed,prompt_fl,fedft,local")
+    p.add_argument(
+        "--methods",
+        default="sfprompt,splitfed,prompt_fl,fedft,local",
+        help=f"comma-separated, of: {', '.join(METHODS)}",
+    )
     p.add_argument("--gamma", type=float, default=None, help="override split.gamma (EL2N pruning)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--act-bits", type=int, choices=(8, 16, 32), default=None, help="override split.act_bits")
@@ -43,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 METHODS: dict[str, dict[str, Any]] = {
     "sfprompt": {"prompts": True, "local_loss": True, "prune": True, "split": True, "unfreeze": ()},
+    # The ablation of the local-loss update (recipe key split.local_loss: false), not run by default.
+    "sfprompt_no_local_loss": {"prompts": True, "local_loss": False, "prune": True, "split": True, "unfreeze": ()},
     "splitfed": {"prompts": False, "local_loss": False, "prune": False, "split": True, "unfreeze": ("head",)},
     "prompt_fl": {"prompts": True, "local_loss": False, "prune": False, "split": False, "unfreeze": ()},
     "fedft": {"prompts": False, "local_loss": False, "prune": False, "split": False, "unfreeze": ("head", "body")},

@@ -346,6 +346,20 @@ def test_cli_trains_exports_and_inspects(built):
         assert check["frames"] == FRAMES and check["max_rel_diff"] < 1e-2, (graph, check)
 
 
+def test_export_options_of_another_family_are_refused(built):
+    """``--entropy-steps`` is the BottleFit exporter's: any other family's student is refused before
+    any work, naming the option; a malformed list is a usage error."""
+    student = str(built.run_dir / "student.pt")
+    bad = edgesplit_cli(["export", student, "--out", str(built.run_dir / "x"), "--entropy-steps", "1,x"], built.run_dir)
+    assert bad.returncode == 2 and "comma-separated numbers" in bad.stderr
+    if built.family == "bottlefit":
+        return
+    out = edgesplit_cli(["export", student, "--out", str(built.run_dir / "x"), "--entropy-steps", "1,2"], built.run_dir)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"the {built.family} family's exporter takes no entropy-steps" in out.stderr
+    assert not (built.run_dir / "x").exists()
+
+
 def check_scatter_bundle(built: Built, results: dict) -> None:
     """A scatter family's run and bundle (BUNDLE.md section 7.1): what training logged and wrote,
     what export printed and inspect showed, one sub-model file per class subset."""

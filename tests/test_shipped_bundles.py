@@ -14,6 +14,7 @@ from edgesplit.bundle import Bundle
 MODELS = Path(__file__).resolve().parents[1] / "models"
 SHIPPED = {
     "cifar10-resnet20-bottlefit": ("cifar10:test", 512),  # (eval data, wire-bytes budget of the issue)
+    "cifar10-resnet20-entropy": ("cifar10:test", 200),  # codec ans: the budget is on the mean coded frame
     "imagenette-resnet18-bottlefit": ("imagenette:val", 1000),
     "imagenette-resnet18-slimmable": ("imagenette:val", 1200),
 }
@@ -81,4 +82,7 @@ def test_shipped_bundle_accuracy_holds_on_real_frames(name):
     for m in res["modes"]:
         assert within_3_sigma(m["accuracy"], b.mode(m["id"]).accuracy), (m, b.mode(m["id"]).accuracy)
     assert within_3_sigma(res["teacher_accuracy"], b.manifest["teacher_accuracy"])
-    assert res["bytes_per_frame"] == b.default_mode.bytes_per_frame
+    if b.default_mode.codec == "ans":  # coded frames vary: the manifest's mean is of its 256 check images
+        assert abs(res["bytes_per_frame"] - b.default_mode.bytes_per_frame) <= 0.05 * b.default_mode.bytes_per_frame
+    else:
+        assert res["bytes_per_frame"] == b.default_mode.bytes_per_frame

@@ -9,8 +9,10 @@ The family is read from ``student.pt`` and its exporter looked up in
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,9 +41,18 @@ def export_bundle(
     weights: str = "fp16",
     teacher_path: str | Path | None = None,
     torch_tail: bool = False,
+    **family_options: Any,
 ) -> Bundle:
-    """Export any family's trained split: the exporter of the family ``student.pt`` names."""
-    return family_of(student_path, torch_tail).entry("exporter")(
+    """Export any family's trained split: the exporter of the family ``student.pt`` names.
+    ``family_options``: keywords only that family's exporter takes (e.g. BottleFit's
+    ``entropy_steps``); one it does not take is a ValueError naming it."""
+    exporter = family_of(student_path, torch_tail).entry("exporter")
+    known = inspect.signature(exporter).parameters
+    for key in family_options:
+        if key not in known:
+            family = family_of(student_path).name
+            raise ValueError(f"the {family} family's exporter takes no {key.replace('_', '-')}")
+    return exporter(
         student_path,
         out_dir,
         name=name,
@@ -49,7 +60,16 @@ def export_bundle(
         weights=weights,
         teacher_path=teacher_path,
         torch_tail=torch_tail,
+        **family_options,
     )
+
+
+def parse_steps(text: str) -> list[float]:
+    """``--entropy-steps 1,1.5,2`` -> [1.0, 1.5, 2.0] (the exporter validates the values)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers, got {text!r}") from None
 
 
 def export_main(argv: list[str]) -> int:
@@ -69,20 +89,35 @@ def export_main(argv: list[str]) -> int:
     p.add_argument(
         "--torch-tail", action="store_true", help="also write tail.pt2 (torch.export) for 'serve --backend torch'"
     )
+    p.add_argument(
+        "--entropy-steps",
+        type=parse_steps,
+        default=None,
+        metavar="S1,S2,...",
+        help="an entropy-bottleneck student: one ans mode per quantization step (1.0 among them), "
+        "measured here on the recipe's evaluation split (default: the steps its run measured)",
+    )
     a = p.parse_args(argv)
+    options = {} if a.entropy_steps is None else {"entropy_steps": a.entropy_steps}
     try:
         family_of(a.student, a.torch_tail)  # a usage error before any work, not a traceback after
     except (ValueError, UnknownFamilyError) as e:
         p.error(str(e))
-    b = export_bundle(
-        a.student,
-        a.out,
-        name=a.name,
-        check_frames=a.check_frames,
-        weights=a.weights,
-        teacher_path=a.teacher,
-        torch_tail=a.torch_tail,
-    )
+    try:
+        b = export_bundle(
+            a.student,
+            a.out,
+            name=a.name,
+            check_frames=a.check_frames,
+            weights=a.weights,
+            teacher_path=a.teacher,
+            torch_tail=a.torch_tail,
+            **options,
+        )
+    except ValueError as e:
+        if not options:
+            raise
+        p.error(f"--entropy-steps: {e}")
     m = b.manifest
     print(
         json.dumps(

@@ -13,7 +13,8 @@ import sys
 import tarfile
 from typing import Any
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, Mode
+from .bundle_schema import U_SHAPED
 
 
 def summarize(b: Bundle) -> dict[str, Any]:
@@ -28,6 +29,9 @@ def summarize(b: Bundle) -> dict[str, Any]:
     modes = []
     default_id = b.default_mode.id
     for mode, raw in zip(b.modes, m["modes"]):
+        if b.serving == U_SHAPED:
+            modes.append(_token_mode(b, mode, raw, mode.id == default_id))
+            continue
         modes.append(
             {
                 "id": mode.id,
@@ -48,6 +52,7 @@ def summarize(b: Bundle) -> dict[str, Any]:
         "verified": True,
         "name": b.name,
         "family": b.family,
+        "serving": b.serving,
         "hash": b.hash,
         "schema_version": m["schema_version"],
         "description": m.get("description", ""),
@@ -61,6 +66,27 @@ def summarize(b: Bundle) -> dict[str, Any]:
         "export_checks": m.get("export", {}).get("checks", {}),
         "teacher_accuracy": m.get("teacher_accuracy"),
         "tools": m.get("tools", {}),
+    }
+
+
+def _token_mode(b: Bundle, mode: Mode, raw: dict[str, Any], default: bool) -> dict[str, Any]:
+    """A U-shaped bundle's mode (BUNDLE.md 7.3): the dtype the head's tokens ``[T, D]`` travel in,
+    every row of them, and the bytes each way. The manifest's byte figures are optional: without
+    them they follow from the tokens (up: the mode's dtype; down: the body's output, float32)."""
+    T, D = (int(s) for s in b.wire_spec["shape"])
+    return {
+        "id": mode.id,
+        "name": mode.name,
+        "dtype": mode.dtype,
+        "bits": mode.bits,
+        "tokens": [T, D],
+        "bytes_per_frame": mode.bytes_per_frame or T * D * mode.bits // 8,
+        "bytes_down_per_frame": raw.get("bytes_down_per_frame", T * D * 4),
+        "accuracy": mode.accuracy,
+        "head_ms": dict(mode.head_ms),
+        "tail_ms": dict(raw.get("tail_ms", {})),
+        "default": default,
+        **({"accuracy_source": raw["accuracy_source"]} if "accuracy_source" in raw else {}),
     }
 
 
@@ -134,6 +160,44 @@ def _size(n: int) -> str:
     return str(n)  # pragma: no cover - the loop always returns
 
 
+def _ms(per_profile: dict[str, float]) -> str:
+    return ", ".join(f"{v:.3f} ({k})" for k, v in per_profile.items()) or "-"
+
+
+def _wire_modes(s: dict[str, Any]) -> list[str]:
+    lines = [
+        "modes",
+        f"  {'id':>3}  {'name':<12} {'channels':>8} {'bits':>4} {'bytes/frame':>11} {'accuracy':>8}  head ms",
+    ]
+    for md in s["modes"]:
+        mark = " *" if md["default"] else ""
+        lines.append(
+            f"  {md['id']:>3}  {md['name'] + mark:<12} {md['channels']:>8} {md['bits']:>4} "
+            f"{md['bytes_per_frame']:>11.0f} {_fmt(md['accuracy'], '8.4f'):>8}  {_ms(md['head_ms'])}"
+        )
+    return lines
+
+
+def _token_modes(s: dict[str, Any]) -> list[str]:
+    """U-shaped modes: the tokens' dtype, shape and the bytes each way (the body runs on the server)."""
+    res = s["wire"].get("result", {})
+    lines = [
+        f"modes (U-shaped: head -> '{s['wire'].get('name')}' up -> body on the server -> "
+        f"'{res.get('name', 'body_out')}' float32 down -> tail on the device)",
+        f"  {'id':>3}  {'name':<8} {'dtype':<8} {'bits':>4} {'tokens':<10} {'up B/frame':>10} {'down B/frame':>12} "
+        f"{'accuracy':>8}  head ms / tail ms",
+    ]
+    for md in s["modes"]:
+        mark = " *" if md["default"] else ""
+        tokens = "x".join(str(n) for n in md["tokens"])
+        lines.append(
+            f"  {md['id']:>3}  {md['name'] + mark:<8} {md['dtype']:<8} {md['bits']:>4} {tokens:<10} "
+            f"{md['bytes_per_frame']:>10.0f} {md['bytes_down_per_frame']:>12.0f} "
+            f"{_fmt(md['accuracy'], '8.4f'):>8}  {_ms(md['head_ms'])} / {_ms(md['tail_ms'])}"
+        )
+    return lines
+
+
 def render(s: dict[str, Any]) -> str:
     if "submodels" in s:
         return _render_scatter(s)
@@ -142,6 +206,7 @@ def render(s: dict[str, Any]) -> str:
         f"bundle   {s['bundle']}  (verified: every file matches its sha256)",
         f"name     {s['name']}",
         f"family   {s['family']}",
+        f"serving  {s.get('serving', 'head-tail')}",
         f"hash     {s['hash']}",
         f"classes  {s['classes']}",
         f"input    shape {inp.get('shape')}  resize {inp.get('resize')}  mean {inp.get('mean')}  std {inp.get('std')}",
@@ -149,18 +214,7 @@ def render(s: dict[str, Any]) -> str:
     ]
     if s.get("teacher_accuracy") is not None:
         lines.append(f"teacher  accuracy {s['teacher_accuracy']:.4f} (reference model, full.onnx)")
-    lines += [
-        "",
-        "modes",
-        f"  {'id':>3}  {'name':<12} {'channels':>8} {'bits':>4} {'bytes/frame':>11} {'accuracy':>8}  head ms",
-    ]
-    for md in s["modes"]:
-        head = ", ".join(f"{v:.3f} ({k})" for k, v in md["head_ms"].items()) or "-"
-        mark = " *" if md["default"] else ""
-        lines.append(
-            f"  {md['id']:>3}  {md['name'] + mark:<12} {md['channels']:>8} {md['bits']:>4} "
-            f"{md['bytes_per_frame']:>11.0f} {_fmt(md['accuracy'], '8.4f'):>8}  {head}"
-        )
+    lines += ["", *(_token_modes(s) if s.get("serving") == U_SHAPED else _wire_modes(s))]
     lines.append("  (* = default mode)")
     lines += ["", "files"]
     for f in s["files"]:

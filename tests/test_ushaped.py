@@ -4,6 +4,8 @@ few SFPrompt steps on a real CIFAR-10 slice, exported by the family's exporter (
 against torch), served by the real daemon (ONNX Runtime, the batcher) on loopback to the real agent,
 which runs the head, sends the tokens, and runs the tail on the body's output.
 
+The bundle is built in tests/ushaped_fixtures.py (shared with tests/test_ushaped_eval.py).
+
 Checked: served logits equal the bundle's own head -> codec -> body -> tail run here in ONNX
 Runtime, per mode; served accuracy equals that offline accuracy, the manifest's, and (float32
 tokens) the tuned model's own (full.onnx, and torch); bytes each way as the manifest says; the
@@ -18,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from build_fixtures import one_torch_thread, require_cifar  # noqa: F401  (pytest fixture by name)
+from build_fixtures import one_torch_thread  # noqa: F401  (pytest fixture by name)
+from ushaped_fixtures import FRAMES, bundle, full_logits, offline_logits, samples  # noqa: F401  (fixtures by name)
 
 from edgesplit.bundle import Bundle
 from edgesplit.data.sources import open_source, take
@@ -28,47 +31,7 @@ from edgesplit.wire import protocol as P
 from edgesplit.wire import split_train as S
 from edgesplit.wire.errors import ErrorCode
 
-RECIPE = "tests/recipes/tiny-sfprompt.yaml"
-FRAMES = 32  # the export's check frames and the frames served: the first of cifar10:test
 HEAD_TAIL = "models/cifar10-resnet20-bottlefit"  # the shipped head-tail bundle, served beside it
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Bundle:
-    """A tiny SFPrompt student tuned here (one client round: local-loss update and split training
-    through the frozen body) and exported as a U-shaped bundle."""
-    require_cifar()
-    from edgesplit.builder.data import load_split
-    from edgesplit.builder.recipe import load_recipe
-    from edgesplit.families.sfprompt.bundle_export import export_bundle
-    from edgesplit.families.sfprompt.model import build_model, save_student
-    from edgesplit.families.sfprompt.train import LocalBody, client_round
-
-    r = load_recipe(RECIPE)
-    torch.manual_seed(0)
-    model = build_model(r)
-    x, y = load_split("cifar10", "train", 32, limit_per_shard=32)
-    stage = {"epochs": 2, "lr": 3e-3, "batch": 16, "optimizer": "adam", "weight_decay": 0.0, "warmup_epochs": 0.0}
-    client_round(
-        model,
-        x,
-        y,
-        LocalBody(model.body),
-        stage,
-        {**stage, "epochs": 1},
-        gamma=1.0,
-        local_loss=True,
-        augment=None,
-        seed=0,
-    )
-    d = tmp_path_factory.mktemp("ushaped")
-    save_student(model, d / "student.pt", {"recipe": r.to_dict(), "results": {"eval_frames": 0}})
-    return export_bundle(d / "student.pt", d / "bundle", check_frames=FRAMES)
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return list(take(open_source("cifar10:test"), FRAMES))
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +43,6 @@ def server(bundle):
         [bundle, Bundle.load(HEAD_TAIL)], "tcp://127.0.0.1:0", threads=1, max_batch=8, max_queue_delay_us=500
     ) as srv:
         yield srv
-
-
-def offline_logits(b: Bundle, mode_id: int, samples) -> np.ndarray:
-    """What the server path must give: the bundle's head, the mode's codec (per frame, as the agent
-    encodes), the body and the tail, in ONNX Runtime here."""
-    head, body, tail = (create_engine(b.file(r), threads=1) for r in ("head", "body", "tail"))
-    m = b.mode(mode_id)
-    out = []
-    for s in samples:
-        z = head.run1(preprocess(s.data, b.input_spec)[None])[0]
-        out.append(tail.run1(body.run1(S.roundtrip(z, m.bits)[None]))[0])
-    return np.stack(out)
-
-
-def full_logits(b: Bundle, samples) -> np.ndarray:
-    full = create_engine(b.file("full"), threads=1)
-    return np.stack([full.run1(preprocess(s.data, b.input_spec)[None])[0] for s in samples])
 
 
 # -- the bundle ------------------------------------------------------------------------------------

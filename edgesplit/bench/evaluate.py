@@ -5,7 +5,9 @@ baseline: the reference model (full.onnx) on the input re-encoded over a grid of
 Every mode's bytes are those of the real frames it sends: uniform modes' packed codes (and zstd),
 entropy-coded (``"ans"``) modes' variable-length frames, whose mean, 95th percentile and bits per
 frame are reported with the mode's quantization step (several steps of one learned model are
-several ans modes); each mode sits next to the best JPEG at its bytes.
+several ans modes); each mode sits next to the best JPEG at its bytes. A U-shaped bundle's token
+modes (head -> body on the server -> tail) are measured by :mod:`.evaluate_ushaped`, with the bytes
+each way; there the JPEG stands against the bytes up.
 
 No torch: this runs wherever the agent runs.
 """
@@ -25,6 +27,8 @@ from ..data.transforms import preprocess, reencode_jpeg
 from ..engine import Engine, create_engine
 from ..wire import codec
 from ..wire.mode_codec import decode_any, encode_mode
+from .evaluate_ushaped import ROLES as U_SHAPED_ROLES
+from .evaluate_ushaped import U_SHAPED, describe_mode, u_shaped_accuracy
 
 # Default re-encoding grids: sides (px) and JPEG qualities. Sides above the input are pointless.
 SIDES = (16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224)
@@ -122,16 +126,21 @@ def evaluate_bundle(
     samples = [s for s in take(open_source(source, bundle.classes), frames) if s.label is not None]
     if not samples:
         raise SystemExit(f"edgesplit eval: no labelled frames in {source!r}")
-    heads = {role: create_engine(bundle.file(role), "ort", threads=threads) for role in bundle.head_roles}
-    tail = create_engine(bundle.file("tail"), "ort", threads=threads)
     full = create_engine(bundle.file("full"), "ort", threads=threads)
-    split = split_accuracy(bundle, heads, tail, samples)
+    if bundle.serving == U_SHAPED:
+        engines = {role: create_engine(bundle.file(role), "ort", threads=threads) for role in U_SHAPED_ROLES}
+        split = u_shaped_accuracy(bundle, engines, samples)
+    else:
+        heads = {role: create_engine(bundle.file(role), "ort", threads=threads) for role in bundle.head_roles}
+        tail = create_engine(bundle.file("tail"), "ort", threads=threads)
+        split = split_accuracy(bundle, heads, tail, samples)
     default = next(m for m in split["modes"] if m["id"] == bundle.default_mode.id)
     labels = np.asarray([s.label for s in samples])
     teacher_acc = float(np.mean(classify(full, [s.data for s in samples], bundle.input_spec) == labels))
     result = {
         "bundle": bundle.name,
         "bundle_hash": bundle.hash,
+        "serving": bundle.serving,
         "source": source,
         "frames": len(samples),
         "mode": default["name"],
@@ -142,6 +151,8 @@ def evaluate_bundle(
         "input_jpeg_bytes_median": float(np.median([len(s.data) for s in samples])),
         "modes": split["modes"],
     }
+    if "bytes_down_per_frame" in default:  # U-shaped: the body's output comes back to the device
+        result["bytes_down_per_frame"] = default["bytes_down_per_frame"]
     if jpeg_grid:
         jsamples = samples[:jpeg_frames] if jpeg_frames else samples
         grid = jpeg_baseline(full, jsamples, bundle.input_spec)
@@ -187,11 +198,14 @@ def eval_main(argv: list[str]) -> int:
     print(f"{b.name} on {res['frames']} frames of {a.data}")
     print(f"  reference model (full.onnx): {res['teacher_accuracy']:.4f}")
     for m in res["modes"]:
+        j = m.get("jpeg_accuracy_at_bytes", "-")
+        j = f"  JPEG at its bytes {j:.4f}" if isinstance(j, float) else ("  no JPEG fits" if j is None else "")
+        if "bytes_down_per_frame" in m:
+            print(describe_mode(m) + j)
+            continue
         z = f", zstd {m['bytes_per_frame_zstd']:.0f}" if m["bytes_per_frame_zstd"] else ""
         if m["codec"] == "ans":
             z = f" (mean; p95 {m['bytes_p95']:.0f}, {m['bits_per_frame']:.0f} bits/frame, codec ans, step {m['step']:g})"
-        j = m.get("jpeg_accuracy_at_bytes", "-")
-        j = f"  JPEG at its bytes {j:.4f}" if isinstance(j, float) else ("  no JPEG fits" if j is None else "")
         print(f"  mode {m['name']:<8} accuracy {m['accuracy']:.4f}  bytes/frame {m['bytes_per_frame']:.0f}{z}{j}")
     print(f"  input JPEG median {res['input_jpeg_bytes_median']:.0f} B")
     if "jpeg_baseline" in res:

@@ -1,0 +1,93 @@
+"""The tiny U-shaped bundle that tests/test_ushaped.py serves and tests/test_ushaped_eval.py evaluates
+and inspects, and what they check answers against: a tiny SFPrompt student cut from the tiny
+recipe's ViT, tuned here for a few SFPrompt steps on a real CIFAR-10 slice and exported by the
+family's exporter (ONNX graphs checked against torch, each mode's accuracy measured on the first
+``FRAMES`` frames of cifar10:test); those frames; and the offline runs of the bundle's graphs.
+
+    from ushaped_fixtures import FRAMES, bundle, full_logits, offline_logits, samples  # noqa: F401
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from build_fixtures import require_cifar, torch_threads
+
+from edgesplit.bundle import Bundle
+from edgesplit.data.sources import open_source, take
+from edgesplit.data.transforms import preprocess
+from edgesplit.engine import create_engine
+from edgesplit.wire import split_train as S
+
+RECIPE = str(Path(__file__).resolve().parent / "recipes" / "tiny-sfprompt.yaml")
+FRAMES = 32  # the export's check frames and the frames served: the first of cifar10:test
+
+_BUILT: dict[Path, Bundle] = {}
+
+
+def build_u_shaped_bundle(d: Path) -> Bundle:
+    """Tune the tiny student (one client round: local-loss update and split training through the
+    frozen body) and export it as a U-shaped bundle to ``d / "bundle"`` (the student at ``d /
+    "student.pt"``, the body package beside the bundle)."""
+    require_cifar()
+    from edgesplit.builder.data import load_split
+    from edgesplit.builder.recipe import load_recipe
+    from edgesplit.families.sfprompt.bundle_export import export_bundle
+    from edgesplit.families.sfprompt.model import build_model, save_student
+    from edgesplit.families.sfprompt.train import LocalBody, client_round
+
+    r = load_recipe(RECIPE)
+    torch.manual_seed(0)
+    model = build_model(r)
+    x, y = load_split("cifar10", "train", 32, limit_per_shard=32)
+    stage = {"epochs": 2, "lr": 3e-3, "batch": 16, "optimizer": "adam", "weight_decay": 0.0, "warmup_epochs": 0.0}
+    client_round(
+        model,
+        x,
+        y,
+        LocalBody(model.body),
+        stage,
+        {**stage, "epochs": 1},
+        gamma=1.0,
+        local_loss=True,
+        augment=None,
+        seed=0,
+    )
+    save_student(model, d / "student.pt", {"recipe": r.to_dict(), "results": {"eval_frames": 0}})
+    return export_bundle(d / "student.pt", d / "bundle", check_frames=FRAMES)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Bundle:
+    """The tiny U-shaped bundle, built once per test session whichever modules use it (each
+    importing module registers its own copy of a fixture, so the build is memoised here)."""
+    key = tmp_path_factory.getbasetemp()
+    if key not in _BUILT:
+        with torch_threads(1):  # a session fixture is set up before a module's one_torch_thread
+            _BUILT[key] = build_u_shaped_bundle(tmp_path_factory.mktemp("ushaped"))
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="session")
+def samples():
+    return list(take(open_source("cifar10:test"), FRAMES))
+
+
+def offline_logits(b: Bundle, mode_id: int, samples) -> np.ndarray:
+    """What the server path must give: the bundle's head, the mode's codec (per frame, as the agent
+    encodes), the body and the tail, in ONNX Runtime here."""
+    head, body, tail = (create_engine(b.file(r), threads=1) for r in ("head", "body", "tail"))
+    m = b.mode(mode_id)
+    out = []
+    for s in samples:
+        z = head.run1(preprocess(s.data, b.input_spec)[None])[0]
+        out.append(tail.run1(body.run1(S.roundtrip(z, m.bits)[None]))[0])
+    return np.stack(out)
+
+
+def full_logits(b: Bundle, samples) -> np.ndarray:
+    full = create_engine(b.file("full"), threads=1)
+    return np.stack([full.run1(preprocess(s.data, b.input_spec)[None])[0] for s in samples])

@@ -245,7 +245,10 @@ def save_student(
         run_dir / "student.pt",
     )
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log({"event": "done", **{k: v for k, v in results.items() if k != "modes"}, "modes": results["modes"]})
+    done = {k: v for k, v in results.items() if k != "modes"}
+    if isinstance(done.get("entropy"), dict):  # its integer tables belong in results.json, not in a log line
+        done["entropy"] = {k: v for k, v in done["entropy"].items() if k != "tables"}
+    log({"event": "done", **done, "modes": results["modes"]})
     return results
 
 

@@ -212,6 +212,15 @@ def bundle_manifest(
         "files": files,
         "model": {"arch": cfg.arch, "split_at": cfg.split_at, "config": cfg.to_dict()},
         "teacher_accuracy": results["teacher_accuracy"],
+        **provenance(recipe, results, checks, weights, timed="head latency"),
+    }
+
+
+def provenance(recipe: dict, results: dict, checks: dict, weights: str, *, timed: str) -> dict:
+    """The manifest keys that say where a bundle came from, the same for every family: the export
+    (opset, weights, checks against torch), the training run, the tools' versions, the host its
+    ``timed`` figures (e.g. "head latency") were measured on, and when."""
+    return {
         "export": {
             "opset": OPSET,
             "weights": weights,
@@ -227,7 +236,7 @@ def bundle_manifest(
             "python": platform.python_version(),
         },
         "measured_on": {
-            host_profile_name(): f"{platform.processor() or platform.machine()}, head latency with 1 thread, batch 1"
+            host_profile_name(): f"{platform.processor() or platform.machine()}, {timed} with 1 thread, batch 1"
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -19,25 +19,21 @@ manifest's figure is what serving that mode computes on those frames.
 
 from __future__ import annotations
 
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ... import __version__
 from ...builder.export_common import (
-    OPSET,
     check_against_torch,
     eval_images,
     export_onnx,
     head_latency_ms,
     host_profile_name,
     input_spec_for,
+    provenance,
     store_weights_fp16,
-    tool_version,
 )
 from ...bundle import Bundle, write_manifest
 from ...bundle_schema import TOKEN_DTYPES
@@ -165,22 +161,7 @@ def export_bundle(
             "tokens": [T, D],
             "body_package": package.hash,
         },
-        "export": {
-            "opset": OPSET,
-            "weights": weights,
-            "checks": checks,
-            "check_source": f"{recipe['dataset']}:{recipe['eval_split']}",
-        },
-        "training": {"recipe": recipe["name"], "results": results},
-        "tools": {
-            "edgesplit": __version__,
-            "torch": torch.__version__,
-            "onnx": tool_version("onnx"),
-            "onnxruntime": tool_version("onnxruntime"),
-            "python": platform.python_version(),
-        },
-        "measured_on": {profile: f"{platform.processor() or platform.machine()}, latency with 1 thread, batch 1"},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance(recipe, results, checks, weights, timed="latency"),
     }
     write_manifest(out, manifest)
     return Bundle.load(out)

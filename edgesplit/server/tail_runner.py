@@ -130,7 +130,40 @@ class RequestCheck:
         return dict(d, nbytes=n)
 
 
-class TailRunner:
+class InProcessRunner:
+    """What every runner whose engine lives in this process shares (the tail's and a U-shaped
+    bundle's body): its engine bound with its request checks, warm-up, health, capacity, close.
+    A subclass sets ``input_shape`` (one row of the engine's input) and may add a ``what`` note
+    to its capacity."""
+
+    backend: str
+    max_batch: int
+    input_shape: tuple
+    what = ""
+
+    def _bind(self, engine: Any, requests: Any) -> None:
+        self.engine = engine
+        self.requests = requests
+        self.check, self.check_compact = requests.check, requests.check_compact
+        self.input_name = engine.inputs[0].name
+        self.output_name = engine.outputs[0].name
+        self._out_descs: dict[tuple, list[dict[str, Any]]] = {}
+
+    def warmup(self) -> None:
+        self.engine.run({self.input_name: np.zeros((1, *self.input_shape), np.float32)})
+
+    def health(self) -> tuple[bool, str]:
+        """An in-process engine is as healthy as the daemon (a failing batch is answered INTERNAL)."""
+        return True, ""
+
+    def capacity(self) -> Capacity:
+        return Capacity(self.max_batch, 1, f"in-process {self.backend}{self.what}")
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class TailRunner(InProcessRunner):
     """A bundle's tail engine plus what is needed to turn requests into its input batch: the
     in-process :class:`~.tail_backend.TailBackend` (``engine``: one made elsewhere, such as a
     remote one, instead of the bundle's tail file on ``backend``)."""
@@ -168,28 +201,10 @@ class TailRunner:
                 log.warning("bundle '%s' has no tail_torch file; running its ONNX tail with ONNX Runtime", bundle.name)
                 used = "ort"
         self.backend = used
-        self.engine = create_engine(path, used, opts) if engine is None else engine
-        self.requests = RequestCheck(bundle)
-        self.wire_shape = self.requests.wire_shape
+        self._bind(create_engine(path, used, opts) if engine is None else engine, RequestCheck(bundle))
+        self.wire_shape = self.input_shape = self.requests.wire_shape
         self.modes = self.requests.modes
-        self.check, self.check_compact = self.requests.check, self.requests.check_compact
-        self.input_name = self.engine.inputs[0].name
-        self.output_name = self.engine.outputs[0].name
         self._bufs: dict[int, np.ndarray] = {}
-        self._out_descs: dict[tuple, list[dict[str, Any]]] = {}
-
-    def warmup(self) -> None:
-        self.engine.run({self.input_name: np.zeros((1, *self.wire_shape), np.float32)})
-
-    def health(self) -> tuple[bool, str]:
-        """An in-process engine is as healthy as the daemon (a failing batch is answered INTERNAL)."""
-        return True, ""
-
-    def capacity(self) -> Capacity:
-        return Capacity(self.max_batch, 1, f"in-process {self.backend}")
-
-    def close(self) -> None:
-        self.engine.close()
 
     def _buffer(self, c: int, rows: int) -> np.ndarray:
         """The reusable input batch for requests that send ``c`` channels: ``[n >= rows, C, h, w]``

@@ -26,7 +26,7 @@ from ..wire import codec
 from ..wire.errors import ErrorCode, ProtocolError, WireError
 from ..wire.split_train import FEATURE_U_SHAPED, REPLY_NAMES, TRAIN_FWD
 from .batcher import Item
-from .tail_backend import Capacity
+from .tail_runner import InProcessRunner
 
 log = logging.getLogger("edgesplit.server")
 
@@ -95,10 +95,11 @@ class UShapedCheck:
         )
 
 
-class UShapedRunner:
+class UShapedRunner(InProcessRunner):
     """A U-shaped bundle's body engine (``body.onnx``) and the batch buffer its requests decode into."""
 
     fused = False
+    what = " (body)"
 
     def __init__(
         self, bundle: Bundle, backend: str = "ort", threads: int | None = None, options: EngineOptions | None = None
@@ -113,26 +114,9 @@ class UShapedRunner:
             backend = "ort"
         self.backend = backend
         self.bundle = bundle
-        self.engine = create_engine(bundle.file("body"), backend, opts)
-        self.requests = UShapedCheck(bundle)
-        self.tokens = self.requests.tokens
-        self.check, self.check_compact = self.requests.check, self.requests.check_compact
-        self.input_name = self.engine.inputs[0].name
-        self.output_name = self.engine.outputs[0].name
+        self._bind(create_engine(bundle.file("body"), backend, opts), UShapedCheck(bundle))
+        self.tokens = self.input_shape = self.requests.tokens
         self._buf = np.zeros((0, *self.tokens), np.float32)
-        self._out_descs: dict[tuple, list[dict[str, Any]]] = {}
-
-    def warmup(self) -> None:
-        self.engine.run({self.input_name: np.zeros((1, *self.tokens), np.float32)})
-
-    def health(self) -> tuple[bool, str]:
-        return True, ""
-
-    def capacity(self) -> Capacity:
-        return Capacity(self.max_batch, 1, f"in-process {self.backend} (body)")
-
-    def close(self) -> None:
-        self.engine.close()
 
     def _buffer(self, rows: int) -> np.ndarray:
         """The reusable input batch ``[n >= rows, T, D]`` (compute thread only; every row used is

@@ -48,6 +48,22 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from .plan_report import breakdown, format_plan, why
+
+__all__ = [
+    "OBJECTIVES",
+    "Link",
+    "Machine",
+    "Option",
+    "PlanError",
+    "Prediction",
+    "Scenario",
+    "Work",
+    "format_plan",
+    "plan",
+    "predict",
+]
+
 OBJECTIVES = ("latency", "energy")
 GPU_LAUNCH_US = 8.0  # estimate per node, from the batch-1 GPU tail figure in DESIGN.md (docs/BENCHMARKS.md)
 
@@ -172,11 +188,18 @@ class Link:
         return (max(0.0, request - self.burst_bytes) + max(0.0, reply - tokens)) / rate + self.rtt_ms
 
 
+KINDS = ("split", "local", "raw", "u-shaped")
+
+
 @dataclass(frozen=True)
 class Option:
     """One way to answer a frame. ``kind``: ``split`` (head on the device, tail on the server),
-    ``local`` (the whole model on the device) or ``raw`` (the encoded frame sent, everything on the
-    server). ``head``/``encode`` run on the device, ``decode``/``tail`` on the server."""
+    ``local`` (the whole model on the device), ``raw`` (the encoded frame sent, everything on the
+    server) or ``u-shaped`` (head on the device, the body on the server, the tail on the device
+    again: the answer comes back to be finished). ``head``/``encode`` run on the device,
+    ``decode``/``tail`` on the server (a U-shaped option's ``tail`` is the server's body); a
+    U-shaped option's ``answer_encode`` runs on the server, ``answer_decode`` and ``device_tail``
+    on the device after the reply."""
 
     name: str
     kind: str
@@ -189,12 +212,19 @@ class Option:
     encode: Work = ZERO
     decode: Work = ZERO
     tail: Work = ZERO
+    answer_encode: Work = ZERO
+    answer_decode: Work = ZERO
+    device_tail: Work = ZERO
     accuracy: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in ("split", "local", "raw"):
-            raise PlanError(f"option kind must be split, local or raw, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise PlanError(f"option kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind != "u-shaped" and any(
+            w is not ZERO for w in (self.answer_encode, self.answer_decode, self.device_tail)
+        ):
+            raise PlanError(f"option {self.name!r}: only a u-shaped option has answer and device-tail work")
 
 
 @dataclass
@@ -242,16 +272,26 @@ class Scenario:
             raise PlanError(f"radio power must be >= 0 W, got {self.radio_w!r}")
 
 
+# Where each part runs, and the name it is reported under. The server part of a U-shaped option
+# sits in ``tail`` and is reported as the ``body``.
+DEVICE_PARTS = ("preprocess", "head", "encode", "answer decode", "device tail")
+SERVER_PARTS = ("decode", "tail", "body", "answer encode", "overhead")
+
+
 def predict(opt: Option, sc: Scenario) -> Prediction:
     dev, srv = sc.device, sc.server
     parts: dict[str, float] = {}
     sources: dict[str, str] = {}
+    u_shaped = opt.kind == "u-shaped"
     for key, work, where in (
         ("preprocess", opt.preprocess, dev if opt.kind != "raw" else srv),
         ("head", opt.head, dev),
         ("encode", opt.encode, dev),
         ("decode", opt.decode, srv),
-        ("tail", opt.tail, srv),
+        ("body" if u_shaped else "tail", opt.tail, srv),
+        ("answer encode", opt.answer_encode, srv),
+        ("answer decode", opt.answer_decode, dev),
+        ("device tail", opt.device_tail, dev),
     ):
         ms, how = where.time_ms(work, sc.host)
         if ms or work is not ZERO:
@@ -261,10 +301,9 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
     request = opt.payload_bytes + opt.header_bytes
     if remote:
         parts["overhead"] = sc.overhead_ms
-    device_ms = sum(parts.get(k, 0.0) for k in ("head", "encode")) + (
-        parts.get("preprocess", 0.0) if opt.kind != "raw" else 0.0
-    )
-    server_ms = sum(parts.get(k, 0.0) for k in ("decode", "tail", "overhead")) + (
+    on_device = tuple(k for k in DEVICE_PARTS if k != "preprocess" or opt.kind != "raw")
+    device_ms = sum(parts.get(k, 0.0) for k in on_device)
+    server_ms = sum(parts.get(k, 0.0) for k in SERVER_PARTS) + (
         parts.get("preprocess", 0.0) if opt.kind == "raw" else 0.0
     )
     link_ms = sc.link.transfer_ms(request, opt.reply_bytes, server_ms) if remote else 0.0
@@ -276,7 +315,6 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
         radio = sc.radio_w if sc.radio_w is not None else dev.idle_w
         if radio is not None or not remote:
             energy = device_ms * dev.active_w + (link_ms * radio if remote else 0.0)  # ms x W = mJ
-            on_device = ("head", "encode") + (("preprocess",) if opt.kind != "raw" else ())
             est = (
                 bool(dev.estimated)
                 or (remote and sc.radio_w is None)
@@ -307,47 +345,6 @@ def predict(opt: Option, sc: Scenario) -> Prediction:
     )
 
 
-def _fmt_bytes(b: float) -> str:
-    return f"{b:.0f} B" if b < 10_000 else f"{b / 1e3:.1f} kB"
-
-
-def breakdown(p: Prediction, link: Link) -> str:
-    """``head 3.1 ms + link 12.0 ms (784 B @ 0.5 Mbit/s) + tail 1.2 ms ...``"""
-    terms = []
-    for k in ("preprocess", "head", "encode", "link", "decode", "tail", "overhead"):
-        if k not in p.parts_ms:
-            continue
-        t = f"{k} {p.parts_ms[k]:.2f} ms"
-        if k == "link":
-            t += f" ({_fmt_bytes(p.request_bytes)} @ {link.mbps:g} Mbit/s" + (
-                f", RTT {link.rtt_ms:g} ms)" if link.rtt_ms else ")"
-            )
-        terms.append(t)
-    return " + ".join(terms) + f" = {p.latency_ms:.2f} ms"
-
-
-def _why(p: Prediction, best: Prediction, objective: str) -> str:
-    if p is best:
-        return "best"
-    if objective == "energy" and p.energy_mj is not None and best.energy_mj is not None:
-        gap = f"+{p.energy_mj - best.energy_mj:.2f} mJ vs best"
-    else:
-        gap = f"+{p.latency_ms - best.latency_ms:.2f} ms vs best"
-    # Name the term that costs the most more than the winner's.
-    diffs = {
-        "device compute": p.device_ms - best.device_ms,
-        "link": p.link_ms - best.link_ms,
-        "server compute": p.server_ms - best.server_ms,
-    }
-    worst = max(diffs, key=diffs.get)
-    what = {
-        "link": f"sends {_fmt_bytes(p.request_bytes)} vs {_fmt_bytes(best.request_bytes)}",
-        "device compute": f"device {p.device_ms:.2f} ms vs {best.device_ms:.2f} ms",
-        "server compute": f"server {p.server_ms:.2f} ms vs {best.server_ms:.2f} ms",
-    }[worst]
-    return f"{gap}: loses on {worst} ({what})"
-
-
 def plan(options: Sequence[Option], sc: Scenario, objective: str = "latency") -> list[Prediction]:
     """Predict every option and rank them by the objective (ties broken by latency). Each
     prediction's ``reason`` holds its breakdown, what bounds it and why it wins or loses."""
@@ -368,23 +365,5 @@ def plan(options: Sequence[Option], sc: Scenario, objective: str = "latency") ->
     for i, p in enumerate(preds, 1):
         p.rank = i
         energy = "" if p.energy_mj is None else f"; {p.energy_mj:.2f} mJ{' (estimate)' if p.energy_estimate else ''}"
-        p.reason = f"{breakdown(p, sc.link)}; {p.bound}{energy}; {_why(p, preds[0], objective)}"
+        p.reason = f"{breakdown(p, sc.link)}; {p.bound}{energy}; {why(p, preds[0], objective)}"
     return preds
-
-
-def format_plan(preds: Sequence[Prediction], sc: Scenario, objective: str) -> str:
-    lines = [
-        f"plan for {sc.device.name} -> {sc.link.mbps:g} Mbit/s (RTT {sc.link.rtt_ms:g} ms) -> {sc.server.name}, "
-        f"objective {objective}; times measured on {sc.host.name}",
-        f"{'#':>2} {'option':<28} {'latency ms':>10} {'energy mJ':>10} {'bytes':>9} {'acc':>6}  reason",
-    ]
-    for p in preds:
-        e = "-" if p.energy_mj is None else f"{p.energy_mj:.2f}" + ("*" if p.energy_estimate else "")
-        acc = "-" if p.accuracy is None else f"{p.accuracy:.3f}"
-        lines.append(
-            f"{p.rank:>2} {p.option:<28} {p.latency_ms:>10.2f} {e:>10} {_fmt_bytes(p.request_bytes) if p.kind != 'local' else '-':>9} "
-            f"{acc:>6}  {p.reason}"
-        )
-    if any(p.energy_estimate for p in preds):
-        lines.append("* energy is an estimate (a profile figure marked estimate, or no radio power: idle power used)")
-    return "\n".join(lines)

@@ -132,7 +132,7 @@ def graph_work(path: str | Path, ms: float, t: Timing, host: str) -> Work:
     )
 
 
-def _elementwise(ms: float, numel: int, what: str, host: str) -> Work:
+def elementwise_work(ms: float, numel: int, what: str, host: str) -> Work:
     # quantize/dequantize and the image transforms stream their tensors once: memory-bound work
     return Work(
         ms, float(numel), 8.0 * numel, ((float(numel), 8.0 * numel),), f"measured: {what} on {host}", cpu_only=True
@@ -152,7 +152,7 @@ def bundle_frames(bundle, source: str | None, n: int) -> tuple[list[bytes], np.n
     return jpegs, np.stack([preprocess(j, bundle.input_spec) for j in jpegs]), src
 
 
-def _cycle(items: list):
+def cycle_frames(items: list):
     while True:
         yield from items
 
@@ -199,7 +199,7 @@ def bundle_options(
     logits = None
     for m in bundle.modes:
         role = getattr(m, "head", "head")
-        head_e, frames_it = engines[role], _cycle(jpegs)
+        head_e, frames_it = engines[role], cycle_frames(jpegs)
         z = head_e.run1(x[:1])
         tables = bundle.tables_for(m) if getattr(m, "entropy_coded", False) else None  # an ans mode's
         desc, payload = encode_mode(z[0], m, tables=tables, name=wire)
@@ -232,11 +232,11 @@ def bundle_options(
                 payload_bytes_p95=m.bytes_p95 if tables is not None else None,
                 header_bytes=header,
                 reply_bytes=reply,
-                preprocess=_elementwise(pre_ms, int(x[0].size), f"JPEG decode + resize + normalise, {what}", host),
+                preprocess=elementwise_work(pre_ms, int(x[0].size), f"JPEG decode + resize + normalise, {what}", host),
                 head=graph_work(bundle.file(role), head_ms, timing, host),
                 tail=graph_work(bundle.file("tail"), tail_ms, timing, host),
-                encode=_elementwise(enc_ms, n, f"codec.encode, {what}", host),
-                decode=_elementwise(dec_ms, n, f"codec.decode, {what}", host),
+                encode=elementwise_work(enc_ms, n, f"codec.encode, {what}", host),
+                decode=elementwise_work(dec_ms, n, f"codec.decode, {what}", host),
                 accuracy=m.accuracy,
                 detail={
                     "mode": m.id,
@@ -277,9 +277,9 @@ def full_options(
     from ..data.transforms import preprocess
     from ..engine import create_engine
 
-    full_e, frames_it = create_engine(full_path, "ort", threads=1), _cycle(jpegs)
+    full_e, frames_it = create_engine(full_path, "ort", threads=1), cycle_frames(jpegs)
     pre_ms, full_ms = time_chain([lambda _: preprocess(next(frames_it), spec)[None], full_e.run1], timing)
-    pre = _elementwise(
+    pre = elementwise_work(
         pre_ms, int(np.prod(spec["shape"])), f"JPEG decode + resize + normalise, {timing.describe()}", host
     )
     full = graph_work(full_path, full_ms, timing, host)

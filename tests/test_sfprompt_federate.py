@@ -1,7 +1,9 @@
 """``edgesplit federate`` end to end, every party a real process on loopback: the body server, a
 Flower SuperLink, 3 SuperNodes (one per client, Dirichlet(0.5) partitions of real Imagenette
 frames at 32 px), 2 rounds of 2 sampled clients, split training over edgesplit's wire at 8 bits,
-CURVE on the body link.
+CURVE on the body link, and Flower's links as ``edgesplit federate`` runs them by default: TLS with
+the job's own CA and server certificate, and only the job's SuperNodes admitted (each with its key
+registered with the SuperLink).
 
 The federated global prompts and tail must equal the same rounds simulated in this process (same
 partition, sampled clients, seeds, 8-bit tensors; the body here instead of on the body server):
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +63,18 @@ def test_federate_runs_clients_as_processes_and_equals_the_simulation(tmp_path):
         timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    # Flower's links ran over TLS with the job's certificates, and only registered SuperNodes joined
+    tls = out / "tls"
+    assert all((tls / f).is_file() for f in ("ca.pem", "server.pem", "server.key", "node-2.key"))
+    assert all(stat.S_IMODE((tls / f).stat().st_mode) == 0o600 for f in ("server.key", "node-0.key"))
+    config = (out / "flwr-home" / "config.toml").read_text()
+    assert f"root-certificates = {json.dumps(str((tls / 'ca.pem').resolve()))}" in config
+    assert "insecure" not in config
+    link_log = (out / "logs" / "superlink.log").read_text()
+    assert "running on https://127.0.0.1:" in link_log
+    assert "SuperNode authentication is disabled" not in link_log
+    assert link_log.count("[ControlServicer.RegisterNode] Created node_id") == 3
+    assert link_log.count("[Fleet.ActivateNode] Activated node_id") == 3
     res = json.loads((out / "results.json").read_text())
     job = Job.load(out / "job.json")
     assert (job.clients, job.per_round, job.rounds) == (3, 2, 2)

@@ -71,8 +71,9 @@ def summarize(b: Bundle) -> dict[str, Any]:
 
 def _token_mode(b: Bundle, mode: Mode, raw: dict[str, Any], default: bool) -> dict[str, Any]:
     """A U-shaped bundle's mode (BUNDLE.md 7.3): the dtype the head's tokens ``[T, D]`` travel in,
-    every row of them, and the bytes each way. The manifest's byte figures are optional: without
-    them they follow from the tokens (up: the mode's dtype; down: the body's output, float32)."""
+    every row of them, the encoding the body's output comes back in (``answer``, PROTOCOL.md
+    §15.6.1) and the bytes each way. The manifest's byte figures are optional: without them they
+    follow from the tokens (up: the mode's dtype; down: its answer's)."""
     T, D = (int(s) for s in b.wire_spec["shape"])
     return {
         "id": mode.id,
@@ -81,7 +82,8 @@ def _token_mode(b: Bundle, mode: Mode, raw: dict[str, Any], default: bool) -> di
         "bits": mode.bits,
         "tokens": [T, D],
         "bytes_per_frame": mode.bytes_per_frame or T * D * mode.bits // 8,
-        "bytes_down_per_frame": raw.get("bytes_down_per_frame", T * D * 4),
+        "answer": {"dtype": mode.answer_dtype, "bits": mode.answer_bits},
+        "bytes_down_per_frame": raw.get("bytes_down_per_frame", T * D * int(mode.answer_bits or 32) // 8),
         "accuracy": mode.accuracy,
         "head_ms": dict(mode.head_ms),
         "tail_ms": dict(raw.get("tail_ms", {})),
@@ -179,20 +181,21 @@ def _wire_modes(s: dict[str, Any]) -> list[str]:
 
 
 def _token_modes(s: dict[str, Any]) -> list[str]:
-    """U-shaped modes: the tokens' dtype, shape and the bytes each way (the body runs on the server)."""
+    """U-shaped modes: the tokens' dtype, shape, the answer's dtype and the bytes each way (the body
+    runs on the server)."""
     res = s["wire"].get("result", {})
     lines = [
         f"modes (U-shaped: head -> '{s['wire'].get('name')}' up -> body on the server -> "
-        f"'{res.get('name', 'body_out')}' float32 down -> tail on the device)",
+        f"'{res.get('name', 'body_out')}' down in the mode's answer dtype -> tail on the device)",
         f"  {'id':>3}  {'name':<8} {'dtype':<8} {'bits':>4} {'tokens':<10} {'up B/frame':>10} {'down B/frame':>12} "
-        f"{'accuracy':>8}  head ms / tail ms",
+        f"{'answer':<8} {'accuracy':>8}  head ms / tail ms",
     ]
     for md in s["modes"]:
         mark = " *" if md["default"] else ""
         tokens = "x".join(str(n) for n in md["tokens"])
         lines.append(
             f"  {md['id']:>3}  {md['name'] + mark:<8} {md['dtype']:<8} {md['bits']:>4} {tokens:<10} "
-            f"{md['bytes_per_frame']:>10.0f} {md['bytes_down_per_frame']:>12.0f} "
+            f"{md['bytes_per_frame']:>10.0f} {md['bytes_down_per_frame']:>12.0f} {md['answer']['dtype']:<8} "
             f"{_fmt(md['accuracy'], '8.4f'):>8}  {_ms(md['head_ms'])} / {_ms(md['tail_ms'])}"
         )
     return lines

@@ -16,7 +16,8 @@ the wire tensor travels entropy-coded with a table set of the bundle's ``cdf`` f
 A U-shaped bundle (serving shape ``"u-shaped"``, SFPrompt, BUNDLE.md §7.3) sends a token tensor
 ``[T, D]``: its wire is ``{"name", "shape": [T, D]}`` and each mode names the ``dtype`` the tokens
 travel in (float32, float16, or 8-bit codes whose range the sender measures per tensor) instead of
-channels and fixed quantization parameters (:func:`_validate_u_shaped`).
+channels and fixed quantization parameters, and may state the ``answer``: the encoding of the body's
+output coming back, one of the same dtypes, float32 when absent (:func:`_validate_u_shaped`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ UNIFORM = "raw"  # a mode without "codec": packed uniform codes (zstd on top is 
 CDF_ROLE = "cdf"  # the file of the ans modes' table sets
 # U-shaped bundles (BUNDLE.md §7.3): the dtypes a token tensor travels in and their bits (PROTOCOL.md §15.3)
 TOKEN_DTYPES = {"float32": 32, "float16": 16, "uint8": 8}
+DEFAULT_ANSWER_DTYPE = "float32"  # a U-shaped mode without "answer": the body's output comes back float32
 U_SHAPED = "u-shaped"
 
 
@@ -59,7 +61,8 @@ class Mode:
     A U-shaped bundle's mode (:meth:`from_token_dict`) has a ``dtype`` (the token tensor's wire
     dtype: float32, float16 or uint8 codes, ``bits`` 32, 16 or 8); every token row is sent, so
     ``channels`` is the tensor's ``T``, and ``scale``/``zero_point`` are unused (8-bit codes carry
-    their own per tensor). ``dtype`` is None for every other mode."""
+    their own per tensor); ``answer_dtype`` is the encoding of the body's output in its results
+    (PROTOCOL.md §15.6.1; float32 when the manifest states none). Both are None for every other mode."""
 
     id: int
     name: str
@@ -76,6 +79,12 @@ class Mode:
     tables_sha256: str | None = None
     bytes_p95: float | None = field(default=None)
     dtype: str | None = None  # U-shaped bundles only: the token tensor's wire dtype
+    answer_dtype: str | None = None  # U-shaped bundles only: the body output's dtype in a result
+
+    @property
+    def answer_bits(self) -> int | None:
+        """The bits of :attr:`answer_dtype` (32, 16 or 8); None for a head-tail mode."""
+        return None if self.answer_dtype is None else TOKEN_DTYPES[self.answer_dtype]
 
     @property
     def entropy_coded(self) -> bool:
@@ -118,6 +127,7 @@ class Mode:
             accuracy=None if d.get("accuracy") is None else float(d["accuracy"]),
             head_ms={str(k): float(v) for k, v in d.get("head_ms", {}).items()},
             dtype=str(d["dtype"]),
+            answer_dtype=str((d.get("answer") or {}).get("dtype", DEFAULT_ANSWER_DTYPE)),
         )
 
 
@@ -346,6 +356,15 @@ def _validate_u_shaped(m: dict[str, Any], family: Family) -> dict[str, Any]:
         bits = _require(d, "bits", int, where)
         if bits != TOKEN_DTYPES[dtype]:
             raise BundleError(f"manifest: '{where}bits' of a {dtype} mode must be {TOKEN_DTYPES[dtype]}, got {bits}")
+        if "answer" in d:  # PROTOCOL.md §15.6.1: the body output's encoding in this mode's results
+            answer = _require(d, "answer", dict, where)
+            a_dtype = _require(answer, "dtype", str, f"{where}answer.")
+            if a_dtype not in TOKEN_DTYPES:
+                raise BundleError(f"manifest: '{where}answer.dtype' must be one of {', '.join(TOKEN_DTYPES)}")
+            if _require(answer, "bits", int, f"{where}answer.") != TOKEN_DTYPES[a_dtype]:
+                raise BundleError(
+                    f"manifest: '{where}answer.bits' of a {a_dtype} answer must be {TOKEN_DTYPES[a_dtype]}"
+                )
         for key in ("codec", "channels", "quant", "head"):  # head-tail keys that mean nothing here
             if key in d:
                 raise BundleError(f"manifest: '{where}{key}' is not a key of a U-shaped mode (BUNDLE.md 7.3)")

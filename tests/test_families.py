@@ -409,7 +409,8 @@ def check_u_shaped_bundle(built: Built, results: dict) -> None:
 
 def check_u_shaped_served(b: Bundle) -> None:
     """Served by the daemon to the agent, every mode: logits equal to the bundle's head -> codec ->
-    body -> tail run here (ONNX Runtime), accuracy equal to that run's and the manifest's."""
+    body -> answer codec -> tail run here (ONNX Runtime), accuracy equal to that run's and the
+    manifest's; the answer comes back in the mode's own dtype (PROTOCOL.md §15.6.1)."""
     from edgesplit.data.sources import open_source, take
     from edgesplit.data.transforms import preprocess
     from edgesplit.edge.agent import Agent
@@ -428,9 +429,11 @@ def check_u_shaped_served(b: Bundle) -> None:
             for m in b.modes:
                 got = [agent.infer(s, mode=m.id) for s in samples]
                 assert all(x.error is None and x.source == "server" for x in got), [x.to_json() for x in got]
-                assert all(x.bytes_sent == m.bytes_per_frame and x.bytes_received == T * D * 4 for x in got)
+                assert all(x.bytes_sent == x.bytes_received == m.bytes_per_frame for x in got)
                 served = np.stack([x.logits for x in got])
-                offline = np.stack([tail.run1(body.run1(roundtrip(z, m.bits)[None]))[0] for z in tokens])
+                offline = np.stack(
+                    [tail.run1(roundtrip(body.run1(roundtrip(z, m.bits)[None]), m.bits))[0] for z in tokens]
+                )
                 np.testing.assert_allclose(served, offline, rtol=1e-4, atol=1e-4)
                 acc = float(np.mean(served.argmax(1) == labels))
                 assert acc == float(np.mean(offline.argmax(1) == labels)) == m.accuracy, (m.name, acc, m.accuracy)

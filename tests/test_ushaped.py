@@ -8,7 +8,8 @@ The bundle is built in tests/ushaped_fixtures.py (shared with tests/test_ushaped
 
 Checked: served logits equal the bundle's own head -> codec -> body -> tail run here in ONNX
 Runtime, per mode; served accuracy equals that offline accuracy, the manifest's, and (float32
-tokens) the tuned model's own (full.onnx, and torch); bytes each way as the manifest says; the
+tokens) the tuned model's own (full.onnx, and torch); bytes each way as the manifest says (the
+answer in the mode's own dtype); the
 handshake refuses a serving shape that does not match the bundle, both ways (UNSUPPORTED); the
 daemon's checks of a U-shaped request; the agent's session refuses a server that does not offer
 ``"u_shaped"``; the local fallback answers with full.onnx; ``bench e2e`` reports a U-shaped run.
@@ -62,8 +63,12 @@ def test_the_bundle_is_u_shaped_and_says_what_travels(bundle):
         ("u8", "uint8", 8),
     ]
     assert b.default_mode.dtype == "float16"
-    for raw, x in zip(m["modes"], b.modes):
-        assert x.bytes_per_frame == T * D * x.bits // 8 and raw["bytes_down_per_frame"] == T * D * 4
+    for raw, x in zip(m["modes"], b.modes):  # the answer comes back in the tokens' own dtype (§15.6.1)
+        assert raw["answer"] == {"dtype": x.dtype, "bits": x.bits} and (x.answer_dtype, x.answer_bits) == (
+            x.dtype,
+            x.bits,
+        )
+        assert x.bytes_per_frame == T * D * x.bits // 8 and raw["bytes_down_per_frame"] == T * D * x.bits // 8
         assert 0 <= x.accuracy <= 1 and raw["accuracy_source"].startswith(f"onnxruntime, {FRAMES} frames")
     for graph, c in m["export"]["checks"].items():  # each graph against its torch part, on real frames
         assert c["frames"] == FRAMES and c["max_rel_diff"] < 1e-2, (graph, c)
@@ -87,12 +92,14 @@ def test_served_logits_and_accuracy_equal_the_offline_model(bundle, server, samp
     labels = np.asarray([s.label for s in samples])
     T, D = bundle.wire_spec["shape"]
     with Agent(bundle, server.endpoint, threads=1) as agent:
-        assert agent.welcome.features == ("u_shaped",)  # full requests only: no compact_requests
+        # full requests only (no compact_requests); answers in each mode's encoding
+        assert agent.welcome.features == ("u_shaped", "u_shaped_answers")
         served = {}
         for m in bundle.modes:
             got = [agent.infer(s, mode=m.id) for s in samples]
             assert all(r.ok and r.source == "server" and r.mode == m.id for r in got), [r.to_json() for r in got]
-            assert {r.bytes_sent for r in got} == {m.bytes_per_frame} and {r.bytes_received for r in got} == {T * D * 4}
+            assert {r.bytes_sent for r in got} == {m.bytes_per_frame}
+            assert {r.bytes_received for r in got} == {T * D * m.bits // 8}  # the answer in the tokens' dtype
             assert all(r.tail_ms > 0 and r.server_compute_ms > 0 and r.head_ms > 0 for r in got)
             served[m.id] = np.stack([r.logits for r in got])
             np.testing.assert_allclose(served[m.id], offline_logits(bundle, m.id, samples), rtol=1e-4, atol=1e-4)
@@ -123,9 +130,10 @@ def test_a_request_of_several_frames_is_one_body_pass_with_the_rows_back(bundle,
         h, frames = c.request(1, d, p)
         assert h["kind"] == "result" and h["timing"]["batch_size"] == 3
         (out,) = h["outputs"]
-        assert (out["name"], out["shape"], out["dtype"]) == ("body_out", [3, *bundle.wire_spec["shape"]], "float32")
+        # the f16 mode's answer: float16, all three rows in one tensor
+        assert (out["name"], out["shape"], out["dtype"]) == ("body_out", [3, *bundle.wire_spec["shape"]], "float16")
         body = create_engine(bundle.file("body"), threads=1).run1(S.roundtrip(z, 16))
-        np.testing.assert_allclose(S.decode(out, frames[0]), body, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(S.decode(out, frames[0]), S.roundtrip(body, 16), rtol=1e-3, atol=1e-3)
 
 
 # -- the handshake and the checks -----------------------------------------------------------------------
@@ -200,7 +208,7 @@ def test_the_daemon_checks_a_u_shaped_request(bundle, server):
     T, D = bundle.wire_spec["shape"]
     x = np.random.default_rng(1).normal(size=(T, D)).astype(np.float32)
     with RawClient(server.endpoint) as c:
-        assert c.hello(bundle.hash, "u-shaped")["features"] == ["u_shaped"]
+        assert c.hello(bundle.hash, "u-shaped")["features"] == ["u_shaped", "u_shaped_answers"]
         d16, p16 = S.encode(x, 16, "tokens")
         cases = [
             (9, d16, p16, ErrorCode.UNKNOWN_MODE),  # no such mode
@@ -217,6 +225,7 @@ def test_the_daemon_checks_a_u_shaped_request(bundle, server):
             assert (h["kind"], h.get("code")) == ("error", code), (mode, d and d["name"], h)
         h, frames = c.request(2, *S.encode(x, 8, "tokens"))  # 8-bit codes, their scale measured here
         assert h["kind"] == "result" and h["outputs"][0]["shape"] == [T, D]
+        assert (h["outputs"][0]["dtype"], len(frames[0])) == ("uint8", T * D)  # and so is the answer
 
 
 def test_the_agents_session_says_u_shaped_and_refuses_a_server_without_it(bundle):
@@ -269,7 +278,8 @@ def test_bench_e2e_reports_bytes_each_way_and_the_stages(bundle):
     T, D = bundle.wire_spec["shape"]
     rep = bench_e2e(bundle.root, 24, mode=2)
     assert (rep["serving"], rep["mode"], rep["frames"], rep["errors"]) == ("u-shaped", "u8", 24, 0)
-    assert (rep["bytes_up_per_frame"], rep["bytes_down_per_frame"]) == (T * D, T * D * 4)
+    assert (rep["bytes_up_per_frame"], rep["bytes_down_per_frame"]) == (T * D, T * D)  # 8-bit answers too
+    assert rep["answer"] == "uint8" and rep["answer_encode_ms_p50"] > 0 and rep["answer_decode_ms_p50"] > 0
     for stage in ("head_ms_p50", "encode_ms_p50", "server_body_ms_p50", "tail_ms_p50", "rtt_ms_p50"):
         assert rep[stage] > 0, stage
     assert rep["e2e_ms_p50"] >= rep["head_ms_p50"] + rep["tail_ms_p50"]

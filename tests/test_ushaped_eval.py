@@ -5,7 +5,8 @@ Checked: eval's per-mode accuracy equals what the real daemon and agent serve on
 and the manifest's figure (measured at export on those frames); its bytes up and down equal the
 served frames' payloads and the manifest's; its teacher accuracy is full.onnx's; the JPEG baseline
 stands each mode against its bytes up; the text output names bytes each way. ``inspect`` shows
-each U-shaped mode's dtype, bits, tokens and bytes each way, not the head-tail channels table.
+each U-shaped mode's dtype, bits, tokens, bytes each way and answer dtype, not the head-tail channels
+table.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def test_eval_measures_each_token_mode_as_it_is_served(bundle, samples, evaluate
         rs = on_server[m.id]
         acc = float(np.mean(np.stack([r.logits for r in rs]).argmax(1) == labels))
         assert x["accuracy"] == acc == m.accuracy, (m.name, x["accuracy"], acc, m.accuracy)
-        # bytes up: the coded tokens; down: the body's float32 output, as served and as the manifest says
+        # bytes up: the coded tokens; down: the body's output in the mode's answer encoding, as served and
+        # as the manifest says
         assert {r.bytes_sent for r in rs} == {x["bytes_per_frame"]} == {raw["bytes_per_frame"]}
         assert {r.bytes_received for r in rs} == {x["bytes_down_per_frame"]} == {raw["bytes_down_per_frame"]}
         assert x["bytes_p95"] == x["bytes_per_frame"] and x["bits_per_frame"] == 8 * x["bytes_per_frame"]
@@ -66,6 +68,11 @@ def test_eval_measures_each_token_mode_as_it_is_served(bundle, samples, evaluate
         assert x["codec"] == "raw" and x["bytes_per_frame_zstd"] is None and x["step"] is None
     T, D = bundle.wire_spec["shape"]
     assert [x["bytes_per_frame"] for x in ev["modes"]] == [T * D * 4, T * D * 2, T * D]
+    assert [(x["answer"], x["bytes_down_per_frame"]) for x in ev["modes"]] == [
+        ("float32", T * D * 4),
+        ("float16", T * D * 2),
+        ("uint8", T * D),
+    ]
     default = next(x for x in ev["modes"] if x["id"] == bundle.default_mode.id)
     assert (ev["accuracy"], ev["bytes_per_frame"], ev["bytes_down_per_frame"]) == (
         default["accuracy"],
@@ -79,7 +86,7 @@ def test_eval_measures_each_token_mode_as_it_is_served(bundle, samples, evaluate
 def test_eval_codes_each_frame_as_the_agent_sends_it_and_the_daemon_answers(bundle, samples):
     """The tokens eval runs the body on are those the daemon decodes from the agent's own encoding,
     frame by frame (8-bit codes: each frame's own scale, not one for the batch); the body output the
-    tail runs on is the daemon's float32 answer."""
+    tail runs on is the daemon's answer in the mode's encoding, one result (one scale) per frame."""
     from edgesplit.bench.evaluate_ushaped import answered_body_output, sent_tokens
     from edgesplit.data.transforms import preprocess
     from edgesplit.edge.ushaped import UShapedPart
@@ -102,6 +109,11 @@ def test_eval_codes_each_frame_as_the_agent_sends_it_and_the_daemon_answers(bund
     received, down = answered_body_output(out)
     np.testing.assert_array_equal(received, out)
     assert down == [out[0].size * 4] * len(out)
+    for m in bundle.modes:
+        received, down = answered_body_output(out, m.answer_bits)
+        np.testing.assert_array_equal(received, np.stack([S.roundtrip(f, m.answer_bits) for f in out]))
+        assert down == [out[0].size * m.answer_bits // 8] * len(out)
+    assert not np.array_equal(answered_body_output(out, 8)[0], S.roundtrip(out, 8))  # per frame, not per batch
 
 
 def test_eval_sets_the_jpeg_baseline_against_the_bytes_up(evaluated):
@@ -125,10 +137,10 @@ def test_eval_command_prints_bytes_each_way(bundle, capsys):
     for m in bundle.modes:
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"mode {m.name} "))
         assert f"{m.dtype} tokens [{T}, {D}]" in line, line
-        assert f"up {T * D * m.bits // 8}, down {T * D * 4}" in line, line
+        assert f"up {T * D * m.bits // 8}, down {T * D * m.bits // 8} ({m.answer_dtype})" in line, line
     assert eval_main([*args, "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["frames"] == 8 and [x["bytes_down_per_frame"] for x in res["modes"]] == [T * D * 4] * 3
+    assert res["frames"] == 8 and [x["bytes_down_per_frame"] for x in res["modes"]] == [T * D * 4, T * D * 2, T * D]
 
 
 def test_inspect_shows_what_a_u_shaped_mode_is(bundle):
@@ -147,12 +159,12 @@ def test_inspect_shows_what_a_u_shaped_mode_is(bundle):
         for line in out.splitlines()
         if line.strip().startswith(("0 ", "1 ", "2 "))
     ]
-    # id, name, dtype, bits, tokens, bytes up, bytes down, accuracy per mode, in manifest order
-    assert [row[:7] for row in rows] == [
-        [str(m.id), m.name, m.dtype, str(m.bits), f"{T}x{D}", str(T * D * m.bits // 8), str(T * D * 4)]
-        for m in bundle.modes
+    # id, name, dtype, bits, tokens, bytes up, bytes down, answer dtype, accuracy per mode, in manifest order
+    size = {m.id: str(T * D * m.bits // 8) for m in bundle.modes}  # the answer travels in the tokens' dtype
+    assert [row[:8] for row in rows] == [
+        [str(m.id), m.name, m.dtype, str(m.bits), f"{T}x{D}", size[m.id], size[m.id], m.dtype] for m in bundle.modes
     ]
-    assert [float(row[7]) for row in rows] == pytest.approx([m.accuracy for m in bundle.modes], abs=1e-4)
+    assert [float(row[8]) for row in rows] == pytest.approx([m.accuracy for m in bundle.modes], abs=1e-4)
     assert f"{bundle.default_mode.name} *" in out
 
 
@@ -169,4 +181,5 @@ def test_inspect_json_of_a_u_shaped_bundle(bundle):
         for raw in bundle.manifest["modes"]
     ]
     assert all(x["tokens"] == bundle.wire_spec["shape"] and "channels" not in x for x in s["modes"])
+    assert [x["answer"] for x in s["modes"]] == [raw["answer"] for raw in bundle.manifest["modes"]]
     assert [x["tail_ms"] for x in s["modes"]] == [raw["tail_ms"] for raw in bundle.manifest["modes"]]

@@ -78,13 +78,15 @@ def samples():
 
 def offline_logits(b: Bundle, mode_id: int, samples) -> np.ndarray:
     """What the server path must give: the bundle's head, the mode's codec (per frame, as the agent
-    encodes), the body and the tail, in ONNX Runtime here."""
+    encodes), the body, the mode's answer encoding (per frame, as the daemon answers: PROTOCOL.md
+    §15.6.1) and the tail, in ONNX Runtime here."""
     head, body, tail = (create_engine(b.file(r), threads=1) for r in ("head", "body", "tail"))
     m = b.mode(mode_id)
     out = []
     for s in samples:
         z = head.run1(preprocess(s.data, b.input_spec)[None])[0]
-        out.append(tail.run1(body.run1(S.roundtrip(z, m.bits)[None]))[0])
+        answered = S.roundtrip(body.run1(S.roundtrip(z, m.bits)[None]), int(m.answer_bits or 32))
+        out.append(tail.run1(answered)[0])
     return np.stack(out)
 
 

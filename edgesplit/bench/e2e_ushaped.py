@@ -1,13 +1,16 @@
 """``edgesplit bench e2e`` for a U-shaped bundle (SFPrompt, docs/PROTOCOL.md §15.6): the same run as
 :mod:`.e2e` (daemon and agent CLI in their own processes, one frame at a time), reported per stage
 of the U: the head and the encoding of its tokens on the device, the body on the server (its
-compute and queue), the tail on the device, and the bytes each way: the tokens up in the mode's
-dtype, the body's output down (float32). ``overhead_ms_p50`` = e2e - head - body - tail on p50s,
-set against a raw pyzmq round trip carrying the same bytes up and down, measured in the same run.
+compute and queue), the tail on the device, and the bytes each way, as the agent received them:
+the tokens up in the mode's dtype, the body's output down in the mode's answer encoding
+(``bytes_down_per_frame``, ``answer``; PROTOCOL.md §15.6.1). ``overhead_ms_p50`` = e2e - head -
+body - tail on p50s, set against a raw pyzmq round trip carrying the same bytes up and down,
+measured in the same run.
 
 The codec's stages are measured beside the run in this process (one thread) on the first frames of
-the same source through the bundle's head: the tokens' encoding (the agent's) and decoding (the
-server's) in the mode's dtype.
+the same source through the bundle's head and body: the tokens' encoding (the agent's) and decoding
+(the server's) in the mode's dtype, and the answer's encoding (the server's) and decoding (the
+agent's) in the mode's answer encoding.
 """
 
 from __future__ import annotations
@@ -20,35 +23,41 @@ import numpy as np
 from ..bundle import Bundle
 from ..wire import split_train as S
 
+RESULT_NAME = S.REPLY_NAMES[S.TRAIN_FWD]  # "body_out"
+
 
 def token_codec_ms(bundle: Bundle, mode: int | None, source: str, frames: int = 100) -> dict:
-    """Encode and decode time of the tokens in the mode's dtype on real frames (one thread)."""
+    """Encode and decode time of the tokens in the mode's dtype, and of the body's output in the
+    mode's answer encoding, on real frames (one thread)."""
     from ..data.sources import open_source, take
     from ..data.transforms import preprocess
     from ..engine import create_engine
 
     m = bundle.default_mode if mode is None else bundle.mode(mode)
-    head = create_engine(bundle.file("head"), "ort", threads=1)
-    name = bundle.wire_spec["name"]
-    enc, dec = [], []
+    head, body = (create_engine(bundle.file(role), "ort", threads=1) for role in ("head", "body"))
+    name, answer_bits = bundle.wire_spec["name"], int(m.answer_bits or 32)
+    # report key prefix -> its times (ms): the tokens' codec, then the answer's
+    times: dict[str, list[float]] = {"codec_encode": [], "codec_decode": [], "answer_encode": [], "answer_decode": []}
     for s in take(open_source(source, bundle.classes), frames):
         z = head.run1(preprocess(s.data, bundle.input_spec)[None])[0]
         t0 = time.perf_counter()
         d, payload = S.encode(z, m.bits, name)
         t1 = time.perf_counter()
-        S.decode(d, payload)
+        tokens = S.decode(d, payload)
         t2 = time.perf_counter()
-        enc.append((t1 - t0) * 1e3)
-        dec.append((t2 - t1) * 1e3)
-    e, d_ = np.asarray(enc), np.asarray(dec)
-    return {
-        "codec": m.dtype,
-        "codec_frames": len(enc),
-        "codec_encode_ms_p50": float(np.median(e)),
-        "codec_encode_ms_p95": float(np.percentile(e, 95)),
-        "codec_decode_ms_p50": float(np.median(d_)),
-        "codec_decode_ms_p95": float(np.percentile(d_, 95)),
-    }
+        out = body.run1(tokens[None])[0]
+        t3 = time.perf_counter()
+        d, payload = S.encode(out, answer_bits, RESULT_NAME)
+        t4 = time.perf_counter()
+        S.decode(d, payload)
+        t5 = time.perf_counter()
+        for key, seconds in zip(times, (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):
+            times[key].append(seconds * 1e3)
+    stats = {}
+    for key, ms in times.items():
+        stats[f"{key}_ms_p50"] = float(np.median(ms))
+        stats[f"{key}_ms_p95"] = float(np.percentile(ms, 95))
+    return {"codec": m.dtype, "answer": m.answer_dtype, "codec_frames": len(times["codec_encode"]), **stats}
 
 
 def u_shaped_report(

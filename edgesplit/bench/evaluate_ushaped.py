@@ -2,11 +2,14 @@
 token mode measured the way serving runs it, in ONNX Runtime: the head on the device; its tokens
 encoded in the mode's dtype frame by frame exactly as the agent sends them (8-bit codes with each
 frame's own scale) and decoded as the daemon decodes them; the body, as the server runs it; its
-float32 output packed and unpacked as the daemon answers; the tail on the device.
+output encoded frame by frame in the mode's answer encoding as the daemon answers (PROTOCOL.md
+§15.6.1: float32, float16 or 8-bit codes with each result's own scale) and decoded as the agent
+decodes it; the tail on the device.
 
 Per mode: accuracy, the bytes up (the coded tokens' payload) and the bytes down (the body's
 output's payload). The keys are those of a head-tail bundle's modes where they mean the same
-(``bytes_per_frame`` is the bytes up), plus ``dtype``, ``tokens`` and ``bytes_down_per_frame``;
+(``bytes_per_frame`` is the bytes up), plus ``dtype``, ``tokens``, ``answer`` (the dtype of the body's
+output coming back) and ``bytes_down_per_frame``;
 there is no ``channels`` (every token row is sent) and no zstd figure (tokens travel raw).
 
 No torch: this runs wherever the agent runs.
@@ -23,7 +26,6 @@ from ..bundle_schema import U_SHAPED
 from ..data.sources import Sample
 from ..data.transforms import preprocess
 from ..engine import Engine
-from ..wire import codec
 from ..wire import split_train as S
 
 ROLES = ("head", "body", "tail")  # the graphs one served frame runs, device -> server -> device
@@ -48,15 +50,16 @@ def sent_tokens(tokens: np.ndarray, bits: int, name: str) -> tuple[np.ndarray, l
     return decoded, sizes
 
 
-def answered_body_output(body_out: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """The body's output ``[n, T, D]`` as the agent reads each frame's result (float32, raw, whatever
-    the request's dtype), and each result's payload size."""
+def answered_body_output(body_out: np.ndarray, bits: int = 32) -> tuple[np.ndarray, list[int]]:
+    """The body's output ``[n, T, D]`` as the agent reads each frame's result in an answer encoding
+    of ``bits`` (32: float32, 16: float16, 8: codes with that result's own scale; one result per
+    frame, as the daemon answers the agent's one-frame requests), and each result's payload size."""
     received = np.empty_like(body_out, dtype=np.float32)
     sizes = []
     for i, frame in enumerate(body_out):
-        desc, payload = codec.encode_float(frame, name=RESULT_NAME)
+        desc, payload = S.encode(frame, bits, RESULT_NAME)
         sizes.append(len(payload))
-        received[i] = codec.decode(desc, payload)
+        received[i] = S.decode(desc, payload)
     return received, sizes
 
 
@@ -75,7 +78,7 @@ def u_shaped_accuracy(bundle: Bundle, engines: dict[str, Engine], samples: list[
         for m in bundle.modes:
             r = per_mode[m.id]
             sent, up = sent_tokens(tokens, m.bits, name)
-            received, down = answered_body_output(engines["body"].run1(sent))
+            received, down = answered_body_output(engines["body"].run1(sent), int(m.answer_bits or 32))
             r["up"] += up
             r["down"] += down
             r["correct"] += int((engines["tail"].run1(received).argmax(1) == y).sum())
@@ -91,6 +94,7 @@ def u_shaped_accuracy(bundle: Bundle, engines: dict[str, Engine], samples: list[
                 "dtype": m.dtype,
                 "bits": m.bits,
                 "tokens": tokens_shape,
+                "answer": m.answer_dtype,
                 "step": None,
                 "accuracy": r["correct"] / max(1, len(samples)),
                 "bytes_per_frame": float(np.median(up_sizes)),  # every frame of a mode the same size
@@ -107,5 +111,5 @@ def describe_mode(m: dict) -> str:
     """One mode's line of ``edgesplit eval``'s text output."""
     return (
         f"  mode {m['name']:<8} accuracy {m['accuracy']:.4f}  {m['dtype']} tokens {m['tokens']}  "
-        f"bytes/frame up {m['bytes_per_frame']:.0f}, down {m['bytes_down_per_frame']:.0f}"
+        f"bytes/frame up {m['bytes_per_frame']:.0f}, down {m['bytes_down_per_frame']:.0f} ({m['answer']})"
     )

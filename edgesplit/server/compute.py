@@ -19,7 +19,7 @@ from typing import Mapping
 
 from ..wire import protocol as P
 from ..wire import scatter_messages as S
-from ..wire.errors import ErrorCode
+from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import ErrorReply
 from .batcher import Batcher, Item
 from .fusion_runner import FusionRunner
@@ -121,20 +121,31 @@ class ComputeWorker:
         model.batches.append((rows, len(live) - len(errors), compute_us))
         record_queue, record_request = model.queue_us.append, model.request_us.append
         fused = runner.fused
+        answer = getattr(runner, "answer", None)  # a U-shaped body: each result in its mode's encoding (§15.6.1)
+        unanswerable = 0
         for i, it in enumerate(live):
             if errors and i in errors:
                 self._push_error(it, errors[i].code, errors[i].message)
                 continue
             r = offsets[i]
             out = logits[r] if it.single else logits[r : r + it.rows]
+            if answer is None:
+                outputs, payload = runner.outputs_for(out.shape), out.tobytes()
+            else:
+                try:
+                    outputs, payload = answer(it, out)
+                except WireError as e:
+                    self._push_error(it, e.code, e.message)
+                    unanswerable += 1
+                    continue
             t_reply = time.perf_counter_ns()
             queue_us, server_us = (t0 - it.t_recv_ns) / 1e3, (t_reply - it.t_recv_ns) / 1e3
             if fused:  # a fused request's result also says which sub-models it used (§13.5)
-                header = self._fused_header(it, runner.outputs_for(out.shape), queue_us, compute_us, rows, server_us)
+                header = self._fused_header(it, outputs, queue_us, compute_us, rows, server_us)
             else:
                 header = pack(
                     it.req_id,
-                    runner.outputs_for(out.shape),
+                    outputs,
                     queue_us=queue_us,
                     compute_us=compute_us,
                     batch_size=rows,
@@ -143,9 +154,9 @@ class ComputeWorker:
                 )
             record_queue(queue_us)
             record_request(server_us)
-            replies.append([it.identity, header, out.tobytes()])
+            replies.append([it.identity, header, payload])
             it.answered = True
-        cc.results += len(live) - len(errors)
+        cc.results += len(live) - len(errors) - unanswerable
 
     @staticmethod
     def _fused_header(

@@ -8,8 +8,10 @@ one result per request. What differs is what runs and what comes back: the reque
 head's tokens ``[T, D]`` (or ``[n, T, D]``) in its mode's dtype (float32, float16, or 8-bit codes
 with their own per-tensor scale), the runner decodes them into one float32 batch, runs
 ``body.onnx``, and each result carries that request's rows of the body's output, named
-``"body_out"``, float32, of the request's shape: the body server's §15.6 answer. The agent runs
-the tail. Requests are never compact (a token tensor's scale travels with it).
+``"body_out"``, of the request's shape, in the encoding its mode states (:meth:`UShapedRunner.answer`,
+§15.6.1: float32, float16, or 8-bit codes with a scale measured on that result as the agent
+measures its tokens'; float32 for a mode that states none). The agent runs the tail. Requests are
+never compact (a token tensor's scale travels with it).
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ import numpy as np
 from ..bundle import Bundle, BundleError
 from ..engine import EngineOptions  # numpy only: backends load lazily
 from ..wire import codec
+from ..wire import split_train as S
 from ..wire.errors import ErrorCode, ProtocolError, WireError
-from ..wire.split_train import FEATURE_U_SHAPED, REPLY_NAMES, TRAIN_FWD
+from ..wire.split_train import FEATURE_U_SHAPED, FEATURE_U_SHAPED_ANSWERS, REPLY_NAMES, TRAIN_FWD
 from .batcher import Item
 from .tail_runner import InProcessRunner
 
 log = logging.getLogger("edgesplit.server")
 
 U_SHAPED = "u-shaped"
-U_SHAPED_FEATURES = (FEATURE_U_SHAPED,)  # what a session on a U-shaped bundle is offered
+# what a session on a U-shaped bundle is offered: its results come in each mode's answer encoding
+U_SHAPED_FEATURES = (FEATURE_U_SHAPED, FEATURE_U_SHAPED_ANSWERS)
 RESULT_NAME = REPLY_NAMES[TRAIN_FWD]  # "body_out"
 _LOSSLESS = ("raw", "zstd")  # a token tensor's codecs (§15.3); "ans" codes a wire tensor with tables
 
@@ -117,6 +121,8 @@ class UShapedRunner(InProcessRunner):
         self._bind(create_engine(bundle.file("body"), backend, opts), UShapedCheck(bundle))
         self.tokens = self.input_shape = self.requests.tokens
         self._buf = np.zeros((0, *self.tokens), np.float32)
+        # mode id -> the bits its results carry the body's output at (32, 16, 8: §15.6.1)
+        self.answer_bits = {m.id: int(m.answer_bits or 32) for m in bundle.modes}
 
     def _buffer(self, rows: int) -> np.ndarray:
         """The reusable input batch ``[n >= rows, T, D]`` (compute thread only; every row used is
@@ -157,8 +163,24 @@ class UShapedRunner(InProcessRunner):
         out = self.engine.run({self.input_name: x[:r]})[self.output_name]
         return np.ascontiguousarray(out, dtype="<f4"), offsets, errors
 
+    def answer(self, it: Item, out: np.ndarray) -> tuple[list[dict[str, Any]], bytes]:
+        """One request's result (compute thread): its rows ``out`` of the body's output in its mode's
+        answer encoding -> (``outputs``, payload). float32: the output as computed; float16 and
+        8-bit codes: the tokens' own encoding (:func:`~edgesplit.wire.split_train.encode`, one
+        scale for the whole result tensor). A body output such an answer cannot carry (NaN,
+        infinity, beyond float16's range) is INTERNAL for that request: nothing non-finite is sent."""
+        bits = self.answer_bits[it.key[1]]
+        if bits == 32:
+            return self.outputs_for(out.shape), out.tobytes()
+        if bits == 8 and not np.isfinite(out).all():
+            raise WireError(ErrorCode.INTERNAL, "the body's output holds NaN or infinity: it has no 8-bit range")
+        d, payload = S.encode(out, bits, RESULT_NAME)
+        if bits == 16 and not np.isfinite(np.frombuffer(payload, "<f2")).all():
+            raise WireError(ErrorCode.INTERNAL, "the body's output does not fit float16 (NaN, infinity or |x| > 65504)")
+        return [d], payload
+
     def outputs_for(self, shape: tuple) -> list[dict[str, Any]]:
-        """The ``outputs`` of a result carrying body output of ``shape`` (cached, never mutated)."""
+        """The ``outputs`` of a float32 result carrying body output of ``shape`` (cached, never mutated)."""
         o = self._out_descs.get(shape)
         if o is None:
             o = self._out_descs[shape] = [

@@ -7,7 +7,8 @@ Two features a body server offers in ``welcome.features``:
   back), paired by a step id; a retransmitted step is answered again, never applied twice.
 - ``"u_shaped"``: a ``request`` carries the head's tokens and its ``result`` the body's output
   (not logits); the agent runs the tail. A ``hello`` says the agent's serving shape with the key
-  ``serving``, and a server refuses a mismatch.
+  ``serving``, and a server refuses a mismatch. With ``"u_shaped_answers"`` (the daemon) the
+  body's output comes back in the encoding the request's mode states (§15.6.1), else float32.
 
 This module holds the validators of both kinds (behind the feature: without it they stay
 reserved, UNSUPPORTED), the builders, and the tensor encoding of activations and gradients
@@ -28,6 +29,7 @@ from .validate import UINT64_MAX, _descriptors, _int, unpack_header
 
 FEATURE_SPLIT_TRAINING = "split_training"
 FEATURE_U_SHAPED = "u_shaped"
+FEATURE_U_SHAPED_ANSWERS = "u_shaped_answers"  # §15.6.1: results in each mode's answer encoding
 TRAIN_FWD = "train_fwd"
 TRAIN_BWD = "train_bwd"
 TRAIN_KINDS = (TRAIN_FWD, TRAIN_BWD)

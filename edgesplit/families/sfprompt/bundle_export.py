@@ -12,9 +12,11 @@ frames (``export.checks``):
 - ``full.onnx`` (device): image -> logits, the three in one graph, the local fallback.
 
 One mode per dtype the tokens may travel in (PROTOCOL.md §15.6): float32, float16 and 8-bit codes
-whose range the sender measures per tensor. Each mode's accuracy is measured here through the
-codec with the exported graphs in ONNX Runtime, frame by frame as the agent encodes them, so the
-manifest's figure is what serving that mode computes on those frames.
+whose range the sender measures per tensor; each mode's ``answer`` (§15.6.1) is the same dtype, so
+the body's output comes back as compact as the tokens went up. Each mode's accuracy is measured here
+through the codec both ways with the exported graphs in ONNX Runtime, frame by frame as the agent
+encodes the tokens and the daemon the body's output, so the manifest's figure is what serving that
+mode computes on those frames.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def export_bundle(
     for i, (mode_name, dtype) in enumerate(TOKEN_MODES):
         bits = TOKEN_DTYPES[dtype]
         sent = np.stack([roundtrip(frame, bits) for frame in z])  # per frame, as the agent encodes
-        logits = eng["tail"].run1(eng["body"].run1(sent))
+        answered = np.stack([roundtrip(frame, bits) for frame in eng["body"].run1(sent)])  # as the daemon answers
+        logits = eng["tail"].run1(answered)
         modes.append(
             {
                 "id": i,
@@ -124,7 +127,8 @@ def export_bundle(
                 "dtype": dtype,
                 "bits": bits,
                 "bytes_per_frame": T * D * bits // 8,
-                "bytes_down_per_frame": T * D * 4,  # the body's output comes back float32 (§15.6)
+                "answer": {"dtype": dtype, "bits": bits},  # the body's output comes back in the same dtype
+                "bytes_down_per_frame": T * D * bits // 8,
                 "accuracy": float(np.mean(logits.argmax(1) == y)),
                 "accuracy_source": source,
                 "head_ms": {profile: head_ms},
@@ -143,7 +147,7 @@ def export_bundle(
             "shape": [T, D],
             "dtype": "float32",
             "quantization": "uint8 modes: affine per tensor, range measured by the sender (PROTOCOL.md §15.3)",
-            "result": {"name": RESULT_NAME, "shape": [T, D], "dtype": "float32"},
+            "result": {"name": RESULT_NAME, "shape": [T, D]},  # its dtype: each mode's answer (§15.6.1)
         },
         "modes": modes,
         "default_mode": next(m["id"] for m in modes if m["dtype"] == DEFAULT_DTYPE),

@@ -1,7 +1,8 @@
 """``edgesplit plan``: gather the planner's inputs on this machine (:mod:`.plan_inputs`) and print
 the ranked options (:mod:`edgesplit.control.planner`).
 
-Inputs: ``--bundle DIR`` (its modes, ``local`` and ``raw``) or ``--model ZOO_NAME`` (every
+Inputs: ``--bundle DIR`` (its modes, ``local`` and ``raw``; a U-shaped bundle's modes and ``local``,
+:mod:`.plan_ushaped`) or ``--model ZOO_NAME`` (every
 single-tensor cut point of the generic split, plus ``local`` and ``raw``). A scatter bundle (ED-ViT)
 with ``--devices A,B,...``: its sub-models placed on those devices sharing a LAN
 (:mod:`.plan_scatter`), against its full model on the first device and, with ``--uplink-mbps``,
@@ -142,12 +143,18 @@ def plan_main(argv: list[str] | None = None) -> int:
         if a.bundle:
             if not Path(a.bundle).exists():
                 raise BundleError(f"no bundle at {a.bundle}")
-            if Bundle.load(a.bundle, verify=False).serving == "scatter":
+            serving = Bundle.load(a.bundle, verify=False).serving
+            if serving == "scatter":
                 raise PlanError(
                     f"bundle {a.bundle} is a scatter (ED-ViT) bundle: give the devices its sub-models run on, "
                     "--devices A,B,... (the first is the camera)"
                 )
-            options, meta = bundle_options(a.bundle, timing=timing, source=a.data, host=sc.host.name)
+            if serving == "u-shaped":
+                from .plan_ushaped import ushaped_options
+
+                options, meta = ushaped_options(a.bundle, timing=timing, source=a.data, host=sc.host.name)
+            else:
+                options, meta = bundle_options(a.bundle, timing=timing, source=a.data, host=sc.host.name)
         else:
             cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
             options, meta = model_options(

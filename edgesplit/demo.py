@@ -64,8 +64,11 @@ def run_demo(
         "server compute": [r.server_compute_ms for r in ok],
         "link + runtime": [r.rtt_ms - r.server_queue_ms - r.server_compute_ms for r in ok],
         "round trip": [r.rtt_ms for r in ok],
-        "end to end": [r.head_ms + r.encode_ms + r.rtt_ms for r in ok],
     }
+    u_shaped = bundle.serving == "u-shaped"  # the answer is the body's output: the tail runs here after it
+    if u_shaped:
+        lat["tail (device)"] = [r.tail_ms or 0.0 for r in ok]
+    lat["end to end"] = [r.head_ms + r.encode_ms + r.rtt_ms + (r.tail_ms or 0.0) for r in ok]
     m = agent.mode
     return {
         "bundle": bundle.name,
@@ -81,10 +84,18 @@ def run_demo(
         "bytes_per_frame": float(np.median([r.bytes_sent for r in results])),
         "header_bytes_per_frame": float(np.median([r.header_bytes for r in results])),
         "input_jpeg_bytes_median": float(np.median(jpeg)),
+        "bytes_down_per_frame": float(np.median([r.bytes_received for r in ok])) if u_shaped and ok else None,
         "latency_ms": {k: dict(zip(("p50", "p95"), percentiles(v))) for k, v in lat.items()},
         "frames_per_s": len(results) / wall,
         "inflight": inflight,
     }
+
+
+def _ratio(r: dict) -> str:
+    """The wire against the JPEG, said the way round that reads: "4.5x fewer" or "1.8x more"."""
+    sent = max(1.0, r["bytes_per_frame"] + r["header_bytes_per_frame"])
+    x = r["input_jpeg_bytes_median"] / sent
+    return f"{x:.1f}x fewer" if x >= 1 else f"{1 / x:.1f}x more"
 
 
 def format_table(r: dict) -> str:
@@ -102,8 +113,14 @@ def format_table(r: dict) -> str:
     lines += [
         f"  accuracy          {acc}",
         f"  bytes per frame   {r['bytes_per_frame']:.0f} B tensor + {r['header_bytes_per_frame']:.0f} B header  vs  "
-        f"{r['input_jpeg_bytes_median']:.0f} B input JPEG (median): "
-        f"{r['input_jpeg_bytes_median'] / max(1.0, r['bytes_per_frame'] + r['header_bytes_per_frame']):.1f}x fewer",
+        f"{r['input_jpeg_bytes_median']:.0f} B input JPEG (median): {_ratio(r)}",
+    ]
+    if r.get("bytes_down_per_frame") is not None:
+        lines.append(
+            f"  bytes down        {r['bytes_down_per_frame']:.0f} B: the body's output, finished by the tail here "
+            "(U-shaped: labels and logits never leave the device)"
+        )
+    lines += [
         f"  throughput        {r['frames_per_s']:.0f} frames/s with {r['inflight']} in flight",
         f"  errors            {r['errors'] or 'none'}",
         "",

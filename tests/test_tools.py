@@ -63,6 +63,31 @@ def test_demo_table_mentions_the_figures(short_build):
         assert word in out.stdout
 
 
+def test_demo_runs_the_shipped_u_shaped_bundle_with_the_tail_on_the_device():
+    """The SFPrompt bundle the project ships: the answer comes down as the body's output in the
+    mode's dtype and the tail runs in the agent, so the demo reports the bytes down and the
+    device's tail, and its accuracy is the bundle's own offline accuracy on the same frames."""
+    from pathlib import Path
+
+    from edgesplit.bench.evaluate import evaluate_bundle
+    from edgesplit.bundle import Bundle
+
+    root = Path(__file__).resolve().parents[1] / "models" / "imagenette32-sfprompt"
+    out = run_cli("demo", "--bundle", str(root), "--frames", "40", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    b = Bundle.load(root)
+    T, D = b.wire_spec["shape"]
+    assert r["ok"] == 40 and r["errors"] == {} and r["source"] == "imagenette:val"
+    assert r["bytes_per_frame"] == r["bytes_down_per_frame"] == T * D * 2  # f16 both ways, the default mode
+    lat = r["latency_ms"]
+    assert lat["tail (device)"]["p50"] > 0
+    assert lat["end to end"]["p50"] > lat["round trip"]["p50"]  # the frame is finished after the answer
+    direct = evaluate_bundle(b, "imagenette:val", frames=40, jpeg_frames=None, threads=1, jpeg_grid=False)
+    default = next(m for m in direct["modes"] if m["id"] == b.default_mode.id)
+    assert r["accuracy"] == pytest.approx(default["accuracy"])
+
+
 def test_bench_e2e_json_keys(short_build):
     out = run_cli("bench", "e2e", "--bundle", str(short_build.bundle_dir), "--frames", "60", "--json")
     assert out.returncode == 0, out.stderr[-2000:]

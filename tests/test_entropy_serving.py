@@ -65,10 +65,12 @@ def test_export_for_other_steps_measures_them_again(bundle, tmp_path):
     """A run trained with steps [1, 2] exported for [1, 3]: every step is measured again on the
     recipe's evaluation frames (the same slice as training: step 1 gets the run's own accuracy and
     tables back), the new step gets its own table set and mode, and the bundle loads."""
+    from edgesplit.builder.export_common import ExportOptions
     from edgesplit.families.bottlefit.export import export_bundle
 
     student = bundle.root.parent / "runs" / "tiny-bottlefit-entropy" / "student.pt"
-    b = export_bundle(student, tmp_path / "b3", check_frames=FRAMES, entropy_steps=[3, 1.0], entropy_limit_per_shard=16)
+    steps = {"entropy_steps": [3, 1.0], "entropy_limit_per_shard": 16}
+    b = export_bundle(student, tmp_path / "b3", ExportOptions(check_frames=FRAMES, family=steps))
     assert [m.scale for m in b.modes] == [1.0, 3.0] and [m.tables for m in b.modes] == ["main", "s3"]
     assert b.default_mode.scale == 1.0
     assert b.tables["main"].digest == bundle.tables["main"].digest  # the same density, cut the same way
@@ -78,7 +80,7 @@ def test_export_for_other_steps_measures_them_again(bundle, tmp_path):
     assert b.modes[0].bytes_per_frame == bundle.modes[0].bytes_per_frame
     assert b.modes[1].bytes_per_frame < bundle.modes[1].bytes_per_frame  # step 3 is coarser than step 2
     with pytest.raises(ValueError, match="1.0 among them"):
-        export_bundle(student, tmp_path / "bad", check_frames=FRAMES, entropy_steps=[2.0])
+        export_bundle(student, tmp_path / "bad", ExportOptions(check_frames=FRAMES, family={"entropy_steps": [2.0]}))
 
 
 def _edited(bundle: Bundle, tmp_path: Path, edit_manifest=None, edit_tables=None) -> Path:

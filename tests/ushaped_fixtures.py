@@ -34,6 +34,7 @@ def build_u_shaped_bundle(d: Path) -> Bundle:
     "student.pt"``, the body package beside the bundle)."""
     require_cifar()
     from edgesplit.builder.data import load_split
+    from edgesplit.builder.export_common import ExportOptions
     from edgesplit.builder.recipe import load_recipe
     from edgesplit.families.sfprompt.bundle_export import export_bundle
     from edgesplit.families.sfprompt.model import build_model, save_student
@@ -57,7 +58,7 @@ def build_u_shaped_bundle(d: Path) -> Bundle:
         seed=0,
     )
     save_student(model, d / "student.pt", {"recipe": r.to_dict(), "results": {"eval_frames": 0}})
-    return export_bundle(d / "student.pt", d / "bundle", check_frames=FRAMES)
+    return export_bundle(d / "student.pt", d / "bundle", ExportOptions(check_frames=FRAMES))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ The family is read from ``student.pt`` and its exporter looked up in
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,19 @@ import torch
 
 from ..bundle import Bundle
 from ..families.registry import Family, UnknownFamilyError, get_family
-from .export_common import OPSET, export_onnx, export_torch_tail, store_weights_fp16
+from .export_common import OPSET, ExportOptions, export_onnx, export_torch_tail, store_weights_fp16
 from .pipeline import student_family
 
-__all__ = ["OPSET", "export_bundle", "export_main", "export_onnx", "export_torch_tail", "store_weights_fp16"]
+__all__ = [
+    "OPSET",
+    "ExportOptions",
+    "export_bundle",
+    "export_main",
+    "export_onnx",
+    "export_torch_tail",
+    "export_with_options",
+    "store_weights_fp16",
+]
 _export_onnx = export_onnx  # the name earlier callers import
 
 
@@ -43,25 +51,25 @@ def export_bundle(
     torch_tail: bool = False,
     **family_options: Any,
 ) -> Bundle:
-    """Export any family's trained split: the exporter of the family ``student.pt`` names.
-    ``family_options``: keywords only that family's exporter takes (e.g. BottleFit's
-    ``entropy_steps``); one it does not take is a ValueError naming it."""
-    exporter = family_of(student_path, torch_tail).entry("exporter")
-    known = inspect.signature(exporter).parameters
-    for key in family_options:
-        if key not in known:
-            family = family_of(student_path).name
-            raise ValueError(f"the {family} family's exporter takes no {key.replace('_', '-')}")
-    return exporter(
-        student_path,
-        out_dir,
+    """Export any family's trained split: the exporter of the family ``student.pt`` names, with the
+    :class:`ExportOptions` these keywords make. ``family_options``: keywords only that family's
+    exporter takes (e.g. BottleFit's ``entropy_steps``); one it does not take is a ValueError
+    naming it and the family."""
+    options = ExportOptions(
         name=name,
         check_frames=check_frames,
         weights=weights,
         teacher_path=teacher_path,
         torch_tail=torch_tail,
-        **family_options,
+        family=family_options,
     )
+    return export_with_options(student_path, out_dir, options)
+
+
+def export_with_options(student_path: str | Path, out_dir: str | Path, options: ExportOptions) -> Bundle:
+    """:func:`export_bundle` with its options already made."""
+    exporter = family_of(student_path, options.torch_tail).entry("exporter")
+    return exporter(student_path, out_dir, options)
 
 
 def parse_steps(text: str) -> list[float]:
@@ -98,24 +106,23 @@ def export_main(argv: list[str]) -> int:
         "measured here on the recipe's evaluation split (default: the steps its run measured)",
     )
     a = p.parse_args(argv)
-    options = {} if a.entropy_steps is None else {"entropy_steps": a.entropy_steps}
+    family_options = {} if a.entropy_steps is None else {"entropy_steps": a.entropy_steps}
     try:
-        family_of(a.student, a.torch_tail)  # a usage error before any work, not a traceback after
-    except (ValueError, UnknownFamilyError) as e:
-        p.error(str(e))
-    try:
-        b = export_bundle(
-            a.student,
-            a.out,
+        options = ExportOptions(
             name=a.name,
             check_frames=a.check_frames,
             weights=a.weights,
             teacher_path=a.teacher,
             torch_tail=a.torch_tail,
-            **options,
+            family=family_options,
         )
+        family_of(a.student, a.torch_tail)  # a usage error before any work, not a traceback after
+    except (ValueError, UnknownFamilyError) as e:
+        p.error(str(e))
+    try:
+        b = export_with_options(a.student, a.out, options)
     except ValueError as e:
-        if not options:
+        if not family_options:
             raise
         p.error(f"--entropy-steps: {e}")
     m = b.manifest

@@ -1,4 +1,4 @@
-"""What every family's exporter shares: ONNX writing (dynamo, opset 18, dynamic batch), float16
+"""What every family's exporter shares: its options (:class:`ExportOptions`), ONNX writing (dynamo, opset 18, dynamic batch), float16
 weight storage, checks of each graph against torch on real images, the head's latency, the
 teacher loader, the input spec and the manifest fields every bundle writes the same way.
 
@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +30,46 @@ from .data import MEAN, STD
 from .zoo import create_model
 
 OPSET = 18
+WEIGHT_STORAGE = ("fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export a trained split; every family's exporter is
+    ``exporter(student_path, out_dir, options: ExportOptions) -> Bundle``.
+
+    ``name``: the bundle's name (default: the recipe's). ``check_frames``: real images each graph is
+    checked against torch on. ``weights``: ``"fp16"`` stores large weights as float16 (see above),
+    ``"fp32"`` as they are. ``teacher_path``: the teacher behind ``full.onnx`` (default:
+    ``teacher.pt`` beside the student). ``torch_tail``: also write ``tail.pt2`` (families with a
+    server tail only). ``family``: options only one family's exporter takes, e.g. BottleFit's
+    ``{"entropy_steps": [1.0, 2.0]}``; the exporter reads them with :meth:`family_options`, which
+    refuses one it does not take."""
+
+    name: str | None = None
+    check_frames: int = 256
+    weights: str = "fp16"
+    teacher_path: str | Path | None = None
+    torch_tail: bool = False
+    family: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_STORAGE:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_STORAGE)}, got {self.weights!r}")
+        if isinstance(self.check_frames, bool) or not isinstance(self.check_frames, int) or self.check_frames < 1:
+            raise ValueError(f"check_frames must be a positive integer, got {self.check_frames!r}")
+        # A read-only copy: the options stay what they were when made, whoever held the dict.
+        object.__setattr__(self, "family", MappingProxyType(dict(self.family)))
+
+    def family_options(self, family: str, **accepted: Any) -> dict[str, Any]:
+        """The options of ``family``'s exporter: ``accepted`` names every one it takes, with its
+        default, and the given ones replace those defaults. A family with none calls it bare, so
+        that an option meant for another family is refused there too. Raises ValueError naming the
+        first option ``family`` does not take (as the command line spells it), before any work."""
+        for key in self.family:
+            if key not in accepted:
+                raise ValueError(f"the {family} family's exporter takes no {key.replace('_', '-')}")
+        return {**accepted, **self.family}
 
 
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str) -> None:

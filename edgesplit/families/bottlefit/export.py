@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ...builder.export_common import (
+    ExportOptions,
     accuracy_source,
     affine_quant,
     affine_wire,
@@ -42,29 +43,21 @@ from .entropy_steps import CDF_FILE, ans_modes, default_mode_id, remeasure_steps
 from .model import load_student
 
 
-def export_bundle(
-    student_path: str | Path,
-    out_dir: str | Path,
-    name: str | None = None,
-    check_frames: int = 256,
-    weights: str = "fp16",
-    teacher_path: str | Path | None = None,
-    torch_tail: bool = False,
-    entropy_steps: list[float] | None = None,
-    entropy_limit_per_shard: int | None = None,
-) -> Bundle:
-    """``entropy_steps``: the ans modes' steps of an entropy student, when not the ones its run
-    measured (those of its recipe); they are then measured here in torch on the recipe's evaluation
-    split (``entropy_limit_per_shard``: its first images per shard only), which takes a pass over it
-    per step."""
-    out, model, state, teacher = open_export(load_student, student_path, out_dir, teacher_path)
+def export_bundle(student_path: str | Path, out_dir: str | Path, options: ExportOptions) -> Bundle:
+    """The family's options (``options.family``): ``entropy_steps``, the ans modes' steps of an
+    entropy student, when not the ones its run measured (those of its recipe); they are then
+    measured here in torch on the recipe's evaluation split (``entropy_limit_per_shard``: its first
+    images per shard only), which takes a pass over it per step."""
+    extras = options.family_options("bottlefit", entropy_steps=None, entropy_limit_per_shard=None)
+    entropy_steps: list[float] | None = extras["entropy_steps"]
+    out, model, state, teacher = open_export(load_student, student_path, out_dir, options.teacher_path)
     recipe, results = state["recipe"], state["results"]
     cfg = model.cfg
     entropy = getattr(cfg, "entropy_lambda", None) is not None  # issue 14: ans modes and a cdf file
     if entropy_steps is not None:
         if not entropy:
             raise ValueError("entropy_steps: only a student with an entropy bottleneck has steps")
-        remeasure_steps(model, state, entropy_steps, entropy_limit_per_shard)
+        remeasure_steps(model, state, entropy_steps, extras["entropy_limit_per_shard"])
     side = cfg.input_size
 
     ex_img = torch.zeros(2, 3, side, side)
@@ -73,7 +66,7 @@ def export_bundle(
     export_onnx(head, ex_img, out / "head.onnx", "image", "z")
     export_onnx(tail, ex_z, out / "tail.onnx", "z", "logits")
     export_onnx(teacher, ex_img, out / "full.onnx", "image", "logits")
-    if weights == "fp16":
+    if options.weights == "fp16":
         for f in ("head.onnx", "tail.onnx", "full.onnx"):
             store_weights_fp16(out / f)
     files = {
@@ -81,12 +74,12 @@ def export_bundle(
         "tail": {"path": "tail.onnx"},
         "full": {"path": "full.onnx", "model": "teacher"},
     }
-    if torch_tail:
+    if options.torch_tail:
         export_torch_tail(tail, ex_z, out / "tail.pt2")
         files["tail_torch"] = {"path": "tail.pt2"}
 
     input_spec = input_spec_for(side)
-    x, _ = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
+    x, _ = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, options.check_frames)
     head_e, tail_e, full_e = (create_engine(out / f, "ort") for f in ("head.onnx", "tail.onnx", "full.onnx"))
     z = head_e.run1(x)
     checks = {
@@ -103,7 +96,7 @@ def export_bundle(
         return write_bundle(
             out,
             family="bottlefit",
-            name=name,
+            name=options.name,
             state=state,
             cfg=cfg,
             input_spec=input_spec,
@@ -112,7 +105,7 @@ def export_bundle(
             default=default_mode_id(modes),
             files=files,
             checks=checks,
-            weights=weights,
+            weights=options.weights,
         )
     numel = int(np.prod(model.wire_shape))
     cal = state["calibration"]
@@ -136,7 +129,7 @@ def export_bundle(
     return write_bundle(
         out,
         family="bottlefit",
-        name=name,
+        name=options.name,
         state=state,
         cfg=cfg,
         input_spec=input_spec,
@@ -145,5 +138,5 @@ def export_bundle(
         default=default,
         files=files,
         checks=checks,
-        weights=weights,
+        weights=options.weights,
     )

@@ -22,6 +22,7 @@ import torch
 from ... import __version__
 from ...builder.export_common import (
     OPSET,
+    ExportOptions,
     eval_images,
     export_onnx,
     host_profile_name,
@@ -89,22 +90,15 @@ def fused_accuracy(feats: list[np.ndarray], fusion: ort.InferenceSession, y: np.
     return {"fused": acc(ones), "missing_one": missing, "missing_mean": float(np.mean(list(missing.values())))}
 
 
-def export_bundle(
-    student_path: str | Path,
-    out_dir: str | Path,
-    name: str | None = None,
-    check_frames: int = 256,
-    weights: str = "fp16",
-    teacher_path: str | Path | None = None,
-    torch_tail: bool = False,
-) -> Bundle:
-    if torch_tail:
+def export_bundle(student_path: str | Path, out_dir: str | Path, options: ExportOptions) -> Bundle:
+    options.family_options("edvit")  # it takes none
+    if options.torch_tail:
         raise ValueError("--torch-tail: the edvit family has no tail")
     student_path, out = Path(student_path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ens, state = load_student(student_path)
     cfg, recipe, results = state["config"], state["recipe"], state["results"]
-    teacher = load_teacher(_TeacherRef(cfg["arch"], cfg["num_classes"]), student_path, teacher_path)
+    teacher = load_teacher(_TeacherRef(cfg["arch"], cfg["num_classes"]), student_path, options.teacher_path)
     side = recipe["input_size"]
     ex = torch.zeros(2, 3, side, side)
     n = len(ens.submodels)
@@ -117,12 +111,12 @@ def export_bundle(
         ens.fusion, (torch.zeros(2, sum(dims)), torch.ones(2, n)), out / "fusion.onnx", ["features", "mask"], ["logits"]
     )
     export_onnx(teacher, ex, out / "full.onnx", "image", "logits")
-    if weights == "fp16":
+    if options.weights == "fp16":
         for entry in files.values():
             store_weights_fp16(out / entry["path"])
 
     input_spec = input_spec_for(side)
-    x, y = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
+    x, y = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, options.check_frames)
     xt = torch.from_numpy(x)
     checks, feats = {}, []
     with torch.no_grad():
@@ -186,7 +180,7 @@ def export_bundle(
     }
     manifest = {
         "schema_version": 1,
-        "name": name or recipe["name"],
+        "name": options.name or recipe["name"],
         "family": "edvit",
         "description": recipe.get("description", ""),
         "classes": list(state["classes"]),
@@ -197,7 +191,7 @@ def export_bundle(
         "edvit": edvit,
         "model": {"arch": cfg["arch"], "submodels": n},
         "teacher_accuracy": full_acc,
-        "export": {"opset": OPSET, "weights": weights, "checks": checks, "check_source": source},
+        "export": {"opset": OPSET, "weights": options.weights, "checks": checks, "check_source": source},
         "training": {"recipe": recipe["name"], "results": results},
         "tools": {
             "edgesplit": __version__,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ...builder.export_common import (
+    ExportOptions,
     check_against_torch,
     eval_images,
     export_onnx,
@@ -60,18 +61,12 @@ def body_package_dir(bundle_dir: str | Path) -> Path:
     return d.with_name(d.name + BODY_PACKAGE_SUFFIX)
 
 
-def export_bundle(
-    student_path: str | Path,
-    out_dir: str | Path,
-    name: str | None = None,
-    check_frames: int = 256,
-    weights: str = "fp16",
-    teacher_path: str | Path | None = None,
-    torch_tail: bool = False,
-) -> Bundle:
+def export_bundle(student_path: str | Path, out_dir: str | Path, options: ExportOptions) -> Bundle:
     """Write the U-shaped bundle of ``student_path`` to ``out_dir`` and its body package to
-    :func:`body_package_dir`. ``teacher_path`` is unused: the fallback is the tuned model itself."""
-    if torch_tail:
+    :func:`body_package_dir`. ``options.teacher_path`` is unused: the fallback is the tuned model
+    itself."""
+    options.family_options("sfprompt")  # it takes none
+    if options.torch_tail:
         raise ValueError("--torch-tail: an SFPrompt tail runs on the device (ONNX); there is no server tail")
     student_path, out = Path(student_path), Path(out_dir)
     saved = torch.load(str(student_path), map_location="cpu", weights_only=True)
@@ -81,7 +76,7 @@ def export_bundle(
             f"{student_path} holds no recipe: the bundle needs its dataset (train it with 'edgesplit train')"
         )
     out.mkdir(parents=True, exist_ok=True)
-    package = export_body(student_path, body_package_dir(out), name=name or recipe["name"])
+    package = export_body(student_path, body_package_dir(out), name=options.name or recipe["name"])
     model, d = load_student(student_path)
     model.eval()
     side, T, D = int(recipe["input_size"]), int(model.tokens), int(model.cfg.dim)
@@ -92,13 +87,13 @@ def export_bundle(
     export_onnx(model.tail, ex_tok, out / "tail.onnx", RESULT_NAME, "logits")
     export_onnx(model, ex_img, out / "full.onnx", "image", "logits")
     roles = ("head", "body", "tail", "full")
-    if weights == "fp16":
+    if options.weights == "fp16":
         for role in roles:
             store_weights_fp16(out / f"{role}.onnx")
     files: dict[str, dict[str, Any]] = {role: {"path": f"{role}.onnx"} for role in roles}
 
     input_spec = input_spec_for(side)
-    x, y = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
+    x, y = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, options.check_frames)
     eng = {role: create_engine(out / f"{role}.onnx", "ort") for role in roles}
     with torch.no_grad():
         tokens = model.head(torch.from_numpy(x)).numpy()
@@ -137,7 +132,7 @@ def export_bundle(
         )
     manifest = {
         "schema_version": 1,
-        "name": name or recipe["name"],
+        "name": options.name or recipe["name"],
         "family": "sfprompt",
         "description": recipe.get("description", ""),
         "classes": list(CLASSES[recipe["dataset"]]),
@@ -165,7 +160,7 @@ def export_bundle(
             "tokens": [T, D],
             "body_package": package.hash,
         },
-        **provenance(recipe, results, checks, weights, timed="latency"),
+        **provenance(recipe, results, checks, options.weights, timed="latency"),
     }
     write_manifest(out, manifest)
     return Bundle.load(out)

@@ -36,17 +36,12 @@ class BodyPackage:
         self.manifest: dict[str, Any] = json.loads(raw)
 
 
-def export_body(
-    student_path: str | Path,
-    out_dir: str | Path,
-    name: str | None = None,
-    check_frames: int = 256,
-    weights: str = "fp32",
-    teacher_path: str | Path | None = None,
-    torch_tail: bool = False,
-) -> BodyPackage:
-    """Write the body package of a trained (or untrained) SFPrompt ``student.pt``. The body's
-    weights stay float32 whatever ``weights`` says: the server backpropagates through them."""
+def export_body(student_path: str | Path, out_dir: str | Path, name: str | None = None) -> BodyPackage:
+    """Write the body package of a trained (or untrained) SFPrompt ``student.pt`` (``name``: default
+    the run directory's). The body's weights stay float32: the server backpropagates through them.
+    Not a family exporter (that is :func:`.bundle_export.export_bundle`, which calls this one), so
+    it takes no :class:`~edgesplit.builder.export_common.ExportOptions`: a package has no graphs to
+    check on frames, no weight storage to choose and no teacher."""
     model, d = load_student(student_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

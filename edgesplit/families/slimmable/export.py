@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ...builder.export_common import (
+    ExportOptions,
     accuracy_source,
     affine_quant,
     affine_wire,
@@ -45,18 +46,11 @@ def head_file(width: int, widest: int) -> tuple[str, str]:
     return ("head", "head.onnx") if width == widest else (f"head.c{width}", f"head_c{width}.onnx")
 
 
-def export_bundle(
-    student_path: str | Path,
-    out_dir: str | Path,
-    name: str | None = None,
-    check_frames: int = 256,
-    weights: str = "fp16",
-    teacher_path: str | Path | None = None,
-    torch_tail: bool = False,
-) -> Bundle:
-    if torch_tail:
+def export_bundle(student_path: str | Path, out_dir: str | Path, options: ExportOptions) -> Bundle:
+    options.family_options("slimmable")  # it takes none
+    if options.torch_tail:
         raise ValueError("torch_tail: the slimmable family has no torch tail yet (export the ONNX tail only)")
-    out, model, state, teacher = open_export(load_student, student_path, out_dir, teacher_path)
+    out, model, state, teacher = open_export(load_student, student_path, out_dir, options.teacher_path)
     recipe, results, cfg = state["recipe"], state["results"], model.cfg
     side, widths, C = cfg.input_size, cfg.widths, cfg.bottleneck_channels
 
@@ -70,12 +64,12 @@ def export_bundle(
     export_onnx(teacher, ex_img, out / "full.onnx", "image", "logits")
     files["tail"] = {"path": "tail.onnx"}
     files["full"] = {"path": "full.onnx", "model": "teacher"}
-    if weights == "fp16":
+    if options.weights == "fp16":
         for entry in files.values():
             store_weights_fp16(out / entry["path"])
 
     input_spec = input_spec_for(side)
-    x, _ = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, check_frames)
+    x, _ = eval_images(recipe["dataset"], recipe["eval_split"], input_spec, options.check_frames)
     tail_e = create_engine(out / "tail.onnx", "ort")
     checks: dict[str, dict] = {}
     head_ms: dict[int, float] = {}
@@ -115,7 +109,7 @@ def export_bundle(
     return write_bundle(
         out,
         family="slimmable",
-        name=name,
+        name=options.name,
         state=state,
         cfg=cfg,
         input_spec=input_spec,
@@ -126,5 +120,5 @@ def export_bundle(
         default=default,
         files=files,
         checks=checks,
-        weights=weights,
+        weights=options.weights,
     )

@@ -77,8 +77,9 @@ class Family:
     - ``load_student``: ``(path, device="cpu") -> (model, state)``, a trained ``student.pt``.
     - ``steps``: ``(recipe, run_dir, prepared) -> results``, the training steps after
       :func:`edgesplit.builder.pipeline.prepare`; they leave ``student.pt`` and ``results.json``.
-    - ``exporter``: ``(student_path, out_dir, name=None, check_frames=256, weights="fp16",
-      teacher_path=None, torch_tail=False) -> Bundle``.
+    - ``exporter``: ``(student_path, out_dir, options: ExportOptions) -> Bundle``
+      (:class:`edgesplit.builder.export_common.ExportOptions`); its first line reads its own
+      options with ``options.family_options(<family>, **defaults)``, which refuses any other.
     - ``manifest_check`` (optional, required for a shape in :data:`FAMILY_DEFINED_SHAPES`):
       ``(manifest, files) -> None``, torch-free; the rules of the family's own manifest section
       (keyed by the family's name, docs/BUNDLE.md section 7), run after the common ones passed.

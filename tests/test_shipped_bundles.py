@@ -31,6 +31,20 @@ def within_3_sigma(measured: float, recorded: float, n: int, big_n: int) -> bool
     return abs(measured - recorded) <= 3 * sigma
 
 
+def accuracies_hold(b: Bundle, source: str, n: int = 1000) -> dict:
+    """Every mode's accuracy and the reference model's, measured the way the runtime runs the
+    bundle on the first ``n`` frames of ``source``, within 3 sigma of the manifest's whole-split
+    figures; the evaluation's result."""
+    _require_data(source)
+    big_n = SPLIT_FRAMES[source]
+    res = evaluate_bundle(b, source, frames=n, jpeg_frames=None, threads=1, jpeg_grid=False)
+    assert res["frames"] == n
+    for m in res["modes"]:
+        assert within_3_sigma(m["accuracy"], b.mode(m["id"]).accuracy, n, big_n), (m, b.mode(m["id"]).accuracy)
+    assert within_3_sigma(res["teacher_accuracy"], b.manifest["teacher_accuracy"], n, big_n)
+    return res
+
+
 def _require_data(source: str) -> None:
     from edgesplit.data.sources import SourceError, dataset_shards
 
@@ -75,15 +89,8 @@ def test_shipped_slimmable_bundle_heads_slim_with_the_width():
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_bundle_accuracy_holds_on_real_frames(name):
     source, _ = SHIPPED[name]
-    _require_data(source)
     b = Bundle.load(MODELS / name)
-    n, big_n = 1000, SPLIT_FRAMES[source]
-    res = evaluate_bundle(b, source, frames=n, jpeg_frames=None, threads=1, jpeg_grid=False)
-    assert res["frames"] == n
-
-    for m in res["modes"]:
-        assert within_3_sigma(m["accuracy"], b.mode(m["id"]).accuracy, n, big_n), (m, b.mode(m["id"]).accuracy)
-    assert within_3_sigma(res["teacher_accuracy"], b.manifest["teacher_accuracy"], n, big_n)
+    res = accuracies_hold(b, source)
     if b.default_mode.codec == "ans":  # coded frames vary: the manifest's mean is of its 256 check images
         assert abs(res["bytes_per_frame"] - b.default_mode.bytes_per_frame) <= 0.05 * b.default_mode.bytes_per_frame
     else:
@@ -176,13 +183,7 @@ def test_shipped_u_shaped_bundle_and_its_body_package_are_small_and_accuracy_hol
     }
     checks = b.manifest["export"]["checks"]
     assert checks["full"]["top1_agreement"] >= 0.99
-    _require_data(source)
-    n, big_n = 1000, SPLIT_FRAMES[source]
-    res = evaluate_bundle(b, source, frames=n, jpeg_frames=None, threads=1, jpeg_grid=False)
-    assert res["frames"] == n
-    for m in res["modes"]:
-        assert within_3_sigma(m["accuracy"], b.mode(m["id"]).accuracy, n, big_n), (m, b.mode(m["id"]).accuracy)
-    assert within_3_sigma(res["teacher_accuracy"], b.manifest["teacher_accuracy"], n, big_n)
+    accuracies_hold(b, source)
 
 
 def test_every_shipped_bundle_is_checked_here():

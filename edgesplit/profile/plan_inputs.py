@@ -166,8 +166,16 @@ def wire_sizes(bundle, mode, logits: np.ndarray) -> tuple[int, int]:
 
     header = len(P.pack_header(P.request(1000, mode.id if mode is not None else 0, None)))
     desc, payload = codec.encode_float(logits[0], name="logits")
-    reply = len(P.pack_header(P.result(1000, [desc], queue_us=12.5, compute_us=1234.5, batch_size=1, server_us=1300.5)))
-    return header, reply + len(payload)
+    return header, result_bytes(desc, payload)
+
+
+def result_bytes(desc: dict, payload: bytes) -> int:
+    """A result's bytes on the wire: its header with one output descriptor, written with a request
+    id and server timings of the sizes a real frame's take, and the payload."""
+    from ..wire import protocol as P
+
+    header = P.result(1000, [desc], queue_us=12.5, compute_us=1234.5, batch_size=1, server_us=1300.5)
+    return len(P.pack_header(header)) + len(payload)
 
 
 def bundle_options(

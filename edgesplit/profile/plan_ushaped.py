@@ -29,27 +29,18 @@ from .plan_inputs import (
     elementwise_work,
     full_options,
     graph_work,
+    result_bytes,
     time_chain,
 )
-
-# A request's and a result's header fields that vary in size by value: written at sizes a real
-# frame's take (a four-digit request id, server timings of a few ms), as plan_inputs.wire_sizes does.
-_REQ_ID = 1000
 
 
 def u_shaped_sizes(mode, token_desc: dict, answer_desc: dict, answer_payload: bytes) -> tuple[int, int]:
     """``(request header bytes, reply bytes)`` of one U-shaped frame in ``mode``: the full request
-    header (with the token descriptor) and the result (header with the answer's descriptor, and
-    its payload)."""
+    header (with the token descriptor) and the result with the answer (:func:`.plan_inputs.result_bytes`)."""
     from ..wire import protocol as P
 
-    header = len(P.pack_header(P.request(_REQ_ID, mode.id, [token_desc])))
-    reply = len(
-        P.pack_header(
-            P.result(_REQ_ID, [answer_desc], queue_us=12.5, compute_us=1234.5, batch_size=1, server_us=1300.5)
-        )
-    )
-    return header, reply + len(answer_payload)
+    header = len(P.pack_header(P.request(1000, mode.id, [token_desc])))
+    return header, result_bytes(answer_desc, answer_payload)
 
 
 def ushaped_options(

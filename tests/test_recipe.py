@@ -41,7 +41,7 @@ def test_every_shipped_recipe_loads(path):
     assert r.split.family in ("bottlefit", "slimmable")
     assert all(isinstance(w, int) for w in r.split.encoder_widths)
     assert isinstance(r.stage1.lr, float)  # YAML ints/floats coerced to the declared type
-    if r.teacher.init in ("pretrained", "run"):
+    if r.teacher.init in ("pretrained", "run", "bundle"):
         assert r.teacher.weights
     else:
         assert r.teacher.train is not None

@@ -49,15 +49,17 @@ class TrainCfg:
 @dataclass
 class TeacherCfg:
     arch: str
-    init: str = "scratch"  # "scratch" | "pretrained" | "run"
+    init: str = "scratch"  # one of TEACHER_INITS
     # "pretrained": path, relative paths resolve against the data root; "run": a teacher.pt that
-    # another recipe of this project trained, relative to the runs folder.
+    # another recipe of this project trained, relative to the runs folder; "bundle": a shipped
+    # bundle's directory, its full.onnx rebuilt into ``arch`` (builder/teacher_from_bundle.py).
     weights: str | None = None
     train: TrainCfg | None = None  # from scratch: full training; pretrained: adaptation fine-tune
 
 
 SplitCfg = SplitSection  # the recipe's ``split``: at load time, the schema of the family it names
 
+TEACHER_INITS = ("scratch", "pretrained", "run", "bundle")
 WIRE_BITS = (2, 4, 6, 8)
 AUGMENTATIONS = ("crop_flip", "crop_flip_erase", "rrc_flip")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,36 +77,39 @@ def resolve_bundle_dir(path: str) -> Path:
 def check_distill(d: DistillCfg, r: Recipe, where: str) -> None:
     """The distillation teacher must exist, classify this dataset's classes in the same order,
     and take this recipe's input (side and normalisation): it sees the student's batch."""
+    if not 0.0 <= d.alpha <= 1.0:
+        raise RecipeError(f"{where}.alpha: must be within [0, 1] (got {d.alpha})")
+    if d.temperature <= 0:
+        raise RecipeError(f"{where}.temperature: must be > 0 (got {d.temperature})")
+    check_teacher_bundle(d.bundle, r, f"{where}.bundle", same_size=False)
+
+
+def check_teacher_bundle(bundle: str, r: "Recipe", where: str, same_size: bool) -> None:
+    """A bundle a recipe learns from (a distillation teacher, or ``teacher.init: bundle``) must exist,
+    classify this dataset's classes in the same order and take this recipe's normalisation; with
+    ``same_size`` also its input side (its layers are trained on, not just run)."""
     import json
 
     from ..data.sources import CLASSES
     from .data import MEAN, STD
 
-    if not 0.0 <= d.alpha <= 1.0:
-        raise RecipeError(f"{where}.alpha: must be within [0, 1] (got {d.alpha})")
-    if d.temperature <= 0:
-        raise RecipeError(f"{where}.temperature: must be > 0 (got {d.temperature})")
-    bdir = resolve_bundle_dir(d.bundle)
+    bdir = resolve_bundle_dir(bundle)
     full, manifest = bdir / "full.onnx", bdir / "manifest.json"
     if not full.is_file() or not manifest.is_file():
-        raise RecipeError(
-            f"{where}.bundle: {d.bundle!r} is not a bundle with full.onnx and manifest.json (looked in {bdir})"
-        )
+        raise RecipeError(f"{where}: {bundle!r} is not a bundle with full.onnx and manifest.json (looked in {bdir})")
     m = json.loads(manifest.read_text())
     if list(m.get("classes", [])) != list(CLASSES.get(r.dataset, [])):
-        raise RecipeError(
-            f"{where}.bundle: {d.bundle!r} classifies {m.get('classes')}, not the classes of '{r.dataset}'"
-        )
+        raise RecipeError(f"{where}: {bundle!r} classifies {m.get('classes')}, not the classes of '{r.dataset}'")
     spec = m.get("input", {})
     shape = spec.get("shape")
-    # another square size is fine: the teacher sees the batch resized to its own (builder/distill.py)
-    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3 and shape[1] == shape[2]):
-        raise RecipeError(
-            f"{where}.bundle: {d.bundle!r} takes input {shape}, not a square RGB image (the recipe feeds "
-            f"{[3, r.input_size, r.input_size]})"
-        )
+    want = [3, r.input_size, r.input_size]
+    # another square size is fine for a distillation teacher: it sees the batch resized (builder/distill.py)
+    square = isinstance(shape, list) and len(shape) == 3 and shape[0] == 3 and shape[1] == shape[2]
+    if not square or (same_size and shape != want):
+        kind = "an RGB image of the recipe's size" if same_size else "a square RGB image"
+        raise RecipeError(f"{where}: {bundle!r} takes input {shape}, not {kind} (the recipe feeds {want})")
     if tuple(spec.get("mean", ())) != MEAN or tuple(spec.get("std", ())) != STD:
-        raise RecipeError(f"{where}.bundle: {d.bundle!r} normalises with other mean/std than the recipe's batches")
+        raise RecipeError(f"{where}: {bundle!r} normalises with other mean/std than the recipe's batches")
 
 
 @dataclass
@@ -204,10 +209,12 @@ def load_recipe(path: str | Path) -> Recipe:
             r.split.check_recipe(r)
         except ValueError as e:  # the family's own rules, each message naming its key
             raise RecipeError(str(e)) from None
-    if r.teacher.init not in ("scratch", "pretrained", "run"):
-        raise RecipeError("teacher.init: must be 'scratch', 'pretrained' or 'run'")
-    if r.teacher.init in ("pretrained", "run") and not r.teacher.weights:
+    if r.teacher.init not in TEACHER_INITS:
+        raise RecipeError("teacher.init: must be 'scratch', 'pretrained', 'run' or 'bundle'")
+    if r.teacher.init != "scratch" and not r.teacher.weights:
         raise RecipeError(f"teacher.weights: required when teacher.init is '{r.teacher.init}'")
+    if r.teacher.init == "bundle":
+        check_teacher_bundle(str(r.teacher.weights), r, "teacher.weights", same_size=True)
     if r.teacher.init == "scratch" and r.teacher.train is None:
         raise RecipeError("teacher.train: required when teacher.init is 'scratch'")
     if r.augment not in AUGMENTATIONS:

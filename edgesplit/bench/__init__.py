@@ -44,6 +44,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "edgesplit.bench.edvit",
         "ED-ViT: N worker processes on loopback, per-stage latency, tensor vs JPEG input, kill -9 of one worker",
     ),
+    "rate-bound": (
+        "edgesplit.bench.rate_bound",
+        "could a hyperprior pay on an ans bundle? per-frame oracle densities vs the shipped tables, side bytes charged",
+    ),
     "plan": (
         "edgesplit.bench.plan",
         "the split planner's predicted end-to-end latency vs measured, every cut point, kernel-shaped links",

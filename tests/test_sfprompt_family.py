@@ -98,6 +98,34 @@ def test_el2n_scores_and_pruning(frames):
         keep_count(10, 0.0)
 
 
+def test_per_class_pruning_keeps_every_class_at_the_lightest_cut(frames):
+    """With no block on the client the local path sees one class token for every image: scores
+    depend on the label only, plain pruning drops whole classes, per-class pruning keeps each."""
+    x, y = frames[0][:40], frames[1][:40]
+    m = SFPromptModel(vit(5), 0, 6, prompts=4, reset_classifier=False)
+    xs, ys = normalised(x), torch.from_numpy(y)
+    s = el2n_scores(m, xs, ys)
+    for c in set(y.tolist()):  # one score per class
+        assert len({round(float(v), 6) for v in s[ys == c]}) == 1
+    plain = prune(s, 0.5)
+    assert len(set(y[plain.numpy()].tolist())) < len(set(y.tolist()))
+    per = prune(s, 0.5, ys, seed=1)
+    for c in set(y.tolist()):
+        assert (y[per.numpy()] == c).sum() == keep_count(int((y == c).sum()), 0.5)
+    again, other = prune(s, 0.5, ys, seed=1), prune(s, 0.5, ys, seed=2)
+    assert torch.equal(per, again) and not torch.equal(per, other)  # a fresh stratified draw per seed
+    # with real per-image scores, each class keeps its highest ones
+    scores = torch.rand(40, generator=torch.Generator().manual_seed(0))
+    keep = set(prune(scores, 0.5, ys).tolist())
+    for c in set(y.tolist()):
+        members = [i for i in range(40) if y[i] == c]
+        kept = [i for i in members if i in keep]
+        dropped = [i for i in members if i not in keep]
+        assert not dropped or min(scores[kept]) >= max(scores[dropped])
+    with pytest.raises(ValueError, match="labels"):
+        prune(scores, 0.5, ys[:10])
+
+
 def test_local_loss_update_trains_tail_and_prompts_only(frames):
     x, y = frames[0][:16], frames[1][:16]
     m = SFPromptModel(vit(3), 2, 4, prompts=4)

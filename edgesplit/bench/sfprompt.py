@@ -161,7 +161,17 @@ def run_method(name: str, spec: dict[str, Any], r, vit, data, parts, rounds, per
                 link = CountingBody(model.body, s.act_bits, s.grad_bits)
                 g = gamma if spec["prune"] else 1.0
                 client_round(
-                    model, x, y, link, st1, st2, gamma=g, local_loss=spec["local_loss"], augment=r.augment, seed=seed
+                    model,
+                    x,
+                    y,
+                    link,
+                    st1,
+                    st2,
+                    gamma=g,
+                    local_loss=spec["local_loss"],
+                    augment=r.augment,
+                    seed=seed,
+                    prune_per_class=s.prune_per_class,
                 )
                 kept = keep_count(n, g)
                 m = (mh + mt) * n * (1 if spec["prune"] else 0)  # EL2N scores

@@ -29,6 +29,7 @@ class SfpromptSplitCfg(SplitSection):
     prompt_std: float = 0.02  # prompts start as truncated-normal noise of this std (DeiT's token init)
     reset_classifier: bool = True  # a new task: the tail's classifier starts from zero
     gamma: float = 0.5  # EL2N pruning: the fraction of each client's data kept for split training
+    prune_per_class: bool = False  # keep gamma of each class (el2n.py says when that matters)
     rounds: int = 10
     clients: int = 4  # K: the data is partitioned among this many clients
     clients_per_round: int = 4  # sampled each round

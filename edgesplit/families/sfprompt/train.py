@@ -129,6 +129,7 @@ def client_round(
     local_loss: bool,
     augment: str | None,
     seed: int,
+    prune_per_class: bool = False,
     step_base: int = 0,
     device: torch.device = CPU,
 ) -> RoundReport:
@@ -138,7 +139,9 @@ def client_round(
     torch.manual_seed(seed)
     ev = DeviceLoader(x, y, 256, device, MEAN, STD, None)
     xs = torch.cat([b for b, _ in ev]) if len(x) else torch.empty(0)
-    keep = prune(el2n_scores(model, xs, torch.from_numpy(y).to(device)), gamma).numpy()
+    labels = torch.from_numpy(y).to(device)
+    scores = el2n_scores(model, xs, labels)
+    keep = prune(scores, gamma, labels.cpu() if prune_per_class else None, seed).numpy()
     params = model.client_parameters()
     local = []
     if local_loss and stage1["epochs"] > 0:

@@ -146,8 +146,7 @@ def run(r: Recipe, run_dir: Path, p: Prepared) -> dict:
     if fart.is_file():
         fusion.load_state_dict(torch.load(fart, map_location=dev, weights_only=True))
     else:
-        feats, t_logits = features_of(ens, teacher, p.xtr, p.ytr, dev)
-        y = torch.as_tensor(p.ytr, device=dev)
+        feats, t_logits, y = features_of(ens, teacher, p.xtr, p.ytr, dev)
         train_fusion(fusion, feats, t_logits, y, vars(r.stage2), s.drop_prob, dev, run_dir, log, r.seed)
         torch.save(fusion.state_dict(), fart)
     acc = accuracies(ens, teacher, p.eval_loader, dev)

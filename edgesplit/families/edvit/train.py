@@ -77,14 +77,24 @@ def finetune_submodels(
 
 
 @torch.no_grad()
-def features_of(ens: EdvitEnsemble, teacher, x: np.ndarray, y: np.ndarray, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sub-model's features (concatenated) and the teacher's logits, un-augmented images."""
+def features_of(
+    ens: EdvitEnsemble, teacher, x: np.ndarray, y: np.ndarray, dev
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every sub-model's features (concatenated), the teacher's logits and the labels, for each
+    training image and its mirror image. The sub-models were fine-tuned on these very images, so
+    their features of them are cleaner than of any new frame; the mirror views (stage 1 trained
+    with flips, so they are in-distribution) give the fusion head twice the variety to fit
+    (docs/BENCHMARKS.md, "ED-ViT fusion head": on N = 2, +0.6 and +0.9 points with one sub-model
+    missing)."""
     ens.eval()
     feats, logits = [], []
-    for xb, _ in DeviceLoader(x, y, 250, dev, MEAN, STD):
-        feats.append(torch.cat(ens.features(xb), 1).float())
-        logits.append(teacher(xb).float())
-    return torch.cat(feats), torch.cat(logits)
+    for mirror in (False, True):
+        for xb, _ in DeviceLoader(x, y, 250, dev, MEAN, STD):
+            xb = xb.flip(3) if mirror else xb
+            feats.append(torch.cat(ens.features(xb), 1).float())
+            logits.append(teacher(xb).float())
+    labels = torch.as_tensor(np.concatenate([y, y]), device=dev)
+    return torch.cat(feats), torch.cat(logits), labels
 
 
 def random_mask(n: int, batch: int, drop_prob: float, gen: torch.Generator) -> torch.Tensor:

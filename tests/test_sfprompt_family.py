@@ -126,6 +126,21 @@ def test_per_class_pruning_keeps_every_class_at_the_lightest_cut(frames):
         prune(scores, 0.5, ys[:10])
 
 
+def test_prompts_can_have_their_own_learning_rate():
+    from edgesplit.families.sfprompt.train import client_optimizer
+
+    m = SFPromptModel(vit(6), 1, 4, prompts=4)
+    stage = {"lr": 1e-3, "optimizer": "adam", "weight_decay": 0.05}
+    (one,) = client_optimizer(m, stage).param_groups  # as before: one group, the stage's step
+    assert one["lr"] == 1e-3 and len(one["params"]) == len(m.client_parameters())
+    rest, prompts = client_optimizer(m, stage, prompt_lr=1e-2).param_groups
+    assert prompts["params"] == [m.head.prompts] and prompts["lr"] == 1e-2 and prompts["weight_decay"] == 0.0
+    assert rest["lr"] == 1e-3 and rest["weight_decay"] == 0.05
+    assert len(rest["params"]) + 1 == len(m.client_parameters())
+    (only,) = client_optimizer(SFPromptModel(vit(6), 1, 4, prompts=0), stage, prompt_lr=1e-2).param_groups
+    assert only["lr"] == 1e-3  # SplitFed's model has no prompts: nothing to treat apart
+
+
 def test_local_loss_update_trains_tail_and_prompts_only(frames):
     x, y = frames[0][:16], frames[1][:16]
     m = SFPromptModel(vit(3), 2, 4, prompts=4)

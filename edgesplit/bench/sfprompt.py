@@ -103,16 +103,16 @@ class CountingBody:
         return g
 
 
-def _full_round(model, x, y, stage: dict, augment, seed: int) -> None:
+def _full_round(model, x, y, stage: dict, augment, seed: int, prompt_lr: float | None) -> None:
     """Train ``model.client_parameters()`` on the whole model's loss (no split)."""
     import torch
     import torch.nn.functional as F
 
     from ..builder.data import MEAN, STD, DeviceLoader
-    from ..builder.train import make_optimizer
+    from ..families.sfprompt.train import client_optimizer
 
     torch.manual_seed(seed)
-    opt = make_optimizer(model.client_parameters(), stage)
+    opt = client_optimizer(model, stage, prompt_lr)
     model.train()
     if "body" in model.also_trained:
         model.body.train()
@@ -172,6 +172,7 @@ def run_method(name: str, spec: dict[str, Any], r, vit, data, parts, rounds, per
                     augment=r.augment,
                     seed=seed,
                     prune_per_class=s.prune_per_class,
+                    prompt_lr=s.prompt_lr,
                 )
                 kept = keep_count(n, g)
                 m = (mh + mt) * n * (1 if spec["prune"] else 0)  # EL2N scores
@@ -184,7 +185,7 @@ def run_method(name: str, spec: dict[str, Any], r, vit, data, parts, rounds, per
                 up.append(link.up)
                 down.append(link.down)
             else:
-                _full_round(model, x, y, st2, r.augment, seed)
+                _full_round(model, x, y, st2, r.augment, seed, s.prompt_lr)
                 m = 3 * (mh + mb + mt) * n * st2["epochs"]
                 secs.append(time.process_time() - t0)
                 up.append(0)

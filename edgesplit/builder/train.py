@@ -45,7 +45,13 @@ def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: in
 
 
 def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """``cfg``'s optimizer over ``params``: tensors, or param groups (dicts) whose own keys (an
+    ``lr``) override ``cfg``'s for that group."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     if cfg.get("optimizer", "sgd") == "adam":
         return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
     return torch.optim.SGD(

@@ -30,6 +30,7 @@ class SfpromptSplitCfg(SplitSection):
     reset_classifier: bool = True  # a new task: the tail's classifier starts from zero
     gamma: float = 0.5  # EL2N pruning: the fraction of each client's data kept for split training
     prune_per_class: bool = False  # keep gamma of each class (el2n.py says when that matters)
+    prompt_lr: float | None = None  # the prompts' own learning rate (None: the stage's, as every other weight)
     rounds: int = 10
     clients: int = 4  # K: the data is partitioned among this many clients
     clients_per_round: int = 4  # sampled each round
@@ -52,6 +53,8 @@ class SfpromptSplitCfg(SplitSection):
             raise ValueError(f"split.prompts: must be in [0, {MAX_PROMPTS}], got {self.prompts}")
         if not 0.0 < self.prompt_std <= 1.0:
             raise ValueError(f"split.prompt_std: must be in (0, 1], got {self.prompt_std}")
+        if self.prompt_lr is not None and not 0.0 < self.prompt_lr <= 10.0:
+            raise ValueError(f"split.prompt_lr: must be in (0, 10] or absent, got {self.prompt_lr}")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"split.gamma: must be in (0, 1] (the fraction of data kept), got {self.gamma}")
         if self.rounds < 1:

@@ -196,6 +196,7 @@ def client_train(msg: Message, context: Context) -> Message:
             vars(r.stage2),
             gamma=r.split.gamma,
             prune_per_class=r.split.prune_per_class,
+            prompt_lr=r.split.prompt_lr,
             local_loss=r.split.local_loss,
             augment=r.augment,
             seed=client_seed(job.seed, rnd, pid),

@@ -90,6 +90,18 @@ def split_step(
     return float(loss.detach())
 
 
+def client_optimizer(model: SFPromptModel, stage: dict, prompt_lr: float | None = None) -> torch.optim.Optimizer:
+    """The stage's optimizer over what a client trains, the prompts at ``prompt_lr`` if given:
+    a few prompt tokens steer a frozen body only through attention, and prompt tuning is known to
+    want a larger step than the weights around it (VPT, Jia et al. 2022, tunes it per task)."""
+    params = model.client_parameters()
+    if prompt_lr is None or not model.head.n_prompts:
+        return make_optimizer(params, stage)
+    prompts = model.head.prompts
+    rest = [p for p in params if p is not prompts]
+    return make_optimizer([{"params": rest}, {"params": [prompts], "lr": prompt_lr, "weight_decay": 0.0}], stage)
+
+
 def local_loss_update(
     model: SFPromptModel, opt: torch.optim.Optimizer, loader: DeviceLoader, epochs: int
 ) -> list[float]:
@@ -130,6 +142,7 @@ def client_round(
     augment: str | None,
     seed: int,
     prune_per_class: bool = False,
+    prompt_lr: float | None = None,
     step_base: int = 0,
     device: torch.device = CPU,
 ) -> RoundReport:
@@ -142,12 +155,11 @@ def client_round(
     labels = torch.from_numpy(y).to(device)
     scores = el2n_scores(model, xs, labels)
     keep = prune(scores, gamma, labels.cpu() if prune_per_class else None, seed).numpy()
-    params = model.client_parameters()
     local = []
     if local_loss and stage1["epochs"] > 0:
         loader = DeviceLoader(x, y, stage1["batch"], device, MEAN, STD, augment, shuffle=True, seed=seed)
-        local = local_loss_update(model, make_optimizer(params, stage1), loader, stage1["epochs"])
-    opt = make_optimizer(params, stage2)
+        local = local_loss_update(model, client_optimizer(model, stage1, prompt_lr), loader, stage1["epochs"])
+    opt = client_optimizer(model, stage2, prompt_lr)
     loader = DeviceLoader(x[keep], y[keep], stage2["batch"], device, MEAN, STD, augment, shuffle=True, seed=seed + 1)
     step, split = step_base, []
     for _ in range(stage2["epochs"]):

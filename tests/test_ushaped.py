@@ -20,9 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import zmq
 from build_fixtures import one_torch_thread  # noqa: F401  (pytest fixture by name)
-from ushaped_fixtures import FRAMES, bundle, full_logits, offline_logits, samples  # noqa: F401  (fixtures by name)
+from ushaped_fixtures import FRAMES, HandClient, bundle, full_logits, offline_logits, samples  # noqa: F401  (fixtures by name)
 
 from edgesplit.bundle import Bundle
 from edgesplit.data.sources import open_source, take
@@ -124,7 +123,7 @@ def test_served_logits_and_accuracy_equal_the_offline_model(bundle, server, samp
 def test_a_request_of_several_frames_is_one_body_pass_with_the_rows_back(bundle, server, samples):
     head = create_engine(bundle.file("head"), threads=1)
     z = head.run1(np.stack([preprocess(s.data, bundle.input_spec) for s in samples[:3]]))
-    with RawClient(server.endpoint) as c:
+    with HandClient(server.endpoint) as c:
         assert c.hello(bundle.hash, "u-shaped")["kind"] == "welcome"
         d, p = S.encode(z, 16, "tokens")
         h, frames = c.request(1, d, p)
@@ -139,47 +138,11 @@ def test_a_request_of_several_frames_is_one_body_pass_with_the_rows_back(bundle,
 # -- the handshake and the checks -----------------------------------------------------------------------
 
 
-class RawClient:
-    """One DEALER speaking the protocol by hand: what another client would send."""
-
-    def __init__(self, endpoint: str):
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.rid = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.sock.close()
-
-    def recv(self) -> tuple[dict, list]:
-        while True:
-            parts = self.sock.recv_multipart()
-            h = P.unpack_header(parts[0])
-            if h["kind"] != "ping":
-                return h, parts[1:]
-
-    def hello(self, bundle_hash: str, serving=None) -> dict:
-        h = P.hello(bundle_hash, "raw-client")
-        if serving is not None:
-            h["serving"] = serving
-        self.sock.send_multipart(P.pack(h))
-        return self.recv()[0]
-
-    def request(self, mode: int, desc: dict | None, payload: bytes) -> tuple[dict, list]:
-        self.rid += 1
-        self.sock.send_multipart([P.pack_header(P.request(self.rid, mode, None if desc is None else [desc])), payload])
-        return self.recv()
-
-
 @pytest.mark.parametrize("serving", [None, "head-tail", "scatter"])
 def test_an_agent_that_is_not_u_shaped_is_refused_a_u_shaped_bundle(bundle, server, serving):
     """What a head-tail agent (no ``serving``, as every agent before v1.4) says, refused UNSUPPORTED
     with no id: it would take the body's output for logits."""
-    with RawClient(server.endpoint) as c:
+    with HandClient(server.endpoint) as c:
         e = c.hello(bundle.hash, serving)
         assert (e["kind"], e["code"], e["id"]) == ("error", ErrorCode.UNSUPPORTED, None), e
         assert "served u-shaped" in e["message"]
@@ -192,7 +155,7 @@ def test_a_u_shaped_agent_is_refused_a_head_tail_bundle_and_head_tail_agents_sti
     from edgesplit.edge.agent import Agent
 
     ht = Bundle.load(HEAD_TAIL)
-    with RawClient(server.endpoint) as c:
+    with HandClient(server.endpoint) as c:
         e = c.hello(ht.hash, "u-shaped")
         assert (e["kind"], e["code"], e["id"]) == ("error", ErrorCode.UNSUPPORTED, None), e
         assert "answers with logits" in e["message"]
@@ -207,7 +170,7 @@ def test_a_u_shaped_agent_is_refused_a_head_tail_bundle_and_head_tail_agents_sti
 def test_the_daemon_checks_a_u_shaped_request(bundle, server):
     T, D = bundle.wire_spec["shape"]
     x = np.random.default_rng(1).normal(size=(T, D)).astype(np.float32)
-    with RawClient(server.endpoint) as c:
+    with HandClient(server.endpoint) as c:
         assert c.hello(bundle.hash, "u-shaped")["features"] == ["u_shaped", "u_shaped_answers"]
         d16, p16 = S.encode(x, 16, "tokens")
         cases = [

@@ -24,9 +24,8 @@ import shutil
 
 import numpy as np
 import pytest
-import zmq
 from build_fixtures import one_torch_thread  # noqa: F401  (pytest fixture by name)
-from ushaped_fixtures import FRAMES, bundle, offline_logits, samples  # noqa: F401  (fixtures by name)
+from ushaped_fixtures import FRAMES, HandClient, bundle, offline_logits, samples  # noqa: F401  (fixtures by name)
 
 from edgesplit.bundle import Bundle, BundleError, write_manifest
 from edgesplit.bundle_schema import validate_manifest
@@ -72,38 +71,6 @@ def tokens(bundle, samples) -> list[np.ndarray]:
     return [head.run1(preprocess(s.data, bundle.input_spec)[None])[0] for s in samples]
 
 
-class Client:
-    """One DEALER speaking the protocol by hand; keeps each result's raw header length."""
-
-    def __init__(self, endpoint: str, bundle_hash: str):
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.rid = 0
-        h = P.hello(bundle_hash, "answers-test")
-        h["serving"] = "u-shaped"
-        self.sock.send_multipart(P.pack(h))
-        self.welcome = self.recv()[0]
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def recv(self) -> tuple[dict, list]:
-        while True:
-            parts = self.sock.recv_multipart()
-            h = P.unpack_header(parts[0])
-            if h["kind"] != "ping":
-                h["_header_bytes"] = len(parts[0])
-                return h, parts[1:]
-
-    def request(self, mode: int, tokens: np.ndarray, bits: int) -> tuple[dict, list]:
-        self.rid += 1
-        d, p = S.encode(tokens, bits, "tokens")
-        self.sock.send_multipart([P.pack_header(P.request(self.rid, mode, [d])), p])
-        return self.recv()
-
-
 def test_the_protocol_test_vector_is_what_the_code_computes():
     """PROTOCOL.md §15.6.1's test vector."""
     x = np.array([[-1.5, 0.0], [0.75, 3.0]], np.float32)
@@ -134,13 +101,13 @@ def test_each_mode_answers_in_its_dtype_byte_for_byte(bundle, server, tokens):
     the same tokens (as the daemon decodes them) sent again in the float32 mode give that output in
     float32, and encoding it here gives the same descriptor and the same bytes."""
     T, D = bundle.wire_spec["shape"]
-    c = Client(server.endpoint, bundle.hash)
+    c = HandClient(server.endpoint, bundle.hash, serving="u-shaped")
     try:
         assert c.welcome["features"] == ["u_shaped", "u_shaped_answers"]
         header_bytes = {}
         for m in bundle.modes:
             for z in tokens[:8]:
-                h, (frame,) = c.request(m.id, z, m.bits)
+                h, (frame,) = c.request_tokens(m.id, z, m.bits)
                 (d,) = h["outputs"]
                 assert (d["name"], d["shape"], d["dtype"], d["bits"], d["codec"]) == (
                     "body_out",
@@ -150,7 +117,7 @@ def test_each_mode_answers_in_its_dtype_byte_for_byte(bundle, server, tokens):
                     "raw",
                 )
                 assert len(frame) == d["nbytes"] == T * D * m.bits // 8  # 35328 / 17664 / 8832 for 69x128
-                ref_h, (ref_frame,) = c.request(0, S.roundtrip(z, m.bits), 32)  # the same body input, float32
+                ref_h, (ref_frame,) = c.request_tokens(0, S.roundtrip(z, m.bits), 32)  # the same body input, float32
                 ref = codec.decode(ref_h["outputs"][0], ref_frame)
                 want_d, want_p = S.encode(ref, m.bits, "body_out")
                 assert {k: d[k] for k in want_d} == want_d and bytes(frame) == bytes(want_p)
@@ -170,13 +137,13 @@ def test_the_agents_tail_on_a_decoded_answer_is_the_tail_on_the_encoded_body_out
 
     part = UShapedPart(bundle, threads=1)
     tail = create_engine(bundle.file("tail"), threads=1)
-    c = Client(server.endpoint, bundle.hash)
+    c = HandClient(server.endpoint, bundle.hash, serving="u-shaped")
     try:
         for m in bundle.modes[1:]:
             for z in tokens[:8]:
-                h, (frame,) = c.request(m.id, z, m.bits)
+                h, (frame,) = c.request_tokens(m.id, z, m.bits)
                 got = part.finish(FrameResult(0, "k"), codec.decode(h["outputs"][0], frame))
-                ref_h, (ref_frame,) = c.request(0, S.roundtrip(z, m.bits), 32)
+                ref_h, (ref_frame,) = c.request_tokens(0, S.roundtrip(z, m.bits), 32)
                 ref = codec.decode(ref_h["outputs"][0], ref_frame)
                 np.testing.assert_array_equal(got, tail.run1(S.roundtrip(ref, m.bits)[None])[0])
     finally:
@@ -214,10 +181,10 @@ def test_served_with_compact_answers_and_an_old_bundle_still_float32(bundle, old
 
 def test_an_old_bundle_answers_float32_on_the_wire(old_bundle, server, tokens):
     T, D = old_bundle.wire_spec["shape"]
-    c = Client(server.endpoint, old_bundle.hash)
+    c = HandClient(server.endpoint, old_bundle.hash, serving="u-shaped")
     try:
         for m in old_bundle.modes:
-            h, (frame,) = c.request(m.id, tokens[0], m.bits)
+            h, (frame,) = c.request_tokens(m.id, tokens[0], m.bits)
             assert (h["outputs"][0]["dtype"], h["outputs"][0]["bits"], len(frame)) == ("float32", 32, T * D * 4)
     finally:
         c.close()

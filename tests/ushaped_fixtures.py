@@ -5,6 +5,9 @@ family's exporter (ONNX graphs checked against torch, each mode's accuracy measu
 ``FRAMES`` frames of cifar10:test); those frames; and the offline runs of the bundle's graphs.
 
     from ushaped_fixtures import FRAMES, bundle, full_logits, offline_logits, samples  # noqa: F401
+
+``HandClient`` is the one DEALER that speaks the protocol by hand in these tests: what a client in
+another language would send and read.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zmq
 from build_fixtures import require_cifar, torch_threads
 
 from edgesplit.bundle import Bundle
 from edgesplit.data.sources import open_source, take
 from edgesplit.data.transforms import preprocess
 from edgesplit.engine import create_engine
+from edgesplit.wire import protocol as P
 from edgesplit.wire import split_train as S
 
 RECIPE = str(Path(__file__).resolve().parent / "recipes" / "tiny-sfprompt.yaml")
@@ -94,3 +99,50 @@ def offline_logits(b: Bundle, mode_id: int, samples) -> np.ndarray:
 def full_logits(b: Bundle, samples) -> np.ndarray:
     full = create_engine(b.file("full"), threads=1)
     return np.stack([full.run1(preprocess(s.data, b.input_spec)[None])[0] for s in samples])
+
+
+class HandClient:
+    """One DEALER speaking the protocol by hand; each reply header keeps its raw length in
+    ``_header_bytes``. ``serving`` given: says hello at once and keeps the answer in ``welcome``."""
+
+    def __init__(self, endpoint: str, bundle_hash: str | None = None, serving: str | None = None):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.rid = 0
+        self.welcome = self.hello(bundle_hash, serving) if bundle_hash is not None else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def recv(self) -> tuple[dict, list]:
+        while True:
+            parts = self.sock.recv_multipart()
+            h = P.unpack_header(parts[0])
+            if h["kind"] != "ping":
+                h["_header_bytes"] = len(parts[0])
+                return h, parts[1:]
+
+    def hello(self, bundle_hash: str, serving: str | None = None) -> dict:
+        h = P.hello(bundle_hash, "hand-client")
+        if serving is not None:
+            h["serving"] = serving
+        self.sock.send_multipart(P.pack(h))
+        return self.recv()[0]
+
+    def request(self, mode: int, desc: dict | None, payload: bytes) -> tuple[dict, list]:
+        self.rid += 1
+        self.sock.send_multipart([P.pack_header(P.request(self.rid, mode, None if desc is None else [desc])), payload])
+        return self.recv()
+
+    def request_tokens(self, mode: int, tokens: np.ndarray, bits: int) -> tuple[dict, list]:
+        """A U-shaped request: ``tokens`` encoded at ``bits`` (§15.6)."""
+        d, p = S.encode(tokens, bits, "tokens")
+        return self.request(mode, d, p)

@@ -98,6 +98,9 @@ def test_shipped_bundle_accuracy_holds_on_real_frames(name):
 
 
 SHIPPED_EDVIT = {"cifar10-edvit-n2": 2, "cifar10-edvit-n3": 3}  # name: sub-models
+# Frames (of 10,000) the fused accuracy may move between the export's measurement and this one: ONNX
+# Runtime sums in another order at another batch size, which flips the odd near-tie.
+EDVIT_TOLERANCE = 5 / 10_000
 
 
 def weight_count(path) -> int:
@@ -107,27 +110,34 @@ def weight_count(path) -> int:
     return sum(math.prod(t.dims) for t in onnx.load(str(path)).graph.initializer)
 
 
-def fused_logits(b: Bundle, x, mask):
-    """Every sub-model on the preprocessed frames, features concatenated in id order with zeros
-    where ``mask`` is 0, then the fusion graph: BUNDLE.md section 7.1, run here in ONNX Runtime."""
-    import numpy as np
+def _session(b: Bundle, role: str):
     import onnxruntime as ort
 
-    def session(role):
-        return ort.InferenceSession(str(b.file(role)), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(b.file(role)), providers=["CPUExecutionProvider"])
 
-    parts = [
-        session(sm.role).run([sm.features], {"input": x})[0] * mask[:, i : i + 1] for i, sm in enumerate(b.submodels)
-    ]
+
+def submodel_features(b: Bundle, x) -> list:
+    """Every sub-model on the preprocessed frames, in id order: its features."""
+    return [_session(b, sm.role).run([sm.features], {"input": x})[0] for sm in b.submodels]
+
+
+def fused_logits(b: Bundle, feats: list, mask):
+    """The sub-models' features concatenated in id order with zeros where ``mask`` is 0, then the
+    fusion graph: BUNDLE.md section 7.1, run here in ONNX Runtime."""
+    import numpy as np
+
+    parts = [f * mask[:, i : i + 1] for i, f in enumerate(feats)]
     feed = {b.fusion.features: np.concatenate(parts, 1).astype(np.float32), b.fusion.mask: mask}
-    return session(b.fusion.role).run([b.fusion.output], feed)[0]
+    return _session(b, b.fusion.role).run([b.fusion.output], feed)[0]
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_EDVIT))
 def test_shipped_edvit_bundle_is_small_and_its_fused_accuracy_holds(name):
     """Each sub-model graph holds at least 5x fewer weights than the full ViT's (the issue's >= 5x
     fewer parameters, counted in the ONNX files), and the fused accuracy, with every sub-model and with each one
-    missing, holds on a fresh slice of the test set (3 sigma, as above)."""
+    missing, is the manifest's on the whole test split (the graphs are small: all 10,000 frames take
+    seconds). Not a slice: with a device dead the accuracy hangs on how many frames of that device's
+    classes a slice holds, and the first 1,000 frames read 4 to 5 points above the whole split there."""
     import numpy as np
 
     from edgesplit.data.sources import open_source, take
@@ -139,10 +149,12 @@ def test_shipped_edvit_bundle_is_small_and_its_fused_accuracy_holds(name):
     full = weight_count(b.file("full"))
     for sm in b.submodels:
         assert 5 * weight_count(b.file(sm.role)) <= full, sm.role
-    n, big_n = 1000, SPLIT_FRAMES["cifar10:test"]
+    n = SPLIT_FRAMES["cifar10:test"]
     samples = list(take(open_source("cifar10:test"), n))
+    assert len(samples) == n
     x = np.stack([preprocess(s.data, b.input_spec) for s in samples])
     labels = np.asarray([s.label for s in samples])
+    feats = submodel_features(b, x)
     acc = b.manifest["edvit"]["accuracy"]
     k = len(b.submodels)
     cases = {"fused": np.ones((n, k), np.float32)}
@@ -151,8 +163,8 @@ def test_shipped_edvit_bundle_is_small_and_its_fused_accuracy_holds(name):
         cases[str(i)][:, i] = 0  # that device is dead: its sub-model is left out
     for case, mask in cases.items():
         recorded = acc["fused"] if case == "fused" else acc["missing_one"][case]
-        measured = float(np.mean(fused_logits(b, x, mask).argmax(1) == labels))
-        assert within_3_sigma(measured, recorded, n, big_n), (case, measured, recorded)
+        measured = float(np.mean(fused_logits(b, feats, mask).argmax(1) == labels))
+        assert abs(measured - recorded) <= EDVIT_TOLERANCE, (case, measured, recorded)
 
 
 SHIPPED_U_SHAPED = {"imagenette32-sfprompt": "imagenette:val"}  # name: its evaluation data

@@ -17,6 +17,7 @@ SHIPPED = {
     "cifar10-resnet20-entropy": ("cifar10:test", 200),  # codec ans: the budget is on the mean coded frame
     "cifar10-vit-bottlefit-cpu": ("cifar10:test", 512),
     "imagenette-resnet18-bottlefit": ("imagenette:val", 1000),
+    "imagenette-resnet18-entropy": ("imagenette:val", 400),  # codec ans, as the CIFAR one
     "imagenette-resnet18-slimmable": ("imagenette:val", 1200),
 }
 SPLIT_FRAMES = {"cifar10:test": 10_000, "imagenette:val": 3_925}  # the whole splits the manifests were measured on

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgesplit.families.sfprompt.federate import (
     Procs,
     _wait_port,
+    flower_env,
     flwr_config,
     free_port,
     register_supernodes,
@@ -137,7 +138,7 @@ def test_only_supernodes_trusting_the_ca_with_a_registered_key_join(tmp_path):
     home.mkdir()
     link_port = free_port()
     (home / "config.toml").write_text(flwr_config(link_port, tls))
-    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = flower_env(home)
     procs = Procs(tmp_path / "logs")
     give_up = ["--max-retries", "2", "--max-wait-time", "20"]
     try:

@@ -88,6 +88,16 @@ def _wait_port(port: int, timeout: float) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of Flower's processes: ``FLWR_HOME``, one thread each, unbuffered logs, and
+    this interpreter's script folder first on PATH: the SuperLink starts ``flower-superexec`` (and
+    it the apps) by name, so an ``edgesplit`` run from a virtual environment that is not activated
+    would otherwise find none, or another installation's."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")]) if os.environ.get("PATH") else bin_dir
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def flwr_config(link_port: int, tls: ServerTls | None) -> str:
     """``FLWR_HOME/config.toml`` for ``flwr run`` and ``flwr supernode register``: the SuperLink
     here, verified against the job's CA (or plaintext)."""
@@ -189,7 +199,7 @@ def run_federation(
     from .flower_apps import FAULT_ENV, flower_app_pyproject
 
     (app / "pyproject.toml").write_text(flower_app_pyproject(job_dir / "job.json"))
-    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = flower_env(home)
     pre = ["nice", "-n", str(nice)] if nice else []
     procs = Procs(job_dir / "logs")
     try:

@@ -98,7 +98,7 @@ def test_shipped_bundle_accuracy_holds_on_real_frames(name):
         assert res["bytes_per_frame"] == b.default_mode.bytes_per_frame
 
 
-SHIPPED_EDVIT = {"cifar10-edvit-n2": 2, "cifar10-edvit-n3": 3}  # name: sub-models
+SHIPPED_EDVIT = {"cifar10-edvit-n2": 2, "cifar10-edvit-n3": 3, "cifar10-edvit-n4": 4}  # name: sub-models
 # Frames (of 10,000) the fused accuracy may move between the export's measurement and this one: ONNX
 # Runtime sums in another order at another batch size, which flips the odd near-tie.
 EDVIT_TOLERANCE = 5 / 10_000

@@ -214,6 +214,27 @@ def test_fusion_with_one_submodel_dropped_still_answers(trained, frames):
         assert sum(p.numel() for p in sub.parameters()) == cost["params"]
 
 
+def test_fusion_features_are_each_image_and_its_mirror(trained, vit):
+    """The fusion head's training set: every image, then every image mirrored, labels repeated."""
+    from edgesplit.builder.data import load_split
+    from edgesplit.families.edvit.train import features_of
+
+    ens = trained[0]
+    x, y = load_split("cifar10", "train", 32, limit_per_shard=4)  # 20 real training images
+    feats, t_logits, labels = features_of(ens, vit.eval(), x, y, torch.device("cpu"))
+    n = len(y)
+    assert feats.shape[0] == t_logits.shape[0] == 2 * n and labels.tolist() == [*y.tolist(), *y.tolist()]
+    from edgesplit.builder.data import MEAN, STD, DeviceLoader
+
+    (xb, _), *_ = list(DeviceLoader(x, y, 250, torch.device("cpu"), MEAN, STD))
+    with torch.no_grad():
+        plain = torch.cat(ens.features(xb), 1)
+        mirrored = torch.cat(ens.features(xb.flip(3)), 1)
+    torch.testing.assert_close(feats[:n], plain)
+    torch.testing.assert_close(feats[n:], mirrored)
+    assert not torch.allclose(plain, mirrored)
+
+
 def test_random_mask_never_drops_every_submodel():
     gen = torch.Generator().manual_seed(0)
     for n in (2, 3, 4):

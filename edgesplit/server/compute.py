@@ -24,7 +24,7 @@ from ..wire.messages import ErrorReply
 from .batcher import Batcher, Item
 from .fusion_runner import FusionRunner
 from .stats import FOLD_EVERY_BATCHES, ServerStats
-from .tail_backend import TailBackend
+from .tail_backend import EncodesAnswers, TailBackend
 
 log = logging.getLogger("edgesplit.server")
 
@@ -121,7 +121,7 @@ class ComputeWorker:
         model.batches.append((rows, len(live) - len(errors), compute_us))
         record_queue, record_request = model.queue_us.append, model.request_us.append
         fused = runner.fused
-        answer = getattr(runner, "answer", None)  # a U-shaped body: each result in its mode's encoding (§15.6.1)
+        answer = runner.answer if isinstance(runner, EncodesAnswers) else None
         unanswerable = 0
         for i, it in enumerate(live):
             if errors and i in errors:

@@ -53,6 +53,14 @@ class TailBackend(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class EncodesAnswers(Protocol):
+    """A backend whose results are not float32 arrays sent as they are: it encodes each one itself
+    (a U-shaped body's output in its mode's answer dtype, PROTOCOL.md §15.6.1) and may refuse one."""
+
+    def answer(self, it: Item, out: np.ndarray) -> tuple[list[dict[str, Any]], bytes]: ...
+
+
 def health_of(backend: Any) -> tuple[bool, str]:
     """A backend's health; one without a health check (the ED-ViT fusion runner) is as healthy as
     the daemon."""

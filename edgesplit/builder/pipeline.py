@@ -57,16 +57,16 @@ def resolve_teacher_weights(r: Recipe, run_dir: Path) -> Path:
 BN_CALIBRATION_IMAGES = 512  # training images whose statistics re-parametrise a rebuilt teacher's BNs
 
 
-def rebuilt_teacher(r: Recipe, xtr, num_classes: int) -> torch.nn.Module:
+def rebuilt_teacher(r: Recipe, xtr, ytr, num_classes: int) -> torch.nn.Module:
     """``teacher.init: bundle``: the recipe's architecture rebuilt from a bundle's full.onnx, its
-    BatchNorms calibrated on a fixed sample of un-augmented training images."""
+    BatchNorms calibrated on a fixed sample of un-augmented training images, normalised as the
+    training batches are."""
     from .recipe import resolve_bundle_dir
     from .teacher_from_bundle import teacher_from_bundle
 
     g = torch.Generator().manual_seed(r.seed)
     idx = torch.randperm(len(xtr), generator=g)[:BN_CALIBRATION_IMAGES].sort().values.numpy()
-    x = torch.as_tensor(xtr[idx]).permute(0, 3, 1, 2).float().div_(255)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    (x, _), *_ = DeviceLoader(xtr[idx], ytr[idx], len(idx), torch.device("cpu"), MEAN, STD)
     return teacher_from_bundle(r.teacher.arch, resolve_bundle_dir(str(r.teacher.weights)), num_classes, x)
 
 
@@ -97,7 +97,7 @@ def prepare(
     # 1. Teacher.
     teacher_path = run_dir / "teacher.pt"
     if r.teacher.init == "bundle":
-        teacher = rebuilt_teacher(r, xtr, nc).to(dev).to(memory_format=torch.channels_last)
+        teacher = rebuilt_teacher(r, xtr, ytr, nc).to(dev).to(memory_format=torch.channels_last)
         results["teacher_bundle_accuracy"] = evaluate(teacher.eval(), eval_loader, dev)
         log({"event": "teacher_rebuilt", "bundle": r.teacher.weights, "accuracy": results["teacher_bundle_accuracy"]})
     elif r.teacher.init in ("pretrained", "run"):

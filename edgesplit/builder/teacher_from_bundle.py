@@ -88,12 +88,13 @@ def _load_folded(model: nn.Module, weights: dict[str, np.ndarray], pairs: dict[s
     new: dict[str, torch.Tensor] = {}
     bn_names = set(pairs.values())
     used: set[str] = set()
+    modules = dict(model.named_modules())
     for conv, bn in pairs.items():
         bias = weights.get(f"{conv}.weight_bias", weights.get(f"{conv}.bias"))
         if bias is None:  # the exporter's optimizer drops an all-zero bias (an untrained BN's)
             bias = np.zeros(sd[f"{bn}.bias"].shape, np.float32)
         used.update({f"{conv}.weight_bias", f"{conv}.bias"})
-        eps = next(m for n, m in model.named_modules() if n == bn).eps  # type: ignore[union-attr]
+        eps = modules[bn].eps  # type: ignore[union-attr]
         new[f"{bn}.weight"] = torch.ones_like(sd[f"{bn}.weight"])
         new[f"{bn}.bias"] = torch.from_numpy(bias.reshape(-1).copy())
         new[f"{bn}.running_mean"] = torch.zeros_like(sd[f"{bn}.running_mean"])
